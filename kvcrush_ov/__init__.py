@@ -1,0 +1,30 @@
+"""kvcrush-ov: KVCrush KV-cache compression for LLM inference with OpenVINO."""
+
+from kvcrush_ov.config import (
+    CacheEvictionConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    KVCrushConfig,
+    SchedulerConfig,
+)
+from kvcrush_ov.errors import ConfigError, FetchError, KVCrushError, ModelError
+from kvcrush_ov.pipeline import Pipeline
+from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheEvictionConfig",
+    "CacheMetrics",
+    "ConfigError",
+    "DecodedResults",
+    "FetchError",
+    "GenerationConfig",
+    "KVCacheConfig",
+    "KVCrushConfig",
+    "KVCrushError",
+    "ModelError",
+    "Pipeline",
+    "RequestMetrics",
+    "SchedulerConfig",
+]

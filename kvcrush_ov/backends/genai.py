@@ -1,0 +1,317 @@
+"""Backend "genai": OpenVINO GenAI's C++ ContinuousBatchingPipeline with its cache eviction.
+
+This is both a backend users can pick and the baseline our own engine is measured against. It
+translates kvcrush-ov's configuration into GenAI's and guards against GenAI's known defects:
+
+- the total budget is what is kept: GenAI keeps KVCrush's blocks ON TOP of max_cache_size, so
+  ``max_cache_size = total - kvcrush_blocks * block_size``;
+- budgets are whole blocks (GenAI asserts start / recent / max sizes are block multiples);
+- a prompt whose length lies strictly between start_size and start_size + snapkv_window_size
+  makes GenAI's NORM_SUM score bookkeeping throw and leak the request's blocks; such a prompt
+  never needs eviction at prefill, so it runs with the SnapKV window off (window 0), which GenAI
+  handles by counting tokens one by one;
+- cache rotation works only with an f32 cache and f32 inference, without chunked prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ov_genai
+
+from kvcrush_ov.config import (
+    CacheEvictionConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    SchedulerConfig,
+)
+from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.model_info import ModelInfo, block_size_for
+from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
+
+Streamer = Callable[[str], "bool | None"]
+
+_AGGREGATION = {"norm_sum": ov_genai.AggregationMode.NORM_SUM, "sum": ov_genai.AggregationMode.SUM}
+_ANCHOR = {
+    "random": ov_genai.KVCrushAnchorPointMode.RANDOM,
+    "zeros": ov_genai.KVCrushAnchorPointMode.ZEROS,
+    "ones": ov_genai.KVCrushAnchorPointMode.ONES,
+    "mean": ov_genai.KVCrushAnchorPointMode.MEAN,
+    "alternating": ov_genai.KVCrushAnchorPointMode.ALTERNATING,
+}
+_FINISH = {"STOP": "stop", "LENGTH": "length", "NONE": "cancelled"}
+_MAX_PIPELINES = 3
+
+
+@dataclass(frozen=True)
+class UpstreamEviction:
+    """GenAI's eviction settings for one request, after translation (all sizes in tokens)."""
+
+    total_tokens: int  # what the user asked for, rounded down to whole blocks
+    max_cache_size: int  # GenAI's field: total minus KVCrush's blocks
+    start_size: int
+    recent_size: int
+    snapkv_window_size: int
+    aggregation_mode: str
+    kvcrush_blocks: int
+    anchor_point_mode: str
+    rng_seed: int
+    apply_rotation: bool
+
+    def to_genai(self) -> ov_genai.CacheEvictionConfig:
+        kvcrush = None
+        if self.kvcrush_blocks > 0:
+            kvcrush = ov_genai.KVCrushConfig(
+                self.kvcrush_blocks, _ANCHOR[self.anchor_point_mode], self.rng_seed
+            )
+        return ov_genai.CacheEvictionConfig(
+            self.start_size, self.recent_size, self.max_cache_size,
+            _AGGREGATION[self.aggregation_mode], self.apply_rotation,
+            self.snapkv_window_size, kvcrush,
+        )
+
+
+def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block: int) -> None:
+    """Reject what GenAI cannot run, with the field named, before any model is loaded."""
+    for name in ("start_size", "recent_size"):
+        v = getattr(eviction, name)
+        if v % block:
+            raise ConfigError(f"eviction.{name}", v,
+                              f"a multiple of the KV block size {block} with backend 'genai'")
+    if eviction.recent_size < block:
+        raise ConfigError("eviction.recent_size", eviction.recent_size,
+                          f"at least one KV block ({block} tokens) with backend 'genai'")
+    minimum = eviction.start_size + eviction.recent_size + block
+    if isinstance(eviction.max_cache_size, int) and eviction.max_cache_size < minimum:
+        raise ConfigError("eviction.max_cache_size", eviction.max_cache_size,
+                          f"at least start_size + recent_size + one block = {minimum} tokens "
+                          "with backend 'genai'")
+    if eviction.apply_rotation and kv_cache.precision != "f32":
+        raise ConfigError("eviction.apply_rotation", True,
+                          "False unless kv_cache.precision='f32' (GenAI's rotation corrupts "
+                          "or rejects u8 / u4 / bf16 caches)")
+
+
+def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens: int,
+              block: int) -> UpstreamEviction | None:
+    """GenAI settings that keep ``eviction``'s total budget for one prompt; None if no eviction
+    can happen (the whole sequence fits the budget)."""
+    minimum = eviction.start_size + eviction.recent_size + block
+    total = max(eviction.total_tokens(prompt_tokens), minimum)
+    total = (total // block) * block
+    if prompt_tokens + max_new_tokens <= total:
+        return None
+    crush = eviction.kvcrush
+    kvcrush_blocks = 0
+    if crush is not None and crush.budget > 0:
+        kvcrush_blocks = round(crush.budget * total / block)
+        kvcrush_blocks = min(kvcrush_blocks, (total - minimum) // block)
+    window = eviction.snapkv_window_size if eviction.importance == "snapkv" else 0
+    if (eviction.aggregation_mode == "norm_sum" and window > 0
+            and eviction.start_size < prompt_tokens < eviction.start_size + window):
+        window = 0  # GenAI defect guard (see module docstring)
+    return UpstreamEviction(
+        total_tokens=total,
+        max_cache_size=total - kvcrush_blocks * block,
+        start_size=eviction.start_size,
+        recent_size=eviction.recent_size,
+        snapkv_window_size=window,
+        aggregation_mode=eviction.aggregation_mode,
+        kvcrush_blocks=kvcrush_blocks,
+        anchor_point_mode=crush.anchor_point_mode if crush else "random",
+        rng_seed=crush.rng_seed if crush else 0,
+        apply_rotation=eviction.apply_rotation,
+    )
+
+
+def _properties(kv_cache: KVCacheConfig) -> dict:
+    p = kv_cache.precision
+    if p == "u4":
+        return {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u8"}
+    props = {"KV_CACHE_PRECISION": p}
+    if p == "f32":
+        props["INFERENCE_PRECISION_HINT"] = "f32"
+    return props
+
+
+class _TextStream:
+    """Incremental detokenisation: emit only text that can no longer change."""
+
+    def __init__(self, tokenizer: ov_genai.Tokenizer, callback: Streamer) -> None:
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, new_ids: Sequence[int], final: bool = False) -> bool:
+        """Feed new ids; return True if the callback asked to stop."""
+        self.ids.extend(int(i) for i in new_ids)
+        text = self.tokenizer.decode(self.ids) if self.ids else ""
+        if not final and text.endswith("\ufffd"):
+            return False
+        chunk, self.sent = text[self.sent:], max(self.sent, len(text))
+        return bool(chunk) and bool(self.callback(chunk))
+
+
+class GenAIBackend:
+    """Runs requests on GenAI ContinuousBatchingPipelines, one per distinct eviction setting."""
+
+    name = "genai"
+
+    def __init__(self, info: ModelInfo, device: str, kv_cache: KVCacheConfig,
+                 eviction: CacheEvictionConfig | None, scheduler: SchedulerConfig) -> None:
+        self.info, self.device = info, device
+        self.kv_cache, self.eviction, self.scheduler = kv_cache, eviction, scheduler
+        self.block_size = block_size_for(device)
+        if eviction is not None:
+            check_eviction(eviction, kv_cache, self.block_size)
+        self.block_bytes = info.kv_block_bytes(kv_cache.precision, self.block_size)
+        self._pipelines: OrderedDict[UpstreamEviction | None, ov_genai.ContinuousBatchingPipeline]
+        self._pipelines = OrderedDict()
+        try:
+            self.tokenizer = ov_genai.Tokenizer(str(info.path))
+        except RuntimeError as e:
+            raise ModelError(f"model={str(info.path)!r}: its OpenVINO tokenizer does not load: "
+                             f"{_first_line(e)}") from None
+        # Compile once now, so a corrupt model fails at construction, not on first use.
+        self._pipeline(None)
+
+    # -- pipelines -------------------------------------------------------------------------
+    def _scheduler_config(self, ev: UpstreamEviction | None) -> ov_genai.SchedulerConfig:
+        sc = ov_genai.SchedulerConfig()
+        s, k = self.scheduler, self.kv_cache
+        sc.max_num_batched_tokens = s.max_num_batched_tokens
+        sc.max_num_seqs = s.max_num_seqs
+        sc.dynamic_split_fuse = s.dynamic_split_fuse
+        sc.enable_prefix_caching = s.enable_prefix_caching
+        if k.num_kv_blocks:
+            sc.num_kv_blocks = k.num_kv_blocks
+        elif k.cache_size:
+            sc.cache_size = int(np.ceil(k.cache_size))
+        if ev is not None:
+            sc.use_cache_eviction = True
+            sc.cache_eviction_config = ev.to_genai()
+            if ev.apply_rotation:  # GenAI's rotation breaks with chunked prefill
+                sc.dynamic_split_fuse = False
+                sc.max_num_batched_tokens = max(sc.max_num_batched_tokens,
+                                                self.info.context_length)
+        return sc
+
+    def _pipeline(self, ev: UpstreamEviction | None) -> ov_genai.ContinuousBatchingPipeline:
+        if ev in self._pipelines:
+            self._pipelines.move_to_end(ev)
+            return self._pipelines[ev]
+        while len(self._pipelines) >= _MAX_PIPELINES:
+            self._pipelines.popitem(last=False)
+        try:
+            pipe = ov_genai.ContinuousBatchingPipeline(
+                str(self.info.path), self._scheduler_config(ev), self.device,
+                _properties(self.kv_cache),
+            )
+        except RuntimeError as e:
+            raise ModelError(f"model={str(self.info.path)!r} could not be loaded on "
+                             f"{self.device}: {_first_line(e)}") from None
+        self._pipelines[ev] = pipe
+        return pipe
+
+    # -- requests --------------------------------------------------------------------------
+    def encode(self, prompt: str, apply_chat_template: bool) -> np.ndarray:
+        """Token ids [1, T] (int64) of ``prompt``, through the chat template when asked."""
+        if apply_chat_template and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True
+            )
+            enc = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            enc = self.tokenizer.encode(prompt)
+        return np.array(enc.input_ids.data, dtype=np.int64).reshape(1, -1)
+
+    def _genai_config(self, g: GenerationConfig) -> ov_genai.GenerationConfig:
+        c = ov_genai.GenerationConfig()
+        c.max_new_tokens = g.max_new_tokens
+        c.do_sample = g.do_sample
+        if g.do_sample:
+            c.temperature = float(g.temperature)
+            c.top_p = float(g.top_p)
+            if g.top_k > 0:
+                c.top_k = g.top_k
+            c.rng_seed = g.rng_seed
+        c.repetition_penalty = float(g.repetition_penalty)
+        if g.stop_strings:
+            c.stop_strings = set(g.stop_strings)
+        c.include_stop_str_in_output = g.include_stop_str_in_output
+        c.ignore_eos = g.ignore_eos
+        c.eos_token_id = self.tokenizer.get_eos_token_id()
+        return c
+
+    def plan(self, prompt_len: int, g: GenerationConfig) -> UpstreamEviction | None:
+        if self.eviction is None:
+            return None
+        return translate(self.eviction, prompt_len, g.max_new_tokens, self.block_size)
+
+    def run(self, inputs: list[np.ndarray], g: GenerationConfig,
+            streamer: Streamer | None) -> DecodedResults:
+        """Generate for already-encoded, already-validated prompts ([1, T] int64 each)."""
+        plans = [self.plan(x.shape[1], g) for x in inputs]
+        groups: OrderedDict[UpstreamEviction | None, list[int]] = OrderedDict()
+        for i, p in enumerate(plans):
+            groups.setdefault(p, []).append(i)
+        n = len(inputs)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        finish = ["cancelled"] * n
+        first = [0.0] * n
+        last = [0.0] * n
+        cache = CacheMetrics(kv_block_bytes=self.block_bytes)
+        gconf = self._genai_config(g)
+        stream = _TextStream(self.tokenizer, streamer) if streamer else None
+        t_start = time.perf_counter()
+        for plan, members in groups.items():
+            pipe = self._pipeline(plan)
+            handles = {i: pipe.add_request(i, ov.Tensor(inputs[i]), gconf) for i in members}
+            while pipe.has_non_finished_requests():
+                pipe.step()
+                now = time.perf_counter()
+                m = pipe.get_metrics()
+                used = int(round(m.cache_usage / 100.0 * m.kv_cache_size_in_bytes))
+                cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
+                cache.final_kv_bytes = used
+                for i, h in handles.items():
+                    if not h.can_read():
+                        continue
+                    for out in h.read().values():
+                        new = list(out.generated_ids)
+                        if new and not ids[i]:
+                            first[i] = now - t_start
+                        if new:
+                            last[i] = now - t_start
+                        ids[i].extend(new)
+                        reason = out.finish_reason.name
+                        if reason != "NONE":
+                            finish[i] = _FINISH.get(reason, reason.lower())
+                        if stream and new and stream.push(new):
+                            h.stop()
+                            finish[i] = "cancelled"
+        if stream:
+            stream.push([], final=True)
+        metrics = []
+        for i, x in enumerate(inputs):
+            k = len(ids[i])
+            tpot = (last[i] - first[i]) / (k - 1) if k > 1 else 0.0
+            p = plans[i]
+            metrics.append(RequestMetrics(
+                num_input_tokens=int(x.shape[1]), num_generated_tokens=k, ttft_s=first[i],
+                tpot_s=tpot, kv_budget_tokens=p.total_tokens if p else None,
+                kvcrush_tokens=p.kvcrush_blocks * self.block_size if p else 0,
+            ))
+        texts = [self.tokenizer.decode(t) if t else "" for t in ids]
+        return DecodedResults(texts=texts, token_ids=ids, finish_reasons=finish, metrics=metrics,
+                              cache=cache, generate_s=time.perf_counter() - t_start)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

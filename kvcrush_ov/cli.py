@@ -1,0 +1,141 @@
+"""``kvcrush-ov``: models list / fetch, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvcrush_ov.config import ANCHOR_POINT_MODES, KV_CACHE_PRECISIONS
+from kvcrush_ov.errors import ConfigError, KVCrushError
+from kvcrush_ov.models.registry import DEFAULT_MODEL, WEIGHT_FORMATS
+
+
+def parse_budget(text: str) -> int | float:
+    """``25%`` or ``0.25`` -> fraction of the prompt; ``1024`` -> tokens."""
+    s = text.strip()
+    try:
+        if s.endswith("%"):
+            return float(s[:-1]) / 100.0
+        if any(c in s for c in ".eE"):
+            return float(s)
+        return int(s)
+    except ValueError:
+        raise ConfigError("--budget", text,
+                          "a token count (1024), a fraction (0.25) or a percentage (25%)") from None
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from kvcrush_ov.models import store
+    from kvcrush_ov.models.fetch import list_models
+
+    print(f"cache: {store.home()}  (set KVCRUSH_OV_HOME to move it)")
+    for row in list_models():
+        fetched = ", ".join(row["fetched"]) or "-"
+        print(f"{row['name']:<30} {row['description']}\n{'':<30} default {row['default_weight_format']}, "
+              f"context {row['context_length']}, download ~{row['download_mb']} MB, fetched: {fetched}")
+    return 0
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from kvcrush_ov.models.fetch import fetch
+
+    print(fetch(args.name, args.weight_format))
+    return 0
+
+
+def _eviction_from_args(args: argparse.Namespace):
+    from kvcrush_ov.config import CacheEvictionConfig, KVCrushConfig
+
+    if args.no_eviction:
+        return None
+    kvcrush = None if args.kvcrush_share == 0 else KVCrushConfig(
+        budget=args.kvcrush_share, anchor_point_mode=args.anchor)
+    return CacheEvictionConfig(max_cache_size=parse_budget(args.budget), kvcrush=kvcrush)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvcrush_ov.config import GenerationConfig, KVCacheConfig
+    from kvcrush_ov.pipeline import Pipeline
+
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, rng_seed=args.seed,
+        stop_strings=tuple(args.stop or ()), apply_chat_template=not args.no_chat_template,
+    )
+    pipe = Pipeline(args.model, device=args.device, kv_cache=KVCacheConfig(precision=args.precision),
+                    eviction=_eviction_from_args(args))
+    out = pipe.generate(args.prompt, gen, streamer=lambda s: print(s, end="", flush=True))
+    m, c = out.metrics[0], out.cache
+    budget = f"{m.kv_budget_tokens} tokens" if m.kv_budget_tokens else "full cache"
+    print(f"\n\n[{m.num_input_tokens} prompt + {m.num_generated_tokens} generated tokens | "
+          f"TTFT {m.ttft_s:.2f} s | {m.tokens_per_s:.1f} tok/s | KV budget {budget} | "
+          f"KV held {c.final_kv_bytes / 2**20:.2f} MiB ({c.final_kv_blocks} blocks), "
+          f"peak {c.peak_kv_bytes / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvcrush_ov.demo import run_demo
+
+    run_demo(model=args.model, budget=parse_budget(args.budget), anchor=args.anchor,
+             device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list or fetch the registry's real models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="registry models and which are fetched")
+    ml.set_defaults(func=_cmd_models_list)
+    mf = msub.add_parser("fetch", help="download, verify, convert and export a model")
+    mf.add_argument("name")
+    mf.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None)
+    mf.set_defaults(func=_cmd_models_fetch)
+
+    def common(sp: argparse.ArgumentParser, budget: str) -> None:
+        sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
+        sp.add_argument("--device", default="CPU")
+        sp.add_argument("--budget", default=budget,
+                        help="total cached tokens: 1024, or a fraction of the prompt (0.25, 25%%)")
+        sp.add_argument("--anchor", default="alternating", choices=ANCHOR_POINT_MODES)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    g.add_argument("prompt")
+    common(g, "0.25")
+    g.add_argument("--kvcrush-share", type=float, default=0.25,
+                   help="share of the budget for KVCrush representatives (0 disables)")
+    g.add_argument("--no-eviction", action="store_true", help="keep the full cache")
+    g.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--no-chat-template", action="store_true")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="long document + question: full cache vs KVCrush at 25%%")
+    common(d, "0.25")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KVCrushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""User-facing configuration, in OpenVINO GenAI's vocabulary, validated at construction.
+
+Every invalid value raises :class:`~kvcrush_ov.errors.ConfigError` naming the field and what is
+allowed, before any model is loaded.
+
+One deliberate difference from GenAI: :attr:`CacheEvictionConfig.max_cache_size` is the TOTAL
+number of tokens cached per sequence, KVCrush's representatives included. GenAI keeps its
+``KVCrushConfig.budget`` (in blocks) on top of ``max_cache_size``; the genai backend translates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvcrush_ov.errors import ConfigError
+
+KV_CACHE_PRECISIONS = ("u8", "u4", "bf16", "f32")
+ANCHOR_POINT_MODES = ("random", "zeros", "ones", "mean", "alternating")
+AGGREGATION_MODES = ("norm_sum", "sum")
+IMPORTANCE_METHODS = ("snapkv", "h2o")
+BACKENDS = ("genai",)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ConfigError(name, value, f"one of {', '.join(allowed)}")
+    return value.lower()
+
+
+def _int_at_least(name: str, value: object, low: int, hint: str = "") -> int:
+    if not _is_int(value) or value < low:
+        raise ConfigError(name, value, f"an integer >= {low}", hint)
+    return value
+
+
+@dataclass
+class KVCacheConfig:
+    """The paged KV cache.
+
+    precision: ``u8`` (CPU default: keys quantized per channel inside each block, values per
+        token), ``u4`` (u4 keys + u8 values), ``bf16``, or ``f32`` (also runs inference in f32).
+    cache_size: cache memory in GB; 0 lets the cache grow on demand.
+    num_kv_blocks: a fixed number of KV blocks (overrides cache_size when > 0).
+    """
+
+    precision: str = "u8"
+    cache_size: float = 0.0
+    num_kv_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        self.precision = _choice("kv_cache.precision", self.precision, KV_CACHE_PRECISIONS)
+        if not _is_number(self.cache_size) or self.cache_size < 0:
+            raise ConfigError("kv_cache.cache_size", self.cache_size, "a number of GB >= 0")
+        _int_at_least("kv_cache.num_kv_blocks", self.num_kv_blocks, 0)
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous-batching scheduler knobs (same names as ``openvino_genai.SchedulerConfig``)."""
+
+    max_num_batched_tokens: int = 256
+    max_num_seqs: int = 256
+    dynamic_split_fuse: bool = True
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        _int_at_least("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _int_at_least("scheduler.max_num_seqs", self.max_num_seqs, 1)
+
+
+@dataclass
+class KVCrushConfig:
+    """KVCrush: keep representative tokens of each attention-behaviour group.
+
+    budget: the SHARE of the total cache budget given to KVCrush's representatives, in [0, 1]
+        (GenAI's ``KVCrushConfig.budget`` instead counts blocks kept on top of max_cache_size).
+    anchor_point_mode: random, zeros, ones, mean or alternating.
+    rng_seed: seed of the random anchor.
+    """
+
+    budget: float = 0.25
+    anchor_point_mode: str = "alternating"
+    rng_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.budget) or not 0.0 <= self.budget <= 1.0:
+            raise ConfigError(
+                "kvcrush.budget", self.budget, "a share of the total cache budget in [0, 1]",
+                "unlike GenAI's KVCrushConfig.budget, this is not a block count",
+            )
+        self.anchor_point_mode = _choice(
+            "kvcrush.anchor_point_mode", self.anchor_point_mode, ANCHOR_POINT_MODES
+        )
+        _int_at_least("kvcrush.rng_seed", self.rng_seed, 0)
+
+
+@dataclass
+class CacheEvictionConfig:
+    """Which tokens a sequence keeps once its cache outgrows the budget.
+
+    max_cache_size: the total number of cached tokens per sequence (start + recent + important
+        + KVCrush), either an integer number of tokens or a float in (0, 1] meaning a fraction of
+        the prompt's tokens. With the genai backend it is rounded down to whole KV blocks.
+    start_size: attention-sink tokens at the start that are always kept.
+    recent_size: most recent tokens that are always kept.
+    importance: how the rest is ranked: ``snapkv`` (attention of the prompt's last
+        ``snapkv_window_size`` queries, then accumulated while decoding) or ``h2o`` (attention
+        accumulated over every query).
+    aggregation_mode: ``norm_sum`` (accumulated score divided by each token's lifetime) or ``sum``.
+    apply_rotation: re-rotate keys after eviction (GenAI supports it only with an f32 cache).
+    kvcrush: KVCrush representatives on top of the importance method, or None.
+    """
+
+    max_cache_size: int | float = 0.25
+    start_size: int = 32
+    recent_size: int = 128
+    importance: str = "snapkv"
+    aggregation_mode: str = "norm_sum"
+    snapkv_window_size: int = 32
+    apply_rotation: bool = False
+    kvcrush: KVCrushConfig | None = field(default_factory=KVCrushConfig)
+
+    def __post_init__(self) -> None:
+        m = self.max_cache_size
+        if _is_int(m):
+            if m < 1:
+                raise ConfigError("eviction.max_cache_size", m,
+                                  "a token count >= 1 or a fraction of the prompt in (0, 1]")
+        elif isinstance(m, float):
+            if not 0.0 < m <= 1.0:
+                raise ConfigError("eviction.max_cache_size", m,
+                                  "a token count >= 1 or a fraction of the prompt in (0, 1]")
+        else:
+            raise ConfigError("eviction.max_cache_size", m,
+                              "a token count >= 1 or a fraction of the prompt in (0, 1]")
+        _int_at_least("eviction.start_size", self.start_size, 0)
+        _int_at_least("eviction.recent_size", self.recent_size, 0)
+        _int_at_least("eviction.snapkv_window_size", self.snapkv_window_size, 0)
+        self.importance = _choice("eviction.importance", self.importance, IMPORTANCE_METHODS)
+        self.aggregation_mode = _choice(
+            "eviction.aggregation_mode", self.aggregation_mode, AGGREGATION_MODES
+        )
+        if not isinstance(self.apply_rotation, bool):
+            raise ConfigError("eviction.apply_rotation", self.apply_rotation, "True or False")
+        if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):
+            raise ConfigError("eviction.kvcrush", self.kvcrush, "a KVCrushConfig or None")
+        if _is_int(m) and m < self.start_size + self.recent_size:
+            raise ConfigError(
+                "eviction.max_cache_size", m,
+                f"at least start_size + recent_size = {self.start_size + self.recent_size} tokens",
+            )
+
+    def total_tokens(self, prompt_tokens: int) -> int:
+        """The requested total budget in tokens for a prompt of ``prompt_tokens`` tokens."""
+        m = self.max_cache_size
+        return int(m) if _is_int(m) else max(1, int(m * prompt_tokens))
+
+
+@dataclass
+class GenerationConfig:
+    """Per-call generation settings (names as in ``openvino_genai.GenerationConfig``).
+
+    Greedy unless ``do_sample``; sampling uses temperature, top_p, top_k and rng_seed.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    rng_seed: int = 0
+    repetition_penalty: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    apply_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+        for name in ("do_sample", "include_stop_str_in_output", "ignore_eos",
+                     "apply_chat_template"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "True or False")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise ConfigError("temperature", self.temperature, "a number > 0")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p", self.top_p, "a number in (0, 1]")
+        _int_at_least("top_k", self.top_k, 0, "0 disables top-k")
+        _int_at_least("rng_seed", self.rng_seed, 0)
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty", self.repetition_penalty, "a number > 0")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise ConfigError("stop_strings", s, "non-empty strings")

@@ -1,0 +1,173 @@
+"""``kvcrush_ov.Pipeline``: text generation with KVCrush KV-cache eviction.
+
+>>> pipe = Pipeline("SmolLM2-135M-Instruct", eviction=CacheEvictionConfig(max_cache_size=0.25))
+>>> out = pipe.generate("Summarise: ...", max_new_tokens=64)
+>>> out.text, out.metrics[0].ttft_s, out.cache.final_kv_bytes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from kvcrush_ov.backends.genai import GenAIBackend
+from kvcrush_ov.config import (
+    BACKENDS,
+    CacheEvictionConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    SchedulerConfig,
+)
+from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.model_info import ModelInfo, check_model_dir
+from kvcrush_ov.results import DecodedResults
+
+_DEFAULT = object()
+_GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def _available_devices() -> list[str]:
+    import openvino as ov
+
+    return list(ov.Core().available_devices)
+
+
+def check_device(device: object) -> str:
+    """Validate ``device`` against the devices OpenVINO sees on this machine."""
+    available = _available_devices()
+    if not isinstance(device, str) or not device:
+        raise ConfigError("device", device, f"one of {', '.join(available)}")
+    base = device.split(".")[0].upper()
+    if device.upper() not in {d.upper() for d in available} and base not in available:
+        raise ConfigError("device", device, f"one of {', '.join(available)} on this machine")
+    return device.upper() if "." not in device else device
+
+
+def resolve_model(model: str | Path, fetch_missing: bool = True) -> Path:
+    """A model folder for ``model``: an existing folder, or a registry name (fetched if needed)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from kvcrush_ov.models import store
+    from kvcrush_ov.models.registry import get_spec
+
+    if isinstance(model, str) and "/" not in model and "\\" not in model:
+        try:
+            spec = get_spec(model)
+        except ConfigError:
+            raise ModelError(f"model={model!r}: no such folder and no registry model of that name "
+                             "('kvcrush-ov models list' shows the registry)") from None
+        folder = store.ov_dir(spec.name, spec.default_weight_format)
+        if store.is_complete(folder):
+            return folder
+        if not fetch_missing:
+            raise ModelError(f"model={model!r} is not fetched yet: run "
+                             f"'kvcrush-ov models fetch {spec.name}'")
+        from kvcrush_ov.models.fetch import fetch
+
+        return fetch(spec.name)
+    return path  # a path that does not exist: check_model_dir names it
+
+
+class Pipeline:
+    """Text generation on an OpenVINO model with a paged KV cache and KVCrush eviction.
+
+    model: an exported model folder (``optimum-cli export openvino``) or a registry name
+        (``kvcrush-ov models list``), fetched and exported on first use.
+    device: an OpenVINO device, "CPU" or "GPU" where present.
+    kv_cache: cache precision and size (:class:`KVCacheConfig`).
+    eviction: which tokens to keep (:class:`CacheEvictionConfig`); None keeps the full cache.
+        The default keeps 25% of the prompt with KVCrush holding a quarter of that budget.
+    scheduler: continuous-batching knobs (:class:`SchedulerConfig`); prefix caching is off so
+        that timings are fair.
+    backend: "genai" (OpenVINO GenAI's C++ continuous-batching pipeline).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "CPU",
+        kv_cache: KVCacheConfig | None = None,
+        eviction: CacheEvictionConfig | None = _DEFAULT,  # type: ignore[assignment]
+        scheduler: SchedulerConfig | None = None,
+        backend: str = "genai",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError("backend", backend, f"one of {', '.join(BACKENDS)}")
+        if kv_cache is None:
+            kv_cache = KVCacheConfig()
+        if not isinstance(kv_cache, KVCacheConfig):
+            raise ConfigError("kv_cache", kv_cache, "a KVCacheConfig")
+        if eviction is _DEFAULT:
+            eviction = CacheEvictionConfig()
+        if eviction is not None and not isinstance(eviction, CacheEvictionConfig):
+            raise ConfigError("eviction", eviction, "a CacheEvictionConfig or None")
+        if scheduler is None:
+            scheduler = SchedulerConfig()
+        if not isinstance(scheduler, SchedulerConfig):
+            raise ConfigError("scheduler", scheduler, "a SchedulerConfig")
+        if not isinstance(model, (str, Path)) or not str(model):
+            raise ConfigError("model", model, "a model folder or a registry model name")
+        self.device = check_device(device)
+        if eviction is not None:  # backend-specific limits, still before any loading
+            from kvcrush_ov.backends.genai import check_eviction
+            from kvcrush_ov.model_info import block_size_for
+
+            check_eviction(eviction, kv_cache, block_size_for(self.device))
+        self.kv_cache, self.eviction, self.scheduler = kv_cache, eviction, scheduler
+        self.model_path = resolve_model(model)
+        self.info: ModelInfo = check_model_dir(self.model_path)
+        self.backend = GenAIBackend(self.info, self.device, kv_cache, eviction, scheduler)
+
+    @property
+    def tokenizer(self):
+        """The model's ``openvino_genai.Tokenizer``."""
+        return self.backend.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        generation_config: GenerationConfig | None = None,
+        streamer: Callable[[str], bool | None] | None = None,
+        **kwargs: object,
+    ) -> DecodedResults:
+        """Generate a continuation for one prompt or a list of prompts.
+
+        Keyword arguments are :class:`GenerationConfig` fields (max_new_tokens, do_sample,
+        temperature, top_p, top_k, rng_seed, stop_strings, apply_chat_template, ...).
+        ``streamer`` (one prompt only) receives text as it is generated; returning True stops.
+        Every input is checked before any token is generated.
+        """
+        unknown = sorted(set(kwargs) - _GEN_FIELDS)
+        if unknown:
+            raise ConfigError(unknown[0], kwargs[unknown[0]],
+                              f"a GenerationConfig field: {', '.join(sorted(_GEN_FIELDS))}")
+        if generation_config is None:
+            generation_config = GenerationConfig(**kwargs)  # type: ignore[arg-type]
+        elif kwargs:
+            generation_config = dataclasses.replace(generation_config, **kwargs)
+        if not isinstance(generation_config, GenerationConfig):
+            raise ConfigError("generation_config", generation_config, "a GenerationConfig")
+        single = isinstance(prompts, str)
+        plist = [prompts] if single else prompts
+        if not isinstance(plist, list) or not plist:
+            raise ConfigError("prompts", prompts, "a non-empty string or a non-empty list of them")
+        if streamer is not None and (not callable(streamer) or len(plist) != 1):
+            raise ConfigError("streamer", streamer, "a callable, with a single prompt")
+        g = generation_config
+        limit = self.info.context_length - g.max_new_tokens
+        inputs = []
+        for i, p in enumerate(plist):
+            name = "prompt" if single else f"prompts[{i}]"
+            if not isinstance(p, str) or not p.strip():
+                raise ConfigError(name, p, "a non-empty string")
+            ids = self.backend.encode(p, g.apply_chat_template)
+            if ids.shape[1] > limit:
+                raise ConfigError(
+                    name, f"<{ids.shape[1]} tokens>",
+                    f"at most {max(limit, 0)} tokens: the model's context is "
+                    f"{self.info.context_length} and max_new_tokens={g.max_new_tokens}",
+                )
+            inputs.append(ids)
+        return self.backend.run(inputs, g, streamer)
