@@ -31,8 +31,9 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     print(f"cache: {store.home()}  (set KVCRUSH_OV_HOME to move it)")
     for row in list_models():
         fetched = ", ".join(row["fetched"]) or "-"
-        print(f"{row['name']:<30} {row['description']}\n{'':<30} default {row['default_weight_format']}, "
-              f"context {row['context_length']}, download ~{row['download_mb']} MB, fetched: {fetched}")
+        print(f"{row['name']:<30} {row['description']}")
+        print(f"{'':<30} default {row['default_weight_format']}, context "
+              f"{row['context_length']}, download ~{row['download_mb']} MB, fetched: {fetched}")
     return 0
 
 
@@ -62,7 +63,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p, top_k=args.top_k, rng_seed=args.seed,
         stop_strings=tuple(args.stop or ()), apply_chat_template=not args.no_chat_template,
     )
-    pipe = Pipeline(args.model, device=args.device, kv_cache=KVCacheConfig(precision=args.precision),
+    pipe = Pipeline(args.model, device=args.device,
+                    kv_cache=KVCacheConfig(precision=args.precision),
                     eviction=_eviction_from_args(args))
     out = pipe.generate(args.prompt, gen, streamer=lambda s: print(s, end="", flush=True))
     m, c = out.metrics[0], out.cache

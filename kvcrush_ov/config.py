@@ -115,7 +115,8 @@ class CacheEvictionConfig:
         ``snapkv_window_size`` queries, then accumulated while decoding) or ``h2o`` (attention
         accumulated over every query).
     aggregation_mode: ``norm_sum`` (accumulated score divided by each token's lifetime) or ``sum``.
-    apply_rotation: re-rotate keys after eviction (GenAI supports it only with an f32 cache).
+    apply_rotation: re-rotate keys after eviction (rejected by the genai backend: see
+        backends/genai.py).
     kvcrush: KVCrush representatives on top of the importance method, or None.
     """
 

@@ -77,7 +77,8 @@ def check_model_dir(path: str | Path) -> ModelInfo:
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"model={str(path)!r} is corrupt: config.json is not valid JSON ({e})")
+        raise ModelError(f"model={str(path)!r} is corrupt: config.json is not valid JSON ({e})"
+                         ) from None
     cfg = cfg.get("text_config", cfg)
     try:
         heads = int(cfg["num_attention_heads"])

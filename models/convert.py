@@ -55,7 +55,8 @@ def smollm_tokenizer(gguf_path: Path):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     control = int(gguf.TokenType.CONTROL)
-    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == control]
+    specials = [AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types, strict=True) if ty == control]
     tok.add_special_tokens(specials)
 
     def name(key: str) -> str | None:

