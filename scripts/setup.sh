@@ -13,14 +13,27 @@ WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import kvcrush_ov" 2>/dev/null; then
   exit 0
 fi
-echo "[setup] creating $VENV (a few minutes on first run)" >&2
+echo "[setup] creating $VENV (a few minutes on first run; log: $VENV/setup.log)" >&2
 "$PYTHON" -m venv "$VENV"
+LOG="$VENV/setup.log"
+: > "$LOG"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip >&2
-"${PIP[@]}" install -q "torch==2.13.0" >&2
-"${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "$ROOT[export,test]" >&2
-"${PIP[@]}" uninstall -q -y torchvision >&2 2>/dev/null || true
-"$VENV/bin/python" -c "from optimum.intel import OVModelForCausalLM; import openvino_genai, kvcrush_ov" \
-  || { echo "[setup] the export stack does not import; see docs/install.md" >&2; exit 1; }
+step() {  # run a step quietly; on failure show the end of its log
+  echo "[setup] $1" >&2
+  shift
+  if ! "$@" >>"$LOG" 2>&1; then
+    tail -n 30 "$LOG" >&2
+    echo "[setup] failed: $*  (full log: $LOG)" >&2
+    exit 1
+  fi
+}
+step "upgrading pip" "${PIP[@]}" install --upgrade pip
+step "installing torch==2.13.0 (CPU) first" "${PIP[@]}" install "torch==2.13.0"
+step "installing kvcrush-ov with its export and test extras" \
+  "${PIP[@]}" install -c "$ROOT/constraints.txt" -e "$ROOT[export,test]"
+step "removing torchvision (breaks optimum-intel with CPU torch)" \
+  "${PIP[@]}" uninstall -y torchvision
+step "checking the export stack imports" \
+  "$VENV/bin/python" -c "from optimum.intel import OVModelForCausalLM; import openvino_genai, kvcrush_ov"
 echo "$WANT" > "$STAMP"
 echo "[setup] ready: $VENV" >&2
