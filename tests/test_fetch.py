@@ -170,3 +170,15 @@ def test_interrupted_fetch_is_never_used_and_resumes(tmp_path, monkeypatch):
     assert store.is_complete(final)
     assert not hf_partial.exists()
     assert not (final.parent / "ov-fp16.partial").exists()
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_compressed_export_runs_and_is_smaller(tiny_model, weight_format):
+    from kvcrush_ov import Pipeline
+
+    folder = fetch_mod.fetch("tiny-random-llama", weight_format, progress=lambda m: None)
+    assert store.read_marker(folder)["weight_format"] == weight_format
+    fp16_bytes = (tiny_model / "openvino_model.bin").stat().st_size
+    assert (folder / "openvino_model.bin").stat().st_size < 0.6 * fp16_bytes
+    out = Pipeline(folder, eviction=None).generate("hello", max_new_tokens=4, ignore_eos=True)
+    assert out.metrics[0].num_generated_tokens == 4
