@@ -18,7 +18,7 @@ KV_CACHE_PRECISIONS = ("u8", "u4", "bf16", "f32")
 ANCHOR_POINT_MODES = ("random", "zeros", "ones", "mean", "alternating")
 AGGREGATION_MODES = ("norm_sum", "sum")
 IMPORTANCE_METHODS = ("snapkv", "h2o")
-BACKENDS = ("genai",)
+BACKENDS = ("genai", "native")
 
 
 def _is_int(v: object) -> bool:

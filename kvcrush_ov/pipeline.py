@@ -81,7 +81,8 @@ class Pipeline:
         The default keeps 25% of the prompt with KVCrush holding a quarter of that budget.
     scheduler: continuous-batching knobs (:class:`SchedulerConfig`); prefix caching is off so
         that timings are fair.
-    backend: "genai" (OpenVINO GenAI's C++ continuous-batching pipeline).
+    backend: "genai" (OpenVINO GenAI's C++ continuous-batching pipeline) or "native"
+        (kvcrush-ov's own engine on OpenVINO's PagedAttention graph; no eviction yet).
     """
 
     def __init__(
@@ -110,7 +111,12 @@ class Pipeline:
         if not isinstance(model, (str, Path)) or not str(model):
             raise ConfigError("model", model, "a model folder or a registry model name")
         self.device = check_device(device)
-        if eviction is not None:  # backend-specific limits, still before any loading
+        # backend-specific limits, still before any loading
+        if backend == "native":
+            from kvcrush_ov.backends.native import check_eviction as check_native
+
+            check_native(eviction)
+        elif eviction is not None:
             from kvcrush_ov.backends.genai import check_eviction
             from kvcrush_ov.model_info import block_size_for
 
@@ -118,7 +124,12 @@ class Pipeline:
         self.kv_cache, self.eviction, self.scheduler = kv_cache, eviction, scheduler
         self.model_path = resolve_model(model)
         self.info: ModelInfo = check_model_dir(self.model_path)
-        self.backend = GenAIBackend(self.info, self.device, kv_cache, eviction, scheduler)
+        if backend == "native":
+            from kvcrush_ov.backends.native import NativeBackend
+
+            self.backend = NativeBackend(self.info, self.device, kv_cache, eviction, scheduler)
+        else:
+            self.backend = GenAIBackend(self.info, self.device, kv_cache, eviction, scheduler)
 
     @property
     def tokenizer(self):

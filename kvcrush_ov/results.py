@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 class RequestMetrics:
     """One request's timing and budget.
 
+    num_generated_tokens: tokens the model generated, a final EOS included (token_ids of the
+        results leave the EOS out).
+
     ttft_s: seconds from submission to the first generated token.
     tpot_s: mean seconds per generated token after the first.
     kv_budget_tokens: total cached tokens the eviction kept this request to (None: full cache).

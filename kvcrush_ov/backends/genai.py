@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+from kvcrush_ov.backends.common import Streamer, TextStream, encode, first_line, load_tokenizer
 from kvcrush_ov.config import (
     CacheEvictionConfig,
     GenerationConfig,
@@ -35,8 +35,6 @@ from kvcrush_ov.config import (
 from kvcrush_ov.errors import ConfigError, ModelError
 from kvcrush_ov.model_info import ModelInfo, block_size_for
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
-
-Streamer = Callable[[str], "bool | None"]
 
 _AGGREGATION = {"norm_sum": ov_genai.AggregationMode.NORM_SUM, "sum": ov_genai.AggregationMode.SUM}
 _ANCHOR = {
@@ -141,24 +139,6 @@ def _properties(kv_cache: KVCacheConfig) -> dict:
     return props
 
 
-class _TextStream:
-    """Incremental detokenisation: emit only text that can no longer change."""
-
-    def __init__(self, tokenizer: ov_genai.Tokenizer, callback: Streamer) -> None:
-        self.tokenizer, self.callback = tokenizer, callback
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def push(self, new_ids: Sequence[int], final: bool = False) -> bool:
-        """Feed new ids; return True if the callback asked to stop."""
-        self.ids.extend(int(i) for i in new_ids)
-        text = self.tokenizer.decode(self.ids) if self.ids else ""
-        if not final and text.endswith("\ufffd"):
-            return False
-        chunk, self.sent = text[self.sent:], max(self.sent, len(text))
-        return bool(chunk) and bool(self.callback(chunk))
-
-
 class GenAIBackend:
     """Runs requests on GenAI ContinuousBatchingPipelines, one per distinct eviction setting."""
 
@@ -174,11 +154,7 @@ class GenAIBackend:
         self.block_bytes = info.kv_block_bytes(kv_cache.precision, self.block_size)
         self._pipelines: OrderedDict[UpstreamEviction | None, ov_genai.ContinuousBatchingPipeline]
         self._pipelines = OrderedDict()
-        try:
-            self.tokenizer = ov_genai.Tokenizer(str(info.path))
-        except RuntimeError as e:
-            raise ModelError(f"model={str(info.path)!r}: its OpenVINO tokenizer does not load: "
-                             f"{_first_line(e)}") from None
+        self.tokenizer = load_tokenizer(info)
         # Compile once now, so a corrupt model fails at construction, not on first use.
         self._pipeline(None)
 
@@ -212,21 +188,14 @@ class GenAIBackend:
             )
         except RuntimeError as e:
             raise ModelError(f"model={str(self.info.path)!r} could not be loaded on "
-                             f"{self.device}: {_first_line(e)}") from None
+                             f"{self.device}: {first_line(e)}") from None
         self._pipelines[ev] = pipe
         return pipe
 
     # -- requests --------------------------------------------------------------------------
     def encode(self, prompt: str, apply_chat_template: bool) -> np.ndarray:
         """Token ids [1, T] (int64) of ``prompt``, through the chat template when asked."""
-        if apply_chat_template and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True
-            )
-            enc = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            enc = self.tokenizer.encode(prompt)
-        return np.array(enc.input_ids.data, dtype=np.int64).reshape(1, -1)
+        return encode(self.tokenizer, prompt, apply_chat_template)
 
     def _genai_config(self, g: GenerationConfig) -> ov_genai.GenerationConfig:
         c = ov_genai.GenerationConfig()
@@ -265,7 +234,7 @@ class GenAIBackend:
         last = [0.0] * n
         cache = CacheMetrics(kv_block_bytes=self.block_bytes)
         gconf = self._genai_config(g)
-        stream = _TextStream(self.tokenizer, streamer) if streamer else None
+        stream = TextStream(self.tokenizer, streamer) if streamer else None
         t_start = time.perf_counter()
         for plan, members in groups.items():
             pipe = self._pipeline(plan)
@@ -305,11 +274,11 @@ class GenAIBackend:
                 tpot_s=tpot, kv_budget_tokens=p.total_tokens if p else None,
                 kvcrush_tokens=p.kvcrush_blocks * self.block_size if p else 0,
             ))
+        eos = self.tokenizer.get_eos_token_id()
+        for t in ids:  # like the native backend: the EOS token is not part of the output
+            if t and t[-1] == eos and not g.ignore_eos:
+                t.pop()
         texts = [self.tokenizer.decode(t) if t else "" for t in ids]
         return DecodedResults(texts=texts, token_ids=ids, finish_reasons=finish, metrics=metrics,
                               cache=cache, generate_s=time.perf_counter() - t_start)
 
-
-def _first_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__

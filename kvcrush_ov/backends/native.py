@@ -1,0 +1,90 @@
+"""Backend "native": kvcrush-ov's own continuous-batching engine (kvcrush_ov.engine)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from kvcrush_ov.backends.common import Streamer, TextStream, encode, first_line, load_tokenizer
+from kvcrush_ov.config import (
+    CacheEvictionConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    SchedulerConfig,
+)
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.model_info import ModelInfo
+from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
+
+
+def check_eviction(eviction: CacheEvictionConfig | None) -> None:
+    if eviction is not None:
+        raise ConfigError("eviction", "CacheEvictionConfig(...)",
+                          "None with backend 'native' for now (eviction on the native engine is "
+                          "not built yet); use backend='genai' for eviction")
+
+
+class NativeBackend:
+    name = "native"
+
+    def __init__(self, info: ModelInfo, device: str, kv_cache: KVCacheConfig,
+                 eviction: CacheEvictionConfig | None, scheduler: SchedulerConfig) -> None:
+        check_eviction(eviction)
+        self.info = info
+        self.tokenizer = load_tokenizer(info)
+        try:
+            self.engine = LLMEngine(info.path, device, kv_cache, scheduler, info.context_length)
+        except RuntimeError as e:
+            raise ModelError(f"model={str(info.path)!r} could not be loaded on {device}: "
+                             f"{first_line(e)}") from None
+        self.block_bytes = self.engine.block_bytes
+        eos = {int(self.tokenizer.get_eos_token_id())}
+        self.eos_token_ids = eos
+
+    def encode(self, prompt: str, apply_chat_template: bool) -> np.ndarray:
+        return encode(self.tokenizer, prompt, apply_chat_template)
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if ids else ""
+
+    def run(self, inputs: list[np.ndarray], g: GenerationConfig,
+            streamer: Streamer | None) -> DecodedResults:
+        eng = self.engine
+        t_start = time.perf_counter()
+        seqs = [eng.add_request(x[0].tolist(), g, self.eos_token_ids, self._detokenize)
+                for x in inputs]
+        stream = TextStream(self.tokenizer, streamer) if streamer else None
+        cache = CacheMetrics(kv_block_bytes=self.block_bytes)
+        stopped: set[int] = set()
+        while eng.has_unfinished():
+            out = eng.step()
+            used = eng.used_bytes
+            cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
+            if out.new_tokens:
+                cache.final_kv_bytes = used
+            if stream is not None:
+                tok = out.new_tokens.get(seqs[0].seq_id)
+                finished = seqs[0].is_finished
+                if tok is not None and not finished and stream.push([tok]):
+                    eng.abort(seqs[0])
+                    stopped.add(seqs[0].seq_id)
+        metrics, texts, ids, reasons = [], [], [], []
+        for s in seqs:
+            k = s.sampler.num_generated  # EOS included: it was generated
+            first = s.first_token_time - t_start if s.first_token_time else 0.0
+            tpot = (s.last_token_time - s.first_token_time) / (s.sampler.num_generated - 1) \
+                if s.sampler.num_generated > 1 else 0.0
+            metrics.append(RequestMetrics(num_input_tokens=len(s.prompt_ids),
+                                          num_generated_tokens=k, ttft_s=first, tpot_s=tpot))
+            texts.append(s.sampler.output_text())
+            ids.append(list(s.output_ids))
+            reasons.append("cancelled" if s.seq_id in stopped
+                           else (s.sampler.finish_reason or "cancelled"))
+            eng.sequences.pop(s.seq_id, None)
+        if stream is not None and seqs[0].seq_id not in stopped:
+            stream.push(ids[0][len(stream.ids):], final=True)
+        return DecodedResults(texts=texts, token_ids=ids, finish_reasons=reasons,
+                              metrics=metrics, cache=cache,
+                              generate_s=time.perf_counter() - t_start)

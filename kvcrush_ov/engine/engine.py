@@ -1,0 +1,158 @@
+"""kvcrush-ov's own continuous-batching engine on OpenVINO's PagedAttention graph.
+
+Layers, each importing only the ones below it:
+``LLMEngine`` -> ``Scheduler`` -> ``KVCacheManager`` -> ``BlockPool``; the ``ModelRunner`` only
+turns a scheduled batch into tensors; ``SequenceSampler`` picks tokens and detects stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
+from kvcrush_ov.engine.block_pool import BlockPool
+from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
+from kvcrush_ov.engine.model_runner import ModelRunner
+from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
+from kvcrush_ov.engine.scheduler import Scheduler
+from kvcrush_ov.engine.sequence import Sequence, Status
+from kvcrush_ov.errors import ConfigError
+
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: new tokens per sequence, and the sequences that finished."""
+
+    new_tokens: dict[int, int]
+    finished: list[Sequence]
+    num_tokens: int
+    num_preempted: int
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache owned by this process.
+
+    context_length: the model's maximum sequence length (prompt + generated).
+    """
+
+    def __init__(self, model_dir: str | Path, device: str, kv_cache: KVCacheConfig,
+                 scheduler: SchedulerConfig, context_length: int,
+                 properties: dict | None = None) -> None:
+        self.runner = ModelRunner(model_dir, device, kv_cache.precision, properties)
+        self.block_size = self.runner.block_size
+        self.block_bytes = self.runner.block_bytes
+        self.context_length = context_length
+        if kv_cache.num_kv_blocks:
+            num_blocks = kv_cache.num_kv_blocks
+            field, value = "kv_cache.num_kv_blocks", kv_cache.num_kv_blocks
+        else:
+            nbytes = kv_cache.cache_size * 2**30 if kv_cache.cache_size else DEFAULT_CACHE_BYTES
+            num_blocks = int(nbytes // self.block_bytes)
+            field, value = "kv_cache.cache_size", kv_cache.cache_size
+        need = -(-scheduler.max_num_batched_tokens // self.block_size) + 1
+        if num_blocks < need:
+            raise ConfigError(
+                field, value,
+                f"room for at least {need} KV blocks ({need * self.block_bytes:,} bytes; one "
+                f"block holds {self.block_size} tokens in {self.block_bytes:,} bytes), enough "
+                f"for one step of max_num_batched_tokens={scheduler.max_num_batched_tokens}",
+            )
+        self.runner.allocate_cache(num_blocks)
+        self.pool = BlockPool(num_blocks)
+        self.kv = KVCacheManager(self.pool, self.block_size)
+        self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
+                                   scheduler.max_num_seqs, scheduler.dynamic_split_fuse)
+        self._ids = itertools.count()
+        self.sequences: dict[int, Sequence] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def max_prompt_tokens(self, max_new_tokens: int) -> int:
+        """The longest prompt one request may have (model context and whole cache)."""
+        return min(self.context_length, self.num_blocks * self.block_size) - max_new_tokens
+
+    def add_request(self, prompt_ids: list[int], config: GenerationConfig,
+                    eos_token_ids: Collection[int],
+                    detokenize: Callable[[list[int]], str]) -> Sequence:
+        """Queue a request; a prompt that cannot fit fails here, alone, naming the limit."""
+        limit = self.max_prompt_tokens(config.max_new_tokens)
+        if not prompt_ids:
+            raise ConfigError("prompt", prompt_ids, "at least one token")
+        if len(prompt_ids) > limit:
+            raise ConfigError(
+                "prompt", f"<{len(prompt_ids)} tokens>",
+                f"at most {max(limit, 0)} tokens: context {self.context_length}, cache "
+                f"{self.num_blocks} blocks of {self.block_size}, "
+                f"max_new_tokens={config.max_new_tokens}",
+            )
+        seq = Sequence(seq_id=next(self._ids), prompt_ids=list(prompt_ids),
+                       arrival=time.perf_counter())
+        seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def fork(self, parent: Sequence) -> Sequence:
+        """A running copy of ``parent`` sharing its cached blocks (no cache memory copied)."""
+        if parent.status is not Status.RUNNING or parent.num_pending:
+            raise ValueError("only a running sequence with nothing pending can be forked")
+        child = Sequence(seq_id=next(self._ids), prompt_ids=list(parent.prompt_ids),
+                         sampler=copy.deepcopy(parent.sampler), status=Status.RUNNING,
+                         num_computed=parent.num_computed, arrival=parent.arrival,
+                         first_token_time=parent.first_token_time,
+                         last_token_time=parent.last_token_time)
+        self.kv.fork(parent.seq_id, child.seq_id)
+        self.scheduler.running.append(child)
+        self.sequences[child.seq_id] = child
+        return child
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.is_finished:
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepOutput:
+        out = self.scheduler.schedule()
+        if out.copies:
+            self.runner.copy_blocks(out.copies)
+        new: dict[int, int] = {}
+        finished: list[Sequence] = []
+        if out.chunks:
+            tables = [self.kv.tables[c.seq.seq_id].blocks for c in out.chunks]
+            logits = self.runner.run(out.chunks, tables)
+            sampling = [c.seq for c in out.chunks if c.sample]
+            tokens = sample_batch([s.sampler for s in sampling], logits)
+            now = time.perf_counter()
+            for seq, tok in zip(sampling, tokens, strict=True):
+                reason = seq.sampler.append(int(tok))
+                new[seq.seq_id] = int(tok)
+                if not seq.first_token_time:
+                    seq.first_token_time = now
+                seq.last_token_time = now
+                if reason is not None:
+                    self.scheduler.finish(seq)
+                    finished.append(seq)
+        return StepOutput(new, finished, out.num_tokens, len(out.preempted))
+
+    def check_invariants(self) -> None:
+        self.kv.check_invariants()
+        live = {s.seq_id for s in self.scheduler.running}
+        if set(self.kv.tables) - live:
+            raise AssertionError(f"blocks held by sequences not running: "
+                                 f"{sorted(set(self.kv.tables) - live)}")
+
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.num_used * self.block_bytes
+

@@ -1,0 +1,119 @@
+"""Turns a scheduled batch into the paged-attention graph's input tensors and runs it.
+
+The model is converted at load time (kvcrush_ov.transformations) to OpenVINO's PagedAttention
+form with a ``logits_indices`` input, so logits are computed only for the positions that sample.
+The runner owns the KV cache tensors: per layer ``key_cache.L`` / ``value_cache.L`` of shape
+[num_blocks, kv_heads, rows, cols], with rows / cols / element type read from the compiled model
+(u8 keys carry 8 extra rows of per-channel scales, u8 values 8 extra columns of per-token ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from kvcrush_ov.engine.scheduler import ScheduledChunk
+from kvcrush_ov.transformations.paged import read_paged_model
+
+_I32 = np.int32
+
+
+def _cache_properties(precision: str) -> dict:
+    if precision == "u4":
+        return {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u8"}
+    props = {"KV_CACHE_PRECISION": precision}
+    if precision == "f32":
+        props["INFERENCE_PRECISION_HINT"] = "f32"
+    return props
+
+
+class ModelRunner:
+    """Compiled paged model + KV cache tensors.
+
+    model_dir: exported model folder. precision: u8 / u4 / bf16 / f32.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str, precision: str,
+                 properties: dict | None = None) -> None:
+        self.core = ov.Core()
+        model = read_paged_model(Path(model_dir) / "openvino_model.xml", score_outputs=False,
+                                 logits_indices=True)
+        props = _cache_properties(precision)
+        props.update(properties or {})
+        self.compiled = self.core.compile_model(model, device, props)
+        self.request = self.compiled.create_infer_request()
+        self.num_layers = sum(1 for i in self.compiled.inputs
+                              if i.get_any_name().startswith("key_cache."))
+        k = self.compiled.input("key_cache.0")
+        v = self.compiled.input("value_cache.0")
+        self.key_shape = [d.get_length() for d in list(k.get_partial_shape())[1:]]
+        self.value_shape = [d.get_length() for d in list(v.get_partial_shape())[1:]]
+        self.key_type, self.value_type = k.get_element_type(), v.get_element_type()
+        self.block_size = self.value_shape[1]  # values: [kv_heads, block_size, cols]
+        self.num_kv_heads = self.value_shape[0]
+        self.num_blocks = 0
+        self._caches: list[tuple[ov.Tensor, ov.Tensor]] = []
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block takes across all layers (keys + values), as allocated here."""
+        k = ov.Tensor(self.key_type, [1, *self.key_shape]).get_byte_size()
+        v = ov.Tensor(self.value_type, [1, *self.value_shape]).get_byte_size()
+        return (k + v) * self.num_layers
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        """Allocate (zeroed) cache tensors for ``num_blocks`` blocks in every layer."""
+        self.num_blocks = num_blocks
+        self._caches = []
+        for layer in range(self.num_layers):
+            kt = ov.Tensor(self.key_type, [num_blocks, *self.key_shape])
+            vt = ov.Tensor(self.value_type, [num_blocks, *self.value_shape])
+            kt.data[...] = 0  # fresh tensors hold garbage
+            vt.data[...] = 0
+            self.request.set_tensor(f"key_cache.{layer}", kt)
+            self.request.set_tensor(f"value_cache.{layer}", vt)
+            self._caches.append((kt, vt))
+
+    def copy_blocks(self, copies: Seq[tuple[int, int]]) -> None:
+        """Copy whole blocks (all layers, keys and values): copy-on-write after a fork."""
+        for kt, vt in self._caches:
+            for t in (kt, vt):
+                # a per-block view; u4 tensors expose packed bytes as a flat array
+                view = t.data.reshape(self.num_blocks, -1)
+                for src, dst in copies:
+                    view[dst] = view[src]
+
+    def run(self, chunks: list[ScheduledChunk], tables: list[list[int]]) -> np.ndarray:
+        """Run one step; return logits [num sampling chunks, vocab] (float32), in chunk order.
+
+        chunks[i] writes ``num_tokens`` tokens at positions ``start..``; tables[i] is its block
+        table covering ``start + num_tokens`` tokens.
+        """
+        ids, pos, past, begins, blocks, block_begins, sample_at = [], [], [], [0], [], [0], []
+        max_ctx = 0
+        for c, table in zip(chunks, tables, strict=True):
+            end = c.start + c.num_tokens
+            ids.append(np.asarray(c.seq.all_ids[c.start:end], dtype=np.int64))
+            pos.append(np.arange(c.start, end, dtype=np.int64))
+            past.append(c.start)
+            begins.append(begins[-1] + c.num_tokens)
+            blocks.extend(table)
+            block_begins.append(len(blocks))
+            max_ctx = max(max_ctx, end)
+            if c.sample:
+                sample_at.append(begins[-1] - 1)
+        r = self.request
+        r.set_tensor("input_ids", ov.Tensor(np.concatenate(ids)))
+        r.set_tensor("position_ids", ov.Tensor(np.concatenate(pos)))
+        r.set_tensor("past_lens", ov.Tensor(np.asarray(past, dtype=_I32)))
+        r.set_tensor("subsequence_begins", ov.Tensor(np.asarray(begins, dtype=_I32)))
+        r.set_tensor("block_indices", ov.Tensor(np.asarray(blocks, dtype=_I32)))
+        r.set_tensor("block_indices_begins", ov.Tensor(np.asarray(block_begins, dtype=_I32)))
+        r.set_tensor("max_context_len", ov.Tensor(np.asarray(max_ctx, dtype=_I32)))
+        r.set_tensor("logits_indices", ov.Tensor(np.asarray(sample_at, dtype=np.int64)))
+        r.infer()
+        logits = r.get_tensor("logits").data
+        return logits.reshape(len(sample_at), -1)

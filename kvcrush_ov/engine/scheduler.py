@@ -1,0 +1,122 @@
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step.
+
+Every step has a token budget (``max_num_batched_tokens``). Running sequences go first, oldest
+first: a decoding sequence takes one token, a sequence still in prefill takes the next chunk of its
+prompt. Waiting sequences then join while budget, sequence slots and free blocks last, so prefill
+and decode tokens share a step. When a running sequence cannot get a block, the newest running
+sequence is preempted: its blocks are freed and it waits to be recomputed (prompt + what it has
+generated), which yields exactly the same continuation.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
+from kvcrush_ov.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens ``seq.all_ids[start:start + num_tokens]`` run this step; ``sample`` when they
+    reach the end of the known tokens, so the step's last logits give the next token."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 dynamic_split_fuse: bool = True) -> None:
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.dynamic_split_fuse = dynamic_split_fuse
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _take(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        out.copies.extend(self.kv.append_slots(seq.seq_id, n))
+        start = seq.num_computed
+        seq.num_computed += n
+        out.chunks.append(ScheduledChunk(seq, start, n, seq.num_computed == seq.num_known))
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_pending, budget)
+        if n < seq.num_pending and not self.dynamic_split_fuse:
+            return 0  # without chunked prefill a prompt runs whole or not at all
+        return n
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.kv.can_append(seq.seq_id, n) and self.running[-1] is not seq:
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+            if not self.kv.can_append(seq.seq_id, n):
+                self._preempt(seq)
+                out.preempted.append(seq)
+                continue  # the list shifted: index i now holds the next sequence
+            self._take(out, seq, n)
+            budget -= n
+            i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._chunk(seq, budget)
+            if n == 0 or not self.kv.can_append(seq.seq_id, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self._take(out, seq, n)
+            budget -= n
+        return out

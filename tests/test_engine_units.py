@@ -1,0 +1,129 @@
+"""Block pool, KV cache manager and scheduler on their own (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcrush_ov.engine.block_pool import BlockPool, NoFreeBlocks
+from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
+from kvcrush_ov.engine.scheduler import Scheduler
+from kvcrush_ov.engine.sequence import Sequence, Status
+
+
+class FakeSampler:
+    def __init__(self) -> None:
+        self.output_ids: list[int] = []
+
+
+def seq(i: int, n: int) -> Sequence:
+    return Sequence(seq_id=i, prompt_ids=list(range(n)), sampler=FakeSampler())
+
+
+def test_pool_allocate_share_free():
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert pool.num_free == 1 and pool.peak_used == 3
+    pool.share(a[:2])
+    pool.free(a)
+    assert pool.num_free == 2  # a[0], a[1] still held once
+    pool.check_invariants([a[:2]])
+    pool.free(a[:2])
+    assert pool.num_free == 4
+    pool.check_invariants([])
+    with pytest.raises(AssertionError, match="freed twice"):
+        pool.free([a[0]])
+    with pytest.raises(NoFreeBlocks):
+        pool.allocate(5)
+
+
+def test_invariant_check_catches_a_leak():
+    pool = BlockPool(3)
+    held = pool.allocate(2)
+    with pytest.raises(AssertionError, match="held 0 times, ref 1"):
+        pool.check_invariants([held[:1]])
+
+
+def test_manager_grows_in_blocks():
+    kv = KVCacheManager(BlockPool(10), block_size=4)
+    assert kv.blocks_needed(0, 9) == 3
+    assert kv.append_slots(0, 9) == []
+    assert len(kv.tables[0].blocks) == 3 and kv.tables[0].num_cached == 9
+    assert kv.blocks_needed(0, 3) == 0  # fills the third block
+    kv.append_slots(0, 3)
+    assert kv.blocks_needed(0, 1) == 1
+    kv.check_invariants()
+    kv.free(0)
+    assert kv.pool.num_free == 10
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    kv = KVCacheManager(BlockPool(10), block_size=4)
+    kv.append_slots(0, 6)  # blocks [b0 full, b1 half]
+    kv.fork(0, 1)
+    assert kv.tables[1].blocks == kv.tables[0].blocks
+    assert kv.pool.num_free == 8  # the fork holds no extra block
+    assert kv.blocks_needed(1, 1) == 1  # writing into the shared half block needs a copy
+    copies = kv.append_slots(1, 1)
+    (src, dst), = copies
+    assert src == kv.tables[0].blocks[1] and dst == kv.tables[1].blocks[1]
+    assert kv.tables[1].blocks[0] == kv.tables[0].blocks[0]
+    kv.check_invariants()
+    kv.free(0)
+    kv.free(1)
+    kv.pool.check_invariants([])
+    assert kv.pool.num_free == 10
+
+
+def test_scheduler_mixes_prefill_chunks_and_decode():
+    kv = KVCacheManager(BlockPool(100), block_size=4)
+    s = Scheduler(kv, max_num_batched_tokens=10, max_num_seqs=8)
+    a, b = seq(0, 3), seq(1, 25)
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
+        (0, 0, 3, True), (1, 0, 7, False)]
+    a.sampler.output_ids.append(42)  # a sampled a token: one to decode next
+    out = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
+        (0, 3, 1, True), (1, 7, 9, False)]
+    kv.check_invariants()
+
+
+def test_scheduler_respects_max_num_seqs():
+    kv = KVCacheManager(BlockPool(100), block_size=4)
+    s = Scheduler(kv, max_num_batched_tokens=100, max_num_seqs=2)
+    for i in range(3):
+        s.add(seq(i, 5))
+    out = s.schedule()
+    assert [c.seq.seq_id for c in out.chunks] == [0, 1]
+    assert len(s.waiting) == 1
+
+
+def test_without_split_fuse_a_prompt_runs_whole():
+    kv = KVCacheManager(BlockPool(100), block_size=4)
+    s = Scheduler(kv, max_num_batched_tokens=10, max_num_seqs=8, dynamic_split_fuse=False)
+    s.add(seq(0, 6))
+    s.add(seq(1, 6))
+    out = s.schedule()
+    assert [c.num_tokens for c in out.chunks] == [6]
+
+
+def test_preemption_frees_the_newest_and_recomputes_it():
+    kv = KVCacheManager(BlockPool(4), block_size=4)
+    s = Scheduler(kv, max_num_batched_tokens=100, max_num_seqs=8)
+    a, b = seq(0, 8), seq(1, 8)
+    s.add(a)
+    s.add(b)
+    s.schedule()  # both prefilled: 4 blocks used
+    a.sampler.output_ids.append(1)
+    b.sampler.output_ids.append(1)
+    out = s.schedule()  # a needs a 3rd block: b is preempted
+    assert out.preempted == [b] and b.status is Status.WAITING and b.num_computed == 0
+    assert [c.seq.seq_id for c in out.chunks] == [0]
+    kv.check_invariants()
+    s.finish(a)
+    out = s.schedule()  # b comes back and recomputes prompt + its generated token
+    assert [(c.seq.seq_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
+        (1, 0, 9, True)]
+    kv.check_invariants()
