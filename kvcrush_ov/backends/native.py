@@ -14,7 +14,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.engine.engine import LLMEngine
-from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.errors import ConfigError, KVCrushError, ModelError
 from kvcrush_ov.model_info import ModelInfo
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
 
@@ -58,8 +58,15 @@ class NativeBackend:
         stream = TextStream(self.tokenizer, streamer) if streamer else None
         cache = CacheMetrics(kv_block_bytes=self.block_bytes)
         stopped: set[int] = set()
+        idle = 0
         while eng.has_unfinished():
             out = eng.step()
+            idle = idle + 1 if out.num_tokens == 0 else 0
+            if idle > 3:  # cannot happen while add_request checks sizes; never hang if it does
+                for s in seqs:
+                    eng.abort(s)
+                raise KVCrushError("the native engine made no progress for 4 steps: "
+                                   f"{eng.pool.num_free} of {eng.num_blocks} KV blocks free")
             used = eng.used_bytes
             cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
             if out.new_tokens:

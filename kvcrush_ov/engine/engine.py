@@ -103,8 +103,8 @@ class LLMEngine:
 
     def fork(self, parent: Sequence) -> Sequence:
         """A running copy of ``parent`` sharing its cached blocks (no cache memory copied)."""
-        if parent.status is not Status.RUNNING or parent.num_pending:
-            raise ValueError("only a running sequence with nothing pending can be forked")
+        if parent.status is not Status.RUNNING or parent.num_computed < len(parent.prompt_ids):
+            raise ValueError("only a running sequence whose prompt is computed can be forked")
         child = Sequence(seq_id=next(self._ids), prompt_ids=list(parent.prompt_ids),
                          sampler=copy.deepcopy(parent.sampler), status=Status.RUNNING,
                          num_computed=parent.num_computed, arrival=parent.arrival,

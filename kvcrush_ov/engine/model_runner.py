@@ -54,6 +54,7 @@ class ModelRunner:
         self.key_type, self.value_type = k.get_element_type(), v.get_element_type()
         self.block_size = self.value_shape[1]  # values: [kv_heads, block_size, cols]
         self.num_kv_heads = self.value_shape[0]
+        self.vocab_size = self.compiled.output("logits").get_partial_shape()[2].get_length()
         self.num_blocks = 0
         self._caches: list[tuple[ov.Tensor, ov.Tensor]] = []
 
@@ -116,4 +117,4 @@ class ModelRunner:
         r.set_tensor("logits_indices", ov.Tensor(np.asarray(sample_at, dtype=np.int64)))
         r.infer()
         logits = r.get_tensor("logits").data
-        return logits.reshape(len(sample_at), -1)
+        return logits.reshape(len(sample_at), self.vocab_size)
