@@ -84,6 +84,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvcrush_ov.bench import format_rows, run_bench
+
+    for model in args.model:
+        print(f"{model}:", flush=True)
+        rows = run_bench(model, repeats=args.repeats, device=args.device,
+                         new_tokens=args.new_tokens)
+        print()
+        print(format_rows(model, rows), flush=True)
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,11 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="long document + question: full cache vs KVCrush at 25%%")
     common(d, "0.25")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="backend native vs genai: TTFT and decode speed ratios")
+    b.add_argument("--model", action="append", help="registry name or folder (repeatable)")
+    b.add_argument("--device", default="CPU")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.set_defaults(func=_cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "bench" and not args.model:
+        args.model = [DEFAULT_MODEL]
     try:
         return args.func(args)
     except KVCrushError as e:

@@ -81,8 +81,9 @@ class Pipeline:
         The default keeps 25% of the prompt with KVCrush holding a quarter of that budget.
     scheduler: continuous-batching knobs (:class:`SchedulerConfig`); prefix caching is off so
         that timings are fair.
-    backend: "genai" (OpenVINO GenAI's C++ continuous-batching pipeline) or "native"
-        (kvcrush-ov's own engine on OpenVINO's PagedAttention graph; no eviction yet).
+    backend: "native" (kvcrush-ov's own engine on OpenVINO's PagedAttention graph), "genai"
+        (OpenVINO GenAI's C++ continuous-batching pipeline), or None: native wherever it
+        covers the configuration (today: the full cache), genai otherwise (eviction).
     """
 
     def __init__(
@@ -92,10 +93,10 @@ class Pipeline:
         kv_cache: KVCacheConfig | None = None,
         eviction: CacheEvictionConfig | None = _DEFAULT,  # type: ignore[assignment]
         scheduler: SchedulerConfig | None = None,
-        backend: str = "genai",
+        backend: str | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError("backend", backend, f"one of {', '.join(BACKENDS)}")
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError("backend", backend, f"one of {', '.join(BACKENDS)} or None")
         if kv_cache is None:
             kv_cache = KVCacheConfig()
         if not isinstance(kv_cache, KVCacheConfig):
@@ -108,6 +109,9 @@ class Pipeline:
             scheduler = SchedulerConfig()
         if not isinstance(scheduler, SchedulerConfig):
             raise ConfigError("scheduler", scheduler, "a SchedulerConfig")
+        if backend is None:  # the native engine wherever it covers the configuration
+            backend = "native" if eviction is None else "genai"
+        self.backend_name = backend
         if not isinstance(model, (str, Path)) or not str(model):
             raise ConfigError("model", model, "a model folder or a registry model name")
         self.device = check_device(device)

@@ -24,6 +24,7 @@ class RequestMetrics:
     tpot_s: float
     kv_budget_tokens: int | None = None
     kvcrush_tokens: int = 0
+    num_preemptions: int = 0
 
     @property
     def tokens_per_s(self) -> float:

@@ -104,6 +104,7 @@ def test_preemption_gives_the_same_output(tiny_model):
     eng = small.backend.engine
     out = small.generate(prompts, cfg, apply_chat_template=False)
     assert eng.scheduler.num_preemptions > 0
+    assert sum(m.num_preemptions for m in out.metrics) == eng.scheduler.num_preemptions
     assert out.token_ids == ample.token_ids
 
 
@@ -200,3 +201,10 @@ def test_greedy_parity_with_genai_8_concurrent(smollm2_pair):
     b = genai.generate(prompts, cfg, apply_chat_template=False)
     for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
         assert x == y, f"prompt {i} ({a.metrics[i].num_input_tokens} tokens)"
+
+
+def test_default_backend_is_native_for_a_full_cache(tiny_model):
+    from kvcrush_ov import CacheEvictionConfig
+
+    assert Pipeline(tiny_model, eviction=None).backend_name == "native"
+    assert Pipeline(tiny_model, eviction=CacheEvictionConfig()).backend_name == "genai"

@@ -27,9 +27,10 @@ SMALL_EVICTION = CacheEvictionConfig(max_cache_size=128, start_size=32, recent_s
                                      snapkv_window_size=32, kvcrush=KVCrushConfig(budget=0.25))
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
-    return Pipeline(tiny_model, eviction=None)
+@pytest.fixture(scope="module", params=["genai", "native"])
+def pipe(tiny_model, request):
+    """The same plumbing tests run on both backends."""
+    return Pipeline(tiny_model, eviction=None, backend=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_batch_equals_one_by_one(pipe):
 def test_kv_block_bytes_match_genai(tiny_model, precision):
     """Our per-block byte count equals what GenAI allocates for a fixed number of blocks."""
     info = check_model_dir(tiny_model)
-    pipe = Pipeline(tiny_model, eviction=None,
+    pipe = Pipeline(tiny_model, eviction=None, backend="genai",
                     kv_cache=KVCacheConfig(precision=precision, num_kv_blocks=10))
     out = pipe.generate("hi", max_new_tokens=2)
     allocated = pipe.backend._pipeline(None).get_metrics().kv_cache_size_in_bytes

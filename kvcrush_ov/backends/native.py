@@ -84,7 +84,8 @@ class NativeBackend:
             tpot = (s.last_token_time - s.first_token_time) / (s.sampler.num_generated - 1) \
                 if s.sampler.num_generated > 1 else 0.0
             metrics.append(RequestMetrics(num_input_tokens=len(s.prompt_ids),
-                                          num_generated_tokens=k, ttft_s=first, tpot_s=tpot))
+                                          num_generated_tokens=k, ttft_s=first, tpot_s=tpot,
+                                          num_preemptions=s.num_preemptions))
             texts.append(s.sampler.output_text())
             ids.append(list(s.output_ids))
             reasons.append("cancelled" if s.seq_id in stopped

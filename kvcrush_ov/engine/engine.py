@@ -27,6 +27,21 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
+class EngineStats:
+    """Where decode time goes: whole steps vs time inside OpenVINO's infer()."""
+
+    decode_steps: int = 0
+    decode_step_s: float = 0.0
+    decode_infer_s: float = 0.0
+
+    @property
+    def python_ms_per_decode_step(self) -> float:
+        if not self.decode_steps:
+            return 0.0
+        return 1e3 * (self.decode_step_s - self.decode_infer_s) / self.decode_steps
+
+
+@dataclass
 class StepOutput:
     """What one step produced: new tokens per sequence, and the sequences that finished."""
 
@@ -70,6 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
                                    scheduler.max_num_seqs, scheduler.dynamic_split_fuse)
         self._ids = itertools.count()
+        self.stats = EngineStats()
         self.sequences: dict[int, Sequence] = {}
 
     @property
@@ -123,6 +139,16 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> StepOutput:
+        t0 = time.perf_counter()
+        infer0 = self.runner.infer_s
+        out = self._step()
+        if out.num_tokens and out.num_tokens == len(out.new_tokens):  # a pure decode step
+            self.stats.decode_steps += 1
+            self.stats.decode_step_s += time.perf_counter() - t0
+            self.stats.decode_infer_s += self.runner.infer_s - infer0
+        return out
+
+    def _step(self) -> StepOutput:
         out = self.scheduler.schedule()
         if out.copies:
             self.runner.copy_blocks(out.copies)

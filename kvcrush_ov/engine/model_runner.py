@@ -9,6 +9,7 @@ The runner owns the KV cache tensors: per layer ``key_cache.L`` / ``value_cache.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ModelRunner:
         self.block_size = self.value_shape[1]  # values: [kv_heads, block_size, cols]
         self.num_kv_heads = self.value_shape[0]
         self.vocab_size = self.compiled.output("logits").get_partial_shape()[2].get_length()
+        self.infer_s = 0.0  # seconds spent inside OpenVINO, for the benchmark's overhead figure
         self.num_blocks = 0
         self._caches: list[tuple[ov.Tensor, ov.Tensor]] = []
 
@@ -115,6 +117,8 @@ class ModelRunner:
         r.set_tensor("block_indices_begins", ov.Tensor(np.asarray(block_begins, dtype=_I32)))
         r.set_tensor("max_context_len", ov.Tensor(np.asarray(max_ctx, dtype=_I32)))
         r.set_tensor("logits_indices", ov.Tensor(np.asarray(sample_at, dtype=np.int64)))
+        t0 = time.perf_counter()
         r.infer()
+        self.infer_s += time.perf_counter() - t0
         logits = r.get_tensor("logits").data
         return logits.reshape(len(sample_at), self.vocab_size)

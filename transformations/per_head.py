@@ -1,0 +1,356 @@
+"""Per-KV-head block tables, lengths and attention scores for a paged-attention model.
+
+:func:`to_per_head` rewrites a model converted by :func:`kvcrush_ov.transformations.paged.to_paged`
+(score outputs on) so that every (sequence, KV head) pair is its own PagedAttention subsequence
+("heads as sequences"): one ``PagedAttentionExtension`` per layer is kept, but each layer gets its
+own block table and past lengths per KV head, and ``scores.L`` is split per KV head.
+
+Notation: ``B`` sequences with ``n[s]`` new tokens each, ``T = sum(n)``; ``Hq`` query heads,
+``Hkv`` KV heads, ``G = Hq / Hkv`` (query head ``i`` belongs to KV head ``i // G``), head sizes
+``D`` (keys) and ``Dv`` (values). Subsequences are ordered head-major: index ``j = h * B + s``
+for KV head ``h`` of sequence ``s`` (this keeps the token offsets increasing).
+
+Graph, per layer (``L`` = layer index, as in ``key_cache.L``)::
+
+    query [T, Hq*D]  -> [T, Hkv, G*D] -> transpose -> [Hkv, T, G*D] -> [Hkv*T, G*D]
+    key   [T, Hkv*D] -> [T, Hkv, D]   -> transpose -> [Hkv*T, D]      (value likewise with Dv)
+    PagedAttention(num_k_heads = num_v_heads = 1, G query heads per subsequence)
+    out [Hkv*T, G*Dv] -> [Hkv, T, G*Dv] -> transpose -> [T, Hkv, G*Dv] -> [T, Hq*Dv]
+
+Inputs after the rewrite (all i32 unless noted; shared inputs ``input_ids``, ``position_ids``,
+``max_context_len`` and ``logits_indices`` are unchanged):
+
+- ``head_subsequence_begins`` [B*Hkv + 1] (shared by all layers): token offsets into the
+  ``Hkv*T`` layout; entry ``h*B + s`` is ``h*T + begins[s]`` (``begins`` = the old
+  ``subsequence_begins``), the last entry is ``Hkv*T``.
+- ``head_past_lens.L`` [B*Hkv] per layer: cached tokens of KV head ``h`` of sequence ``s`` at
+  index ``h*B + s`` (may differ per layer and head after eviction).
+- ``block_indices.L`` [*] and ``block_indices_begins.L`` [B*Hkv + 1] per layer: the block table
+  of subsequence ``j`` is ``block_indices.L[begins[j]:begins[j+1]]``; the blocks are indices into
+  the per-head pool of that layer.
+- ``key_cache.L`` / ``value_cache.L``: per-head pools ``[num_blocks, 1, rows, cols]`` (read the
+  exact dims from the compiled model). A plain ``[NB, Hkv, rows, cols]`` cache is the same memory
+  as ``[NB*Hkv, 1, rows, cols]``: block ``b`` of head ``h`` is physical block ``b*Hkv + h``.
+- The old ``past_lens``, ``subsequence_begins``, ``block_indices`` and ``block_indices_begins``
+  are removed when nothing else consumes them (true for the Llama/Qwen exports), else kept.
+- With score aggregation, ``score_aggregation_window`` [B] stays per sequence (tiled per head in
+  the graph).
+
+Outputs: ``logits`` unchanged; ``scores.L`` [sum over j of ctx(j)] with ``ctx(j) =
+head_past_lens.L[j] + n[s]``: segment ``j = h*B + s`` (segments concatenated in ``j`` order)
+holds, for every cached token of sequence ``s`` in KV head ``h`` (in block-table order), its
+attention probability summed over the ``G`` query heads of that KV head and over the query tokens
+of this step (the last ``score_aggregation_window[s]`` of them when aggregation is enabled).
+Summing the ``Hkv`` segments of a sequence gives the plain model's ``scores.L`` segment.
+
+:class:`PerHeadLayout` builds these inputs from per-sequence token counts, per-layer per-head
+past lengths and block tables, and splits ``scores.L`` back into segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+PA_TYPE = "PagedAttentionExtension"
+HEAD_SUBSEQUENCE_BEGINS = "head_subsequence_begins"
+_SHARED_OLD = ("past_lens", "subsequence_begins", "block_indices", "block_indices_begins")
+_RT_KEY = "kvcrush_per_head"
+# Inputs 0..13 of PagedAttentionExtension used here; 14.. are rotation / xattention / sinks /
+# adaptive-RKV / qq-bias extensions that this pass does not support (they must be empty).
+_Q, _K, _V, _KC, _VC, _PAST, _BEGINS, _BLOCKS, _BLOCK_BEGINS = range(9)
+_ALIBI, _MAX_CTX, _SCORE_WINDOW, _FIRST_EXTENSION = 11, 12, 13, 14
+
+
+class PerHeadPatternError(RuntimeError):
+    """The model does not have the paged-attention layout :func:`to_per_head` expects."""
+
+
+def head_past_lens_name(layer: int) -> str:
+    return f"head_past_lens.{layer}"
+
+
+def block_indices_name(layer: int) -> str:
+    return f"block_indices.{layer}"
+
+
+def block_indices_begins_name(layer: int) -> str:
+    return f"block_indices_begins.{layer}"
+
+
+def _rt_int(node: ov.Node, key: str) -> int:
+    rt = node.get_rt_info()
+    if key not in rt:
+        raise PerHeadPatternError(
+            f"to_per_head: {node.get_friendly_name()} has no rt_info {key!r} (keys: {list(rt)})"
+        )
+    return int(rt[key].astype(int))
+
+
+def _static_width(value: ov.Output, what: str, node: ov.Node) -> int:
+    shape = value.get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic:
+        raise PerHeadPatternError(
+            f"to_per_head: {what} of {node.get_friendly_name()} has shape {shape}; expected "
+            "[T, heads*head_size] with a static width"
+        )
+    return shape[1].get_length()
+
+
+def _is_empty_or_scalar_constant(value: ov.Output) -> bool:
+    node = value.get_node()
+    if node.get_type_name() != "Constant":
+        return False
+    shape = list(value.get_shape())
+    return len(shape) == 0 or int(np.prod(shape)) == 0
+
+
+def _layer_of(pa: ov.Node) -> int:
+    """Layer index from the ``key_cache.L`` Parameter feeding input 3."""
+    cache = pa.input_value(_KC)
+    for name in cache.get_names():
+        if name.startswith("key_cache."):
+            return int(name.split(".", 1)[1])
+    raise PerHeadPatternError(
+        f"to_per_head: input 3 of {pa.get_friendly_name()} is not a 'key_cache.L' Parameter "
+        f"(names {sorted(cache.get_names())})"
+    )
+
+
+def _heads_to_rows(x: ov.Output, hkv: int, width: int, name: str) -> ov.Output:
+    """[T, Hkv*width] -> [Hkv*T, width] (head-major rows)."""
+    split = ops.reshape(x, ops.constant([0, hkv, width], ov.Type.i64), True, name=f"{name}/split")
+    moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/heads_first")
+    out = ops.reshape(moved, ops.constant([-1, width], ov.Type.i64), False, name=f"{name}/rows")
+    return out.output(0)
+
+
+def _rows_to_heads(x: ov.Output, hkv: int, width: int, name: str) -> ov.Output:
+    """[Hkv*T, width] -> [T, Hkv*width]."""
+    split = ops.reshape(x, ops.constant([hkv, -1, width], ov.Type.i64), False, name=f"{name}/split")
+    moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/tokens_first")
+    out = ops.reshape(moved, ops.constant([0, hkv * width], ov.Type.i64), True, name=f"{name}/merge")
+    return out.output(0)
+
+
+def _i32_parameter(name: str) -> ov.Node:
+    return ops.parameter([-1], ov.Type.i32, name=name)
+
+
+def _check_pa(pa: ov.Node) -> None:
+    name = pa.get_friendly_name()
+    if pa.get_input_size() <= _SCORE_WINDOW:
+        raise PerHeadPatternError(f"to_per_head: {name} has only {pa.get_input_size()} inputs")
+    for i in (_PAST, _BEGINS, _BLOCKS, _BLOCK_BEGINS, _MAX_CTX):
+        if pa.input_value(i).get_node().get_type_name() != "Parameter":
+            raise PerHeadPatternError(f"to_per_head: input {i} of {name} is not a Parameter")
+    if not _is_empty_or_scalar_constant(pa.input_value(_ALIBI)):
+        raise PerHeadPatternError(f"to_per_head: {name} uses ALiBi slopes (not supported)")
+    for i in range(_FIRST_EXTENSION, pa.get_input_size()):
+        if not _is_empty_or_scalar_constant(pa.input_value(i)):
+            raise PerHeadPatternError(
+                f"to_per_head: input {i} of {name} is not an empty constant: cache rotation, "
+                "xattention, sinks, adaptive RKV and qq-bias are not supported"
+            )
+    if len(pa.output(1).get_target_inputs()) == 0:
+        raise PerHeadPatternError(
+            f"to_per_head: scores output of {name} is unused; convert with score_outputs=True"
+        )
+
+
+def to_per_head(model: ov.Model) -> ov.Model:
+    """Rewrite ``model`` in place to per-KV-head subsequences and return it (layout: module doc).
+
+    ``model`` must come from ``to_paged`` / ``read_paged_model`` with score outputs. Raises
+    :class:`PerHeadPatternError` when the graph does not match (no PagedAttention ops, missing
+    rt_info, unsupported extension inputs, already converted, ...).
+    """
+    if model.has_rt_info([_RT_KEY, "num_kv_heads"]):
+        raise PerHeadPatternError("to_per_head: the model is already per-head")
+    pas = [n for n in model.get_ordered_ops() if n.get_type_name() == PA_TYPE]
+    if not pas:
+        raise PerHeadPatternError("to_per_head: no PagedAttentionExtension op (run to_paged first)")
+    names = {n for p in model.get_parameters() for n in p.output(0).get_names()}
+    for taken in (HEAD_SUBSEQUENCE_BEGINS, "head_past_lens.0", "block_indices_begins.0"):
+        if taken in names:
+            raise PerHeadPatternError(f"to_per_head: the model already has an input {taken!r}")
+
+    begins = _i32_parameter(HEAD_SUBSEQUENCE_BEGINS)
+    new_params: list[tuple[ov.Node, str]] = [(begins, HEAD_SUBSEQUENCE_BEGINS)]
+    old_params: dict[int, ov.Node] = {}
+    layers: set[int] = set()
+    hkv_all: set[int] = set()
+    for pa in pas:
+        _check_pa(pa)
+        layer = _layer_of(pa)
+        if layer in layers:
+            raise PerHeadPatternError(f"to_per_head: two PagedAttention ops use key_cache.{layer}")
+        layers.add(layer)
+        hkv, d = _rt_int(pa, "num_k_heads"), _rt_int(pa, "k_head_size")
+        hkv_v, dv = _rt_int(pa, "num_v_heads"), _rt_int(pa, "v_head_size")
+        tag = pa.get_friendly_name()
+        q_width = _static_width(pa.input_value(_Q), "query", pa)
+        k_width = _static_width(pa.input_value(_K), "key", pa)
+        v_width = _static_width(pa.input_value(_V), "value", pa)
+        if hkv_v != hkv or k_width != hkv * d or v_width != hkv * dv or q_width % (hkv * d):
+            raise PerHeadPatternError(
+                f"to_per_head: {tag}: inconsistent widths q={q_width} k={k_width} v={v_width} "
+                f"for num_k_heads={hkv} k_head_size={d} num_v_heads={hkv_v} v_head_size={dv}"
+            )
+        group = q_width // (hkv * d)
+        hkv_all.add(hkv)
+        out_targets = list(pa.output(0).get_target_inputs())
+        for i in (_PAST, _BEGINS, _BLOCKS, _BLOCK_BEGINS):
+            node = pa.input_value(i).get_node()
+            old_params[node.get_instance_id()] = node
+
+        q = _heads_to_rows(pa.input_value(_Q), hkv, group * d, f"{tag}/per_head_q")
+        k = _heads_to_rows(pa.input_value(_K), hkv, d, f"{tag}/per_head_k")
+        v = _heads_to_rows(pa.input_value(_V), hkv, dv, f"{tag}/per_head_v")
+        past = _i32_parameter(head_past_lens_name(layer))
+        blocks = _i32_parameter(block_indices_name(layer))
+        block_begins = _i32_parameter(block_indices_begins_name(layer))
+        new_params += [
+            (past, head_past_lens_name(layer)),
+            (blocks, block_indices_name(layer)),
+            (block_begins, block_indices_begins_name(layer)),
+        ]
+        pa.input(_Q).replace_source_output(q)
+        pa.input(_K).replace_source_output(k)
+        pa.input(_V).replace_source_output(v)
+        pa.input(_PAST).replace_source_output(past.output(0))
+        pa.input(_BEGINS).replace_source_output(begins.output(0))
+        pa.input(_BLOCKS).replace_source_output(blocks.output(0))
+        pa.input(_BLOCK_BEGINS).replace_source_output(block_begins.output(0))
+        window = pa.input_value(_SCORE_WINDOW)
+        if window.get_node().get_type_name() != "Constant":
+            # per-sequence window [B] -> per subsequence j = h*B + s
+            tiled = ops.tile(window, ops.constant([hkv], ov.Type.i64), name=f"{tag}/window_tile")
+            pa.input(_SCORE_WINDOW).replace_source_output(tiled.output(0))
+        rt = pa.get_rt_info()
+        rt["num_k_heads"] = 1
+        rt["num_v_heads"] = 1
+        rt["k_head_size"] = d
+        rt["v_head_size"] = dv
+        pa.validate_and_infer_types()
+        out = _rows_to_heads(pa.output(0), hkv, group * dv, f"{tag}/per_head_out")
+        for target in out_targets:
+            target.replace_source_output(out)
+
+    if len(hkv_all) != 1:
+        raise PerHeadPatternError(f"to_per_head: layers differ in KV heads: {sorted(hkv_all)}")
+    expected = set(range(len(pas)))
+    if layers != expected:
+        raise PerHeadPatternError(f"to_per_head: layer indices {sorted(layers)} are not 0..N-1")
+    for node in old_params.values():
+        if not node.output(0).get_target_inputs():
+            model.remove_parameter(node)
+    for param, name in new_params:
+        param.output(0).set_names({name})
+    model.add_parameters([p for p, _ in new_params])
+    model.set_rt_info(hkv_all.pop(), [_RT_KEY, "num_kv_heads"])
+    model.set_rt_info(len(pas), [_RT_KEY, "num_layers"])
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+@dataclass(frozen=True)
+class PerHeadLayout:
+    """Builds the per-head inputs of a :func:`to_per_head` model and splits its scores.
+
+    ``num_layers`` / ``num_kv_heads`` as in the original model (see :meth:`from_model`).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+
+    @classmethod
+    def from_model(cls, model: ov.Model) -> PerHeadLayout:
+        """Read the layout recorded by :func:`to_per_head` in ``model``'s rt_info."""
+        if not model.has_rt_info([_RT_KEY, "num_kv_heads"]):
+            raise PerHeadPatternError("PerHeadLayout: the model was not converted by to_per_head")
+        return cls(
+            num_layers=int(model.get_rt_info([_RT_KEY, "num_layers"]).astype(int)),
+            num_kv_heads=int(model.get_rt_info([_RT_KEY, "num_kv_heads"]).astype(int)),
+        )
+
+    def subsequence_begins(self, num_tokens: Sequence[int]) -> np.ndarray:
+        """``head_subsequence_begins`` [B*Hkv + 1] for ``num_tokens`` [B] new tokens per sequence."""
+        n = np.asarray(num_tokens, dtype=np.int64)
+        total = int(n.sum())
+        starts = np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else n
+        heads = np.arange(self.num_kv_heads, dtype=np.int64)[:, None] * total
+        return np.append((heads + starts[None, :]).ravel(), self.num_kv_heads * total).astype(
+            np.int32
+        )
+
+    def _past(self, past_lens: object, batch: int) -> np.ndarray:
+        """Broadcast past lens ([B], [B, Hkv] or [L, B, Hkv]) to [L, B, Hkv]."""
+        past = np.asarray(past_lens, dtype=np.int64)
+        if past.ndim == 1:
+            past = past[:, None]
+        past = np.broadcast_to(past, (self.num_layers, batch, self.num_kv_heads))
+        return past
+
+    def context_lens(self, num_tokens: Sequence[int], past_lens: object) -> np.ndarray:
+        """Context length [L, B, Hkv] of each (layer, sequence, head) after this step."""
+        n = np.asarray(num_tokens, dtype=np.int64)
+        return self._past(past_lens, len(n)) + n[None, :, None]
+
+    def inputs(
+        self,
+        num_tokens: Sequence[int],
+        past_lens: object,
+        block_tables: Sequence[Sequence[Sequence[Sequence[int]]]],
+    ) -> dict[str, np.ndarray]:
+        """All per-head inputs of one step (everything except ids, positions and caches).
+
+        num_tokens: [B] new tokens per sequence. past_lens: cached tokens, [B] (same in every
+        layer and head), [B, Hkv] or [L, B, Hkv]. block_tables[L][s][h]: physical blocks (in the
+        layer's per-head pool) of head ``h`` of sequence ``s``, covering its past + new tokens.
+        Returns ``head_subsequence_begins``, ``max_context_len`` and per layer
+        ``head_past_lens.L``, ``block_indices.L``, ``block_indices_begins.L`` (i32 arrays).
+        """
+        batch = len(num_tokens)
+        past = self._past(past_lens, batch)
+        ctx = self.context_lens(num_tokens, past)
+        if len(block_tables) != self.num_layers:
+            raise ValueError(f"block_tables: {len(block_tables)} layers, expected {self.num_layers}")
+        out: dict[str, np.ndarray] = {
+            HEAD_SUBSEQUENCE_BEGINS: self.subsequence_begins(num_tokens),
+            "max_context_len": np.asarray(int(ctx.max()) if ctx.size else 0, dtype=np.int32),
+        }
+        for layer, tables in enumerate(block_tables):
+            if len(tables) != batch or any(len(t) != self.num_kv_heads for t in tables):
+                raise ValueError(f"block_tables[{layer}] must be [B={batch}][Hkv] tables")
+            flat: list[int] = []
+            begins = [0]
+            for h in range(self.num_kv_heads):
+                for s in range(batch):
+                    flat.extend(tables[s][h])
+                    begins.append(len(flat))
+            out[head_past_lens_name(layer)] = past[layer].T.reshape(-1).astype(np.int32)
+            out[block_indices_name(layer)] = np.asarray(flat, dtype=np.int32)
+            out[block_indices_begins_name(layer)] = np.asarray(begins, dtype=np.int32)
+        return out
+
+    def split_scores(self, scores: np.ndarray, context_lens: np.ndarray) -> list[list[np.ndarray]]:
+        """Split one layer's ``scores.L`` into ``[s][h]`` arrays of ``context_lens[s, h]`` each.
+
+        ``context_lens`` is [B, Hkv] (one layer of :meth:`context_lens`).
+        """
+        ctx = np.asarray(context_lens, dtype=np.int64)
+        batch = ctx.shape[0]
+        order = ctx.T.reshape(-1)  # j = h*B + s
+        if int(order.sum()) != len(scores):
+            raise ValueError(f"split_scores: {len(scores)} scores, expected {int(order.sum())}")
+        offsets = np.concatenate([[0], np.cumsum(order)])
+        return [
+            [scores[offsets[h * batch + s]:offsets[h * batch + s + 1]]
+             for h in range(self.num_kv_heads)]
+            for s in range(batch)
+        ]
