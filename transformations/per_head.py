@@ -32,16 +32,25 @@ Inputs after the rewrite (all i32 unless noted; shared inputs ``input_ids``, ``p
   exact dims from the compiled model). A plain ``[NB, Hkv, rows, cols]`` cache is the same memory
   as ``[NB*Hkv, 1, rows, cols]``: block ``b`` of head ``h`` is physical block ``b*Hkv + h``.
 - The old ``past_lens``, ``subsequence_begins``, ``block_indices`` and ``block_indices_begins``
-  are removed when nothing else consumes them (true for the Llama/Qwen exports), else kept.
+  are removed when nothing else consumes them (true for tiny-random-llama and SmolLM2; other
+  exports untested), else kept and still need values.
+- ``max_context_len`` [] stays shared: the largest context length over all layers, sequences
+  and heads of the step.
 - With score aggregation, ``score_aggregation_window`` [B] stays per sequence (tiled per head in
   the graph).
 
 Outputs: ``logits`` unchanged; ``scores.L`` [sum over j of ctx(j)] with ``ctx(j) =
 head_past_lens.L[j] + n[s]``: segment ``j = h*B + s`` (segments concatenated in ``j`` order)
-holds, for every cached token of sequence ``s`` in KV head ``h`` (in block-table order), its
-attention probability summed over the ``G`` query heads of that KV head and over the query tokens
-of this step (the last ``score_aggregation_window[s]`` of them when aggregation is enabled).
+holds, for every context token of sequence ``s`` in KV head ``h`` (cached ones in block-table
+order, then this step's), its attention probability summed over the ``G`` query heads of that KV
+head, taken at the LAST query token of the sequence in this step (measured: each segment sums to
+``G``; with score aggregation, summed over the last ``score_aggregation_window[s]`` queries).
 Summing the ``Hkv`` segments of a sequence gives the plain model's ``scores.L`` segment.
+
+Unsupported (raise :class:`PerHeadPatternError`): ALiBi, cache rotation, xattention, sinks,
+adaptive RKV and qq-bias inputs, KV-head counts that differ between layers, models without score
+outputs. The number of KV heads and layers is recorded in the model's rt_info
+(``kvcrush_per_head``) for :meth:`PerHeadLayout.from_model`.
 
 :class:`PerHeadLayout` builds these inputs from per-sequence token counts, per-layer per-head
 past lengths and block tables, and splits ``scores.L`` back into segments.
@@ -133,8 +142,8 @@ def _rows_to_heads(x: ov.Output, hkv: int, width: int, name: str) -> ov.Output:
     """[Hkv*T, width] -> [T, Hkv*width]."""
     split = ops.reshape(x, ops.constant([hkv, -1, width], ov.Type.i64), False, name=f"{name}/split")
     moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/tokens_first")
-    out = ops.reshape(moved, ops.constant([0, hkv * width], ov.Type.i64), True, name=f"{name}/merge")
-    return out.output(0)
+    merged = ops.constant([0, hkv * width], ov.Type.i64)
+    return ops.reshape(moved, merged, True, name=f"{name}/merge").output(0)
 
 
 def _i32_parameter(name: str) -> ov.Node:
@@ -279,7 +288,7 @@ class PerHeadLayout:
         )
 
     def subsequence_begins(self, num_tokens: Sequence[int]) -> np.ndarray:
-        """``head_subsequence_begins`` [B*Hkv + 1] for ``num_tokens`` [B] new tokens per sequence."""
+        """``head_subsequence_begins`` [B*Hkv + 1] for ``num_tokens`` [B] new tokens each."""
         n = np.asarray(num_tokens, dtype=np.int64)
         total = int(n.sum())
         starts = np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else n
@@ -319,7 +328,9 @@ class PerHeadLayout:
         past = self._past(past_lens, batch)
         ctx = self.context_lens(num_tokens, past)
         if len(block_tables) != self.num_layers:
-            raise ValueError(f"block_tables: {len(block_tables)} layers, expected {self.num_layers}")
+            raise ValueError(
+                f"block_tables: {len(block_tables)} layers, expected {self.num_layers}"
+            )
         out: dict[str, np.ndarray] = {
             HEAD_SUBSEQUENCE_BEGINS: self.subsequence_begins(num_tokens),
             "max_context_len": np.asarray(int(ctx.max()) if ctx.size else 0, dtype=np.int32),

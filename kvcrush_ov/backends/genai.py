@@ -31,6 +31,7 @@ from kvcrush_ov.config import (
     GenerationConfig,
     KVCacheConfig,
     SchedulerConfig,
+    kv_cache_properties,
 )
 from kvcrush_ov.errors import ConfigError, ModelError
 from kvcrush_ov.model_info import ModelInfo, block_size_for
@@ -129,16 +130,6 @@ def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens:
     )
 
 
-def _properties(kv_cache: KVCacheConfig) -> dict:
-    p = kv_cache.precision
-    if p == "u4":
-        return {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u8"}
-    props = {"KV_CACHE_PRECISION": p}
-    if p == "f32":
-        props["INFERENCE_PRECISION_HINT"] = "f32"
-    return props
-
-
 class GenAIBackend:
     """Runs requests on GenAI ContinuousBatchingPipelines, one per distinct eviction setting."""
 
@@ -184,7 +175,7 @@ class GenAIBackend:
         try:
             pipe = ov_genai.ContinuousBatchingPipeline(
                 str(self.info.path), self._scheduler_config(ev), self.device,
-                _properties(self.kv_cache),
+                kv_cache_properties(self.kv_cache.precision),
             )
         except RuntimeError as e:
             raise ModelError(f"model={str(self.info.path)!r} could not be loaded on "

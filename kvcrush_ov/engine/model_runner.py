@@ -16,19 +16,11 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from kvcrush_ov.config import kv_cache_properties
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.transformations.paged import read_paged_model
 
 _I32 = np.int32
-
-
-def _cache_properties(precision: str) -> dict:
-    if precision == "u4":
-        return {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u8"}
-    props = {"KV_CACHE_PRECISION": precision}
-    if precision == "f32":
-        props["INFERENCE_PRECISION_HINT"] = "f32"
-    return props
 
 
 class ModelRunner:
@@ -42,7 +34,7 @@ class ModelRunner:
         self.core = ov.Core()
         model = read_paged_model(Path(model_dir) / "openvino_model.xml", score_outputs=False,
                                  logits_indices=True)
-        props = _cache_properties(precision)
+        props = kv_cache_properties(precision)
         props.update(properties or {})
         self.compiled = self.core.compile_model(model, device, props)
         self.request = self.compiled.create_infer_request()
