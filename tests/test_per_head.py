@@ -10,9 +10,6 @@ Logits must match and per-head scores summed over heads must equal the plain ``s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -394,72 +391,3 @@ def test_smollm2_matches_plain_u8_bf16(smollm2_fp16: Path) -> None:
                     1e-7, sum_rtol=1e-2)
     print(f"\nSmolLM2 bf16/u8 worst |dlogits| {worst['logits']:.3g}, "
           f"scores rel {worst['scores']:.3g}")
-
-
-# ---------------------------------------------------------------- timing (prints only)
-
-
-def _bench_running() -> bool:
-    found = subprocess.run(["pgrep", "-f", "kvcrush-ov bench"], capture_output=True, check=False)
-    return found.returncode == 0
-
-
-def _decode_time(runner: Runner, make: Callable[[list[np.ndarray], list[int]], dict],
-                 context: int, repeats: int) -> tuple[float, float]:
-    """Min seconds of one decode step at ``context``: (infer only, set inputs + infer)."""
-    rng = np.random.default_rng(0)
-    runner.infer(make([rng.integers(0, runner.vocab, size=context, dtype=np.int64)], [0]))
-    step = make([np.asarray([1], dtype=np.int64)], [context])
-    runner.infer(step)
-    infer_only = with_inputs = float("inf")
-    for _ in range(repeats):  # re-writes the same position: the context length stays fixed
-        t0 = time.perf_counter()
-        runner.request.infer()
-        infer_only = min(infer_only, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        runner.infer(step)
-        with_inputs = min(with_inputs, time.perf_counter() - t0)
-    return infer_only, with_inputs
-
-
-@pytest.mark.real_model
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("KVCRUSH_OV_PER_HEAD_TIMING"),
-                    reason="set KVCRUSH_OV_PER_HEAD_TIMING=1 to time decode steps")
-@pytest.mark.parametrize("precision", ["u8", "f32"])
-def test_smollm2_decode_timing(smollm2_fp16: Path, precision: str) -> None:
-    if _bench_running():
-        pytest.skip("a benchmark is running: timings would be meaningless")
-    props = F32 if precision == "f32" else {"KV_CACHE_PRECISION": "u8"}
-    context, blocks = 1024, 40
-    core = ov.Core()
-    plain = Runner(core, read_paged_model(smollm2_fp16), blocks, props)
-    model = to_per_head(read_paged_model(smollm2_fp16))
-    layout = PerHeadLayout.from_model(model)
-    head = Runner(core, model, blocks * layout.num_kv_heads, props)
-    hkv = layout.num_kv_heads
-
-    def make_plain(ids: list[np.ndarray], past: list[int]) -> dict:
-        n = past[0] + len(ids[0])
-        return {**_common(ids, past), "past_lens": np.asarray(past, dtype=np.int32),
-                "subsequence_begins": np.asarray([0, len(ids[0])], dtype=np.int32),
-                "block_indices": np.arange(-(-n // plain.block_size), dtype=np.int32),
-                "block_indices_begins": np.asarray([0, -(-n // plain.block_size)],
-                                                   dtype=np.int32),
-                "max_context_len": np.asarray(n, dtype=np.int32)}
-
-    def make_head(ids: list[np.ndarray], past: list[int]) -> dict:
-        n = past[0] + len(ids[0])
-        table = [[[b * hkv + h for b in range(-(-n // head.block_size))] for h in range(hkv)]]
-        return {**_common(ids, past),
-                **layout.inputs([len(ids[0])], past, [table] * layout.num_layers)}
-
-    times: dict[str, list[tuple[float, float]]] = {"plain": [], "per_head": []}
-    for _ in range(3):  # interleaved
-        times["plain"].append(_decode_time(plain, make_plain, context, 30))
-        times["per_head"].append(_decode_time(head, make_head, context, 30))
-    for i, what in enumerate(("infer only", "set inputs + infer")):
-        p = min(t[i] for t in times["plain"])
-        h = min(t[i] for t in times["per_head"])
-        print(f"\nSmolLM2 {precision} decode at {context} ({what}): plain {p * 1e3:.2f} ms, "
-              f"per-head {h * 1e3:.2f} ms, ratio {h / p:.3f}")
