@@ -14,6 +14,13 @@ class FakeSampler:
     def __init__(self) -> None:
         self.output_ids: list[int] = []
 
+    @property
+    def num_output(self) -> int:
+        return len(self.output_ids)
+
+    def output_slice(self, start: int, end: int) -> list[int]:
+        return self.output_ids[start:end]
+
 
 def seq(i: int, n: int) -> Sequence:
     return Sequence(seq_id=i, prompt_ids=list(range(n)), sampler=FakeSampler())
@@ -127,3 +134,11 @@ def test_preemption_frees_the_newest_and_recomputes_it():
     assert [(c.seq.seq_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
         (1, 0, 9, True)]
     kv.check_invariants()
+
+
+def test_token_slice_equals_all_ids_slices():
+    s = seq(0, 5)
+    s.sampler.output_ids.extend([50, 51, 52])
+    for start in range(9):
+        for end in range(start, 9):
+            assert s.token_slice(start, end) == s.all_ids[start:end]

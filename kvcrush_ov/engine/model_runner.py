@@ -87,12 +87,14 @@ class ModelRunner:
         chunks[i] writes ``num_tokens`` tokens at positions ``start..``; tables[i] is its block
         table covering ``start + num_tokens`` tokens.
         """
-        ids, pos, past, begins, blocks, block_begins, sample_at = [], [], [], [0], [], [0], []
+        ids: list[int] = []
+        pos: list[int] = []
+        past, begins, blocks, block_begins, sample_at = [], [0], [], [0], []
         max_ctx = 0
         for c, table in zip(chunks, tables, strict=True):
             end = c.start + c.num_tokens
-            ids.append(np.asarray(c.seq.all_ids[c.start:end], dtype=np.int64))
-            pos.append(np.arange(c.start, end, dtype=np.int64))
+            ids.extend(c.seq.token_slice(c.start, end))
+            pos.extend(range(c.start, end))
             past.append(c.start)
             begins.append(begins[-1] + c.num_tokens)
             blocks.extend(table)
@@ -101,8 +103,8 @@ class ModelRunner:
             if c.sample:
                 sample_at.append(begins[-1] - 1)
         r = self.request
-        r.set_tensor("input_ids", ov.Tensor(np.concatenate(ids)))
-        r.set_tensor("position_ids", ov.Tensor(np.concatenate(pos)))
+        r.set_tensor("input_ids", ov.Tensor(np.asarray(ids, dtype=np.int64)))
+        r.set_tensor("position_ids", ov.Tensor(np.asarray(pos, dtype=np.int64)))
         r.set_tensor("past_lens", ov.Tensor(np.asarray(past, dtype=_I32)))
         r.set_tensor("subsequence_begins", ov.Tensor(np.asarray(begins, dtype=_I32)))
         r.set_tensor("block_indices", ov.Tensor(np.asarray(blocks, dtype=_I32)))

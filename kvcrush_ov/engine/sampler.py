@@ -79,6 +79,14 @@ class SequenceSampler:
         """The generated ids (a copy), without the EOS token that finished the sequence."""
         return list(self._output)
 
+    def output_slice(self, start: int, end: int) -> list[int]:
+        """``output_ids[start:end]`` without copying the whole list (the engine's hot path)."""
+        return self._output[start:end]
+
+    @property
+    def num_output(self) -> int:
+        return len(self._output)
+
     @property
     def finish_reason(self) -> str | None:
         """``"stop"`` (EOS or stop string), ``"length"`` (max_new_tokens), or None if running."""

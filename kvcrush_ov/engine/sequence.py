@@ -42,9 +42,18 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without building the whole list."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.sampler.output_slice(start - n, end - n)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.sampler.output_slice(0, end - n)
+
     @property
     def num_known(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + (self.sampler.num_output if self.sampler else 0)
 
     @property
     def num_pending(self) -> int:
