@@ -49,7 +49,8 @@ def run_demo(model: str = DEFAULT_MODEL, budget: float = 0.25, anchor: str = "al
                                    kvcrush=KVCrushConfig(anchor_point_mode=anchor))
     runs = []
     for label, ev in (("full cache", None), (f"KVCrush, {budget:.0%} budget", eviction)):
-        pipe = Pipeline(model, device=device, eviction=ev)
+        # one backend for both runs, so memory and speed are compared on the same engine
+        pipe = Pipeline(model, device=device, eviction=ev, backend="genai")
         res = pipe.generate(prompt, max_new_tokens=max_new_tokens)
         runs.append(DemoRun(label, res))
         del pipe

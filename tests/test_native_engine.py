@@ -208,3 +208,12 @@ def test_default_backend_is_native_for_a_full_cache(tiny_model):
 
     assert Pipeline(tiny_model, eviction=None).backend_name == "native"
     assert Pipeline(tiny_model, eviction=CacheEvictionConfig()).backend_name == "genai"
+
+
+def test_native_reports_the_cache_held_while_decoding(tiny_native):
+    tok = tiny_native.tokenizer
+    out = tiny_native.generate(prompt_of_length(tok, 300), max_new_tokens=40, ignore_eos=True,
+                               apply_chat_template=False)
+    c = out.cache
+    assert c.final_kv_blocks == -(-(300 + 39) // 32)  # the last token is sampled, not written
+    assert c.peak_kv_blocks == c.final_kv_blocks

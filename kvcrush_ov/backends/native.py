@@ -67,7 +67,7 @@ class NativeBackend:
                     eng.abort(s)
                 raise KVCrushError("the native engine made no progress for 4 steps: "
                                    f"{eng.pool.num_free} of {eng.num_blocks} KV blocks free")
-            used = eng.used_bytes
+            used = out.blocks_held * self.block_bytes
             cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
             if out.new_tokens:
                 cache.final_kv_bytes = used

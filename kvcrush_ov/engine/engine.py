@@ -49,6 +49,7 @@ class StepOutput:
     finished: list[Sequence]
     num_tokens: int
     num_preempted: int
+    blocks_held: int  # blocks in use after the step's writes, before finished sequences freed
 
 
 class LLMEngine:
@@ -154,6 +155,7 @@ class LLMEngine:
             self.runner.copy_blocks(out.copies)
         new: dict[int, int] = {}
         finished: list[Sequence] = []
+        held = self.pool.num_used
         if out.chunks:
             tables = [self.kv.tables[c.seq.seq_id].blocks for c in out.chunks]
             logits = self.runner.run(out.chunks, tables)
@@ -169,7 +171,7 @@ class LLMEngine:
                 if reason is not None:
                     self.scheduler.finish(seq)
                     finished.append(seq)
-        return StepOutput(new, finished, out.num_tokens, len(out.preempted))
+        return StepOutput(new, finished, out.num_tokens, len(out.preempted), held)
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()
