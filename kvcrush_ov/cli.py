@@ -87,6 +87,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kvcrush_ov.bench import format_rows, run_bench
 
+    if args.repeats < 1:
+        raise ConfigError("--repeats", args.repeats, "an integer >= 1")
+    if args.new_tokens < 2:
+        raise ConfigError("--new-tokens", args.new_tokens, "an integer >= 2 (decode speed needs "
+                          "tokens after the first)")
     for model in args.model:
         print(f"{model}:", flush=True)
         rows = run_bench(model, repeats=args.repeats, device=args.device,

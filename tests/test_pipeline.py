@@ -281,3 +281,11 @@ def test_cli_generate(tiny_model):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "TTFT" in r.stderr and "KV held" in r.stderr
+
+
+@pytest.mark.parametrize("args,field", [(["--repeats", "0"], "--repeats=0"),
+                                        (["--new-tokens", "1"], "--new-tokens=1")])
+def test_cli_bench_rejects_bad_numbers(args, field):
+    r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "bench", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"error: {field} is invalid" in r.stderr
