@@ -26,6 +26,17 @@ def seq(i: int, n: int) -> Sequence:
     return Sequence(seq_id=i, prompt_ids=list(range(n)), sampler=FakeSampler())
 
 
+def scheduler_with(num_blocks: int, budget: int, *lengths: int, **kw):
+    """A scheduler over a pool of ``num_blocks`` 4-token blocks, with one waiting sequence per
+    prompt length."""
+    kv = KVCacheManager(BlockPool(num_blocks), block_size=4)
+    s = Scheduler(kv, max_num_batched_tokens=budget, **{"max_num_seqs": 8, **kw})
+    seqs = [seq(i, n) for i, n in enumerate(lengths)]
+    for x in seqs:
+        s.add(x)
+    return kv, s, seqs
+
+
 def test_pool_allocate_share_free():
     pool = BlockPool(4)
     a = pool.allocate(3)
@@ -82,11 +93,7 @@ def test_fork_shares_blocks_and_copies_on_write():
 
 
 def test_scheduler_mixes_prefill_chunks_and_decode():
-    kv = KVCacheManager(BlockPool(100), block_size=4)
-    s = Scheduler(kv, max_num_batched_tokens=10, max_num_seqs=8)
-    a, b = seq(0, 3), seq(1, 25)
-    s.add(a)
-    s.add(b)
+    kv, s, (a, b) = scheduler_with(100, 10, 3, 25)
     out = s.schedule()
     assert [(c.seq.seq_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
         (0, 0, 3, True), (1, 0, 7, False)]
@@ -98,30 +105,20 @@ def test_scheduler_mixes_prefill_chunks_and_decode():
 
 
 def test_scheduler_respects_max_num_seqs():
-    kv = KVCacheManager(BlockPool(100), block_size=4)
-    s = Scheduler(kv, max_num_batched_tokens=100, max_num_seqs=2)
-    for i in range(3):
-        s.add(seq(i, 5))
+    _, s, _ = scheduler_with(100, 100, 5, 5, 5, max_num_seqs=2)
     out = s.schedule()
     assert [c.seq.seq_id for c in out.chunks] == [0, 1]
     assert len(s.waiting) == 1
 
 
 def test_without_split_fuse_a_prompt_runs_whole():
-    kv = KVCacheManager(BlockPool(100), block_size=4)
-    s = Scheduler(kv, max_num_batched_tokens=10, max_num_seqs=8, dynamic_split_fuse=False)
-    s.add(seq(0, 6))
-    s.add(seq(1, 6))
+    _, s, _ = scheduler_with(100, 10, 6, 6, dynamic_split_fuse=False)
     out = s.schedule()
     assert [c.num_tokens for c in out.chunks] == [6]
 
 
 def test_preemption_frees_the_newest_and_recomputes_it():
-    kv = KVCacheManager(BlockPool(4), block_size=4)
-    s = Scheduler(kv, max_num_batched_tokens=100, max_num_seqs=8)
-    a, b = seq(0, 8), seq(1, 8)
-    s.add(a)
-    s.add(b)
+    kv, s, (a, b) = scheduler_with(4, 100, 8, 8)
     s.schedule()  # both prefilled: 4 blocks used
     a.sampler.output_ids.append(1)
     b.sampler.output_ids.append(1)

@@ -180,7 +180,3 @@ class LLMEngine:
             raise AssertionError(f"blocks held by sequences not running: "
                                  f"{sorted(set(self.kv.tables) - live)}")
 
-    @property
-    def used_bytes(self) -> int:
-        return self.pool.num_used * self.block_bytes
-
