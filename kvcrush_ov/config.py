@@ -17,7 +17,11 @@ from kvcrush_ov.errors import ConfigError
 KV_CACHE_PRECISIONS = ("u8", "u4", "bf16", "f32")
 ANCHOR_POINT_MODES = ("random", "zeros", "ones", "mean", "alternating")
 AGGREGATION_MODES = ("norm_sum", "sum")
-IMPORTANCE_METHODS = ("snapkv", "h2o")
+IMPORTANCE_METHODS = ("snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream")
+GENAI_IMPORTANCE = ("snapkv", "h2o")  # what backend "genai" can run
+EVICTION_MODES = ("continuous", "prefill")
+POOLINGS = ("max", "avg", "none")
+GRANULARITIES = ("token", "block")
 BACKENDS = ("genai", "native")
 
 
@@ -92,13 +96,20 @@ class KVCrushConfig:
 
     budget: the SHARE of the total cache budget given to KVCrush's representatives, in [0, 1]
         (GenAI's ``KVCrushConfig.budget`` instead counts blocks kept on top of max_cache_size).
-    anchor_point_mode: random, zeros, ones, mean or alternating.
+    anchor_point_mode: random, zeros, ones, mean or alternating; a tuple of several modes
+        picks representatives per nearest-anchor group (multi-anchor; native backend only).
     rng_seed: seed of the random anchor.
+    granularity: ``token`` (representative tokens; native backend only), ``block`` (whole
+        blocks, as GenAI does) or None: the backend's own (token on native, block on genai).
+    dynamic_split: give KVCrush a larger share in layers whose attention is spread out and a
+        smaller one where it is concentrated (native backend only).
     """
 
     budget: float = 0.25
-    anchor_point_mode: str = "alternating"
+    anchor_point_mode: str | tuple[str, ...] = "alternating"
     rng_seed: int = 0
+    granularity: str | None = None
+    dynamic_split: bool = False
 
     def __post_init__(self) -> None:
         if not _is_number(self.budget) or not 0.0 <= self.budget <= 1.0:
@@ -106,10 +117,22 @@ class KVCrushConfig:
                 "kvcrush.budget", self.budget, "a share of the total cache budget in [0, 1]",
                 "unlike GenAI's KVCrushConfig.budget, this is not a block count",
             )
-        self.anchor_point_mode = _choice(
-            "kvcrush.anchor_point_mode", self.anchor_point_mode, ANCHOR_POINT_MODES
-        )
+        modes = self.anchor_point_mode
+        if isinstance(modes, (tuple, list)):
+            if not modes:
+                raise ConfigError("kvcrush.anchor_point_mode", modes,
+                                  f"one of {', '.join(ANCHOR_POINT_MODES)} or a tuple of them")
+            self.anchor_point_mode = tuple(
+                _choice("kvcrush.anchor_point_mode", m, ANCHOR_POINT_MODES) for m in modes)
+        else:
+            self.anchor_point_mode = _choice(
+                "kvcrush.anchor_point_mode", modes, ANCHOR_POINT_MODES
+            )
         _int_at_least("kvcrush.rng_seed", self.rng_seed, 0)
+        if self.granularity is not None:
+            self.granularity = _choice("kvcrush.granularity", self.granularity, GRANULARITIES)
+        if not isinstance(self.dynamic_split, bool):
+            raise ConfigError("kvcrush.dynamic_split", self.dynamic_split, "True or False")
 
 
 @dataclass
@@ -121,13 +144,26 @@ class CacheEvictionConfig:
         the prompt's tokens. With the genai backend it is rounded down to whole KV blocks.
     start_size: attention-sink tokens at the start that are always kept.
     recent_size: most recent tokens that are always kept.
-    importance: how the rest is ranked: ``snapkv`` (attention of the prompt's last
-        ``snapkv_window_size`` queries, then accumulated while decoding) or ``h2o`` (attention
-        accumulated over every query).
+    importance: how the rest is ranked (docs/eviction.md): ``snapkv`` (attention of the
+        prompt's last ``snapkv_window_size`` queries, pooled, per head; then accumulated while
+        decoding), ``h2o`` (attention accumulated over every query), ``streaming`` (no scores:
+        the most recent tokens, StreamingLLM), ``pyramidkv`` (SnapKV with per-layer budgets
+        shrinking with depth), ``adakv`` (SnapKV with per-head budgets) or ``upstream`` (what
+        GenAI's CacheEvictionConfig does: block-level, head-summed). Backend genai runs snapkv
+        and h2o only.
     aggregation_mode: ``norm_sum`` (accumulated score divided by each token's lifetime) or ``sum``.
-    apply_rotation: re-rotate keys after eviction (rejected by the genai backend: see
-        backends/genai.py).
+    apply_rotation: re-rotate keys after eviction (rejected by both backends for now).
     kvcrush: KVCrush representatives on top of the importance method, or None.
+    mode: ``continuous`` (evict after the prompt, then whenever a sequence has grown
+        ``evict_interval`` tokens past its budget, like GenAI) or ``prefill`` (once, right after
+        the prompt, SnapKV style; the cache then grows while decoding). Native backend; genai
+        is always continuous.
+    evict_interval: tokens a sequence may grow past its budget before the next eviction
+        (continuous mode). 1 keeps the budget exactly at every step, at a selection per token.
+    pooling / kernel_size: how snapkv-family scores are smoothed along the sequence; kernel_size
+        None is the backend's own (15 on native: 7 lost the trailing digits of a needle number
+        at 25%, see docs/eviction.md; GenAI's fixed 7 on genai).
+    log: keep a per-request eviction log (kept positions per layer and head, and why).
     """
 
     max_cache_size: int | float = 0.25
@@ -138,6 +174,11 @@ class CacheEvictionConfig:
     snapkv_window_size: int = 32
     apply_rotation: bool = False
     kvcrush: KVCrushConfig | None = field(default_factory=KVCrushConfig)
+    mode: str = "continuous"
+    evict_interval: int = 32
+    pooling: str = "max"
+    kernel_size: int | None = None
+    log: bool = False
 
     def __post_init__(self) -> None:
         m = self.max_cache_size
@@ -161,6 +202,14 @@ class CacheEvictionConfig:
         )
         if not isinstance(self.apply_rotation, bool):
             raise ConfigError("eviction.apply_rotation", self.apply_rotation, "True or False")
+        self.mode = _choice("eviction.mode", self.mode, EVICTION_MODES)
+        _int_at_least("eviction.evict_interval", self.evict_interval, 1)
+        self.pooling = _choice("eviction.pooling", self.pooling, POOLINGS)
+        if self.kernel_size is not None and (
+                _int_at_least("eviction.kernel_size", self.kernel_size, 1) % 2 == 0):
+            raise ConfigError("eviction.kernel_size", self.kernel_size, "an odd integer >= 1")
+        if not isinstance(self.log, bool):
+            raise ConfigError("eviction.log", self.log, "True or False")
         if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):
             raise ConfigError("eviction.kvcrush", self.kvcrush, "a KVCrushConfig or None")
         if _is_int(m) and m < self.start_size + self.recent_size:

@@ -81,9 +81,9 @@ class Pipeline:
         The default keeps 25% of the prompt with KVCrush holding a quarter of that budget.
     scheduler: continuous-batching knobs (:class:`SchedulerConfig`); prefix caching is off so
         that timings are fair.
-    backend: "native" (kvcrush-ov's own engine on OpenVINO's PagedAttention graph), "genai"
-        (OpenVINO GenAI's C++ continuous-batching pipeline), or None: native wherever it
-        covers the configuration (today: the full cache), genai otherwise (eviction).
+    backend: "native" (kvcrush-ov's own engine on OpenVINO's PagedAttention graph; the
+        default, None), or "genai" (OpenVINO GenAI's C++ continuous-batching pipeline, which
+        runs the snapkv / h2o importance with block-level KVCrush only).
     """
 
     def __init__(
@@ -109,8 +109,8 @@ class Pipeline:
             scheduler = SchedulerConfig()
         if not isinstance(scheduler, SchedulerConfig):
             raise ConfigError("scheduler", scheduler, "a SchedulerConfig")
-        if backend is None:  # the native engine wherever it covers the configuration
-            backend = "native" if eviction is None else "genai"
+        if backend is None:
+            backend = "native"
         self.backend_name = backend
         if not isinstance(model, (str, Path)) or not str(model):
             raise ConfigError("model", model, "a model folder or a registry model name")

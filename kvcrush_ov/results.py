@@ -16,6 +16,10 @@ class RequestMetrics:
     tpot_s: mean seconds per generated token after the first.
     kv_budget_tokens: total cached tokens the eviction kept this request to (None: full cache).
     kvcrush_tokens: how many of those are KVCrush representatives.
+    kv_bytes: KV-cache bytes this request held at its last step (native backend; with
+        eviction: after it). num_evictions: eviction events (native backend).
+    eviction_log: with ``CacheEvictionConfig(log=True)`` on the native backend, one
+        ``EvictionRecord`` per eviction (kvcrush_ov.engine.evictor).
     """
 
     num_input_tokens: int
@@ -25,6 +29,9 @@ class RequestMetrics:
     kv_budget_tokens: int | None = None
     kvcrush_tokens: int = 0
     num_preemptions: int = 0
+    kv_bytes: int = 0
+    num_evictions: int = 0
+    eviction_log: list | None = None
 
     @property
     def tokens_per_s(self) -> float:

@@ -133,11 +133,11 @@ def test_a_request_too_long_fails_alone(tiny_model):
     assert len(ok1.output_ids) == len(ok2.output_ids) == 24
 
 
-def test_native_rejects_eviction_for_now(tiny_model):
+def test_native_rejects_rotation(tiny_model):
     from kvcrush_ov import CacheEvictionConfig
 
-    with pytest.raises(ConfigError, match="eviction=.*backend 'native'"):
-        Pipeline(tiny_model, backend="native", eviction=CacheEvictionConfig())
+    with pytest.raises(ConfigError, match="apply_rotation=True.*backend 'native'"):
+        Pipeline(tiny_model, backend="native", eviction=CacheEvictionConfig(apply_rotation=True))
 
 
 def test_streaming_and_stop_strings_on_native(tiny_native):
@@ -203,11 +203,11 @@ def test_greedy_parity_with_genai_8_concurrent(smollm2_pair):
         assert x == y, f"prompt {i} ({a.metrics[i].num_input_tokens} tokens)"
 
 
-def test_default_backend_is_native_for_a_full_cache(tiny_model):
+def test_default_backend_is_native(tiny_model):
     from kvcrush_ov import CacheEvictionConfig
 
     assert Pipeline(tiny_model, eviction=None).backend_name == "native"
-    assert Pipeline(tiny_model, eviction=CacheEvictionConfig()).backend_name == "genai"
+    assert Pipeline(tiny_model, eviction=CacheEvictionConfig()).backend_name == "native"
 
 
 def test_native_reports_the_cache_held_while_decoding(tiny_native):

@@ -35,7 +35,7 @@ def pipe(tiny_model, request):
 
 @pytest.fixture(scope="module")
 def evicting_pipe(tiny_model):
-    return Pipeline(tiny_model, eviction=SMALL_EVICTION)
+    return Pipeline(tiny_model, eviction=SMALL_EVICTION, backend="genai")
 
 
 def test_greedy_is_deterministic_and_metrics_are_consistent(pipe):
@@ -212,10 +212,21 @@ def test_corrupt_config(tmp_path, tiny_model):
     ({"backend": "vllm"}, "backend"),
     ({"kv_cache": "u8"}, "kv_cache"),
     ({"eviction": 0.25}, "eviction"),
-    ({"eviction": CacheEvictionConfig(start_size=16)}, "eviction.start_size"),
-    ({"eviction": CacheEvictionConfig(recent_size=0)}, "eviction.recent_size"),
-    ({"eviction": CacheEvictionConfig(max_cache_size=170)}, "eviction.max_cache_size"),
+    ({"eviction": CacheEvictionConfig(start_size=16), "backend": "genai"}, "eviction.start_size"),
+    ({"eviction": CacheEvictionConfig(recent_size=0), "backend": "genai"},
+     "eviction.recent_size"),
+    ({"eviction": CacheEvictionConfig(max_cache_size=170), "backend": "genai"},
+     "eviction.max_cache_size"),
     ({"eviction": CacheEvictionConfig(apply_rotation=True)}, "eviction.apply_rotation"),
+    ({"eviction": CacheEvictionConfig(apply_rotation=True), "backend": "genai"},
+     "eviction.apply_rotation"),
+    ({"eviction": CacheEvictionConfig(importance="adakv"), "backend": "genai"},
+     "eviction.importance"),
+    ({"eviction": CacheEvictionConfig(mode="prefill"), "backend": "genai"}, "eviction.mode"),
+    ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(granularity="token")),
+      "backend": "genai"}, "kvcrush.granularity"),
+    ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(anchor_point_mode=("ones", "mean"))),
+      "backend": "genai"}, "kvcrush.anchor_point_mode"),
 ])
 def test_bad_pipeline_arguments_fail_before_loading(kwargs, field, tmp_path):
     # the model folder does not exist: the argument must be rejected before it is looked at
@@ -227,7 +238,7 @@ def test_bad_pipeline_arguments_fail_before_loading(kwargs, field, tmp_path):
 def test_rotation_is_rejected_even_with_an_f32_cache(tiny_model):
     with pytest.raises(ConfigError, match="apply_rotation=True.*corrupts the heap"):
         Pipeline(tiny_model, kv_cache=KVCacheConfig(precision="f32"),
-                 eviction=CacheEvictionConfig(apply_rotation=True))
+                 eviction=CacheEvictionConfig(apply_rotation=True), backend="genai")
 
 
 @pytest.mark.parametrize("prompts,field", [

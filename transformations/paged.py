@@ -25,13 +25,17 @@ from openvino._offline_transformations import paged_attention_transformation
 from kvcrush_ov.transformations.logits import add_logits_indices
 
 
-def to_paged(model: ov.Model, score_outputs: bool = True) -> ov.Model:
+def to_paged(model: ov.Model, score_outputs: bool = True,
+             score_aggregation: bool = False) -> ov.Model:
     """Rewrite ``model`` (stateful SDPA export) in place into a paged-attention model.
 
     ``score_outputs`` adds one ``scores.L`` output per layer (head-summed attention scores of each
-    context token). The result cannot be serialized and read back: convert at load time.
+    context token). ``score_aggregation`` adds the ``score_aggregation_window`` [B] i32 input: the
+    scores are then summed over the last ``window[s]`` queries of each sequence in the step. The
+    result cannot be serialized and read back: convert at load time.
     """
-    paged_attention_transformation(model, False, score_outputs, False, False, False, False, False)
+    paged_attention_transformation(model, False, score_outputs, score_aggregation, False, False,
+                                   False, False)
     return model
 
 
@@ -39,6 +43,7 @@ def read_paged_model(
     path: str | os.PathLike[str],
     score_outputs: bool = True,
     logits_indices: bool = True,
+    score_aggregation: bool = False,
 ) -> ov.Model:
     """Read ``openvino_model.xml`` (or a folder holding it) and convert it to paged attention.
 
@@ -48,7 +53,7 @@ def read_paged_model(
     xml = os.fspath(path)
     if os.path.isdir(xml):
         xml = os.path.join(xml, "openvino_model.xml")
-    model = to_paged(ov.Core().read_model(xml), score_outputs=score_outputs)
+    model = to_paged(ov.Core().read_model(xml), score_outputs, score_aggregation)
     if logits_indices:
         add_logits_indices(model)
     return model

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import openvino as ov
@@ -27,6 +26,7 @@ import openvino_genai as ov_genai
 
 from kvcrush_ov.backends.common import Streamer, TextStream, encode, first_line, load_tokenizer
 from kvcrush_ov.config import (
+    GENAI_IMPORTANCE,
     CacheEvictionConfig,
     GenerationConfig,
     KVCacheConfig,
@@ -34,6 +34,7 @@ from kvcrush_ov.config import (
     kv_cache_properties,
 )
 from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.eviction.genai_compat import GenAISettings, translate
 from kvcrush_ov.model_info import ModelInfo, block_size_for
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
 
@@ -49,32 +50,16 @@ _FINISH = {"STOP": "stop", "LENGTH": "length", "NONE": "cancelled"}
 _MAX_PIPELINES = 3
 
 
-@dataclass(frozen=True)
-class UpstreamEviction:
-    """GenAI's eviction settings for one request, after translation (all sizes in tokens)."""
-
-    total_tokens: int  # what the user asked for, rounded down to whole blocks
-    max_cache_size: int  # GenAI's field: total minus KVCrush's blocks
-    start_size: int
-    recent_size: int
-    snapkv_window_size: int
-    aggregation_mode: str
-    kvcrush_blocks: int
-    anchor_point_mode: str
-    rng_seed: int
-    apply_rotation: bool
-
-    def to_genai(self) -> ov_genai.CacheEvictionConfig:
-        kvcrush = None
-        if self.kvcrush_blocks > 0:
-            kvcrush = ov_genai.KVCrushConfig(
-                self.kvcrush_blocks, _ANCHOR[self.anchor_point_mode], self.rng_seed
-            )
-        return ov_genai.CacheEvictionConfig(
-            self.start_size, self.recent_size, self.max_cache_size,
-            _AGGREGATION[self.aggregation_mode], self.apply_rotation,
-            self.snapkv_window_size, kvcrush,
-        )
+def to_genai(ev: GenAISettings) -> ov_genai.CacheEvictionConfig:
+    """GenAI's CacheEvictionConfig for translated settings."""
+    kvcrush = None
+    if ev.kvcrush_blocks > 0:
+        kvcrush = ov_genai.KVCrushConfig(ev.kvcrush_blocks, _ANCHOR[ev.anchor_point_mode],
+                                         ev.rng_seed)
+    return ov_genai.CacheEvictionConfig(
+        ev.start_size, ev.recent_size, ev.max_cache_size, _AGGREGATION[ev.aggregation_mode],
+        ev.apply_rotation, ev.snapkv_window_size, kvcrush,
+    )
 
 
 def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block: int) -> None:
@@ -96,38 +81,26 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
         raise ConfigError("eviction.apply_rotation", True,
                           "False with backend 'genai': GenAI 2026.4's key rotation corrupts the "
                           "heap or fails, whatever the cache precision")
-
-
-def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens: int,
-              block: int) -> UpstreamEviction | None:
-    """GenAI settings that keep ``eviction``'s total budget for one prompt; None if no eviction
-    can happen (the whole sequence fits the budget)."""
-    minimum = eviction.start_size + eviction.recent_size + block
-    total = max(eviction.total_tokens(prompt_tokens), minimum)
-    total = (total // block) * block
-    if prompt_tokens + max_new_tokens <= total:
-        return None
+    native_only = "with backend 'genai' (the native backend runs the others)"
+    if eviction.importance not in GENAI_IMPORTANCE:
+        raise ConfigError("eviction.importance", eviction.importance,
+                          f"one of {', '.join(GENAI_IMPORTANCE)} {native_only}")
+    if eviction.mode != "continuous":
+        raise ConfigError("eviction.mode", eviction.mode,
+                          f"'continuous' {native_only}: GenAI evicts while decoding")
+    if eviction.pooling != "max" or eviction.kernel_size not in (None, 7):
+        raise ConfigError("eviction.pooling", f"{eviction.pooling}/{eviction.kernel_size}",
+                          f"max pooling over 7 tokens (GenAI's fixed choice) {native_only}")
     crush = eviction.kvcrush
-    kvcrush_blocks = 0
-    if crush is not None and crush.budget > 0:
-        kvcrush_blocks = round(crush.budget * total / block)
-        kvcrush_blocks = min(kvcrush_blocks, (total - minimum) // block)
-    window = eviction.snapkv_window_size if eviction.importance == "snapkv" else 0
-    if (eviction.aggregation_mode == "norm_sum" and window > 0
-            and eviction.start_size < prompt_tokens < eviction.start_size + window):
-        window = 0  # GenAI defect guard (see module docstring)
-    return UpstreamEviction(
-        total_tokens=total,
-        max_cache_size=total - kvcrush_blocks * block,
-        start_size=eviction.start_size,
-        recent_size=eviction.recent_size,
-        snapkv_window_size=window,
-        aggregation_mode=eviction.aggregation_mode,
-        kvcrush_blocks=kvcrush_blocks,
-        anchor_point_mode=crush.anchor_point_mode if crush else "random",
-        rng_seed=crush.rng_seed if crush else 0,
-        apply_rotation=eviction.apply_rotation,
-    )
+    if crush is not None:
+        if isinstance(crush.anchor_point_mode, tuple):
+            raise ConfigError("kvcrush.anchor_point_mode", crush.anchor_point_mode,
+                              f"a single mode {native_only}")
+        if crush.granularity == "token":
+            raise ConfigError("kvcrush.granularity", crush.granularity,
+                              f"'block' {native_only}")
+        if crush.dynamic_split:
+            raise ConfigError("kvcrush.dynamic_split", True, f"False {native_only}")
 
 
 class GenAIBackend:
@@ -143,14 +116,14 @@ class GenAIBackend:
         if eviction is not None:
             check_eviction(eviction, kv_cache, self.block_size)
         self.block_bytes = info.kv_block_bytes(kv_cache.precision, self.block_size)
-        self._pipelines: OrderedDict[UpstreamEviction | None, ov_genai.ContinuousBatchingPipeline]
+        self._pipelines: OrderedDict[GenAISettings | None, ov_genai.ContinuousBatchingPipeline]
         self._pipelines = OrderedDict()
         self.tokenizer = load_tokenizer(info)
         # Compile once now, so a corrupt model fails at construction, not on first use.
         self._pipeline(None)
 
     # -- pipelines -------------------------------------------------------------------------
-    def _scheduler_config(self, ev: UpstreamEviction | None) -> ov_genai.SchedulerConfig:
+    def _scheduler_config(self, ev: GenAISettings | None) -> ov_genai.SchedulerConfig:
         sc = ov_genai.SchedulerConfig()
         s, k = self.scheduler, self.kv_cache
         sc.max_num_batched_tokens = s.max_num_batched_tokens
@@ -163,10 +136,10 @@ class GenAIBackend:
             sc.cache_size = int(np.ceil(k.cache_size))
         if ev is not None:
             sc.use_cache_eviction = True
-            sc.cache_eviction_config = ev.to_genai()
+            sc.cache_eviction_config = to_genai(ev)
         return sc
 
-    def _pipeline(self, ev: UpstreamEviction | None) -> ov_genai.ContinuousBatchingPipeline:
+    def _pipeline(self, ev: GenAISettings | None) -> ov_genai.ContinuousBatchingPipeline:
         if ev in self._pipelines:
             self._pipelines.move_to_end(ev)
             return self._pipelines[ev]
@@ -206,7 +179,7 @@ class GenAIBackend:
         c.eos_token_id = self.tokenizer.get_eos_token_id()
         return c
 
-    def plan(self, prompt_len: int, g: GenerationConfig) -> UpstreamEviction | None:
+    def plan(self, prompt_len: int, g: GenerationConfig) -> GenAISettings | None:
         if self.eviction is None:
             return None
         return translate(self.eviction, prompt_len, g.max_new_tokens, self.block_size)
@@ -215,7 +188,7 @@ class GenAIBackend:
             streamer: Streamer | None) -> DecodedResults:
         """Generate for already-encoded, already-validated prompts ([1, T] int64 each)."""
         plans = [self.plan(x.shape[1], g) for x in inputs]
-        groups: OrderedDict[UpstreamEviction | None, list[int]] = OrderedDict()
+        groups: OrderedDict[GenAISettings | None, list[int]] = OrderedDict()
         for i, p in enumerate(plans):
             groups.setdefault(p, []).append(i)
         n = len(inputs)

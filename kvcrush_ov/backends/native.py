@@ -15,15 +15,22 @@ from kvcrush_ov.config import (
 )
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.errors import ConfigError, KVCrushError, ModelError
+from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.eviction.registry import POLICIES
 from kvcrush_ov.model_info import ModelInfo
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
 
 
 def check_eviction(eviction: CacheEvictionConfig | None) -> None:
-    if eviction is not None:
-        raise ConfigError("eviction", "CacheEvictionConfig(...)",
-                          "None with backend 'native' for now (eviction on the native engine is "
-                          "not built yet); use backend='genai' for eviction")
+    """Reject what the native engine cannot run, naming the field, before loading anything."""
+    if eviction is None:
+        return
+    if eviction.apply_rotation:
+        raise ConfigError("eviction.apply_rotation", True,
+                          "False with backend 'native' (key re-rotation is not implemented)")
+    if eviction.importance not in POLICIES:
+        raise ConfigError("eviction.importance", eviction.importance,
+                          f"one of {', '.join(POLICIES)} with backend 'native'")
 
 
 class NativeBackend:
@@ -33,9 +40,12 @@ class NativeBackend:
                  eviction: CacheEvictionConfig | None, scheduler: SchedulerConfig) -> None:
         check_eviction(eviction)
         self.info = info
+        self.eviction = eviction
         self.tokenizer = load_tokenizer(info)
+        spec = make_spec(eviction) if eviction is not None else None
         try:
-            self.engine = LLMEngine(info.path, device, kv_cache, scheduler, info.context_length)
+            self.engine = LLMEngine(info.path, device, kv_cache, scheduler, info.context_length,
+                                    eviction=spec)
         except RuntimeError as e:
             raise ModelError(f"model={str(info.path)!r} could not be loaded on {device}: "
                              f"{first_line(e)}") from None
@@ -67,8 +77,9 @@ class NativeBackend:
                     eng.abort(s)
                 raise KVCrushError("the native engine made no progress for 4 steps: "
                                    f"{eng.pool.num_free} of {eng.num_blocks} KV blocks free")
-            used = out.blocks_held * self.block_bytes
-            cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
+            used = round(out.blocks_held * self.block_bytes)
+            before = round(out.blocks_before_eviction * self.block_bytes)
+            cache.peak_kv_bytes = max(cache.peak_kv_bytes, used, before)
             if out.new_tokens:
                 cache.final_kv_bytes = used
             if stream is not None:
@@ -83,9 +94,14 @@ class NativeBackend:
             first = s.first_token_time - t_start if s.first_token_time else 0.0
             tpot = (s.last_token_time - s.first_token_time) / (s.sampler.num_generated - 1) \
                 if s.sampler.num_generated > 1 else 0.0
-            metrics.append(RequestMetrics(num_input_tokens=len(s.prompt_ids),
-                                          num_generated_tokens=k, ttft_s=first, tpot_s=tpot,
-                                          num_preemptions=s.num_preemptions))
+            budget = s.extra.get("budget")
+            metrics.append(RequestMetrics(
+                num_input_tokens=len(s.prompt_ids), num_generated_tokens=k, ttft_s=first,
+                tpot_s=tpot, num_preemptions=s.num_preemptions,
+                kv_budget_tokens=budget if s.extra.get("evictions") else None,
+                kvcrush_tokens=s.extra.get("kvcrush_tokens", 0),
+                kv_bytes=s.extra.get("kv_bytes", 0), num_evictions=s.extra.get("evictions", 0),
+                eviction_log=s.extra.get("eviction_log")))
             texts.append(s.sampler.output_text())
             ids.append(list(s.output_ids))
             reasons.append("cancelled" if s.seq_id in stopped

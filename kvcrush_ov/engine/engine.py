@@ -16,12 +16,16 @@ from pathlib import Path
 
 from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
 from kvcrush_ov.engine.block_pool import BlockPool
+from kvcrush_ov.engine.evictor import Evictor
+from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
+from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
 from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.eviction.spec import EvictionSpec
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -49,19 +53,25 @@ class StepOutput:
     finished: list[Sequence]
     num_tokens: int
     num_preempted: int
-    blocks_held: int  # blocks in use after the step's writes, before finished sequences freed
+    blocks_held: float  # blocks in use after the step's writes and evictions, before
+    # finished sequences freed theirs (with eviction: head blocks / (layers * heads))
+    blocks_before_eviction: float = 0.0  # the same before this step's evictions
 
 
 class LLMEngine:
     """Continuous batching over a paged KV cache owned by this process.
 
     context_length: the model's maximum sequence length (prompt + generated).
+    eviction: None keeps every token (the plain paged graph, one block table per sequence);
+        otherwise the per-KV-head graph runs with per-layer, per-head block tables and the
+        spec's policy evicts (kvcrush_ov.engine.evictor).
     """
 
     def __init__(self, model_dir: str | Path, device: str, kv_cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context_length: int,
-                 properties: dict | None = None) -> None:
-        self.runner = ModelRunner(model_dir, device, kv_cache.precision, properties)
+                 properties: dict | None = None, eviction: EvictionSpec | None = None) -> None:
+        runner_cls = ModelRunner if eviction is None else HeadModelRunner
+        self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
         self.block_size = self.runner.block_size
         self.block_bytes = self.runner.block_bytes
         self.context_length = context_length
@@ -82,7 +92,16 @@ class LLMEngine:
             )
         self.runner.allocate_cache(num_blocks)
         self.pool = BlockPool(num_blocks)
-        self.kv = KVCacheManager(self.pool, self.block_size)
+        self.evictor: Evictor | None = None
+        if eviction is None:
+            self.kv: KVCacheManager | HeadKVCacheManager = KVCacheManager(self.pool,
+                                                                          self.block_size)
+        else:
+            heads = self.runner.num_kv_heads
+            pools = [BlockPool(num_blocks * heads) for _ in range(self.runner.num_layers)]
+            self.kv = HeadKVCacheManager(pools, heads, self.block_size)
+            self.evictor = Evictor(eviction, self.kv, self.runner)
+            self.head_units = heads * self.runner.num_layers  # head blocks per full block
         self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
                                    scheduler.max_num_seqs, scheduler.dynamic_split_fuse)
         self._ids = itertools.count()
@@ -111,6 +130,8 @@ class LLMEngine:
                 f"{self.num_blocks} blocks of {self.block_size}, "
                 f"max_new_tokens={config.max_new_tokens}",
             )
+        if self.evictor is not None:
+            self.evictor.check_request(len(prompt_ids))
         seq = Sequence(seq_id=next(self._ids), prompt_ids=list(prompt_ids),
                        arrival=time.perf_counter())
         seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
@@ -118,8 +139,14 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def fork(self, parent: Sequence) -> Sequence:
-        """A running copy of ``parent`` sharing its cached blocks (no cache memory copied)."""
+    def fork(self, parent: Sequence, eviction: EvictionSpec | None = None) -> Sequence:
+        """A running copy of ``parent`` sharing its cached blocks (no cache memory copied).
+
+        eviction: the child's own policy and budget (engines built with eviction only), applied
+        at once to the child (copy-on-write keeps the parent's blocks intact), then as usual.
+        """
+        if eviction is not None and self.evictor is None:
+            raise ValueError("fork(eviction=...) needs an engine built with eviction")
         if parent.status is not Status.RUNNING or parent.num_computed < len(parent.prompt_ids):
             raise ValueError("only a running sequence whose prompt is computed can be forked")
         child = Sequence(seq_id=next(self._ids), prompt_ids=list(parent.prompt_ids),
@@ -128,6 +155,10 @@ class LLMEngine:
                          first_token_time=parent.first_token_time,
                          last_token_time=parent.last_token_time)
         self.kv.fork(parent.seq_id, child.seq_id)
+        child.extra = copy.deepcopy(parent.extra)
+        if eviction is not None:
+            self.evictor.set_spec(child, eviction)
+            self.evictor.evict(child)
         self.scheduler.running.append(child)
         self.sequences[child.seq_id] = child
         return child
@@ -152,13 +183,19 @@ class LLMEngine:
     def _step(self) -> StepOutput:
         out = self.scheduler.schedule()
         if out.copies:
-            self.runner.copy_blocks(out.copies)
+            if self.evictor is None:
+                self.runner.copy_blocks(out.copies)
+            else:
+                self.runner.copy_head_blocks(out.copies)
         new: dict[int, int] = {}
         finished: list[Sequence] = []
-        held = self.pool.num_used
+        held = before = self.blocks_held
         if out.chunks:
-            tables = [self.kv.tables[c.seq.seq_id].blocks for c in out.chunks]
-            logits = self.runner.run(out.chunks, tables)
+            logits = self._run(out)
+            if self.evictor is not None:
+                held = self.blocks_held
+            for c in out.chunks:  # what each sequence holds now (after its eviction)
+                c.seq.extra["kv_bytes"] = self._held_bytes(c.seq)
             sampling = [c.seq for c in out.chunks if c.sample]
             tokens = sample_batch([s.sampler for s in sampling], logits)
             now = time.perf_counter()
@@ -171,7 +208,29 @@ class LLMEngine:
                 if reason is not None:
                     self.scheduler.finish(seq)
                     finished.append(seq)
-        return StepOutput(new, finished, out.num_tokens, len(out.preempted), held)
+        return StepOutput(new, finished, out.num_tokens, len(out.preempted), held, before)
+
+    @property
+    def blocks_held(self) -> float:
+        """Blocks in use (with eviction: head blocks / (layers * heads), may be fractional)."""
+        if self.evictor is None:
+            return self.pool.num_used
+        return self.kv.num_used / self.head_units
+
+    def _held_bytes(self, seq: Sequence) -> int:
+        if self.evictor is None:
+            return len(self.kv.tables[seq.seq_id].blocks) * self.block_bytes
+        return self.kv.tables[seq.seq_id].num_blocks() * self.runner.head_block_bytes
+
+    def _run(self, out) -> object:
+        if self.evictor is None:
+            tables = [self.kv.tables[c.seq.seq_id].blocks for c in out.chunks]
+            return self.runner.run(out.chunks, tables)
+        windows = self.evictor.windows(out.chunks)
+        tables = [self.kv.tables[c.seq.seq_id] for c in out.chunks]
+        logits, scores = self.runner.run_heads(out.chunks, tables, windows)
+        self.evictor.after_step(out.chunks, windows, scores)
+        return logits
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()

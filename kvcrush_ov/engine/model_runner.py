@@ -32,11 +32,9 @@ class ModelRunner:
     def __init__(self, model_dir: str | Path, device: str, precision: str,
                  properties: dict | None = None) -> None:
         self.core = ov.Core()
-        model = read_paged_model(Path(model_dir) / "openvino_model.xml", score_outputs=False,
-                                 logits_indices=True)
         props = kv_cache_properties(precision)
         props.update(properties or {})
-        self.compiled = self.core.compile_model(model, device, props)
+        self.compiled = self._compile(Path(model_dir), device, props)
         self.request = self.compiled.create_infer_request()
         self.num_layers = sum(1 for i in self.compiled.inputs
                               if i.get_any_name().startswith("key_cache."))
@@ -51,6 +49,11 @@ class ModelRunner:
         self.infer_s = 0.0  # seconds spent inside OpenVINO, for the benchmark's overhead figure
         self.num_blocks = 0
         self._caches: list[tuple[ov.Tensor, ov.Tensor]] = []
+
+    def _compile(self, model_dir: Path, device: str, props: dict) -> ov.CompiledModel:
+        model = read_paged_model(model_dir / "openvino_model.xml", score_outputs=False,
+                                 logits_indices=True)
+        return self.core.compile_model(model, device, props)
 
     @property
     def block_bytes(self) -> int:

@@ -1,0 +1,259 @@
+"""Runs eviction inside the engine: which queries to score each step, when to evict, and the
+bookkeeping after a policy decided (compaction of the cache, freeing, scores, log).
+
+Per sequence (in ``seq.extra``): ``prefill_end`` (tokens computed before the first sample),
+``budget`` (tokens per layer and head after an eviction), ``scores`` (SequenceScores) and, with
+``EvictionSpec.log``, ``eviction_log`` (a list of :class:`EvictionRecord`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
+from kvcrush_ov.engine.head_model_runner import HeadModelRunner
+from kvcrush_ov.engine.scheduler import ScheduledChunk
+from kvcrush_ov.engine.sequence import Sequence
+from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.eviction.genai_compat import translate
+from kvcrush_ov.eviction.planner import plan_eviction
+from kvcrush_ov.eviction.scores import SequenceScores
+from kvcrush_ov.eviction.spec import EvictionSpec
+from kvcrush_ov.eviction.upstream import UpstreamCacheEviction, UpstreamConfig
+
+
+@dataclass
+class EvictionRecord:
+    """One eviction of one sequence: after ``num_written`` positions, ``kept[l][h]`` positions
+    stayed: the first ``num_sinks`` as sinks, the last ``num_recent`` as recent, the rest chosen
+    by ``policy``."""
+
+    num_written: int
+    budget: int
+    num_sinks: int
+    num_recent: int
+    policy: str
+    kept: list[list[np.ndarray]]
+
+
+@dataclass
+class EvictionStats:
+    events: int = 0
+    select_s: float = 0.0  # policy + planning
+    compact_s: float = 0.0  # cache compaction (row moves, re-quantization)
+
+
+class Evictor:
+    def __init__(self, spec: EvictionSpec, kv: HeadKVCacheManager,
+                 runner: HeadModelRunner) -> None:
+        self.spec = spec
+        self.kv = kv
+        self.runner = runner
+        self.stats = EvictionStats()
+
+    # ------------------------------------------------------------------ per request
+    def budget_for(self, prompt_tokens: int) -> int:
+        """Tokens per layer and head after an eviction (never below sinks + recent)."""
+        return max(self.spec.budget(prompt_tokens), self.spec.start_size + self.spec.recent_size)
+
+    def check_request(self, prompt_tokens: int) -> None:
+        """An absolute budget above the prompt evicts nothing in prefill mode: refuse it."""
+        m = self.spec.max_cache_size
+        if self.spec.mode == "prefill" and not isinstance(m, float) and m > prompt_tokens:
+            raise ConfigError("eviction.max_cache_size", m,
+                              f"at most the prompt's {prompt_tokens} tokens with mode='prefill' "
+                              "(or a fraction of the prompt in (0, 1])")
+
+    def spec_of(self, seq: Sequence) -> EvictionSpec:
+        """The sequence's own spec (set by a fork) or the engine's."""
+        return seq.extra.get("spec", self.spec)
+
+    def set_spec(self, seq: Sequence, spec: EvictionSpec) -> None:
+        """Give ``seq`` its own policy and budget (e.g. a fork evaluating another policy)."""
+        ex = seq.extra
+        ex["spec"] = spec
+        ex["budget"] = max(spec.budget(len(seq.prompt_ids)), spec.start_size + spec.recent_size)
+        ex["rng"] = np.random.default_rng(spec.seed)
+        ex["eviction_log"] = [] if spec.log else None
+
+    def _state(self, seq: Sequence) -> dict:
+        if "budget" not in seq.extra:
+            self.set_spec(seq, self.spec_of(seq))
+        return seq.extra
+
+    # ------------------------------------------------------------------ per step
+    def windows(self, chunks: list[ScheduledChunk]) -> list[int] | None:
+        """Scored queries per chunk (0 = none needed); None when no chunk needs scores."""
+        out = [self._window(c) for c in chunks]
+        upstream = any(c.seq.extra.get("upstream") is not None for c in chunks)
+        return out if any(out) or upstream else None
+
+    def _begin(self, c: ScheduledChunk) -> dict:
+        """State of the chunk's sequence; a chunk starting at 0 begins a (re)computation."""
+        ex = self._state(c.seq)
+        if c.start == 0:  # first chunk (again after a preemption): a fresh prefill
+            ex["prefill_end"] = c.seq.num_known
+            ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads)
+            ex["upstream"] = self._upstream(c.seq)
+        return ex
+
+    def _upstream(self, seq: Sequence) -> UpstreamCacheEviction | None:
+        """GenAI's per-sequence algorithm for ``importance="upstream"`` (None: no eviction)."""
+        cfg = self.spec_of(seq).genai
+        if cfg is None:
+            return None
+        bs = self.kv.block_size
+        g = translate(cfg, seq.num_known, seq.sampler._config.max_new_tokens, bs)
+        if g is None:
+            return None
+        seq.extra["budget"] = g.total_tokens
+        return UpstreamCacheEviction(UpstreamConfig(
+            start_size=g.start_size, recent_size=g.recent_size, max_cache_size=g.max_cache_size,
+            aggregation_mode=g.aggregation_mode, snapkv_window_size=g.snapkv_window_size,
+            block_size=bs, kvcrush_budget=g.kvcrush_blocks, kvcrush_anchor=g.anchor_point_mode,
+            kvcrush_seed=g.rng_seed), self.runner.num_layers)
+
+    def _window(self, c: ScheduledChunk) -> int:
+        ex = self._begin(c)
+        if ex.get("upstream") is not None:
+            return ex["upstream"].window(ex["prefill_end"], c.start, c.num_tokens)
+        spec = self.spec_of(c.seq)
+        if spec.genai is not None:
+            return 0  # upstream mode, but this request never needs eviction
+        mode = spec.policy.score_mode
+        if mode == "none":
+            return 0
+        end, prefill_end = c.start + c.num_tokens, ex["prefill_end"]
+        if c.start < prefill_end:
+            if spec.mode == "prefill" and prefill_end <= ex["budget"]:
+                return 0  # this prompt fits: nothing will ever be evicted
+            if mode == "all":
+                return c.num_tokens
+            return max(0, end - max(c.start, prefill_end - spec.window))
+        return c.num_tokens if spec.mode == "continuous" else 0
+
+    def after_step(self, chunks: list[ScheduledChunk], windows: list[int] | None,
+                   scores: list[np.ndarray] | None) -> None:
+        """Accumulate this step's scores, then evict every sequence that is due (called right
+        after the step's inference, before sampling)."""
+        if windows is not None and scores is not None:
+            self._upstream_step(chunks, windows, scores)
+            self._accumulate(chunks, windows, scores)
+        for c in chunks:
+            if self.spec_of(c.seq).genai is None and self._due(c):
+                self.evict(c.seq)
+
+    def _upstream_step(self, chunks: list[ScheduledChunk], windows: list[int],
+                       scores: list[np.ndarray]) -> None:
+        """GenAI's order: register this forward's head-summed scores; after a decode forward,
+        drop the blocks GenAI's algorithm picks (whole logical blocks, same in every head)."""
+        segs = self._segments(chunks, scores)
+        bs, heads = self.kv.block_size, self.runner.num_kv_heads
+        for s, c in enumerate(chunks):
+            algo = c.seq.extra.get("upstream")
+            if algo is None:
+                continue
+            layer_scores = [np.sum([segs[layer][s][h] for h in range(heads)], axis=0)
+                            for layer in range(self.runner.num_layers)]
+            algo.update(layer_scores, windows[s])
+            if c.start < c.seq.extra["prefill_end"]:
+                continue  # GenAI never evicts after a prefill forward
+            t0 = time.perf_counter()
+            dropped = algo.evict()
+            if not any(len(d) for d in dropped):
+                continue
+            t = self.kv.tables[c.seq.seq_id]
+            keep_rows = []
+            for layer, blocks in enumerate(dropped):
+                n = int(t.lens[layer, 0])
+                mask = np.ones(n, bool)
+                for b in blocks.tolist():
+                    mask[b * bs:(b + 1) * bs] = False
+                rows = np.flatnonzero(mask)
+                keep_rows.append([rows] * heads)
+            t1 = time.perf_counter()
+            self.runner.apply_moves(self.kv.compact(c.seq.seq_id, keep_rows))
+            self.stats.events += 1
+            self.stats.select_s += t1 - t0
+            self.stats.compact_s += time.perf_counter() - t1
+            c.seq.extra["evictions"] = c.seq.extra.get("evictions", 0) + 1
+            c.seq.extra["kvcrush_tokens"] = algo.config.kvcrush_budget * bs
+
+    def _segments(self, chunks: list[ScheduledChunk],
+                  scores: list[np.ndarray]) -> list[list[list[np.ndarray]]]:
+        """scores.L split into [layer][chunk][head] segments (cached rows + this step's)."""
+        lens = np.stack([self.kv.tables[c.seq.seq_id].lens for c in chunks])  # [B, L, H]
+        batch, heads = len(chunks), self.runner.num_kv_heads
+        out = []
+        for layer, flat in enumerate(scores):
+            ctx = lens[:, layer, :].T.reshape(-1)  # segment j = h*B + s
+            offsets = np.concatenate([[0], np.cumsum(ctx)])
+            if offsets[-1] != len(flat):
+                raise AssertionError(f"scores.{layer}: {len(flat)} values, expected "
+                                     f"{offsets[-1]}")
+            out.append([[flat[offsets[h * batch + s]:offsets[h * batch + s + 1]]
+                         for h in range(heads)] for s in range(batch)])
+        return out
+
+    def _accumulate(self, chunks: list[ScheduledChunk], windows: list[int],
+                    scores: list[np.ndarray]) -> None:
+        if not any(w and c.seq.extra.get("upstream") is None
+                   for c, w in zip(chunks, windows, strict=True)):
+            return
+        segs = self._segments(chunks, scores)
+        for s, (c, w) in enumerate(zip(chunks, windows, strict=True)):
+            if not w or c.seq.extra.get("upstream") is not None:
+                continue
+            state = c.seq.extra["scores"]
+            for layer, per_seq in enumerate(segs):
+                for h, seg in enumerate(per_seq[s]):
+                    state.add(layer, h, seg)
+            state.add_queries(c.start + c.num_tokens - w, w)
+
+    def _due(self, c: ScheduledChunk) -> bool:
+        ex = c.seq.extra
+        t = self.kv.tables[c.seq.seq_id]
+        end = c.start + c.num_tokens
+        held = float(t.lens.mean())
+        if end == ex["prefill_end"]:
+            return held > ex["budget"]
+        spec = self.spec_of(c.seq)
+        if spec.mode == "continuous" and end > ex["prefill_end"]:
+            return held >= ex["budget"] + spec.evict_interval
+        return False
+
+    # ------------------------------------------------------------------ eviction
+    def evict(self, seq: Sequence) -> None:
+        ex = self._state(seq)
+        spec = self.spec_of(seq)
+        t = self.kv.tables[seq.seq_id]
+        if float(t.lens.mean()) <= ex["budget"]:
+            return  # nothing to evict
+        t0 = time.perf_counter()
+        positions = [[t.positions_of(layer, h) for h in range(self.runner.num_kv_heads)]
+                     for layer in range(self.runner.num_layers)]
+        decision = plan_eviction(positions, ex.get("scores"), spec.policy, ex["budget"],
+                                 spec.start_size, spec.recent_size, t.num_written,
+                                 self.kv.block_size, ex["rng"])
+        t1 = time.perf_counter()
+        moves = self.kv.compact(seq.seq_id, decision.keep_rows)
+        self.runner.apply_moves(moves)
+        if ex.get("scores") is not None:
+            ex["scores"].compact(decision.keep_rows)
+        t2 = time.perf_counter()
+        self.stats.events += 1
+        ex["evictions"] = ex.get("evictions", 0) + 1
+        share = getattr(spec.policy, "share", 0.0)
+        ex["kvcrush_tokens"] = round(share * ex["budget"])
+        self.stats.select_s += t1 - t0
+        self.stats.compact_s += t2 - t1
+        if spec.log:
+            t = self.kv.tables[seq.seq_id]
+            kept = [[t.positions_of(layer, h).copy() for h in range(self.runner.num_kv_heads)]
+                    for layer in range(self.runner.num_layers)]
+            ex["eviction_log"].append(EvictionRecord(
+                t.num_written, ex["budget"], decision.num_sinks, decision.num_recent,
+                getattr(spec.policy, "name", type(spec.policy).__name__), kept))

@@ -1,0 +1,238 @@
+"""Per-layer, per-KV-head block tables (the cache manager of the per-head graph).
+
+Every layer has its own pool of *head blocks* (one block of one KV head: ``block_size`` tokens of
+that head's keys and values), so after eviction each (layer, head) of a sequence can hold a
+different number of tokens. ``lens[l, h]`` tokens of sequence ``s`` sit in the first rows of its
+table ``blocks[l][h]`` in position order; ``num_written`` counts the sequence's positions whose
+K/V were written (RoPE positions continue from there whatever was evicted).
+
+Same interface as :class:`kvcrush_ov.engine.kv_cache_manager.KVCacheManager` for the scheduler
+(``can_append``, ``append_slots``, ``fork``, ``free``, ``check_invariants``), plus
+:meth:`compact` which applies an eviction decision and returns the row moves the model runner
+must do in the cache tensors. Copy-on-write and compaction moves are ``(layer, ...)`` tuples.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcrush_ov.engine.block_pool import BlockPool
+
+# (layer, dst_block, [(src_block, src_row), ...]): write these rows densely into dst_block
+Move = tuple[int, int, list[tuple[int, int]]]
+
+
+@dataclass
+class HeadTable:
+    """blocks[l][h]: head-block ids (layer ``l``'s pool); lens: int64 [L, H] cached tokens."""
+
+    blocks: list[list[list[int]]]
+    lens: np.ndarray
+    num_written: int = 0
+    uniform: bool = True  # every (layer, head) holds the same number of tokens and blocks
+    maybe_shared: bool = False  # may hold blocks shared with a fork
+    positions: list[list[np.ndarray]] | None = None  # [l][h] positions; None = arange(lens)
+    evictions: int = 0
+    version: int = 0  # changes whenever a block list changes (the runner caches tables by it)
+
+    def num_blocks(self) -> int:
+        return sum(len(b) for row in self.blocks for b in row)
+
+    def positions_of(self, layer: int, head: int) -> np.ndarray:
+        if self.positions is None:
+            return np.arange(int(self.lens[layer, head]), dtype=np.int64)
+        return self.positions[layer][head]
+
+
+class HeadKVCacheManager:
+    """pools[l]: layer ``l``'s head blocks (``num_blocks * num_kv_heads`` of them)."""
+
+    def __init__(self, pools: list[BlockPool], num_kv_heads: int, block_size: int) -> None:
+        self.pools = pools
+        self.num_layers = len(pools)
+        self.num_kv_heads = num_kv_heads
+        self.block_size = block_size
+        self.tables: dict[int, HeadTable] = {}
+        self._versions = itertools.count(1)
+
+    # ------------------------------------------------------------------ sizes
+    def _blocks_for(self, tokens: int | np.ndarray) -> int | np.ndarray:
+        return -(-tokens // self.block_size)
+
+    @property
+    def num_used(self) -> int:
+        """Head blocks in use over all layers."""
+        return sum(p.num_used for p in self.pools)
+
+    def table(self, seq_id: int) -> HeadTable:
+        t = self.tables.get(seq_id)
+        if t is None:
+            t = HeadTable(
+                blocks=[[[] for _ in range(self.num_kv_heads)] for _ in range(self.num_layers)],
+                lens=np.zeros((self.num_layers, self.num_kv_heads), np.int64),
+                version=next(self._versions),
+            )
+            self.tables[seq_id] = t
+        return t
+
+    def blocks_needed(self, seq_id: int, new_tokens: int) -> np.ndarray:
+        """int64 [L]: free head blocks each layer's pool must have for ``new_tokens`` more."""
+        t = self.tables.get(seq_id)
+        if t is None:
+            per_head = self._blocks_for(new_tokens)
+            return np.full(self.num_layers, per_head * self.num_kv_heads, np.int64)
+        if t.uniform and not t.maybe_shared:
+            n = int(t.lens[0, 0])
+            need = self._blocks_for(n + new_tokens) - len(t.blocks[0][0])
+            return np.full(self.num_layers, max(need, 0) * self.num_kv_heads, np.int64)
+        out = np.zeros(self.num_layers, np.int64)
+        for layer in range(self.num_layers):
+            for h in range(self.num_kv_heads):
+                out[layer] += self._need(t, layer, h, new_tokens)
+        return out
+
+    def _need(self, t: HeadTable, layer: int, h: int, new_tokens: int) -> int:
+        blocks, n = t.blocks[layer][h], int(t.lens[layer, h])
+        need = max(self._blocks_for(n + new_tokens) - len(blocks), 0)
+        if (new_tokens and n % self.block_size and blocks
+                and self.pools[layer].ref_count(blocks[-1]) > 1):
+            need += 1
+        return need
+
+    def can_append(self, seq_id: int, new_tokens: int) -> bool:
+        need = self.blocks_needed(seq_id, new_tokens)
+        return all(int(need[i]) <= p.num_free for i, p in enumerate(self.pools))
+
+    # ------------------------------------------------------------------ writes
+    def append_slots(self, seq_id: int, new_tokens: int) -> list[tuple[int, int, int]]:
+        """Reserve ``new_tokens`` more rows in every (layer, head); return copy-on-write copies
+        ``(layer, src, dst)``. Raises NoFreeBlocks (possibly after partial allocation: call
+        :meth:`can_append` first)."""
+        t = self.table(seq_id)
+        copies: list[tuple[int, int, int]] = []
+        if t.uniform and not t.maybe_shared:
+            n = int(t.lens[0, 0])
+            need = self._blocks_for(n + new_tokens) - len(t.blocks[0][0])
+            if need > 0:
+                for layer, pool in enumerate(self.pools):
+                    fresh = pool.allocate(need * self.num_kv_heads)
+                    for h in range(self.num_kv_heads):
+                        t.blocks[layer][h].extend(fresh[h * need:(h + 1) * need])
+                t.version = next(self._versions)
+        else:
+            before = t.num_blocks()
+            for layer, pool in enumerate(self.pools):
+                for h in range(self.num_kv_heads):
+                    copies.extend(self._append_one(t, pool, layer, h, new_tokens))
+            if copies or t.num_blocks() != before:
+                t.version = next(self._versions)
+        t.lens += new_tokens
+        t.num_written += new_tokens
+        if t.positions is not None:
+            new = np.arange(t.num_written - new_tokens, t.num_written, dtype=np.int64)
+            t.positions = [[np.concatenate([p, new]) for p in row] for row in t.positions]
+        return copies
+
+    def _append_one(self, t: HeadTable, pool: BlockPool, layer: int, h: int,
+                    new_tokens: int) -> list[tuple[int, int, int]]:
+        blocks, n = t.blocks[layer][h], int(t.lens[layer, h])
+        need = max(self._blocks_for(n + new_tokens) - len(blocks), 0)
+        shared_tail = (new_tokens > 0 and n % self.block_size != 0 and blocks
+                       and pool.ref_count(blocks[-1]) > 1)
+        fresh = pool.allocate(need + (1 if shared_tail else 0))
+        out = []
+        if shared_tail:
+            src, dst = blocks[-1], fresh.pop()
+            pool.free([src])
+            blocks[-1] = dst
+            out.append((layer, src, dst))
+        blocks.extend(fresh)
+        return out
+
+    def fork(self, parent: int, child: int) -> None:
+        """``child`` shares every head block of ``parent`` (no cache memory is copied)."""
+        p = self.tables[parent]
+        for layer, pool in enumerate(self.pools):
+            for h in range(self.num_kv_heads):
+                pool.share(p.blocks[layer][h])
+        p.maybe_shared = True
+        self.tables[child] = HeadTable(
+            blocks=[[list(b) for b in row] for row in p.blocks], lens=p.lens.copy(),
+            num_written=p.num_written, uniform=p.uniform, maybe_shared=True,
+            positions=None if p.positions is None else [list(r) for r in p.positions],
+            evictions=p.evictions, version=next(self._versions),
+        )
+
+    def free(self, seq_id: int) -> None:
+        t = self.tables.pop(seq_id, None)
+        if t is not None:
+            for layer, pool in enumerate(self.pools):
+                for h in range(self.num_kv_heads):
+                    pool.free(t.blocks[layer][h])
+
+    # ------------------------------------------------------------------ eviction
+    def compact(self, seq_id: int, keep_rows: list[list[np.ndarray]]) -> list[Move]:
+        """Keep rows ``keep_rows[l][h]`` (sorted row indices into the (l, h) table) and drop the
+        rest: kept rows are packed densely from the first block on, emptied blocks are freed,
+        shared blocks that would change are replaced by fresh ones (copy-on-write).
+
+        Returns the moves the runner must apply in order: ``(layer, dst_block, sources)`` with
+        ``dst_block`` in the (l, h) pool and sources ``(src_block, row)`` read before any later
+        move writes over them (a source of move i never lies in a block written by a move < i of
+        the same (layer, head)). Blocks whose rows stay where they are produce no move.
+        """
+        t = self.tables[seq_id]
+        bs = self.block_size
+        moves: list[Move] = []
+        positions = [[t.positions_of(layer, h) for h in range(self.num_kv_heads)]
+                     for layer in range(self.num_layers)]
+        for layer, pool in enumerate(self.pools):
+            for h in range(self.num_kv_heads):
+                rows = np.asarray(keep_rows[layer][h], dtype=np.int64)
+                blocks = t.blocks[layer][h]
+                n = int(t.lens[layer, h])
+                if len(rows) and (rows[0] < 0 or rows[-1] >= n or np.any(np.diff(rows) <= 0)):
+                    raise ValueError(f"compact: rows of layer {layer} head {h} must be sorted, "
+                                     f"unique, in [0, {n})")
+                k = len(rows)
+                new_blocks = self._blocks_for(k)
+                old = list(blocks)  # sources are read from the blocks as they were
+                for i in range(new_blocks):
+                    part = rows[i * bs:(i + 1) * bs]
+                    if np.array_equal(part, np.arange(i * bs, i * bs + len(part))):
+                        continue  # rows already in place
+                    dst = blocks[i]
+                    if pool.ref_count(dst) > 1:  # shared with a fork: write a private copy
+                        (dst,) = pool.allocate(1)
+                        pool.free([blocks[i]])
+                        blocks[i] = dst
+                    # row r >= its new index, so it lies in block i or later: not yet written
+                    moves.append((layer, dst, [(old[r // bs], r % bs) for r in part.tolist()]))
+                pool.free(blocks[new_blocks:])
+                del blocks[new_blocks:]
+                t.lens[layer, h] = k
+                positions[layer][h] = positions[layer][h][rows]
+        t.positions = positions
+        t.uniform = bool((t.lens == t.lens[0, 0]).all())
+        t.version = next(self._versions)
+        t.evictions += 1
+        return moves
+
+    def check_invariants(self) -> None:
+        for sid, t in self.tables.items():
+            for layer in range(self.num_layers):
+                for h in range(self.num_kv_heads):
+                    nb, n = len(t.blocks[layer][h]), int(t.lens[layer, h])
+                    if nb != self._blocks_for(n):
+                        raise AssertionError(f"sequence {sid} layer {layer} head {h}: {nb} "
+                                             f"blocks for {n} tokens")
+                    if t.positions is not None and len(t.positions[layer][h]) != n:
+                        raise AssertionError(f"sequence {sid}: positions out of step")
+            if t.uniform and not (t.lens == t.lens[0, 0]).all():
+                raise AssertionError(f"sequence {sid}: marked uniform with ragged lengths")
+        for layer, pool in enumerate(self.pools):
+            pool.check_invariants([t.blocks[layer][h] for t in self.tables.values()
+                                   for h in range(self.num_kv_heads)])

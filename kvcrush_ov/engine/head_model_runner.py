@@ -1,0 +1,177 @@
+"""Model runner for the per-KV-head graph (``transformations/per_head.py``), used with eviction.
+
+Every (sequence, KV head) pair is a subsequence of its own with per-layer block tables and
+lengths, so layers and heads may hold different tokens after eviction. Two compiled copies of
+the graph share the cache tensors: one with ``scores.L`` outputs (per-head attention scores, summed
+over the last ``score_aggregation_window[s]`` queries of each sequence) and one without, because
+score outputs cost decode time; a step pays for scores only when a sequence needs them.
+
+Cache tensors per layer: per-head pools ``[num_head_blocks, 1, rows, cols]`` (``num_head_blocks``
+= blocks * KV heads); rows / cols / element type are read from the compiled model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
+from kvcrush_ov.engine.kv_codec import CacheLayout, compact_kv
+from kvcrush_ov.engine.model_runner import ModelRunner
+from kvcrush_ov.engine.scheduler import ScheduledChunk
+from kvcrush_ov.transformations.paged import read_paged_model
+from kvcrush_ov.transformations.per_head import (
+    HEAD_SUBSEQUENCE_BEGINS,
+    PerHeadLayout,
+    block_indices_begins_name,
+    block_indices_name,
+    head_past_lens_name,
+    to_per_head,
+)
+
+_I32 = np.int32
+WINDOW = "score_aggregation_window"
+
+
+class HeadModelRunner(ModelRunner):
+    """Compiled per-head model (with and without score outputs) + per-head cache pools."""
+
+    def _compile(self, model_dir: Path, device: str, props: dict) -> ov.CompiledModel:
+        model = to_per_head(read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
+                                             logits_indices=True, score_aggregation=True))
+        self.layout = PerHeadLayout.from_model(model)
+        scoreless = model.clone()
+        for result in list(scoreless.get_results()):
+            if any(n.startswith("scores.") for n in result.output(0).get_names()):
+                scoreless.remove_result(result)
+        scoreless.validate_nodes_and_infer_types()
+        self.plain_compiled = self.core.compile_model(scoreless, device, props)
+        self.plain_request = self.plain_compiled.create_infer_request()
+        self.score_infer_s = 0.0
+        self.scored_steps = 0
+        return self.core.compile_model(model, device, props)
+
+    def __init__(self, model_dir: str | Path, device: str, precision: str,
+                 properties: dict | None = None) -> None:
+        super().__init__(model_dir, device, precision, properties)
+        self.num_kv_heads = self.layout.num_kv_heads
+        self.key_layout, self.value_layout = CacheLayout.from_compiled(self.compiled)
+        self._tables_key: dict[int, tuple[int, ...]] = {}
+        self._past_buf: dict[int, np.ndarray] = {}
+
+    @property
+    def head_block_bytes(self) -> int:
+        """Bytes of one head block (one KV head, ``block_size`` tokens) in one layer."""
+        k = ov.Tensor(self.key_type, [1, *self.key_shape]).get_byte_size()
+        v = ov.Tensor(self.value_type, [1, *self.value_shape]).get_byte_size()
+        return k + v
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one full block (all heads, all layers), comparable with the plain runner."""
+        return self.head_block_bytes * self.num_kv_heads * self.num_layers
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        """``num_blocks`` full blocks = ``num_blocks * num_kv_heads`` head blocks per layer."""
+        super().allocate_cache(num_blocks * self.layout.num_kv_heads)
+        for layer, (kt, vt) in enumerate(self._caches):
+            self.plain_request.set_tensor(f"key_cache.{layer}", kt)
+            self.plain_request.set_tensor(f"value_cache.{layer}", vt)
+
+    def copy_head_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy-on-write: ``(layer, src, dst)`` head blocks, keys and values."""
+        for layer, src, dst in copies:
+            for t in self._caches[layer]:
+                view = t.data.reshape(self.num_blocks, -1)
+                view[dst] = view[src]
+
+    def apply_moves(self, moves: list[Move]) -> None:
+        """Compaction after eviction (see HeadKVCacheManager.compact); kv_codec re-quantizes
+        u8 / u4 key blocks that receive rows from several blocks."""
+        by_layer: dict[int, list[tuple[int, list[tuple[int, int]]]]] = {}
+        for layer, dst, sources in moves:
+            by_layer.setdefault(layer, []).append((dst, sources))
+        for layer, layer_moves in by_layer.items():  # all sources are read before any write
+            kt, vt = self._caches[layer]
+            compact_kv(self.key_layout, self.value_layout, kt, vt, layer_moves)
+
+    def _set_tables(self, req: ov.InferRequest, tables: list[HeadTable]) -> None:
+        """block_indices.L / block_indices_begins.L; rebuilt only when a table changed."""
+        key = tuple(t.version for t in tables)
+        if self._tables_key.get(id(req)) == key:
+            return  # the request still holds these tensors
+        num_heads = self.num_kv_heads
+        for layer in range(self.num_layers):
+            flat: list[int] = []
+            begins = [0]
+            for h in range(num_heads):
+                for t in tables:
+                    flat.extend(t.blocks[layer][h])
+                    begins.append(len(flat))
+            req.set_tensor(block_indices_name(layer), ov.Tensor(np.asarray(flat, dtype=_I32)))
+            req.set_tensor(block_indices_begins_name(layer),
+                           ov.Tensor(np.asarray(begins, dtype=_I32)))
+        self._tables_key[id(req)] = key
+
+    def _set_past(self, req: ov.InferRequest, past: np.ndarray) -> None:
+        """head_past_lens.L from ``past`` [L, H*B]: written in place into tensors that share
+        one buffer, so a step with the same batch shape makes no set_tensor call."""
+        buf = self._past_buf.get(id(req))
+        if buf is not None and buf.shape == past.shape:
+            np.copyto(buf, past, casting="unsafe")
+            return
+        buf = np.ascontiguousarray(past, dtype=_I32)
+        self._past_buf[id(req)] = buf
+        for layer in range(self.num_layers):
+            req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[layer], shared_memory=True))
+
+    def run_heads(self, chunks: list[ScheduledChunk], tables: list[HeadTable],
+                  windows: list[int] | None) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """One step. ``windows[i]``: queries of chunk i whose scores are summed (>= 1), or None
+        when no sequence needs scores (the scoreless graph runs).
+
+        Returns logits [sampling chunks, vocab] and, with windows, ``scores.L`` per layer (flat,
+        segments ordered j = h*B + s, each ``lens[l, h] + num_tokens`` long: see per_head.py).
+        """
+        ids: list[int] = []
+        pos: list[int] = []
+        counts: list[int] = []
+        sample_at: list[int] = []
+        total = 0
+        for c in chunks:
+            end = c.start + c.num_tokens
+            ids.extend(c.seq.token_slice(c.start, end))
+            pos.extend(range(c.start, end))
+            counts.append(c.num_tokens)
+            total += c.num_tokens
+            if c.sample:
+                sample_at.append(total - 1)
+        req = self.request if windows is not None else self.plain_request
+        self._set_tables(req, tables)
+        lens = np.stack([t.lens for t in tables])  # [B, L, H], this step's tokens included
+        past = lens - np.asarray(counts, dtype=np.int64)[:, None, None]
+        self._set_past(req, past.transpose(1, 2, 0).reshape(self.num_layers, -1))
+        max_ctx = int(lens.max())
+        req.set_tensor(HEAD_SUBSEQUENCE_BEGINS,
+                       ov.Tensor(self.layout.subsequence_begins(counts)))
+        req.set_tensor("input_ids", ov.Tensor(np.asarray(ids, dtype=np.int64)))
+        req.set_tensor("position_ids", ov.Tensor(np.asarray(pos, dtype=np.int64)))
+        req.set_tensor("max_context_len", ov.Tensor(np.asarray(max_ctx, dtype=_I32)))
+        req.set_tensor("logits_indices", ov.Tensor(np.asarray(sample_at, dtype=np.int64)))
+        if windows is not None:
+            req.set_tensor(WINDOW, ov.Tensor(np.asarray(windows, dtype=_I32)))
+        t0 = time.perf_counter()
+        req.infer()
+        dt = time.perf_counter() - t0
+        self.infer_s += dt
+        logits = req.get_tensor("logits").data.reshape(len(sample_at), self.vocab_size)
+        if windows is None:
+            return logits, None
+        self.score_infer_s += dt
+        self.scored_steps += 1
+        scores = [np.array(req.get_tensor(f"scores.{layer}").data)
+                  for layer in range(self.num_layers)]
+        return logits, scores

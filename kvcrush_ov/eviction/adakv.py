@@ -1,0 +1,64 @@
+"""Ada-KV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation
+for Efficient LLM Inference").
+
+The layer's budget is shared by its heads: the top scores across all heads of the layer win, so a
+head whose attention is spread over many tokens gets more slots than one that attends to a few. A
+safeguard floor keeps ``floor(alpha * num_keep)`` of every head's own best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
+from kvcrush_ov.eviction.h2o import check_aggregation_mode
+from kvcrush_ov.eviction.snapkv import check_pooling, pool_scores
+
+
+@dataclass(frozen=True)
+class AdaKV:
+    """SnapKV scores with adaptive per-head budgets inside each layer.
+
+    Per layer (budget ``H * num_keep``, or what ``base.head_quotas`` moves there when heads are
+    short): every head first keeps its best ``min(floor(alpha * num_keep), length)``; the rest of
+    the layer's budget goes to the highest remaining scores of all its heads together (ties: lower
+    head, then earlier candidate). A head never keeps more than it holds.
+
+    aggregation_mode, pooling, kernel_size: as :class:`SnapKV`.
+    alpha: the safeguard floor in [0, 1] (Ada-KV's default 0.2).
+    """
+
+    name: ClassVar[str] = "adakv"
+    score_mode: ClassVar[str] = "window"
+
+    aggregation_mode: str = "sum"
+    pooling: str = "max"
+    kernel_size: int = 7
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_aggregation_mode("AdaKV", self.aggregation_mode)
+        check_pooling("AdaKV", self.pooling, self.kernel_size)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"AdaKV.alpha={self.alpha!r}: allowed a number in [0, 1]")
+
+    def scores(self, inputs: EvictionInputs) -> np.ndarray:
+        """float32 [L, H, N]: pooled normalised scores (as SnapKV); -inf in padding."""
+        return pool_scores(inputs.normalised(self.aggregation_mode), inputs.lengths,
+                           self.pooling, self.kernel_size)
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        """bool [L, H, N]: floor per head, then the layer's top scores across heads."""
+        num_layers, num_heads, n = inputs.shape
+        layer_budget = head_quotas(inputs.lengths, num_keep).sum(axis=1)
+        scores = self.scores(inputs)
+        floor = np.minimum(int(np.floor(self.alpha * num_keep)), inputs.lengths)
+        keep = top_k_mask(scores, floor)
+        rest = np.where(keep, -np.inf, scores).reshape(num_layers, num_heads * n)
+        extra = top_k_mask(rest, layer_budget - floor.sum(axis=1))
+        return keep | extra.reshape(inputs.shape)

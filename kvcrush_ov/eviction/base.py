@@ -1,0 +1,195 @@
+"""The contract every eviction policy implements (one small file per policy).
+
+Generic code (``kvcrush_ov.eviction.planner``) owns the budget, the attention sinks
+(``start_size`` first tokens) and the recent window (``recent_size`` last tokens), block
+bookkeeping, compaction and freeing. A policy only sees the *candidates*: for each layer and KV
+head, the cached tokens that are neither sinks nor recent, and picks which of them stay.
+
+Notation: ``L`` layers, ``H`` KV heads, ``N`` the longest candidate list of any (layer, head).
+
+:class:`EvictionInputs` (one sequence, one eviction event):
+
+- ``scores``  float32 [L, H, N]: attention each candidate received, summed over the query heads of
+  the KV head's group and over every *scored* query so far (which queries are scored is the
+  policy's :attr:`EvictionPolicy.score_mode`). Padding entries are 0.
+- ``counts``  float32 [L, H, N]: how many scored queries could see the candidate (for
+  ``norm_sum`` normalisation: ``scores / counts``); 0 in padding.
+- ``positions`` int64 [L, H, N]: the candidate's position in the sequence (increasing along N);
+  -1 in padding. Heads may hold different positions after an earlier per-head eviction.
+- ``lengths`` int64 [L, H]: valid candidates of each (layer, head): entries ``[:lengths[l, h]]``.
+- ``block_size``: tokens per KV block (for block-granular policies).
+
+A policy returns ``keep``: bool [L, H, N], True for every candidate that stays, False in padding,
+with ``keep.sum() == L * H * num_keep`` exactly (``num_keep`` = candidates to keep per (layer,
+head) on average; a policy may move budget between layers or heads, never exceed ``lengths``).
+:func:`check_keep` verifies this; the planner calls it after every policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+SCORE_MODES = ("none", "window", "all")
+
+
+@dataclass(frozen=True)
+class EvictionInputs:
+    scores: np.ndarray  # float32 [L, H, N]
+    counts: np.ndarray  # float32 [L, H, N]
+    positions: np.ndarray  # int64 [L, H, N], -1 = padding
+    lengths: np.ndarray  # int64 [L, H]
+    block_size: int = 32
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.scores.shape  # type: ignore[return-value]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool [L, H, N]: True on real candidates."""
+        return np.arange(self.scores.shape[2])[None, None, :] < self.lengths[:, :, None]
+
+    def normalised(self, aggregation_mode: str) -> np.ndarray:
+        """float32 [L, H, N]: ``scores`` (``sum``) or ``scores / counts`` (``norm_sum``); padding
+        is -inf so that it never wins a top-k."""
+        if aggregation_mode == "sum":
+            out = self.scores.astype(np.float32, copy=True)
+        elif aggregation_mode == "norm_sum":
+            out = self.scores / np.maximum(self.counts, 1.0)
+        else:
+            raise ValueError(f"aggregation_mode={aggregation_mode!r}: allowed sum, norm_sum")
+        return np.where(self.valid, out, -np.inf).astype(np.float32)
+
+    @classmethod
+    def from_lists(cls, scores: list[list[np.ndarray]], positions: list[list[np.ndarray]],
+                   counts: list[list[np.ndarray]] | None = None,
+                   block_size: int = 32) -> EvictionInputs:
+        """Pad ragged per-(layer, head) arrays ``[l][h] -> [n_lh]`` into an EvictionInputs."""
+        num_layers, num_heads = len(scores), len(scores[0])
+        lengths = np.array([[len(s) for s in row] for row in scores], dtype=np.int64)
+        n = int(lengths.max()) if lengths.size else 0
+        sc = np.zeros((num_layers, num_heads, n), np.float32)
+        ct = np.zeros((num_layers, num_heads, n), np.float32)
+        ps = np.full((num_layers, num_heads, n), -1, np.int64)
+        for layer in range(num_layers):
+            for h in range(num_heads):
+                k = lengths[layer, h]
+                sc[layer, h, :k] = scores[layer][h]
+                ps[layer, h, :k] = positions[layer][h]
+                ct[layer, h, :k] = 1.0 if counts is None else counts[layer][h]
+        return cls(sc, ct, ps, lengths, block_size)
+
+
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    """A policy: which candidates stay. Implementations are small frozen dataclasses.
+
+    name: the value users pass as ``CacheEvictionConfig(importance=...)``.
+    score_mode: which queries' attention the engine accumulates for this policy:
+        ``"none"`` (no scores needed: no score outputs are computed), ``"window"`` (the prompt's
+        last ``window`` queries, then every decode query) or ``"all"`` (every query, H2O).
+    """
+
+    name: ClassVar[str]
+    score_mode: ClassVar[str]
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        """bool [L, H, N] keep mask with exactly ``L * H * num_keep`` True (see module doc)."""
+        ...
+
+
+def check_keep(keep: np.ndarray, inputs: EvictionInputs, num_keep: int, who: str) -> None:
+    """Raise AssertionError unless ``keep`` is a valid answer of policy ``who``."""
+    if keep.shape != inputs.scores.shape or keep.dtype != np.bool_:
+        raise AssertionError(f"{who}: keep must be bool {inputs.scores.shape}, got "
+                             f"{keep.dtype} {keep.shape}")
+    if (keep & ~inputs.valid).any():
+        raise AssertionError(f"{who}: keeps a padding entry")
+    total = int(keep.sum())
+    want = num_keep * inputs.lengths.size
+    if total != want:
+        raise AssertionError(f"{who}: kept {total} candidates, the budget is exactly {want} "
+                             f"({num_keep} per layer and head)")
+
+
+def top_k_mask(values: np.ndarray, k: np.ndarray | int) -> np.ndarray:
+    """bool mask of the ``k`` largest entries along the last axis (ties: lower index first).
+
+    values: [..., N] (use -inf for entries that must not be picked); k: int or int array
+    broadcastable to ``values.shape[:-1]``.
+    """
+    n = values.shape[-1]
+    k_arr = np.clip(np.broadcast_to(np.asarray(k, dtype=np.int64), values.shape[:-1]), 0, n)
+    if n == 0:
+        return np.zeros(values.shape, bool)
+    # The k-th largest value by a plain sort (several times faster than a stable argsort), then
+    # everything above it plus the first of its ties (cumsum) up to k.
+    kth = np.take_along_axis(np.sort(values, axis=-1), (n - np.maximum(k_arr, 1))[..., None], -1)
+    above = values > kth
+    tie = values == kth
+    need = k_arr[..., None] - above.sum(axis=-1, keepdims=True)
+    if (tie.sum(axis=-1, keepdims=True) > need).any():  # more ties than places: earliest first
+        tie &= np.cumsum(tie, axis=-1) <= need
+    return (above | tie) & (k_arr[..., None] > 0)
+
+
+# --- Budget arithmetic shared by the policies (added with the policies; see their modules). ---
+
+def water_fill(total: int, capacity: np.ndarray) -> np.ndarray:
+    """int64 like ``capacity``: ``total`` units spread max-min fairly, never above ``capacity``.
+
+    Every entry gets ``min(capacity, t)`` for the largest level ``t`` that fits, and the last
+    few units go one each to the entries still below capacity, lowest flat index first.
+    Raises ValueError if ``total`` exceeds ``capacity.sum()``.
+    """
+    cap = np.maximum(np.asarray(capacity, dtype=np.int64), 0)
+    if total < 0 or total > int(cap.sum()):
+        raise ValueError(f"water_fill: total={total} must be in [0, capacity.sum()={cap.sum()}]")
+    lo, hi = 0, int(cap.max()) if cap.size else 0
+    while lo < hi:  # largest t with sum(min(cap, t)) <= total
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if int(np.minimum(cap, mid).sum()) <= total else (lo, mid - 1)
+    out = np.minimum(cap, lo)
+    rest = total - int(out.sum())
+    if rest:
+        flat = out.reshape(-1)
+        flat[np.flatnonzero(cap.reshape(-1) > lo)[:rest]] += 1
+    return out
+
+
+def fit_budget(target: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """int64 [..., K]: ``target`` capped at ``capacity`` with the same total.
+
+    What an entry cannot hold moves first to the other entries of its row (last axis), then,
+    if the row is full, to every entry with room (both max-min fair, see :func:`water_fill`).
+    Raises ValueError if ``target.sum() > capacity.sum()``.
+    """
+    target, capacity = np.broadcast_arrays(np.asarray(target, dtype=np.int64),
+                                           np.asarray(capacity, dtype=np.int64))
+    if int(target.sum()) > int(np.maximum(capacity, 0).sum()):
+        raise ValueError(f"fit_budget: the budget {int(target.sum())} exceeds the "
+                         f"{int(np.maximum(capacity, 0).sum())} candidates available")
+    cap = capacity.reshape(-1, capacity.shape[-1])
+    want = target.reshape(cap.shape)
+    out = np.minimum(want, cap)
+    over = (want - out).sum(axis=1)
+    for row in np.flatnonzero(over):
+        spare = cap[row] - out[row]
+        out[row] += water_fill(min(int(over[row]), int(spare.sum())), spare)
+    rest = int(want.sum() - out.sum())
+    if rest:
+        out += water_fill(rest, cap - out)
+    return out.reshape(target.shape)
+
+
+def head_quotas(lengths: np.ndarray, num_keep: int) -> np.ndarray:
+    """int64 [L, H]: ``num_keep`` per (layer, head), moved within the layer (then across layers)
+    where a head holds fewer candidates; sums to ``L * H * num_keep`` (ValueError if impossible).
+    """
+    if num_keep < 0:
+        raise ValueError(f"num_keep={num_keep}: must be >= 0")
+    return fit_budget(np.full(lengths.shape, num_keep, np.int64), lengths)

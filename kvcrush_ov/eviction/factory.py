@@ -1,0 +1,42 @@
+"""From the user's :class:`~kvcrush_ov.config.CacheEvictionConfig` to the engine's EvictionSpec."""
+
+from __future__ import annotations
+
+from kvcrush_ov.config import CacheEvictionConfig
+from kvcrush_ov.eviction.base import EvictionPolicy
+from kvcrush_ov.eviction.kvcrush import KVCrush
+from kvcrush_ov.eviction.registry import POLICIES
+from kvcrush_ov.eviction.spec import EvictionSpec
+from kvcrush_ov.eviction.upstream import UpstreamEviction
+
+_POOLED = ("snapkv", "pyramidkv", "adakv")
+NATIVE_KERNEL_SIZE = 15  # kernel_size=None on the native backend (docs/eviction.md)
+
+
+def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
+    """The importance policy named by ``cfg.importance``, wrapped in KVCrush if configured."""
+    if cfg.importance == "upstream":  # the engine runs GenAI's exact algorithm (spec.genai)
+        return UpstreamEviction(aggregation_mode=cfg.aggregation_mode)
+    cls = POLICIES[cfg.importance]
+    kwargs: dict = {}
+    if cfg.importance in _POOLED:
+        kwargs = {"aggregation_mode": cfg.aggregation_mode, "pooling": cfg.pooling,
+                  "kernel_size": cfg.kernel_size or NATIVE_KERNEL_SIZE}
+    elif cfg.importance == "h2o":
+        kwargs = {"aggregation_mode": cfg.aggregation_mode}
+    policy = cls(**kwargs)
+    crush = cfg.kvcrush
+    if crush is None or crush.budget == 0:
+        return policy
+    return KVCrush(importance=policy, share=float(crush.budget), anchor=crush.anchor_point_mode,
+                   granularity=crush.granularity or "token", dynamic_split=crush.dynamic_split)
+
+
+def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:
+    """Everything the native engine needs to evict as ``cfg`` says."""
+    seed = cfg.kvcrush.rng_seed if cfg.kvcrush is not None else 0
+    return EvictionSpec(policy=make_policy(cfg), max_cache_size=cfg.max_cache_size,
+                        start_size=cfg.start_size, recent_size=cfg.recent_size, mode=cfg.mode,
+                        evict_interval=cfg.evict_interval, window=cfg.snapkv_window_size,
+                        seed=seed, log=cfg.log,
+                        genai=cfg if cfg.importance == "upstream" else None)

@@ -1,0 +1,81 @@
+"""Generic part of every eviction: budget, attention sinks, recent window, which rows stay.
+
+A sequence's budget is its total number of cached tokens per (layer, KV head) on average:
+``start_size`` sinks (positions < start_size) and the ``recent_size`` newest positions always stay;
+the policy picks ``budget - sinks - recent`` tokens per (layer, head) on average from the rest
+(the candidates). After an eviction the sequence holds exactly ``budget * L * H`` head-rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcrush_ov.eviction.base import EvictionInputs, EvictionPolicy, check_keep
+from kvcrush_ov.eviction.scores import SequenceScores
+
+
+@dataclass
+class EvictionDecision:
+    """keep_rows[l][h]: sorted row indices that stay; inputs / keep: what the policy saw and
+    picked (for the eviction log); num_sinks / num_recent per (layer, head)."""
+
+    keep_rows: list[list[np.ndarray]]
+    num_sinks: int
+    num_recent: int
+    num_keep: int
+    keep: np.ndarray | None = None
+    positions: np.ndarray | None = None
+
+
+def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | None,
+                  policy: EvictionPolicy, budget: int, start_size: int, recent_size: int,
+                  num_written: int, block_size: int, rng: np.random.Generator,
+                  ) -> EvictionDecision:
+    """Rows to keep for one sequence.
+
+    positions[l][h]: int64 [n_lh] positions of the cached rows (increasing). budget: tokens per
+    (layer, head) after eviction (>= sinks + recent present). num_written: positions written so
+    far (the recent window is ``[num_written - recent_size, num_written)``).
+    """
+    num_layers, num_heads = len(positions), len(positions[0])
+    sinks = np.array([[np.searchsorted(p, start_size) for p in row] for row in positions])
+    recent = np.array([[len(p) - np.searchsorted(p, num_written - recent_size) for p in row]
+                       for row in positions])
+    if (sinks != sinks[0, 0]).any() or (recent != recent[0, 0]).any():
+        raise AssertionError("eviction: sinks / recent window differ between heads")
+    n_sinks, n_recent = int(sinks[0, 0]), int(recent[0, 0])
+    num_keep = budget - n_sinks - n_recent
+    if num_keep < 0:
+        raise ValueError(f"eviction budget {budget} < sinks {n_sinks} + recent {n_recent}")
+    cand_scores, cand_counts, cand_pos = [], [], []
+    for layer in range(num_layers):
+        s_row, c_row, p_row = [], [], []
+        for h in range(num_heads):
+            p = positions[layer][h]
+            lo, hi = n_sinks, len(p) - n_recent
+            acc = (scores.aligned(layer, h, len(p))[lo:hi] if scores is not None
+                   else np.zeros(hi - lo, np.float32))
+            s_row.append(acc)
+            c_row.append(scores.counts(p[lo:hi]) if scores is not None
+                         else np.ones(hi - lo, np.float32))
+            p_row.append(p[lo:hi])
+        cand_scores.append(s_row)
+        cand_counts.append(c_row)
+        cand_pos.append(p_row)
+    inputs = EvictionInputs.from_lists(cand_scores, cand_pos, cand_counts, block_size)
+    if (inputs.lengths < 0).any():
+        raise AssertionError("eviction: negative candidate count")
+    if num_keep * inputs.lengths.size > int(inputs.lengths.sum()):
+        raise ValueError(f"eviction: budget {budget} exceeds the cached tokens")
+    if hasattr(policy, "for_budget"):  # KVCrush: its share is of the total budget
+        policy = policy.for_budget(budget, num_keep)
+    keep = policy.select(inputs, num_keep, rng)
+    check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
+    keep_rows = [[np.concatenate([
+        np.arange(n_sinks, dtype=np.int64),
+        n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
+        np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]), dtype=np.int64),
+    ]) for h in range(num_heads)] for layer in range(num_layers)]
+    return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)

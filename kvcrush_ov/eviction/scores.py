@@ -1,0 +1,59 @@
+"""Attention scores accumulated per sequence, layer and KV head, aligned with the cached rows.
+
+The per-head graph returns, for every (layer, sequence, KV head), one score per context token
+(cached rows in table order, then this step's tokens) summed over the head's query heads and over
+the step's last ``window`` queries. :class:`SequenceScores` adds these up over steps, so that
+``acc[l][h][r]`` is the attention row ``r`` of head ``h`` in layer ``l`` received from every
+scored query so far, and records the positions of the scored queries (a token at position ``p``
+was seen by the scored queries at positions ``>= p``: the ``counts`` of ``norm_sum``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class SequenceScores:
+    """acc[l][h]: float32 [rows]; query_positions: sorted positions of the scored queries."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int) -> None:
+        self.acc = [[np.zeros(0, np.float32) for _ in range(num_kv_heads)]
+                    for _ in range(num_layers)]
+        self.query_positions: list[int] = []
+
+    def add(self, layer: int, head: int, segment: np.ndarray) -> None:
+        """Add one step's scores ``segment`` [rows after the step] of (layer, head)."""
+        acc = self.acc[layer][head]
+        if len(acc) > len(segment):
+            raise ValueError(f"scores of layer {layer} head {head}: {len(segment)} rows, "
+                             f"{len(acc)} already accumulated")
+        out = segment.astype(np.float32, copy=True)
+        out[:len(acc)] += acc
+        self.acc[layer][head] = out
+
+    def add_queries(self, first: int, count: int) -> None:
+        """The scored queries of a step were positions ``first .. first + count - 1``."""
+        self.query_positions.extend(range(first, first + count))
+
+    def aligned(self, layer: int, head: int, rows: int) -> np.ndarray:
+        """acc of (layer, head) padded with zeros to ``rows`` (rows never scored got 0)."""
+        acc = self.acc[layer][head]
+        if len(acc) < rows:
+            acc = np.concatenate([acc, np.zeros(rows - len(acc), np.float32)])
+            self.acc[layer][head] = acc
+        return acc
+
+    def counts(self, positions: np.ndarray) -> np.ndarray:
+        """float32 [n]: scored queries that could see each position (query position >= p)."""
+        q = np.asarray(self.query_positions, dtype=np.int64)  # sorted by construction
+        return (len(q) - np.searchsorted(q, positions, side="left")).astype(np.float32)
+
+    def compact(self, keep_rows: list[list[np.ndarray]]) -> None:
+        """Keep only rows ``keep_rows[l][h]`` (after the cache manager compacted them)."""
+        for layer, row in enumerate(keep_rows):
+            for h, rows in enumerate(row):
+                acc = self.acc[layer][h]
+                valid = rows[rows < len(acc)]
+                kept = np.zeros(len(rows), np.float32)
+                kept[:len(valid)] = acc[valid]
+                self.acc[layer][h] = kept

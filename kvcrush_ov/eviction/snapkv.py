@@ -1,0 +1,92 @@
+"""SnapKV (Li et al., NeurIPS 2024, "SnapKV: LLM Knows What You are Looking for Before
+Generation").
+
+Scores are the attention of an observation window (the prompt's last queries, then every decode
+query: ``score_mode = "window"``), smoothed along the sequence by a 1-D pooling so that the
+neighbours of an important token stay with it, then top-k per (layer, head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
+from kvcrush_ov.eviction.h2o import check_aggregation_mode
+
+POOLINGS = ("max", "avg", "none")
+
+
+def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
+                kernel_size: int) -> np.ndarray:
+    """float32 [L, H, N]: ``values`` pooled along N over a centred window of ``kernel_size``.
+
+    values: float [L, H, N] (padding ignored); lengths: int [L, H] valid entries per row.
+    The window of entry ``j`` is ``[j - r, j + r]`` (``r = kernel_size // 2``) clipped to the
+    row's valid entries, so padding never leaks in and the output has the input's length:
+    ``max`` takes the window's maximum, ``avg`` its mean over the valid entries in it, ``none``
+    copies. Padding is -inf in the output.
+    """
+    n = values.shape[-1]
+    valid = np.arange(n)[None, None, :] < lengths[:, :, None]
+    r = kernel_size // 2
+    if pooling == "none" or r == 0 or n == 0:
+        out = values.astype(np.float32, copy=True)
+    elif pooling == "max":
+        v = np.where(valid, values, -np.inf).astype(np.float32)
+        out = v.copy()
+        for s in range(1, min(r, n - 1) + 1):
+            np.maximum(out[..., s:], v[..., :-s], out=out[..., s:])
+            np.maximum(out[..., :-s], v[..., s:], out=out[..., :-s])
+    elif pooling == "avg":
+        zero = np.zeros(values.shape[:-1] + (1,))
+        sums = np.concatenate([zero, np.cumsum(np.where(valid, values, 0.0), -1)], -1)
+        cnts = np.concatenate([zero, np.cumsum(valid, -1)], -1)
+        j = np.arange(n)
+        lo, hi = np.maximum(j - r, 0), np.minimum(j + r + 1, n)
+        out = ((sums[..., hi] - sums[..., lo]) / np.maximum(cnts[..., hi] - cnts[..., lo], 1))
+    else:
+        raise ValueError(f"pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
+    return np.where(valid, out, -np.inf).astype(np.float32)
+
+
+def check_pooling(owner: str, pooling: str, kernel_size: int) -> None:
+    """Raise ValueError unless ``pooling`` and ``kernel_size`` (odd, >= 1) are valid."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"{owner}.pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
+    if (isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1
+            or kernel_size % 2 == 0):
+        raise ValueError(f"{owner}.kernel_size={kernel_size!r}: allowed an odd integer >= 1")
+
+
+@dataclass(frozen=True)
+class SnapKV:
+    """Per (layer, head) top-``num_keep`` of the pooled window attention.
+
+    aggregation_mode: ``"sum"`` or ``"norm_sum"`` (see :meth:`EvictionInputs.normalised`).
+    pooling: ``"max"`` (SnapKV's default), ``"avg"`` or ``"none"``.
+    kernel_size: odd pooling window (default 7, as in SnapKV).
+    """
+
+    name: ClassVar[str] = "snapkv"
+    score_mode: ClassVar[str] = "window"
+
+    aggregation_mode: str = "sum"
+    pooling: str = "max"
+    kernel_size: int = 7
+
+    def __post_init__(self) -> None:
+        check_aggregation_mode("SnapKV", self.aggregation_mode)
+        check_pooling("SnapKV", self.pooling, self.kernel_size)
+
+    def scores(self, inputs: EvictionInputs) -> np.ndarray:
+        """float32 [L, H, N]: pooled normalised scores; -inf in padding."""
+        return pool_scores(inputs.normalised(self.aggregation_mode), inputs.lengths,
+                           self.pooling, self.kernel_size)
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        """bool [L, H, N]: per (layer, head) top-``num_keep`` (ties: earlier candidate first)."""
+        return top_k_mask(self.scores(inputs), head_quotas(inputs.lengths, num_keep))

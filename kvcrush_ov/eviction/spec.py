@@ -1,0 +1,42 @@
+"""What the engine needs to know to evict: the policy, the budget and when to run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcrush_ov.config import CacheEvictionConfig
+from kvcrush_ov.eviction.base import EvictionPolicy
+
+EVICTION_MODES = ("prefill", "continuous")
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    """policy: picks candidates (see base.py). max_cache_size: total tokens per sequence (int)
+    or a fraction of the prompt (float in (0, 1]). start_size / recent_size: sinks and recent
+    window, always kept. mode: ``prefill`` evicts once, when the prompt is computed (SnapKV
+    style); ``continuous`` also evicts while decoding, whenever a sequence has grown
+    ``evict_interval`` tokens past its budget. window: the prompt's last ``window`` queries are
+    scored for score_mode "window" (decode queries are scored in continuous mode).
+    log: keep a per-request eviction log (which positions each layer / head kept, by which rule).
+    genai: set for ``importance="upstream"``: the user's config, translated per request to
+        GenAI's settings (eviction/genai_compat.py) and run by GenAI's own algorithm
+        (eviction/upstream.py) instead of ``policy`` (engine/evictor.py's upstream path).
+    """
+
+    policy: EvictionPolicy
+    max_cache_size: int | float
+    start_size: int
+    recent_size: int
+    mode: str = "prefill"
+    evict_interval: int = 32
+    window: int = 32
+    seed: int = 0
+    log: bool = False
+    genai: CacheEvictionConfig | None = None
+
+    def budget(self, prompt_tokens: int) -> int:
+        m = self.max_cache_size
+        if isinstance(m, float):
+            return max(1, int(m * prompt_tokens))
+        return int(m)

@@ -1,0 +1,290 @@
+"""Eviction on the native engine: per-head tables, budgets, compaction, forks, real-model needle.
+
+The per-head cache manager's invariants (block counts per (layer, head), every pool's reference
+counts) are checked after every step; no block may be held after the last request.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import prompt_of_length
+from kvcrush_ov import (
+    CacheEvictionConfig,
+    ConfigError,
+    GenerationConfig,
+    KVCacheConfig,
+    KVCrushConfig,
+    Pipeline,
+    SchedulerConfig,
+)
+from kvcrush_ov.demo import build_prompt
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.eviction.factory import make_policy, make_spec
+from kvcrush_ov.eviction.spec import EvictionSpec
+
+GREEDY = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+
+
+def build(model, eviction: EvictionSpec | None, precision: str = "u8",
+          num_kv_blocks: int = 0) -> LLMEngine:
+    return LLMEngine(model, "CPU", KVCacheConfig(precision=precision, num_kv_blocks=num_kv_blocks),
+                     SchedulerConfig(), context_length=8192, eviction=eviction)
+
+
+def run(eng: LLMEngine, prompts: list[list[int]], cfg: GenerationConfig = GREEDY,
+        on_step=None) -> list[list[int]]:
+    seqs = [eng.add_request(p, cfg, set(), lambda x: "") for p in prompts]
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+        if on_step is not None:
+            on_step(eng, seqs)
+        steps += 1
+        assert steps < 5000, "no progress"
+    assert all(p.num_used == 0 for p in getattr(eng.kv, "pools", [eng.pool])), "blocks leaked"
+    return [list(s.output_ids) for s in seqs]
+
+
+def ids_of(tokenizer, n: int, seed: int = 0) -> list[int]:
+    """``n`` random token ids (varied attention, unlike a repeated word)."""
+    vocab = tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else 500
+    return np.random.default_rng(seed).integers(3, min(vocab, 500), n).tolist()
+
+
+def spec(importance: str = "snapkv", budget: int | float = 96, crush: bool = False,
+         **kw) -> EvictionSpec:
+    cfg = CacheEvictionConfig(max_cache_size=budget, start_size=8, recent_size=16,
+                              importance=importance,
+                              kvcrush=KVCrushConfig(budget=0.25) if crush else None, **kw)
+    return make_spec(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_model):
+    import openvino_genai as ov_genai
+
+    return ov_genai.Tokenizer(str(tiny_model))
+
+
+# -- per-head graph without eviction == plain graph ---------------------------------------------
+
+def test_per_head_engine_matches_plain_engine_without_eviction(tiny_model, tiny_tok):
+    prompts = [ids_of(tiny_tok, n) for n in (5, 300, 37, 700)]
+    plain = run(build(tiny_model, None), prompts)
+    never = spec(budget=10**6, mode="continuous")  # scores every step, never evicts
+    assert run(build(tiny_model, never), prompts) == plain
+
+
+# -- every policy through the engine ----------------------------------------------------------
+
+ENGINE_MATRIX = [
+    ("streaming", False), ("h2o", False), ("snapkv", False), ("pyramidkv", False),
+    ("adakv", False), ("snapkv", True), ("h2o", True), ("adakv", True),
+]
+
+
+@pytest.mark.parametrize("importance,crush", ENGINE_MATRIX,
+                         ids=[f"{i}{'+kvcrush' if c else ''}" for i, c in ENGINE_MATRIX])
+def test_budget_is_exact_after_every_eviction(tiny_model, tiny_tok, importance, crush):
+    budget, interval = 96, 8
+    sp = spec(importance, budget, crush, mode="continuous", evict_interval=interval)
+    eng = build(tiny_model, sp)
+    layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
+    seen = {"evictions": 0}
+
+    def check(eng, seqs):
+        for s in seqs:
+            t = eng.kv.tables.get(s.seq_id)
+            if t is None:
+                continue
+            total = int(t.lens.sum())
+            if s.num_computed < len(s.prompt_ids):
+                continue  # nothing is evicted in the middle of a prompt
+            # once the prompt is in: never more than budget + interval per head
+            assert total <= (budget + interval) * layers * heads
+            if t.evictions > seen["evictions"]:
+                seen["evictions"] = t.evictions
+            if s.extra.get("evictions") and total % (layers * heads) == 0 \
+                    and total // (layers * heads) == budget:
+                seen["exact"] = True
+            # sinks and the recent window are held by every layer and head
+            pos = t.positions_of(0, 0)
+            assert list(pos[:8]) == list(range(8))
+            assert pos[-1] == t.num_written - 1
+            for layer in range(layers):
+                for h in range(heads):
+                    p = t.positions_of(layer, h)
+                    assert np.all(np.diff(p) > 0)
+                    assert set(range(t.num_written - 16, t.num_written)) <= set(p.tolist())
+
+    out = run(eng, [ids_of(tiny_tok, 300), ids_of(tiny_tok, 150, seed=1)],
+              GenerationConfig(max_new_tokens=40, ignore_eos=True), check)
+    assert all(len(o) == 40 for o in out)
+    assert seen["evictions"] >= 2 and seen.get("exact")
+    assert eng.evictor.stats.events >= 4
+
+
+def test_eviction_is_deterministic_under_a_seed(tiny_model, tiny_tok):
+    cfg = CacheEvictionConfig(max_cache_size=96, start_size=8, recent_size=16,
+                              kvcrush=KVCrushConfig(budget=0.5, anchor_point_mode="random",
+                                                    rng_seed=3))
+    prompts = [ids_of(tiny_tok, 400)]
+    a = run(build(tiny_model, make_spec(cfg)), prompts)
+    b = run(build(tiny_model, make_spec(cfg)), prompts)
+    assert a == b
+
+
+def test_prefill_mode_evicts_once_and_then_grows(tiny_model, tiny_tok):
+    eng = build(tiny_model, spec("snapkv", 96, True, mode="prefill"))
+    layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
+    sizes = []
+
+    def check(eng, seqs):
+        t = eng.kv.tables.get(seqs[0].seq_id)
+        if t is not None:
+            sizes.append(int(t.lens.sum()) // (layers * heads))
+
+    run(eng, [ids_of(tiny_tok, 300)], GenerationConfig(max_new_tokens=30, ignore_eos=True),
+        check)
+    assert eng.evictor.stats.events == 1
+    # the budget, then one more token per decode step (the last step frees the table)
+    assert sizes[sizes.index(96):] == list(range(96, 96 + 29))
+
+
+def test_memory_shrinks_and_freed_blocks_serve_others(tiny_model, tiny_tok):
+    """24 blocks cannot hold two 600-token prompts (19 blocks each): with a full cache the two
+    never decode together; with a 128-token budget they do, without preemption."""
+    prompts = [ids_of(tiny_tok, 600), ids_of(tiny_tok, 600, seed=1)]
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+
+    def together(eng: LLMEngine) -> tuple[int, list]:
+        seqs = [eng.add_request(p, cfg, set(), lambda x: "") for p in prompts]
+        both = 0
+        while eng.has_unfinished():
+            eng.step()
+            eng.check_invariants()
+            both += all(s.num_computed >= len(s.prompt_ids) and not s.is_finished for s in seqs)
+        return both, seqs
+
+    both_full, _ = together(build(tiny_model, None, num_kv_blocks=24))
+    eng = build(tiny_model, spec("snapkv", 128, True, mode="continuous"), num_kv_blocks=24)
+    both, seqs = together(eng)
+    assert both_full == 0 and both >= 4
+    assert sum(s.num_preemptions for s in seqs) == 0
+    assert all(s.extra["evictions"] >= 1 for s in seqs)
+    # what each holds after eviction: ceil(128 / 32) = 4 head blocks per (layer, head) + 1
+    assert all(s.extra["kv_bytes"] <= 5 * eng.runner.head_block_bytes * eng.head_units
+               for s in seqs)
+
+
+def test_fork_with_its_own_policy_leaves_the_parent_intact(tiny_model, tiny_tok):
+    """Prefill once, fork with a small budget: the child equals a direct run with that budget,
+    the parent equals a run that never forked (copy-on-write on compaction)."""
+    prompt = ids_of(tiny_tok, 400)
+    keep_all = spec(budget=10**6, mode="continuous")
+    small = spec("snapkv", 96, True, mode="continuous")
+    ref_parent = run(build(tiny_model, keep_all), [prompt])[0]
+    eng = build(tiny_model, small)
+    ref_child = run(eng, [prompt])[0]
+
+    eng = build(tiny_model, keep_all)
+    parent = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    while parent.num_computed < len(prompt):
+        eng.step()
+    used = eng.kv.num_used
+    child = eng.fork(parent, eviction=small)
+    eng.check_invariants()
+    # the child's compacted blocks are private copies: at most ceil(96 / 32) per (layer, head)
+    layers_heads = eng.runner.num_layers * eng.runner.num_kv_heads
+    assert 0 < eng.kv.num_used - used <= 3 * layers_heads
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+    assert list(parent.output_ids) == ref_parent
+    assert list(child.output_ids) == ref_child
+
+
+def test_preemption_with_eviction_finishes_without_leaks(tiny_model, tiny_tok):
+    eng = build(tiny_model, spec("h2o", 96, True, mode="continuous"), num_kv_blocks=12)
+    prompts = [ids_of(tiny_tok, n) for n in (200, 250, 180, 220)]
+    out = run(eng, prompts, GenerationConfig(max_new_tokens=64, ignore_eos=True))
+    assert all(len(o) == 64 for o in out)
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16", "u4"])
+def test_every_cache_precision_compacts(tiny_model, tiny_tok, precision):
+    out = run(build(tiny_model, spec("snapkv", 96, True), precision=precision),
+              [ids_of(tiny_tok, 300)])
+    assert len(out[0]) == GREEDY.max_new_tokens
+
+
+def test_eviction_log(tiny_model):
+    pipe = Pipeline(tiny_model, eviction=CacheEvictionConfig(
+        max_cache_size=96, start_size=8, recent_size=16, log=True))
+    out = pipe.generate(prompt_of_length(pipe.tokenizer, 300), max_new_tokens=4,
+                        apply_chat_template=False)
+    (rec,) = out.metrics[0].eviction_log
+    assert rec.budget == 96 and rec.num_sinks == 8 and rec.num_recent == 16
+    assert rec.policy == "kvcrush" and rec.num_written == 300
+    assert all(len(p) == 96 for row in rec.kept for p in row)
+    assert out.metrics[0].kv_budget_tokens == 96 and out.metrics[0].num_evictions == 1
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+def test_absolute_budget_above_the_prompt_is_refused_in_prefill_mode(tiny_model):
+    pipe = Pipeline(tiny_model, eviction=CacheEvictionConfig(max_cache_size=500, mode="prefill"))
+    with pytest.raises(ConfigError) as info:
+        pipe.generate(prompt_of_length(pipe.tokenizer, 300), max_new_tokens=4,
+                      apply_chat_template=False)
+    assert info.value.field == "eviction.max_cache_size"
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: CacheEvictionConfig(importance="tova"), "eviction.importance"),
+    (lambda: CacheEvictionConfig(max_cache_size=100, start_size=32, recent_size=128),
+     "eviction.max_cache_size"),
+    (lambda: KVCrushConfig(budget=1.5), "kvcrush.budget"),
+    (lambda: KVCrushConfig(budget=-0.1), "kvcrush.budget"),
+    (lambda: KVCrushConfig(anchor_point_mode="median"), "kvcrush.anchor_point_mode"),
+    (lambda: KVCrushConfig(anchor_point_mode=("ones", "median")), "kvcrush.anchor_point_mode"),
+    (lambda: CacheEvictionConfig(mode="sometimes"), "eviction.mode"),
+    (lambda: CacheEvictionConfig(kernel_size=4), "eviction.kernel_size"),
+])
+def test_bad_eviction_settings_name_the_field(make, field):
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert info.value.field == field
+
+
+def test_every_policy_name_builds():
+    for name in ("streaming", "h2o", "snapkv", "pyramidkv", "adakv"):
+        assert make_policy(CacheEvictionConfig(importance=name, kvcrush=None)).name == name
+
+
+# -- real model ---------------------------------------------------------------------------------
+
+@pytest.mark.real_model
+def test_smollm2_needle_at_25_percent_and_bytes_equal_the_budget(smollm2_fp16):
+    pipe = Pipeline(smollm2_fp16, eviction=CacheEvictionConfig(max_cache_size=0.25, log=True))
+    found = []
+    for depth in (0.1, 0.5, 0.9):
+        out = pipe.generate(build_prompt(depth), max_new_tokens=20)
+        m = out.metrics[0]
+        found.append("7391" in out.text)
+        assert m.num_input_tokens > 3300 and m.num_evictions == 1
+        budget = m.num_input_tokens // 4
+        assert m.kv_budget_tokens == budget
+        eng = pipe.backend.engine
+        per_head_blocks = -(-budget // eng.block_size)  # whole head blocks of the budget
+        layers_heads = eng.runner.num_layers * eng.runner.num_kv_heads
+        assert m.kv_bytes <= (per_head_blocks + 1) * layers_heads * eng.runner.head_block_bytes
+        assert out.cache.peak_kv_bytes > 3 * m.kv_bytes  # the whole prompt, before eviction
+        rec = m.eviction_log[0]
+        assert sum(len(p) for row in rec.kept for p in row) == budget * layers_heads
+    assert all(found), found
+    text = pipe.generate("Write one sentence about the sea.", max_new_tokens=24).text
+    assert len(text.split()) >= 5 and text.isprintable()
