@@ -102,6 +102,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_eviction(args: argparse.Namespace) -> int:
+    from kvcrush_ov import bench_eviction as be
+
+    parts = {"selection": lambda: be.selection(args.model),
+             "capacity": lambda: be.capacity(args.model),
+             "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens)}
+    for part in args.part or list(parts):
+        print(be.format_figures(f"{part} ({args.model})", parts[part]()), flush=True)
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--new-tokens", type=int, default=64)
     b.set_defaults(func=_cmd_bench)
+
+    be = sub.add_parser("bench-eviction",
+                        help="eviction on native: selection cost, capacity, flat decode")
+    be.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
+    be.add_argument("--part", action="append", choices=["selection", "capacity", "flat"],
+                    help="run only this part (repeatable; default all)")
+    be.add_argument("--long-tokens", type=int, default=16384,
+                    help="context of the flat-decode run")
+    be.set_defaults(func=_cmd_bench_eviction)
     return p
 
 

@@ -1,0 +1,124 @@
+"""``kvcrush-ov bench-eviction``: what eviction on the native engine costs and buys.
+
+Prints figures (not pass / fail):
+
+- ``selection``: a 4K prompt + 64 new tokens with the default eviction (25%, SnapKV + KVCrush,
+  continuous): eviction events, policy time and compaction time per event, and their share of
+  the request's end-to-end latency.
+- ``capacity``: a fixed KV cache (blocks for ``capacity_full`` 4K requests with the full cache)
+  and ``num_requests`` 4K-prompt requests submitted at once, each generating ``new_tokens``:
+  how many decode side by side at most, and preemptions, full cache vs 25% budget.
+- ``flat``: TPOT at a long context with a fixed token budget vs TPOT at a short context with
+  the full cache (both native).
+- ``scores``: decode TPOT of the per-head graph with score outputs every step (continuous mode)
+  vs without (prefill mode, after its one eviction), same request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvcrush_ov.bench import exact_prompts
+from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.pipeline import Pipeline
+
+
+@dataclass
+class Figure:
+    what: str
+    value: float
+    unit: str
+    note: str = ""
+
+
+def selection(model: str, prompt_tokens: int = 4096, new_tokens: int = 64) -> list[Figure]:
+    pipe = Pipeline(model, eviction=CacheEvictionConfig())
+    (prompt,) = exact_prompts(pipe, [prompt_tokens])
+    g = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, apply_chat_template=False)
+    pipe.generate(prompt, g)  # warm-up
+    ev = pipe.backend.engine.evictor.stats
+    ev.events, ev.select_s, ev.compact_s = 0, 0.0, 0.0
+    res = pipe.generate(prompt, g)
+    total = res.generate_s
+    n = max(ev.events, 1)
+    return [
+        Figure("eviction events", ev.events, "", f"{prompt_tokens}-token prompt + {new_tokens}"),
+        Figure("selection per event", 1e3 * ev.select_s / n, "ms", "policy + planning"),
+        Figure("compaction per event", 1e3 * ev.compact_s / n, "ms", "moves + re-quantization"),
+        Figure("selection share of latency", 100 * ev.select_s / total, "%",
+               f"end to end {total:.2f} s"),
+        Figure("selection + compaction share", 100 * (ev.select_s + ev.compact_s) / total, "%"),
+    ]
+
+
+def _concurrency(pipe: Pipeline, prompts: list[str], new_tokens: int) -> tuple[int, int, float]:
+    """Most sequences decoding at once, preemptions, seconds."""
+    eng: LLMEngine = pipe.backend.engine
+    g = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, apply_chat_template=False)
+    seqs = [eng.add_request(pipe.backend.encode(p, False)[0].tolist(), g,
+                            pipe.backend.eos_token_ids, lambda x: "") for p in prompts]
+    peak = 0
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+        peak = max(peak, sum(1 for s in seqs if not s.is_finished
+                             and s.num_computed >= len(s.prompt_ids)))
+    return peak, sum(s.num_preemptions for s in seqs), time.perf_counter() - t0
+
+
+def capacity(model: str, capacity_full: int = 4, num_requests: int = 16,
+             prompt_tokens: int = 4096, new_tokens: int = 320) -> list[Figure]:
+    """Enough new tokens that every request could be decoding at once if memory allowed
+    (prompts are prefilled one 256-token chunk per step, one after another)."""
+    blocks = capacity_full * (-(-(prompt_tokens + new_tokens) // 32))
+    kv = KVCacheConfig(num_kv_blocks=blocks)
+    full = Pipeline(model, kv_cache=kv, eviction=None)
+    prompts = exact_prompts(full, [prompt_tokens] * num_requests)
+    f_peak, f_pre, f_s = _concurrency(full, prompts, new_tokens)
+    del full
+    ev = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(max_cache_size=0.25))
+    e_peak, e_pre, e_s = _concurrency(ev, prompts, new_tokens)
+    return [
+        Figure("cache", blocks, "blocks", f"{capacity_full} full {prompt_tokens}-token requests"),
+        Figure("full cache: most decoding at once", f_peak, "",
+               f"{f_pre} preemptions, {f_s:.0f} s"),
+        Figure("25% budget: most decoding at once", e_peak, "",
+               f"{e_pre} preemptions, {e_s:.0f} s"),
+        Figure("capacity ratio", e_peak / max(f_peak, 1), "x"),
+    ]
+
+
+def _tpot(pipe: Pipeline, prompt: str, new_tokens: int) -> float:
+    g = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, apply_chat_template=False)
+    return pipe.generate(prompt, g).metrics[0].tpot_s
+
+
+def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
+         new_tokens: int = 64) -> list[Figure]:
+    full = Pipeline(model, eviction=None)
+    short, long = exact_prompts(full, [short_tokens, long_tokens])
+    _tpot(full, short, 8)
+    t_short = _tpot(full, short, new_tokens)
+    del full
+    ev = Pipeline(model, eviction=CacheEvictionConfig(max_cache_size=short_tokens))
+    t_long = _tpot(ev, long, new_tokens)
+    pre = Pipeline(model, eviction=CacheEvictionConfig(max_cache_size=short_tokens,
+                                                       mode="prefill"))
+    t_pre = _tpot(pre, long, new_tokens)
+    return [
+        Figure(f"TPOT full cache, {short_tokens} context", 1e3 * t_short, "ms"),
+        Figure(f"TPOT {long_tokens} context, budget {short_tokens}, continuous",
+               1e3 * t_long, "ms", f"{t_long / t_short:.3f}x"),
+        Figure(f"TPOT {long_tokens} context, budget {short_tokens}, prefill mode",
+               1e3 * t_pre, "ms", f"{t_pre / t_short:.3f}x (no score outputs while decoding)"),
+    ]
+
+
+def format_figures(title: str, figures: list[Figure]) -> str:
+    lines = [f"## {title}", "", "| figure | value | note |", "|---|---|---|"]
+    for f in figures:
+        value = f"{f.value:.3f}" if isinstance(f.value, float) else str(f.value)
+        lines.append(f"| {f.what} | {value} {f.unit} | {f.note} |")
+    return "\n".join(lines)
