@@ -288,3 +288,37 @@ def test_smollm2_needle_at_25_percent_and_bytes_equal_the_budget(smollm2_fp16):
     assert all(found), found
     text = pipe.generate("Write one sentence about the sea.", max_new_tokens=24).text
     assert len(text.split()) >= 5 and text.isprintable()
+
+
+# -- upstream-compatible mode == backend genai ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def essay_prompts():
+    from kvcrush_ov.data import essays
+
+    words = " ".join(essays().values()).split()
+    return ["Summarize this text:\n" + " ".join(words[i * 400:i * 400 + n])
+            for i, n in enumerate(range(420, 1420, 100))]  # 10 prompts, ~560 to 1,900 tokens
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("anchor", [None, "zeros", "ones", "mean", "alternating"])
+def test_upstream_mode_matches_genai(smollm2_fp16, essay_prompts, anchor):
+    """GenAI's algorithm on the native engine (plain graph, per-layer tables) gives GenAI's greedy
+    tokens on 10 prompts, for each deterministic KVCrush anchor (and without KVCrush)."""
+    crush = None if anchor is None else KVCrushConfig(budget=0.25, anchor_point_mode=anchor,
+                                                      granularity="block")
+
+    def cfg(importance: str) -> CacheEvictionConfig:
+        return CacheEvictionConfig(max_cache_size=384, start_size=32, recent_size=64,
+                                   importance=importance, kvcrush=crush)
+
+    genai = Pipeline(smollm2_fp16, eviction=cfg("snapkv"), backend="genai")
+    native = Pipeline(smollm2_fp16, eviction=cfg("upstream"), backend="native")
+    g = GenerationConfig(max_new_tokens=32, ignore_eos=True)
+    for prompt in essay_prompts:  # one at a time: eviction depends on how prompts are chunked
+        a = genai.generate(prompt, g)
+        b = native.generate(prompt, g)
+        assert b.metrics[0].num_evictions >= 1
+        assert b.token_ids == a.token_ids
+        assert b.metrics[0].kv_budget_tokens == a.metrics[0].kv_budget_tokens

@@ -26,16 +26,18 @@ from kvcrush_ov.transformations.logits import add_logits_indices
 
 
 def to_paged(model: ov.Model, score_outputs: bool = True,
-             score_aggregation: bool = False) -> ov.Model:
+             score_aggregation: bool = False, per_layer_blocks: bool = False) -> ov.Model:
     """Rewrite ``model`` (stateful SDPA export) in place into a paged-attention model.
 
     ``score_outputs`` adds one ``scores.L`` output per layer (head-summed attention scores of each
     context token). ``score_aggregation`` adds the ``score_aggregation_window`` [B] i32 input: the
     scores are then summed over the last ``window[s]`` queries of each sequence in the step. The
-    result cannot be serialized and read back: convert at load time.
+    result cannot be serialized and read back: convert at load time. ``per_layer_blocks`` gives
+    every layer its own ``block_indices.L`` input (``block_indices_begins`` stays shared, so
+    every layer's table must have the same length per sequence).
     """
-    paged_attention_transformation(model, False, score_outputs, score_aggregation, False, False,
-                                   False, False)
+    paged_attention_transformation(model, per_layer_blocks, score_outputs, score_aggregation,
+                                   False, False, False, False)
     return model
 
 
@@ -44,6 +46,7 @@ def read_paged_model(
     score_outputs: bool = True,
     logits_indices: bool = True,
     score_aggregation: bool = False,
+    per_layer_blocks: bool = False,
 ) -> ov.Model:
     """Read ``openvino_model.xml`` (or a folder holding it) and convert it to paged attention.
 
@@ -53,7 +56,8 @@ def read_paged_model(
     xml = os.fspath(path)
     if os.path.isdir(xml):
         xml = os.path.join(xml, "openvino_model.xml")
-    model = to_paged(ov.Core().read_model(xml), score_outputs, score_aggregation)
+    model = to_paged(ov.Core().read_model(xml), score_outputs, score_aggregation,
+                     per_layer_blocks)
     if logits_indices:
         add_logits_indices(model)
     return model

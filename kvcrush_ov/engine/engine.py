@@ -20,6 +20,7 @@ from kvcrush_ov.engine.evictor import Evictor
 from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
+from kvcrush_ov.engine.layer_model_runner import LayerModelRunner
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
@@ -70,7 +71,8 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, device: str, kv_cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context_length: int,
                  properties: dict | None = None, eviction: EvictionSpec | None = None) -> None:
-        runner_cls = ModelRunner if eviction is None else HeadModelRunner
+        runner_cls = (ModelRunner if eviction is None
+                      else LayerModelRunner if eviction.genai is not None else HeadModelRunner)
         self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
         self.block_size = self.runner.block_size
         self.block_bytes = self.runner.block_bytes

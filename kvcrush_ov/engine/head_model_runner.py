@@ -39,10 +39,15 @@ WINDOW = "score_aggregation_window"
 class HeadModelRunner(ModelRunner):
     """Compiled per-head model (with and without score outputs) + per-head cache pools."""
 
-    def _compile(self, model_dir: Path, device: str, props: dict) -> ov.CompiledModel:
+    def _read(self, model_dir: Path) -> ov.Model:
         model = to_per_head(read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
                                              logits_indices=True, score_aggregation=True))
         self.layout = PerHeadLayout.from_model(model)
+        self.table_heads = self.layout.num_kv_heads
+        return model
+
+    def _compile(self, model_dir: Path, device: str, props: dict) -> ov.CompiledModel:
+        model = self._read(model_dir)
         scoreless = model.clone()
         for result in list(scoreless.get_results()):
             if any(n.startswith("scores.") for n in result.output(0).get_names()):
@@ -57,7 +62,8 @@ class HeadModelRunner(ModelRunner):
     def __init__(self, model_dir: str | Path, device: str, precision: str,
                  properties: dict | None = None) -> None:
         super().__init__(model_dir, device, precision, properties)
-        self.num_kv_heads = self.layout.num_kv_heads
+        self.cache_heads = self.num_kv_heads  # heads inside one cache block (1 here)
+        self.num_kv_heads = self.table_heads  # block tables per (sequence, layer)
         self.key_layout, self.value_layout = CacheLayout.from_compiled(self.compiled)
         self._tables_key: dict[int, tuple[int, ...]] = {}
         self._past_buf: dict[int, np.ndarray] = {}
@@ -75,8 +81,8 @@ class HeadModelRunner(ModelRunner):
         return self.head_block_bytes * self.num_kv_heads * self.num_layers
 
     def allocate_cache(self, num_blocks: int) -> None:
-        """``num_blocks`` full blocks = ``num_blocks * num_kv_heads`` head blocks per layer."""
-        super().allocate_cache(num_blocks * self.layout.num_kv_heads)
+        """``num_blocks`` full blocks = ``num_blocks * num_kv_heads`` table blocks per layer."""
+        super().allocate_cache(num_blocks * self.num_kv_heads)
         for layer, (kt, vt) in enumerate(self._caches):
             self.plain_request.set_tensor(f"key_cache.{layer}", kt)
             self.plain_request.set_tensor(f"value_cache.{layer}", vt)
@@ -96,7 +102,20 @@ class HeadModelRunner(ModelRunner):
             by_layer.setdefault(layer, []).append((dst, sources))
         for layer, layer_moves in by_layer.items():  # all sources are read before any write
             kt, vt = self._caches[layer]
-            compact_kv(self.key_layout, self.value_layout, kt, vt, layer_moves)
+            for h in range(self.cache_heads):
+                compact_kv(self.key_layout, self.value_layout, kt, vt, layer_moves,
+                           head=h if self.cache_heads > 1 else None)
+
+    def _set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
+                    counts: list[int]) -> int:
+        """Block tables, past lengths and subsequence begins; returns max_context_len."""
+        self._set_tables(req, tables)
+        lens = np.stack([t.lens for t in tables])  # [B, L, H], this step's tokens included
+        past = lens - np.asarray(counts, dtype=np.int64)[:, None, None]
+        self._set_past(req, past.transpose(1, 2, 0).reshape(self.num_layers, -1))
+        req.set_tensor(HEAD_SUBSEQUENCE_BEGINS,
+                       ov.Tensor(self.layout.subsequence_begins(counts)))
+        return int(lens.max())
 
     def _set_tables(self, req: ov.InferRequest, tables: list[HeadTable]) -> None:
         """block_indices.L / block_indices_begins.L; rebuilt only when a table changed."""
@@ -150,13 +169,7 @@ class HeadModelRunner(ModelRunner):
             if c.sample:
                 sample_at.append(total - 1)
         req = self.request if windows is not None else self.plain_request
-        self._set_tables(req, tables)
-        lens = np.stack([t.lens for t in tables])  # [B, L, H], this step's tokens included
-        past = lens - np.asarray(counts, dtype=np.int64)[:, None, None]
-        self._set_past(req, past.transpose(1, 2, 0).reshape(self.num_layers, -1))
-        max_ctx = int(lens.max())
-        req.set_tensor(HEAD_SUBSEQUENCE_BEGINS,
-                       ov.Tensor(self.layout.subsequence_begins(counts)))
+        max_ctx = self._set_layout(req, tables, counts)
         req.set_tensor("input_ids", ov.Tensor(np.asarray(ids, dtype=np.int64)))
         req.set_tensor("position_ids", ov.Tensor(np.asarray(pos, dtype=np.int64)))
         req.set_tensor("max_context_len", ov.Tensor(np.asarray(max_ctx, dtype=_I32)))
