@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvcrush_ov.config import ANCHOR_POINT_MODES, KV_CACHE_PRECISIONS
+from kvcrush_ov.config import (
+    ANCHOR_POINT_MODES,
+    BACKENDS,
+    EVICTION_MODES,
+    IMPORTANCE_METHODS,
+    KV_CACHE_PRECISIONS,
+)
 from kvcrush_ov.errors import ConfigError, KVCrushError
 from kvcrush_ov.models.registry import DEFAULT_MODEL, WEIGHT_FORMATS
 
@@ -51,7 +57,8 @@ def _eviction_from_args(args: argparse.Namespace):
         return None
     kvcrush = None if args.kvcrush_share == 0 else KVCrushConfig(
         budget=args.kvcrush_share, anchor_point_mode=args.anchor)
-    return CacheEvictionConfig(max_cache_size=parse_budget(args.budget), kvcrush=kvcrush)
+    return CacheEvictionConfig(max_cache_size=parse_budget(args.budget), kvcrush=kvcrush,
+                               importance=args.importance, mode=args.mode)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -65,7 +72,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     pipe = Pipeline(args.model, device=args.device,
                     kv_cache=KVCacheConfig(precision=args.precision),
-                    eviction=_eviction_from_args(args))
+                    eviction=_eviction_from_args(args), backend=args.backend)
     out = pipe.generate(args.prompt, gen, streamer=lambda s: print(s, end="", flush=True))
     m, c = out.metrics[0], out.cache
     budget = f"{m.kv_budget_tokens} tokens" if m.kv_budget_tokens else "full cache"
@@ -105,7 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_bench_eviction(args: argparse.Namespace) -> int:
     from kvcrush_ov import bench_eviction as be
 
-    parts = {"selection": lambda: be.selection(args.model),
+    parts = {"selection": lambda: be.selection(args.model, precision=args.precision),
              "capacity": lambda: be.capacity(args.model),
              "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens)}
     for part in args.part or list(parts):
@@ -140,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kvcrush-share", type=float, default=0.25,
                    help="share of the budget for KVCrush representatives (0 disables)")
     g.add_argument("--no-eviction", action="store_true", help="keep the full cache")
+    g.add_argument("--importance", default="snapkv", choices=IMPORTANCE_METHODS)
+    g.add_argument("--mode", default="continuous", choices=EVICTION_MODES)
+    g.add_argument("--backend", default=None, choices=BACKENDS)
     g.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -169,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run only this part (repeatable; default all)")
     be.add_argument("--long-tokens", type=int, default=16384,
                     help="context of the flat-decode run")
+    be.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS,
+                    help="KV cache precision of the selection run")
     be.set_defaults(func=_cmd_bench_eviction)
     return p
 

@@ -322,3 +322,19 @@ def test_upstream_mode_matches_genai(smollm2_fp16, essay_prompts, anchor):
         assert b.metrics[0].num_evictions >= 1
         assert b.token_ids == a.token_ids
         assert b.metrics[0].kv_budget_tokens == a.metrics[0].kv_budget_tokens
+
+
+def test_sequence_scores_accumulate_and_count_queries():
+    from kvcrush_ov.eviction.scores import SequenceScores
+
+    st = SequenceScores(num_layers=1, num_kv_heads=2)
+    st.add(0, 0, np.array([1.0, 2.0, 3.0], np.float32))  # a 3-token chunk, last query scored
+    st.add_queries(2, 1)
+    st.add(0, 0, np.array([1.0, 1.0, 1.0, 0.5], np.float32))  # one decode step
+    st.add_queries(3, 1)
+    assert st.acc[0][0].tolist() == [2.0, 3.0, 4.0, 0.5]
+    assert st.aligned(0, 1, 4).tolist() == [0.0] * 4  # head 1 never scored: zeros
+    # position p was seen by the scored queries at positions >= p (here 2 and 3)
+    assert st.counts(np.array([0, 1, 2, 3, 4])).tolist() == [2.0, 2.0, 2.0, 1.0, 0.0]
+    st.compact([[np.array([0, 2, 3]), np.array([1, 2, 3])]])
+    assert st.acc[0][0].tolist() == [2.0, 4.0, 0.5]

@@ -140,17 +140,24 @@ class Evictor:
         """Accumulate this step's scores, then evict every sequence that is due (called right
         after the step's inference, before sampling)."""
         if windows is not None and scores is not None:
-            self._upstream_step(chunks, windows, scores)
-            self._accumulate(chunks, windows, scores)
+            upstream = any(c.seq.extra.get("upstream") is not None for c in chunks)
+            own = any(w and c.seq.extra.get("upstream") is None
+                      for c, w in zip(chunks, windows, strict=True))
+            if upstream or own:
+                segs = self._segments(chunks, scores)
+                if upstream:
+                    self._upstream_step(chunks, windows, segs)
+                if own:
+                    self._accumulate(chunks, windows, segs)
         for c in chunks:
             if self.spec_of(c.seq).genai is None and self._due(c):
                 self.evict(c.seq)
 
     def _upstream_step(self, chunks: list[ScheduledChunk], windows: list[int],
-                       scores: list[np.ndarray]) -> None:
+                       segs: list[list[list[np.ndarray]]]) -> None:
         """GenAI's order: register this forward's head-summed scores; after a decode forward,
-        drop the blocks GenAI's algorithm picks (whole logical blocks, same in every head)."""
-        segs = self._segments(chunks, scores)
+        drop the blocks GenAI's algorithm picks (whole logical blocks, same in every head).
+        segs: [layer][chunk][head] score segments (:meth:`_segments`)."""
         bs, heads = self.kv.block_size, self.runner.num_kv_heads
         for s, c in enumerate(chunks):
             algo = c.seq.extra.get("upstream")
@@ -199,11 +206,8 @@ class Evictor:
         return out
 
     def _accumulate(self, chunks: list[ScheduledChunk], windows: list[int],
-                    scores: list[np.ndarray]) -> None:
-        if not any(w and c.seq.extra.get("upstream") is None
-                   for c, w in zip(chunks, windows, strict=True)):
-            return
-        segs = self._segments(chunks, scores)
+                    segs: list[list[list[np.ndarray]]]) -> None:
+        """Add this step's scores to every sequence scored by its own policy."""
         for s, (c, w) in enumerate(zip(chunks, windows, strict=True)):
             if not w or c.seq.extra.get("upstream") is not None:
                 continue

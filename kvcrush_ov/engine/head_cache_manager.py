@@ -21,8 +21,9 @@ import numpy as np
 
 from kvcrush_ov.engine.block_pool import BlockPool
 
-# (layer, dst_block, [(src_block, src_row), ...]): write these rows densely into dst_block
-Move = tuple[int, int, list[tuple[int, int]]]
+# (layer, dst_block, sources [n, 2] int64 (src_block, src_row)): write these rows densely into
+# dst_block, in order
+Move = tuple[int, int, np.ndarray]
 
 
 @dataclass
@@ -199,10 +200,11 @@ class HeadKVCacheManager:
                                      f"unique, in [0, {n})")
                 k = len(rows)
                 new_blocks = self._blocks_for(k)
-                old = list(blocks)  # sources are read from the blocks as they were
+                old = np.asarray(blocks, dtype=np.int64)  # sources: the blocks as they were
+                src = np.stack([old[rows // bs], rows % bs], axis=1)  # [k, 2] (block, row)
+                moved = rows != np.arange(k)
                 for i in range(new_blocks):
-                    part = rows[i * bs:(i + 1) * bs]
-                    if np.array_equal(part, np.arange(i * bs, i * bs + len(part))):
+                    if not moved[i * bs:(i + 1) * bs].any():
                         continue  # rows already in place
                     dst = blocks[i]
                     if pool.ref_count(dst) > 1:  # shared with a fork: write a private copy
@@ -210,7 +212,7 @@ class HeadKVCacheManager:
                         pool.free([blocks[i]])
                         blocks[i] = dst
                     # row r >= its new index, so it lies in block i or later: not yet written
-                    moves.append((layer, dst, [(old[r // bs], r % bs) for r in part.tolist()]))
+                    moves.append((layer, dst, src[i * bs:(i + 1) * bs]))
                 pool.free(blocks[new_blocks:])
                 del blocks[new_blocks:]
                 t.lens[layer, h] = k

@@ -97,7 +97,7 @@ class HeadModelRunner(ModelRunner):
     def apply_moves(self, moves: list[Move]) -> None:
         """Compaction after eviction (see HeadKVCacheManager.compact); kv_codec re-quantizes
         u8 / u4 key blocks that receive rows from several blocks."""
-        by_layer: dict[int, list[tuple[int, list[tuple[int, int]]]]] = {}
+        by_layer: dict[int, list[tuple[int, np.ndarray]]] = {}
         for layer, dst, sources in moves:
             by_layer.setdefault(layer, []).append((dst, sources))
         for layer, layer_moves in by_layer.items():  # all sources are read before any write
@@ -113,8 +113,8 @@ class HeadModelRunner(ModelRunner):
         lens = np.stack([t.lens for t in tables])  # [B, L, H], this step's tokens included
         past = lens - np.asarray(counts, dtype=np.int64)[:, None, None]
         self._set_past(req, past.transpose(1, 2, 0).reshape(self.num_layers, -1))
-        req.set_tensor(HEAD_SUBSEQUENCE_BEGINS,
-                       ov.Tensor(self.layout.subsequence_begins(counts)))
+        self.inputs.put(req, HEAD_SUBSEQUENCE_BEGINS, self.layout.subsequence_begins(counts),
+                        _I32)
         return int(lens.max())
 
     def _set_tables(self, req: ov.InferRequest, tables: list[HeadTable]) -> None:
@@ -170,12 +170,13 @@ class HeadModelRunner(ModelRunner):
                 sample_at.append(total - 1)
         req = self.request if windows is not None else self.plain_request
         max_ctx = self._set_layout(req, tables, counts)
-        req.set_tensor("input_ids", ov.Tensor(np.asarray(ids, dtype=np.int64)))
-        req.set_tensor("position_ids", ov.Tensor(np.asarray(pos, dtype=np.int64)))
-        req.set_tensor("max_context_len", ov.Tensor(np.asarray(max_ctx, dtype=_I32)))
-        req.set_tensor("logits_indices", ov.Tensor(np.asarray(sample_at, dtype=np.int64)))
+        put = self.inputs.put
+        put(req, "input_ids", ids, np.int64)
+        put(req, "position_ids", pos, np.int64)
+        put(req, "max_context_len", max_ctx, _I32)
+        put(req, "logits_indices", sample_at, np.int64)
         if windows is not None:
-            req.set_tensor(WINDOW, ov.Tensor(np.asarray(windows, dtype=_I32)))
+            put(req, WINDOW, windows, _I32)
         t0 = time.perf_counter()
         req.infer()
         dt = time.perf_counter() - t0

@@ -48,7 +48,6 @@ class LayerModelRunner(HeadModelRunner):
             req.set_tensor("block_indices_begins", ov.Tensor(np.asarray(begins, dtype=_I32)))
             self._tables_key[id(req)] = key
         past = lens[:, 0] - np.asarray(counts, dtype=np.int64)
-        req.set_tensor("past_lens", ov.Tensor(past.astype(_I32)))
-        req.set_tensor("subsequence_begins",
-                       ov.Tensor(np.concatenate([[0], np.cumsum(counts)]).astype(_I32)))
+        self.inputs.put(req, "past_lens", past, _I32)
+        self.inputs.put(req, "subsequence_begins", np.concatenate([[0], np.cumsum(counts)]), _I32)
         return int(lens.max())

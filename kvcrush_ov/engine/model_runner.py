@@ -23,6 +23,29 @@ from kvcrush_ov.transformations.paged import read_paged_model
 _I32 = np.int32
 
 
+class InputBuffers:
+    """Input tensors kept alive between steps and written in place.
+
+    A step whose input has the same shape as the last one copies the values into the buffer the
+    request already holds (no new ov.Tensor, no set_tensor call); a new shape allocates a new
+    buffer once. Buffers are per (request, input name).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, str], np.ndarray] = {}
+
+    def put(self, req: ov.InferRequest, name: str, values: object, dtype: type) -> None:
+        arr = np.asarray(values, dtype=dtype)
+        key = (id(req), name)
+        buf = self._bufs.get(key)
+        if buf is not None and buf.shape == arr.shape:
+            np.copyto(buf, arr)
+            return
+        buf = np.array(arr, dtype=dtype, copy=True)
+        self._bufs[key] = buf
+        req.set_tensor(name, ov.Tensor(buf, shared_memory=True))
+
+
 class ModelRunner:
     """Compiled paged model + KV cache tensors.
 
@@ -47,6 +70,7 @@ class ModelRunner:
         self.num_kv_heads = self.value_shape[0]
         self.vocab_size = self.compiled.output("logits").get_partial_shape()[2].get_length()
         self.infer_s = 0.0  # seconds spent inside OpenVINO, for the benchmark's overhead figure
+        self.inputs = InputBuffers()
         self.num_blocks = 0
         self._caches: list[tuple[ov.Tensor, ov.Tensor]] = []
 
@@ -106,14 +130,15 @@ class ModelRunner:
             if c.sample:
                 sample_at.append(begins[-1] - 1)
         r = self.request
-        r.set_tensor("input_ids", ov.Tensor(np.asarray(ids, dtype=np.int64)))
-        r.set_tensor("position_ids", ov.Tensor(np.asarray(pos, dtype=np.int64)))
-        r.set_tensor("past_lens", ov.Tensor(np.asarray(past, dtype=_I32)))
-        r.set_tensor("subsequence_begins", ov.Tensor(np.asarray(begins, dtype=_I32)))
-        r.set_tensor("block_indices", ov.Tensor(np.asarray(blocks, dtype=_I32)))
-        r.set_tensor("block_indices_begins", ov.Tensor(np.asarray(block_begins, dtype=_I32)))
-        r.set_tensor("max_context_len", ov.Tensor(np.asarray(max_ctx, dtype=_I32)))
-        r.set_tensor("logits_indices", ov.Tensor(np.asarray(sample_at, dtype=np.int64)))
+        put = self.inputs.put
+        put(r, "input_ids", ids, np.int64)
+        put(r, "position_ids", pos, np.int64)
+        put(r, "past_lens", past, _I32)
+        put(r, "subsequence_begins", begins, _I32)
+        put(r, "block_indices", blocks, _I32)
+        put(r, "block_indices_begins", block_begins, _I32)
+        put(r, "max_context_len", max_ctx, _I32)
+        put(r, "logits_indices", sample_at, np.int64)
         t0 = time.perf_counter()
         r.infer()
         self.infer_s += time.perf_counter() - t0

@@ -15,7 +15,7 @@ import numpy as np
 
 from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
 from kvcrush_ov.eviction.h2o import check_aggregation_mode
-from kvcrush_ov.eviction.snapkv import check_pooling, pool_scores
+from kvcrush_ov.eviction.snapkv import check_pooling, pooled_scores
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ class AdaKV:
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: pooled normalised scores (as SnapKV); -inf in padding."""
-        return pool_scores(inputs.normalised(self.aggregation_mode), inputs.lengths,
-                           self.pooling, self.kernel_size)
+        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size)
 
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:

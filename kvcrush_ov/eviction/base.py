@@ -27,7 +27,8 @@ head) on average; a policy may move budget between layers or heads, never exceed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -42,6 +43,14 @@ class EvictionInputs:
     positions: np.ndarray  # int64 [L, H, N], -1 = padding
     lengths: np.ndarray  # int64 [L, H]
     block_size: int = 32
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def memo(self, key: object, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()`` once per ``key`` for these inputs (e.g. a policy's pooled scores, needed
+        by both KVCrush and the policy's own selection in one eviction)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -41,7 +41,8 @@ class H2O:
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: the ranked scores; -inf in padding."""
-        return inputs.normalised(self.aggregation_mode)
+        return inputs.memo(("normalised", self.aggregation_mode),
+                           lambda: inputs.normalised(self.aggregation_mode))
 
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:

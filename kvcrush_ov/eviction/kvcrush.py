@@ -55,6 +55,7 @@ Beyond the paper:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
@@ -336,7 +337,9 @@ class KVCrush:
         ``num_keep`` candidates it actually splits."""
         if num_keep <= 0:
             return self
-        return dataclasses.replace(self, share=min(1.0, self.share * total / num_keep))
+        out = copy.copy(self)  # already validated: skip __post_init__
+        object.__setattr__(out, "share", min(1.0, self.share * total / num_keep))
+        return out
 
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:

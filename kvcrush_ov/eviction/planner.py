@@ -49,6 +49,46 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     num_keep = budget - n_sinks - n_recent
     if num_keep < 0:
         raise ValueError(f"eviction budget {budget} < sinks {n_sinks} + recent {n_recent}")
+    lens = {len(p) for row in positions for p in row}
+    if len(lens) == 1:  # every (layer, head) holds as many rows: stack instead of padding
+        inputs = _uniform_inputs(positions, scores, n_sinks, n_recent, block_size)
+    else:
+        inputs = _ragged_inputs(positions, scores, n_sinks, n_recent, block_size)
+    if num_keep * inputs.lengths.size > int(inputs.lengths.sum()):
+        raise ValueError(f"eviction: budget {budget} exceeds the cached tokens")
+    if hasattr(policy, "for_budget"):  # KVCrush: its share is of the total budget
+        policy = policy.for_budget(budget, num_keep)
+    keep = policy.select(inputs, num_keep, rng)
+    check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
+    keep_rows = [[np.concatenate([
+        np.arange(n_sinks, dtype=np.int64),
+        n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
+        np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]), dtype=np.int64),
+    ]) for h in range(num_heads)] for layer in range(num_layers)]
+    return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
+
+
+def _uniform_inputs(positions: list[list[np.ndarray]], scores: SequenceScores | None,
+                    n_sinks: int, n_recent: int, block_size: int) -> EvictionInputs:
+    num_layers, num_heads = len(positions), len(positions[0])
+    n = len(positions[0][0])
+    lo, hi = n_sinks, n - n_recent
+    pos = np.stack([p[lo:hi] for row in positions for p in row]).reshape(
+        num_layers, num_heads, hi - lo)
+    if scores is None:
+        sc = np.zeros(pos.shape, np.float32)
+        ct = np.ones(pos.shape, np.float32)
+    else:
+        sc = np.stack([scores.aligned(layer, h, n)[lo:hi] for layer in range(num_layers)
+                       for h in range(num_heads)]).reshape(pos.shape)
+        ct = scores.counts(pos.reshape(-1)).reshape(pos.shape)
+    lengths = np.full((num_layers, num_heads), hi - lo, np.int64)
+    return EvictionInputs(sc, ct, pos, lengths, block_size)
+
+
+def _ragged_inputs(positions: list[list[np.ndarray]], scores: SequenceScores | None,
+                   n_sinks: int, n_recent: int, block_size: int) -> EvictionInputs:
+    num_layers, num_heads = len(positions), len(positions[0])
     cand_scores, cand_counts, cand_pos = [], [], []
     for layer in range(num_layers):
         s_row, c_row, p_row = [], [], []
@@ -64,18 +104,4 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
         cand_scores.append(s_row)
         cand_counts.append(c_row)
         cand_pos.append(p_row)
-    inputs = EvictionInputs.from_lists(cand_scores, cand_pos, cand_counts, block_size)
-    if (inputs.lengths < 0).any():
-        raise AssertionError("eviction: negative candidate count")
-    if num_keep * inputs.lengths.size > int(inputs.lengths.sum()):
-        raise ValueError(f"eviction: budget {budget} exceeds the cached tokens")
-    if hasattr(policy, "for_budget"):  # KVCrush: its share is of the total budget
-        policy = policy.for_budget(budget, num_keep)
-    keep = policy.select(inputs, num_keep, rng)
-    check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
-    keep_rows = [[np.concatenate([
-        np.arange(n_sinks, dtype=np.int64),
-        n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
-        np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]), dtype=np.int64),
-    ]) for h in range(num_heads)] for layer in range(num_layers)]
-    return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
+    return EvictionInputs.from_lists(cand_scores, cand_pos, cand_counts, block_size)

@@ -14,7 +14,7 @@ import numpy as np
 
 from kvcrush_ov.eviction.base import EvictionInputs, fit_budget, top_k_mask
 from kvcrush_ov.eviction.h2o import check_aggregation_mode
-from kvcrush_ov.eviction.snapkv import check_pooling, pool_scores
+from kvcrush_ov.eviction.snapkv import check_pooling, pooled_scores
 
 
 def round_to_total(values: np.ndarray, total: int) -> np.ndarray:
@@ -71,8 +71,7 @@ class PyramidKV:
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: pooled normalised scores (as SnapKV); -inf in padding."""
-        return pool_scores(inputs.normalised(self.aggregation_mode), inputs.lengths,
-                           self.pooling, self.kernel_size)
+        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size)
 
     def layer_budgets(self, lengths: np.ndarray, num_keep: int) -> np.ndarray:
         """int64 [L, H]: keep count of every (layer, head); sums to ``L * H * num_keep``."""

@@ -20,6 +20,7 @@ class SequenceScores:
         self.acc = [[np.zeros(0, np.float32) for _ in range(num_kv_heads)]
                     for _ in range(num_layers)]
         self.query_positions: list[int] = []
+        self._q: np.ndarray | None = None  # query_positions as an array, rebuilt when it grew
 
     def add(self, layer: int, head: int, segment: np.ndarray) -> None:
         """Add one step's scores ``segment`` [rows after the step] of (layer, head)."""
@@ -34,6 +35,7 @@ class SequenceScores:
     def add_queries(self, first: int, count: int) -> None:
         """The scored queries of a step were positions ``first .. first + count - 1``."""
         self.query_positions.extend(range(first, first + count))
+        self._q = None
 
     def aligned(self, layer: int, head: int, rows: int) -> np.ndarray:
         """acc of (layer, head) padded with zeros to ``rows`` (rows never scored got 0)."""
@@ -45,8 +47,14 @@ class SequenceScores:
 
     def counts(self, positions: np.ndarray) -> np.ndarray:
         """float32 [n]: scored queries that could see each position (query position >= p)."""
-        q = np.asarray(self.query_positions, dtype=np.int64)  # sorted by construction
-        return (len(q) - np.searchsorted(q, positions, side="left")).astype(np.float32)
+        if self._q is None:
+            self._q = np.asarray(self.query_positions, dtype=np.int64)  # sorted by construction
+        q = self._q
+        out = np.full(positions.shape, float(len(q)), np.float32)
+        if len(q):  # only positions after the first scored query were seen by fewer queries
+            late = positions > q[0]
+            out[late] = len(q) - np.searchsorted(q, positions[late], side="left")
+        return out
 
     def compact(self, keep_rows: list[list[np.ndarray]]) -> None:
         """Keep only rows ``keep_rows[l][h]`` (after the cache manager compacted them)."""

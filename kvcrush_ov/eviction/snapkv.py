@@ -52,6 +52,13 @@ def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
     return np.where(valid, out, -np.inf).astype(np.float32)
 
 
+def pooled_scores(inputs: EvictionInputs, aggregation_mode: str, pooling: str,
+                  kernel_size: int) -> np.ndarray:
+    """float32 [L, H, N]: pooled normalised scores, -inf in padding; computed once per inputs."""
+    return inputs.memo(("pooled", aggregation_mode, pooling, kernel_size), lambda: pool_scores(
+        inputs.normalised(aggregation_mode), inputs.lengths, pooling, kernel_size))
+
+
 def check_pooling(owner: str, pooling: str, kernel_size: int) -> None:
     """Raise ValueError unless ``pooling`` and ``kernel_size`` (odd, >= 1) are valid."""
     if pooling not in POOLINGS:
@@ -83,8 +90,7 @@ class SnapKV:
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: pooled normalised scores; -inf in padding."""
-        return pool_scores(inputs.normalised(self.aggregation_mode), inputs.lengths,
-                           self.pooling, self.kernel_size)
+        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size)
 
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:
