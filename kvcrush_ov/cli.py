@@ -121,6 +121,18 @@ def _cmd_bench_eviction(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from kvcrush_ov.eval.ruler import TASKS
+    from kvcrush_ov.eval.runner import run_eval
+
+    summary = run_eval(args.model, args.out, tasks=args.task or TASKS, num_samples=args.samples,
+                       methods=args.method or None, budgets=args.budget or (0.5, 0.25, 0.125),
+                       seed=args.seed, max_seq_length=args.max_seq_length,
+                       precision=args.precision)
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS,
                     help="KV cache precision of the selection run")
     be.set_defaults(func=_cmd_bench_eviction)
+
+    from kvcrush_ov.eval.methods import METHODS
+    from kvcrush_ov.eval.ruler import TASKS
+
+    ev = sub.add_parser("eval", help="RULER accuracy, every method at equal memory (resumable)")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
+    ev.add_argument("--out", required=True, help="output folder (results.jsonl, summary.md)")
+    ev.add_argument("--task", action="append", choices=TASKS, help="repeatable; default all")
+    ev.add_argument("--method", action="append", choices=list(METHODS),
+                    help="repeatable; default all")
+    ev.add_argument("--budget", action="append", type=float,
+                    help="total budget as a fraction of the prompt (repeatable)")
+    ev.add_argument("--samples", type=int, default=20)
+    ev.add_argument("--seed", type=int, default=42)
+    ev.add_argument("--max-seq-length", type=int, default=4096)
+    ev.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    ev.set_defaults(func=_cmd_eval)
     return p
 
 

@@ -1,0 +1,48 @@
+"""The methods the accuracy harness compares, each a function of the total budget (a fraction of
+the prompt). Every column keeps the same TOTAL number of cached tokens (KVCrush's share
+included; backend genai's KVCrush blocks are translated on top of its max_cache_size)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvcrush_ov.config import CacheEvictionConfig, KVCrushConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """name: column label. backend: ``native`` (forked from one prefill) or ``genai``.
+    make(budget) -> the eviction config for a total budget fraction."""
+
+    name: str
+    backend: str
+    make: Callable[[float], CacheEvictionConfig]
+
+
+def _native(importance: str, crush: KVCrushConfig | None = None) -> Callable[[float],
+                                                                             CacheEvictionConfig]:
+    return lambda b: CacheEvictionConfig(max_cache_size=b, importance=importance, kvcrush=crush)
+
+
+def _genai(crush: bool) -> Callable[[float], CacheEvictionConfig]:
+    kv = KVCrushConfig(budget=0.25, granularity="block") if crush else None
+    return lambda b: CacheEvictionConfig(max_cache_size=b, importance="snapkv", kvcrush=kv)
+
+
+KVCRUSH = KVCrushConfig(budget=0.25)
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("genai-snapkv", "genai", _genai(False)),
+    Method("genai-kvcrush", "genai", _genai(True)),
+    *[Method(n, "native", _native(n)) for n in ("streaming", "h2o", "snapkv", "pyramidkv",
+                                                 "adakv")],
+    *[Method(f"{n}+kvcrush", "native", _native(n, KVCRUSH))
+      for n in ("streaming", "h2o", "snapkv", "pyramidkv", "adakv")],
+    Method("snapkv+kvcrush-multi", "native", _native("snapkv", KVCrushConfig(
+        budget=0.25, anchor_point_mode=("zeros", "ones", "alternating")))),
+    Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(
+        budget=0.25, dynamic_split=True))),
+]}
+
+DEFAULT_BUDGETS = (0.5, 0.25, 0.125)

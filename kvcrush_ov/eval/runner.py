@@ -1,0 +1,230 @@
+"""``kvcrush-ov eval``: RULER at 4K, every method side by side at equal memory.
+
+Native methods: each sample is prefilled ONCE per score mode (a parent that keeps the whole cache
+and accumulates the scores the children need), then forked once per (method, budget): every fork
+evicts with its own policy at once (copy-on-write keeps the parent intact) and decodes greedily.
+The parent's own continuation is the full-cache column. Methods on backend genai run on GenAI's
+pipeline, one configuration at a time. Each finished (task, index, method, budget) is appended to
+``results.jsonl`` at once; a rerun skips what is there (resumable).
+
+The model sees its chat template around RULER's input, then RULER's answer prefix after the
+assistant header (``wrap(input) + answer_prefix``), as ids without extra special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig
+from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, Method
+from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, score
+from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.pipeline import Pipeline
+
+FULL = "full"
+_PARENT_BUDGET = 10**9  # a parent never evicts
+
+
+@dataclass
+class Record:
+    task: str
+    index: int
+    seed: int
+    method: str
+    budget: float | None
+    prediction: str
+    score: float
+    outputs: list[str]
+    input_tokens: int
+    kv_bytes: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.index, self.method, self.budget)
+
+
+def chat_wrap(tokenizer) -> Callable[[str], str]:
+    def wrap(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True)
+    return wrap if tokenizer.chat_template else (lambda text: text)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return [int(t) for t in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+
+
+class Results:
+    """results.jsonl: one JSON object per (task, index, method, budget)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[tuple, Record] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = Record(**json.loads(line))
+                    self.done[r.key] = r
+
+    def add(self, r: Record) -> None:
+        self.done[r.key] = r
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(asdict(r)) + "\n")
+
+
+def _record(s: Sample, method: str, budget: float | None, text: str, n: int,
+            kv_bytes: int) -> Record:
+    return Record(s.task, s.index, s.seed, method, budget, text, score(s.task, text, s.outputs),
+                  list(s.outputs), n, int(kv_bytes))
+
+
+def _parent_config(score_mode: str) -> CacheEvictionConfig:
+    importance = "h2o" if score_mode == "all" else "snapkv"
+    return CacheEvictionConfig(max_cache_size=_PARENT_BUDGET, importance=importance,
+                               kvcrush=None, mode="continuous")
+
+
+def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
+               budgets: Iterable[float], results: Results, wrap: Callable[[str], str],
+               say: Callable[[str], None] = print) -> None:
+    """Prefill once per sample and score mode, fork per (method, budget)."""
+    eng = pipe.backend.engine
+    tok = pipe.tokenizer
+
+    def detok(ids: list[int]) -> str:
+        return tok.decode(ids) if ids else ""
+
+    eos = pipe.backend.eos_token_ids
+    specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for key, spec in specs.items():
+        mode = "all" if spec.policy.score_mode == "all" else "window"
+        groups.setdefault(mode, []).append(key)
+    for i, s in enumerate(samples):
+        todo = {k for k in specs if (s.task, s.index, *k) not in results.done}
+        need_full = (s.task, s.index, FULL, None) not in results.done
+        if not todo and not need_full:
+            continue
+        t0 = time.perf_counter()
+        ids = _ids(tok, s.prompt(wrap))
+        g = GenerationConfig(max_new_tokens=s.max_new_tokens)
+        for mode, keys in groups.items():
+            keys = [k for k in keys if k in todo]
+            if not keys and not (mode == "window" and need_full):
+                continue
+            parent = eng.add_request(ids, g, eos, detok)
+            eng.evictor.set_spec(parent, make_spec(_parent_config(mode)))
+            while parent.num_computed < len(ids) and not parent.is_finished:
+                eng.step()
+            children = {}
+            for k in keys:
+                if parent.is_finished:  # its only token came from the full cache, like theirs
+                    children[k] = parent
+                else:
+                    children[k] = eng.fork(parent, eviction=specs[k])
+            while eng.has_unfinished():
+                eng.step()
+            for k, child in children.items():
+                results.add(_record(s, k[0], k[1], child.sampler.output_text(), len(ids),
+                                    child.extra.get("kv_bytes", 0)))
+            if mode == "window" and need_full:
+                results.add(_record(s, FULL, None, parent.sampler.output_text(), len(ids),
+                                    parent.extra.get("kv_bytes", 0)))
+            for seq in (parent, *children.values()):
+                eng.sequences.pop(seq.seq_id, None)
+        say(f"[native {i + 1}/{len(samples)}] {s.task} #{s.index}: "
+            f"{time.perf_counter() - t0:.1f} s")
+
+
+def run_genai(model: str, samples: list[Sample], method: Method, budget: float,
+              results: Results, wrap: Callable[[str], str], kv_cache: KVCacheConfig,
+              say: Callable[[str], None] = print) -> None:
+    todo = [s for s in samples if (s.task, s.index, method.name, budget) not in results.done]
+    if not todo:
+        return
+    pipe = Pipeline(model, kv_cache=kv_cache, eviction=method.make(budget), backend="genai")
+    for s in todo:
+        ids = np.asarray([_ids(pipe.tokenizer, s.prompt(wrap))], dtype=np.int64)
+        out = pipe.backend.run([ids], GenerationConfig(max_new_tokens=s.max_new_tokens), None)
+        results.add(_record(s, method.name, budget, out.texts[0], ids.shape[1],
+                            out.cache.final_kv_bytes))
+    say(f"[genai] {method.name} @ {budget}: {len(todo)} samples")
+
+
+def build_samples(pipe: Pipeline, tasks: Iterable[str], num_samples: int, seed: int,
+                  max_seq_length: int) -> list[Sample]:
+    tok = pipe.tokenizer
+    wrap = chat_wrap(tok)
+    return [s for t in tasks for s in build_task(
+        t, num_samples, lambda text: len(_ids(tok, text)), max_seq_length=max_seq_length,
+        seed=seed, wrap=wrap)]
+
+
+def summarize(results: Results, budgets: Iterable[float], min_full: float = 10.0) -> str:
+    """Markdown: mean score x 100 per task and method / budget, and the average over the tasks
+    where the full cache scores at least ``min_full``."""
+    recs = list(results.done.values())
+    tasks = [t for t in TASKS if any(r.task == t for r in recs)]
+    cols = [(FULL, None)] + [(m, b) for b in budgets for m in METHODS
+                             if any(r.method == m and r.budget == b for r in recs)]
+
+    def mean(task: str, m: str, b: float | None) -> float | None:
+        v = [r.score for r in recs if r.task == task and r.method == m and r.budget == b]
+        return 100 * statistics.fmean(v) if v else None
+
+    full = {t: mean(t, FULL, None) for t in tasks}
+    good = [t for t in tasks if (full[t] or 0.0) >= min_full]
+    head = " | ".join(tasks)
+    lines = [f"| method | budget | {head} | avg ({len(good)} tasks) | % of full |",
+             "|---|---|" + "---|" * (len(tasks) + 2)]
+    full_avg = statistics.fmean([full[t] for t in good]) if good else 0.0
+    for m, b in cols:
+        cells = [mean(t, m, b) for t in tasks]
+        avg_v = [mean(t, m, b) for t in good]
+        avg = statistics.fmean([v for v in avg_v if v is not None]) if good and all(
+            v is not None for v in avg_v) else None
+        rel = f"{100 * avg / full_avg:.1f}" if avg is not None and full_avg else "-"
+        lines.append(f"| {m} | {'-' if b is None else b} | "
+                     + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
+                     + f" | {'-' if avg is None else f'{avg:.1f}'} | {rel} |")
+    return "\n".join(lines)
+
+
+def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
+             num_samples: int = 20, methods: Iterable[str] | None = None,
+             budgets: Iterable[float] = DEFAULT_BUDGETS, seed: int = 42,
+             max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
+             say: Callable[[str], None] = print) -> str:
+    """Run (or resume) the evaluation; returns the markdown summary (also in summary.md)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = tuple(budgets)
+    chosen = [METHODS[m] for m in (methods or METHODS)]
+    kv = KVCacheConfig(precision=precision, cache_size=cache_size)
+    pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(), backend="native")
+    samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
+    wrap = chat_wrap(pipe.tokenizer)
+    results = Results(out / "results.jsonl")
+    (out / "run.json").write_text(json.dumps({
+        "model": model, "tasks": list(tasks), "num_samples": num_samples, "seed": seed,
+        "budgets": list(budgets), "methods": [m.name for m in chosen],
+        "max_seq_length": max_seq_length, "precision": precision,
+        "prompt": "chat template around RULER's input, answer prefix after the assistant header",
+    }, indent=1))
+    run_native(pipe, samples, [m for m in chosen if m.backend == "native"], budgets, results,
+               wrap, say)
+    del pipe
+    for m in chosen:
+        if m.backend == "genai":
+            for b in budgets:
+                run_genai(model, samples, m, b, results, wrap, kv, say)
+    summary = summarize(results, budgets)
+    (out / "summary.md").write_text(summary + "\n")
+    return summary
