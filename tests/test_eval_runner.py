@@ -25,5 +25,16 @@ def test_eval_runs_every_column_once_and_resumes(tiny_model, tmp_path):
         full = by[(task, FULL, None)]
         assert by[(task, "snapkv", 0.25)] < by[(task, "snapkv", 0.5)] < full
     assert "| snapkv+kvcrush | 0.25 |" in summary and (tmp_path / "summary.md").exists()
+    assert (tmp_path / "plot.svg").read_text().startswith("<svg")
     run_eval(str(tiny_model), tmp_path, **kw)  # resume: everything is there already
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_plot_has_a_line_per_method(tmp_path):
+    from kvcrush_ov.eval.plot import write_svg
+
+    curves = {"snapkv": {0.5: 80.0, 0.25: 70.0, 0.125: 50.0},
+              "snapkv+kvcrush": {0.5: 82.0, 0.25: 75.0, 0.125: 55.0}}
+    svg = write_svg(tmp_path / "p.svg", {"m1": (curves, 85.0), "m2": (curves, None)}).read_text()
+    assert svg.count("<polyline") == 4 and svg.count("stroke-dasharray") == 1
+    assert "snapkv+kvcrush" in svg and "compression ratio" in svg

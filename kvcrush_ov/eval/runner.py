@@ -24,6 +24,7 @@ import numpy as np
 
 from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, Method
+from kvcrush_ov.eval.plot import write_svg
 from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, score
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.pipeline import Pipeline
@@ -227,4 +228,30 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
                 run_genai(model, samples, m, b, results, wrap, kv, say)
     summary = summarize(results, budgets)
     (out / "summary.md").write_text(summary + "\n")
+    curves, full = method_curves(results, budgets)
+    write_svg(out / "plot.svg", {Path(str(model)).name: (curves, full)})
     return summary
+
+
+def method_curves(results: Results, budgets: Iterable[float],
+                  min_full: float = 10.0) -> tuple[dict[str, dict[float, float]], float | None]:
+    """Per method, budget -> average score x 100 over the tasks where the full cache scores at
+    least ``min_full`` (the summary's avg column); and the full cache's own average."""
+    recs = list(results.done.values())
+    tasks = sorted({r.task for r in recs})
+
+    def mean(task: str, m: str, b: float | None) -> float | None:
+        v = [r.score for r in recs if r.task == task and r.method == m and r.budget == b]
+        return 100 * statistics.fmean(v) if v else None
+
+    good = [t for t in tasks if (mean(t, FULL, None) or 0.0) >= min_full]
+    if not good:
+        return {}, None
+    full = statistics.fmean([mean(t, FULL, None) for t in good])
+    curves: dict[str, dict[float, float]] = {}
+    for m in METHODS:
+        for b in budgets:
+            vals = [mean(t, m, b) for t in good]
+            if all(v is not None for v in vals):
+                curves.setdefault(m, {})[b] = statistics.fmean(vals)
+    return curves, full
