@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from kvcrush_ov.eval.runner import FULL, run_eval
 
 
@@ -26,8 +29,39 @@ def test_eval_runs_every_column_once_and_resumes(tiny_model, tmp_path):
         assert by[(task, "snapkv", 0.25)] < by[(task, "snapkv", 0.5)] < full
     assert "| snapkv+kvcrush | 0.25 |" in summary and (tmp_path / "summary.md").exists()
     assert (tmp_path / "plot.svg").read_text().startswith("<svg")
+    fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert len(fid) == 2 * 3 * 2  # genai columns have no fidelity: 3 native methods x 2 budgets
+    for r in fid:
+        assert r["kl"] >= -1e-6 and 0.0 <= r["top1"] <= 1.0 and r["positions"] >= 1
+    assert "top-1 agreement" in summary
     run_eval(str(tiny_model), tmp_path, **kw)  # resume: everything is there already
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+    assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == len(fid)
+
+
+def test_kl_and_top1():
+    from kvcrush_ov.eval.runner import kl_top1
+
+    a = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32))
+    b = np.log(np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]], np.float32))
+    assert kl_top1(list(a), list(a)) == (0.0, 1.0)
+    kl, top1 = kl_top1(list(a), list(b))
+    assert top1 == 0.5
+    assert kl == pytest.approx((0.7 * np.log(0.7 / 0.2) + 0.2 * np.log(0.2 / 0.7)) / 2, rel=1e-4)
+
+
+def test_teacher_forcing_follows_the_forced_tokens(tiny_model):
+    from kvcrush_ov import GenerationConfig, KVCacheConfig, SchedulerConfig
+    from kvcrush_ov.engine.engine import LLMEngine
+
+    eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(), SchedulerConfig(), 2048)
+    seq = eng.add_request(list(range(5, 60)), GenerationConfig(max_new_tokens=3, ignore_eos=True),
+                          set(), lambda x: "")
+    seq.extra["forced"] = [11, 12, 13]
+    while eng.has_unfinished():
+        eng.step()
+    assert list(seq.output_ids) == [11, 12, 13] and len(seq.extra["logprobs"]) == 3
+    assert all(abs(float(np.exp(r).sum()) - 1.0) < 1e-3 for r in seq.extra["logprobs"])
 
 
 def test_plot_has_a_line_per_method(tmp_path):

@@ -14,6 +14,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
 from kvcrush_ov.engine.block_pool import BlockPool
 from kvcrush_ov.engine.evictor import Evictor
@@ -200,6 +202,7 @@ class LLMEngine:
                 c.seq.extra["kv_bytes"] = self._held_bytes(c.seq)
             sampling = [c.seq for c in out.chunks if c.sample]
             tokens = sample_batch([s.sampler for s in sampling], logits)
+            tokens = self._teacher_force(sampling, tokens, logits)
             now = time.perf_counter()
             for seq, tok in zip(sampling, tokens, strict=True):
                 reason = seq.sampler.append(int(tok))
@@ -211,6 +214,26 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                     finished.append(seq)
         return StepOutput(new, finished, out.num_tokens, len(out.preempted), held, before)
+
+    @staticmethod
+    def _teacher_force(sampling: list[Sequence], tokens: list[int],
+                       logits: np.ndarray) -> list[int]:
+        """Sequences with ``extra["forced"]`` (token ids) get those tokens instead of sampled
+        ones, and the log-softmax of every step's logits row ([V] float32) is appended to
+        ``extra["logprobs"]`` (fidelity metrics: the caller sets max_new_tokens and
+        ignore_eos so that generation ends with the forced tokens)."""
+        out = list(tokens)
+        for i, seq in enumerate(sampling):
+            forced = seq.extra.get("forced")
+            if forced is None:
+                continue
+            row = logits[i].astype(np.float32)
+            row = row - row.max()
+            seq.extra.setdefault("logprobs", []).append(row - np.log(np.exp(row).sum()))
+            n = seq.sampler.num_generated
+            if n < len(forced):
+                out[i] = int(forced[n])
+        return out
 
     @property
     def blocks_held(self) -> float:

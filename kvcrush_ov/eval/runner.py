@@ -9,6 +9,10 @@ pipeline, one configuration at a time. Each finished (task, index, method, budge
 
 The model sees its chat template around RULER's input, then RULER's answer prefix after the
 assistant header (``wrap(input) + answer_prefix``), as ids without extra special tokens.
+
+Fidelity (native methods): the same forks again, teacher-forced over the reference answer; KL of
+each fork's next-token distributions against the parent's (the full cache) and top-1 agreement,
+in ``fidelity.jsonl``.
 """
 
 from __future__ import annotations
@@ -92,6 +96,34 @@ def _parent_config(score_mode: str) -> CacheEvictionConfig:
                                kvcrush=None, mode="continuous")
 
 
+def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
+    """(method, budget) keys by the scores their parent must accumulate."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for key, spec in specs.items():
+        mode = "all" if spec.policy.score_mode == "all" else "window"
+        groups.setdefault(mode, []).append(key)
+    return groups
+
+
+def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys: list,
+                      specs: dict, eos: set[int], detok, forced: list[int] | None = None):
+    """One parent per score mode, prefilled once and forked per key; runs all to the end."""
+    parent = eng.add_request(ids, g, eos, detok)
+    if forced is not None:
+        parent.extra["forced"] = forced
+    eng.evictor.set_spec(parent, make_spec(_parent_config(mode)))
+    while parent.num_computed < len(ids) and not parent.is_finished:
+        eng.step()
+    children = {}
+    for k in keys:  # a finished parent's only token came from the full cache, like theirs
+        children[k] = parent if parent.is_finished else eng.fork(parent, eviction=specs[k])
+    while eng.has_unfinished():
+        eng.step()
+    for seq in (parent, *children.values()):
+        eng.sequences.pop(seq.seq_id, None)
+    return parent, children
+
+
 def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
                budgets: Iterable[float], results: Results, wrap: Callable[[str], str],
                say: Callable[[str], None] = print) -> None:
@@ -104,10 +136,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
 
     eos = pipe.backend.eos_token_ids
     specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
-    groups: dict[str, list[tuple[str, float]]] = {}
-    for key, spec in specs.items():
-        mode = "all" if spec.policy.score_mode == "all" else "window"
-        groups.setdefault(mode, []).append(key)
+    groups = _score_groups(specs)
     for i, s in enumerate(samples):
         todo = {k for k in specs if (s.task, s.index, *k) not in results.done}
         need_full = (s.task, s.index, FULL, None) not in results.done
@@ -120,28 +149,99 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
             keys = [k for k in keys if k in todo]
             if not keys and not (mode == "window" and need_full):
                 continue
-            parent = eng.add_request(ids, g, eos, detok)
-            eng.evictor.set_spec(parent, make_spec(_parent_config(mode)))
-            while parent.num_computed < len(ids) and not parent.is_finished:
-                eng.step()
-            children = {}
-            for k in keys:
-                if parent.is_finished:  # its only token came from the full cache, like theirs
-                    children[k] = parent
-                else:
-                    children[k] = eng.fork(parent, eviction=specs[k])
-            while eng.has_unfinished():
-                eng.step()
+            parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos, detok)
             for k, child in children.items():
                 results.add(_record(s, k[0], k[1], child.sampler.output_text(), len(ids),
                                     child.extra.get("kv_bytes", 0)))
             if mode == "window" and need_full:
                 results.add(_record(s, FULL, None, parent.sampler.output_text(), len(ids),
                                     parent.extra.get("kv_bytes", 0)))
-            for seq in (parent, *children.values()):
-                eng.sequences.pop(seq.seq_id, None)
         say(f"[native {i + 1}/{len(samples)}] {s.task} #{s.index}: "
             f"{time.perf_counter() - t0:.1f} s")
+
+
+@dataclass
+class Fidelity:
+    """Teacher-forced over the reference answer: mean KL(full || method) of the next-token
+    distributions and the share of positions whose argmax agrees with the full cache's."""
+
+    task: str
+    index: int
+    method: str
+    budget: float
+    kl: float
+    top1: float
+    positions: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.index, self.method, self.budget)
+
+
+def kl_top1(full: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
+    """Mean KL(full || other) and top-1 agreement over positions (log-prob rows [V])."""
+    kls, agree = [], []
+    for lf, lo in zip(full, other, strict=True):
+        pf = np.exp(lf.astype(np.float64))
+        kls.append(float(np.sum(pf * (lf - lo))))
+        agree.append(int(np.argmax(lf)) == int(np.argmax(lo)))
+    return float(np.mean(kls)), float(np.mean(agree))
+
+
+def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
+                 budgets: Iterable[float], fid: dict[tuple, Fidelity], path: Path,
+                 wrap: Callable[[str], str], max_forced: int = 32,
+                 say: Callable[[str], None] = print) -> None:
+    """Like :func:`run_native`, but every sequence is teacher-forced over the reference answer
+    (``" " + ", ".join(outputs)``, at most ``max_forced`` tokens) and its next-token
+    distributions are compared with the parent's (the full cache)."""
+    eng = pipe.backend.engine
+    tok = pipe.tokenizer
+    eos = pipe.backend.eos_token_ids
+    specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
+    for i, s in enumerate(samples):
+        todo = {k for k in specs if (s.task, s.index, *k) not in fid}
+        if not todo:
+            continue
+        ids = _ids(tok, s.prompt(wrap))
+        forced = _ids(tok, " " + ", ".join(s.outputs))[:max_forced] or [int(next(iter(eos)))]
+        g = GenerationConfig(max_new_tokens=len(forced), ignore_eos=True)
+        for mode, keys in _score_groups(specs).items():
+            keys = [k for k in keys if k in todo]
+            if not keys:
+                continue
+            parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos,
+                                                 lambda x: "", forced)
+            full = parent.extra["logprobs"]
+            for k, child in children.items():
+                kl, top1 = kl_top1(full, child.extra["logprobs"])
+                rec = Fidelity(s.task, s.index, k[0], k[1], kl, top1, len(full))
+                fid[rec.key] = rec
+                with path.open("a") as fh:
+                    fh.write(json.dumps(asdict(rec)) + "\n")
+        say(f"[fidelity {i + 1}/{len(samples)}] {s.task} #{s.index}")
+
+
+def load_fidelity(path: Path) -> dict[tuple, Fidelity]:
+    out: dict[tuple, Fidelity] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = Fidelity(**json.loads(line))
+                out[r.key] = r
+    return out
+
+
+def summarize_fidelity(fid: dict[tuple, Fidelity], budgets: Iterable[float]) -> str:
+    lines = ["| method | budget | KL(full || method) | top-1 agreement | samples |",
+             "|---|---|---|---|---|"]
+    for b in budgets:
+        for m in METHODS:
+            rs = [r for r in fid.values() if r.method == m and r.budget == b]
+            if rs:
+                lines.append(f"| {m} | {b} | {statistics.fmean(r.kl for r in rs):.4f} | "
+                             f"{100 * statistics.fmean(r.top1 for r in rs):.1f}% | {len(rs)} |")
+    return "\n".join(lines)
 
 
 def run_genai(model: str, samples: list[Sample], method: Method, budget: float,
@@ -202,7 +302,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              num_samples: int = 20, methods: Iterable[str] | None = None,
              budgets: Iterable[float] = DEFAULT_BUDGETS, seed: int = 42,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
-             say: Callable[[str], None] = print) -> str:
+             fidelity: bool = True, say: Callable[[str], None] = print) -> str:
     """Run (or resume) the evaluation; returns the markdown summary (also in summary.md)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,14 +319,22 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         "max_seq_length": max_seq_length, "precision": precision,
         "prompt": "chat template around RULER's input, answer prefix after the assistant header",
     }, indent=1))
-    run_native(pipe, samples, [m for m in chosen if m.backend == "native"], budgets, results,
-               wrap, say)
+    native = [m for m in chosen if m.backend == "native"]
+    run_native(pipe, samples, native, budgets, results, wrap, say)
+    fid: dict[tuple, Fidelity] = {}
+    if fidelity:
+        fid = load_fidelity(out / "fidelity.jsonl")
+        run_fidelity(pipe, samples, native, budgets, fid, out / "fidelity.jsonl", wrap,
+                     say=say)
     del pipe
     for m in chosen:
         if m.backend == "genai":
             for b in budgets:
                 run_genai(model, samples, m, b, results, wrap, kv, say)
     summary = summarize(results, budgets)
+    if fid:
+        summary += ("\n\nFidelity (native methods, teacher-forced over the reference answer, "
+                    "all tasks):\n\n" + summarize_fidelity(fid, budgets))
     (out / "summary.md").write_text(summary + "\n")
     curves, full = method_curves(results, budgets)
     write_svg(out / "plot.svg", {Path(str(model)).name: (curves, full)})
