@@ -161,8 +161,8 @@ class CacheEvictionConfig:
     evict_interval: tokens a sequence may grow past its budget before the next eviction
         (continuous mode). 1 keeps the budget exactly at every step, at a selection per token.
     pooling / kernel_size: how snapkv-family scores are smoothed along the sequence; kernel_size
-        None is the backend's own (15 on native: 7 lost the trailing digits of a needle number
-        at 25%, see docs/eviction.md; GenAI's fixed 7 on genai).
+        None is the backend's own (31 on native, chosen on a RULER tuning seed: 15 kept the key
+        words but cut multi-token needle values, see docs/eviction.md; GenAI's fixed 7 on genai).
     log: keep a per-request eviction log (kept positions per layer and head, and why).
     """
 

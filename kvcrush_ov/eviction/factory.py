@@ -10,7 +10,7 @@ from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamEviction
 
 _POOLED = ("snapkv", "pyramidkv", "adakv")
-NATIVE_KERNEL_SIZE = 15  # kernel_size=None on the native backend (docs/eviction.md)
+NATIVE_KERNEL_SIZE = 31  # kernel_size=None on the native backend (docs/eviction.md)
 
 
 def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
