@@ -282,3 +282,14 @@ def test_streaming_keeps_the_latest() -> None:
     keep = StreamingLLM().select(inputs, 4, rng())  # head 1 holds 3: its 4th goes to head 0
     assert positions_of(inputs, keep, 0, 0) == {1, 4, 6, 7, 9}
     assert positions_of(inputs, keep, 0, 1) == {2, 3, 8}
+
+
+def test_sliding_max_equals_brute_force() -> None:
+    from kvcrush_ov.eviction.snapkv import _sliding_max
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 16, 100):
+        for r in (1, 2, 3, 7, 15, 31):
+            v = rng.random((2, 3, n)).astype(np.float32)
+            ref = np.stack([v[..., max(0, j - r):j + r + 1].max(axis=-1) for j in range(n)], -1)
+            assert np.array_equal(_sliding_max(v, r), ref), (n, r)

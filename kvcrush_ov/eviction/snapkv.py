@@ -19,6 +19,19 @@ from kvcrush_ov.eviction.h2o import check_aggregation_mode
 POOLINGS = ("max", "avg", "none")
 
 
+def _sliding_max(v: np.ndarray, r: int) -> np.ndarray:
+    """Max over ``[j - r, j + r]`` along the last axis (outside the array counts as -inf), in
+    O(N log r): maxima of power-of-two spans, then two overlapping spans per window."""
+    n, w = v.shape[-1], 2 * r + 1
+    pad = np.full(v.shape[:-1] + (r,), -np.inf, np.float32)
+    x = np.concatenate([pad, v, pad], axis=-1)  # x[j + r] = v[j]
+    span = 1
+    while span * 2 <= w:  # x[i] = max of the original x[i : i + 2 * span]
+        x = np.maximum(x[..., :-span], x[..., span:])
+        span *= 2
+    return np.maximum(x[..., :n], x[..., w - span:w - span + n])
+
+
 def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
                 kernel_size: int) -> np.ndarray:
     """float32 [L, H, N]: ``values`` pooled along N over a centred window of ``kernel_size``.
@@ -35,11 +48,7 @@ def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
     if pooling == "none" or r == 0 or n == 0:
         out = values.astype(np.float32, copy=True)
     elif pooling == "max":
-        v = np.where(valid, values, -np.inf).astype(np.float32)
-        out = v.copy()
-        for s in range(1, min(r, n - 1) + 1):
-            np.maximum(out[..., s:], v[..., :-s], out=out[..., s:])
-            np.maximum(out[..., :-s], v[..., s:], out=out[..., :-s])
+        out = _sliding_max(np.where(valid, values, -np.inf).astype(np.float32), r)
     elif pooling == "avg":
         zero = np.zeros(values.shape[:-1] + (1,))
         sums = np.concatenate([zero, np.cumsum(np.where(valid, values, 0.0), -1)], -1)
