@@ -14,12 +14,11 @@ from typing import ClassVar
 import numpy as np
 
 from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
-from kvcrush_ov.eviction.h2o import check_aggregation_mode
-from kvcrush_ov.eviction.snapkv import check_pooling, pooled_scores
+from kvcrush_ov.eviction.snapkv import SnapKV
 
 
 @dataclass(frozen=True)
-class AdaKV:
+class AdaKV(SnapKV):
     """SnapKV scores with adaptive per-head budgets inside each layer.
 
     Per layer (budget ``H * num_keep``, or what ``base.head_quotas`` moves there when heads are
@@ -27,28 +26,20 @@ class AdaKV:
     the layer's budget goes to the highest remaining scores of all its heads together (ties: lower
     head, then earlier candidate). A head never keeps more than it holds.
 
-    aggregation_mode, pooling, kernel_size: as :class:`SnapKV`.
+    aggregation_mode, pooling, kernel_size and the scores: inherited from :class:`SnapKV`.
     alpha: the safeguard floor in [0, 1] (Ada-KV's default 0.2).
     """
 
     name: ClassVar[str] = "adakv"
     score_mode: ClassVar[str] = "window"
 
-    aggregation_mode: str = "sum"
-    pooling: str = "max"
-    kernel_size: int = 7
     alpha: float = 0.2
 
     def __post_init__(self) -> None:
-        check_aggregation_mode("AdaKV", self.aggregation_mode)
-        check_pooling("AdaKV", self.pooling, self.kernel_size)
+        super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV.alpha={self.alpha!r}: allowed a number in [0, 1]")
-
-    def scores(self, inputs: EvictionInputs) -> np.ndarray:
-        """float32 [L, H, N]: pooled normalised scores (as SnapKV); -inf in padding."""
-        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size)
 
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:

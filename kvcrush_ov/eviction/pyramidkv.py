@@ -13,8 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvcrush_ov.eviction.base import EvictionInputs, fit_budget, top_k_mask
-from kvcrush_ov.eviction.h2o import check_aggregation_mode
-from kvcrush_ov.eviction.snapkv import check_pooling, pooled_scores
+from kvcrush_ov.eviction.snapkv import SnapKV
 
 
 def round_to_total(values: np.ndarray, total: int) -> np.ndarray:
@@ -42,7 +41,7 @@ def pyramid_budgets(num_layers: int, num_keep: int, beta: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PyramidKV:
+class PyramidKV(SnapKV):
     """SnapKV scores, ``pyramid_budgets`` per layer (the same count in every head of a layer).
 
     A layer whose shortest head holds fewer candidates than its budget keeps what it can; the
@@ -50,28 +49,20 @@ class PyramidKV:
     always ``L * H * num_keep``. Only if the layers cannot absorb it at equal per-head counts do
     heads of a layer get different counts.
 
-    aggregation_mode, pooling, kernel_size: as :class:`SnapKV`.
+    aggregation_mode, pooling, kernel_size and the scores: inherited from :class:`SnapKV`.
     beta: the pyramid's steepness (>= 1): the last layer keeps ``num_keep / beta`` per head.
     """
 
     name: ClassVar[str] = "pyramidkv"
     score_mode: ClassVar[str] = "window"
 
-    aggregation_mode: str = "sum"
-    pooling: str = "max"
-    kernel_size: int = 7
     beta: float = 20.0
 
     def __post_init__(self) -> None:
-        check_aggregation_mode("PyramidKV", self.aggregation_mode)
-        check_pooling("PyramidKV", self.pooling, self.kernel_size)
+        super().__post_init__()
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
                 or not self.beta >= 1:
             raise ValueError(f"PyramidKV.beta={self.beta!r}: allowed a number >= 1")
-
-    def scores(self, inputs: EvictionInputs) -> np.ndarray:
-        """float32 [L, H, N]: pooled normalised scores (as SnapKV); -inf in padding."""
-        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size)
 
     def layer_budgets(self, lengths: np.ndarray, num_keep: int) -> np.ndarray:
         """int64 [L, H]: keep count of every (layer, head); sums to ``L * H * num_keep``."""

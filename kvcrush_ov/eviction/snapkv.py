@@ -93,9 +93,10 @@ class SnapKV:
     pooling: str = "max"
     kernel_size: int = 7
 
-    def __post_init__(self) -> None:
-        check_aggregation_mode("SnapKV", self.aggregation_mode)
-        check_pooling("SnapKV", self.pooling, self.kernel_size)
+    def __post_init__(self) -> None:  # shared by the SnapKV-scored policies that subclass it
+        owner = type(self).__name__
+        check_aggregation_mode(owner, self.aggregation_mode)
+        check_pooling(owner, self.pooling, self.kernel_size)
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: pooled normalised scores; -inf in padding."""
