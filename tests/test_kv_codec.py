@@ -162,39 +162,40 @@ def _bf16_rows(prefilled, which: str, head: int, block: int, n: int) -> np.ndarr
     return _bf16(data[block, head, :n])
 
 
-@pytest.mark.parametrize("precision", ["u8", "u4"])
-def test_plugin_blocks_dequantize_to_the_bf16_cache(prefilled, precision):
-    """(a) layer 0: |dequantized - bf16| <= scale / 2 per element (u8 keys / values, u4 keys)."""
-    r, _, _ = prefilled[precision]
+def _layer0_blocks(r):
+    """(which, layout, head, block, valid rows, stored head-block) of layer 0's valid blocks."""
     for which, layout, tensor in (("key", r.key_layout, r.keys[0]),
                                   ("value", r.value_layout, r.values[0])):
         for h in range(r.heads):
             view = layout.head_blocks(tensor, h)
             for block, n in VALID:
-                ref = _bf16_rows(prefilled, which, h, block, n)
-                got = layout.dequantize_rows(view[block], np.arange(n))
-                raw = view[block]
-                if which == "key":
-                    scale = raw[:4 * layout.head_dim].view(np.float32)[None, :]
-                else:
-                    rows = raw.reshape(layout.block_size, -1)[:n]
-                    scale = np.ascontiguousarray(rows[:, :4]).view(np.float32)
-                err = np.abs(got - ref)
-                assert (err <= scale * 0.5 * (1 + 1e-5) + 1e-7).all(), (which, h, block)
-                assert err.max() > 0  # really quantized
+                yield which, layout, h, block, n, view[block]
+
+
+@pytest.mark.parametrize("precision", ["u8", "u4"])
+def test_plugin_blocks_dequantize_to_the_bf16_cache(prefilled, precision):
+    """(a) layer 0: |dequantized - bf16| <= scale / 2 per element (u8 keys / values, u4 keys)."""
+    r, _, _ = prefilled[precision]
+    for which, layout, h, block, n, raw in _layer0_blocks(r):
+        ref = _bf16_rows(prefilled, which, h, block, n)
+        got = layout.dequantize_rows(raw, np.arange(n))
+        if which == "key":
+            scale = raw[:4 * layout.head_dim].view(np.float32)[None, :]
+        else:
+            rows = raw.reshape(layout.block_size, -1)[:n]
+            scale = np.ascontiguousarray(rows[:, :4]).view(np.float32)
+        err = np.abs(got - ref)
+        assert (err <= scale * 0.5 * (1 + 1e-5) + 1e-7).all(), (which, h, block)
+        assert err.max() > 0  # really quantized
 
 
 @pytest.mark.parametrize("precision", ["u8", "u4"])
 def test_encode_reproduces_plugin_bytes_from_bf16_data(prefilled, precision):
     """(b) layer 0: encode_block(bf16 rows) == the plugin's bytes, full and partial blocks."""
     r, _, _ = prefilled[precision]
-    for which, layout, tensor in (("key", r.key_layout, r.keys[0]),
-                                  ("value", r.value_layout, r.values[0])):
-        for h in range(r.heads):
-            view = layout.head_blocks(tensor, h)
-            for block, n in VALID:
-                enc = layout.encode_block(_bf16_rows(prefilled, which, h, block, n))
-                np.testing.assert_array_equal(enc, view[block], err_msg=f"{which} h{h} b{block}")
+    for which, layout, h, block, n, raw in _layer0_blocks(r):
+        enc = layout.encode_block(_bf16_rows(prefilled, which, h, block, n))
+        np.testing.assert_array_equal(enc, raw, err_msg=f"{which} h{h} b{block}")
 
 
 @pytest.mark.parametrize("precision", ["u8", "u4"])
