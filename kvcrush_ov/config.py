@@ -220,8 +220,13 @@ class CacheEvictionConfig:
 
     def total_tokens(self, prompt_tokens: int) -> int:
         """The requested total budget in tokens for a prompt of ``prompt_tokens`` tokens."""
-        m = self.max_cache_size
-        return int(m) if _is_int(m) else max(1, int(m * prompt_tokens))
+        return budget_tokens(self.max_cache_size, prompt_tokens)
+
+
+def budget_tokens(max_cache_size: int | float, prompt_tokens: int) -> int:
+    """Tokens of a budget given as a token count (int) or a fraction of the prompt (float)."""
+    m = max_cache_size
+    return int(m) if _is_int(m) else max(1, int(m * prompt_tokens))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from kvcrush_ov.eviction.planner import plan_eviction
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamCacheEviction, UpstreamConfig
+from kvcrush_ov.transformations.per_head import PerHeadLayout
 
 
 @dataclass
@@ -53,12 +54,10 @@ class Evictor:
         self.kv = kv
         self.runner = runner
         self.stats = EvictionStats()
+        # the score layout of the runner's graph (one "head" per layer on the plain graph)
+        self.layout = PerHeadLayout(runner.num_layers, runner.num_kv_heads)
 
     # ------------------------------------------------------------------ per request
-    def budget_for(self, prompt_tokens: int) -> int:
-        """Tokens per layer and head after an eviction (never below sinks + recent)."""
-        return max(self.spec.budget(prompt_tokens), self.spec.start_size + self.spec.recent_size)
-
     def check_request(self, prompt_tokens: int) -> None:
         """An absolute budget above the prompt evicts nothing in prefill mode: refuse it."""
         m = self.spec.max_cache_size
@@ -75,7 +74,7 @@ class Evictor:
         """Give ``seq`` its own policy and budget (e.g. a fork evaluating another policy)."""
         ex = seq.extra
         ex["spec"] = spec
-        ex["budget"] = max(spec.budget(len(seq.prompt_ids)), spec.start_size + spec.recent_size)
+        ex["budget"] = spec.budget(len(seq.prompt_ids))
         ex["rng"] = np.random.default_rng(spec.seed)
         ex["eviction_log"] = [] if spec.log else None
 
@@ -193,17 +192,8 @@ class Evictor:
                   scores: list[np.ndarray]) -> list[list[list[np.ndarray]]]:
         """scores.L split into [layer][chunk][head] segments (cached rows + this step's)."""
         lens = np.stack([self.kv.tables[c.seq.seq_id].lens for c in chunks])  # [B, L, H]
-        batch, heads = len(chunks), self.runner.num_kv_heads
-        out = []
-        for layer, flat in enumerate(scores):
-            ctx = lens[:, layer, :].T.reshape(-1)  # segment j = h*B + s
-            offsets = np.concatenate([[0], np.cumsum(ctx)])
-            if offsets[-1] != len(flat):
-                raise AssertionError(f"scores.{layer}: {len(flat)} values, expected "
-                                     f"{offsets[-1]}")
-            out.append([[flat[offsets[h * batch + s]:offsets[h * batch + s + 1]]
-                         for h in range(heads)] for s in range(batch)])
-        return out
+        return [self.layout.split_scores(flat, lens[:, layer, :])
+                for layer, flat in enumerate(scores)]
 
     def _accumulate(self, chunks: list[ScheduledChunk], windows: list[int],
                     segs: list[list[list[np.ndarray]]]) -> None:

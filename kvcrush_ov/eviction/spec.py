@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcrush_ov.config import CacheEvictionConfig
+from kvcrush_ov.config import CacheEvictionConfig, budget_tokens
 from kvcrush_ov.eviction.base import EvictionPolicy
 
 EVICTION_MODES = ("prefill", "continuous")
@@ -36,7 +36,6 @@ class EvictionSpec:
     genai: CacheEvictionConfig | None = None
 
     def budget(self, prompt_tokens: int) -> int:
-        m = self.max_cache_size
-        if isinstance(m, float):
-            return max(1, int(m * prompt_tokens))
-        return int(m)
+        """Tokens per layer and head after an eviction (never below sinks + recent)."""
+        return max(budget_tokens(self.max_cache_size, prompt_tokens),
+                   self.start_size + self.recent_size)
