@@ -268,29 +268,39 @@ def build_samples(pipe: Pipeline, tasks: Iterable[str], num_samples: int, seed: 
         seed=seed, wrap=wrap)]
 
 
+def task_means(results: Results) -> dict[tuple[str, str, float | None], float]:
+    """Mean score x 100 per (task, method, budget), in one pass over the records."""
+    groups: dict[tuple[str, str, float | None], list[float]] = {}
+    for r in results.done.values():
+        groups.setdefault((r.task, r.method, r.budget), []).append(r.score)
+    return {k: 100 * statistics.fmean(v) for k, v in groups.items()}
+
+
+def _scored_tasks(means: dict, min_full: float) -> tuple[list[str], list[str]]:
+    """(tasks present, in RULER's order; those where the full cache scores >= min_full)."""
+    tasks = [t for t in TASKS if any(k[0] == t for k in means)]
+    return tasks, [t for t in tasks if means.get((t, FULL, None), 0.0) >= min_full]
+
+
+def _average(means: dict, tasks: list[str], m: str, b: float | None) -> float | None:
+    vals = [means.get((t, m, b)) for t in tasks]
+    return statistics.fmean(vals) if tasks and None not in vals else None
+
+
 def summarize(results: Results, budgets: Iterable[float], min_full: float = 10.0) -> str:
     """Markdown: mean score x 100 per task and method / budget, and the average over the tasks
     where the full cache scores at least ``min_full``."""
-    recs = list(results.done.values())
-    tasks = [t for t in TASKS if any(r.task == t for r in recs)]
+    means = task_means(results)
+    tasks, good = _scored_tasks(means, min_full)
     cols = [(FULL, None)] + [(m, b) for b in budgets for m in METHODS
-                             if any(r.method == m and r.budget == b for r in recs)]
-
-    def mean(task: str, m: str, b: float | None) -> float | None:
-        v = [r.score for r in recs if r.task == task and r.method == m and r.budget == b]
-        return 100 * statistics.fmean(v) if v else None
-
-    full = {t: mean(t, FULL, None) for t in tasks}
-    good = [t for t in tasks if (full[t] or 0.0) >= min_full]
+                             if any(k[1:] == (m, b) for k in means)]
     head = " | ".join(tasks)
     lines = [f"| method | budget | {head} | avg ({len(good)} tasks) | % of full |",
              "|---|---|" + "---|" * (len(tasks) + 2)]
-    full_avg = statistics.fmean([full[t] for t in good]) if good else 0.0
+    full_avg = _average(means, good, FULL, None)
     for m, b in cols:
-        cells = [mean(t, m, b) for t in tasks]
-        avg_v = [mean(t, m, b) for t in good]
-        avg = statistics.fmean([v for v in avg_v if v is not None]) if good and all(
-            v is not None for v in avg_v) else None
+        cells = [means.get((t, m, b)) for t in tasks]
+        avg = _average(means, good, m, b)
         rel = f"{100 * avg / full_avg:.1f}" if avg is not None and full_avg else "-"
         lines.append(f"| {m} | {'-' if b is None else b} | "
                      + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
@@ -345,21 +355,12 @@ def method_curves(results: Results, budgets: Iterable[float],
                   min_full: float = 10.0) -> tuple[dict[str, dict[float, float]], float | None]:
     """Per method, budget -> average score x 100 over the tasks where the full cache scores at
     least ``min_full`` (the summary's avg column); and the full cache's own average."""
-    recs = list(results.done.values())
-    tasks = sorted({r.task for r in recs})
-
-    def mean(task: str, m: str, b: float | None) -> float | None:
-        v = [r.score for r in recs if r.task == task and r.method == m and r.budget == b]
-        return 100 * statistics.fmean(v) if v else None
-
-    good = [t for t in tasks if (mean(t, FULL, None) or 0.0) >= min_full]
-    if not good:
-        return {}, None
-    full = statistics.fmean([mean(t, FULL, None) for t in good])
+    means = task_means(results)
+    _, good = _scored_tasks(means, min_full)
     curves: dict[str, dict[float, float]] = {}
     for m in METHODS:
         for b in budgets:
-            vals = [mean(t, m, b) for t in good]
-            if all(v is not None for v in vals):
-                curves.setdefault(m, {})[b] = statistics.fmean(vals)
-    return curves, full
+            avg = _average(means, good, m, b)
+            if avg is not None:
+                curves.setdefault(m, {})[b] = avg
+    return curves, _average(means, good, FULL, None)
