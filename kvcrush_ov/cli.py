@@ -112,6 +112,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_bench_eviction(args: argparse.Namespace) -> int:
     from kvcrush_ov import bench_eviction as be
 
+    if args.long_tokens < 2048:
+        raise ConfigError("--long-tokens", args.long_tokens,
+                          "an integer >= 2048 (the flat run keeps a 1024-token budget)")
+
     parts = {"selection": lambda: be.selection(args.model, precision=args.precision),
              "capacity": lambda: be.capacity(args.model),
              "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens)}

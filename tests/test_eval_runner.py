@@ -72,3 +72,23 @@ def test_plot_has_a_line_per_method(tmp_path):
     svg = write_svg(tmp_path / "p.svg", {"m1": (curves, 85.0), "m2": (curves, None)}).read_text()
     assert svg.count("<polyline") == 4 and svg.count("stroke-dasharray") == 1
     assert "snapkv+kvcrush" in svg and "compression ratio" in svg
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"tasks": ["niah_single_9"]}, "tasks"),
+    ({"tasks": []}, "tasks"),
+    ({"methods": ["tova"]}, "methods"),
+    ({"budgets": [0.25, 1.5]}, "budgets"),
+    ({"budgets": [0]}, "budgets"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"max_seq_length": 100}, "max_seq_length"),
+    ({"seed": -1}, "seed"),
+    ({"precision": "fp8"}, "kv_cache.precision"),
+])
+def test_bad_eval_arguments_fail_before_loading(tmp_path, kwargs, field):
+    from kvcrush_ov import ConfigError
+
+    with pytest.raises(ConfigError) as info:  # the model folder does not exist: never read
+        run_eval(str(tmp_path / "never-read"), tmp_path / "out", **kwargs)
+    assert info.value.field == field
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig
+from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
 from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, score
@@ -308,17 +309,41 @@ def summarize(results: Results, budgets: Iterable[float], min_full: float = 10.0
     return "\n".join(lines)
 
 
+def check_eval_args(tasks: tuple, methods: tuple, budgets: tuple, num_samples: object,
+                    max_seq_length: object, seed: object) -> None:
+    """Raise ConfigError naming the first invalid argument of :func:`run_eval`."""
+    for field, values, allowed in (("tasks", tasks, TASKS), ("methods", methods, tuple(METHODS))):
+        if not values:
+            raise ConfigError(field, values, f"at least one of {', '.join(allowed)}")
+        for v in values:
+            if v not in allowed:
+                raise ConfigError(field, v, f"one of {', '.join(allowed)}")
+    if not budgets:
+        raise ConfigError("budgets", budgets, "at least one fraction of the prompt in (0, 1)")
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+            raise ConfigError("budgets", b, "fractions of the prompt in (0, 1)")
+    for field, v, low in (("num_samples", num_samples, 1), ("max_seq_length", max_seq_length,
+                                                            512), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(field, v, f"an integer >= {low}")
+
+
 def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              num_samples: int = 20, methods: Iterable[str] | None = None,
              budgets: Iterable[float] = DEFAULT_BUDGETS, seed: int = 42,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
              fidelity: bool = True, say: Callable[[str], None] = print) -> str:
-    """Run (or resume) the evaluation; returns the markdown summary (also in summary.md)."""
+    """Run (or resume) the evaluation; returns the markdown summary (also in summary.md).
+
+    Every argument is checked before a model is loaded (ConfigError naming it)."""
+    tasks, budgets = tuple(tasks), tuple(budgets)
+    names = tuple(methods) if methods is not None else tuple(METHODS)
+    check_eval_args(tasks, names, budgets, num_samples, max_seq_length, seed)
+    kv = KVCacheConfig(precision=precision, cache_size=cache_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = tuple(budgets)
-    chosen = [METHODS[m] for m in (methods or METHODS)]
-    kv = KVCacheConfig(precision=precision, cache_size=cache_size)
+    chosen = [METHODS[m] for m in names]
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(), backend="native")
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
