@@ -40,6 +40,8 @@ class HeadTable:
     version: int = 0  # changes whenever a block list changes (the runner caches tables by it)
 
     def num_blocks(self) -> int:
+        if self.uniform:  # every (layer, head) holds as many tokens, hence as many blocks
+            return len(self.blocks[0][0]) * self.lens.size
         return sum(len(b) for row in self.blocks for b in row)
 
     def positions_of(self, layer: int, head: int) -> np.ndarray:
