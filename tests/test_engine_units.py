@@ -118,19 +118,43 @@ def test_without_split_fuse_a_prompt_runs_whole():
 
 
 def test_preemption_frees_the_newest_and_recomputes_it():
-    kv, s, (a, b) = scheduler_with(4, 100, 8, 8)
-    s.schedule()  # both prefilled: 4 blocks used
-    a.sampler.output_ids.append(1)
-    b.sampler.output_ids.append(1)
-    out = s.schedule()  # a needs a 3rd block: b is preempted
+    kv, s, (a, b) = scheduler_with(5, 100, 8, 7)
+    s.schedule()  # both prefilled: 4 blocks used (b fit with one block of growth to spare)
+    for _ in range(2):
+        a.sampler.output_ids.append(1)
+        b.sampler.output_ids.append(1)
+        out = s.schedule()  # 1st: a takes the last block; 2nd: b needs a 3rd, none is free
     assert out.preempted == [b] and b.status is Status.WAITING and b.num_computed == 0
     assert [c.seq.seq_id for c in out.chunks] == [0]
     kv.check_invariants()
     s.finish(a)
-    out = s.schedule()  # b comes back and recomputes prompt + its generated token
+    out = s.schedule()  # b comes back and recomputes prompt + its generated tokens
     assert [(c.seq.seq_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
         (1, 0, 9, True)]
     kv.check_invariants()
+
+
+def test_admission_watermark_waits_for_room_for_the_whole_prompt():
+    """b's first chunk fits, but not its whole prompt next to a's growth: it waits (chunk by
+    chunk it would be preempted later); alone in the engine a prompt joins on its first chunk."""
+    kv, s, (a, b) = scheduler_with(7, 4, 8, 12)
+    s.schedule()
+    s.schedule()  # a prefilled in 2 chunks of 4
+    a.sampler.output_ids.append(1)
+    out = s.schedule()  # a's 9th token takes a 3rd block; b needs 3 + 1 of a's growth = 4 free
+    assert [c.seq.seq_id for c in out.chunks] == [0, 1]
+    kv2, s2, (c, d) = scheduler_with(6, 4, 8, 12)
+    s2.schedule()
+    s2.schedule()
+    c.sampler.output_ids.append(1)
+    out = s2.schedule()  # 3 free: d's first chunk (1 block) fits, the whole prompt does not
+    assert [x.seq.seq_id for x in out.chunks] == [0] and list(s2.waiting) == [d]
+    s2.finish(c)
+    out = s2.schedule()
+    assert [(x.seq.seq_id, x.num_tokens) for x in out.chunks] == [(1, 4)]
+    kv2.check_invariants()
+    _, s3, _ = scheduler_with(2, 4, 16)  # alone: joins although 16 tokens need 4 blocks
+    assert [x.num_tokens for x in s3.schedule().chunks] == [4]
 
 
 def test_token_slice_equals_all_ids_slices():

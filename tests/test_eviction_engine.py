@@ -155,8 +155,9 @@ def test_prefill_mode_evicts_once_and_then_grows(tiny_model, tiny_tok):
 
 
 def test_memory_shrinks_and_freed_blocks_serve_others(tiny_model, tiny_tok):
-    """24 blocks cannot hold two 600-token prompts (19 blocks each): with a full cache the two
-    never decode together; with a 128-token budget they do, without preemption."""
+    """25 blocks cannot hold two 600-token prompts (19 blocks each): with a full cache the two
+    never decode together; with a 128-token budget they do, without preemption (the second joins
+    once its whole prompt fits next to the first's 5 blocks and one block of growth)."""
     prompts = [ids_of(tiny_tok, 600), ids_of(tiny_tok, 600, seed=1)]
     cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
 
@@ -169,8 +170,8 @@ def test_memory_shrinks_and_freed_blocks_serve_others(tiny_model, tiny_tok):
             both += all(s.num_computed >= len(s.prompt_ids) and not s.is_finished for s in seqs)
         return both, seqs
 
-    both_full, _ = together(build(tiny_model, None, num_kv_blocks=24))
-    eng = build(tiny_model, spec("snapkv", 128, True, mode="continuous"), num_kv_blocks=24)
+    both_full, _ = together(build(tiny_model, None, num_kv_blocks=25))
+    eng = build(tiny_model, spec("snapkv", 128, True, mode="continuous"), num_kv_blocks=25)
     both, seqs = together(eng)
     assert both_full == 0 and both >= 4
     assert sum(s.num_preemptions for s in seqs) == 0

@@ -106,7 +106,11 @@ class HeadKVCacheManager:
         return need
 
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
-        need = self.blocks_needed(seq_id, new_tokens)
+        return self.fits(self.blocks_needed(seq_id, new_tokens))
+
+    def fits(self, need: np.ndarray) -> bool:
+        """Whether every layer's pool has ``need[l]`` free head blocks (int64 [L], a sum of
+        :meth:`blocks_needed`)."""
         return all(int(need[i]) <= p.num_free for i, p in enumerate(self.pools))
 
     # ------------------------------------------------------------------ writes

@@ -42,6 +42,10 @@ class KVCacheManager:
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
         return self.blocks_needed(seq_id, new_tokens) <= self.pool.num_free
 
+    def fits(self, need: int) -> bool:
+        """Whether ``need`` blocks (a sum of :meth:`blocks_needed`) are free."""
+        return need <= self.pool.num_free
+
     def append_slots(self, seq_id: int, new_tokens: int) -> list[tuple[int, int]]:
         """Reserve room for ``new_tokens`` more tokens; return (src, dst) block copies to do.
 

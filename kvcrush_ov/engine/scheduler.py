@@ -3,8 +3,11 @@
 Every step has a token budget (``max_num_batched_tokens``). Running sequences go first, oldest
 first: a decoding sequence takes one token, a sequence still in prefill takes the next chunk of its
 prompt. Waiting sequences then join while budget, sequence slots and free blocks last, so prefill
-and decode tokens share a step. When a running sequence cannot get a block, the newest running
-sequence is preempted: its blocks are freed and it waits to be recomputed (prompt + what it has
+and decode tokens share a step. A waiting sequence joins only if its whole prompt fits next to
+what the running prefills still need plus one block of growth per running sequence (an admission
+watermark; alone in the engine it joins as soon as its first chunk fits), so that prompts are not
+admitted chunk by chunk into room the running sequences need. When a running sequence cannot get
+a block anyway, the newest running sequence is preempted: its blocks are freed and it waits to be recomputed (prompt + what it has
 generated), which yields exactly the same continuation.
 """
 
@@ -86,6 +89,18 @@ class Scheduler:
             return 0  # without chunked prefill a prompt runs whole or not at all
         return n
 
+    def _admissible(self, seq: Sequence, first_chunk: int) -> bool:
+        """The admission watermark (module docstring)."""
+        if not self.running:
+            return self.kv.can_append(seq.seq_id, first_chunk)
+        need = self.kv.blocks_needed(seq.seq_id, seq.num_pending)
+        growth = self.kv.blocks_needed(-1, self.kv.block_size)  # one block of a new sequence
+        for s in self.running:
+            need = need + growth
+            if s.num_pending > 1:  # still in prefill: the rest of its prompt
+                need = need + self.kv.blocks_needed(s.seq_id, s.num_pending)
+        return self.kv.fits(need)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -112,7 +127,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = self._chunk(seq, budget)
-            if n == 0 or not self.kv.can_append(seq.seq_id, n):
+            if n == 0 or not self._admissible(seq, n):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
