@@ -7,8 +7,8 @@ and decode tokens share a step. A waiting sequence joins only if its whole promp
 what the running prefills still need plus one block of growth per running sequence (an admission
 watermark; alone in the engine it joins as soon as its first chunk fits), so that prompts are not
 admitted chunk by chunk into room the running sequences need. When a running sequence cannot get
-a block anyway, the newest running sequence is preempted: its blocks are freed and it waits to be recomputed (prompt + what it has
-generated), which yields exactly the same continuation.
+a block anyway, the newest running sequence is preempted: its blocks are freed and it waits to
+be recomputed (prompt + what it has generated), which yields exactly the same continuation.
 """
 
 from __future__ import annotations
