@@ -71,7 +71,7 @@ def _concurrency(pipe: Pipeline, prompts: list[str], new_tokens: int) -> tuple[i
     return peak, sum(s.num_preemptions for s in seqs), time.perf_counter() - t0
 
 
-def capacity(model: str, capacity_full: int = 4, num_requests: int = 16,
+def capacity(model: str, capacity_full: int = 8, num_requests: int = 32,
              prompt_tokens: int = 4096, new_tokens: int = 320) -> list[Figure]:
     """Enough new tokens that every request could be decoding at once if memory allowed
     (prompts are prefilled one 256-token chunk per step, one after another)."""

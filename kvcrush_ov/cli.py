@@ -115,9 +115,12 @@ def _cmd_bench_eviction(args: argparse.Namespace) -> int:
     if args.long_tokens < 2048:
         raise ConfigError("--long-tokens", args.long_tokens,
                           "an integer >= 2048 (the flat run keeps a 1024-token budget)")
+    if args.capacity_full < 1:
+        raise ConfigError("--capacity-full", args.capacity_full, "an integer >= 1")
 
     parts = {"selection": lambda: be.selection(args.model, precision=args.precision),
-             "capacity": lambda: be.capacity(args.model),
+             "capacity": lambda: be.capacity(args.model, capacity_full=args.capacity_full,
+                                             num_requests=4 * args.capacity_full),
              "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens)}
     for part in args.part or list(parts):
         print(be.format_figures(f"{part} ({args.model})", parts[part]()), flush=True)
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context of the flat-decode run")
     be.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS,
                     help="KV cache precision of the selection run")
+    be.add_argument("--capacity-full", type=int, default=8,
+                    help="capacity run: cache size in full 4K requests (4x as many are sent)")
     be.set_defaults(func=_cmd_bench_eviction)
 
     from kvcrush_ov.eval.methods import METHODS

@@ -300,3 +300,11 @@ def test_cli_bench_rejects_bad_numbers(args, field):
     r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "bench", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"error: {field} is invalid" in r.stderr
+
+
+@pytest.mark.parametrize("args,field", [(["--long-tokens", "1000"], "--long-tokens=1000"),
+                                        (["--capacity-full", "0"], "--capacity-full=0")])
+def test_cli_bench_eviction_rejects_bad_numbers(args, field):
+    r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "bench-eviction", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"error: {field} is invalid" in r.stderr
