@@ -108,3 +108,15 @@ class TestTranslateToGenAI:
     def test_h2o_uses_no_snapkv_window(self):
         ev = CacheEvictionConfig(max_cache_size=256, importance="h2o")
         assert translate(ev, 1000, 8, 32).snapkv_window_size == 0
+
+
+def test_default_eviction_is_snapkv_with_kvcrush_on_native():
+    """The default chosen on the RULER tuning seed (docs/results/ruler-tuning-smollm2.md)."""
+    from kvcrush_ov.eviction.factory import make_policy
+    from kvcrush_ov.eviction.kvcrush import KVCrush
+    from kvcrush_ov.eviction.snapkv import SnapKV
+
+    policy = make_policy(CacheEvictionConfig())
+    assert isinstance(policy, KVCrush) and type(policy.importance) is SnapKV
+    assert policy.importance.kernel_size == 31 and policy.share == 0.25
+    assert policy.anchor == "alternating" and policy.granularity == "token"
