@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kvcrush_ov.engine.block_pool import BlockPool, NoFreeBlocks
@@ -163,3 +164,53 @@ def test_token_slice_equals_all_ids_slices():
     for start in range(9):
         for end in range(start, 9):
             assert s.token_slice(start, end) == s.all_ids[start:end]
+
+
+# -- per-(layer, head) cache manager ------------------------------------------------------------
+
+def head_manager(num_blocks: int = 40, layers: int = 2, heads: int = 2):
+    from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
+
+    return HeadKVCacheManager([BlockPool(num_blocks) for _ in range(layers)], heads, block_size=4)
+
+
+def test_head_fork_copies_a_shared_tail_once_per_side():
+    kv = head_manager()
+    kv.append_slots(0, 6)  # 2 blocks per (layer, head), the second half full
+    kv.fork(0, 1)
+    copies = kv.append_slots(1, 1)  # the child writes into the shared tail: 4 private copies
+    assert len(copies) == 4 and all(src != dst for _, src, dst in copies)
+    assert kv.append_slots(0, 1) == []  # the parent's tail is its own again
+    assert kv.append_slots(1, 1) == []
+    assert not kv.tables[0].maybe_shared and not kv.tables[1].maybe_shared
+    kv.check_invariants()
+
+
+def test_head_ragged_append_allocates_per_head_and_copies_shared_tails():
+    kv = head_manager()
+    kv.append_slots(0, 8)
+    keep = [[np.arange(3), np.arange(6)], [np.arange(5), np.arange(8)]]
+    kv.compact(0, keep)  # lens [[3, 6], [5, 8]]: ragged, nothing moves
+    t = kv.tables[0]
+    assert not t.uniform and t.lens.tolist() == [[3, 6], [5, 8]]
+    assert kv.blocks_needed(0, 1).tolist() == [0, 1]  # only (1, 1) is full
+    kv.fork(0, 1)
+    assert kv.blocks_needed(1, 1).tolist() == [2, 2]  # 3 shared partial tails + (1, 1)'s block
+    copies = kv.append_slots(1, 1)
+    assert sorted(layer for layer, _, _ in copies) == [0, 0, 1]  # the 3 partial tails
+    assert kv.tables[1].lens.tolist() == [[4, 7], [6, 9]]
+    assert [len(b) for row in kv.tables[1].blocks for b in row] == [1, 2, 2, 3]
+    kv.check_invariants()
+
+
+def test_head_compaction_leaving_a_shared_tail_marks_it():
+    kv = head_manager(layers=1, heads=1)
+    kv.append_slots(0, 8)
+    kv.fork(0, 1)
+    kv.append_slots(0, 4)
+    kv.append_slots(1, 4)  # both appended: neither tail is shared any more
+    assert not kv.tables[1].maybe_shared
+    kv.compact(1, [[np.arange(6)]])  # keeps rows 0..5 in place: its tail is the parent's block 1
+    assert kv.tables[1].maybe_shared
+    assert len(kv.append_slots(1, 1)) == 1  # so the next write copies it
+    kv.check_invariants()

@@ -34,7 +34,7 @@ class HeadTable:
     lens: np.ndarray
     num_written: int = 0
     uniform: bool = True  # every (layer, head) holds the same number of tokens and blocks
-    maybe_shared: bool = False  # may hold blocks shared with a fork
+    maybe_shared: bool = False  # a tail block may be shared with a fork (appends must check)
     positions: list[list[np.ndarray]] | None = None  # [l][h] positions; None = arange(lens)
     evictions: int = 0
     version: int = 0  # changes whenever a block list changes (the runner caches tables by it)
@@ -91,19 +91,27 @@ class HeadKVCacheManager:
             n = int(t.lens[0, 0])
             need = self._blocks_for(n + new_tokens) - len(t.blocks[0][0])
             return np.full(self.num_layers, max(need, 0) * self.num_kv_heads, np.int64)
-        out = np.zeros(self.num_layers, np.int64)
-        for layer in range(self.num_layers):
-            for h in range(self.num_kv_heads):
-                out[layer] += self._need(t, layer, h, new_tokens)
-        return out
+        need = self._ragged_need(t, new_tokens)
+        return (need + self._shared_tails(t, new_tokens)).sum(axis=1)
 
-    def _need(self, t: HeadTable, layer: int, h: int, new_tokens: int) -> int:
-        blocks, n = t.blocks[layer][h], int(t.lens[layer, h])
-        need = max(self._blocks_for(n + new_tokens) - len(blocks), 0)
-        if (new_tokens and n % self.block_size and blocks
-                and self.pools[layer].ref_count(blocks[-1]) > 1):
-            need += 1
-        return need
+    def _block_counts(self, t: HeadTable) -> np.ndarray:
+        """int64 [L, H]: head blocks held per (layer, head)."""
+        return np.array([[len(b) for b in row] for row in t.blocks], np.int64)
+
+    def _ragged_need(self, t: HeadTable, new_tokens: int) -> np.ndarray:
+        """int64 [L, H]: new blocks per (layer, head) for ``new_tokens`` more rows."""
+        return np.maximum(self._blocks_for(t.lens + new_tokens) - self._block_counts(t), 0)
+
+    def _shared_tails(self, t: HeadTable, new_tokens: int, always: bool = False) -> np.ndarray:
+        """bool [L, H]: partly filled tail blocks shared with a fork (a write copies them);
+        checked only if ``t.maybe_shared`` (or ``always``)."""
+        out = np.zeros(t.lens.shape, bool)
+        if not ((t.maybe_shared or always) and new_tokens):
+            return out
+        for layer, h in zip(*np.nonzero(t.lens % self.block_size), strict=True):
+            blocks = t.blocks[layer][h]
+            out[layer, h] = bool(blocks) and self.pools[layer].ref_count(blocks[-1]) > 1
+        return out
 
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
         return self.fits(self.blocks_needed(seq_id, new_tokens))
@@ -130,12 +138,15 @@ class HeadKVCacheManager:
                         t.blocks[layer][h].extend(fresh[h * need:(h + 1) * need])
                 t.version = next(self._versions)
         else:
-            before = t.num_blocks()
-            for layer, pool in enumerate(self.pools):
-                for h in range(self.num_kv_heads):
-                    copies.extend(self._append_one(t, pool, layer, h, new_tokens))
-            if copies or t.num_blocks() != before:
+            need = self._ragged_need(t, new_tokens)
+            cow = self._shared_tails(t, new_tokens)
+            for layer, h in zip(*np.nonzero(need + cow), strict=True):
+                copies.extend(self._append_one(t, layer, h, int(need[layer, h]),
+                                               bool(cow[layer, h])))
+            if need.any() or cow.any():
                 t.version = next(self._versions)
+            if new_tokens:
+                t.maybe_shared = False  # every tail is now fresh, copied or was private
         t.lens += new_tokens
         t.num_written += new_tokens
         if t.positions is not None:
@@ -143,15 +154,13 @@ class HeadKVCacheManager:
             t.positions = [[np.concatenate([p, new]) for p in row] for row in t.positions]
         return copies
 
-    def _append_one(self, t: HeadTable, pool: BlockPool, layer: int, h: int,
-                    new_tokens: int) -> list[tuple[int, int, int]]:
-        blocks, n = t.blocks[layer][h], int(t.lens[layer, h])
-        need = max(self._blocks_for(n + new_tokens) - len(blocks), 0)
-        shared_tail = (new_tokens > 0 and n % self.block_size != 0 and blocks
-                       and pool.ref_count(blocks[-1]) > 1)
-        fresh = pool.allocate(need + (1 if shared_tail else 0))
+    def _append_one(self, t: HeadTable, layer: int, h: int, need: int,
+                    cow: bool) -> list[tuple[int, int, int]]:
+        """``need`` fresh blocks for (layer, head), plus a private copy of its shared tail."""
+        pool, blocks = self.pools[layer], t.blocks[layer][h]
+        fresh = pool.allocate(need + int(cow))
         out = []
-        if shared_tail:
+        if cow:
             src, dst = blocks[-1], fresh.pop()
             pool.free([src])
             blocks[-1] = dst
@@ -225,6 +234,8 @@ class HeadKVCacheManager:
                 positions[layer][h] = positions[layer][h][rows]
         t.positions = positions
         t.uniform = bool((t.lens == t.lens[0, 0]).all())
+        # a tail left in place may still be shared with a fork (the sharing side may append)
+        t.maybe_shared = t.maybe_shared or bool(self._shared_tails(t, 1, always=True).any())
         t.version = next(self._versions)
         t.evictions += 1
         return moves
