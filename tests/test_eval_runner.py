@@ -39,6 +39,14 @@ def test_eval_runs_every_column_once_and_resumes(tiny_model, tmp_path):
     assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == len(fid)
 
 
+def test_full_alone_runs_only_the_full_cache(tiny_model, tmp_path):
+    run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=2, methods=["full"],
+             budgets=[0.5], max_seq_length=1024, say=lambda _: None)
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["budget"]) for r in recs] == [(FULL, None)] * 2
+    assert not (tmp_path / "fidelity.jsonl").exists()
+
+
 def test_kl_and_top1():
     from kvcrush_ov.eval.runner import kl_top1
 

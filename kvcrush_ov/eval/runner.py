@@ -137,7 +137,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
 
     eos = pipe.backend.eos_token_ids
     specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
-    groups = _score_groups(specs)
+    groups = _score_groups(specs) or {"window": []}  # no native method: the full cache alone
     for i, s in enumerate(samples):
         todo = {k for k in specs if (s.task, s.index, *k) not in results.done}
         need_full = (s.task, s.index, FULL, None) not in results.done
@@ -312,7 +312,8 @@ def summarize(results: Results, budgets: Iterable[float], min_full: float = 10.0
 def check_eval_args(tasks: tuple, methods: tuple, budgets: tuple, num_samples: object,
                     max_seq_length: object, seed: object) -> None:
     """Raise ConfigError naming the first invalid argument of :func:`run_eval`."""
-    for field, values, allowed in (("tasks", tasks, TASKS), ("methods", methods, tuple(METHODS))):
+    for field, values, allowed in (("tasks", tasks, TASKS),
+                                   ("methods", methods, (FULL, *METHODS))):
         if not values:
             raise ConfigError(field, values, f"at least one of {', '.join(allowed)}")
         for v in values:
@@ -335,6 +336,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
              fidelity: bool = True, say: Callable[[str], None] = print) -> str:
     """Run (or resume) the evaluation; returns the markdown summary (also in summary.md).
+    ``methods=("full",)`` runs the full cache alone (e.g. to screen tasks cheaply).
 
     Every argument is checked before a model is loaded (ConfigError naming it)."""
     tasks, budgets = tuple(tasks), tuple(budgets)
@@ -343,7 +345,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     kv = KVCacheConfig(precision=precision, cache_size=cache_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [METHODS[m] for m in names]
+    chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(), backend="native")
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
