@@ -135,7 +135,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(args.model, args.out, tasks=args.task or TASKS, num_samples=args.samples,
                        methods=args.method or None, budgets=args.budget or (0.5, 0.25, 0.125),
                        seed=args.seed, max_seq_length=args.max_seq_length,
-                       precision=args.precision, fidelity=not args.no_fidelity)
+                       precision=args.precision, fidelity=not args.no_fidelity,
+                       fidelity_samples=args.fidelity_samples)
     print(summary)
     return 0
 
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=42)
     ev.add_argument("--max-seq-length", type=int, default=4096)
     ev.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    ev.add_argument("--fidelity-samples", type=int, default=None,
+                    help="teacher-forced fidelity pass on the first N samples of each task "
+                         "(default: all)")
     ev.add_argument("--no-fidelity", action="store_true",
                     help="skip the teacher-forced KL / top-1 pass against the full cache")
     ev.set_defaults(func=_cmd_eval)

@@ -47,6 +47,13 @@ def test_full_alone_runs_only_the_full_cache(tiny_model, tmp_path):
     assert not (tmp_path / "fidelity.jsonl").exists()
 
 
+def test_fidelity_on_the_first_samples_only(tiny_model, tmp_path):
+    run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=2, methods=["snapkv"],
+             budgets=[0.5], max_seq_length=1024, fidelity_samples=1, say=lambda _: None)
+    fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["method"]) for r in fid] == [(0, "snapkv")]
+
+
 def test_kl_and_top1():
     from kvcrush_ov.eval.runner import kl_top1
 
@@ -92,6 +99,7 @@ def test_plot_has_a_line_per_method(tmp_path):
     ({"max_seq_length": 100}, "max_seq_length"),
     ({"seed": -1}, "seed"),
     ({"precision": "fp8"}, "kv_cache.precision"),
+    ({"fidelity_samples": 0}, "fidelity_samples"),
 ])
 def test_bad_eval_arguments_fail_before_loading(tmp_path, kwargs, field):
     from kvcrush_ov import ConfigError

@@ -334,14 +334,19 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              num_samples: int = 20, methods: Iterable[str] | None = None,
              budgets: Iterable[float] = DEFAULT_BUDGETS, seed: int = 42,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
-             fidelity: bool = True, say: Callable[[str], None] = print) -> str:
+             fidelity: bool = True, fidelity_samples: int | None = None,
+             say: Callable[[str], None] = print) -> str:
     """Run (or resume) the evaluation; returns the markdown summary (also in summary.md).
-    ``methods=("full",)`` runs the full cache alone (e.g. to screen tasks cheaply).
+    ``methods=("full",)`` runs the full cache alone (e.g. to screen tasks cheaply);
+    ``fidelity_samples``: the fidelity pass covers the first N samples of each task (None: all).
 
     Every argument is checked before a model is loaded (ConfigError naming it)."""
     tasks, budgets = tuple(tasks), tuple(budgets)
     names = tuple(methods) if methods is not None else tuple(METHODS)
     check_eval_args(tasks, names, budgets, num_samples, max_seq_length, seed)
+    if fidelity_samples is not None and (isinstance(fidelity_samples, bool) or not isinstance(
+            fidelity_samples, int) or fidelity_samples < 1):
+        raise ConfigError("fidelity_samples", fidelity_samples, "None or an integer >= 1")
     kv = KVCacheConfig(precision=precision, cache_size=cache_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,8 +366,9 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     fid: dict[tuple, Fidelity] = {}
     if fidelity:
         fid = load_fidelity(out / "fidelity.jsonl")
-        run_fidelity(pipe, samples, native, budgets, fid, out / "fidelity.jsonl", wrap,
-                     say=say)
+        limit = num_samples if fidelity_samples is None else fidelity_samples
+        run_fidelity(pipe, [s for s in samples if s.index < limit], native, budgets, fid,
+                     out / "fidelity.jsonl", wrap, say=say)
     del pipe
     for m in chosen:
         if m.backend == "genai":
