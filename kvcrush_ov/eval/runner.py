@@ -248,15 +248,25 @@ def summarize_fidelity(fid: dict[tuple, Fidelity], budgets: Iterable[float]) -> 
 def run_genai(model: str, samples: list[Sample], method: Method, budget: float,
               results: Results, wrap: Callable[[str], str], kv_cache: KVCacheConfig,
               say: Callable[[str], None] = print) -> None:
+    """The samples of each task in one batch on GenAI's pipeline (its eviction is per
+    sequence; batching only shares the decode steps). ``kv_bytes`` of these records is GenAI's
+    configured budget (``kv_budget_tokens`` in whole blocks): its cache metrics are pool-wide,
+    so a batch has no per-request figure."""
     todo = [s for s in samples if (s.task, s.index, method.name, budget) not in results.done]
     if not todo:
         return
     pipe = Pipeline(model, kv_cache=kv_cache, eviction=method.make(budget), backend="genai")
+    backend = pipe.backend
+    per_token = backend.block_bytes / backend.block_size
+    by_task: dict[str, list[Sample]] = {}
     for s in todo:
-        ids = np.asarray([_ids(pipe.tokenizer, s.prompt(wrap))], dtype=np.int64)
-        out = pipe.backend.run([ids], GenerationConfig(max_new_tokens=s.max_new_tokens), None)
-        results.add(_record(s, method.name, budget, out.texts[0], ids.shape[1],
-                            out.cache.final_kv_bytes))
+        by_task.setdefault(s.task, []).append(s)
+    for group in by_task.values():
+        ids = [np.asarray([_ids(pipe.tokenizer, s.prompt(wrap))], dtype=np.int64) for s in group]
+        out = backend.run(ids, GenerationConfig(max_new_tokens=group[0].max_new_tokens), None)
+        for s, x, text, m in zip(group, ids, out.texts, out.metrics, strict=True):
+            budget_bytes = (m.kv_budget_tokens or 0) * per_token
+            results.add(_record(s, method.name, budget, text, x.shape[1], int(budget_bytes)))
     say(f"[genai] {method.name} @ {budget}: {len(todo)} samples")
 
 
