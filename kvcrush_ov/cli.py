@@ -129,15 +129,29 @@ def _cmd_bench_eviction(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
     from kvcrush_ov.eval.ruler import TASKS
     from kvcrush_ov.eval.runner import run_eval
 
+    command = "kvcrush-ov " + shlex.join(sys.argv[1:])
     summary = run_eval(args.model, args.out, tasks=args.task or TASKS, num_samples=args.samples,
                        methods=args.method or None, budgets=args.budget or (0.5, 0.25, 0.125),
                        seed=args.seed, max_seq_length=args.max_seq_length,
                        precision=args.precision, fidelity=not args.no_fidelity,
-                       fidelity_samples=args.fidelity_samples)
+                       fidelity_samples=args.fidelity_samples, command=command)
     print(summary)
+    return 0
+
+
+def _cmd_eval_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvcrush_ov.eval.report import publish
+
+    for path in publish([Path(r) for r in args.run], Path(args.to)):
+        print(path)
     return 0
 
 
@@ -227,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-fidelity", action="store_true",
                     help="skip the teacher-forced KL / top-1 pass against the full cache")
     ev.set_defaults(func=_cmd_eval)
+
+    er = sub.add_parser("eval-report", help="publish eval runs: markdown, per-sample JSON, plot")
+    er.add_argument("--run", action="append", required=True,
+                    help="an eval --out folder (repeatable: one plot panel per run)")
+    er.add_argument("--to", default="docs/results/ruler", help="output folder")
+    er.set_defaults(func=_cmd_eval_report)
     return p
 
 

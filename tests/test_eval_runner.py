@@ -108,3 +108,29 @@ def test_bad_eval_arguments_fail_before_loading(tmp_path, kwargs, field):
         run_eval(str(tmp_path / "never-read"), tmp_path / "out", **kwargs)
     assert info.value.field == field
     assert not (tmp_path / "out").exists()
+
+
+def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp_path):
+    from kvcrush_ov.eval.report import publish
+
+    runs = []
+    for precision in ("u8", "bf16"):
+        out = tmp_path / precision
+        run_eval(str(tiny_model), out, tasks=["vt"], num_samples=1, methods=["snapkv"],
+                 budgets=[0.5], max_seq_length=1024, precision=precision, fidelity=False,
+                 command=f"kvcrush-ov eval --precision {precision}", say=lambda _: None)
+        runs.append(out)
+    written = publish(runs, tmp_path / "report")
+    names = sorted(p.name for p in written)
+    tag = tiny_model.name
+    assert names == sorted([f"{tag}.md", f"{tag}.results.jsonl", f"{tag}-bf16.md",
+                            f"{tag}-bf16.results.jsonl", "plot.svg"])
+    md = (tmp_path / "report" / f"{tag}-bf16.md").read_text()
+    assert "kvcrush-ov eval --precision bf16" in md and "| snapkv | 0.5 |" in md
+    assert "snapkv 1/1" in md and "full 1/1" in md
+    svg = (tmp_path / "report" / "plot.svg").read_text()
+    assert svg.count(f">{tag}") == 2  # one panel title per run
+    from kvcrush_ov import ConfigError
+
+    with pytest.raises(ConfigError, match="run"):
+        publish([tmp_path / "nothing-here"], tmp_path / "report")

@@ -345,7 +345,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              budgets: Iterable[float] = DEFAULT_BUDGETS, seed: int = 42,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
              fidelity: bool = True, fidelity_samples: int | None = None,
-             say: Callable[[str], None] = print) -> str:
+             command: str | None = None, say: Callable[[str], None] = print) -> str:
     """Run (or resume) the evaluation; returns the markdown summary (also in summary.md).
     ``methods=("full",)`` runs the full cache alone (e.g. to screen tasks cheaply);
     ``fidelity_samples``: the fidelity pass covers the first N samples of each task (None: all).
@@ -370,6 +370,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         "budgets": list(budgets), "methods": [m.name for m in chosen],
         "max_seq_length": max_seq_length, "precision": precision,
         "prompt": "chat template around RULER's input, answer prefix after the assistant header",
+        "command": command,
     }, indent=1))
     native = [m for m in chosen if m.backend == "native"]
     run_native(pipe, samples, native, budgets, results, wrap, say)

@@ -1,0 +1,86 @@
+"""``kvcrush-ov eval-report``: publish finished (or partial) eval runs under docs/results/.
+
+For every run folder (what ``kvcrush-ov eval --out`` wrote): ``<model>.md`` with the command,
+the settings, the accuracy table and the fidelity table; ``<model>.results.jsonl`` and
+``<model>.fidelity.jsonl`` (per-sample records); and one ``plot.svg`` with a panel per model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.eval.plot import write_svg
+from kvcrush_ov.eval.runner import (
+    Results,
+    load_fidelity,
+    method_curves,
+    summarize,
+    summarize_fidelity,
+)
+
+
+def _command(run: dict, out: Path) -> str:
+    """The run's own command line, or one rebuilt from its settings (the home folder as ~)."""
+    home = str(Path.home())
+    if run.get("command"):
+        return run["command"].replace(home, "~")
+    parts = ["kvcrush-ov eval", f"--model {run['model']}", f"--out {str(out).replace(home, '~')}",
+             f"--samples {run['num_samples']}", f"--seed {run['seed']}",
+             f"--precision {run['precision']}"]
+    return " ".join(parts)
+
+
+def _done_counts(results: Results) -> dict[str, int]:
+    """Samples with a result, per method (the full cache under ``full``)."""
+    out: dict[str, set] = {}
+    for r in results.done.values():
+        out.setdefault(r.method, set()).add((r.task, r.index, r.budget))
+    return {m: len(v) for m, v in out.items()}
+
+
+def publish(runs: list[Path], to: Path) -> list[Path]:
+    """Write the report files for ``runs`` into ``to``; returns the paths written."""
+    for d in runs:
+        if not (d / "run.json").exists() or not (d / "results.jsonl").exists():
+            raise ConfigError("run", str(d), "a folder written by kvcrush-ov eval (run.json, "
+                                             "results.jsonl)")
+    to.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    panels = {}
+    for d in runs:
+        run = json.loads((d / "run.json").read_text())
+        name = Path(str(run["model"])).name
+        tag = name if run.get("precision", "u8") == "u8" else f"{name}-{run['precision']}"
+        results = Results(d / "results.jsonl")
+        budgets = run["budgets"]
+        fid = load_fidelity(d / "fidelity.jsonl")
+        counts = _done_counts(results)
+        expected = len(run["tasks"]) * run["num_samples"]
+        lines = [f"# RULER-4K, {name} ({run.get('precision', 'u8')} cache, seed {run['seed']}, "
+                 f"{run['num_samples']} samples per task)", "",
+                 "```bash", _command(run, d), "```", "",
+                 f"Prompt: {run.get('prompt', '')}.", "",
+                 "Results per method (sample x budget cells done / expected): "
+                 + ", ".join(f"{m} {n}/{expected * (1 if m == 'full' else len(budgets))}"
+                             for m, n in sorted(counts.items())) + ".", "",
+                 "Mean score x 100 per task; avg over the tasks where the full cache scores at "
+                 "least 10; % of full is that average as a share of the full cache's.", "",
+                 summarize(results, budgets)]
+        if fid:
+            lines += ["", "Fidelity (native methods, teacher-forced over the reference answer, "
+                          "all tasks):", "", summarize_fidelity(fid, budgets)]
+        md = to / f"{tag}.md"
+        md.write_text("\n".join(lines) + "\n")
+        written.append(md)
+        for src, suffix in (("results.jsonl", "results.jsonl"), ("fidelity.jsonl",
+                                                                 "fidelity.jsonl")):
+            if (d / src).exists():
+                dst = to / f"{tag}.{suffix}"
+                shutil.copyfile(d / src, dst)
+                written.append(dst)
+        panels[tag] = method_curves(results, budgets)
+    written.append(write_svg(to / "plot.svg", panels))
+    return written
