@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass
 
 from kvcrush_ov.bench import exact_prompts
-from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig
+from kvcrush_ov.config import (
+    CacheEvictionConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    SchedulerConfig,
+)
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.pipeline import Pipeline
 
@@ -73,15 +78,21 @@ def _concurrency(pipe: Pipeline, prompts: list[str], new_tokens: int) -> tuple[i
 
 def capacity(model: str, capacity_full: int = 8, num_requests: int = 32,
              prompt_tokens: int = 4096, new_tokens: int = 320) -> list[Figure]:
-    """Enough new tokens that every request could be decoding at once if memory allowed
-    (prompts are prefilled one 256-token chunk per step, one after another)."""
+    """Most requests decoding at once in a cache of ``capacity_full`` full requests.
+
+    The cache, not the prefill rate, must be the limit: a request decodes for ``new_tokens``
+    steps, and a new prompt finishes its prefill every ``prompt_tokens / chunk`` steps, so at
+    most ``new_tokens * chunk / prompt_tokens + 1`` requests can ever decode together (21 with
+    the default 256-token chunks). Chunks of 2,048 tokens lift that bound to 161."""
     blocks = capacity_full * (-(-(prompt_tokens + new_tokens) // 32))
     kv = KVCacheConfig(num_kv_blocks=blocks)
-    full = Pipeline(model, kv_cache=kv, eviction=None)
+    sched = SchedulerConfig(max_num_batched_tokens=2048)
+    full = Pipeline(model, kv_cache=kv, eviction=None, scheduler=sched)
     prompts = exact_prompts(full, [prompt_tokens] * num_requests)
     f_peak, f_pre, f_s = _concurrency(full, prompts, new_tokens)
     del full
-    ev = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(max_cache_size=0.25))
+    ev = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(max_cache_size=0.25),
+                  scheduler=sched)
     e_peak, e_pre, e_s = _concurrency(ev, prompts, new_tokens)
     return [
         Figure("cache", blocks, "blocks", f"{capacity_full} full {prompt_tokens}-token requests"),
