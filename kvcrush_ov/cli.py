@@ -140,7 +140,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        methods=args.method or None, budgets=args.budget or (0.5, 0.25, 0.125),
                        seed=args.seed, max_seq_length=args.max_seq_length,
                        precision=args.precision, fidelity=not args.no_fidelity,
-                       fidelity_samples=args.fidelity_samples, command=command)
+                       fidelity_samples=args.fidelity_samples, command=command,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
     print(summary)
     return 0
 
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=42)
     ev.add_argument("--max-seq-length", type=int, default=4096)
     ev.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    ev.add_argument("--max-num-batched-tokens", type=int, default=256,
+                    help="prefill chunk of both backends (default 256, GenAI's)")
     ev.add_argument("--fidelity-samples", type=int, default=None,
                     help="teacher-forced fidelity pass on the first N samples of each task "
                          "(default: all)")

@@ -49,7 +49,9 @@ def test_full_alone_runs_only_the_full_cache(tiny_model, tmp_path):
 
 def test_fidelity_on_the_first_samples_only(tiny_model, tmp_path):
     run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=2, methods=["snapkv"],
-             budgets=[0.5], max_seq_length=1024, fidelity_samples=1, say=lambda _: None)
+             budgets=[0.5], max_seq_length=1024, fidelity_samples=1, max_num_batched_tokens=2048,
+             say=lambda _: None)
+    assert json.loads((tmp_path / "run.json").read_text())["max_num_batched_tokens"] == 2048
     fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
     assert [(r["index"], r["method"]) for r in fid] == [(0, "snapkv")]
 
@@ -100,6 +102,7 @@ def test_plot_has_a_line_per_method(tmp_path):
     ({"seed": -1}, "seed"),
     ({"precision": "fp8"}, "kv_cache.precision"),
     ({"fidelity_samples": 0}, "fidelity_samples"),
+    ({"max_num_batched_tokens": 0}, "scheduler.max_num_batched_tokens"),
 ])
 def test_bad_eval_arguments_fail_before_loading(tmp_path, kwargs, field):
     from kvcrush_ov import ConfigError
