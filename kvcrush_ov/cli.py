@@ -146,6 +146,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_explain(args: argparse.Namespace) -> int:
+    from kvcrush_ov.eval.explain import explain, format_explanation
+
+    print(format_explanation(explain(args.model, args.task, args.index, args.method, args.budget,
+                                     seed=args.seed, precision=args.precision)))
+    return 0
+
+
 def _cmd_eval_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -244,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-fidelity", action="store_true",
                     help="skip the teacher-forced KL / top-1 pass against the full cache")
     ev.set_defaults(func=_cmd_eval)
+
+    ex = sub.add_parser("eval-explain",
+                        help="what one method kept of one sample's answer tokens, per layer")
+    ex.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
+    ex.add_argument("--task", required=True, choices=TASKS)
+    ex.add_argument("--index", type=int, default=0, help="sample index (as in results.jsonl)")
+    ex.add_argument("--method", required=True,
+                    choices=[m for m, v in METHODS.items() if v.backend == "native"])
+    ex.add_argument("--budget", type=float, default=0.25)
+    ex.add_argument("--seed", type=int, default=42)
+    ex.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    ex.set_defaults(func=_cmd_eval_explain)
 
     er = sub.add_parser("eval-report", help="publish eval runs: markdown, per-sample JSON, plot")
     er.add_argument("--run", action="append", required=True,

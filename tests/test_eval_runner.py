@@ -137,3 +137,43 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
 
     with pytest.raises(ConfigError, match="run"):
         publish([tmp_path / "nothing-here"], tmp_path / "report")
+
+
+def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):
+    from kvcrush_ov.eval.explain import explain, format_explanation, kept_share, reference_spans
+    from kvcrush_ov.pipeline import Pipeline
+
+    e = explain(str(tiny_model), "niah_single_1", 0, "streaming", 0.25, max_seq_length=1024)
+    assert len(e.spans) == len(e.references) == 1 and e.kept  # one eviction at least
+    tok = Pipeline(str(tiny_model), eviction=None).tokenizer
+    from kvcrush_ov.eval.runner import build_samples, chat_wrap
+
+    # the span's tokens decode to the needle value (the location is right)
+    sample = build_samples(Pipeline(str(tiny_model), eviction=None), ["niah_single_1"], 1, 42,
+                           1024)[0]
+    ids = tok.encode(sample.prompt(chat_wrap(tok)), add_special_tokens=False).input_ids.data[0]
+    a, b = e.spans[0]
+    assert e.references[0] in tok.decode(list(ids[max(a - 1, 0):b + 1]))
+    for share in e.kept:
+        assert share.shape[0] >= 1 and ((0 <= share) & (share <= 1)).all()
+    assert "layer  0:" in format_explanation(e)
+    # hand case: 2 layers x 1 head; positions 3, 4 wanted
+    kept = [[np.array([0, 3, 4])], [np.array([0, 4, 9])]]
+    assert kept_share(kept, [(3, 5)]).tolist() == [[1.0], [0.5]]
+    assert reference_spans(len, "abcdef", ["cd", "zz"]) == [(2, 4)]
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"task": "niah_single_9"}, "task"),
+    ({"method": "genai-kvcrush"}, "method"),
+    ({"index": -1}, "index"),
+    ({"budget": 1.5}, "budget"),
+])
+def test_bad_explain_arguments_fail_before_loading(tmp_path, kwargs, field):
+    from kvcrush_ov import ConfigError
+    from kvcrush_ov.eval.explain import explain
+
+    args = {"task": "vt", "index": 0, "method": "snapkv", "budget": 0.25, **kwargs}
+    with pytest.raises(ConfigError) as info:
+        explain(str(tmp_path / "never-read"), **args)
+    assert info.value.field == field
