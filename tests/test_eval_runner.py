@@ -155,7 +155,7 @@ def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):
     a, b = e.spans[0]
     assert e.references[0] in tok.decode(list(ids[max(a - 1, 0):b + 1]))
     for share in e.kept:
-        assert share.shape[0] >= 1 and ((0 <= share) & (share <= 1)).all()
+        assert share.shape[0] >= 1 and ((share >= 0) & (share <= 1)).all()
     assert "layer  0:" in format_explanation(e)
     # hand case: 2 layers x 1 head; positions 3, 4 wanted
     kept = [[np.array([0, 3, 4])], [np.array([0, 4, 9])]]
