@@ -160,9 +160,11 @@ class CacheEvictionConfig:
         is always continuous.
     evict_interval: tokens a sequence may grow past its budget before the next eviction
         (continuous mode). 1 keeps the budget exactly at every step, at a selection per token.
-    pooling / kernel_size: how snapkv-family scores are smoothed along the sequence; kernel_size
-        None is the backend's own (31 on native, chosen on a RULER tuning seed: 15 kept the key
-        words but cut multi-token needle values, see docs/eviction.md; GenAI's fixed 7 on genai).
+    pooling / kernel_size: how snapkv-family scores are smoothed along the sequence (``max``,
+        ``avg`` or ``none``; an odd width). None is the backend's own: on native ``avg`` over 31,
+        chosen on a RULER tuning seed (15 kept the key words but cut multi-token needle values;
+        max-pooling spends small budgets on plateaus around a few peaks: docs/eviction.md);
+        GenAI's fixed max over 7 on genai.
     log: keep a per-request eviction log (kept positions per layer and head, and why).
     """
 
@@ -176,7 +178,7 @@ class CacheEvictionConfig:
     kvcrush: KVCrushConfig | None = field(default_factory=KVCrushConfig)
     mode: str = "continuous"
     evict_interval: int = 32
-    pooling: str = "max"
+    pooling: str | None = None
     kernel_size: int | None = None
     log: bool = False
 
@@ -204,7 +206,8 @@ class CacheEvictionConfig:
             raise ConfigError("eviction.apply_rotation", self.apply_rotation, "True or False")
         self.mode = _choice("eviction.mode", self.mode, EVICTION_MODES)
         _int_at_least("eviction.evict_interval", self.evict_interval, 1)
-        self.pooling = _choice("eviction.pooling", self.pooling, POOLINGS)
+        if self.pooling is not None:
+            self.pooling = _choice("eviction.pooling", self.pooling, POOLINGS)
         if self.kernel_size is not None and (
                 _int_at_least("eviction.kernel_size", self.kernel_size, 1) % 2 == 0):
             raise ConfigError("eviction.kernel_size", self.kernel_size, "an odd integer >= 1")

@@ -110,7 +110,7 @@ class TestTranslateToGenAI:
         assert translate(ev, 1000, 8, 32).snapkv_window_size == 0
 
 
-def test_default_eviction_is_snapkv_with_kvcrush_on_native():
+def test_default_eviction_is_snapkv_avg31_with_kvcrush_on_native():
     """The default chosen on the RULER tuning seed (docs/results/ruler-tuning-smollm2.md)."""
     from kvcrush_ov.eviction.factory import make_policy
     from kvcrush_ov.eviction.kvcrush import KVCrush
@@ -118,5 +118,6 @@ def test_default_eviction_is_snapkv_with_kvcrush_on_native():
 
     policy = make_policy(CacheEvictionConfig())
     assert isinstance(policy, KVCrush) and type(policy.importance) is SnapKV
-    assert policy.importance.kernel_size == 31 and policy.share == 0.25
+    assert policy.importance.kernel_size == 31 and policy.importance.pooling == "avg"
+    assert policy.share == 0.25
     assert policy.anchor == "alternating" and policy.granularity == "token"

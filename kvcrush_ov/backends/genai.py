@@ -88,7 +88,7 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
     if eviction.mode != "continuous":
         raise ConfigError("eviction.mode", eviction.mode,
                           f"'continuous' {native_only}: GenAI evicts while decoding")
-    if eviction.pooling != "max" or eviction.kernel_size not in (None, 7):
+    if eviction.pooling not in (None, "max") or eviction.kernel_size not in (None, 7):
         raise ConfigError("eviction.pooling", f"{eviction.pooling}/{eviction.kernel_size}",
                           f"max pooling over 7 tokens (GenAI's fixed choice) {native_only}")
     crush = eviction.kvcrush

@@ -11,6 +11,7 @@ from kvcrush_ov.eviction.upstream import UpstreamEviction
 
 _POOLED = ("snapkv", "pyramidkv", "adakv")
 NATIVE_KERNEL_SIZE = 31  # kernel_size=None on the native backend (docs/eviction.md)
+NATIVE_POOLING = "avg"  # pooling=None on the native backend (RULER tuning seed, docs/eviction.md)
 
 
 def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
@@ -20,7 +21,8 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
     cls = POLICIES[cfg.importance]
     kwargs: dict = {}
     if cfg.importance in _POOLED:
-        kwargs = {"aggregation_mode": cfg.aggregation_mode, "pooling": cfg.pooling,
+        kwargs = {"aggregation_mode": cfg.aggregation_mode,
+                  "pooling": cfg.pooling or NATIVE_POOLING,
                   "kernel_size": cfg.kernel_size or NATIVE_KERNEL_SIZE}
     elif cfg.importance == "h2o":
         kwargs = {"aggregation_mode": cfg.aggregation_mode}
