@@ -293,3 +293,19 @@ def test_sliding_max_equals_brute_force() -> None:
             v = rng.random((2, 3, n)).astype(np.float32)
             ref = np.stack([v[..., max(0, j - r):j + r + 1].max(axis=-1) for j in range(n)], -1)
             assert np.array_equal(_sliding_max(v, r), ref), (n, r)
+
+
+def test_avg_pooling_equals_brute_force_dense_and_ragged() -> None:
+    rng = np.random.default_rng(3)
+    for n, k in ((1, 3), (5, 3), (40, 31), (100, 7), (64, 1)):
+        values = rng.random((2, 3, n)).astype(np.float32)
+        for lengths in (np.full((2, 3), n), rng.integers(0, n + 1, size=(2, 3))):
+            got = pool_scores(values, lengths, "avg", k)
+            r = k // 2
+            for layer in range(2):
+                for h in range(3):
+                    m = int(lengths[layer, h])
+                    ref = [values[layer, h, max(j - r, 0):min(j + r + 1, m)].mean()
+                           for j in range(m)]
+                    np.testing.assert_allclose(got[layer, h, :m], ref, rtol=1e-5)
+                    assert np.all(got[layer, h, m:] == -np.inf)

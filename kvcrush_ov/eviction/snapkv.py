@@ -32,6 +32,18 @@ def _sliding_max(v: np.ndarray, r: int) -> np.ndarray:
     return np.maximum(x[..., :n], x[..., w - span:w - span + n])
 
 
+def _window_sums(v: np.ndarray, r: int) -> np.ndarray:
+    """Sum over ``[j - r, j + r]`` clipped to the array, along the last axis, in O(N) with
+    slices only: prefix sums ``C`` extended by ``r`` copies of their ends on both sides, so that
+    ``C[min(j + r + 1, n)] - C[max(j - r, 0)]`` are two shifted views."""
+    n = v.shape[-1]
+    c = np.cumsum(v, axis=-1)
+    first = np.zeros(v.shape[:-1] + (r + 1,), v.dtype)
+    last = np.repeat(c[..., -1:], r, axis=-1)
+    ext = np.concatenate([first, c, last], axis=-1)  # ext[t] = C[clip(t - r, 0, n)]
+    return ext[..., 2 * r + 1:2 * r + 1 + n] - ext[..., :n]
+
+
 def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
                 kernel_size: int) -> np.ndarray:
     """float32 [L, H, N]: ``values`` pooled along N over a centred window of ``kernel_size``.
@@ -52,12 +64,14 @@ def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
         src = values if dense else np.where(valid, values, np.float32(-np.inf))
         out = _sliding_max(src.astype(np.float32, copy=False), r)
     elif pooling == "avg":
-        zero = np.zeros(values.shape[:-1] + (1,))
-        sums = np.concatenate([zero, np.cumsum(np.where(valid, values, 0.0), -1)], -1)
-        cnts = np.concatenate([zero, np.cumsum(valid, -1)], -1)
-        j = np.arange(n)
-        lo, hi = np.maximum(j - r, 0), np.minimum(j + r + 1, n)
-        out = ((sums[..., hi] - sums[..., lo]) / np.maximum(cnts[..., hi] - cnts[..., lo], 1))
+        src = values if dense else np.where(valid, values, 0.0)
+        total = _window_sums(src.astype(np.float64), r)
+        if dense:  # every window holds min(j + r + 1, n) - max(j - r, 0) entries
+            j = np.arange(n)
+            count = (np.minimum(j + r + 1, n) - np.maximum(j - r, 0)).astype(np.float64)
+        else:
+            count = _window_sums(valid.astype(np.float64), r)
+        out = total / np.maximum(count, 1.0)
     else:
         raise ValueError(f"pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
     if dense:
