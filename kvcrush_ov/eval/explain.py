@@ -17,7 +17,7 @@ from kvcrush_ov.config import GenerationConfig, KVCacheConfig
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import METHODS
 from kvcrush_ov.eval.ruler import TASKS, score
-from kvcrush_ov.eval.runner import _ids, build_samples, chat_wrap
+from kvcrush_ov.eval.runner import build_samples, chat_wrap, encode_text
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.pipeline import Pipeline
 
@@ -81,7 +81,7 @@ def explain(model: str, task: str, index: int, method: str, budget: float, seed:
     sample = build_samples(pipe, [task], index + 1, seed, max_seq_length)[index]
     tok = pipe.tokenizer
     prompt = sample.prompt(chat_wrap(tok))
-    ids = _ids(tok, prompt)
+    ids = encode_text(tok, prompt)
     eng = pipe.backend.engine
     seq = eng.add_request(ids, GenerationConfig(max_new_tokens=sample.max_new_tokens),
                           pipe.backend.eos_token_ids, lambda x: tok.decode(x) if x else "")
@@ -89,7 +89,7 @@ def explain(model: str, task: str, index: int, method: str, budget: float, seed:
     while eng.has_unfinished():
         eng.step()
     text = seq.sampler.output_text()
-    spans = reference_spans(lambda t: len(_ids(tok, t)), prompt, list(sample.outputs))
+    spans = reference_spans(lambda t: len(encode_text(tok, t)), prompt, list(sample.outputs))
     log = seq.extra.get("eviction_log") or []
     return Explanation(task, index, method, float(budget), text,
                        score(task, text, sample.outputs), list(sample.outputs), spans,

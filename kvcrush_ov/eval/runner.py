@@ -68,7 +68,8 @@ def chat_wrap(tokenizer) -> Callable[[str], str]:
     return wrap if tokenizer.chat_template else (lambda text: text)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without extra special tokens (prompts are already templated)."""
     return [int(t) for t in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
 
 
@@ -149,7 +150,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         if not todo and not need_full:
             continue
         t0 = time.perf_counter()
-        ids = _ids(tok, s.prompt(wrap))
+        ids = encode_text(tok, s.prompt(wrap))
         g = GenerationConfig(max_new_tokens=s.max_new_tokens)
         for mode, keys in groups.items():
             keys = [k for k in keys if k in todo]
@@ -209,8 +210,9 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         todo = {k for k in specs if (s.task, s.index, *k) not in fid}
         if not todo:
             continue
-        ids = _ids(tok, s.prompt(wrap))
-        forced = _ids(tok, " " + ", ".join(s.outputs))[:max_forced] or [int(next(iter(eos)))]
+        ids = encode_text(tok, s.prompt(wrap))
+        reference = " " + ", ".join(s.outputs)
+        forced = encode_text(tok, reference)[:max_forced] or [int(next(iter(eos)))]
         g = GenerationConfig(max_new_tokens=len(forced), ignore_eos=True)
         for mode, keys in _score_groups(specs).items():
             keys = [k for k in keys if k in todo]
@@ -269,7 +271,8 @@ def run_genai(model: str, samples: list[Sample], method: Method, budget: float,
     for s in todo:
         by_task.setdefault(s.task, []).append(s)
     for group in by_task.values():
-        ids = [np.asarray([_ids(pipe.tokenizer, s.prompt(wrap))], dtype=np.int64) for s in group]
+        ids = [np.asarray([encode_text(pipe.tokenizer, s.prompt(wrap))], dtype=np.int64)
+               for s in group]
         out = backend.run(ids, GenerationConfig(max_new_tokens=group[0].max_new_tokens), None)
         for s, x, text, m in zip(group, ids, out.texts, out.metrics, strict=True):
             budget_bytes = (m.kv_budget_tokens or 0) * per_token
@@ -282,7 +285,8 @@ def build_samples(pipe: Pipeline, tasks: Iterable[str], num_samples: int, seed: 
     tok = pipe.tokenizer
     wrap = chat_wrap(tok)
     return [s for t in tasks for s in build_task(
-        t, num_samples, lambda text: len(_ids(tok, text)), max_seq_length=max_seq_length,
+        t, num_samples, lambda text: len(encode_text(tok, text)),
+        max_seq_length=max_seq_length,
         seed=seed, wrap=wrap)]
 
 
