@@ -131,6 +131,11 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
     md = (tmp_path / "report" / f"{tag}-bf16.md").read_text()
     assert "kvcrush-ov eval --precision bf16" in md and "| snapkv | 0.5 |" in md
     assert "snapkv 1/1" in md and "full 1/1" in md
+    assert "Partial run" not in md
+    runs[0].joinpath("run.json").write_text(runs[0].joinpath("run.json").read_text().replace(
+        '"num_samples": 1', '"num_samples": 2'))
+    publish(runs[:1], tmp_path / "report2")
+    assert "**Partial run**" in (tmp_path / "report2" / f"{tag}.md").read_text()
     svg = (tmp_path / "report" / "plot.svg").read_text()
     assert svg.count(f">{tag}") == 2  # one panel title per run
     from kvcrush_ov import ConfigError

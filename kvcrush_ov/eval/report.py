@@ -59,13 +59,19 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
         fid = load_fidelity(d / "fidelity.jsonl")
         counts = _done_counts(results)
         expected = len(run["tasks"]) * run["num_samples"]
+        want = {m: expected * (1 if m == "full" else len(budgets))
+                for m in ["full", *run["methods"]]}
+        partial = any(counts.get(m, 0) < n for m, n in want.items())
         lines = [f"# RULER-4K, {name} ({run.get('precision', 'u8')} cache, seed {run['seed']}, "
                  f"{run['num_samples']} samples per task)", "",
+                 *(["**Partial run**: not every cell is done yet (counts below); averages "
+                    "cover only the tasks present and are not results yet.", ""]
+                   if partial else []),
                  "```bash", _command(run, d), "```", "",
                  f"Prompt: {run.get('prompt', '')}.", "",
                  "Results per method (sample x budget cells done / expected): "
-                 + ", ".join(f"{m} {n}/{expected * (1 if m == 'full' else len(budgets))}"
-                             for m, n in sorted(counts.items())) + ".", "",
+                 + ", ".join(f"{m} {counts.get(m, 0)}/{n}" for m, n in want.items()) + ".",
+                 "",
                  "Mean score x 100 per task; avg over the tasks where the full cache scores at "
                  "least 10; % of full is that average as a share of the full cache's.", "",
                  summarize(results, budgets)]
