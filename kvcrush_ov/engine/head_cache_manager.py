@@ -116,6 +116,10 @@ class HeadKVCacheManager:
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
         return self.fits(self.blocks_needed(seq_id, new_tokens))
 
+    def growth_block(self) -> np.ndarray:
+        """int64 [L]: head blocks one more block of tokens takes in each layer's pool."""
+        return np.full(self.num_layers, self.num_kv_heads, np.int64)
+
     def fits(self, need: np.ndarray) -> bool:
         """Whether every layer's pool has ``need[l]`` free head blocks (int64 [L], a sum of
         :meth:`blocks_needed`)."""

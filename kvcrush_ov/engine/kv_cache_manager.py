@@ -42,6 +42,10 @@ class KVCacheManager:
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
         return self.blocks_needed(seq_id, new_tokens) <= self.pool.num_free
 
+    def growth_block(self) -> int:
+        """Blocks one more block of tokens takes (the scheduler's admission watermark)."""
+        return 1
+
     def fits(self, need: int) -> bool:
         """Whether ``need`` blocks (a sum of :meth:`blocks_needed`) are free."""
         return need <= self.pool.num_free

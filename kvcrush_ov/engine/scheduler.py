@@ -94,7 +94,7 @@ class Scheduler:
         if not self.running:
             return self.kv.can_append(seq.seq_id, first_chunk)
         need = self.kv.blocks_needed(seq.seq_id, seq.num_pending)
-        growth = self.kv.blocks_needed(-1, self.kv.block_size)  # one block of a new sequence
+        growth = self.kv.growth_block()
         for s in self.running:
             need = need + growth
             if s.num_pending > 1:  # still in prefill: the rest of its prompt
