@@ -26,7 +26,7 @@ from kvcrush_ov.eviction.h2o import H2O
 from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.pyramidkv import PyramidKV, pyramid_budgets
 from kvcrush_ov.eviction.registry import POLICIES
-from kvcrush_ov.eviction.snapkv import SnapKV, pool_scores
+from kvcrush_ov.eviction.snapkv import SnapKV, _window_sums, pool_scores
 from kvcrush_ov.eviction.streaming import StreamingLLM
 
 Factory = Callable[[], EvictionPolicy]
@@ -293,6 +293,17 @@ def test_sliding_max_equals_brute_force() -> None:
             v = rng.random((2, 3, n)).astype(np.float32)
             ref = np.stack([v[..., max(0, j - r):j + r + 1].max(axis=-1) for j in range(n)], -1)
             assert np.array_equal(_sliding_max(v, r), ref), (n, r)
+
+
+def test_window_sums_keep_small_windows_accurate_next_to_a_large_score() -> None:
+    # float32 prefix sums would subtract two numbers near 30 to get a window near 3e-5 and lose
+    # it to rounding; each window must instead be accurate relative to its own size.
+    v = np.full((1, 1, 4000), 1e-6, np.float32)
+    v[0, 0, 10] = 30.0
+    got = _window_sums(v, 15)[0, 0]
+    ref = np.array([v[0, 0, max(j - 15, 0):j + 16].astype(np.float64).sum() for j in range(4000)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    assert got.dtype == np.float32
 
 
 def test_avg_pooling_equals_brute_force_dense_and_ragged() -> None:

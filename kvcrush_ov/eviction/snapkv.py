@@ -33,15 +33,24 @@ def _sliding_max(v: np.ndarray, r: int) -> np.ndarray:
 
 
 def _window_sums(v: np.ndarray, r: int) -> np.ndarray:
-    """Sum over ``[j - r, j + r]`` clipped to the array, along the last axis, in O(N) with
-    slices only: prefix sums ``C`` extended by ``r`` copies of their ends on both sides, so that
-    ``C[min(j + r + 1, n)] - C[max(j - r, 0)]`` are two shifted views."""
-    n = v.shape[-1]
-    c = np.cumsum(v, axis=-1)
-    first = np.zeros(v.shape[:-1] + (r + 1,), v.dtype)
-    last = np.repeat(c[..., -1:], r, axis=-1)
-    ext = np.concatenate([first, c, last], axis=-1)  # ext[t] = C[clip(t - r, 0, n)]
-    return ext[..., 2 * r + 1:2 * r + 1 + n] - ext[..., :n]
+    """float32: sum over ``[j - r, j + r]`` along the last axis (outside the array counts as 0),
+    in O(N log r) with slices only: sums of power-of-two spans, then one span per set bit of the
+    width ``2r + 1``. Every window is summed on its own (no prefix-sum differences), so each
+    result is accurate to float32 rounding relative to itself, however small it is."""
+    n, w = v.shape[-1], 2 * r + 1
+    pad = np.zeros(v.shape[:-1] + (r,), np.float32)
+    x = np.concatenate([pad, v.astype(np.float32, copy=False), pad], axis=-1)  # x[j + r] = v[j]
+    spans = [x]  # spans[b][i] = sum of x[i : i + 2**b]
+    while 2 ** len(spans) <= w:
+        half = 2 ** (len(spans) - 1)
+        spans.append(spans[-1][..., :-half] + spans[-1][..., half:])
+    out, start = None, 0
+    for b in reversed(range(len(spans))):
+        if w >> b & 1:
+            part = spans[b][..., start:start + n]
+            out = part.copy() if out is None else np.add(out, part, out=out)
+            start += 2 ** b
+    return out
 
 
 def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
@@ -65,13 +74,13 @@ def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
         out = _sliding_max(src.astype(np.float32, copy=False), r)
     elif pooling == "avg":
         src = values if dense else np.where(valid, values, 0.0)
-        total = _window_sums(src.astype(np.float64), r)
+        total = _window_sums(src, r)
         if dense:  # every window holds min(j + r + 1, n) - max(j - r, 0) entries
             j = np.arange(n)
-            count = (np.minimum(j + r + 1, n) - np.maximum(j - r, 0)).astype(np.float64)
+            count = (np.minimum(j + r + 1, n) - np.maximum(j - r, 0)).astype(np.float32)
         else:
-            count = _window_sums(valid.astype(np.float64), r)
-        out = total / np.maximum(count, 1.0)
+            count = _window_sums(valid, r)
+        out = total / np.maximum(count, np.float32(1.0))
     else:
         raise ValueError(f"pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
     if dense:
