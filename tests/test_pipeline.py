@@ -304,3 +304,16 @@ def test_cli_bench_rejects_bad_numbers(args, field):
     r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"error: {field} is invalid" in r.stderr
+
+
+def test_selection_benchmark_reports_the_median_and_the_worst_request(tiny_model):
+    from kvcrush_ov.bench_eviction import selection
+
+    figures = {f.what: f for f in selection(str(tiny_model), prompt_tokens=256, new_tokens=8,
+                                           warmups=1, repeats=3)}
+    assert figures["eviction events"].value >= 1
+    assert figures["selection share of latency"].value > 0
+    assert figures["selection share of latency"].value <= figures[
+        "selection share, worst request"].value
+    assert "median of 3 after 1 warm-ups" in figures["selection share of latency"].note
+    assert figures["selection per event, warm-up 1"].value > 0
