@@ -117,11 +117,15 @@ def _cmd_bench_eviction(args: argparse.Namespace) -> int:
                           "an integer >= 2048 (the flat run keeps a 1024-token budget)")
     if args.capacity_full < 1:
         raise ConfigError("--capacity-full", args.capacity_full, "an integer >= 1")
+    if args.repeats < 1:
+        raise ConfigError("--repeats", args.repeats, "an integer >= 1")
 
-    parts = {"selection": lambda: be.selection(args.model, precision=args.precision),
+    parts = {"selection": lambda: be.selection(args.model, precision=args.precision,
+                                               repeats=args.repeats),
              "capacity": lambda: be.capacity(args.model, capacity_full=args.capacity_full,
                                              num_requests=4 * args.capacity_full),
-             "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens)}
+             "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens,
+                                     repeats=args.repeats)}
     for part in args.part or list(parts):
         print(be.format_figures(f"{part} ({args.model})", parts[part]()), flush=True)
         print()
@@ -226,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache precision of the selection run")
     be.add_argument("--capacity-full", type=int, default=8,
                     help="capacity run: cache size in full 4K requests (4x as many are sent)")
+    be.add_argument("--repeats", type=int, default=3,
+                    help="measured requests per row of the selection and flat runs (median)")
     be.set_defaults(func=_cmd_bench_eviction)
 
     from kvcrush_ov.eval.methods import METHODS

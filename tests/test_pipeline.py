@@ -299,6 +299,7 @@ def test_cli_generate(tiny_model):
     (["bench", "--new-tokens", "1"], "--new-tokens=1"),
     (["bench-eviction", "--long-tokens", "1000"], "--long-tokens=1000"),
     (["bench-eviction", "--capacity-full", "0"], "--capacity-full=0"),
+    (["bench-eviction", "--repeats", "0"], "--repeats=0"),
 ])
 def test_cli_bench_rejects_bad_numbers(args, field):
     r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", *args],
@@ -317,3 +318,16 @@ def test_selection_benchmark_reports_the_median_and_the_worst_request(tiny_model
         "selection share, worst request"].value
     assert "median of 3 after 1 warm-ups" in figures["selection share of latency"].note
     assert figures["selection per event, warm-up 1"].value > 0
+
+
+def test_flat_benchmark_counts_the_decode_time_evictions(tiny_model):
+    import re
+
+    from kvcrush_ov.bench_eviction import flat
+
+    short, continuous, prefill = flat(str(tiny_model), long_tokens=1024, short_tokens=256,
+                                      new_tokens=48, repeats=1)
+    assert "median of 1" in short.note and short.value > 0
+    # continuous: one eviction after the prompt and one 32 tokens into the decode
+    assert re.search(r"score outputs every step; 2 eviction events", continuous.note)
+    assert re.search(r"no score outputs while decoding; 1 eviction events", prefill.note)
