@@ -20,6 +20,7 @@ from kvcrush_ov.eval.runner import (
     summarize,
     summarize_fidelity,
 )
+from kvcrush_ov.eval.targets import targets_section
 
 
 def _command(run: dict, out: Path) -> str:
@@ -74,7 +75,9 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
                  "",
                  "Mean score x 100 per task; avg over the tasks where the full cache scores at "
                  "least 10; % of full is that average as a share of the full cache's.", "",
-                 summarize(results, budgets)]
+                 summarize(results, budgets), "",
+                 "Against the targets and upstream (% of the full cache's average):", "",
+                 targets_section(results, budgets, name)]
         if fid:
             lines += ["", "Fidelity (native methods, teacher-forced over the reference answer, "
                           "all tasks):", "", summarize_fidelity(fid, budgets)]

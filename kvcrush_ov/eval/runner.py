@@ -298,7 +298,7 @@ def task_means(results: Results) -> dict[tuple[str, str, float | None], float]:
     return {k: 100 * statistics.fmean(v) for k, v in groups.items()}
 
 
-def _scored_tasks(means: dict, min_full: float) -> tuple[list[str], list[str]]:
+def scored_tasks(means: dict, min_full: float) -> tuple[list[str], list[str]]:
     """(tasks present, in RULER's order; those where the full cache scores >= min_full)."""
     tasks = [t for t in TASKS if any(k[0] == t for k in means)]
     return tasks, [t for t in tasks if means.get((t, FULL, None), 0.0) >= min_full]
@@ -313,7 +313,7 @@ def summarize(results: Results, budgets: Iterable[float], min_full: float = 10.0
     """Markdown: mean score x 100 per task and method / budget, and the average over the tasks
     where the full cache scores at least ``min_full``."""
     means = task_means(results)
-    tasks, good = _scored_tasks(means, min_full)
+    tasks, good = scored_tasks(means, min_full)
     cols = [(FULL, None)] + [(m, b) for b in budgets for m in METHODS
                              if any(k[1:] == (m, b) for k in means)]
     head = " | ".join(tasks)
@@ -417,7 +417,7 @@ def method_curves(results: Results, budgets: Iterable[float],
     """Per method, budget -> average score x 100 over the tasks where the full cache scores at
     least ``min_full`` (the summary's avg column); and the full cache's own average."""
     means = task_means(results)
-    _, good = _scored_tasks(means, min_full)
+    _, good = scored_tasks(means, min_full)
     curves: dict[str, dict[float, float]] = {}
     for m in METHODS:
         for b in budgets:
