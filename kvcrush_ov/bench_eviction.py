@@ -116,44 +116,53 @@ def capacity(model: str, capacity_full: int = 8, num_requests: int = 32,
     ]
 
 
-def _tpot(pipe: Pipeline, prompt: str, new_tokens: int, repeats: int) -> tuple[float, int, float]:
-    """Median TPOT (s) over ``repeats`` requests after one warm-up of the same length (so the
-    decode-time evictions are warm too), with that request's eviction events and the seconds
-    they took (selection + compaction)."""
+def _tpot(pipe: Pipeline, prompt: str, new_tokens: int) -> tuple[float, int, float]:
+    """TPOT (s) of one request, with its eviction events and the seconds they took (selection +
+    compaction)."""
     g = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, apply_chat_template=False)
-    pipe.generate(prompt, g)
     evictor = getattr(pipe.backend.engine, "evictor", None)
-    runs = []
-    for _ in range(repeats):
-        if evictor is not None:
-            evictor.stats.events, evictor.stats.select_s, evictor.stats.compact_s = 0, 0.0, 0.0
-        tpot = pipe.generate(prompt, g).metrics[0].tpot_s
-        st = evictor.stats if evictor is not None else None
-        runs.append((tpot, st.events if st else 0, st.select_s + st.compact_s if st else 0.0))
-    runs.sort()
-    return runs[len(runs) // 2]
+    if evictor is not None:
+        evictor.stats.events, evictor.stats.select_s, evictor.stats.compact_s = 0, 0.0, 0.0
+    tpot = pipe.generate(prompt, g).metrics[0].tpot_s
+    if evictor is None:
+        return tpot, 0, 0.0
+    return tpot, evictor.stats.events, evictor.stats.select_s + evictor.stats.compact_s
 
 
 def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
          new_tokens: int = 64, repeats: int = 3) -> list[Figure]:
-    """TPOT medians of ``repeats`` requests each, every pipeline warmed up with a request of the
-    same length first. The eviction rows include the eviction events of the measured request
-    (one after the prompt, which TPOT does not count, then one per ``evict_interval`` tokens)."""
+    """TPOT of a full cache at ``short_tokens`` vs a ``long_tokens`` prompt kept at a
+    ``short_tokens`` budget, continuous and prefill mode. The three pipelines live side by side
+    and are measured in turn, ``repeats`` rounds after a warm-up round of the same length (the
+    step time of one process drifts by up to 30% between requests on this machine; interleaving
+    lets the drift hit every row alike). Rows are medians; the eviction rows add the measured
+    request's eviction events (one after the prompt, which TPOT does not count, then one per
+    ``evict_interval`` tokens) and the time spent in them."""
     full = Pipeline(model, eviction=None)
     short, long = exact_prompts(full, [short_tokens, long_tokens])
-    t_short, _, _ = _tpot(full, short, new_tokens, repeats)
-    del full
-    rows = [Figure(f"TPOT full cache, {short_tokens} context", 1e3 * t_short, "ms",
-                   f"median of {repeats}")]
+    rows = {"full": (full, short)}
+    for mode in ("continuous", "prefill"):
+        rows[mode] = (Pipeline(model, eviction=CacheEvictionConfig(max_cache_size=short_tokens,
+                                                                   mode=mode)), long)
+    runs: dict[str, list[tuple[float, int, float]]] = {k: [] for k in rows}
+    for i in range(repeats + 1):
+        for name, (pipe, prompt) in rows.items():
+            r = _tpot(pipe, prompt, new_tokens)
+            if i:  # round 0 warms every pipeline up
+                runs[name].append(r)
+    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+    t_short = med["full"][0]
+    out = [Figure(f"TPOT full cache, {short_tokens} context", 1e3 * t_short, "ms",
+                  f"median of {repeats}; all: "
+                  + " / ".join(f"{1e3 * r[0]:.1f}" for r in runs["full"]))]
     for mode, note in (("continuous", "score outputs every step"),
                        ("prefill", "no score outputs while decoding")):
-        ev = Pipeline(model, eviction=CacheEvictionConfig(max_cache_size=short_tokens, mode=mode))
-        t, events, ev_s = _tpot(ev, long, new_tokens, repeats)
-        del ev
-        rows.append(Figure(f"TPOT {long_tokens} context, budget {short_tokens}, {mode}", 1e3 * t,
-                           "ms", f"{t / t_short:.3f}x ({note}; {events} eviction events, "
-                           f"{1e3 * ev_s:.0f} ms in them)"))
-    return rows
+        t, events, ev_s = med[mode]
+        out.append(Figure(f"TPOT {long_tokens} context, budget {short_tokens}, {mode}", 1e3 * t,
+                          "ms", f"{t / t_short:.3f}x ({note}; {events} eviction events, "
+                          f"{1e3 * ev_s:.0f} ms in them; all: "
+                          + " / ".join(f"{1e3 * r[0]:.1f}" for r in runs[mode]) + ")"))
+    return out
 
 
 def format_figures(title: str, figures: list[Figure]) -> str:
