@@ -145,7 +145,13 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
 
 
 def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):
-    from kvcrush_ov.eval.explain import explain, format_explanation, kept_share, reference_spans
+    from kvcrush_ov.eval.explain import (
+        explain,
+        format_explanation,
+        kept_share,
+        reference_spans,
+        token_share,
+    )
     from kvcrush_ov.pipeline import Pipeline
 
     e = explain(str(tiny_model), "niah_single_1", 0, "streaming", 0.25, max_seq_length=1024)
@@ -165,6 +171,9 @@ def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):
     # hand case: 2 layers x 1 head; positions 3, 4 wanted
     kept = [[np.array([0, 3, 4])], [np.array([0, 4, 9])]]
     assert kept_share(kept, [(3, 5)]).tolist() == [[1.0], [0.5]]
+    assert token_share(kept, [(3, 5)]).tolist() == [0.5, 1.0]
+    assert len(e.by_token) == len(e.kept) and e.by_token[0].shape == (b - a,)
+    assert "per reference token, in order" in format_explanation(e)
     assert reference_spans(len, "abcdef", ["cd", "zz"]) == [(2, 4)]
 
 

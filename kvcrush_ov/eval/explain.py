@@ -26,7 +26,9 @@ from kvcrush_ov.pipeline import Pipeline
 class Explanation:
     """prediction / score: what the method answered. spans: [start, end) prompt token positions
     of each reference found in the prompt. kept: one array per eviction, float [L, H], the
-    share of the spans' tokens each (layer, head) kept."""
+    share of the spans' tokens each (layer, head) kept. by_token: one array per eviction,
+    float [span tokens] (the spans' tokens in order), the share of (layer, head) pairs that kept
+    each token: whether a needle lost its start, its end or its middle."""
 
     task: str
     index: int
@@ -37,6 +39,7 @@ class Explanation:
     references: list[str]
     spans: list[tuple[int, int]]
     kept: list[np.ndarray]
+    by_token: list[np.ndarray]
 
 
 def reference_spans(count_tokens, prompt: str, references: list[str]) -> list[tuple[int, int]]:
@@ -60,6 +63,13 @@ def kept_share(kept: list[list[np.ndarray]], spans: list[tuple[int, int]]) -> np
     if not len(want):
         return np.ones((len(kept), len(kept[0])))
     return np.array([[np.isin(want, p).mean() for p in row] for row in kept])
+
+
+def token_share(kept: list[list[np.ndarray]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """float [span tokens]: share of the (layer, head) pairs holding each span position."""
+    want = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, int)
+    held = [np.isin(want, p) for row in kept for p in row]
+    return np.mean(held, axis=0) if held else np.zeros(len(want))
 
 
 def explain(model: str, task: str, index: int, method: str, budget: float, seed: int = 42,
@@ -93,7 +103,8 @@ def explain(model: str, task: str, index: int, method: str, budget: float, seed:
     log = seq.extra.get("eviction_log") or []
     return Explanation(task, index, method, float(budget), text,
                        score(task, text, sample.outputs), list(sample.outputs), spans,
-                       [kept_share(r.kept, spans) for r in log])
+                       [kept_share(r.kept, spans) for r in log],
+                       [token_share(r.kept, spans) for r in log])
 
 
 def format_explanation(e: Explanation) -> str:
@@ -109,4 +120,6 @@ def format_explanation(e: Explanation) -> str:
             lines.append(f"  layer {layer:2d}: {row.mean():.2f}  "
                          f"({row.min():.2f}..{row.max():.2f})")
         lines.append(f"  all layers: {share.mean():.2f}")
+        lines.append("  per reference token, in order (share of layer-heads keeping it): "
+                     + " ".join(f"{v:.2f}" for v in e.by_token[i]))
     return "\n".join(lines)
