@@ -21,6 +21,8 @@ IMPORTANCE_METHODS = ("snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstr
 GENAI_IMPORTANCE = ("snapkv", "h2o")  # what backend "genai" can run
 EVICTION_MODES = ("continuous", "prefill")
 POOLINGS = ("max", "avg", "none")
+NATIVE_POOLING = "avg"  # pooling=None on the native backend (RULER tuning seed, docs/eviction.md)
+NATIVE_KERNEL_SIZE = 31  # kernel_size=None on the native backend (docs/eviction.md)
 GRANULARITIES = ("token", "block")
 BACKENDS = ("genai", "native")
 
@@ -165,6 +167,9 @@ class CacheEvictionConfig:
         chosen on a RULER tuning seed (15 kept the key words but cut multi-token needle values;
         max-pooling spends small budgets on plateaus around a few peaks: docs/eviction.md);
         GenAI's fixed max over 7 on genai.
+    pooling_offset: how many tokens the pooling window's centre lies before each token, from 0
+        (centred) to ``kernel_size // 2`` (the window ends at the token, so the tokens right
+        after an attended one share its score: a needle's value after its key). Native only.
     log: keep a per-request eviction log (kept positions per layer and head, and why).
     """
 
@@ -180,6 +185,7 @@ class CacheEvictionConfig:
     evict_interval: int = 32
     pooling: str | None = None
     kernel_size: int | None = None
+    pooling_offset: int = 0
     log: bool = False
 
     def __post_init__(self) -> None:
@@ -211,6 +217,10 @@ class CacheEvictionConfig:
         if self.kernel_size is not None and (
                 _int_at_least("eviction.kernel_size", self.kernel_size, 1) % 2 == 0):
             raise ConfigError("eviction.kernel_size", self.kernel_size, "an odd integer >= 1")
+        half = (self.kernel_size or NATIVE_KERNEL_SIZE) // 2
+        if _int_at_least("eviction.pooling_offset", self.pooling_offset, 0) > half:
+            raise ConfigError("eviction.pooling_offset", self.pooling_offset,
+                              f"an integer in [0, kernel_size // 2 = {half}]")
         if not isinstance(self.log, bool):
             raise ConfigError("eviction.log", self.log, "True or False")
         if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):

@@ -191,3 +191,18 @@ def test_bad_explain_arguments_fail_before_loading(tmp_path, kwargs, field):
     with pytest.raises(ConfigError) as info:
         explain(str(tmp_path / "never-read"), **args)
     assert info.value.field == field
+
+
+def test_every_method_builds_at_every_default_budget():
+    from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS
+    from kvcrush_ov.eviction.factory import make_policy, make_spec
+
+    for m in METHODS.values():
+        for b in DEFAULT_BUDGETS:
+            cfg = m.make(b)
+            assert cfg.max_cache_size == b
+            if m.backend == "native":
+                make_spec(cfg)
+    trailing = make_policy(METHODS["snapkv+kvcrush-trailing"].make(0.25))
+    assert trailing.importance.offset == 15 and trailing.importance.pooling == "avg"
+    assert make_policy(METHODS["snapkv+kvcrush"].make(0.25)).importance.offset == 0

@@ -254,6 +254,9 @@ def test_absolute_budget_above_the_prompt_is_refused_in_prefill_mode(tiny_model)
     (lambda: KVCrushConfig(anchor_point_mode=("ones", "median")), "kvcrush.anchor_point_mode"),
     (lambda: CacheEvictionConfig(mode="sometimes"), "eviction.mode"),
     (lambda: CacheEvictionConfig(kernel_size=4), "eviction.kernel_size"),
+    (lambda: CacheEvictionConfig(pooling_offset=16), "eviction.pooling_offset"),
+    (lambda: CacheEvictionConfig(kernel_size=7, pooling_offset=4), "eviction.pooling_offset"),
+    (lambda: CacheEvictionConfig(pooling_offset=-1), "eviction.pooling_offset"),
 ])
 def test_bad_eviction_settings_name_the_field(make, field):
     with pytest.raises(ConfigError) as info:
@@ -264,6 +267,12 @@ def test_bad_eviction_settings_name_the_field(make, field):
 def test_every_policy_name_builds():
     for name in ("streaming", "h2o", "snapkv", "pyramidkv", "adakv"):
         assert make_policy(CacheEvictionConfig(importance=name, kvcrush=None)).name == name
+
+
+def test_pooling_offset_reaches_every_pooled_policy():
+    for name in ("snapkv", "pyramidkv", "adakv"):
+        cfg = CacheEvictionConfig(importance=name, kvcrush=None, pooling_offset=15)
+        assert make_policy(cfg).offset == 15
 
 
 # -- real model ---------------------------------------------------------------------------------

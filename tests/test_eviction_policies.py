@@ -38,6 +38,7 @@ IMPORTANCE: list[tuple[str, Factory]] = [
     ("snapkv", SnapKV),
     ("snapkv-avg-k3", lambda: SnapKV(pooling="avg", kernel_size=3)),
     ("snapkv-nopool", lambda: SnapKV(pooling="none")),
+    ("snapkv-trailing", lambda: SnapKV(pooling="avg", kernel_size=31, offset=15)),
     ("pyramidkv", PyramidKV),
     ("pyramidkv-beta2", lambda: PyramidKV(beta=2)),
     ("adakv", AdaKV),
@@ -163,6 +164,8 @@ def test_registry_names() -> None:
     (lambda: H2O(aggregation_mode="max"), "H2O.aggregation_mode"),
     (lambda: SnapKV(pooling="median"), "SnapKV.pooling"),
     (lambda: SnapKV(kernel_size=4), "SnapKV.kernel_size"),
+    (lambda: SnapKV(kernel_size=7, offset=4), "SnapKV.offset"),
+    (lambda: SnapKV(offset=-1), "SnapKV.offset"),
     (lambda: PyramidKV(beta=0.5), "PyramidKV.beta"),
     (lambda: AdaKV(alpha=1.5), "AdaKV.alpha"),
     (lambda: KVCrush(SnapKV(), share=1.2), "KVCrush.share"),
@@ -292,7 +295,33 @@ def test_sliding_max_equals_brute_force() -> None:
         for r in (1, 2, 3, 7, 15, 31):
             v = rng.random((2, 3, n)).astype(np.float32)
             ref = np.stack([v[..., max(0, j - r):j + r + 1].max(axis=-1) for j in range(n)], -1)
-            assert np.array_equal(_sliding_max(v, r), ref), (n, r)
+            assert np.array_equal(_sliding_max(v, r, r), ref), (n, r)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_offset_windows_equal_brute_force_dense_and_ragged(pooling) -> None:
+    rng = np.random.default_rng(5)
+    agg = np.max if pooling == "max" else np.mean
+    for n, k in ((1, 3), (6, 3), (40, 31), (100, 7)):
+        values = rng.random((2, 3, n)).astype(np.float32)
+        r = k // 2
+        for offset in sorted({0, 1, r}):
+            for lengths in (np.full((2, 3), n), rng.integers(1, n + 1, size=(2, 3))):
+                got = pool_scores(values, lengths, pooling, k, offset)
+                for layer in range(2):
+                    for h in range(3):
+                        m = int(lengths[layer, h])
+                        ref = [agg(values[layer, h, max(j - r - offset, 0):
+                                          min(j + r - offset + 1, m)]) for j in range(m)]
+                        np.testing.assert_allclose(got[layer, h, :m], ref, rtol=1e-5)
+                        assert np.all(got[layer, h, m:] == -np.inf)
+
+
+def test_trailing_window_spreads_a_peak_forward_only() -> None:
+    values = np.zeros((1, 1, 12), np.float32)
+    values[0, 0, 4] = 1.0
+    got = pool_scores(values, np.array([[12]]), "max", 5, 2)[0, 0]
+    assert np.flatnonzero(got).tolist() == [4, 5, 6, 7, 8]  # the peak and the 4 after it
 
 
 def test_window_sums_keep_small_windows_accurate_next_to_a_large_score() -> None:
@@ -300,7 +329,7 @@ def test_window_sums_keep_small_windows_accurate_next_to_a_large_score() -> None
     # it to rounding; each window must instead be accurate relative to its own size.
     v = np.full((1, 1, 4000), 1e-6, np.float32)
     v[0, 0, 10] = 30.0
-    got = _window_sums(v, 15)[0, 0]
+    got = _window_sums(v, 15, 15)[0, 0]
     ref = np.array([v[0, 0, max(j - 15, 0):j + 16].astype(np.float64).sum() for j in range(4000)])
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     assert got.dtype == np.float32

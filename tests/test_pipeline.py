@@ -223,6 +223,8 @@ def test_corrupt_config(tmp_path, tiny_model):
     ({"eviction": CacheEvictionConfig(importance="adakv"), "backend": "genai"},
      "eviction.importance"),
     ({"eviction": CacheEvictionConfig(mode="prefill"), "backend": "genai"}, "eviction.mode"),
+    ({"eviction": CacheEvictionConfig(pooling_offset=3), "backend": "genai"},
+     "eviction.pooling_offset"),
     ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(granularity="token")),
       "backend": "genai"}, "kvcrush.granularity"),
     ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(anchor_point_mode=("ones", "mean"))),

@@ -91,6 +91,9 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
     if eviction.pooling not in (None, "max") or eviction.kernel_size not in (None, 7):
         raise ConfigError("eviction.pooling", f"{eviction.pooling}/{eviction.kernel_size}",
                           f"max pooling over 7 tokens (GenAI's fixed choice) {native_only}")
+    if eviction.pooling_offset != 0:
+        raise ConfigError("eviction.pooling_offset", eviction.pooling_offset,
+                          f"0 (GenAI centres its pooling window) {native_only}")
     crush = eviction.kvcrush
     if crush is not None:
         if isinstance(crush.anchor_point_mode, tuple):

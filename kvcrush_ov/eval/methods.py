@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvcrush_ov.config import CacheEvictionConfig, KVCrushConfig
+from kvcrush_ov.config import NATIVE_KERNEL_SIZE, CacheEvictionConfig, KVCrushConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         budget=0.25, anchor_point_mode=("zeros", "ones", "alternating")))),
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(
         budget=0.25, dynamic_split=True))),
+    # the pooling window ends at each token: a needle's value shares its key's score
+    Method("snapkv+kvcrush-trailing", "native", lambda b: CacheEvictionConfig(
+        max_cache_size=b, importance="snapkv", kvcrush=KVCRUSH,
+        pooling_offset=NATIVE_KERNEL_SIZE // 2)),
 ]}
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvcrush_ov.config import CacheEvictionConfig
+from kvcrush_ov.config import NATIVE_KERNEL_SIZE, NATIVE_POOLING, CacheEvictionConfig
 from kvcrush_ov.eviction.base import EvictionPolicy
 from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.registry import POLICIES
@@ -10,8 +10,7 @@ from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamEviction
 
 _POOLED = ("snapkv", "pyramidkv", "adakv")
-NATIVE_KERNEL_SIZE = 31  # kernel_size=None on the native backend (docs/eviction.md)
-NATIVE_POOLING = "avg"  # pooling=None on the native backend (RULER tuning seed, docs/eviction.md)
+__all__ = ["NATIVE_KERNEL_SIZE", "NATIVE_POOLING", "make_policy", "make_spec"]
 
 
 def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
@@ -23,7 +22,8 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
     if cfg.importance in _POOLED:
         kwargs = {"aggregation_mode": cfg.aggregation_mode,
                   "pooling": cfg.pooling or NATIVE_POOLING,
-                  "kernel_size": cfg.kernel_size or NATIVE_KERNEL_SIZE}
+                  "kernel_size": cfg.kernel_size or NATIVE_KERNEL_SIZE,
+                  "offset": cfg.pooling_offset}
     elif cfg.importance == "h2o":
         kwargs = {"aggregation_mode": cfg.aggregation_mode}
     policy = cls(**kwargs)

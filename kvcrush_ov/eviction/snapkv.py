@@ -19,28 +19,30 @@ from kvcrush_ov.eviction.h2o import check_aggregation_mode
 POOLINGS = ("max", "avg", "none")
 
 
-def _sliding_max(v: np.ndarray, r: int) -> np.ndarray:
-    """Max over ``[j - r, j + r]`` along the last axis (outside the array counts as -inf), in
-    O(N log r): maxima of power-of-two spans, then two overlapping spans per window."""
-    n, w = v.shape[-1], 2 * r + 1
-    pad = np.full(v.shape[:-1] + (r,), -np.inf, np.float32)
-    x = np.concatenate([pad, v, pad], axis=-1)  # x[j + r] = v[j]
-    span = 1
+def _sliding_max(v: np.ndarray, before: int, after: int) -> np.ndarray:
+    """Max over ``[j - before, j + after]`` along the last axis (outside the array counts as
+    -inf), in O(N log w): maxima of power-of-two spans, then two overlapping spans per window."""
+    n, w = v.shape[-1], before + after + 1
+    x = np.concatenate([np.full(v.shape[:-1] + (before,), -np.inf, np.float32), v,
+                        np.full(v.shape[:-1] + (after,), -np.inf, np.float32)], axis=-1)
+    span = 1  # x[j + before] = v[j]
     while span * 2 <= w:  # x[i] = max of the original x[i : i + 2 * span]
         x = np.maximum(x[..., :-span], x[..., span:])
         span *= 2
     return np.maximum(x[..., :n], x[..., w - span:w - span + n])
 
 
-def _window_sums(v: np.ndarray, r: int) -> np.ndarray:
-    """float32: sum over ``[j - r, j + r]`` along the last axis (outside the array counts as 0),
-    in O(N log r) with slices only: sums of power-of-two spans, then one span per set bit of the
-    width ``2r + 1``. Every window is summed on its own (no prefix-sum differences), so each
-    result is accurate to float32 rounding relative to itself, however small it is."""
-    n, w = v.shape[-1], 2 * r + 1
-    pad = np.zeros(v.shape[:-1] + (r,), np.float32)
-    x = np.concatenate([pad, v.astype(np.float32, copy=False), pad], axis=-1)  # x[j + r] = v[j]
-    spans = [x]  # spans[b][i] = sum of x[i : i + 2**b]
+def _window_sums(v: np.ndarray, before: int, after: int) -> np.ndarray:
+    """float32: sum over ``[j - before, j + after]`` along the last axis (outside the array
+    counts as 0), in O(N log w) with slices only: sums of power-of-two spans, then one span per
+    set bit of the width ``w = before + after + 1``. Every window is summed on its own (no
+    prefix-sum differences), so each result is accurate to float32 rounding relative to itself,
+    however small it is."""
+    n, w = v.shape[-1], before + after + 1
+    x = np.concatenate([np.zeros(v.shape[:-1] + (before,), np.float32),
+                        v.astype(np.float32, copy=False),
+                        np.zeros(v.shape[:-1] + (after,), np.float32)], axis=-1)
+    spans = [x]  # spans[b][i] = sum of x[i : i + 2**b]; x[j + before] = v[j]
     while 2 ** len(spans) <= w:
         half = 2 ** (len(spans) - 1)
         spans.append(spans[-1][..., :-half] + spans[-1][..., half:])
@@ -54,32 +56,35 @@ def _window_sums(v: np.ndarray, r: int) -> np.ndarray:
 
 
 def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
-                kernel_size: int) -> np.ndarray:
-    """float32 [L, H, N]: ``values`` pooled along N over a centred window of ``kernel_size``.
+                kernel_size: int, offset: int = 0) -> np.ndarray:
+    """float32 [L, H, N]: ``values`` pooled along N over a window of ``kernel_size``.
 
     values: float [L, H, N] (padding ignored); lengths: int [L, H] valid entries per row.
-    The window of entry ``j`` is ``[j - r, j + r]`` (``r = kernel_size // 2``) clipped to the
-    row's valid entries, so padding never leaks in and the output has the input's length:
-    ``max`` takes the window's maximum, ``avg`` its mean over the valid entries in it, ``none``
-    copies. Padding is -inf in the output.
+    The window of entry ``j`` is ``[j - r - offset, j + r - offset]`` (``r = kernel_size // 2``,
+    ``0 <= offset <= r``) clipped to the row's valid entries, so padding never leaks in and the
+    output has the input's length: ``max`` takes the window's maximum, ``avg`` its mean over
+    the valid entries in it, ``none`` copies. ``offset = 0`` centres the window; ``offset = r``
+    ends it at ``j``, so an entry receives the scores of the entries just before it. Padding
+    is -inf in the output.
     """
     n = values.shape[-1]
     valid = np.arange(n)[None, None, :] < lengths[:, :, None]
     dense = bool((lengths == n).all())  # no padding: skip the masking
     r = kernel_size // 2
+    before, after = r + offset, r - offset
     if pooling == "none" or r == 0 or n == 0:
         out = values.astype(np.float32, copy=True)
     elif pooling == "max":
         src = values if dense else np.where(valid, values, np.float32(-np.inf))
-        out = _sliding_max(src.astype(np.float32, copy=False), r)
+        out = _sliding_max(src.astype(np.float32, copy=False), before, after)
     elif pooling == "avg":
         src = values if dense else np.where(valid, values, 0.0)
-        total = _window_sums(src, r)
-        if dense:  # every window holds min(j + r + 1, n) - max(j - r, 0) entries
+        total = _window_sums(src, before, after)
+        if dense:  # every window holds min(j + after + 1, n) - max(j - before, 0) entries
             j = np.arange(n)
-            count = (np.minimum(j + r + 1, n) - np.maximum(j - r, 0)).astype(np.float32)
+            count = (np.minimum(j + after + 1, n) - np.maximum(j - before, 0)).astype(np.float32)
         else:
-            count = _window_sums(valid, r)
+            count = _window_sums(valid, before, after)
         out = total / np.maximum(count, np.float32(1.0))
     else:
         raise ValueError(f"pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
@@ -89,19 +94,25 @@ def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
 
 
 def pooled_scores(inputs: EvictionInputs, aggregation_mode: str, pooling: str,
-                  kernel_size: int) -> np.ndarray:
+                  kernel_size: int, offset: int = 0) -> np.ndarray:
     """float32 [L, H, N]: pooled normalised scores, -inf in padding; computed once per inputs."""
-    return inputs.memo(("pooled", aggregation_mode, pooling, kernel_size), lambda: pool_scores(
-        inputs.normalised(aggregation_mode), inputs.lengths, pooling, kernel_size))
+    return inputs.memo(("pooled", aggregation_mode, pooling, kernel_size, offset),
+                       lambda: pool_scores(inputs.normalised(aggregation_mode), inputs.lengths,
+                                           pooling, kernel_size, offset))
 
 
-def check_pooling(owner: str, pooling: str, kernel_size: int) -> None:
-    """Raise ValueError unless ``pooling`` and ``kernel_size`` (odd, >= 1) are valid."""
+def check_pooling(owner: str, pooling: str, kernel_size: int, offset: int = 0) -> None:
+    """Raise ValueError unless ``pooling``, ``kernel_size`` (odd, >= 1) and ``offset``
+    (0 .. kernel_size // 2) are valid."""
     if pooling not in POOLINGS:
         raise ValueError(f"{owner}.pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
     if (isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1
             or kernel_size % 2 == 0):
         raise ValueError(f"{owner}.kernel_size={kernel_size!r}: allowed an odd integer >= 1")
+    if (isinstance(offset, bool) or not isinstance(offset, int)
+            or not 0 <= offset <= kernel_size // 2):
+        raise ValueError(f"{owner}.offset={offset!r}: allowed an integer in "
+                         f"[0, kernel_size // 2 = {kernel_size // 2}]")
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,9 @@ class SnapKV:
     aggregation_mode: ``"sum"`` or ``"norm_sum"`` (see :meth:`EvictionInputs.normalised`).
     pooling: ``"max"`` (SnapKV's default), ``"avg"`` or ``"none"``.
     kernel_size: odd pooling window (default 7, as in SnapKV).
+    offset: how far the window's centre lies before each token (0 = centred; ``kernel_size //
+        2`` = the window ends at the token, so tokens right after an attended one, such as a
+        needle's value after its key, share its score).
     """
 
     name: ClassVar[str] = "snapkv"
@@ -119,15 +133,17 @@ class SnapKV:
     aggregation_mode: str = "sum"
     pooling: str = "max"
     kernel_size: int = 7
+    offset: int = 0
 
     def __post_init__(self) -> None:  # shared by the SnapKV-scored policies that subclass it
         owner = type(self).__name__
         check_aggregation_mode(owner, self.aggregation_mode)
-        check_pooling(owner, self.pooling, self.kernel_size)
+        check_pooling(owner, self.pooling, self.kernel_size, self.offset)
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: pooled normalised scores; -inf in padding."""
-        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size)
+        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size,
+                             self.offset)
 
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:
