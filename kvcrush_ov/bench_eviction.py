@@ -41,7 +41,7 @@ class Figure:
 def selection(model: str, prompt_tokens: int = 4096, new_tokens: int = 64,
               precision: str = "u8", warmups: int = 2, repeats: int = 3) -> list[Figure]:
     """Median over ``repeats`` requests after ``warmups`` (a server's steady state: the first
-    requests of a process pay numpy's first calls and the allocator's growth, 3-9x the
+    requests of a process pay page faults on the planner's fresh temporaries, 3-9x the
     steady-state selection time here); the worst measured request is printed too."""
     pipe = Pipeline(model, kv_cache=KVCacheConfig(precision=precision),
                     eviction=CacheEvictionConfig())
@@ -50,7 +50,7 @@ def selection(model: str, prompt_tokens: int = 4096, new_tokens: int = 64,
     ev = pipe.backend.engine.evictor.stats
     runs = []  # (events, select_s, compact_s, total_s) per request, warm-ups first
     for _ in range(warmups + repeats):
-        ev.events, ev.select_s, ev.compact_s = 0, 0.0, 0.0
+        ev.reset()
         total = pipe.generate(prompt, g).generate_s
         runs.append((ev.events, ev.select_s, ev.compact_s, total))
     cold = [1e3 * r[1] / max(r[0], 1) for r in runs[:warmups]]
@@ -122,7 +122,7 @@ def _tpot(pipe: Pipeline, prompt: str, new_tokens: int) -> tuple[float, int, flo
     g = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, apply_chat_template=False)
     evictor = getattr(pipe.backend.engine, "evictor", None)
     if evictor is not None:
-        evictor.stats.events, evictor.stats.select_s, evictor.stats.compact_s = 0, 0.0, 0.0
+        evictor.stats.reset()
     tpot = pipe.generate(prompt, g).metrics[0].tpot_s
     if evictor is None:
         return tpot, 0, 0.0

@@ -46,6 +46,9 @@ class EvictionStats:
     select_s: float = 0.0  # policy + planning
     compact_s: float = 0.0  # cache compaction (row moves, re-quantization)
 
+    def reset(self) -> None:
+        self.events, self.select_s, self.compact_s = 0, 0.0, 0.0
+
 
 class Evictor:
     def __init__(self, spec: EvictionSpec, kv: HeadKVCacheManager,

@@ -24,10 +24,11 @@ def targets_for(model: str) -> dict[float, float]:
 
 def paired(results: Results, a: str, b: str, budget: float, tasks: list[str]) -> tuple[int, ...]:
     """(samples where ``a`` scores higher, equal, lower than ``b``) at ``budget`` over ``tasks``."""
-    sa = {(r.task, r.index): r.score for r in results.done.values()
-          if r.method == a and r.budget == budget and r.task in tasks}
-    sb = {(r.task, r.index): r.score for r in results.done.values()
-          if r.method == b and r.budget == budget and r.task in tasks}
+    def by_sample(method: str) -> dict[tuple[str, int], float]:
+        return {(r.task, r.index): r.score for r in results.done.values()
+                if r.method == method and r.budget == budget and r.task in tasks}
+
+    sa, sb = by_sample(a), by_sample(b)
     common = sa.keys() & sb.keys()
     return (sum(sa[k] > sb[k] for k in common), sum(sa[k] == sb[k] for k in common),
             sum(sa[k] < sb[k] for k in common))
