@@ -8,10 +8,10 @@ Prints figures (not pass / fail):
 - ``capacity``: a fixed KV cache (blocks for ``capacity_full`` 4K requests with the full cache)
   and ``num_requests`` 4K-prompt requests submitted at once, each generating ``new_tokens``:
   how many decode side by side at most, and preemptions, full cache vs 25% budget.
-- ``flat``: TPOT at a long context with a fixed token budget vs TPOT at a short context with
-  the full cache (both native).
-- ``scores``: decode TPOT of the per-head graph with score outputs every step (continuous mode)
-  vs without (prefill mode, after its one eviction), same request.
+- ``flat``: TPOT at a long context with a fixed token budget (continuous mode, continuous with
+  ``decode_window_size=8``, prefill mode) vs TPOT at a short context with the full cache, plus
+  the eviction engine's per-head graph at the short context without eviction, without and with
+  score outputs; all native, decoded in lockstep.
 """
 
 from __future__ import annotations
@@ -116,52 +116,106 @@ def capacity(model: str, capacity_full: int = 8, num_requests: int = 32,
     ]
 
 
-def _tpot(pipe: Pipeline, prompt: str, new_tokens: int) -> tuple[float, int, float]:
-    """TPOT (s) of one request, with its eviction events and the seconds they took (selection +
-    compaction)."""
+@dataclass
+class _Row:
+    """One request of the flat run: its pipeline, prompt, and what its decode steps took."""
+
+    pipe: Pipeline
+    prompt: str
+    step_s: list[float]
+    events: int = 0
+    event_s: float = 0.0
+
+
+def _lockstep(rows: list[_Row], new_tokens: int) -> None:
+    """Prefill every row's request, then decode them one step each in turn (the first row of
+    each turn rotating), timing each ``LLMEngine.step``. Drift of the machine between requests
+    then hits every row alike; TPOT is the mean of a row's decode steps (as in RequestMetrics,
+    the first token is not counted)."""
     g = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, apply_chat_template=False)
-    evictor = getattr(pipe.backend.engine, "evictor", None)
-    if evictor is not None:
-        evictor.stats.reset()
-    tpot = pipe.generate(prompt, g).metrics[0].tpot_s
-    if evictor is None:
-        return tpot, 0, 0.0
-    return tpot, evictor.stats.events, evictor.stats.select_s + evictor.stats.compact_s
+    seqs = []
+    for r in rows:
+        be = r.pipe.backend
+        ids = be.encode(r.prompt, False)[0].tolist()
+        seq = be.engine.add_request(ids, g, be.eos_token_ids, be._detokenize)
+        while seq.sampler.num_generated < 1:  # prefill (chunked), up to the first token
+            be.engine.step()
+        evictor = be.engine.evictor
+        if evictor is not None:
+            evictor.stats.reset()
+        seqs.append(seq)
+    for turn in range(new_tokens - 1):
+        k = turn % len(rows)
+        for r, seq in zip(rows[k:] + rows[:k], seqs[k:] + seqs[:k], strict=True):
+            t0 = time.perf_counter()
+            r.pipe.backend.engine.step()
+            r.step_s.append(time.perf_counter() - t0)
+            if turn == new_tokens - 2 and not seq.is_finished:
+                raise RuntimeError("flat benchmark: a request outlived its max_new_tokens")
+    for r, seq in zip(rows, seqs, strict=True):
+        engine = r.pipe.backend.engine
+        engine.sequences.pop(seq.seq_id, None)
+        if engine.evictor is not None:
+            r.events += engine.evictor.stats.events
+            r.event_s += engine.evictor.stats.select_s + engine.evictor.stats.compact_s
 
 
 def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
          new_tokens: int = 64, repeats: int = 3) -> list[Figure]:
     """TPOT of a full cache at ``short_tokens`` vs a ``long_tokens`` prompt kept at a
-    ``short_tokens`` budget, continuous and prefill mode. The three pipelines live side by side
-    and are measured in turn, ``repeats`` rounds after a warm-up round of the same length (the
-    step time of one process drifts by up to 30% between requests on this machine; interleaving
-    lets the drift hit every row alike). Rows are medians; the eviction rows add the measured
-    request's eviction events (one after the prompt, which TPOT does not count, then one per
-    ``evict_interval`` tokens) and the time spent in them."""
+    ``short_tokens`` budget (continuous mode, the default; continuous with
+    ``decode_window_size=8``; prefill mode), plus two rows that split the cost: the per-head
+    graph at ``short_tokens`` without eviction, without and with score outputs every step.
+
+    The requests decode in lockstep (:func:`_lockstep`), one round after a warm-up round,
+    ``repeats`` rounds in all: this machine's step time drifts by up to 30% between requests,
+    and a step-by-step interleave lets the drift hit every row alike. Each row is the mean of
+    its decode steps over all measured rounds; the eviction rows add their decode-time
+    eviction events (the one right after the prompt is not a decode step) and their time."""
     full = Pipeline(model, eviction=None)
     short, long = exact_prompts(full, [short_tokens, long_tokens])
-    rows = {"full": (full, short)}
-    for mode in ("continuous", "prefill"):
-        rows[mode] = (Pipeline(model, eviction=CacheEvictionConfig(max_cache_size=short_tokens,
-                                                                   mode=mode)), long)
-    runs: dict[str, list[tuple[float, int, float]]] = {k: [] for k in rows}
-    for i in range(repeats + 1):
-        for name, (pipe, prompt) in rows.items():
-            r = _tpot(pipe, prompt, new_tokens)
-            if i:  # round 0 warms every pipeline up
-                runs[name].append(r)
-    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
-    t_short = med["full"][0]
-    out = [Figure(f"TPOT full cache, {short_tokens} context", 1e3 * t_short, "ms",
-                  f"median of {repeats}; all: "
-                  + " / ".join(f"{1e3 * r[0]:.1f}" for r in runs["full"]))]
-    for mode, note in (("continuous", "score outputs every step"),
-                       ("prefill", "no score outputs while decoding")):
-        t, events, ev_s = med[mode]
-        out.append(Figure(f"TPOT {long_tokens} context, budget {short_tokens}, {mode}", 1e3 * t,
-                          "ms", f"{t / t_short:.3f}x ({note}; {events} eviction events, "
-                          f"{1e3 * ev_s:.0f} ms in them; all: "
-                          + " / ".join(f"{1e3 * r[0]:.1f}" for r in runs[mode]) + ")"))
+
+    def evicting(**kw) -> Pipeline:
+        return Pipeline(model, eviction=CacheEvictionConfig(**kw))
+
+    ctx = f"{short_tokens} context"
+    budget = f"{long_tokens} context, budget {short_tokens}"
+    rows = [  # label, pipeline, prompt, note
+        (f"TPOT full cache, {ctx}", full, short, ""),
+        (f"TPOT per-head graph, {ctx}, no eviction",
+         evicting(max_cache_size=short_tokens, mode="prefill"), short,
+         "the eviction engine's graph, no score outputs"),
+        (f"TPOT per-head graph with score outputs, {ctx}, no eviction",
+         evicting(max_cache_size=4 * short_tokens, mode="continuous"), short,
+         "score outputs every step, budget never reached"),
+        (f"TPOT {budget}, continuous", evicting(max_cache_size=short_tokens), long,
+         "the default: score outputs every step"),
+        (f"TPOT {budget}, continuous, decode_window_size=8",
+         evicting(max_cache_size=short_tokens, decode_window_size=8), long,
+         "score outputs in the 8 steps before each eviction"),
+        (f"TPOT {budget}, prefill", evicting(max_cache_size=short_tokens, mode="prefill"), long,
+         "no score outputs while decoding"),
+    ]
+    _lockstep([_Row(p, prompt, []) for _, p, prompt, _ in rows], new_tokens)  # warm-up round
+    rounds: list[list[_Row]] = []
+    for _ in range(repeats):
+        measured = [_Row(p, prompt, []) for _, p, prompt, _ in rows]
+        _lockstep(measured, new_tokens)
+        rounds.append(measured)
+    out = []
+    for i, (label, pipe, _, note) in enumerate(rows):
+        tpot = sum(sum(r[i].step_s) for r in rounds) / sum(len(r[i].step_s) for r in rounds)
+        per_round = " / ".join(f"{1e3 * sum(r[i].step_s) / len(r[i].step_s):.1f}"
+                               for r in rounds)
+        parts = [f"{tpot / out[0].value * 1e3:.3f}x"] if out else []
+        parts += [note] if note else []
+        if pipe.backend.engine.evictor is not None:
+            events = sum(r[i].events for r in rounds) / repeats
+            ev_ms = 1e3 * sum(r[i].event_s for r in rounds) / repeats
+            parts.append(f"{events:g} decode-time eviction events, {ev_ms:.0f} ms in them per "
+                         "request")
+        parts.append(f"mean of {repeats} lockstep rounds; per round: {per_round}")
+        out.append(Figure(label, 1e3 * tpot, "ms", "; ".join(parts)))
     return out
 
 

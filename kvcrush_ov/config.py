@@ -170,6 +170,10 @@ class CacheEvictionConfig:
     pooling_offset: how many tokens the pooling window's centre lies before each token, from 0
         (centred) to ``kernel_size // 2`` (the window ends at the token, so the tokens right
         after an attended one share its score: a needle's value after its key). Native only.
+    decode_window_size: continuous mode, snapkv-family policies: only the last
+        ``decode_window_size`` decode steps before each decode-time eviction are scored (the
+        graph's score outputs cost decode time; the other steps run the graph without them).
+        None scores every decode step, as GenAI does; at most ``evict_interval``. Native only.
     log: keep a per-request eviction log (kept positions per layer and head, and why).
     """
 
@@ -186,6 +190,7 @@ class CacheEvictionConfig:
     pooling: str | None = None
     kernel_size: int | None = None
     pooling_offset: int = 0
+    decode_window_size: int | None = None
     log: bool = False
 
     def __post_init__(self) -> None:
@@ -221,6 +226,11 @@ class CacheEvictionConfig:
         if _int_at_least("eviction.pooling_offset", self.pooling_offset, 0) > half:
             raise ConfigError("eviction.pooling_offset", self.pooling_offset,
                               f"an integer in [0, kernel_size // 2 = {half}]")
+        if self.decode_window_size is not None and _int_at_least(
+                "eviction.decode_window_size", self.decode_window_size, 1) > self.evict_interval:
+            raise ConfigError("eviction.decode_window_size", self.decode_window_size,
+                              f"None or an integer in [1, evict_interval = "
+                              f"{self.evict_interval}]")
         if not isinstance(self.log, bool):
             raise ConfigError("eviction.log", self.log, "True or False")
         if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):

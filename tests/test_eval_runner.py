@@ -206,3 +206,5 @@ def test_every_method_builds_at_every_default_budget():
     trailing = make_policy(METHODS["snapkv+kvcrush-trailing"].make(0.25))
     assert trailing.importance.offset == 15 and trailing.importance.pooling == "avg"
     assert make_policy(METHODS["snapkv+kvcrush"].make(0.25)).importance.offset == 0
+    assert make_spec(METHODS["snapkv+kvcrush-decode8"].make(0.25)).decode_window == 8
+    assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None

@@ -257,6 +257,11 @@ def test_absolute_budget_above_the_prompt_is_refused_in_prefill_mode(tiny_model)
     (lambda: CacheEvictionConfig(pooling_offset=16), "eviction.pooling_offset"),
     (lambda: CacheEvictionConfig(kernel_size=7, pooling_offset=4), "eviction.pooling_offset"),
     (lambda: CacheEvictionConfig(pooling_offset=-1), "eviction.pooling_offset"),
+    (lambda: CacheEvictionConfig(decode_window_size=0), "eviction.decode_window_size"),
+    (lambda: CacheEvictionConfig(decode_window_size=33), "eviction.decode_window_size"),
+    (lambda: CacheEvictionConfig(evict_interval=8, decode_window_size=9),
+     "eviction.decode_window_size"),
+    (lambda: CacheEvictionConfig(decode_window_size=2.5), "eviction.decode_window_size"),
 ])
 def test_bad_eviction_settings_name_the_field(make, field):
     with pytest.raises(ConfigError) as info:
@@ -273,6 +278,46 @@ def test_pooling_offset_reaches_every_pooled_policy():
     for name in ("snapkv", "pyramidkv", "adakv"):
         cfg = CacheEvictionConfig(importance=name, kvcrush=None, pooling_offset=15)
         assert make_policy(cfg).offset == 15
+
+
+@pytest.mark.parametrize("importance,decode_window,expect", [
+    ("snapkv", None, "every"), ("snapkv", 4, "last 4"), ("snapkv", 16, "last 16"),
+    ("h2o", 4, "every"),  # H2O accumulates every query: the window does not apply
+])
+def test_decode_window_scores_only_the_steps_before_each_eviction(tiny_model, tiny_tok,
+                                                                  importance, decode_window,
+                                                                  expect):
+    interval = 16
+    sp = spec(importance, 96, True, mode="continuous", evict_interval=interval,
+              decode_window_size=decode_window)
+    eng = build(tiny_model, sp)
+    scored: list[tuple[int, bool]] = []  # (decode step, scored?) per decode step
+    runner = eng.runner
+    seen = {"n": runner.scored_steps, "events": 0, "before": []}
+
+    def on_step(e, seqs):
+        s = seqs[0]
+        got = runner.scored_steps > seen["n"]
+        seen["n"] = runner.scored_steps
+        if s.sampler.num_generated >= 2:  # a decode step (the first token ends the prefill)
+            scored.append((s.sampler.num_generated, got))
+        events = s.extra.get("evictions", 0)
+        if events > seen["events"]:
+            seen["before"].append(len(scored))
+            seen["events"] = events
+
+    cfg = GenerationConfig(max_new_tokens=3 * interval + 6, ignore_eos=True)
+    run(eng, [ids_of(tiny_tok, 300)], cfg, on_step=on_step)
+    flags = [f for _, f in scored]
+    evictions = seen["before"][1:]  # decode-time evictions: decode steps done when each ran
+    assert evictions == [interval, 2 * interval, 3 * interval]
+    if expect == "every":
+        assert all(flags)
+    else:  # decode step j (from 1) evicts when j % interval == 0: score the w up to it
+        w = int(expect.split()[1])
+        want = [(j - 1) % interval >= interval - w for j in range(1, len(flags) + 1)]
+        assert flags == want
+        assert sum(flags[:3 * interval]) == 3 * w
 
 
 # -- real model ---------------------------------------------------------------------------------

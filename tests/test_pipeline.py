@@ -225,6 +225,8 @@ def test_corrupt_config(tmp_path, tiny_model):
     ({"eviction": CacheEvictionConfig(mode="prefill"), "backend": "genai"}, "eviction.mode"),
     ({"eviction": CacheEvictionConfig(pooling_offset=3), "backend": "genai"},
      "eviction.pooling_offset"),
+    ({"eviction": CacheEvictionConfig(decode_window_size=8), "backend": "genai"},
+     "eviction.decode_window_size"),
     ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(granularity="token")),
       "backend": "genai"}, "kvcrush.granularity"),
     ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(anchor_point_mode=("ones", "mean"))),
@@ -327,9 +329,15 @@ def test_flat_benchmark_counts_the_decode_time_evictions(tiny_model):
 
     from kvcrush_ov.bench_eviction import flat
 
-    short, continuous, prefill = flat(str(tiny_model), long_tokens=1024, short_tokens=256,
-                                      new_tokens=48, repeats=1)
-    assert "median of 1" in short.note and short.value > 0
-    # continuous: one eviction after the prompt and one 32 tokens into the decode
-    assert re.search(r"score outputs every step; 2 eviction events", continuous.note)
-    assert re.search(r"no score outputs while decoding; 1 eviction events", prefill.note)
+    figs = flat(str(tiny_model), long_tokens=1024, short_tokens=256, new_tokens=48, repeats=2)
+    short, graph, scored, continuous, window, prefill = figs
+    assert "mean of 2 lockstep rounds" in short.note and short.value > 0
+    assert "no eviction" in graph.what and "no eviction" in scored.what
+    assert all(re.match(r"\d+\.\d{3}x; ", f.note) for f in figs[1:])
+    # continuous: after the prompt's eviction, one more 32 tokens into the decode
+    assert re.search(r"every step; 1 decode-time eviction events", continuous.note)
+    assert re.search(r"before each eviction; 1 decode-time eviction events", window.note)
+    assert re.search(r"while decoding; 0 decode-time eviction events", prefill.note)
+    assert "0 decode-time eviction events" in graph.note and "0 decode-time" in scored.note
+    # every round is listed: 2 per-round figures per row
+    assert all(len(f.note.split("per round: ")[1].split(" / ")) == 2 for f in figs)

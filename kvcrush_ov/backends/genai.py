@@ -94,6 +94,9 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
     if eviction.pooling_offset != 0:
         raise ConfigError("eviction.pooling_offset", eviction.pooling_offset,
                           f"0 (GenAI centres its pooling window) {native_only}")
+    if eviction.decode_window_size is not None:
+        raise ConfigError("eviction.decode_window_size", eviction.decode_window_size,
+                          f"None (GenAI scores every decode step) {native_only}")
     crush = eviction.kvcrush
     if crush is not None:
         if isinstance(crush.anchor_point_mode, tuple):

@@ -135,7 +135,15 @@ class Evictor:
             if mode == "all":
                 return c.num_tokens
             return max(0, end - max(c.start, prefill_end - spec.window))
-        return c.num_tokens if spec.mode == "continuous" else 0
+        if spec.mode != "continuous":
+            return 0
+        if spec.decode_window is None or mode != "window":
+            return c.num_tokens
+        # held counts this step's tokens already; the step at which held reaches
+        # budget + evict_interval evicts (_due): score it and the decode_window - 1 before it
+        held = float(self.kv.tables[c.seq.seq_id].lens.mean())
+        due = ex["budget"] + spec.evict_interval
+        return c.num_tokens if held + spec.decode_window > due else 0
 
     def after_step(self, chunks: list[ScheduledChunk], windows: list[int] | None,
                    scores: list[np.ndarray] | None) -> None:

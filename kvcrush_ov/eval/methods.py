@@ -47,6 +47,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("snapkv+kvcrush-trailing", "native", lambda b: CacheEvictionConfig(
         max_cache_size=b, importance="snapkv", kvcrush=KVCRUSH,
         pooling_offset=NATIVE_KERNEL_SIZE // 2)),
+    # score outputs only in the 8 decode steps before each decode-time eviction (faster decode)
+    Method("snapkv+kvcrush-decode8", "native", lambda b: CacheEvictionConfig(
+        max_cache_size=b, importance="snapkv", kvcrush=KVCRUSH, decode_window_size=8)),
 ]}
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)

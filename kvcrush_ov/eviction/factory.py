@@ -40,5 +40,5 @@ def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:
     return EvictionSpec(policy=make_policy(cfg), max_cache_size=cfg.max_cache_size,
                         start_size=cfg.start_size, recent_size=cfg.recent_size, mode=cfg.mode,
                         evict_interval=cfg.evict_interval, window=cfg.snapkv_window_size,
-                        seed=seed, log=cfg.log,
+                        decode_window=cfg.decode_window_size, seed=seed, log=cfg.log,
                         genai=cfg if cfg.importance == "upstream" else None)

@@ -17,7 +17,9 @@ class EvictionSpec:
     window, always kept. mode: ``prefill`` evicts once, when the prompt is computed (SnapKV
     style); ``continuous`` also evicts while decoding, whenever a sequence has grown
     ``evict_interval`` tokens past its budget. window: the prompt's last ``window`` queries are
-    scored for score_mode "window" (decode queries are scored in continuous mode).
+    scored for score_mode "window" (decode queries are scored in continuous mode: with
+    ``decode_window`` set, only the last ``decode_window`` decode steps before each decode-time
+    eviction; None scores every one).
     log: keep a per-request eviction log (which positions each layer / head kept, by which rule).
     genai: set for ``importance="upstream"``: the user's config, translated per request to
         GenAI's settings (eviction/genai_compat.py) and run by GenAI's own algorithm
@@ -31,6 +33,7 @@ class EvictionSpec:
     mode: str = "prefill"
     evict_interval: int = 32
     window: int = 32
+    decode_window: int | None = None
     seed: int = 0
     log: bool = False
     genai: CacheEvictionConfig | None = None
