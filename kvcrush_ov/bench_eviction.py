@@ -136,8 +136,7 @@ def _lockstep(rows: list[_Row], new_tokens: int) -> None:
     seqs = []
     for r in rows:
         be = r.pipe.backend
-        ids = be.encode(r.prompt, False)[0].tolist()
-        seq = be.engine.add_request(ids, g, be.eos_token_ids, be._detokenize)
+        seq = be.add_request(be.encode(r.prompt, False)[0].tolist(), g)
         while seq.sampler.num_generated < 1:  # prefill (chunked), up to the first token
             be.engine.step()
         evictor = be.engine.evictor

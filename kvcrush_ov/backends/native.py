@@ -14,6 +14,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.engine.sequence import Sequence
 from kvcrush_ov.errors import ConfigError, KVCrushError, ModelError
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.eviction.registry import POLICIES
@@ -59,12 +60,15 @@ class NativeBackend:
     def _detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if ids else ""
 
+    def add_request(self, prompt_ids: list[int], g: GenerationConfig) -> Sequence:
+        """Queue one tokenized request on the engine (stepping it is the caller's job)."""
+        return self.engine.add_request(prompt_ids, g, self.eos_token_ids, self._detokenize)
+
     def run(self, inputs: list[np.ndarray], g: GenerationConfig,
             streamer: Streamer | None) -> DecodedResults:
         eng = self.engine
         t_start = time.perf_counter()
-        seqs = [eng.add_request(x[0].tolist(), g, self.eos_token_ids, self._detokenize)
-                for x in inputs]
+        seqs = [self.add_request(x[0].tolist(), g) for x in inputs]
         stream = TextStream(self.tokenizer, streamer) if streamer else None
         cache = CacheMetrics(kv_block_bytes=self.block_bytes)
         stopped: set[int] = set()
