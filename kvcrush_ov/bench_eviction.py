@@ -171,11 +171,16 @@ def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
     and a step-by-step interleave lets the drift hit every row alike. Each row is the mean of
     its decode steps over all measured rounds; the eviction rows add their decode-time
     eviction events (the one right after the prompt is not a decode step) and their time."""
-    full = Pipeline(model, eviction=None)
+    # each pipeline gets a cache for its one request (blocks of >= 16 tokens), not the
+    # engine's default gigabyte: six pipelines sit side by side
+    blocks = -(-(long_tokens + new_tokens) // 16) + -(-SchedulerConfig().max_num_batched_tokens
+                                                       // 16) + 2
+    kv = KVCacheConfig(num_kv_blocks=blocks)
+    full = Pipeline(model, kv_cache=kv, eviction=None)
     short, long = exact_prompts(full, [short_tokens, long_tokens])
 
     def evicting(**kw) -> Pipeline:
-        return Pipeline(model, eviction=CacheEvictionConfig(**kw))
+        return Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(**kw))
 
     ctx = f"{short_tokens} context"
     budget = f"{long_tokens} context, budget {short_tokens}"
