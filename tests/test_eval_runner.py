@@ -56,6 +56,21 @@ def test_fidelity_on_the_first_samples_only(tiny_model, tmp_path):
     assert [(r["index"], r["method"]) for r in fid] == [(0, "snapkv")]
 
 
+def test_run_json_keeps_the_methods_and_commands_of_earlier_runs(tmp_path):
+    from kvcrush_ov.eval.runner import write_run_json
+
+    path = tmp_path / "run.json"
+    write_run_json(path, {"methods": ["snapkv", "h2o"], "command": "kvcrush-ov eval A"})
+    write_run_json(path, {"methods": ["h2o"], "command": "kvcrush-ov eval A"})  # a resume
+    run = json.loads(path.read_text())
+    assert run["methods"] == ["h2o", "snapkv"] and run["commands"] == ["kvcrush-ov eval A"]
+    write_run_json(path, {"methods": ["genai-kvcrush"], "command": "kvcrush-ov eval B"})
+    run = json.loads(path.read_text())
+    assert run["methods"] == ["genai-kvcrush", "h2o", "snapkv"]  # METHODS order
+    assert run["commands"] == ["kvcrush-ov eval A", "kvcrush-ov eval B"]
+    assert run["command"] == "kvcrush-ov eval A"
+
+
 def test_kl_and_top1():
     from kvcrush_ov.eval.runner import kl_top1
 

@@ -24,10 +24,12 @@ from kvcrush_ov.eval.targets import targets_section
 
 
 def _command(run: dict, out: Path) -> str:
-    """The run's own command line, or one rebuilt from its settings (the home folder as ~)."""
+    """The run's own command lines (one per line: a folder resumed with more methods has
+    several), or one rebuilt from its settings (the home folder as ~)."""
     home = str(Path.home())
-    if run.get("command"):
-        return run["command"].replace(home, "~")
+    commands = run.get("commands") or ([run["command"]] if run.get("command") else [])
+    if commands:
+        return "\n".join(c.replace(home, "~") for c in commands)
     parts = ["kvcrush-ov eval", f"--model {run['model']}", f"--out {str(out).replace(home, '~')}",
              f"--samples {run['num_samples']}", f"--seed {run['seed']}",
              f"--precision {run['precision']}"]

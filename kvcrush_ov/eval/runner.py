@@ -381,14 +381,14 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
     results = Results(out / "results.jsonl")
-    (out / "run.json").write_text(json.dumps({
+    write_run_json(out / "run.json", {
         "model": model, "tasks": list(tasks), "num_samples": num_samples, "seed": seed,
         "budgets": list(budgets), "methods": [m.name for m in chosen],
         "max_seq_length": max_seq_length, "precision": precision,
         "max_num_batched_tokens": max_num_batched_tokens,
         "prompt": "chat template around RULER's input, answer prefix after the assistant header",
         "command": command,
-    }, indent=1))
+    })
     native = [m for m in chosen if m.backend == "native"]
     run_native(pipe, samples, native, budgets, results, wrap, say)
     fid: dict[tuple, Fidelity] = {}
@@ -410,6 +410,22 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     curves, full = method_curves(results, budgets)
     write_svg(out / "plot.svg", {Path(str(model)).name: (curves, full)})
     return summary
+
+
+def write_run_json(path: Path, run: dict) -> None:
+    """Write ``run`` to ``path``; a run already there (a resume, or more methods added to the
+    same folder) keeps its methods and commands: methods become the union (in METHODS order),
+    ``commands`` lists every distinct command line, ``command`` stays the first."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        names = set(old.get("methods", [])) | set(run["methods"])
+        run["methods"] = [m for m in METHODS if m in names]
+        commands = old.get("commands") or [old.get("command")]
+        if run.get("command") not in commands:
+            commands.append(run.get("command"))
+        run["commands"] = [c for c in commands if c]
+        run["command"] = run["commands"][0] if run["commands"] else None
+    path.write_text(json.dumps(run, indent=1))
 
 
 def method_curves(results: Results, budgets: Iterable[float],
