@@ -140,10 +140,9 @@ class Evictor:
         if spec.decode_window is None or mode != "window":
             return c.num_tokens
         # held counts this step's tokens already; the step at which held reaches
-        # budget + evict_interval evicts (_due): score it and the decode_window - 1 before it
-        held = float(self.kv.tables[c.seq.seq_id].lens.mean())
-        due = ex["budget"] + spec.evict_interval
-        return c.num_tokens if held + spec.decode_window > due else 0
+        # _decode_limit evicts (_due): score it and the decode_window - 1 before it
+        held = self._held(c.seq)
+        return c.num_tokens if held + spec.decode_window > self._decode_limit(ex, spec) else 0
 
     def after_step(self, chunks: list[ScheduledChunk], windows: list[int] | None,
                    scores: list[np.ndarray] | None) -> None:
@@ -218,16 +217,24 @@ class Evictor:
                     state.add(layer, h, seg)
             state.add_queries(c.start + c.num_tokens - w, w)
 
+    def _held(self, seq: Sequence) -> float:
+        """Tokens the sequence holds per layer and head, on average (this step's included)."""
+        return float(self.kv.tables[seq.seq_id].lens.mean())
+
+    @staticmethod
+    def _decode_limit(ex: dict, spec: EvictionSpec) -> float:
+        """Continuous mode: a decode step that brings held tokens to this evicts."""
+        return ex["budget"] + spec.evict_interval
+
     def _due(self, c: ScheduledChunk) -> bool:
         ex = c.seq.extra
-        t = self.kv.tables[c.seq.seq_id]
         end = c.start + c.num_tokens
-        held = float(t.lens.mean())
+        held = self._held(c.seq)
         if end == ex["prefill_end"]:
             return held > ex["budget"]
         spec = self.spec_of(c.seq)
         if spec.mode == "continuous" and end > ex["prefill_end"]:
-            return held >= ex["budget"] + spec.evict_interval
+            return held >= self._decode_limit(ex, spec)
         return False
 
     # ------------------------------------------------------------------ eviction
@@ -235,7 +242,7 @@ class Evictor:
         ex = self._state(seq)
         spec = self.spec_of(seq)
         t = self.kv.tables[seq.seq_id]
-        if float(t.lens.mean()) <= ex["budget"]:
+        if self._held(seq) <= ex["budget"]:
             return  # nothing to evict
         t0 = time.perf_counter()
         positions = [[t.positions_of(layer, h) for h in range(self.runner.num_kv_heads)]
