@@ -154,10 +154,12 @@ def compare(
     between_steps: Callable[[int], None] | None = None,
     window: tuple[int, ...] | None = None,
     sum_rtol: float = 1e-4,
+    decode: tuple[Runner, PerHeadLayout] | None = None,
 ) -> dict[str, float]:
     """Prefill + len(mappings)-1 decode steps; mappings[i] is the per-head mapping of step i.
 
     ``window``: per-sequence score aggregation window (models converted with aggregation).
+    ``decode``: another per-head runner (sharing ``head``'s caches) for the decode steps.
     """
     rng = np.random.default_rng(7)
     ids = [rng.integers(0, plain.vocab, size=n, dtype=np.int64) for n in LENGTHS]
@@ -173,17 +175,18 @@ def compare(
         extra = {} if window is None else {
             "score_aggregation_window": np.asarray(queries, dtype=np.int32)}
         ref_logits, ref_scores = plain.infer({**plain_inputs(plain, ids, past), **extra})
-        got_logits, got_scores = head.infer({**head_inputs(layout, head.block_size, ids, past,
-                                                           mapping), **extra})
+        runner, lay = decode if decode is not None and step > 0 else (head, layout)
+        got_logits, got_scores = runner.infer({**head_inputs(lay, head.block_size, ids, past,
+                                                             mapping), **extra})
         assert got_logits.shape == ref_logits.shape == (2, plain.vocab)
         assert np.isfinite(got_logits).all()
         np.testing.assert_allclose(got_logits, ref_logits, rtol=logits_tol, atol=logits_tol,
                                    err_msg=f"logits, step {step}")
         worst["logits"] = max(worst["logits"], float(np.abs(got_logits - ref_logits).max()))
-        ctx = layout.context_lens(counts, past)
+        ctx = lay.context_lens(counts, past)
         for layer in range(layout.num_layers):
             assert got_scores[layer].shape == (int(ctx[layer].sum()),)
-            parts = layout.split_scores(got_scores[layer], ctx[layer])
+            parts = lay.split_scores(got_scores[layer], ctx[layer])
             summed = np.concatenate([np.sum(seg, axis=0) for seg in parts])
             assert summed.shape == ref_scores[layer].shape
             np.testing.assert_allclose(summed, ref_scores[layer], rtol=score_rtol,
@@ -296,6 +299,27 @@ def test_layout_helpers() -> None:
         layout.split_scores(scores[:-1], ctx)
 
 
+def test_layout_helpers_sequence_major() -> None:
+    layout = PerHeadLayout(num_layers=1, num_kv_heads=3, sequence_major=True)
+    assert layout.subsequence_begins([1, 1]).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="one token per sequence"):
+        layout.subsequence_begins([4, 1])
+    past = np.array([[[8, 7, 6], [0, 1, 2]]])  # [L, B, Hkv]
+    tables = [[[[10 * s + h] for h in range(3)] for s in range(2)]]
+    tables[0][1][0] = [99, 98]
+    got = layout.inputs([1, 1], past, tables)
+    assert got[head_past_lens_name(0)].tolist() == [8, 7, 6, 0, 1, 2]  # j = s*Hkv + h
+    assert got[block_indices_name(0)].tolist() == [0, 1, 2, 99, 98, 11, 12]
+    assert got[block_indices_begins_name(0)].tolist() == [0, 1, 2, 3, 5, 6, 7]
+    ctx = layout.context_lens([1, 1], past)[0]  # [[9, 8, 7], [1, 2, 3]]
+    scores = np.arange(int(ctx.sum()), dtype=np.float32)
+    parts = layout.split_scores(scores, ctx)
+    assert parts[0][0].tolist() == list(range(9))
+    assert parts[0][2].tolist() == list(range(17, 24))
+    assert parts[1][0].tolist() == [24]
+    assert parts[1][2].tolist() == [27, 28, 29]
+
+
 # ---------------------------------------------------------------- numerics
 
 
@@ -341,6 +365,36 @@ def test_tiny_independent_head_tables(tiny_model: Path) -> None:
     with pytest.raises(AssertionError, match="logits"):
         compare(plain, head, layout, [base, base], 1e-5, 1e-5, 1e-7,
                 between_steps=lambda step: relocate(1))
+
+
+def sequence_major_runner(folder: Path, head: Runner, props: dict,
+                          aggregation: bool = False) -> tuple[Runner, PerHeadLayout]:
+    """The sequence-major conversion, bound to ``head``'s cache tensors."""
+    read = _read_with_aggregation if aggregation else read_paged_model
+    model = to_per_head(read(folder), sequence_major=True)
+    layout = PerHeadLayout.from_model(model)
+    assert layout.sequence_major
+    assert not [n for n in model.get_ordered_ops()
+                if n.get_type_name() == "Transpose" and "/per_head_" in n.get_friendly_name()]
+    runner = Runner(ov.Core(), model, 1, props)
+    runner.caches = head.caches
+    for name, tensor in head.caches.items():
+        runner.request.set_tensor(name, tensor)
+    return runner, layout
+
+
+def test_tiny_sequence_major_decode(tiny_model: Path) -> None:
+    """Decode steps on the sequence-major graph (j = s*Hkv + h, no transposes) match the plain
+    model, with scrambled per-layer tables; control: the head-major layout's inputs fail."""
+    plain, head, layout = make_runners(tiny_model, F32, aggregation=True)
+    decode = sequence_major_runner(tiny_model, head, F32, aggregation=True)
+    mapping = scrambled(layout.num_kv_heads, layout.num_layers, seed=13)
+    compare(plain, head, layout, [mapping] * 3, 1e-5, 1e-5, 1e-7, window=(3, 8), decode=decode)
+    plain, head, layout = make_runners(tiny_model, F32, aggregation=True)
+    wrong = (sequence_major_runner(tiny_model, head, F32, aggregation=True)[0], layout)
+    with pytest.raises(AssertionError, match="step 1"):
+        compare(plain, head, layout, [mapping] * 2, 1e-5, 1e-5, 1e-7, window=(3, 8),
+                decode=wrong)
 
 
 def test_tiny_score_aggregation_window(tiny_model: Path) -> None:

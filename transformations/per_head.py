@@ -17,6 +17,13 @@ Graph, per layer (``L`` = layer index, as in ``key_cache.L``)::
     PagedAttention(num_k_heads = num_v_heads = 1, G query heads per subsequence)
     out [Hkv*T, G*Dv] -> [Hkv, T, G*Dv] -> transpose -> [T, Hkv, G*Dv] -> [T, Hq*Dv]
 
+``sequence_major=True`` orders subsequences ``j = s * Hkv + h`` instead: with one new token per
+sequence (``T = B``, decode steps) the rows of ``[T, Hkv, width]`` are already grouped per
+subsequence, so q / k / v and the output are plain reshapes and the four transposes per layer
+disappear (measured on Qwen2.5-0.5B: the per-head graph's decode overhead over the plain graph
+went from 8.6% to 3.8%). Such a model only accepts steps with one token per sequence; everything
+below that says ``j = h*B + s`` then reads ``j = s*Hkv + h`` (:class:`PerHeadLayout` handles both).
+
 Inputs after the rewrite (all i32 unless noted; shared inputs ``input_ids``, ``position_ids``,
 ``max_context_len`` and ``logits_indices`` are unchanged):
 
@@ -130,16 +137,24 @@ def _layer_of(pa: ov.Node) -> int:
     )
 
 
-def _heads_to_rows(x: ov.Output, hkv: int, width: int, name: str) -> ov.Output:
-    """[T, Hkv*width] -> [Hkv*T, width] (head-major rows)."""
+def _heads_to_rows(x: ov.Output, hkv: int, width: int, name: str,
+                   sequence_major: bool) -> ov.Output:
+    """[T, Hkv*width] -> [Hkv*T, width]: head-major rows, or token-major (no copy)."""
+    if sequence_major:
+        rows = ops.constant([-1, width], ov.Type.i64)
+        return ops.reshape(x, rows, False, name=f"{name}/rows").output(0)
     split = ops.reshape(x, ops.constant([0, hkv, width], ov.Type.i64), True, name=f"{name}/split")
     moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/heads_first")
     out = ops.reshape(moved, ops.constant([-1, width], ov.Type.i64), False, name=f"{name}/rows")
     return out.output(0)
 
 
-def _rows_to_heads(x: ov.Output, hkv: int, width: int, name: str) -> ov.Output:
-    """[Hkv*T, width] -> [T, Hkv*width]."""
+def _rows_to_heads(x: ov.Output, hkv: int, width: int, name: str,
+                   sequence_major: bool) -> ov.Output:
+    """[Hkv*T, width] (head-major, or token-major) -> [T, Hkv*width]."""
+    if sequence_major:
+        merged = ops.constant([-1, hkv * width], ov.Type.i64)
+        return ops.reshape(x, merged, False, name=f"{name}/merge").output(0)
     split = ops.reshape(x, ops.constant([hkv, -1, width], ov.Type.i64), False, name=f"{name}/split")
     moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/tokens_first")
     merged = ops.constant([0, hkv * width], ov.Type.i64)
@@ -171,7 +186,7 @@ def _check_pa(pa: ov.Node) -> None:
         )
 
 
-def to_per_head(model: ov.Model) -> ov.Model:
+def to_per_head(model: ov.Model, sequence_major: bool = False) -> ov.Model:
     """Rewrite ``model`` in place to per-KV-head subsequences and return it (layout: module doc).
 
     ``model`` must come from ``to_paged`` / ``read_paged_model`` with score outputs. Raises
@@ -217,9 +232,10 @@ def to_per_head(model: ov.Model) -> ov.Model:
             node = pa.input_value(i).get_node()
             old_params[node.get_instance_id()] = node
 
-        q = _heads_to_rows(pa.input_value(_Q), hkv, group * d, f"{tag}/per_head_q")
-        k = _heads_to_rows(pa.input_value(_K), hkv, d, f"{tag}/per_head_k")
-        v = _heads_to_rows(pa.input_value(_V), hkv, dv, f"{tag}/per_head_v")
+        q = _heads_to_rows(pa.input_value(_Q), hkv, group * d, f"{tag}/per_head_q",
+                           sequence_major)
+        k = _heads_to_rows(pa.input_value(_K), hkv, d, f"{tag}/per_head_k", sequence_major)
+        v = _heads_to_rows(pa.input_value(_V), hkv, dv, f"{tag}/per_head_v", sequence_major)
         past = _i32_parameter(head_past_lens_name(layer))
         blocks = _i32_parameter(block_indices_name(layer))
         block_begins = _i32_parameter(block_indices_begins_name(layer))
@@ -246,7 +262,8 @@ def to_per_head(model: ov.Model) -> ov.Model:
         rt["k_head_size"] = d
         rt["v_head_size"] = dv
         pa.validate_and_infer_types()
-        out = _rows_to_heads(pa.output(0), hkv, group * dv, f"{tag}/per_head_out")
+        out = _rows_to_heads(pa.output(0), hkv, group * dv, f"{tag}/per_head_out",
+                             sequence_major)
         for target in out_targets:
             target.replace_source_output(out)
 
@@ -263,6 +280,7 @@ def to_per_head(model: ov.Model) -> ov.Model:
     model.add_parameters([p for p, _ in new_params])
     model.set_rt_info(hkv_all.pop(), [_RT_KEY, "num_kv_heads"])
     model.set_rt_info(len(pas), [_RT_KEY, "num_layers"])
+    model.set_rt_info(sequence_major, [_RT_KEY, "sequence_major"])
     model.validate_nodes_and_infer_types()
     return model
 
@@ -272,24 +290,43 @@ class PerHeadLayout:
     """Builds the per-head inputs of a :func:`to_per_head` model and splits its scores.
 
     ``num_layers`` / ``num_kv_heads`` as in the original model (see :meth:`from_model`).
+    ``sequence_major``: subsequence ``j = s*Hkv + h`` (a model converted with
+    ``sequence_major=True``, valid only for steps with one new token per sequence) instead of
+    ``j = h*B + s``.
     """
 
     num_layers: int
     num_kv_heads: int
+    sequence_major: bool = False
 
     @classmethod
     def from_model(cls, model: ov.Model) -> PerHeadLayout:
         """Read the layout recorded by :func:`to_per_head` in ``model``'s rt_info."""
         if not model.has_rt_info([_RT_KEY, "num_kv_heads"]):
             raise PerHeadPatternError("PerHeadLayout: the model was not converted by to_per_head")
+        order = model.has_rt_info([_RT_KEY, "sequence_major"]) and bool(
+            model.get_rt_info([_RT_KEY, "sequence_major"]).astype(bool))
         return cls(
             num_layers=int(model.get_rt_info([_RT_KEY, "num_layers"]).astype(int)),
             num_kv_heads=int(model.get_rt_info([_RT_KEY, "num_kv_heads"]).astype(int)),
+            sequence_major=order,
         )
+
+    def order(self, per_head: np.ndarray) -> np.ndarray:
+        """[B, Hkv] (or [..., B, Hkv]) values -> [..., B*Hkv] in subsequence order ``j``."""
+        a = np.asarray(per_head)
+        if not self.sequence_major:
+            a = np.swapaxes(a, -1, -2)
+        return a.reshape(*a.shape[:-2], -1)
 
     def subsequence_begins(self, num_tokens: Sequence[int]) -> np.ndarray:
         """``head_subsequence_begins`` [B*Hkv + 1] for ``num_tokens`` [B] new tokens each."""
         n = np.asarray(num_tokens, dtype=np.int64)
+        if self.sequence_major:
+            if (n != 1).any():
+                raise ValueError("a sequence-major per-head model takes one token per sequence, "
+                                 f"got num_tokens={n.tolist()}")
+            return np.arange(len(n) * self.num_kv_heads + 1, dtype=np.int32)
         total = int(n.sum())
         starts = np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else n
         heads = np.arange(self.num_kv_heads, dtype=np.int64)[:, None] * total
@@ -335,16 +372,17 @@ class PerHeadLayout:
             HEAD_SUBSEQUENCE_BEGINS: self.subsequence_begins(num_tokens),
             "max_context_len": np.asarray(int(ctx.max()) if ctx.size else 0, dtype=np.int32),
         }
+        seqs, heads = np.meshgrid(np.arange(batch), np.arange(self.num_kv_heads), indexing="ij")
+        pairs = list(zip(self.order(seqs).tolist(), self.order(heads).tolist(), strict=True))
         for layer, tables in enumerate(block_tables):
             if len(tables) != batch or any(len(t) != self.num_kv_heads for t in tables):
                 raise ValueError(f"block_tables[{layer}] must be [B={batch}][Hkv] tables")
             flat: list[int] = []
             begins = [0]
-            for h in range(self.num_kv_heads):
-                for s in range(batch):
-                    flat.extend(tables[s][h])
-                    begins.append(len(flat))
-            out[head_past_lens_name(layer)] = past[layer].T.reshape(-1).astype(np.int32)
+            for s, h in pairs:
+                flat.extend(tables[s][h])
+                begins.append(len(flat))
+            out[head_past_lens_name(layer)] = self.order(past[layer]).astype(np.int32)
             out[block_indices_name(layer)] = np.asarray(flat, dtype=np.int32)
             out[block_indices_begins_name(layer)] = np.asarray(begins, dtype=np.int32)
         return out
@@ -355,13 +393,16 @@ class PerHeadLayout:
         ``context_lens`` is [B, Hkv] (one layer of :meth:`context_lens`).
         """
         ctx = np.asarray(context_lens, dtype=np.int64)
-        batch = ctx.shape[0]
-        order = ctx.T.reshape(-1)  # j = h*B + s
+        batch, heads = ctx.shape
+        order = self.order(ctx)
         if int(order.sum()) != len(scores):
             raise ValueError(f"split_scores: {len(scores)} scores, expected {int(order.sum())}")
         offsets = np.concatenate([[0], np.cumsum(order)])
+        j = self.order(np.arange(batch * heads).reshape(batch, heads))
+        at = np.empty(batch * heads, dtype=np.int64)
+        at[j] = np.arange(batch * heads)  # position in j order of the pair s*Hkv + h
         return [
-            [scores[offsets[h * batch + s]:offsets[h * batch + s + 1]]
-             for h in range(self.num_kv_heads)]
+            [scores[offsets[at[s * heads + h]]:offsets[at[s * heads + h] + 1]]
+             for h in range(heads)]
             for s in range(batch)
         ]

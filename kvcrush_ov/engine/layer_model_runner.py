@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 
 from kvcrush_ov.engine.head_cache_manager import HeadTable
-from kvcrush_ov.engine.head_model_runner import HeadModelRunner
+from kvcrush_ov.engine.head_model_runner import HeadModelRunner, without_scores
 from kvcrush_ov.transformations.paged import read_paged_model
 
 _I32 = np.int32
@@ -26,14 +26,18 @@ _I32 = np.int32
 class LayerModelRunner(HeadModelRunner):
     """Plain paged graph with per-layer block tables and head-summed scores."""
 
-    def _read(self, model_dir: Path) -> ov.Model:
+    #: The scoreless copy is the same plain graph: it runs any step without scores.
+    decode_graph_one_token = False
+
+    def _graphs(self, model_dir: Path) -> tuple[ov.Model, ov.Model]:
         self.table_heads = 1
-        return read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
-                                logits_indices=True, score_aggregation=True,
-                                per_layer_blocks=True)
+        model = read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
+                                 logits_indices=True, score_aggregation=True,
+                                 per_layer_blocks=True)
+        return model, without_scores(model.clone())
 
     def _set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
-                    counts: list[int]) -> int:
+                    counts: list[int], decode: bool) -> int:
         lens = np.stack([t.lens[:, 0] for t in tables])  # [B, L], this step's tokens included
         if (lens != lens[:, :1]).any():
             raise AssertionError("per-layer tables must hold the same number of tokens")
