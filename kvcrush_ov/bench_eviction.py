@@ -8,10 +8,10 @@ Prints figures (not pass / fail):
 - ``capacity``: a fixed KV cache (blocks for ``capacity_full`` 4K requests with the full cache)
   and ``num_requests`` 4K-prompt requests submitted at once, each generating ``new_tokens``:
   how many decode side by side at most, and preemptions, full cache vs 25% budget.
-- ``flat``: TPOT at a long context with a fixed token budget (continuous mode, continuous with
-  ``decode_window_size=8``, prefill mode) vs TPOT at a short context with the full cache, plus
-  the eviction engine's per-head graph at the short context without eviction, without and with
-  score outputs; all native, decoded in lockstep.
+- ``flat``: TPOT at a long context with a fixed token budget (continuous mode, the default;
+  continuous scoring every decode step; prefill mode) vs TPOT at a short context with the full
+  cache, plus the eviction engine's per-head graph at the short context without eviction,
+  without and with score outputs; all native, decoded in lockstep.
 """
 
 from __future__ import annotations
@@ -162,9 +162,10 @@ def _lockstep(rows: list[_Row], new_tokens: int) -> None:
 def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
          new_tokens: int = 64, repeats: int = 3) -> list[Figure]:
     """TPOT of a full cache at ``short_tokens`` vs a ``long_tokens`` prompt kept at a
-    ``short_tokens`` budget (continuous mode, the default; continuous with
-    ``decode_window_size=8``; prefill mode), plus two rows that split the cost: the per-head
-    graph at ``short_tokens`` without eviction, without and with score outputs every step.
+    ``short_tokens`` budget (continuous mode, the default; continuous with score outputs on
+    every decode step, ``decode_window_size=evict_interval``; prefill mode), plus two rows that
+    split the cost: the per-head graph at ``short_tokens`` without eviction, without and with
+    score outputs every step.
 
     The requests decode in lockstep (:func:`_lockstep`), one round after a warm-up round,
     ``repeats`` rounds in all: this machine's step time drifts by up to 30% between requests,
@@ -182,6 +183,7 @@ def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
     def evicting(**kw) -> Pipeline:
         return Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(**kw))
 
+    every = CacheEvictionConfig().evict_interval  # decode_window_size: score every step
     ctx = f"{short_tokens} context"
     budget = f"{long_tokens} context, budget {short_tokens}"
     rows = [  # label, pipeline, prompt, note
@@ -190,13 +192,13 @@ def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
          evicting(max_cache_size=short_tokens, mode="prefill"), short,
          "the eviction engine's graph, no score outputs"),
         (f"TPOT per-head graph with score outputs, {ctx}, no eviction",
-         evicting(max_cache_size=4 * short_tokens, mode="continuous"), short,
-         "score outputs every step, budget never reached"),
+         evicting(max_cache_size=4 * short_tokens, mode="continuous", decode_window_size=every),
+         short, "score outputs every step, budget never reached"),
         (f"TPOT {budget}, continuous", evicting(max_cache_size=short_tokens), long,
-         "the default: score outputs every step"),
-        (f"TPOT {budget}, continuous, decode_window_size=8",
-         evicting(max_cache_size=short_tokens, decode_window_size=8), long,
-         "score outputs in the 8 steps before each eviction"),
+         "the default: score outputs in the 8 steps before each eviction"),
+        (f"TPOT {budget}, continuous, decode_window_size={every}",
+         evicting(max_cache_size=short_tokens, decode_window_size=every), long,
+         "score outputs every step, as GenAI does"),
         (f"TPOT {budget}, prefill", evicting(max_cache_size=short_tokens, mode="prefill"), long,
          "no score outputs while decoding"),
     ]

@@ -222,4 +222,17 @@ def test_every_method_builds_at_every_default_budget():
     assert trailing.importance.offset == 15 and trailing.importance.pooling == "avg"
     assert make_policy(METHODS["snapkv+kvcrush"].make(0.25)).importance.offset == 0
     assert make_spec(METHODS["snapkv+kvcrush-decode8"].make(0.25)).decode_window == 8
-    assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None
+    assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None  # every step
+    assert make_spec(METHODS["h2o"].make(0.25)).policy.score_mode == "all"
+
+
+def test_the_default_column_runs_the_pipeline_default():
+    from kvcrush_ov.config import CacheEvictionConfig
+    from kvcrush_ov.eval.methods import METHODS, default_method
+    from kvcrush_ov.eval.targets import DEFAULT_METHOD
+
+    assert DEFAULT_METHOD == default_method() == "snapkv+kvcrush-decode8"
+    assert METHODS[DEFAULT_METHOD].make(0.125) == CacheEvictionConfig(max_cache_size=0.125)
+    # every other native column differs from the default in some field
+    others = [m for m in METHODS.values() if m.backend == "native" and m.name != DEFAULT_METHOD]
+    assert all(m.make(0.125) != CacheEvictionConfig(max_cache_size=0.125) for m in others)

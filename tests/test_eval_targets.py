@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvcrush_ov.eval.runner import Record, Results
-from kvcrush_ov.eval.targets import paired, targets_for, targets_section
+from kvcrush_ov.eval.targets import DEFAULT_METHOD, paired, targets_for, targets_section
 
 
 def _results(tmp_path, scores: dict[tuple[str, float | None], dict[str, list[float]]]) -> Results:
@@ -19,7 +19,7 @@ def test_targets_section_compares_the_default_the_best_and_upstream(tmp_path):
     # full: vt 1.0 and 1.0, cwe 0 and 0 (cwe is below 10 and left out); avg over vt = 100
     res = _results(tmp_path, {
         ("full", None): {"vt": [1, 1], "cwe": [0, 0]},
-        ("snapkv+kvcrush", 0.25): {"vt": [1, 0], "cwe": [1, 1]},  # 50% of full
+        (DEFAULT_METHOD, 0.25): {"vt": [1, 0], "cwe": [1, 1]},  # 50% of full
         ("adakv+kvcrush", 0.25): {"vt": [1, 1], "cwe": [0, 0]},   # 100%
         ("genai-kvcrush", 0.25): {"vt": [0, 1], "cwe": [0, 0]},   # 50%
         ("snapkv", 0.25): {"vt": [1, 1], "cwe": [0, 0]},          # not a KVCrush method

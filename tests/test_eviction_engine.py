@@ -281,8 +281,10 @@ def test_pooling_offset_reaches_every_pooled_policy():
 
 
 @pytest.mark.parametrize("importance,decode_window,expect", [
-    ("snapkv", None, "every"), ("snapkv", 4, "last 4"), ("snapkv", 16, "last 16"),
+    ("snapkv", None, "last 8"),  # the native default
+    ("snapkv", 4, "last 4"), ("snapkv", 16, "every"),  # 16 = evict_interval
     ("h2o", 4, "every"),  # H2O accumulates every query: the window does not apply
+    ("h2o", None, "every"),
 ])
 def test_decode_window_scores_only_the_steps_before_each_eviction(tiny_model, tiny_tok,
                                                                   importance, decode_window,

@@ -330,13 +330,13 @@ def test_flat_benchmark_counts_the_decode_time_evictions(tiny_model):
     from kvcrush_ov.bench_eviction import flat
 
     figs = flat(str(tiny_model), long_tokens=1024, short_tokens=256, new_tokens=48, repeats=2)
-    short, graph, scored, continuous, window, prefill = figs
+    short, graph, scored, continuous, every, prefill = figs
     assert "mean of 2 lockstep rounds" in short.note and short.value > 0
     assert "no eviction" in graph.what and "no eviction" in scored.what
     assert all(re.match(r"\d+\.\d{3}x; ", f.note) for f in figs[1:])
     # continuous: after the prompt's eviction, one more 32 tokens into the decode
-    assert re.search(r"every step; 1 decode-time eviction events", continuous.note)
-    assert re.search(r"before each eviction; 1 decode-time eviction events", window.note)
+    assert re.search(r"before each eviction; 1 decode-time eviction events", continuous.note)
+    assert re.search(r"as GenAI does; 1 decode-time eviction events", every.note)
     assert re.search(r"while decoding; 0 decode-time eviction events", prefill.note)
     assert "0 decode-time eviction events" in graph.note and "0 decode-time" in scored.note
     # every round is listed: 2 per-round figures per row

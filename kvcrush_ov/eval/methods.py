@@ -20,9 +20,16 @@ class Method:
     make: Callable[[float], CacheEvictionConfig]
 
 
-def _native(importance: str, crush: KVCrushConfig | None = None) -> Callable[[float],
-                                                                             CacheEvictionConfig]:
-    return lambda b: CacheEvictionConfig(max_cache_size=b, importance=importance, kvcrush=crush)
+# The native columns score every decode step (as they did before the Pipeline's default became
+# the 8 steps before each eviction), so stored results keep their meaning; the default itself is
+# the column whose config is CacheEvictionConfig(max_cache_size=b): see default_method().
+EVERY_STEP = CacheEvictionConfig().evict_interval
+
+
+def _native(importance: str, crush: KVCrushConfig | None = None,
+            **kw: object) -> Callable[[float], CacheEvictionConfig]:
+    return lambda b: CacheEvictionConfig(max_cache_size=b, importance=importance, kvcrush=crush,
+                                         decode_window_size=EVERY_STEP, **kw)
 
 
 def _genai(crush: bool) -> Callable[[float], CacheEvictionConfig]:
@@ -44,12 +51,19 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(
         budget=0.25, dynamic_split=True))),
     # the pooling window ends at each token: a needle's value shares its key's score
-    Method("snapkv+kvcrush-trailing", "native", lambda b: CacheEvictionConfig(
-        max_cache_size=b, importance="snapkv", kvcrush=KVCRUSH,
-        pooling_offset=NATIVE_KERNEL_SIZE // 2)),
-    # score outputs only in the 8 decode steps before each decode-time eviction (faster decode)
-    Method("snapkv+kvcrush-decode8", "native", lambda b: CacheEvictionConfig(
-        max_cache_size=b, importance="snapkv", kvcrush=KVCRUSH, decode_window_size=8)),
+    Method("snapkv+kvcrush-trailing", "native", _native(
+        "snapkv", KVCRUSH, pooling_offset=NATIVE_KERNEL_SIZE // 2)),
+    # the Pipeline's default: snapkv+kvcrush scoring only the 8 decode steps before each
+    # decode-time eviction (faster decode)
+    Method("snapkv+kvcrush-decode8", "native", lambda b: CacheEvictionConfig(max_cache_size=b)),
 ]}
+
+
+def default_method() -> str:
+    """The column that runs the Pipeline's default eviction config."""
+    for m in METHODS.values():
+        if m.backend == "native" and m.make(0.25) == CacheEvictionConfig(max_cache_size=0.25):
+            return m.name
+    raise AssertionError("no eval method runs the default CacheEvictionConfig")
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)

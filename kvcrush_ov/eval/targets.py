@@ -7,10 +7,11 @@ best native KVCrush configuration above upstream GenAI KVCrush at every budget.
 
 from __future__ import annotations
 
+from kvcrush_ov.eval.methods import default_method
 from kvcrush_ov.eval.runner import FULL, Results, method_curves, scored_tasks, task_means
 
 TARGETS = {"SmolLM2": {0.25: 90.0, 0.125: 80.0}, "Qwen2.5": {0.25: 98.0, 0.125: 90.0}}
-DEFAULT_METHOD = "snapkv+kvcrush"  # the Pipeline's default eviction
+DEFAULT_METHOD = default_method()  # the Pipeline's default eviction
 UPSTREAM = "genai-kvcrush"
 
 

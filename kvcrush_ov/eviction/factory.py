@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from kvcrush_ov.config import NATIVE_KERNEL_SIZE, NATIVE_POOLING, CacheEvictionConfig
+from kvcrush_ov.config import (
+    NATIVE_DECODE_WINDOW,
+    NATIVE_KERNEL_SIZE,
+    NATIVE_POOLING,
+    CacheEvictionConfig,
+)
 from kvcrush_ov.eviction.base import EvictionPolicy
 from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.registry import POLICIES
@@ -10,7 +15,8 @@ from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamEviction
 
 _POOLED = ("snapkv", "pyramidkv", "adakv")
-__all__ = ["NATIVE_KERNEL_SIZE", "NATIVE_POOLING", "make_policy", "make_spec"]
+__all__ = ["NATIVE_DECODE_WINDOW", "NATIVE_KERNEL_SIZE", "NATIVE_POOLING", "make_policy",
+           "make_spec"]
 
 
 def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
@@ -37,8 +43,11 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
 def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:
     """Everything the native engine needs to evict as ``cfg`` says."""
     seed = cfg.kvcrush.rng_seed if cfg.kvcrush is not None else 0
+    upstream = cfg.importance == "upstream"  # GenAI's algorithm scores every decode step
+    window = cfg.decode_window_size or min(NATIVE_DECODE_WINDOW, cfg.evict_interval)
+    decode_window = None if upstream or window >= cfg.evict_interval else window  # None: all
     return EvictionSpec(policy=make_policy(cfg), max_cache_size=cfg.max_cache_size,
                         start_size=cfg.start_size, recent_size=cfg.recent_size, mode=cfg.mode,
                         evict_interval=cfg.evict_interval, window=cfg.snapkv_window_size,
-                        decode_window=cfg.decode_window_size, seed=seed, log=cfg.log,
-                        genai=cfg if cfg.importance == "upstream" else None)
+                        decode_window=decode_window, seed=seed, log=cfg.log,
+                        genai=cfg if upstream else None)
