@@ -203,6 +203,43 @@ def test_head_ragged_append_allocates_per_head_and_copies_shared_tails():
     kv.check_invariants()
 
 
+def test_fill_holes_moves_only_the_kept_rows_past_the_new_end():
+    from kvcrush_ov.engine.head_cache_manager import fill_holes
+
+    assert fill_holes(np.array([0, 2, 3, 5, 7])).tolist() == [0, 5, 2, 3, 7]
+    assert fill_holes(np.arange(6)).tolist() == list(range(6))  # nothing dropped
+    assert fill_holes(np.array([4, 5, 6])).tolist() == [4, 5, 6]  # every row a filler
+    assert fill_holes(np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_head_compaction_with_filled_holes_rewrites_only_the_blocks_with_holes():
+    from kvcrush_ov.engine.head_cache_manager import fill_holes
+
+    kv = head_manager(layers=1, heads=1)
+    kv.append_slots(0, 16)  # rows 0..15 in blocks 0..3 (block size 4)
+    t = kv.tables[0]
+    blocks = list(t.blocks[0][0])
+    keep = np.array([r for r in range(16) if r not in (1, 9)])
+    ordered = head_manager(layers=1, heads=1)
+    ordered.append_slots(0, 16)
+    moves_sorted = ordered.compact(0, [[keep]])  # position order: every block from the hole on
+    assert [dst for _, dst, _ in moves_sorted] == ordered.tables[0].blocks[0][0]
+    order = fill_holes(keep)  # rows 14, 15 fill the holes 1, 9
+    assert order.tolist() == [0, 14, 2, 3, 4, 5, 6, 7, 8, 15, 10, 11, 12, 13]
+    moves = kv.compact(0, [[order]])
+    assert [(dst, src.tolist()) for _, dst, src in moves] == [
+        (blocks[0], [[blocks[0], 0], [blocks[3], 2], [blocks[0], 2], [blocks[0], 3]]),
+        (blocks[2], [[blocks[2], 0], [blocks[3], 3], [blocks[2], 2], [blocks[2], 3]]),
+    ]
+    assert t.lens.tolist() == [[14]] and t.blocks[0][0] == blocks
+    assert t.positions_of(0, 0).tolist() == order.tolist()  # rows now out of position order
+    kv.append_slots(0, 1)  # a new token goes after the last row
+    assert t.positions_of(0, 0).tolist() == [*order.tolist(), 16]
+    with pytest.raises(ValueError, match="unique"):
+        kv.compact(0, [[np.array([0, 0, 1])]])
+    kv.check_invariants()
+
+
 def test_head_compaction_leaving_a_shared_tail_marks_it():
     kv = head_manager(layers=1, heads=1)
     kv.append_slots(0, 8)

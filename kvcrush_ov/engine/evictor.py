@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
+from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager, fill_holes
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
@@ -251,10 +251,10 @@ class Evictor:
                                  spec.start_size, spec.recent_size, t.num_written,
                                  self.kv.block_size, ex["rng"])
         t1 = time.perf_counter()
-        moves = self.kv.compact(seq.seq_id, decision.keep_rows)
-        self.runner.apply_moves(moves)
+        rows = [[fill_holes(r) for r in row] for row in decision.keep_rows]
+        self.runner.apply_moves(self.kv.compact(seq.seq_id, rows))
         if ex.get("scores") is not None:
-            ex["scores"].compact(decision.keep_rows)
+            ex["scores"].compact(rows)
         t2 = time.perf_counter()
         self.stats.events += 1
         ex["evictions"] = ex.get("evictions", 0) + 1
@@ -264,7 +264,7 @@ class Evictor:
         self.stats.compact_s += t2 - t1
         if spec.log:
             t = self.kv.tables[seq.seq_id]
-            kept = [[t.positions_of(layer, h).copy() for h in range(self.runner.num_kv_heads)]
+            kept = [[np.sort(t.positions_of(layer, h)) for h in range(self.runner.num_kv_heads)]
                     for layer in range(self.runner.num_layers)]
             ex["eviction_log"].append(EvictionRecord(
                 t.num_written, ex["budget"], decision.num_sinks, decision.num_recent,

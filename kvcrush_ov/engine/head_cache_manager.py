@@ -3,8 +3,11 @@
 Every layer has its own pool of *head blocks* (one block of one KV head: ``block_size`` tokens of
 that head's keys and values), so after eviction each (layer, head) of a sequence can hold a
 different number of tokens. ``lens[l, h]`` tokens of sequence ``s`` sit in the first rows of its
-table ``blocks[l][h]`` in position order; ``num_written`` counts the sequence's positions whose
-K/V were written (RoPE positions continue from there whatever was evicted).
+table ``blocks[l][h]``; ``positions[l][h]`` gives each row's position. Rows are in position order
+until an eviction fills holes (:func:`fill_holes`: attention does not depend on the order of the
+cached rows, keys carry their RoPE rotation); new tokens are appended after the last row.
+``num_written`` counts the sequence's positions whose K/V were written (RoPE positions continue
+from there whatever was evicted).
 
 Same interface as :class:`kvcrush_ov.engine.kv_cache_manager.KVCacheManager` for the scheduler
 (``can_append``, ``append_slots``, ``fork``, ``free``, ``check_invariants``), plus
@@ -24,6 +27,26 @@ from kvcrush_ov.engine.block_pool import BlockPool
 # (layer, dst_block, sources [n, 2] int64 (src_block, src_row)): write these rows densely into
 # dst_block, in order
 Move = tuple[int, int, np.ndarray]
+
+
+def fill_holes(keep: np.ndarray) -> np.ndarray:
+    """The new row order after keeping rows ``keep`` (int64 [k], sorted, unique): kept rows below
+    ``k`` stay where they are and the kept rows at or above ``k`` fill the holes below ``k``
+    (ascending into ascending). Returns int64 [k]: new row ``i`` is old row ``order[i]``.
+
+    Compacting with this order rewrites only the blocks that had a hole, instead of every block
+    after the first hole (a decode-time eviction of 32 rows out of 1,056 touches about a third
+    of the blocks instead of nearly all).
+    """
+    keep = np.asarray(keep, dtype=np.int64)
+    k = len(keep)
+    stay = int(np.searchsorted(keep, k))  # keep[:stay] < k stay in place
+    order = np.arange(k, dtype=np.int64)
+    if stay < k:
+        hole = np.ones(k, bool)
+        hole[keep[:stay]] = False
+        order[hole] = keep[stay:]
+    return order
 
 
 @dataclass
@@ -194,15 +217,15 @@ class HeadKVCacheManager:
                     pool.free(t.blocks[layer][h])
 
     # ------------------------------------------------------------------ eviction
-    def compact(self, seq_id: int, keep_rows: list[list[np.ndarray]]) -> list[Move]:
-        """Keep rows ``keep_rows[l][h]`` (sorted row indices into the (l, h) table) and drop the
-        rest: kept rows are packed densely from the first block on, emptied blocks are freed,
-        shared blocks that would change are replaced by fresh ones (copy-on-write).
+    def compact(self, seq_id: int, rows: list[list[np.ndarray]]) -> list[Move]:
+        """Keep rows ``rows[l][h]`` of each (l, h) table and drop the rest: new row ``i`` is old
+        row ``rows[l][h][i]`` (unique; sorted keeps position order, :func:`fill_holes` moves
+        the fewest rows). Kept rows are packed densely from the first block on, emptied blocks
+        are freed, shared blocks that would change are replaced by fresh ones (copy-on-write).
 
-        Returns the moves the runner must apply in order: ``(layer, dst_block, sources)`` with
-        ``dst_block`` in the (l, h) pool and sources ``(src_block, row)`` read before any later
-        move writes over them (a source of move i never lies in a block written by a move < i of
-        the same (layer, head)). Blocks whose rows stay where they are produce no move.
+        Returns the moves the runner must apply: ``(layer, dst_block, sources)`` with
+        ``dst_block`` in the (l, h) pool; the runner reads every source of a layer before it
+        writes any destination. Blocks whose rows stay where they are produce no move.
         """
         t = self.tables[seq_id]
         bs = self.block_size
@@ -211,31 +234,29 @@ class HeadKVCacheManager:
                      for layer in range(self.num_layers)]
         for layer, pool in enumerate(self.pools):
             for h in range(self.num_kv_heads):
-                rows = np.asarray(keep_rows[layer][h], dtype=np.int64)
+                order = np.asarray(rows[layer][h], dtype=np.int64)
                 blocks = t.blocks[layer][h]
                 n = int(t.lens[layer, h])
-                if len(rows) and (rows[0] < 0 or rows[-1] >= n or np.any(np.diff(rows) <= 0)):
-                    raise ValueError(f"compact: rows of layer {layer} head {h} must be sorted, "
-                                     f"unique, in [0, {n})")
-                k = len(rows)
+                if len(order) and (order.min() < 0 or order.max() >= n
+                                   or len(np.unique(order)) != len(order)):
+                    raise ValueError(f"compact: rows of layer {layer} head {h} must be unique, "
+                                     f"in [0, {n})")
+                k = len(order)
                 new_blocks = self._blocks_for(k)
                 old = np.asarray(blocks, dtype=np.int64)  # sources: the blocks as they were
-                src = np.stack([old[rows // bs], rows % bs], axis=1)  # [k, 2] (block, row)
-                moved = rows != np.arange(k)
-                for i in range(new_blocks):
-                    if not moved[i * bs:(i + 1) * bs].any():
-                        continue  # rows already in place
+                src = np.stack([old[order // bs], order % bs], axis=1)  # [k, 2] (block, row)
+                moved = np.flatnonzero(order != np.arange(k)) // bs  # blocks with moved rows
+                for i in np.unique(moved).tolist():
                     dst = blocks[i]
                     if pool.ref_count(dst) > 1:  # shared with a fork: write a private copy
                         (dst,) = pool.allocate(1)
                         pool.free([blocks[i]])
                         blocks[i] = dst
-                    # row r >= its new index, so it lies in block i or later: not yet written
                     moves.append((layer, dst, src[i * bs:(i + 1) * bs]))
                 pool.free(blocks[new_blocks:])
                 del blocks[new_blocks:]
                 t.lens[layer, h] = k
-                positions[layer][h] = positions[layer][h][rows]
+                positions[layer][h] = positions[layer][h][order]
         t.positions = positions
         t.uniform = bool((t.lens == t.lens[0, 0]).all())
         # a tail left in place may still be shared with a fork (the sharing side may append)

@@ -18,8 +18,9 @@ from kvcrush_ov.eviction.scores import SequenceScores
 
 @dataclass
 class EvictionDecision:
-    """keep_rows[l][h]: sorted row indices that stay; inputs / keep: what the policy saw and
-    picked (for the eviction log); num_sinks / num_recent per (layer, head)."""
+    """keep_rows[l][h]: sorted row indices that stay; keep / positions: what the policy saw
+    (rows in position order) and picked (for the eviction log); num_sinks / num_recent per
+    (layer, head)."""
 
     keep_rows: list[list[np.ndarray]]
     num_sinks: int
@@ -35,10 +36,14 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
                   ) -> EvictionDecision:
     """Rows to keep for one sequence.
 
-    positions[l][h]: int64 [n_lh] positions of the cached rows (increasing). budget: tokens per
-    (layer, head) after eviction (>= sinks + recent present). num_written: positions written so
-    far (the recent window is ``[num_written - recent_size, num_written)``).
+    positions[l][h]: int64 [n_lh] positions of the cached rows, in row order (increasing until
+    an eviction filled holes; the policy always sees the rows in position order). budget: tokens
+    per (layer, head) after eviction (>= sinks + recent present). num_written: positions written
+    so far (the recent window is ``[num_written - recent_size, num_written)``).
     """
+    orders = [[_order(p) for p in row] for row in positions]  # None: already in position order
+    positions = [[p if o is None else p[o] for p, o in zip(prow, orow, strict=True)]
+                 for prow, orow in zip(positions, orders, strict=True)]
     num_layers, num_heads = len(positions), len(positions[0])
     sinks = np.array([[np.searchsorted(p, start_size) for p in row] for row in positions])
     recent = np.array([[len(p) - np.searchsorted(p, num_written - recent_size) for p in row]
@@ -51,25 +56,43 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
         raise ValueError(f"eviction budget {budget} < sinks {n_sinks} + recent {n_recent}")
     lens = {len(p) for row in positions for p in row}
     if len(lens) == 1:  # every (layer, head) holds as many rows: stack instead of padding
-        inputs = _uniform_inputs(positions, scores, n_sinks, n_recent, block_size)
+        inputs = _uniform_inputs(positions, orders, scores, n_sinks, n_recent, block_size)
     else:
-        inputs = _ragged_inputs(positions, scores, n_sinks, n_recent, block_size)
+        inputs = _ragged_inputs(positions, orders, scores, n_sinks, n_recent, block_size)
     if num_keep * inputs.lengths.size > int(inputs.lengths.sum()):
         raise ValueError(f"eviction: budget {budget} exceeds the cached tokens")
     if hasattr(policy, "for_budget"):  # KVCrush: its share is of the total budget
         policy = policy.for_budget(budget, num_keep)
     keep = policy.select(inputs, num_keep, rng)
     check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
-    keep_rows = [[np.concatenate([
+    keep_rows = [[_rows(orders[layer][h], np.concatenate([
         np.arange(n_sinks, dtype=np.int64),
         n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
         np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]), dtype=np.int64),
-    ]) for h in range(num_heads)] for layer in range(num_layers)]
+    ])) for h in range(num_heads)] for layer in range(num_layers)]
     return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
 
 
-def _uniform_inputs(positions: list[list[np.ndarray]], scores: SequenceScores | None,
-                    n_sinks: int, n_recent: int, block_size: int) -> EvictionInputs:
+def _order(p: np.ndarray) -> np.ndarray | None:
+    """Row order that sorts positions ``p`` (None when they already are)."""
+    return None if bool(np.all(p[1:] > p[:-1])) else np.argsort(p, kind="stable")
+
+
+def _rows(order: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
+    """Kept indices in position order -> sorted row indices."""
+    return kept if order is None else np.sort(order[kept])
+
+
+def _aligned(scores: SequenceScores, layer: int, h: int, n: int,
+             order: np.ndarray | None) -> np.ndarray:
+    """Accumulated scores of (layer, h) in position order."""
+    acc = scores.aligned(layer, h, n)
+    return acc if order is None else acc[order]
+
+
+def _uniform_inputs(positions: list[list[np.ndarray]], orders: list[list[np.ndarray | None]],
+                    scores: SequenceScores | None, n_sinks: int, n_recent: int,
+                    block_size: int) -> EvictionInputs:
     num_layers, num_heads = len(positions), len(positions[0])
     n = len(positions[0][0])
     lo, hi = n_sinks, n - n_recent
@@ -79,15 +102,17 @@ def _uniform_inputs(positions: list[list[np.ndarray]], scores: SequenceScores | 
         sc = np.zeros(pos.shape, np.float32)
         ct = np.ones(pos.shape, np.float32)
     else:
-        sc = np.stack([scores.aligned(layer, h, n)[lo:hi] for layer in range(num_layers)
-                       for h in range(num_heads)]).reshape(pos.shape)
+        sc = np.stack([_aligned(scores, layer, h, n, orders[layer][h])[lo:hi]
+                       for layer in range(num_layers) for h in range(num_heads)]
+                      ).reshape(pos.shape)
         ct = scores.counts(pos.reshape(-1)).reshape(pos.shape)
     lengths = np.full((num_layers, num_heads), hi - lo, np.int64)
     return EvictionInputs(sc, ct, pos, lengths, block_size)
 
 
-def _ragged_inputs(positions: list[list[np.ndarray]], scores: SequenceScores | None,
-                   n_sinks: int, n_recent: int, block_size: int) -> EvictionInputs:
+def _ragged_inputs(positions: list[list[np.ndarray]], orders: list[list[np.ndarray | None]],
+                   scores: SequenceScores | None, n_sinks: int, n_recent: int,
+                   block_size: int) -> EvictionInputs:
     num_layers, num_heads = len(positions), len(positions[0])
     cand_scores, cand_counts, cand_pos = [], [], []
     for layer in range(num_layers):
@@ -95,8 +120,8 @@ def _ragged_inputs(positions: list[list[np.ndarray]], scores: SequenceScores | N
         for h in range(num_heads):
             p = positions[layer][h]
             lo, hi = n_sinks, len(p) - n_recent
-            acc = (scores.aligned(layer, h, len(p))[lo:hi] if scores is not None
-                   else np.zeros(hi - lo, np.float32))
+            acc = (_aligned(scores, layer, h, len(p), orders[layer][h])[lo:hi]
+                   if scores is not None else np.zeros(hi - lo, np.float32))
             s_row.append(acc)
             c_row.append(scores.counts(p[lo:hi]) if scores is not None
                          else np.ones(hi - lo, np.float32))

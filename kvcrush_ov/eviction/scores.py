@@ -56,12 +56,13 @@ class SequenceScores:
             out[late] = len(q) - np.searchsorted(q, positions[late], side="left")
         return out
 
-    def compact(self, keep_rows: list[list[np.ndarray]]) -> None:
-        """Keep only rows ``keep_rows[l][h]`` (after the cache manager compacted them)."""
-        for layer, row in enumerate(keep_rows):
-            for h, rows in enumerate(row):
+    def compact(self, rows: list[list[np.ndarray]]) -> None:
+        """Follow the cache manager's compaction: new row ``i`` of (l, h) is old row
+        ``rows[l][h][i]`` (rows never scored stay 0)."""
+        for layer, row in enumerate(rows):
+            for h, order in enumerate(row):
                 acc = self.acc[layer][h]
-                valid = rows[rows < len(acc)]
-                kept = np.zeros(len(rows), np.float32)
-                kept[:len(valid)] = acc[valid]
+                seen = order < len(acc)
+                kept = np.zeros(len(order), np.float32)
+                kept[seen] = acc[order[seen]]
                 self.acc[layer][h] = kept
