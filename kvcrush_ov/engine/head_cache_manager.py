@@ -238,7 +238,7 @@ class HeadKVCacheManager:
                 blocks = t.blocks[layer][h]
                 n = int(t.lens[layer, h])
                 if len(order) and (order.min() < 0 or order.max() >= n
-                                   or len(np.unique(order)) != len(order)):
+                                   or np.bincount(order, minlength=n).max() > 1):
                     raise ValueError(f"compact: rows of layer {layer} head {h} must be unique, "
                                      f"in [0, {n})")
                 k = len(order)
@@ -246,7 +246,7 @@ class HeadKVCacheManager:
                 old = np.asarray(blocks, dtype=np.int64)  # sources: the blocks as they were
                 src = np.stack([old[order // bs], order % bs], axis=1)  # [k, 2] (block, row)
                 moved = np.flatnonzero(order != np.arange(k)) // bs  # blocks with moved rows
-                for i in np.unique(moved).tolist():
+                for i in dict.fromkeys(moved.tolist()):  # ascending, each once
                     dst = blocks[i]
                     if pool.ref_count(dst) > 1:  # shared with a fork: write a private copy
                         (dst,) = pool.allocate(1)
