@@ -220,7 +220,9 @@ def flat(model: str, long_tokens: int = 16384, short_tokens: int = 1024,
             ev_ms = 1e3 * sum(r[i].event_s for r in rounds) / repeats
             parts.append(f"{events:g} decode-time eviction events, {ev_ms:.0f} ms in them per "
                          "request")
-        parts.append(f"mean of {repeats} lockstep rounds; per round: {per_round}")
+        first = " / ".join(f"{1e3 * r[i].step_s[0]:.0f}" for r in rounds)
+        parts.append(f"mean of {repeats} lockstep rounds; per round: {per_round}; first decode "
+                     f"step per round: {first} ms")
         out.append(Figure(label, 1e3 * tpot, "ms", "; ".join(parts)))
     return out
 

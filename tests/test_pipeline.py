@@ -340,4 +340,6 @@ def test_flat_benchmark_counts_the_decode_time_evictions(tiny_model):
     assert re.search(r"while decoding; 0 decode-time eviction events", prefill.note)
     assert "0 decode-time eviction events" in graph.note and "0 decode-time" in scored.note
     # every round is listed: 2 per-round figures per row
-    assert all(len(f.note.split("per round: ")[1].split(" / ")) == 2 for f in figs)
+    assert all(len(f.note.split("per round: ")[1].split(";")[0].split(" / ")) == 2
+               for f in figs)
+    assert all(re.search(r"first decode step per round: \d+ / \d+ ms", f.note) for f in figs)
