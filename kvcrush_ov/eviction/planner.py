@@ -41,7 +41,7 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     per (layer, head) after eviction (>= sinks + recent present). num_written: positions written
     so far (the recent window is ``[num_written - recent_size, num_written)``).
     """
-    orders = [[_order(p) for p in row] for row in positions]  # None: already in position order
+    orders = _orders(positions)  # None: already in position order
     positions = [[p if o is None else p[o] for p, o in zip(prow, orow, strict=True)]
                  for prow, orow in zip(positions, orders, strict=True)]
     num_layers, num_heads = len(positions), len(positions[0])
@@ -65,17 +65,58 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
         policy = policy.for_budget(budget, num_keep)
     keep = policy.select(inputs, num_keep, rng)
     check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
-    keep_rows = [[_rows(orders[layer][h], np.concatenate([
-        np.arange(n_sinks, dtype=np.int64),
-        n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
-        np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]), dtype=np.int64),
-    ])) for h in range(num_heads)] for layer in range(num_layers)]
+    if len(lens) == 1:
+        keep_rows = _uniform_rows(orders, keep, n_sinks, n_recent, lens.pop())
+    else:
+        keep_rows = [[_rows(orders[layer][h], np.concatenate([
+            np.arange(n_sinks, dtype=np.int64),
+            n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
+            np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]),
+                      dtype=np.int64),
+        ])) for h in range(num_heads)] for layer in range(num_layers)]
     return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
 
 
 def _order(p: np.ndarray) -> np.ndarray | None:
     """Row order that sorts positions ``p`` (None when they already are)."""
     return None if bool(np.all(p[1:] > p[:-1])) else np.argsort(p, kind="stable")
+
+
+def _orders(positions: list[list[np.ndarray]]) -> list[list[np.ndarray | None]]:
+    """:func:`_order` of every (layer, head); one batched sort when all hold as many rows."""
+    flat = [p for row in positions for p in row]
+    heads = len(positions[0])
+    if len({len(p) for p in flat}) != 1 or len(flat[0]) < 2:
+        return [[_order(p) for p in row] for row in positions]
+    stacked = np.stack(flat)  # [L*H, n]
+    unsorted = np.any(stacked[:, 1:] <= stacked[:, :-1], axis=1)
+    if not unsorted.any():
+        return [[None] * heads for _ in positions]
+    order = np.argsort(stacked, axis=1, kind="stable")
+    return [[order[i * heads + h] if unsorted[i * heads + h] else None for h in range(heads)]
+            for i in range(len(positions))]
+
+
+def _uniform_rows(orders: list[list[np.ndarray | None]], keep: np.ndarray, n_sinks: int,
+                  n_recent: int, n: int) -> list[list[np.ndarray]]:
+    """Sorted kept rows per (layer, head) when every one holds ``n`` rows: keep [L, H, cand]
+    marks candidates in position order; sinks and the recent window always stay."""
+    num_layers, num_heads = keep.shape[:2]
+    mask = np.ones((num_layers, num_heads, n), bool)  # in position order
+    mask[:, :, n_sinks:n - n_recent] = keep[:, :, :n - n_sinks - n_recent]
+    out = []
+    for layer in range(num_layers):
+        row = []
+        for h in range(num_heads):
+            o = orders[layer][h]
+            if o is None:
+                row.append(np.flatnonzero(mask[layer, h]))
+            else:  # back to row order: row o[i] holds the i-th position
+                by_row = np.empty(n, bool)
+                by_row[o] = mask[layer, h]
+                row.append(np.flatnonzero(by_row))
+        out.append(row)
+    return out
 
 
 def _rows(order: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
