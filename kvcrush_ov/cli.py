@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder (results.jsonl, summary.md)")
     ev.add_argument("--task", action="append", choices=TASKS, help="repeatable; default all")
     ev.add_argument("--method", action="append", choices=["full", *METHODS],
-                    help="repeatable; default all (the full cache always runs; 'full' alone: "
-                         "only the full cache)")
+                    help="repeatable; default all but the tuning candidates (the full cache "
+                         "always runs; 'full' alone: only the full cache)")
     ev.add_argument("--budget", action="append", type=float,
                     help="total budget as a fraction of the prompt (repeatable)")
     ev.add_argument("--samples", type=int, default=20)

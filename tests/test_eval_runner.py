@@ -226,6 +226,15 @@ def test_every_method_builds_at_every_default_budget():
     assert make_spec(METHODS["h2o"].make(0.25)).policy.score_mode == "all"
 
 
+def test_tuning_candidates_run_only_when_named():
+    from kvcrush_ov.eval.methods import METHODS, REPORT_METHODS
+    from kvcrush_ov.eviction.factory import make_policy
+
+    assert "snapkv+kvcrush-share10" in METHODS and "snapkv+kvcrush-share10" not in REPORT_METHODS
+    assert set(METHODS) - set(REPORT_METHODS) == {"snapkv+kvcrush-share10"}
+    assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
+
+
 def test_the_default_column_runs_the_pipeline_default():
     from kvcrush_ov.config import CacheEvictionConfig
     from kvcrush_ov.eval.methods import METHODS, default_method

@@ -13,11 +13,13 @@ from kvcrush_ov.config import NATIVE_KERNEL_SIZE, CacheEvictionConfig, KVCrushCo
 @dataclass(frozen=True)
 class Method:
     """name: column label. backend: ``native`` (forked from one prefill) or ``genai``.
-    make(budget) -> the eviction config for a total budget fraction."""
+    make(budget) -> the eviction config for a total budget fraction. report: part of a run that
+    names no ``--method`` (False: a tuning candidate, run only when named)."""
 
     name: str
     backend: str
     make: Callable[[float], CacheEvictionConfig]
+    report: bool = True
 
 
 # The native columns score every decode step (as they did before the Pipeline's default became
@@ -50,6 +52,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         budget=0.25, anchor_point_mode=("zeros", "ones", "alternating")))),
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(
         budget=0.25, dynamic_split=True))),
+    # a smaller KVCrush share (10% of the budget instead of 25%): long multi-token values keep
+    # more importance picks at small budgets (Qwen2.5's report set, docs/eval.md)
+    Method("snapkv+kvcrush-share10", "native", _native("snapkv", KVCrushConfig(budget=0.1)),
+           report=False),
     # the pooling window ends at each token: a needle's value shares its key's score
     Method("snapkv+kvcrush-trailing", "native", _native(
         "snapkv", KVCRUSH, pooling_offset=NATIVE_KERNEL_SIZE // 2)),
@@ -57,6 +63,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # decode-time eviction (faster decode)
     Method("snapkv+kvcrush-decode8", "native", lambda b: CacheEvictionConfig(max_cache_size=b)),
 ]}
+
+
+# the methods of a run that names none (tuning candidates left out)
+REPORT_METHODS = tuple(name for name, m in METHODS.items() if m.report)
 
 
 def default_method() -> str:

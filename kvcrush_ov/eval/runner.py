@@ -33,7 +33,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, Method
+from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, REPORT_METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
 from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, score
 from kvcrush_ov.eviction.factory import make_spec
@@ -366,7 +366,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
 
     Every argument is checked before a model is loaded (ConfigError naming it)."""
     tasks, budgets = tuple(tasks), tuple(budgets)
-    names = tuple(methods) if methods is not None else tuple(METHODS)
+    names = tuple(methods) if methods is not None else REPORT_METHODS
     check_eval_args(tasks, names, budgets, num_samples, max_seq_length, seed)
     if fidelity_samples is not None and (isinstance(fidelity_samples, bool) or not isinstance(
             fidelity_samples, int) or fidelity_samples < 1):
