@@ -44,7 +44,6 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     orders = _orders(positions)  # None: already in position order
     positions = [[p if o is None else p[o] for p, o in zip(prow, orow, strict=True)]
                  for prow, orow in zip(positions, orders, strict=True)]
-    num_layers, num_heads = len(positions), len(positions[0])
     sinks = np.array([[np.searchsorted(p, start_size) for p in row] for row in positions])
     recent = np.array([[len(p) - np.searchsorted(p, num_written - recent_size) for p in row]
                        for row in positions])
@@ -65,15 +64,7 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
         policy = policy.for_budget(budget, num_keep)
     keep = policy.select(inputs, num_keep, rng)
     check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
-    if len(lens) == 1:
-        keep_rows = _uniform_rows(orders, keep, n_sinks, n_recent, lens.pop())
-    else:
-        keep_rows = [[_rows(orders[layer][h], np.concatenate([
-            np.arange(n_sinks, dtype=np.int64),
-            n_sinks + np.flatnonzero(keep[layer, h, :inputs.lengths[layer, h]]),
-            np.arange(len(positions[layer][h]) - n_recent, len(positions[layer][h]),
-                      dtype=np.int64),
-        ])) for h in range(num_heads)] for layer in range(num_layers)]
+    keep_rows = _kept_rows(orders, keep, inputs.lengths, n_sinks, n_recent)
     return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
 
 
@@ -97,31 +88,27 @@ def _orders(positions: list[list[np.ndarray]]) -> list[list[np.ndarray | None]]:
             for i in range(len(positions))]
 
 
-def _uniform_rows(orders: list[list[np.ndarray | None]], keep: np.ndarray, n_sinks: int,
-                  n_recent: int, n: int) -> list[list[np.ndarray]]:
-    """Sorted kept rows per (layer, head) when every one holds ``n`` rows: keep [L, H, cand]
-    marks candidates in position order; sinks and the recent window always stay."""
-    num_layers, num_heads = keep.shape[:2]
-    mask = np.ones((num_layers, num_heads, n), bool)  # in position order
-    mask[:, :, n_sinks:n - n_recent] = keep[:, :, :n - n_sinks - n_recent]
+def _kept_rows(orders: list[list[np.ndarray | None]], keep: np.ndarray, lengths: np.ndarray,
+               n_sinks: int, n_recent: int) -> list[list[np.ndarray]]:
+    """Sorted kept rows per (layer, head): keep [L, H, cand] marks the ``lengths[l, h]``
+    candidates in position order (padding after them); sinks and the recent window stay."""
+    cmax = keep.shape[2]
+    mask = np.ones((*keep.shape[:2], n_sinks + cmax + n_recent), bool)  # in position order
+    mask[:, :, n_sinks:n_sinks + cmax] = keep
     out = []
-    for layer in range(num_layers):
+    for layer, row_orders in enumerate(orders):
         row = []
-        for h in range(num_heads):
-            o = orders[layer][h]
-            if o is None:
-                row.append(np.flatnonzero(mask[layer, h]))
-            else:  # back to row order: row o[i] holds the i-th position
-                by_row = np.empty(n, bool)
-                by_row[o] = mask[layer, h]
-                row.append(np.flatnonzero(by_row))
+        for h, o in enumerate(row_orders):
+            cand = int(lengths[layer, h])
+            kept = mask[layer, h, :n_sinks + cand + n_recent]
+            kept[n_sinks + cand:] = True  # the recent window, over any padding
+            if o is not None:  # back to row order: row o[i] holds the i-th position
+                by_row = np.empty_like(kept)
+                by_row[o] = kept
+                kept = by_row
+            row.append(np.flatnonzero(kept))
         out.append(row)
     return out
-
-
-def _rows(order: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
-    """Kept indices in position order -> sorted row indices."""
-    return kept if order is None else np.sort(order[kept])
 
 
 def _aligned(scores: SequenceScores, layer: int, h: int, n: int,
