@@ -27,6 +27,10 @@ NATIVE_KERNEL_SIZE = 31  # kernel_size=None on the native backend (docs/eviction
 # scoring every decode step on both models' report sets, faster decode (docs/eviction.md)
 NATIVE_DECODE_WINDOW = 8
 GRANULARITIES = ("token", "block")
+# KVCrushConfig.taper on the native backend: the KVCrush share grows linearly from 0 when the
+# cache holds NATIVE_TAPER[0] of the sequence's tokens to the full ``budget`` at NATIVE_TAPER[1]
+# (tuning seeds of both models, docs/results/ruler-tuning-share.md)
+NATIVE_TAPER = (0.125, 0.5)
 BACKENDS = ("genai", "native")
 
 
@@ -108,6 +112,11 @@ class KVCrushConfig:
         blocks, as GenAI does) or None: the backend's own (token on native, block on genai).
     dynamic_split: give KVCrush a larger share in layers whose attention is spread out and a
         smaller one where it is concentrated (native backend only).
+    taper: shrink KVCrush's share when the cache holds a small fraction of the sequence
+        (``max_cache_size / tokens so far``): ``budget`` at 50% or more, nothing at 12.5% or
+        less, linear in between (``NATIVE_TAPER``; on a RULER tuning seed a 25% share helped at
+        a 50% budget and cost accuracy at 25% and 12.5%). None: the backend's own (on for
+        native, off for genai); True (native backend only) or False.
     """
 
     budget: float = 0.25
@@ -115,6 +124,7 @@ class KVCrushConfig:
     rng_seed: int = 0
     granularity: str | None = None
     dynamic_split: bool = False
+    taper: bool | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.budget) or not 0.0 <= self.budget <= 1.0:
@@ -138,6 +148,9 @@ class KVCrushConfig:
             self.granularity = _choice("kvcrush.granularity", self.granularity, GRANULARITIES)
         if not isinstance(self.dynamic_split, bool):
             raise ConfigError("kvcrush.dynamic_split", self.dynamic_split, "True or False")
+        if self.taper is not None and not isinstance(self.taper, bool):
+            raise ConfigError("kvcrush.taper", self.taper,
+                              "None (the backend's own), True or False")
 
 
 @dataclass
@@ -241,6 +254,9 @@ class CacheEvictionConfig:
             raise ConfigError("eviction.log", self.log, "True or False")
         if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):
             raise ConfigError("eviction.kvcrush", self.kvcrush, "a KVCrushConfig or None")
+        if self.importance == "upstream" and self.kvcrush is not None and self.kvcrush.taper:
+            raise ConfigError("kvcrush.taper", True, "None or False with importance='upstream' "
+                              "(GenAI's algorithm keeps a fixed share)")
         if _is_int(m) and m < self.start_size + self.recent_size:
             raise ConfigError(
                 "eviction.max_cache_size", m,

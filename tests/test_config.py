@@ -25,6 +25,9 @@ BAD = [
     (KVCrushConfig, {"budget": -0.1}, "kvcrush.budget", "[0, 1]"),
     (KVCrushConfig, {"anchor_point_mode": "median"}, "kvcrush.anchor_point_mode", "alternating"),
     (KVCrushConfig, {"rng_seed": -3}, "kvcrush.rng_seed", ">= 0"),
+    (KVCrushConfig, {"taper": "on"}, "kvcrush.taper", "None (the backend's own), True or False"),
+    (CacheEvictionConfig, {"importance": "upstream", "kvcrush": KVCrushConfig(taper=True)},
+     "kvcrush.taper", "importance='upstream'"),
     (CacheEvictionConfig, {"max_cache_size": 0}, "eviction.max_cache_size", "fraction"),
     (CacheEvictionConfig, {"max_cache_size": 1.5}, "eviction.max_cache_size", "(0, 1]"),
     (CacheEvictionConfig, {"max_cache_size": 0.0}, "eviction.max_cache_size", "(0, 1]"),
@@ -119,5 +122,6 @@ def test_default_eviction_is_snapkv_avg31_with_kvcrush_on_native():
     policy = make_policy(CacheEvictionConfig())
     assert isinstance(policy, KVCrush) and type(policy.importance) is SnapKV
     assert policy.importance.kernel_size == 31 and policy.importance.pooling == "avg"
-    assert policy.share == 0.25
+    assert policy.share == 0.25 and policy.taper == (0.125, 0.5)
     assert policy.anchor == "alternating" and policy.granularity == "token"
+    assert make_policy(CacheEvictionConfig(kvcrush=KVCrushConfig(taper=False))).taper is None

@@ -222,6 +222,12 @@ def test_every_method_builds_at_every_default_budget():
     assert trailing.importance.offset == 15 and trailing.importance.pooling == "avg"
     assert make_policy(METHODS["snapkv+kvcrush"].make(0.25)).importance.offset == 0
     assert make_spec(METHODS["snapkv+kvcrush-decode8"].make(0.25)).decode_window == 8
+    # the stored KVCrush columns keep a fixed share; only the default column tapers it
+    for name, m in METHODS.items():
+        policy = make_spec(m.make(0.25)).policy if m.backend == "native" else None
+        if name != "snapkv+kvcrush-taper-decode8" and hasattr(policy, "taper"):
+            assert policy.taper is None, name
+    assert make_policy(METHODS["snapkv+kvcrush-taper-decode8"].make(0.25)).taper == (0.125, 0.5)
     assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None  # every step
     assert make_spec(METHODS["h2o"].make(0.25)).policy.score_mode == "all"
 
@@ -230,9 +236,12 @@ def test_tuning_candidates_run_only_when_named():
     from kvcrush_ov.eval.methods import METHODS, REPORT_METHODS
     from kvcrush_ov.eviction.factory import make_policy
 
-    assert "snapkv+kvcrush-share10" in METHODS and "snapkv+kvcrush-share10" not in REPORT_METHODS
-    assert set(METHODS) - set(REPORT_METHODS) == {"snapkv+kvcrush-share10"}
+    candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper"}
+    assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
+    assert make_policy(METHODS["snapkv+kvcrush-scaled"].make(0.25)).share == 0.125
+    assert make_policy(METHODS["snapkv+kvcrush-taper"].make(0.25)).share == pytest.approx(0.25 / 3)
+    assert type(make_policy(METHODS["snapkv+kvcrush-taper"].make(0.125))).__name__ == "SnapKV"
 
 
 def test_the_default_column_runs_the_pipeline_default():
@@ -240,7 +249,7 @@ def test_the_default_column_runs_the_pipeline_default():
     from kvcrush_ov.eval.methods import METHODS, default_method
     from kvcrush_ov.eval.targets import DEFAULT_METHOD
 
-    assert DEFAULT_METHOD == default_method() == "snapkv+kvcrush-decode8"
+    assert DEFAULT_METHOD == default_method() == "snapkv+kvcrush-taper-decode8"
     assert METHODS[DEFAULT_METHOD].make(0.125) == CacheEvictionConfig(max_cache_size=0.125)
     # every other native column differs from the default in some field
     others = [m for m in METHODS.values() if m.backend == "native" and m.name != DEFAULT_METHOD]

@@ -262,6 +262,23 @@ def test_eviction_log(tiny_model):
     assert out.metrics[0].kv_budget_tokens == 96 and out.metrics[0].num_evictions == 1
 
 
+def test_the_taper_turns_kvcrush_off_when_the_cache_keeps_an_eighth_or_less(tiny_model):
+    # 96 of 800 tokens (12%): the default taper leaves SnapKV's picks alone; a fixed share
+    # (taper=False) replaces some of them with KVCrush representatives
+    def kept(crush: KVCrushConfig | None) -> list:
+        pipe = Pipeline(tiny_model, eviction=CacheEvictionConfig(
+            max_cache_size=96, start_size=8, recent_size=16, mode="prefill", log=True,
+            kvcrush=crush))
+        out = pipe.generate(prompt_of_length(pipe.tokenizer, 800), max_new_tokens=1,
+                            apply_chat_template=False)
+        (rec,) = out.metrics[0].eviction_log
+        return [[sorted(p.tolist()) for p in row] for row in rec.kept]
+
+    plain = kept(None)
+    assert kept(KVCrushConfig()) == plain
+    assert kept(KVCrushConfig(taper=False)) != plain
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 def test_absolute_budget_above_the_prompt_is_refused_in_prefill_mode(tiny_model):

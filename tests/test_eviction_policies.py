@@ -64,6 +64,7 @@ POLICY_MATRIX: list[tuple[str, Factory]] = [
     ("kvcrush[h2o]-dynamic-block-multi",
      lambda: KVCrush(H2O(), dynamic_split=True, granularity="block", anchor=("zeros", "ones"),
                      share=0.75)),
+    ("kvcrush[snapkv]-taper", lambda: KVCrush(SnapKV(), taper=(0.125, 0.5))),
     ("kvcrush[snapkv]-share0", lambda: KVCrush(SnapKV(), share=0.0)),
     ("kvcrush[snapkv]-share1", lambda: KVCrush(SnapKV(), share=1.0)),
     ("kvcrush[h2o-norm_sum]-bits-sum",
@@ -173,6 +174,8 @@ def test_registry_names() -> None:
     (lambda: KVCrush(SnapKV(), anchor=()), "KVCrush.anchor"),
     (lambda: KVCrush(SnapKV(), granularity="page"), "KVCrush.granularity"),
     (lambda: KVCrush(SnapKV(), dynamic_split=1), "KVCrush.dynamic_split"),
+    (lambda: KVCrush(SnapKV(), taper=(0.5, 0.5)), "KVCrush.taper"),
+    (lambda: KVCrush(SnapKV(), taper=0.5), "KVCrush.taper"),
     (lambda: KVCrush(StreamingLLM(), aggregation_mode="sum"), "KVCrush.aggregation_mode"),
     (lambda: KVCrush(object()), "KVCrush.importance"),
 ])

@@ -178,3 +178,30 @@ def test_bit_scores_can_use_another_aggregation() -> None:
     assert np.array_equal(policy.bit_scores(inputs), H2O("sum").scores(inputs))
     assert KVCrush(H2O("norm_sum")).score_mode == "all"
     assert KVCrush(H2O(), anchor=["zeros", "ones"]).anchor == ("zeros", "ones")
+
+
+@pytest.mark.parametrize("kept,written,share", [
+    (512, 1024, 0.25), (600, 1000, 0.25), (256, 1024, 0.25 / 3), (128, 1024, 0.0),
+    (100, 1024, 0.0), (5, 0, 0.25),
+])
+def test_taper_shrinks_the_share_with_the_kept_fraction(kept: int, written: int,
+                                                        share: float) -> None:
+    policy = KVCrush(H2O(), share=0.25, taper=(0.125, 0.5))
+    assert policy.share_for(kept, written) == pytest.approx(share)
+    assert KVCrush(H2O(), share=0.25).share_for(kept, written) == 0.25  # no taper
+    tapered = policy.for_budget(kept, kept // 2, written)
+    assert tapered.share == pytest.approx(min(1.0, share * kept / (kept // 2)))
+    assert tapered.taper is None
+
+
+def test_tapered_to_nothing_keeps_what_the_importance_policy_keeps() -> None:
+    gen = np.random.default_rng(3)
+    scores = [[gen.random(64).astype(np.float32) for _ in range(3)] for _ in range(2)]
+    inputs = EvictionInputs.from_lists(scores, [[np.arange(64)] * 3] * 2)
+    plain = H2O().select(inputs, 16, rng())
+    policy = KVCrush(H2O(), share=0.25, taper=(0.125, 0.5))
+    assert np.array_equal(policy.for_budget(16, 16, 256).select(inputs, 16, rng()), plain)
+    untapered = policy.for_budget(16, 16, 32).select(inputs, 16, rng())  # ratio 0.5: full share
+    assert not np.array_equal(untapered, plain)
+    assert np.array_equal(untapered, KVCrush(H2O(), share=0.25).for_budget(16, 16)
+                          .select(inputs, 16, rng()))

@@ -231,6 +231,8 @@ def test_corrupt_config(tmp_path, tiny_model):
       "backend": "genai"}, "kvcrush.granularity"),
     ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(anchor_point_mode=("ones", "mean"))),
       "backend": "genai"}, "kvcrush.anchor_point_mode"),
+    ({"eviction": CacheEvictionConfig(kvcrush=KVCrushConfig(taper=True)), "backend": "genai"},
+     "kvcrush.taper"),
 ])
 def test_bad_pipeline_arguments_fail_before_loading(kwargs, field, tmp_path):
     # the model folder does not exist: the argument must be rejected before it is looked at

@@ -107,6 +107,9 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
                               f"'block' {native_only}")
         if crush.dynamic_split:
             raise ConfigError("kvcrush.dynamic_split", True, f"False {native_only}")
+        if crush.taper:
+            raise ConfigError("kvcrush.taper", True,
+                              f"None or False (GenAI's share is fixed) {native_only}")
 
 
 class GenAIBackend:

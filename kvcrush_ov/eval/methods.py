@@ -39,7 +39,8 @@ def _genai(crush: bool) -> Callable[[float], CacheEvictionConfig]:
     return lambda b: CacheEvictionConfig(max_cache_size=b, importance="snapkv", kvcrush=kv)
 
 
-KVCRUSH = KVCrushConfig(budget=0.25)
+# a fixed 25% share: the KVCrush columns keep the meaning they had before the taper
+KVCRUSH = KVCrushConfig(budget=0.25, taper=False)
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("genai-snapkv", "genai", _genai(False)),
@@ -49,19 +50,33 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     *[Method(f"{n}+kvcrush", "native", _native(n, KVCRUSH))
       for n in ("streaming", "h2o", "snapkv", "pyramidkv", "adakv")],
     Method("snapkv+kvcrush-multi", "native", _native("snapkv", KVCrushConfig(
-        budget=0.25, anchor_point_mode=("zeros", "ones", "alternating")))),
+        budget=0.25, anchor_point_mode=("zeros", "ones", "alternating"), taper=False))),
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(
-        budget=0.25, dynamic_split=True))),
+        budget=0.25, dynamic_split=True, taper=False))),
     # a smaller KVCrush share (10% of the budget instead of 25%): long multi-token values keep
     # more importance picks at small budgets (Qwen2.5's report set, docs/eval.md)
-    Method("snapkv+kvcrush-share10", "native", _native("snapkv", KVCrushConfig(budget=0.1)),
+    Method("snapkv+kvcrush-share10", "native",
+           _native("snapkv", KVCrushConfig(budget=0.1, taper=False)), report=False),
+    # a KVCrush share that scales with the budget: half the budget fraction (25% of the cache at
+    # a 50% budget, 12.5% at 25%, 6.25% at 12.5%)
+    Method("snapkv+kvcrush-scaled", "native",
+           lambda b: _native("snapkv", KVCrushConfig(budget=b / 2, taper=False))(b), report=False),
+    # the tuning candidate that became the default's taper (KVCrushConfig.taper), with the
+    # share fixed from the budget fraction: 25% at a 50% budget, 8.3% at 25%, none at 12.5%
+    Method("snapkv+kvcrush-taper", "native",
+           lambda b: _native("snapkv", KVCrushConfig(
+               budget=0.25 * min(1.0, max(0.0, (b - 0.125) / 0.375)), taper=False))(b),
            report=False),
     # the pooling window ends at each token: a needle's value shares its key's score
     Method("snapkv+kvcrush-trailing", "native", _native(
         "snapkv", KVCRUSH, pooling_offset=NATIVE_KERNEL_SIZE // 2)),
-    # the Pipeline's default: snapkv+kvcrush scoring only the 8 decode steps before each
-    # decode-time eviction (faster decode)
-    Method("snapkv+kvcrush-decode8", "native", lambda b: CacheEvictionConfig(max_cache_size=b)),
+    # snapkv+kvcrush scoring only the 8 decode steps before each decode-time eviction (the
+    # Pipeline's default until the taper)
+    Method("snapkv+kvcrush-decode8", "native", lambda b: CacheEvictionConfig(
+        max_cache_size=b, kvcrush=KVCrushConfig(taper=False))),
+    # the Pipeline's default: decode window 8, KVCrush's share tapered with the budget
+    Method("snapkv+kvcrush-taper-decode8", "native",
+           lambda b: CacheEvictionConfig(max_cache_size=b)),
 ]}
 
 

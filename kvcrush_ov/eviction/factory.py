@@ -6,6 +6,7 @@ from kvcrush_ov.config import (
     NATIVE_DECODE_WINDOW,
     NATIVE_KERNEL_SIZE,
     NATIVE_POOLING,
+    NATIVE_TAPER,
     CacheEvictionConfig,
 )
 from kvcrush_ov.eviction.base import EvictionPolicy
@@ -37,7 +38,8 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
     if crush is None or crush.budget == 0:
         return policy
     return KVCrush(importance=policy, share=float(crush.budget), anchor=crush.anchor_point_mode,
-                   granularity=crush.granularity or "token", dynamic_split=crush.dynamic_split)
+                   granularity=crush.granularity or "token", dynamic_split=crush.dynamic_split,
+                   taper=None if crush.taper is False else NATIVE_TAPER)
 
 
 def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:

@@ -283,6 +283,9 @@ class KVCrush:
     aggregation_mode: scores for the bits: None (default: exactly the importance policy's
         scores), or ``sum`` / ``norm_sum`` (the importance policy's scores recomputed with that
         aggregation; upstream GenAI uses ``sum`` here while ranking with ``norm_sum``).
+    taper: None (default: ``share`` always) or ``(low, high)`` with 0 <= low < high: in
+        :meth:`for_budget`, ``share`` times ``clip((ratio - low) / (high - low), 0, 1)`` where
+        ratio = total budget / tokens written.
     """
 
     name: ClassVar[str] = "kvcrush"
@@ -293,6 +296,7 @@ class KVCrush:
     granularity: str = "token"
     dynamic_split: bool = False
     aggregation_mode: str | None = None
+    taper: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         imp = self.importance
@@ -313,6 +317,12 @@ class KVCrush:
                              f"{', '.join(GRANULARITIES)}")
         if not isinstance(self.dynamic_split, bool):
             raise ValueError(f"KVCrush.dynamic_split={self.dynamic_split!r}: allowed True, False")
+        if self.taper is not None and not (
+                isinstance(self.taper, tuple) and len(self.taper) == 2
+                and all(isinstance(x, (int, float)) for x in self.taper)
+                and 0.0 <= self.taper[0] < self.taper[1]):
+            raise ValueError(f"KVCrush.taper={self.taper!r}: allowed None or (low, high) with "
+                             "0 <= low < high")
         if self.aggregation_mode is not None:
             if self.aggregation_mode not in AGGREGATION_MODES:
                 raise ValueError(f"KVCrush.aggregation_mode={self.aggregation_mode!r}: allowed "
@@ -331,14 +341,25 @@ class KVCrush:
     def anchors(self) -> tuple[str, ...]:
         return self.anchor if isinstance(self.anchor, tuple) else (self.anchor,)
 
-    def for_budget(self, total: int, num_keep: int) -> KVCrush:
+    def share_for(self, total: int, num_written: int) -> float:
+        """The share of the total budget KVCrush gets when the cache keeps ``total`` of
+        ``num_written`` tokens (``share``, tapered if ``taper`` is set)."""
+        if self.taper is None or num_written <= 0:
+            return self.share
+        low, high = self.taper
+        return self.share * min(1.0, max(0.0, (total / num_written - low) / (high - low)))
+
+    def for_budget(self, total: int, num_keep: int, num_written: int = 0) -> KVCrush:
         """This policy with ``share`` read as a share of the TOTAL budget ``total`` (sinks and
-        recent window included, as ``KVCrushConfig.budget`` is), turned into the share of the
-        ``num_keep`` candidates it actually splits."""
+        recent window included, as ``KVCrushConfig.budget`` is; tapered by the fraction of the
+        ``num_written`` tokens kept, see ``taper``), turned into the share of the ``num_keep``
+        candidates it actually splits."""
         if num_keep <= 0:
             return self
         out = copy.copy(self)  # already validated: skip __post_init__
-        object.__setattr__(out, "share", min(1.0, self.share * total / num_keep))
+        share = self.share_for(total, num_written)
+        object.__setattr__(out, "share", min(1.0, share * total / num_keep))
+        object.__setattr__(out, "taper", None)
         return out
 
     def select(self, inputs: EvictionInputs, num_keep: int,

@@ -61,7 +61,7 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     if num_keep * inputs.lengths.size > int(inputs.lengths.sum()):
         raise ValueError(f"eviction: budget {budget} exceeds the cached tokens")
     if hasattr(policy, "for_budget"):  # KVCrush: its share is of the total budget
-        policy = policy.for_budget(budget, num_keep)
+        policy = policy.for_budget(budget, num_keep, num_written)
     keep = policy.select(inputs, num_keep, rng)
     check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
     keep_rows = _kept_rows(orders, keep, inputs.lengths, n_sinks, n_recent)
