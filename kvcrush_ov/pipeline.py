@@ -78,7 +78,8 @@ class Pipeline:
     device: an OpenVINO device, "CPU" or "GPU" where present.
     kv_cache: cache precision and size (:class:`KVCacheConfig`).
     eviction: which tokens to keep (:class:`CacheEvictionConfig`); None keeps the full cache.
-        The default keeps 25% of the prompt with KVCrush holding a quarter of that budget.
+        The default keeps 25% of the prompt: SnapKV plus KVCrush, whose share of the budget
+        tapers from a quarter (cache >= 50% of the sequence) to none (<= 12.5%).
     scheduler: continuous-batching knobs (:class:`SchedulerConfig`); prefix caching is off so
         that timings are fair.
     backend: "native" (kvcrush-ov's own engine on OpenVINO's PagedAttention graph; the
