@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcrush_ov import CacheEvictionConfig, KVCacheConfig, Pipeline
+from kvcrush_ov import CacheEvictionConfig, KVCacheConfig, KVCrushConfig, Pipeline
 from kvcrush_ov.models import store
 from kvcrush_ov.models.registry import get_spec
 
@@ -70,11 +70,18 @@ def test_smollm2_eviction_holds_the_budget(smollm2_fp16):
     from kvcrush_ov.demo import build_prompt
 
     budget = 512
-    pipe = Pipeline(smollm2_fp16, eviction=CacheEvictionConfig(max_cache_size=budget))
+    pipe = Pipeline(smollm2_fp16, eviction=CacheEvictionConfig(
+        max_cache_size=budget, kvcrush=KVCrushConfig(taper=False)))
     out = pipe.generate(build_prompt(), max_new_tokens=32)
     m, c = out.metrics[0], out.cache
     assert m.num_input_tokens > 3000
     assert m.kv_budget_tokens == budget and m.kvcrush_tokens == 128
+    # the default tapers KVCrush's share: 512 of ~3,300 tokens (about 15%) leaves it about 2%
+    tapered = Pipeline(smollm2_fp16, eviction=CacheEvictionConfig(max_cache_size=budget,
+                                                                  log=True))
+    m = tapered.generate(build_prompt(), max_new_tokens=1).metrics[0]
+    ratio = budget / m.eviction_log[-1].num_written
+    assert 0 < m.kvcrush_tokens == round(0.25 * (ratio - 0.125) / 0.375 * budget) < 20
     assert c.peak_kv_blocks >= m.num_input_tokens // 32
     assert budget // 32 <= c.final_kv_blocks <= budget // 32 + 1
     assert c.final_kv_bytes == c.final_kv_blocks * c.kv_block_bytes

@@ -258,7 +258,9 @@ class Evictor:
         t2 = time.perf_counter()
         self.stats.events += 1
         ex["evictions"] = ex.get("evictions", 0) + 1
-        share = getattr(spec.policy, "share", 0.0)
+        policy = spec.policy
+        share = (policy.share_for(ex["budget"], t.num_written) if hasattr(policy, "share_for")
+                 else getattr(policy, "share", 0.0))
         ex["kvcrush_tokens"] = round(share * ex["budget"])
         self.stats.select_s += t1 - t0
         self.stats.compact_s += t2 - t1
