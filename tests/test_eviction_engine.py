@@ -262,6 +262,14 @@ def test_eviction_log(tiny_model):
     assert out.metrics[0].kv_budget_tokens == 96 and out.metrics[0].num_evictions == 1
 
 
+def test_the_decode_graph_is_warmed_up_on_a_cache_left_zeroed(tiny_model):
+    # its first inference is slow: the engine runs it once before any request, in block 0
+    eng = build(tiny_model, spec("snapkv", 96, True))
+    runner = eng.runner
+    assert runner.warmup_s > 0
+    assert all(not t.data.any() for pair in runner._caches for t in pair)
+
+
 def test_the_taper_turns_kvcrush_off_when_the_cache_keeps_an_eighth_or_less(tiny_model):
     # 96 of 800 tokens (12%): the default taper leaves SnapKV's picks alone; a fixed share
     # (taper=False) replaces some of them with KVCrush representatives
