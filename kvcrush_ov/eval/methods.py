@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvcrush_ov.config import NATIVE_KERNEL_SIZE, CacheEvictionConfig, KVCrushConfig
+from kvcrush_ov.config import (
+    NATIVE_KERNEL_SIZE,
+    NATIVE_TAPER,
+    CacheEvictionConfig,
+    KVCrushConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # the tuning candidate that became the default's taper (KVCrushConfig.taper), with the
     # share fixed from the budget fraction: 25% at a 50% budget, 8.3% at 25%, none at 12.5%
     Method("snapkv+kvcrush-taper", "native",
-           lambda b: _native("snapkv", KVCrushConfig(
-               budget=0.25 * min(1.0, max(0.0, (b - 0.125) / 0.375)), taper=False))(b),
+           lambda b: _native("snapkv", KVCrushConfig(budget=0.25 * min(1.0, max(0.0, (
+               b - NATIVE_TAPER[0]) / (NATIVE_TAPER[1] - NATIVE_TAPER[0]))), taper=False))(b),
            report=False),
     # the pooling window ends at each token: a needle's value shares its key's score
     Method("snapkv+kvcrush-trailing", "native", _native(
