@@ -71,6 +71,22 @@ def test_run_json_keeps_the_methods_and_commands_of_earlier_runs(tmp_path):
     assert run["command"] == "kvcrush-ov eval A"
 
 
+def test_run_json_keeps_the_budgets_and_sample_count_of_earlier_runs(tmp_path):
+    from kvcrush_ov.eval.runner import write_run_json
+
+    path = tmp_path / "run.json"
+    write_run_json(path, {"methods": ["snapkv"], "budgets": [0.5, 0.25, 0.125],
+                          "num_samples": 20, "command": "A"})
+    write_run_json(path, {"methods": ["genai-kvcrush"], "budgets": [0.125], "num_samples": 20,
+                          "command": "B"})  # one column, one budget at a time
+    run = json.loads(path.read_text())
+    assert run["budgets"] == [0.5, 0.25, 0.125] and run["num_samples"] == 20
+    write_run_json(path, {"methods": ["h2o"], "budgets": [0.0625], "num_samples": 5,
+                          "command": "C"})
+    run = json.loads(path.read_text())
+    assert run["budgets"] == [0.5, 0.25, 0.125, 0.0625] and run["num_samples"] == 20
+
+
 def test_kl_and_top1():
     from kvcrush_ov.eval.runner import kl_top1
 

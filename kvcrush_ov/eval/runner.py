@@ -414,12 +414,19 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
 
 def write_run_json(path: Path, run: dict) -> None:
     """Write ``run`` to ``path``; a run already there (a resume, or more methods added to the
-    same folder) keeps its methods and commands: methods become the union (in METHODS order),
-    ``commands`` lists every distinct command line, ``command`` stays the first."""
+    same folder) keeps its methods, budgets and commands: methods become the union (in METHODS
+    order), budgets the union (largest first; e.g. one column run budget by budget with
+    ``--budget``), ``num_samples`` the largest, ``commands`` lists every distinct command line,
+    ``command`` stays the first."""
     if path.exists():
         old = json.loads(path.read_text())
         names = set(old.get("methods", [])) | set(run["methods"])
         run["methods"] = [m for m in METHODS if m in names]
+        if "budgets" in old or "budgets" in run:
+            run["budgets"] = sorted(set(old.get("budgets", [])) | set(run.get("budgets", [])),
+                                    reverse=True)
+        if "num_samples" in old or "num_samples" in run:
+            run["num_samples"] = max(old.get("num_samples", 0), run.get("num_samples", 0))
         commands = old.get("commands") or [old.get("command")]
         if run.get("command") not in commands:
             commands.append(run.get("command"))
