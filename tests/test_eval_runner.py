@@ -14,8 +14,14 @@ from kvcrush_ov.eval.runner import FULL, run_eval
 def test_eval_runs_every_column_once_and_resumes(tiny_model, tmp_path):
     kw = dict(tasks=["niah_single_1", "vt"], num_samples=1,
               methods=["snapkv", "snapkv+kvcrush", "h2o", "genai-kvcrush"],
-              budgets=[0.5, 0.25], max_seq_length=1024, say=lambda _: None)
-    summary = run_eval(str(tiny_model), tmp_path, **kw)
+              budgets=[0.5, 0.25], max_seq_length=1024)
+    said: list[str] = []
+    summary = run_eval(str(tiny_model), tmp_path, **kw, say=said.append)
+    # progress: a line per native sample, per fidelity sample, and per GenAI task batch
+    assert sum(x.startswith("[native ") for x in said) == 2
+    assert sum(x.startswith("[fidelity ") for x in said) == 2
+    genai = [x for x in said if x.startswith("[genai ")]
+    assert len(genai) == 2 * 2 and genai[0].startswith("[genai 1/2] genai-kvcrush @ 0.5: ")
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert len(recs) == 2 * (1 + 4 * 2)  # 2 samples x (full + 4 methods x 2 budgets)
@@ -34,7 +40,7 @@ def test_eval_runs_every_column_once_and_resumes(tiny_model, tmp_path):
     for r in fid:
         assert r["kl"] >= -1e-6 and 0.0 <= r["top1"] <= 1.0 and r["positions"] >= 1
     assert "top-1 agreement" in summary
-    run_eval(str(tiny_model), tmp_path, **kw)  # resume: everything is there already
+    run_eval(str(tiny_model), tmp_path, **kw, say=lambda _: None)  # resume: all there already
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
     assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == len(fid)
 

@@ -270,14 +270,18 @@ def run_genai(model: str, samples: list[Sample], method: Method, budget: float,
     by_task: dict[str, list[Sample]] = {}
     for s in todo:
         by_task.setdefault(s.task, []).append(s)
-    for group in by_task.values():
+    done = 0
+    for task, group in by_task.items():
+        t0 = time.perf_counter()
         ids = [np.asarray([encode_text(pipe.tokenizer, s.prompt(wrap))], dtype=np.int64)
                for s in group]
         out = backend.run(ids, GenerationConfig(max_new_tokens=group[0].max_new_tokens), None)
         for s, x, text, m in zip(group, ids, out.texts, out.metrics, strict=True):
             budget_bytes = (m.kv_budget_tokens or 0) * per_token
             results.add(_record(s, method.name, budget, text, x.shape[1], int(budget_bytes)))
-    say(f"[genai] {method.name} @ {budget}: {len(todo)} samples")
+        done += len(group)
+        say(f"[genai {done}/{len(todo)}] {method.name} @ {budget}: {task} ({len(group)} "
+            f"samples in one batch) {time.perf_counter() - t0:.1f} s")
 
 
 def build_samples(pipe: Pipeline, tasks: Iterable[str], num_samples: int, seed: int,
