@@ -19,29 +19,13 @@ from kvcrush_ov.config import (
     KVCacheConfig,
     SchedulerConfig,
 )
+from kvcrush_ov.device import check_device, check_kv_precision
 from kvcrush_ov.errors import ConfigError, ModelError
 from kvcrush_ov.model_info import ModelInfo, check_model_dir
 from kvcrush_ov.results import DecodedResults
 
 _DEFAULT = object()
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
-
-
-def _available_devices() -> list[str]:
-    import openvino as ov
-
-    return list(ov.Core().available_devices)
-
-
-def check_device(device: object) -> str:
-    """Validate ``device`` against the devices OpenVINO sees on this machine."""
-    available = _available_devices()
-    if not isinstance(device, str) or not device:
-        raise ConfigError("device", device, f"one of {', '.join(available)}")
-    base = device.split(".")[0].upper()
-    if device.upper() not in {d.upper() for d in available} and base not in available:
-        raise ConfigError("device", device, f"one of {', '.join(available)} on this machine")
-    return device.upper() if "." not in device else device
 
 
 def resolve_model(model: str | Path, fetch_missing: bool = True) -> Path:
@@ -116,6 +100,7 @@ class Pipeline:
         if not isinstance(model, (str, Path)) or not str(model):
             raise ConfigError("model", model, "a model folder or a registry model name")
         self.device = check_device(device)
+        check_kv_precision(self.device, kv_cache.precision)
         # backend-specific limits, still before any loading
         if backend == "native":
             from kvcrush_ov.backends.native import check_eviction as check_native

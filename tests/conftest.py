@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from kvcrush_ov.device import device_capabilities
 from kvcrush_ov.models.fetch import fetch
+
+# A bf16 KV cache runs only where the CPU has BF16 (AVX512-BF16 / AMX); on an AVX2-only CPU the
+# Pipeline refuses it with a ConfigError naming kv_cache.precision (tests check that instead).
+CPU_HAS_BF16 = "BF16" in device_capabilities("CPU")
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +36,16 @@ def prompt_of_length(tokenizer, n: int, word: str = " the") -> str:
     got = len(tokenizer.encode(text).input_ids.data[0])
     assert got == n, f"prompt_of_length: {word!r}*{n} encodes to {got} tokens"
     return text
+
+
+def refuses_bf16_here(make) -> bool:
+    """On a CPU without BF16: check that ``make()`` (which builds a bf16-cache Pipeline or
+    engine) raises the ConfigError naming kv_cache.precision, and return True (the caller's
+    bf16 case is then done). On a CPU with BF16: return False, the caller runs its checks."""
+    if CPU_HAS_BF16:
+        return False
+    from kvcrush_ov.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kv_cache\.precision.*no BF16 support"):
+        make()
+    return True

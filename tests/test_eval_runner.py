@@ -154,7 +154,7 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
     from kvcrush_ov.eval.report import publish
 
     runs = []
-    for precision in ("u8", "bf16"):
+    for precision in ("u8", "f32"):  # f32: every CPU holds it
         out = tmp_path / precision
         run_eval(str(tiny_model), out, tasks=["vt"], num_samples=1, methods=["snapkv"],
                  budgets=[0.5], max_seq_length=1024, precision=precision, fidelity=False,
@@ -163,11 +163,14 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
     written = publish(runs, tmp_path / "report")
     names = sorted(p.name for p in written)
     tag = tiny_model.name
-    assert names == sorted([f"{tag}.md", f"{tag}.results.jsonl", f"{tag}-bf16.md",
-                            f"{tag}-bf16.results.jsonl", "plot.svg"])
-    md = (tmp_path / "report" / f"{tag}-bf16.md").read_text()
-    assert "kvcrush-ov eval --precision bf16" in md and "| snapkv | 0.5 |" in md
+    assert names == sorted([f"{tag}.md", f"{tag}.results.jsonl", f"{tag}-f32.md",
+                            f"{tag}-f32.results.jsonl", "plot.svg"])
+    md = (tmp_path / "report" / f"{tag}-f32.md").read_text()
+    assert "kvcrush-ov eval --precision f32" in md and "| snapkv | 0.5 |" in md
     assert "snapkv 1/1" in md and "full 1/1" in md
+    run = json.loads((runs[1] / "run.json").read_text())
+    assert run["inference_precision"] == "f32"  # an f32 cache forces f32 inference
+    assert f"Inference: f32 on {run['device_name']}" in md
     assert "Partial run" not in md
     runs[0].joinpath("run.json").write_text(runs[0].joinpath("run.json").read_text().replace(
         '"num_samples": 1', '"num_samples": 2'))
@@ -276,3 +279,19 @@ def test_the_default_column_runs_the_pipeline_default():
     # every other native column differs from the default in some field
     others = [m for m in METHODS.values() if m.backend == "native" and m.name != DEFAULT_METHOD]
     assert all(m.make(0.125) != CacheEvictionConfig(max_cache_size=0.125) for m in others)
+
+
+def test_a_folder_is_not_resumed_under_another_inference_precision(tmp_path):
+    from kvcrush_ov import ConfigError
+    from kvcrush_ov.eval.runner import check_same_inference
+
+    path = tmp_path / "run.json"
+    here = {"device_name": "AMD EPYC", "inference_precision": "f32"}
+    check_same_inference(path, here)  # a new folder
+    path.write_text(json.dumps({"methods": ["snapkv"]}))
+    check_same_inference(path, here)  # written before the field existed
+    path.write_text(json.dumps({"inference_precision": "f32"}))
+    check_same_inference(path, here)
+    path.write_text(json.dumps({"inference_precision": "bf16"}))
+    with pytest.raises(ConfigError, match=r"out.*bf16 inference, this machine runs f32 \(AMD"):
+        check_same_inference(path, here)

@@ -4,9 +4,11 @@ The plain paged model (``read_paged_model(score_outputs=False, logits_indices=Tr
 sequence with caches ``[NB, Hkv, rows, cols]``; the codec is called per KV head (``head=h``) and,
 for the per-head pool case, on the same memory viewed as ``[NB*Hkv, 1, rows, cols]``.
 
-Layer 0's keys and values depend only on the embeddings, so a u8 (or u4) run and a bf16-cache run
-of the same bf16-inference model hold the SAME layer-0 inputs: there the plugin's bytes can be
-reproduced exactly. Deeper layers differ upstream and are only used for self-consistency checks.
+Layer 0's keys and values depend only on the embeddings, so a u8 (or u4) run and a plain-cache
+run of a model with the same inference precision hold the SAME layer-0 inputs: there the plugin's
+bytes can be reproduced exactly. The plain cache is PLAIN: bf16 where the CPU computes in bf16
+(AVX512-BF16 / AMX), f32 on an AVX2-only CPU, which computes in f32 and holds no bf16 cache.
+Deeper layers differ upstream and are only used for self-consistency checks.
 """
 
 from __future__ import annotations
@@ -18,16 +20,24 @@ import numpy as np
 import openvino as ov
 import pytest
 
+from conftest import CPU_HAS_BF16
 from kvcrush_ov.config import kv_cache_properties
 from kvcrush_ov.engine.kv_codec import CacheLayout, Move, compact_kv
 from kvcrush_ov.transformations.paged import read_paged_model
 
 NUM_BLOCKS = 12
-PRECISIONS = ("u8", "u4", "bf16", "f32")
+# what this CPU holds: a bf16 cache only with BF16 (test_pipeline checks the refusal elsewhere)
+PRECISIONS = ("u8", "u4", "bf16", "f32") if CPU_HAS_BF16 else ("u8", "u4", "f32")
+PLAIN = "bf16" if CPU_HAS_BF16 else "f32"  # the unquantized cache of the u8 runs' inference
 
 
 def _bf16(bits: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _plain(data: np.ndarray) -> np.ndarray:
+    """Rows of a PLAIN cache as f32."""
+    return _bf16(data) if PLAIN == "bf16" else np.array(data, dtype=np.float32)
 
 
 class Runner:
@@ -142,10 +152,10 @@ def test_layout_from_compiled(runners, precision):
 
 @pytest.fixture(scope="module")
 def prefilled(tiny_model):
-    """u8, u4 and bf16 caches after the same 45-token prefill (blocks 0, 1; 13 rows in block 1),
+    """u8, u4 and PLAIN caches after the same 45-token prefill (blocks 0, 1; 13 rows in block 1),
     in runners of their own (the ``runners`` ones are reset by other tests)."""
     out = {}
-    for precision in ("u8", "u4", "bf16"):
+    for precision in ("u8", "u4", PLAIN):
         r = Runner(tiny_model, precision)
         ids = _ids(r.vocab, 46)
         r.step(ids[:45], 0, [0, 1])
@@ -156,10 +166,10 @@ def prefilled(tiny_model):
 VALID = ((0, 32), (1, 13))  # (block, valid rows) after the 45-token prefill
 
 
-def _bf16_rows(prefilled, which: str, head: int, block: int, n: int) -> np.ndarray:
-    r, snap, _ = prefilled["bf16"]
+def _plain_rows(prefilled, which: str, head: int, block: int, n: int) -> np.ndarray:
+    r, snap, _ = prefilled[PLAIN]
     data = snap[0] if which == "key" else snap[r.num_layers]  # layer 0
-    return _bf16(data[block, head, :n])
+    return _plain(data[block, head, :n])
 
 
 def _layer0_blocks(r):
@@ -173,11 +183,11 @@ def _layer0_blocks(r):
 
 
 @pytest.mark.parametrize("precision", ["u8", "u4"])
-def test_plugin_blocks_dequantize_to_the_bf16_cache(prefilled, precision):
-    """(a) layer 0: |dequantized - bf16| <= scale / 2 per element (u8 keys / values, u4 keys)."""
+def test_plugin_blocks_dequantize_to_the_plain_cache(prefilled, precision):
+    """(a) layer 0: |dequantized - plain| <= scale / 2 per element (u8 keys / values, u4 keys)."""
     r, _, _ = prefilled[precision]
     for which, layout, h, block, n, raw in _layer0_blocks(r):
-        ref = _bf16_rows(prefilled, which, h, block, n)
+        ref = _plain_rows(prefilled, which, h, block, n)
         got = layout.dequantize_rows(raw, np.arange(n))
         if which == "key":
             scale = raw[:4 * layout.head_dim].view(np.float32)[None, :]
@@ -190,11 +200,11 @@ def test_plugin_blocks_dequantize_to_the_bf16_cache(prefilled, precision):
 
 
 @pytest.mark.parametrize("precision", ["u8", "u4"])
-def test_encode_reproduces_plugin_bytes_from_bf16_data(prefilled, precision):
-    """(b) layer 0: encode_block(bf16 rows) == the plugin's bytes, full and partial blocks."""
+def test_encode_reproduces_plugin_bytes_from_plain_data(prefilled, precision):
+    """(b) layer 0: encode_block(plain rows) == the plugin's bytes, full and partial blocks."""
     r, _, _ = prefilled[precision]
     for which, layout, h, block, n, raw in _layer0_blocks(r):
-        enc = layout.encode_block(_bf16_rows(prefilled, which, h, block, n))
+        enc = layout.encode_block(_plain_rows(prefilled, which, h, block, n))
         np.testing.assert_array_equal(enc, raw, err_msg=f"{which} h{h} b{block}")
 
 
@@ -230,7 +240,7 @@ def test_encode_of_dequantized_blocks(prefilled, precision):
 def test_append_requantizes_the_partial_block_like_encode_block(runners, precision):
     """Plugin append into a partial key block == encode_block(dequantized old rows + new key)."""
     r = runners(precision)
-    b = runners("bf16")
+    b = runners(PLAIN)
     ids = _ids(r.vocab, 46)
     for runner in (r, b):
         runner.step(ids[:45], 0, [0, 1])
@@ -240,11 +250,11 @@ def test_append_requantizes_the_partial_block_like_encode_block(runners, precisi
         runner.step(ids[45:46], 45, [0, 1])
     for h in range(r.heads):
         old = k.dequantize_rows(before[h], np.arange(13))
-        new_key = _bf16(np.array(b.keys[0].data[1, h, 13:14]))
+        new_key = _plain(np.array(b.keys[0].data[1, h, 13:14]))
         enc = k.encode_block(np.concatenate([old, new_key]))
         np.testing.assert_array_equal(enc, k.head_blocks(r.keys[0], h)[1])
-        # not the same as quantizing the 14 bf16 rows afresh (re-quantization drift)
-        fresh = k.encode_block(_bf16(np.array(b.keys[0].data[1, h, :14])))
+        # not the same as quantizing the 14 plain rows afresh (re-quantization drift)
+        fresh = k.encode_block(_plain(np.array(b.keys[0].data[1, h, :14])))
         assert not np.array_equal(fresh, enc)
 
 
@@ -301,7 +311,7 @@ def _direct_copy(r: Runner, tokens: list[int], first_dst: int) -> None:
             data[first_dst + i // bs, :, i % bs] = row
 
 
-@pytest.mark.parametrize("precision", ["f32", "bf16"])
+@pytest.mark.parametrize("precision", sorted({"f32", PLAIN}))
 def test_subset_compaction_equals_direct_copy(runners, precision):
     """(d) exact formats: codec compaction == direct row copy, same decode logits bit for bit."""
     r = runners(precision)

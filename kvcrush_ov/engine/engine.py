@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
+from kvcrush_ov.device import check_kv_precision
 from kvcrush_ov.engine.block_pool import BlockPool
 from kvcrush_ov.engine.evictor import Evictor
 from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
@@ -73,6 +74,7 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, device: str, kv_cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context_length: int,
                  properties: dict | None = None, eviction: EvictionSpec | None = None) -> None:
+        check_kv_precision(device, kv_cache.precision)
         runner_cls = (ModelRunner if eviction is None
                       else LayerModelRunner if eviction.genai is not None else HeadModelRunner)
         self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)

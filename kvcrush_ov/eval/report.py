@@ -72,6 +72,9 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
                    if partial else []),
                  "```bash", _command(run, d), "```", "",
                  f"Prompt: {run.get('prompt', '')}.", "",
+                 *([f"Inference: {run['inference_precision']} on {run.get('device_name', '?')} "
+                    "(bf16 on AVX512-BF16 / AMX CPUs, f32 on AVX2 ones).", ""]
+                   if run.get("inference_precision") else []),
                  "Results per method (sample x budget cells done / expected): "
                  + ", ".join(f"{m} {counts.get(m, 0)}/{n}" for m, n in want.items()) + ".",
                  "",

@@ -32,6 +32,7 @@ from kvcrush_ov.config import (
     KVCacheConfig,
     SchedulerConfig,
 )
+from kvcrush_ov.device import check_device, check_kv_precision, inference_settings
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, REPORT_METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
@@ -380,6 +381,9 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
+    check_kv_precision(check_device("CPU"), precision)
+    hw = inference_settings("CPU", precision)
+    check_same_inference(out / "run.json", hw)
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(), backend="native",
                     scheduler=sched)
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
@@ -391,7 +395,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         "max_seq_length": max_seq_length, "precision": precision,
         "max_num_batched_tokens": max_num_batched_tokens,
         "prompt": "chat template around RULER's input, answer prefix after the assistant header",
-        "command": command,
+        "command": command, **hw,
     })
     native = [m for m in chosen if m.backend == "native"]
     run_native(pipe, samples, native, budgets, results, wrap, say)
@@ -414,6 +418,20 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     curves, full = method_curves(results, budgets)
     write_svg(out / "plot.svg", {Path(str(model)).name: (curves, full)})
     return summary
+
+
+def check_same_inference(path: Path, hw: dict[str, str]) -> None:
+    """Refuse to add results to a folder whose earlier run used another inference precision
+    (e.g. bf16 on an AVX512-BF16 CPU, now f32 on an AVX2 one): its columns would not be
+    comparable. Folders from before this was recorded are accepted."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text()).get("inference_precision")
+    if old is not None and old != hw["inference_precision"]:
+        raise ConfigError("out", str(path.parent),
+                          f"a new folder: this one holds results of {old} inference, this "
+                          f"machine runs {hw['inference_precision']} ({hw['device_name']}); "
+                          "mixed columns would not be comparable")
 
 
 def write_run_json(path: Path, run: dict) -> None:
