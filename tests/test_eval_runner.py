@@ -295,3 +295,14 @@ def test_a_folder_is_not_resumed_under_another_inference_precision(tmp_path):
     path.write_text(json.dumps({"inference_precision": "bf16"}))
     with pytest.raises(ConfigError, match=r"out.*bf16 inference, this machine runs f32 \(AMD"):
         check_same_inference(path, here)
+
+
+def test_a_bf16_run_stops_before_any_work_on_a_cpu_without_bf16(tmp_path, monkeypatch):
+    import kvcrush_ov.device as dv
+    from kvcrush_ov import ConfigError
+
+    monkeypatch.setattr(dv, "device_capabilities", lambda d: ["FP32", "INT8"])
+    with pytest.raises(ConfigError) as info:  # the model folder does not exist: never read
+        run_eval(str(tmp_path / "never-read"), tmp_path / "out", precision="bf16")
+    assert info.value.field == "kv_cache.precision"
+    assert not (tmp_path / "out").exists()

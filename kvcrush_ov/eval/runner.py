@@ -378,12 +378,12 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         raise ConfigError("fidelity_samples", fidelity_samples, "None or an integer >= 1")
     kv = KVCacheConfig(precision=precision, cache_size=cache_size)
     sched = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
     check_kv_precision(check_device("CPU"), precision)
     hw = inference_settings("CPU", precision)
+    out = Path(out_dir)
     check_same_inference(out / "run.json", hw)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(), backend="native",
                     scheduler=sched)
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
