@@ -168,6 +168,16 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvcrush_ov.eval.report import restore
+
+    for path in restore(Path(args.source), Path(str(args.model)).name, Path(args.out)):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -276,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an eval --out folder (repeatable: one plot panel per run)")
     er.add_argument("--to", default="docs/results/ruler", help="output folder")
     er.set_defaults(func=_cmd_eval_report)
+
+    rs = sub.add_parser("eval-restore",
+                        help="rebuild an eval --out folder from published results (to resume "
+                             "a partial run on another machine)")
+    rs.add_argument("--from", dest="source", default="docs/results/ruler",
+                    help="a folder written by eval-report")
+    rs.add_argument("--model", required=True,
+                    help="the published run's name (e.g. Qwen2.5-Coder-0.5B-Instruct)")
+    rs.add_argument("--out", required=True, help="the new run folder")
+    rs.set_defaults(func=_cmd_eval_restore)
     return p
 
 

@@ -1,5 +1,5 @@
 """The device a model runs on: what OpenVINO sees here, which KV-cache precisions it can hold,
-which precision it computes in (CPU: bf16 with AVX512-BF16 / AMX, f32 on AVX2-only CPUs)."""
+which precision it computes in (CPU: bf16 with AVX512-BF16 / AMX, f32 on CPUs without BF16)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def device_capabilities(device: str) -> list[str]:
 def inference_settings(device: str, kv_precision: str) -> dict[str, str]:
     """What the device runs a model with here: its name and inference precision (an f32 cache
     forces f32 inference; see config.kv_cache_properties). Results from machines whose
-    inference precision differs (bf16 on AVX512-BF16 / AMX CPUs, f32 on AVX2) differ slightly."""
+    inference precision differs (bf16 on AVX512-BF16 / AMX CPUs, f32 on others) differ slightly."""
     import openvino as ov
 
     core, base = ov.Core(), device.split(".")[0]
@@ -52,9 +52,10 @@ def inference_settings(device: str, kv_precision: str) -> dict[str, str]:
 
 
 def check_kv_precision(device: str, precision: str) -> None:
-    """A bf16 KV cache needs BF16 support (on CPU: AVX512-BF16 or AMX). On an AVX2-only CPU,
-    OpenVINO's PagedAttention takes only f32 or quantized (u8 / u4) caches and would fail at
-    compile time with a kernel assertion; this names the field first."""
+    """A bf16 KV cache needs BF16 support (on CPU: AVX512-BF16 or AMX). On a CPU without it
+    (AVX2-only, or AVX-512 without BF16), OpenVINO's PagedAttention takes only f32 or quantized
+    (u8 / u4) caches and would fail at compile time with a kernel assertion; this names the
+    field first."""
     if precision != "bf16" or not device.upper().startswith("CPU"):
         return
     caps = device_capabilities(device)

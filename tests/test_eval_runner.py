@@ -163,8 +163,9 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
     written = publish(runs, tmp_path / "report")
     names = sorted(p.name for p in written)
     tag = tiny_model.name
-    assert names == sorted([f"{tag}.md", f"{tag}.results.jsonl", f"{tag}-f32.md",
-                            f"{tag}-f32.results.jsonl", "plot.svg"])
+    assert names == sorted([f"{tag}.md", f"{tag}.results.jsonl", f"{tag}.run.json",
+                            f"{tag}-f32.md", f"{tag}-f32.results.jsonl", f"{tag}-f32.run.json",
+                            "plot.svg"])
     md = (tmp_path / "report" / f"{tag}-f32.md").read_text()
     assert "kvcrush-ov eval --precision f32" in md and "| snapkv | 0.5 |" in md
     assert "snapkv 1/1" in md and "full 1/1" in md
@@ -182,6 +183,46 @@ def test_report_publishes_markdown_records_and_one_panel_per_run(tiny_model, tmp
 
     with pytest.raises(ConfigError, match="run"):
         publish([tmp_path / "nothing-here"], tmp_path / "report")
+
+
+def test_a_published_run_restores_to_a_folder_that_reports_the_same(tmp_path):
+    from kvcrush_ov import ConfigError
+    from kvcrush_ov.cli import main
+    from kvcrush_ov.eval.report import publish
+
+    run = {"model": "/models/Tiny", "tasks": ["vt"], "num_samples": 2, "seed": 3,
+           "budgets": [0.5], "methods": ["snapkv"], "precision": "u8",
+           "command": "kvcrush-ov eval --model Tiny", "inference_precision": "f32",
+           "device_name": "a CPU"}
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "run.json").write_text(json.dumps(run))
+    rows = [{"task": "vt", "index": 0, "seed": 9, "method": m, "budget": b, "prediction": "x",
+             "score": s, "outputs": ["x"], "input_tokens": 900, "kv_bytes": 1}
+            for m, b, s in (("full", None, 1.0), ("snapkv", 0.5, 0.5))]
+    (first / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    publish([first], tmp_path / "report")
+    md = (tmp_path / "report" / "Tiny.md").read_text()
+    assert "**Partial run**" in md and "snapkv 1/2" in md
+
+    again = tmp_path / "again"
+    assert main(["eval-restore", "--from", str(tmp_path / "report"), "--model", "Tiny",
+                 "--out", str(again)]) == 0
+    assert json.loads((again / "run.json").read_text()) == run
+    assert (again / "results.jsonl").read_text() == (first / "results.jsonl").read_text()
+    assert not (again / "fidelity.jsonl").exists()  # none was published
+    publish([again], tmp_path / "report2")
+    assert (tmp_path / "report2" / "Tiny.md").read_text() == md
+
+    from kvcrush_ov.eval.report import restore
+
+    with pytest.raises(ConfigError, match=r"out=.*nothing is overwritten"):
+        restore(tmp_path / "report", "Tiny", again)
+    with pytest.raises(ConfigError, match=r"model='Small'.*Tiny.*Small.run.json is missing"):
+        restore(tmp_path / "report", "Small", tmp_path / "third")
+    assert not (tmp_path / "third").exists()
+    assert main(["eval-restore", "--from", str(tmp_path / "report"), "--model", "Small",
+                 "--out", str(tmp_path / "third")]) == 2
 
 
 def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):

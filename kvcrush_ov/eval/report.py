@@ -2,7 +2,11 @@
 
 For every run folder (what ``kvcrush-ov eval --out`` wrote): ``<model>.md`` with the command,
 the settings, the accuracy table and the fidelity table; ``<model>.results.jsonl`` and
-``<model>.fidelity.jsonl`` (per-sample records); and one ``plot.svg`` with a panel per model.
+``<model>.fidelity.jsonl`` (per-sample records); ``<model>.run.json`` (the run's settings);
+and one ``plot.svg`` with a panel per model.
+
+``kvcrush-ov eval-restore`` goes the other way: it rebuilds a run folder from published files, so
+a partial run can be resumed on a new machine (``kvcrush-ov eval --out`` that folder).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ def _done_counts(results: Results) -> dict[str, int]:
     return {m: len(v) for m, v in out.items()}
 
 
+RUN_FILES = ("run.json", "results.jsonl", "fidelity.jsonl")  # what a run folder holds
+
+
 def publish(runs: list[Path], to: Path) -> list[Path]:
     """Write the report files for ``runs`` into ``to``; returns the paths written."""
     for d in runs:
@@ -73,7 +80,7 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
                  "```bash", _command(run, d), "```", "",
                  f"Prompt: {run.get('prompt', '')}.", "",
                  *([f"Inference: {run['inference_precision']} on {run.get('device_name', '?')} "
-                    "(bf16 on AVX512-BF16 / AMX CPUs, f32 on AVX2 ones).", ""]
+                    "(bf16 on CPUs with BF16, f32 on others).", ""]
                    if run.get("inference_precision") else []),
                  "Results per method (sample x budget cells done / expected): "
                  + ", ".join(f"{m} {counts.get(m, 0)}/{n}" for m, n in want.items()) + ".",
@@ -89,12 +96,34 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
         md = to / f"{tag}.md"
         md.write_text("\n".join(lines) + "\n")
         written.append(md)
-        for src, suffix in (("results.jsonl", "results.jsonl"), ("fidelity.jsonl",
-                                                                 "fidelity.jsonl")):
-            if (d / src).exists():
-                dst = to / f"{tag}.{suffix}"
-                shutil.copyfile(d / src, dst)
+        for name in RUN_FILES:
+            if (d / name).exists():
+                dst = to / f"{tag}.{name}"
+                shutil.copyfile(d / name, dst)
                 written.append(dst)
         panels[tag] = method_curves(results, budgets)
     written.append(write_svg(to / "plot.svg", panels))
+    return written
+
+
+def restore(report: Path, tag: str, out: Path) -> list[Path]:
+    """Rebuild the run folder ``out`` from ``report/<tag>.run.json`` and its per-sample
+    records (``<tag>.results.jsonl``, ``<tag>.fidelity.jsonl`` when present); returns the
+    paths written. ``out`` must not hold results yet (nothing is overwritten)."""
+    src = {name: report / f"{tag}.{name}" for name in RUN_FILES}
+    for name in ("run.json", "results.jsonl"):
+        if not src[name].exists():
+            have = sorted(p.name[:-len(".run.json")] for p in report.glob("*.run.json"))
+            raise ConfigError("model", tag, f"a run published in {report}: "
+                              f"{', '.join(have) or 'none there'}", f"{src[name].name} is missing")
+    if any((out / name).exists() for name in RUN_FILES):
+        raise ConfigError("out", str(out), "a folder without run.json, results.jsonl or "
+                                           "fidelity.jsonl", "nothing is overwritten")
+    json.loads(src["run.json"].read_text())  # a broken file fails here, before any copy
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, path in src.items():
+        if path.exists():
+            shutil.copyfile(path, out / name)
+            written.append(out / name)
     return written

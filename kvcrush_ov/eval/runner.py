@@ -422,7 +422,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
 
 def check_same_inference(path: Path, hw: dict[str, str]) -> None:
     """Refuse to add results to a folder whose earlier run used another inference precision
-    (e.g. bf16 on an AVX512-BF16 CPU, now f32 on an AVX2 one): its columns would not be
+    (e.g. bf16 on an AVX512-BF16 CPU, now f32 on one without BF16): its columns would not be
     comparable. Folders from before this was recorded are accepted."""
     if not path.exists():
         return
