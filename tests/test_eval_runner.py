@@ -4,6 +4,7 @@ plumbing only, its scores mean nothing)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,9 +195,10 @@ def test_a_published_run_restores_to_a_folder_that_reports_the_same(tmp_path):
            "budgets": [0.5], "methods": ["snapkv"], "precision": "u8",
            "command": "kvcrush-ov eval --model Tiny", "inference_precision": "f32",
            "device_name": "a CPU"}
+    here = dict(run, commands=[f"kvcrush-ov eval --out {Path.home()}/runs/tiny"])
     first = tmp_path / "first"
     first.mkdir()
-    (first / "run.json").write_text(json.dumps(run))
+    (first / "run.json").write_text(json.dumps(here))
     rows = [{"task": "vt", "index": 0, "seed": 9, "method": m, "budget": b, "prediction": "x",
              "score": s, "outputs": ["x"], "input_tokens": 900, "kv_bytes": 1}
             for m, b, s in (("full", None, 1.0), ("snapkv", 0.5, 0.5))]
@@ -208,7 +210,9 @@ def test_a_published_run_restores_to_a_folder_that_reports_the_same(tmp_path):
     again = tmp_path / "again"
     assert main(["eval-restore", "--from", str(tmp_path / "report"), "--model", "Tiny",
                  "--out", str(again)]) == 0
-    assert json.loads((again / "run.json").read_text()) == run
+    # published without this machine's home folder
+    assert json.loads((again / "run.json").read_text()) == dict(
+        run, commands=["kvcrush-ov eval --out ~/runs/tiny"])
     assert (again / "results.jsonl").read_text() == (first / "results.jsonl").read_text()
     assert not (again / "fidelity.jsonl").exists()  # none was published
     publish([again], tmp_path / "report2")
@@ -223,6 +227,12 @@ def test_a_published_run_restores_to_a_folder_that_reports_the_same(tmp_path):
     assert not (tmp_path / "third").exists()
     assert main(["eval-restore", "--from", str(tmp_path / "report"), "--model", "Small",
                  "--out", str(tmp_path / "third")]) == 2
+    with pytest.raises(ConfigError, match=r"from=.*eval-report"):
+        restore(tmp_path / "no-report", "Tiny", tmp_path / "third")
+    (tmp_path / "report" / "Tiny.run.json").write_text("{broken")
+    with pytest.raises(ConfigError, match=r"model='Tiny'.*valid JSON"):
+        restore(tmp_path / "report", "Tiny", tmp_path / "third")
+    assert not (tmp_path / "third").exists()
 
 
 def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):

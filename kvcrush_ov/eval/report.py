@@ -27,14 +27,26 @@ from kvcrush_ov.eval.runner import (
 from kvcrush_ov.eval.targets import targets_section
 
 
+def _tilde(text: str) -> str:
+    """``text`` with this machine's home folder written as ~ (nothing machine-specific is
+    published)."""
+    return text.replace(str(Path.home()), "~")
+
+
+def _portable(run: dict) -> dict:
+    """run.json as published: every string (commands, a model folder) with the home as ~."""
+    return {k: _tilde(v) if isinstance(v, str) else
+            [_tilde(x) if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+            for k, v in run.items()}
+
+
 def _command(run: dict, out: Path) -> str:
     """The run's own command lines (one per line: a folder resumed with more methods has
     several), or one rebuilt from its settings (the home folder as ~)."""
-    home = str(Path.home())
     commands = run.get("commands") or ([run["command"]] if run.get("command") else [])
     if commands:
-        return "\n".join(c.replace(home, "~") for c in commands)
-    parts = ["kvcrush-ov eval", f"--model {run['model']}", f"--out {str(out).replace(home, '~')}",
+        return "\n".join(_tilde(c) for c in commands)
+    parts = ["kvcrush-ov eval", f"--model {run['model']}", f"--out {_tilde(str(out))}",
              f"--samples {run['num_samples']}", f"--seed {run['seed']}",
              f"--precision {run['precision']}"]
     return " ".join(parts)
@@ -97,10 +109,14 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
         md.write_text("\n".join(lines) + "\n")
         written.append(md)
         for name in RUN_FILES:
-            if (d / name).exists():
-                dst = to / f"{tag}.{name}"
+            dst = to / f"{tag}.{name}"
+            if name == "run.json":
+                dst.write_text(json.dumps(_portable(run), indent=1))
+            elif (d / name).exists():
                 shutil.copyfile(d / name, dst)
-                written.append(dst)
+            else:
+                continue
+            written.append(dst)
         panels[tag] = method_curves(results, budgets)
     written.append(write_svg(to / "plot.svg", panels))
     return written
@@ -110,6 +126,8 @@ def restore(report: Path, tag: str, out: Path) -> list[Path]:
     """Rebuild the run folder ``out`` from ``report/<tag>.run.json`` and its per-sample
     records (``<tag>.results.jsonl``, ``<tag>.fidelity.jsonl`` when present); returns the
     paths written. ``out`` must not hold results yet (nothing is overwritten)."""
+    if not report.is_dir():
+        raise ConfigError("from", str(report), "a folder written by kvcrush-ov eval-report")
     src = {name: report / f"{tag}.{name}" for name in RUN_FILES}
     for name in ("run.json", "results.jsonl"):
         if not src[name].exists():
@@ -119,7 +137,11 @@ def restore(report: Path, tag: str, out: Path) -> list[Path]:
     if any((out / name).exists() for name in RUN_FILES):
         raise ConfigError("out", str(out), "a folder without run.json, results.jsonl or "
                                            "fidelity.jsonl", "nothing is overwritten")
-    json.loads(src["run.json"].read_text())  # a broken file fails here, before any copy
+    try:  # a broken file fails here, before any copy
+        json.loads(src["run.json"].read_text())
+    except ValueError as e:
+        raise ConfigError("model", tag, "a run whose run.json is valid JSON",
+                          f"{src['run.json']}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, path in src.items():
