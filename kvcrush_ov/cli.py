@@ -132,6 +132,59 @@ def _cmd_bench_eviction(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvcrush_ov.fuzz import fuzz, replay
+    from kvcrush_ov.pipeline import resolve_model
+
+    if args.runs < 1:
+        raise ConfigError("--runs", args.runs, "an integer >= 1")
+    if args.group_size < 1:
+        raise ConfigError("--group-size", args.group_size, "an integer >= 1")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout", args.timeout, "seconds > 0")
+    model = str(resolve_model(args.model))
+    if args.replay:
+        results = replay(Path(args.replay), model, args.timeout)
+        for r in results:
+            print(r["status"], "; ".join(r.get("violations", [])) or r.get("detail", ""))
+        return 1 if any(r["status"] == "violation" for r in results) else 0
+    s = fuzz(args.runs, args.seed, model, Path(args.out), args.group_size,
+             tuple(args.backend or ("native", "genai")), timeout_s=args.timeout)
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.violations.items())) or "none"
+    print(f"fuzz: {s.runs} runs (seed {args.seed}) in {s.seconds:.0f} s: {s.ok} ok, "
+          f"{s.refused} refused by name, {s.failed} violations ({kinds})")
+    if s.reproducers:
+        print(f"reproducers: {args.out}/ ({len(s.reproducers)} files)")
+    return 1 if s.failed else 0
+
+
+def _cmd_soak(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from kvcrush_ov.soak import soak
+
+    if not args.minutes > 0:
+        raise ConfigError("--minutes", args.minutes, "a number of minutes > 0")
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency", args.concurrency, "an integer >= 1")
+    rep = soak(args.model, args.minutes, args.seed, args.concurrency,
+               sample_every_s=args.sample_every)
+    drift = rep.drift()
+    print(f"soak: {rep.done} requests done, {rep.cancelled} cancelled, {rep.preemptions} "
+          f"preemptions in {rep.samples[-1].t_s:.0f} s; RSS drift after warm-up "
+          f"{100 * drift:+.2f}%; idle: {rep.idle_blocks:g} blocks, {rep.idle_sequences} "
+          f"sequences; invariant errors: {len(rep.invariant_errors)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(dataclasses.asdict(rep) | {"drift": drift},
+                                             indent=1))
+    leak = rep.idle_blocks != 0 or rep.idle_sequences != 0 or rep.invariant_errors
+    return 1 if leak else 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import shlex
     import sys
@@ -246,6 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kvcrush_ov.eval.methods import METHODS
     from kvcrush_ov.eval.ruler import TASKS
+
+    fz = sub.add_parser("fuzz", help="random valid configurations and prompts, invariants "
+                        "checked on every run, each group in its own process")
+    fz.add_argument("--runs", type=int, default=200)
+    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--model", default="tiny-random-llama")
+    fz.add_argument("--backend", action="append", choices=BACKENDS,
+                    help="repeat for several (default: native and genai)")
+    fz.add_argument("--group-size", type=int, default=8, help="runs per configuration")
+    fz.add_argument("--timeout", type=float, default=300.0, help="seconds per group")
+    fz.add_argument("--out", default="fuzz-reproducers", help="where failing runs are written")
+    fz.add_argument("--replay", help="rerun one reproducer file")
+    fz.set_defaults(func=_cmd_fuzz)
+
+    sk = sub.add_parser("soak", help="mixed requests with eviction, cancellations and "
+                        "preemptions; RSS, blocks and sequences over time")
+    sk.add_argument("--minutes", type=float, default=10.0)
+    sk.add_argument("--model", default=DEFAULT_MODEL)
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--concurrency", type=int, default=8)
+    sk.add_argument("--sample-every", type=float, default=30.0, help="seconds between lines")
+    sk.add_argument("--out", help="write the samples as JSON here")
+    sk.set_defaults(func=_cmd_soak)
 
     ev = sub.add_parser("eval", help="RULER accuracy, every method at equal memory (resumable)")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")

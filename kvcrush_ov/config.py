@@ -10,6 +10,7 @@ number of tokens cached per sequence, KVCrush's representatives included. GenAI 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from kvcrush_ov.errors import ConfigError
@@ -39,7 +40,14 @@ def _is_int(v: object) -> bool:
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (NaN and +-inf are not numbers here; bools are not either)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "True or False")
+    return value
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
@@ -97,6 +105,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _int_at_least("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _int_at_least("scheduler.max_num_seqs", self.max_num_seqs, 1)
+        _bool("scheduler.dynamic_split_fuse", self.dynamic_split_fuse)
+        _bool("scheduler.enable_prefix_caching", self.enable_prefix_caching)
 
 
 @dataclass
@@ -219,7 +229,7 @@ class CacheEvictionConfig:
                 raise ConfigError("eviction.max_cache_size", m,
                                   "a token count >= 1 or a fraction of the prompt in (0, 1]")
         elif isinstance(m, float):
-            if not 0.0 < m <= 1.0:
+            if not (math.isfinite(m) and 0.0 < m <= 1.0):
                 raise ConfigError("eviction.max_cache_size", m,
                                   "a token count >= 1 or a fraction of the prompt in (0, 1]")
         else:
@@ -309,6 +319,9 @@ class GenerationConfig:
             raise ConfigError("repetition_penalty", self.repetition_penalty, "a number > 0")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
+        if not isinstance(self.stop_strings, (tuple, list, set, frozenset)):
+            raise ConfigError("stop_strings", self.stop_strings,
+                              "a string or a list / tuple / set of non-empty strings")
         self.stop_strings = tuple(self.stop_strings)
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 from kvcrush_ov.backends.genai import GenAIBackend
+from kvcrush_ov.cache_plan import DEFAULT_CACHE_BYTES, check_cache_plan, check_request_size
 from kvcrush_ov.config import (
     BACKENDS,
     CacheEvictionConfig,
@@ -21,11 +23,18 @@ from kvcrush_ov.config import (
 )
 from kvcrush_ov.device import check_device, check_kv_precision
 from kvcrush_ov.errors import ConfigError, ModelError
-from kvcrush_ov.model_info import ModelInfo, check_model_dir
+from kvcrush_ov.model_info import ModelInfo, block_size_for, check_model_dir
 from kvcrush_ov.results import DecodedResults
 
 _DEFAULT = object()
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def _as_allocated(kv_cache: KVCacheConfig, backend: str) -> KVCacheConfig:
+    """The cache as the backend allocates it: GenAI takes whole GB."""
+    if backend == "genai" and not kv_cache.num_kv_blocks and kv_cache.cache_size:
+        return dataclasses.replace(kv_cache, cache_size=float(math.ceil(kv_cache.cache_size)))
+    return kv_cache
 
 
 def resolve_model(model: str | Path, fetch_missing: bool = True) -> Path:
@@ -102,18 +111,26 @@ class Pipeline:
         self.device = check_device(device)
         check_kv_precision(self.device, kv_cache.precision)
         # backend-specific limits, still before any loading
+        block = block_size_for(self.device)
         if backend == "native":
             from kvcrush_ov.backends.native import check_eviction as check_native
 
-            check_native(eviction)
-        elif eviction is not None:
-            from kvcrush_ov.backends.genai import check_eviction
-            from kvcrush_ov.model_info import block_size_for
+            check_native(eviction, block)
+        else:
+            from kvcrush_ov.backends.genai import check_eviction, check_scheduler
 
-            check_eviction(eviction, kv_cache, block_size_for(self.device))
+            check_scheduler(scheduler)
+            if eviction is not None:
+                check_eviction(eviction, kv_cache, block)
         self.kv_cache, self.eviction, self.scheduler = kv_cache, eviction, scheduler
         self.model_path = resolve_model(model)
         self.info: ModelInfo = check_model_dir(self.model_path)
+        # the cache against one scheduler step and this machine's memory, before compiling
+        self.cache_blocks = check_cache_plan(
+            _as_allocated(kv_cache, backend), scheduler,
+            self.info.kv_block_bytes(kv_cache.precision, block), block, self.device,
+            DEFAULT_CACHE_BYTES if backend == "native" else None)
+        self.cache_tokens = None if self.cache_blocks is None else self.cache_blocks * block
         if backend == "native":
             from kvcrush_ov.backends.native import NativeBackend
 
@@ -157,18 +174,13 @@ class Pipeline:
         if streamer is not None and (not callable(streamer) or len(plist) != 1):
             raise ConfigError("streamer", streamer, "a callable, with a single prompt")
         g = generation_config
-        limit = self.info.context_length - g.max_new_tokens
         inputs = []
         for i, p in enumerate(plist):
             name = "prompt" if single else f"prompts[{i}]"
             if not isinstance(p, str) or not p.strip():
                 raise ConfigError(name, p, "a non-empty string")
             ids = self.backend.encode(p, g.apply_chat_template)
-            if ids.shape[1] > limit:
-                raise ConfigError(
-                    name, f"<{ids.shape[1]} tokens>",
-                    f"at most {max(limit, 0)} tokens: the model's context is "
-                    f"{self.info.context_length} and max_new_tokens={g.max_new_tokens}",
-                )
+            check_request_size(name, int(ids.shape[1]), g.max_new_tokens,
+                               self.info.context_length, self.cache_tokens, self.scheduler)
             inputs.append(ids)
         return self.backend.run(inputs, g, streamer)

@@ -105,6 +105,31 @@ def test_scheduler_mixes_prefill_chunks_and_decode():
     kv.check_invariants()
 
 
+def test_u4_prompt_chunks_end_on_block_boundaries_whatever_the_batch():
+    """With align_chunks (u4 caches), a chunk that stops short of the prompt's end ends on a
+    block boundary, alone or next to others; a sliver of a step smaller than a block is left
+    unused, and the prompt's last chunk may end anywhere."""
+    def cuts_of(seq_id, *lengths, budget=10, align=True):
+        kv = KVCacheManager(BlockPool(100), block_size=4)
+        s = Scheduler(kv, max_num_batched_tokens=budget, max_num_seqs=8, align_chunks=align)
+        seqs = [seq(i, n) for i, n in enumerate(lengths)]
+        for x in seqs:
+            s.add(x)
+        cuts = []
+        while any(x.num_computed < len(x.prompt_ids) for x in seqs):
+            for c in s.schedule().chunks:
+                if c.seq.seq_id == seq_id:
+                    cuts.append(c.start + c.num_tokens)
+        return cuts
+
+    assert cuts_of(0, 25) == [8, 16, 25]
+    assert cuts_of(1, 3, 25) == [4, 12, 20, 25]
+    assert all(c % 4 == 0 for c in cuts_of(2, 5, 6, 25, 7)[:-1])
+    assert cuts_of(1, 9, 9) == [9]  # 1 token left after a's 9: b waits for the next step
+    assert cuts_of(1, 9, 9, align=False) == [1, 9]  # u8 and wider: GenAI's packing
+    assert cuts_of(0, 9, budget=3) == [3, 6, 9]  # a step smaller than a block cannot align
+
+
 def test_scheduler_respects_max_num_seqs():
     _, s, _ = scheduler_with(100, 100, 5, 5, 5, max_num_seqs=2)
     out = s.schedule()

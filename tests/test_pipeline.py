@@ -99,6 +99,22 @@ def test_stop_strings(pipe):
     assert out.metrics[0].num_generated_tokens < 20
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_streamed_text_equals_returned_text_with_stop_strings(pipe, include):
+    """What the streamer receives, joined, is the returned text: held back while it could
+    still become a stop string, cut where one starts (it used to stream ".\n" and return ".")."""
+    free = pipe.generate("Tell me a story", max_new_tokens=24, ignore_eos=True).text
+    assert len(free) > 12
+    for stop in (free[8], free[6:9], free[-3:]):
+        chunks: list[str] = []
+        out = pipe.generate("Tell me a story", max_new_tokens=24, ignore_eos=True,
+                            stop_strings=[stop, "\u2603never"],
+                            include_stop_str_in_output=include, streamer=chunks.append)
+        assert out.finish_reasons == ["stop"], stop
+        assert "".join(chunks) == out.text, (stop, chunks, out.text)
+        assert (stop in out.text) if include else (stop not in out.text)
+
+
 def test_batch_equals_one_by_one(pipe):
     prompts = ["alpha beta", "gamma delta epsilon zeta", "eta"]
     batch = pipe.generate(prompts, max_new_tokens=8, ignore_eos=True)

@@ -212,15 +212,13 @@ def test_pass_rejects_second_application(tiny_model: Path) -> None:
 
 @pytest.mark.real_model
 def test_smollm2_prefill_1024_with_and_without_pass(smollm2_fp16: Path) -> None:
-    n, repeats = 1024, 3
+    n, repeats = 1024, 1  # the check needs one cold run (CI time); speed: docs/performance.md
     core = ov.Core()
     full = Prefill(core, read_paged_model(smollm2_fp16, logits_indices=False), 40)
     picked = Prefill(core, read_paged_model(smollm2_fp16, logits_indices=True), 40)
     vocab = full.compiled.output("logits").get_partial_shape()[2].get_length()
     ids = _prompt(vocab, n)
 
-    full.run(ids)  # warm-up (first-inference allocations), not timed
-    picked.run(ids, [n - 1])
     times: dict[str, list[float]] = {"full": [], "logits_indices": []}
     ref = got = None
     for _ in range(repeats):  # interleaved, so both variants see the same machine state
@@ -236,5 +234,5 @@ def test_smollm2_prefill_1024_with_and_without_pass(smollm2_fp16: Path) -> None:
     np.testing.assert_allclose(got[0], ref[-1], rtol=1e-4, atol=1e-4)
     full_ms, picked_ms = (min(times[k]) * 1e3 for k in ("full", "logits_indices"))
     print(f"\nSmolLM2-135M fp16 weights, f32 inference/KV, {n}-token prefill (min of {repeats}): "
-          f"all logits {full_ms:.1f} ms, logits_indices=[{n - 1}] {picked_ms:.1f} ms, "
+          f"all logits {full_ms:.1f} ms, logits_indices=[{n - 1}] {picked_ms:.1f} ms (cold), "
           f"ratio {full_ms / picked_ms:.2f}x")

@@ -10,6 +10,9 @@ translates kvcrush-ov's configuration into GenAI's and guards against GenAI's kn
   makes GenAI's NORM_SUM score bookkeeping throw and leak the request's blocks; such a prompt
   never needs eviction at prefill, so it runs with the SnapKV window off (window 0), which GenAI
   handles by counting tokens one by one;
+- eviction from a u4 cache is refused: GenAI 2026.4.1 corrupted the heap (``double free or
+  corruption``, SIGABRT / SIGSEGV) after a few requests in every fuzzed u4 configuration with
+  eviction, and in none with u8 / f32 or without eviction;
 - cache rotation (``apply_rotation``) is rejected: in GenAI 2026.4.1 it fails with chunked
   prefill, is refused with a u8 cache, and corrupted the heap on this project's machines with bf16
   AND f32 caches (``free(): invalid next size``), so no configuration is safe to offer.
@@ -24,7 +27,14 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
-from kvcrush_ov.backends.common import Streamer, TextStream, encode, first_line, load_tokenizer
+from kvcrush_ov.backends.common import (
+    Streamer,
+    TextStream,
+    cut_at_stop,
+    encode,
+    first_line,
+    load_tokenizer,
+)
 from kvcrush_ov.config import (
     GENAI_IMPORTANCE,
     CacheEvictionConfig,
@@ -34,7 +44,7 @@ from kvcrush_ov.config import (
     kv_cache_properties,
 )
 from kvcrush_ov.errors import ConfigError, ModelError
-from kvcrush_ov.eviction.genai_compat import GenAISettings, translate
+from kvcrush_ov.eviction.genai_compat import GenAISettings, check_genai_algorithm, translate
 from kvcrush_ov.model_info import ModelInfo, block_size_for
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
 
@@ -64,52 +74,33 @@ def to_genai(ev: GenAISettings) -> ov_genai.CacheEvictionConfig:
 
 def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block: int) -> None:
     """Reject what GenAI cannot run, with the field named, before any model is loaded."""
-    for name in ("start_size", "recent_size"):
-        v = getattr(eviction, name)
-        if v % block:
-            raise ConfigError(f"eviction.{name}", v,
-                              f"a multiple of the KV block size {block} with backend 'genai'")
-    if eviction.recent_size < block:
-        raise ConfigError("eviction.recent_size", eviction.recent_size,
-                          f"at least one KV block ({block} tokens) with backend 'genai'")
-    minimum = eviction.start_size + eviction.recent_size + block
-    if isinstance(eviction.max_cache_size, int) and eviction.max_cache_size < minimum:
-        raise ConfigError("eviction.max_cache_size", eviction.max_cache_size,
-                          f"at least start_size + recent_size + one block = {minimum} tokens "
-                          "with backend 'genai'")
-    if eviction.apply_rotation:
-        raise ConfigError("eviction.apply_rotation", True,
-                          "False with backend 'genai': GenAI 2026.4's key rotation corrupts the "
-                          "heap or fails, whatever the cache precision")
     native_only = "with backend 'genai' (the native backend runs the others)"
     if eviction.importance not in GENAI_IMPORTANCE:
         raise ConfigError("eviction.importance", eviction.importance,
                           f"one of {', '.join(GENAI_IMPORTANCE)} {native_only}")
-    if eviction.mode != "continuous":
-        raise ConfigError("eviction.mode", eviction.mode,
-                          f"'continuous' {native_only}: GenAI evicts while decoding")
-    if eviction.pooling not in (None, "max") or eviction.kernel_size not in (None, 7):
-        raise ConfigError("eviction.pooling", f"{eviction.pooling}/{eviction.kernel_size}",
-                          f"max pooling over 7 tokens (GenAI's fixed choice) {native_only}")
-    if eviction.pooling_offset != 0:
-        raise ConfigError("eviction.pooling_offset", eviction.pooling_offset,
-                          f"0 (GenAI centres its pooling window) {native_only}")
-    if eviction.decode_window_size is not None:
-        raise ConfigError("eviction.decode_window_size", eviction.decode_window_size,
-                          f"None (GenAI scores every decode step) {native_only}")
-    crush = eviction.kvcrush
-    if crush is not None:
-        if isinstance(crush.anchor_point_mode, tuple):
-            raise ConfigError("kvcrush.anchor_point_mode", crush.anchor_point_mode,
-                              f"a single mode {native_only}")
-        if crush.granularity == "token":
-            raise ConfigError("kvcrush.granularity", crush.granularity,
-                              f"'block' {native_only}")
-        if crush.dynamic_split:
-            raise ConfigError("kvcrush.dynamic_split", True, f"False {native_only}")
-        if crush.taper:
-            raise ConfigError("kvcrush.taper", True,
-                              f"None or False (GenAI's share is fixed) {native_only}")
+    if eviction.apply_rotation:
+        raise ConfigError("eviction.apply_rotation", True,
+                          "False with backend 'genai': GenAI 2026.4's key rotation corrupts the "
+                          "heap or fails, whatever the cache precision")
+    if kv_cache.precision == "u4":
+        raise ConfigError("kv_cache.precision", "u4",
+                          "u8, bf16 or f32 with eviction on backend 'genai': GenAI 2026.4.1 "
+                          "corrupts the heap evicting from a u4 cache (kvcrush-ov fuzz, "
+                          "docs/reliability.md); the native backend runs u4 with eviction")
+    if eviction.log:
+        raise ConfigError("eviction.log", True,
+                          f"False {native_only}: GenAI does not report the positions it keeps")
+    check_genai_algorithm(eviction, block, native_only)
+
+
+def check_scheduler(scheduler: SchedulerConfig) -> None:
+    """GenAI's scheduler asserts this at the first step; name it before any loading."""
+    if not scheduler.dynamic_split_fuse \
+            and scheduler.max_num_batched_tokens < scheduler.max_num_seqs:
+        raise ConfigError("scheduler.max_num_batched_tokens", scheduler.max_num_batched_tokens,
+                          f"at least scheduler.max_num_seqs = {scheduler.max_num_seqs} with "
+                          "dynamic_split_fuse=False on backend 'genai' (GenAI's scheduler "
+                          "requires it; or lower max_num_seqs)")
 
 
 class GenAIBackend:
@@ -193,6 +184,37 @@ class GenAIBackend:
             return None
         return translate(self.eviction, prompt_len, g.max_new_tokens, self.block_size)
 
+    @staticmethod
+    def _drain(pipe, handles, ids, finish, first, last, cache, stream, t_start) -> bool:
+        """Step ``pipe`` until its requests finish, collecting their tokens; True if the
+        streamer asked to stop."""
+        user_stop = False
+        while pipe.has_non_finished_requests():
+            pipe.step()
+            now = time.perf_counter()
+            m = pipe.get_metrics()
+            used = int(round(m.cache_usage / 100.0 * m.kv_cache_size_in_bytes))
+            cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
+            cache.final_kv_bytes = used
+            for i, h in handles.items():
+                if not h.can_read():
+                    continue
+                for out in h.read().values():
+                    new = list(out.generated_ids)
+                    if new and not ids[i]:
+                        first[i] = now - t_start
+                    if new:
+                        last[i] = now - t_start
+                    ids[i].extend(new)
+                    reason = out.finish_reason.name
+                    if reason != "NONE":
+                        finish[i] = _FINISH.get(reason, reason.lower())
+                    if stream and new and stream.push(new):
+                        h.stop()
+                        finish[i] = "cancelled"
+                        user_stop = True
+        return user_stop
+
     def run(self, inputs: list[np.ndarray], g: GenerationConfig,
             streamer: Streamer | None) -> DecodedResults:
         """Generate for already-encoded, already-validated prompts ([1, T] int64 each)."""
@@ -207,36 +229,26 @@ class GenAIBackend:
         last = [0.0] * n
         cache = CacheMetrics(kv_block_bytes=self.block_bytes)
         gconf = self._genai_config(g)
-        stream = TextStream(self.tokenizer, streamer) if streamer else None
+        stream = None if streamer is None else TextStream(
+            self.tokenizer, streamer, g.stop_strings, g.include_stop_str_in_output)
+        user_stop = False
         t_start = time.perf_counter()
         for plan, members in groups.items():
             pipe = self._pipeline(plan)
             handles = {i: pipe.add_request(i, ov.Tensor(inputs[i]), gconf) for i in members}
-            while pipe.has_non_finished_requests():
-                pipe.step()
-                now = time.perf_counter()
-                m = pipe.get_metrics()
-                used = int(round(m.cache_usage / 100.0 * m.kv_cache_size_in_bytes))
-                cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
-                cache.final_kv_bytes = used
-                for i, h in handles.items():
-                    if not h.can_read():
-                        continue
-                    for out in h.read().values():
-                        new = list(out.generated_ids)
-                        if new and not ids[i]:
-                            first[i] = now - t_start
-                        if new:
-                            last[i] = now - t_start
-                        ids[i].extend(new)
-                        reason = out.finish_reason.name
-                        if reason != "NONE":
-                            finish[i] = _FINISH.get(reason, reason.lower())
-                        if stream and new and stream.push(new):
-                            h.stop()
-                            finish[i] = "cancelled"
-        if stream:
-            stream.push([], final=True)
+            try:
+                user_stop |= self._drain(pipe, handles, ids, finish, first, last, cache, stream,
+                                         t_start)
+            except BaseException:
+                for h in handles.values():
+                    h.stop()
+                self._pipelines.pop(plan, None)  # a pipeline that threw is not used again
+                raise
+            for i, h in handles.items():  # GenAI ends a request whose every token belongs to a
+                # stop string with no output at all: it stopped, it was not cancelled
+                if finish[i] == "cancelled" and not (user_stop and stream) \
+                        and h.get_status().name == "FINISHED":
+                    finish[i] = "stop"
         metrics = []
         for i, x in enumerate(inputs):
             k = len(ids[i])
@@ -252,6 +264,10 @@ class GenAIBackend:
             if t and t[-1] == eos and not g.ignore_eos:
                 t.pop()
         texts = [self.tokenizer.decode(t) if t else "" for t in ids]
+        if g.stop_strings and not g.include_stop_str_in_output:  # as the native backend does
+            texts = [cut_at_stop(t, g.stop_strings) for t in texts]
+        if stream and not user_stop:
+            stream.finish(texts[0])
         return DecodedResults(texts=texts, token_ids=ids, finish_reasons=finish, metrics=metrics,
                               cache=cache, generate_s=time.perf_counter() - t_start)
 

@@ -17,13 +17,16 @@ from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.sequence import Sequence
 from kvcrush_ov.errors import ConfigError, KVCrushError, ModelError
 from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.eviction.genai_compat import check_genai_algorithm
 from kvcrush_ov.eviction.registry import POLICIES
-from kvcrush_ov.model_info import ModelInfo
+from kvcrush_ov.model_info import ModelInfo, block_size_for
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
 
 
-def check_eviction(eviction: CacheEvictionConfig | None) -> None:
-    """Reject what the native engine cannot run, naming the field, before loading anything."""
+def check_eviction(eviction: CacheEvictionConfig | None, block: int = 32) -> None:
+    """Reject what the native engine cannot run, naming the field, before loading anything.
+    ``importance="upstream"`` runs GenAI's algorithm, with GenAI's limits (``block``: the
+    device's KV block size)."""
     if eviction is None:
         return
     if eviction.apply_rotation:
@@ -32,6 +35,8 @@ def check_eviction(eviction: CacheEvictionConfig | None) -> None:
     if eviction.importance not in POLICIES:
         raise ConfigError("eviction.importance", eviction.importance,
                           f"one of {', '.join(POLICIES)} with backend 'native'")
+    if eviction.importance == "upstream":
+        check_genai_algorithm(eviction, block, "with importance='upstream' (GenAI's algorithm)")
 
 
 class NativeBackend:
@@ -39,10 +44,10 @@ class NativeBackend:
 
     def __init__(self, info: ModelInfo, device: str, kv_cache: KVCacheConfig,
                  eviction: CacheEvictionConfig | None, scheduler: SchedulerConfig) -> None:
-        check_eviction(eviction)
         self.info = info
         self.eviction = eviction
         self.tokenizer = load_tokenizer(info)
+        check_eviction(eviction, block_size_for(device))
         spec = make_spec(eviction) if eviction is not None else None
         try:
             self.engine = LLMEngine(info.path, device, kv_cache, scheduler, info.context_length,
@@ -66,19 +71,29 @@ class NativeBackend:
 
     def run(self, inputs: list[np.ndarray], g: GenerationConfig,
             streamer: Streamer | None) -> DecodedResults:
-        eng = self.engine
         t_start = time.perf_counter()
-        seqs = [self.add_request(x[0].tolist(), g) for x in inputs]
-        stream = TextStream(self.tokenizer, streamer) if streamer else None
+        seqs: list[Sequence] = []
+        try:
+            for x in inputs:
+                seqs.append(self.add_request(x[0].tolist(), g))
+            return self._run(seqs, g, streamer, t_start)
+        finally:  # whatever happened, no sequence of this call stays in the engine
+            for s in seqs:
+                self.engine.abort(s)
+                self.engine.sequences.pop(s.seq_id, None)
+
+    def _run(self, seqs: list[Sequence], g: GenerationConfig, streamer: Streamer | None,
+             t_start: float) -> DecodedResults:
+        eng = self.engine
+        stream = None if streamer is None else TextStream(
+            self.tokenizer, streamer, g.stop_strings, g.include_stop_str_in_output)
         cache = CacheMetrics(kv_block_bytes=self.block_bytes)
         stopped: set[int] = set()
         idle = 0
         while eng.has_unfinished():
             out = eng.step()
             idle = idle + 1 if out.num_tokens == 0 else 0
-            if idle > 3:  # cannot happen while add_request checks sizes; never hang if it does
-                for s in seqs:
-                    eng.abort(s)
+            if idle > 3:  # cannot happen while requests are checked first; never hang if it does
                 raise KVCrushError("the native engine made no progress for 4 steps: "
                                    f"{eng.pool.num_free} of {eng.num_blocks} KV blocks free")
             used = round(out.blocks_held * self.block_bytes)
@@ -110,9 +125,8 @@ class NativeBackend:
             ids.append(list(s.output_ids))
             reasons.append("cancelled" if s.seq_id in stopped
                            else (s.sampler.finish_reason or "cancelled"))
-            eng.sequences.pop(s.seq_id, None)
         if stream is not None and seqs[0].seq_id not in stopped:
-            stream.push(ids[0][len(stream.ids):], final=True)
+            stream.finish(texts[0])
         return DecodedResults(texts=texts, token_ids=ids, finish_reasons=reasons,
                               metrics=metrics, cache=cache,
                               generate_s=time.perf_counter() - t_start)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcrush_ov.cache_plan import check_cache_plan, check_request_size
 from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
 from kvcrush_ov.device import check_kv_precision
 from kvcrush_ov.engine.block_pool import BlockPool
@@ -28,10 +29,7 @@ from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
-from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.spec import EvictionSpec
-
-DEFAULT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -81,21 +79,8 @@ class LLMEngine:
         self.block_size = self.runner.block_size
         self.block_bytes = self.runner.block_bytes
         self.context_length = context_length
-        if kv_cache.num_kv_blocks:
-            num_blocks = kv_cache.num_kv_blocks
-            field, value = "kv_cache.num_kv_blocks", kv_cache.num_kv_blocks
-        else:
-            nbytes = kv_cache.cache_size * 2**30 if kv_cache.cache_size else DEFAULT_CACHE_BYTES
-            num_blocks = int(nbytes // self.block_bytes)
-            field, value = "kv_cache.cache_size", kv_cache.cache_size
-        need = -(-scheduler.max_num_batched_tokens // self.block_size) + 1
-        if num_blocks < need:
-            raise ConfigError(
-                field, value,
-                f"room for at least {need} KV blocks ({need * self.block_bytes:,} bytes; one "
-                f"block holds {self.block_size} tokens in {self.block_bytes:,} bytes), enough "
-                f"for one step of max_num_batched_tokens={scheduler.max_num_batched_tokens}",
-            )
+        num_blocks = check_cache_plan(kv_cache, scheduler, self.block_bytes, self.block_size,
+                                      device)
         self.runner.allocate_cache(num_blocks)
         self.pool = BlockPool(num_blocks)
         self.evictor: Evictor | None = None
@@ -108,8 +93,10 @@ class LLMEngine:
             self.kv = HeadKVCacheManager(pools, heads, self.block_size)
             self.evictor = Evictor(eviction, self.kv, self.runner)
             self.head_units = heads * self.runner.num_layers  # head blocks per full block
+        self.scheduler_config = scheduler
         self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
-                                   scheduler.max_num_seqs, scheduler.dynamic_split_fuse)
+                                   scheduler.max_num_seqs, scheduler.dynamic_split_fuse,
+                                   align_chunks=kv_cache.precision == "u4")
         self._ids = itertools.count()
         self.stats = EngineStats()
         self.sequences: dict[int, Sequence] = {}
@@ -126,18 +113,9 @@ class LLMEngine:
                     eos_token_ids: Collection[int],
                     detokenize: Callable[[list[int]], str]) -> Sequence:
         """Queue a request; a prompt that cannot fit fails here, alone, naming the limit."""
-        limit = self.max_prompt_tokens(config.max_new_tokens)
-        if not prompt_ids:
-            raise ConfigError("prompt", prompt_ids, "at least one token")
-        if len(prompt_ids) > limit:
-            raise ConfigError(
-                "prompt", f"<{len(prompt_ids)} tokens>",
-                f"at most {max(limit, 0)} tokens: context {self.context_length}, cache "
-                f"{self.num_blocks} blocks of {self.block_size}, "
-                f"max_new_tokens={config.max_new_tokens}",
-            )
-        if self.evictor is not None:
-            self.evictor.check_request(len(prompt_ids))
+        check_request_size("prompt", len(prompt_ids), config.max_new_tokens,
+                           self.context_length, self.num_blocks * self.block_size,
+                           self.scheduler_config)
         seq = Sequence(seq_id=next(self._ids), prompt_ids=list(prompt_ids),
                        arrival=time.perf_counter())
         seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)

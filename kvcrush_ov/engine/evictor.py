@@ -17,7 +17,6 @@ from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager, fill_holes
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
-from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.genai_compat import translate
 from kvcrush_ov.eviction.planner import plan_eviction
 from kvcrush_ov.eviction.scores import SequenceScores
@@ -61,14 +60,6 @@ class Evictor:
         self.layout = PerHeadLayout(runner.num_layers, runner.num_kv_heads)
 
     # ------------------------------------------------------------------ per request
-    def check_request(self, prompt_tokens: int) -> None:
-        """An absolute budget above the prompt evicts nothing in prefill mode: refuse it."""
-        m = self.spec.max_cache_size
-        if self.spec.mode == "prefill" and not isinstance(m, float) and m > prompt_tokens:
-            raise ConfigError("eviction.max_cache_size", m,
-                              f"at most the prompt's {prompt_tokens} tokens with mode='prefill' "
-                              "(or a fraction of the prompt in (0, 1])")
-
     def spec_of(self, seq: Sequence) -> EvictionSpec:
         """The sequence's own spec (set by a fork) or the engine's."""
         return seq.extra.get("spec", self.spec)

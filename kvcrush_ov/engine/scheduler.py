@@ -9,6 +9,12 @@ watermark; alone in the engine it joins as soon as its first chunk fits), so tha
 admitted chunk by chunk into room the running sequences need. When a running sequence cannot get
 a block anyway, the newest running sequence is preempted: its blocks are freed and it waits to
 be recomputed (prompt + what it has generated), which yields exactly the same continuation.
+
+With ``align_chunks`` (the engine sets it for u4 caches) a prompt chunk that stops short of the
+prompt's end ends on a KV block boundary, and a sliver of a step's budget smaller than a block is
+left unused: a u4 key block written in two parts is quantized twice, and the 4-bit error made a
+prompt's output depend on ``max_num_batched_tokens`` and on the requests batched beside it
+(docs/reliability.md measures it). u8 and wider caches keep GenAI's packing, step for step.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 dynamic_split_fuse: bool = True) -> None:
+                 dynamic_split_fuse: bool = True, align_chunks: bool = False) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.dynamic_split_fuse = dynamic_split_fuse
+        self.align_chunks = align_chunks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -85,8 +92,16 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = min(seq.num_pending, budget)
-        if n < seq.num_pending and not self.dynamic_split_fuse:
-            return 0  # without chunked prefill a prompt runs whole or not at all
+        if n < seq.num_pending and not self.dynamic_split_fuse and not seq.num_preemptions:
+            return 0  # without chunked prefill a prompt runs whole or not at all (a preempted
+            # sequence's recomputation may be longer than one step: it runs in chunks)
+        bs = self.kv.block_size
+        if n < seq.num_pending and self.align_chunks and self.max_num_batched_tokens >= bs:
+            aligned = (seq.num_computed + n) // bs * bs - seq.num_computed  # a block boundary
+            if aligned > 0:
+                return aligned
+            if budget < self.max_num_batched_tokens:
+                return 0  # only a sliver of this step is left: the next step has room
         return n
 
     def _admissible(self, seq: Sequence, first_chunk: int) -> bool:

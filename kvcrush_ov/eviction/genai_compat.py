@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvcrush_ov.config import CacheEvictionConfig
+from kvcrush_ov.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,54 @@ class GenAISettings:
     anchor_point_mode: str
     rng_seed: int
     apply_rotation: bool
+
+
+def check_genai_algorithm(eviction: CacheEvictionConfig, block: int, where: str) -> None:
+    """Reject, naming the field, what GenAI's eviction algorithm cannot run: backend "genai",
+    and ``importance="upstream"`` (the same algorithm on the native engine). ``where`` says
+    which of the two in the messages (e.g. "with backend 'genai'"). Checked at construction, so
+    nothing fails later at generate (GenAI itself asserts these only once a prompt needs
+    eviction, and then blames the model)."""
+    for name in ("start_size", "recent_size"):
+        v = getattr(eviction, name)
+        if v < block or v % block:
+            raise ConfigError(f"eviction.{name}", v,
+                              f"a non-zero multiple of the KV block size {block} {where}")
+    minimum = eviction.start_size + eviction.recent_size + block
+    if isinstance(eviction.max_cache_size, int) and eviction.max_cache_size < minimum:
+        raise ConfigError("eviction.max_cache_size", eviction.max_cache_size,
+                          f"at least start_size + recent_size + one block = {minimum} tokens "
+                          f"{where}")
+    if eviction.mode != "continuous":
+        raise ConfigError("eviction.mode", eviction.mode,
+                          f"'continuous' {where}: GenAI evicts while decoding")
+    if eviction.evict_interval != block:
+        raise ConfigError("eviction.evict_interval", eviction.evict_interval,
+                          f"{block} {where}: GenAI evicts whenever a sequence fills one more "
+                          "KV block past its budget")
+    if eviction.pooling not in (None, "max") or eviction.kernel_size not in (None, 7):
+        raise ConfigError("eviction.pooling", f"{eviction.pooling}/{eviction.kernel_size}",
+                          f"None, or max pooling over 7 tokens (GenAI's fixed choice) {where}")
+    if eviction.pooling_offset != 0:
+        raise ConfigError("eviction.pooling_offset", eviction.pooling_offset,
+                          f"0 (GenAI centres its pooling window) {where}")
+    if eviction.decode_window_size is not None:
+        raise ConfigError("eviction.decode_window_size", eviction.decode_window_size,
+                          f"None (GenAI scores every decode step) {where}")
+    crush = eviction.kvcrush
+    if crush is None:
+        return
+    if isinstance(crush.anchor_point_mode, tuple):
+        raise ConfigError("kvcrush.anchor_point_mode", crush.anchor_point_mode,
+                          f"a single mode {where}")
+    if crush.granularity == "token":
+        raise ConfigError("kvcrush.granularity", crush.granularity,
+                          f"None or 'block' {where}")
+    if crush.dynamic_split:
+        raise ConfigError("kvcrush.dynamic_split", True, f"False {where}")
+    if crush.taper:
+        raise ConfigError("kvcrush.taper", True,
+                          f"None or False (GenAI's share is fixed) {where}")
 
 
 def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens: int,

@@ -1,0 +1,66 @@
+"""The fuzz harness (``kvcrush-ov fuzz``): a short fixed-seed run on the tiny model finds no
+violation, and the harness itself catches what it is there to catch (crash, hang, leftovers)."""
+
+from __future__ import annotations
+
+import sys
+
+from kvcrush_ov import Pipeline
+from kvcrush_ov.fuzz import Group, Run, _leftovers, fuzz, random_group, run_in_child
+
+
+def test_fixed_seed_fuzz_on_the_tiny_model_finds_nothing(tiny_model, tmp_path):
+    """16 random runs (2 configurations) of the CI subset; the full runs are in
+    docs/reliability.md."""
+    s = fuzz(16, seed=1, model=str(tiny_model), out_dir=tmp_path, group_size=8, log=print)
+    assert s.runs == 16
+    assert s.failed == 0, (s.violations, s.reproducers)
+    assert s.ok >= 8
+
+
+def test_random_groups_are_valid_and_reproducible():
+    a = random_group(5, 4, ("native", "genai"), ("u8", "u4", "f32"))
+    b = random_group(5, 4, ("native", "genai"), ("u8", "u4", "f32"))
+    assert a == b and len(a.runs) == 4
+    from kvcrush_ov.fuzz import _configs
+
+    for seed in range(60):  # every drawn configuration constructs (no ConfigError)
+        _configs(random_group(seed, 1, ("native", "genai"), ("u8", "u4", "f32")))
+
+
+def _one_run() -> Group:
+    return Group(seed=0, backend="native", kv_cache={"precision": "u8"},
+                 scheduler={"max_num_batched_tokens": 64}, eviction=None,
+                 runs=[Run(prompts=[5], prompt_seed=0, generation={"max_new_tokens": 2},
+                           stream=False)])
+
+
+def test_a_crashing_child_is_reported_as_a_crash(tiny_model):
+    res = run_in_child(_one_run(), str(tiny_model), 60,
+                       cmd=[sys.executable, "-c", "import os; os.abort()"])
+    assert res[0]["status"] == "violation" and res[0]["violations"][0].startswith("crash")
+
+
+def test_a_hanging_child_is_reported_as_a_hang(tiny_model):
+    res = run_in_child(_one_run(), str(tiny_model), 2,
+                       cmd=[sys.executable, "-c", "import time; time.sleep(60)"])
+    assert res[0]["violations"][0].startswith("hang")
+
+
+def test_leftover_sequences_and_blocks_are_found(tiny_model):
+    pipe = Pipeline(tiny_model, eviction=None)
+    assert _leftovers(pipe) == []
+    ids = pipe.backend.encode("left behind", False)
+    seq = pipe.backend.add_request(ids[0].tolist(), pipe_config())
+    pipe.backend.engine.step()
+    found = _leftovers(pipe)
+    assert any("sequences" in f for f in found) and any("blocks" in f for f in found)
+    pipe.backend.engine.abort(seq)
+    pipe.backend.engine.sequences.pop(seq.seq_id)
+    assert _leftovers(pipe) == []
+
+
+def pipe_config():
+    from kvcrush_ov import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=4)
