@@ -185,6 +185,42 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     return 1 if leak else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from kvcrush_ov.config import KVCacheConfig, SchedulerConfig
+    from kvcrush_ov.pipeline import Pipeline
+
+    try:
+        import uvicorn
+
+        from kvcrush_ov.server.app import create_app
+    except ImportError as e:
+        raise KVCrushError(f"the server needs the 'serve' extra: pip install "
+                           f"'kvcrush-ov[serve]' ({e})") from None
+    if not 0 < args.port < 65536:
+        raise ConfigError("--port", args.port, "a TCP port in 1..65535")
+    pipe = Pipeline(args.model, device=args.device,
+                    kv_cache=KVCacheConfig(precision=args.precision, cache_size=args.cache_size,
+                                           num_kv_blocks=args.num_kv_blocks),
+                    eviction=_eviction_from_args(args),
+                    scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                              max_num_seqs=args.max_num_seqs))
+    name = args.served_model_name or pipe.model_path.name
+    if name.startswith("ov-"):  # a registry folder (models/<name>/ov-fp16): the model's name
+        name = pipe.model_path.parent.name
+    key = args.api_key or os.environ.get("KVCRUSH_OV_API_KEY") or None
+    app = create_app(pipe, name, key)
+    print(f"[serve] {name} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if key else 'no API key'})", flush=True)
+    from kvcrush_ov.server.app import GracefulServer
+
+    GracefulServer(uvicorn.Config(app, host=args.host, port=args.port,
+                                  log_level=args.log_level,
+                                  timeout_graceful_shutdown=args.graceful_timeout)).run()
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import shlex
     import sys
@@ -312,6 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--out", default="fuzz-reproducers", help="where failing runs are written")
     fz.add_argument("--replay", help="rerun one reproducer file")
     fz.set_defaults(func=_cmd_fuzz)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the native engine")
+    sv.add_argument("--model", default=DEFAULT_MODEL)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="CPU")
+    sv.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    sv.add_argument("--cache-size", type=float, default=0.0, help="KV cache GB (0: 1 GB)")
+    sv.add_argument("--num-kv-blocks", type=int, default=0)
+    sv.add_argument("--max-num-batched-tokens", type=int, default=256)
+    sv.add_argument("--max-num-seqs", type=int, default=256)
+    sv.add_argument("--budget", default="25%", help="default KV budget: 25%%, 0.25 or 1024")
+    sv.add_argument("--no-eviction", action="store_true", help="keep the full cache")
+    sv.add_argument("--importance", default="snapkv", choices=IMPORTANCE_METHODS)
+    sv.add_argument("--anchor", default="alternating", choices=ANCHOR_POINT_MODES)
+    sv.add_argument("--kvcrush-share", type=float, default=0.25)
+    sv.add_argument("--mode", default="continuous", choices=EVICTION_MODES)
+    sv.add_argument("--served-model-name", help="the name clients use (default: the model's)")
+    sv.add_argument("--api-key", help="require this key (or set KVCRUSH_OV_API_KEY)")
+    sv.add_argument("--log-level", default="warning")
+    sv.add_argument("--graceful-timeout", type=float, default=30.0,
+                    help="seconds running requests get to finish on SIGTERM")
+    sv.set_defaults(func=_cmd_serve)
 
     sk = sub.add_parser("soak", help="mixed requests with eviction, cancellations and "
                         "preemptions; RSS, blocks and sequences over time")

@@ -138,7 +138,7 @@ def random_group(seed: int, runs: int, backends: tuple[str, ...], precisions: tu
         kv["num_kv_blocks"] = int(max(need, fits) + rng.integers(0, 24))
     group = Group(seed=seed, backend=backend, kv_cache=kv, scheduler=scheduler,
                   eviction=random_eviction(rng, backend))
-    if backend == "genai" and group.eviction is not None and kv["precision"] == "u4":
+    if backend == "genai" and kv["precision"] == "u4":
         kv["precision"] = "u8"  # refused by name (a GenAI defect: backends/genai.py)
     for _ in range(runs):
         n = int(rng.integers(1, 6))
@@ -191,8 +191,10 @@ def _batch_exact(g: Group) -> bool:
     """Whether batched output must equal one-by-one output here: on the native backend with an
     f32 cache. With u8 / u4 / bf16 caches the plugin's attention and bf16 inference depend on
     what else runs in a step, so outputs may differ now and then, on GenAI too
-    (docs/reliability.md)."""
-    return g.backend == "native" and g.kv_cache["precision"] == "f32"
+    (docs/reliability.md). Not with importance="upstream": GenAI's algorithm evicts between
+    prefill chunks, so what it keeps depends on how a batch cuts a prompt."""
+    upstream = g.eviction is not None and g.eviction.get("importance") == "upstream"
+    return g.backend == "native" and g.kv_cache["precision"] == "f32" and not upstream
 
 
 class _Checked:

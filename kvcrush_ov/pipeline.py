@@ -117,8 +117,9 @@ class Pipeline:
 
             check_native(eviction, block)
         else:
-            from kvcrush_ov.backends.genai import check_eviction, check_scheduler
+            from kvcrush_ov.backends.genai import check_eviction, check_kv_cache, check_scheduler
 
+            check_kv_cache(kv_cache)
             check_scheduler(scheduler)
             if eviction is not None:
                 check_eviction(eviction, kv_cache, block)

@@ -166,6 +166,8 @@ PIPELINE += [(f"genai-{name}", {**_G, **kw}, field) for name, kw, field in [
                                                           max_num_seqs=16,
                                                           dynamic_split_fuse=False)},
      "scheduler.max_num_batched_tokens"),
+    ("u4", {"kv_cache": KVCacheConfig(precision="u4"), "eviction": None},
+     "kv_cache.precision"),
     ("u4-eviction", {"kv_cache": KVCacheConfig(precision="u4"), "eviction": _ev()},
      "kv_cache.precision"),
     ("start-0", {"eviction": _ev(start_size=0)}, "eviction.start_size"),

@@ -377,7 +377,7 @@ def test_decode_window_scores_only_the_steps_before_each_eviction(tiny_model, ti
 def test_smollm2_needle_at_25_percent_and_bytes_equal_the_budget(smollm2_fp16):
     pipe = Pipeline(smollm2_fp16, eviction=CacheEvictionConfig(max_cache_size=0.25, log=True))
     found = []
-    for depth in (0.1, 0.5, 0.9):
+    for depth in (0.1, 0.9):  # the ends of the document (CI time: a 3.4K prefill each)
         out = pipe.generate(build_prompt(depth), max_new_tokens=20)
         m = out.metrics[0]
         found.append("7391" in out.text)

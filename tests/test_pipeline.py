@@ -134,6 +134,10 @@ def test_kv_block_bytes_match_genai(tiny_model, precision):
 
     if precision == "bf16" and refuses_bf16_here(make):
         return
+    if precision == "u4":  # GenAI 2026.4.1 corrupts the heap with u4 (docs/reliability.md)
+        with pytest.raises(ConfigError, match=r"kv_cache\.precision='u4'.*corrupts the heap"):
+            make()
+        return
     pipe = make()
     out = pipe.generate("hi", max_new_tokens=2)
     allocated = pipe.backend._pipeline(None).get_metrics().kv_cache_size_in_bytes

@@ -10,9 +10,9 @@ translates kvcrush-ov's configuration into GenAI's and guards against GenAI's kn
   makes GenAI's NORM_SUM score bookkeeping throw and leak the request's blocks; such a prompt
   never needs eviction at prefill, so it runs with the SnapKV window off (window 0), which GenAI
   handles by counting tokens one by one;
-- eviction from a u4 cache is refused: GenAI 2026.4.1 corrupted the heap (``double free or
-  corruption``, SIGABRT / SIGSEGV) after a few requests in every fuzzed u4 configuration with
-  eviction, and in none with u8 / f32 or without eviction;
+- a u4 cache is refused: GenAI 2026.4.1 corrupted the heap (``double free or corruption``,
+  SIGABRT / SIGSEGV) after a few requests in fuzzed u4 configurations, with and without
+  eviction, and in none with u8 / f32;
 - cache rotation (``apply_rotation``) is rejected: in GenAI 2026.4.1 it fails with chunked
   prefill, is refused with a u8 cache, and corrupted the heap on this project's machines with bf16
   AND f32 caches (``free(): invalid next size``), so no configuration is safe to offer.
@@ -82,15 +82,19 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
         raise ConfigError("eviction.apply_rotation", True,
                           "False with backend 'genai': GenAI 2026.4's key rotation corrupts the "
                           "heap or fails, whatever the cache precision")
-    if kv_cache.precision == "u4":
-        raise ConfigError("kv_cache.precision", "u4",
-                          "u8, bf16 or f32 with eviction on backend 'genai': GenAI 2026.4.1 "
-                          "corrupts the heap evicting from a u4 cache (kvcrush-ov fuzz, "
-                          "docs/reliability.md); the native backend runs u4 with eviction")
     if eviction.log:
         raise ConfigError("eviction.log", True,
                           f"False {native_only}: GenAI does not report the positions it keeps")
     check_genai_algorithm(eviction, block, native_only)
+
+
+def check_kv_cache(kv_cache: KVCacheConfig) -> None:
+    """GenAI 2026.4.1 corrupts the heap with a u4 cache (with or without eviction)."""
+    if kv_cache.precision == "u4":
+        raise ConfigError("kv_cache.precision", "u4",
+                          "u8, bf16 or f32 with backend 'genai': GenAI 2026.4.1 corrupts the "
+                          "heap with a u4 cache (found by kvcrush-ov fuzz, docs/reliability.md); "
+                          "the native backend runs u4")
 
 
 def check_scheduler(scheduler: SchedulerConfig) -> None:

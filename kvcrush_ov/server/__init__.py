@@ -1,0 +1,1 @@
+"""kvcrush-ov serve: an OpenAI-compatible HTTP server on the native engine."""
