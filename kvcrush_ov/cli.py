@@ -221,6 +221,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from kvcrush_ov.bench_serve import bench_serve, table
+
+    for name in ("prompt_tokens", "max_tokens", "num_kv_blocks", "requests_per_client"):
+        if getattr(args, name) < 1:
+            raise ConfigError("--" + name.replace("_", "-"), getattr(args, name),
+                              "an integer >= 1")
+    clients = args.clients or [8, 32, 64]
+    if any(c < 1 for c in clients):
+        raise ConfigError("--clients", clients, "integers >= 1")
+    parse_budget(args.budget)
+    rows = bench_serve(args.model, clients, args.prompt_tokens, args.max_tokens,
+                       args.num_kv_blocks, args.requests_per_client, args.budget,
+                       args.precision)
+    print(table(rows))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import shlex
     import sys
@@ -371,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--graceful-timeout", type=float, default=30.0,
                     help="seconds running requests get to finish on SIGTERM")
     sv.set_defaults(func=_cmd_serve)
+
+    bs = sub.add_parser("bench-serve", help="concurrent clients against a real server: full "
+                        "cache vs the default eviction at the same cache size")
+    bs.add_argument("--model", default=DEFAULT_MODEL)
+    bs.add_argument("--clients", type=int, action="append", help="repeat (default 8, 32, 64)")
+    bs.add_argument("--prompt-tokens", type=int, default=1024)
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--num-kv-blocks", type=int, default=512, help="the fixed cache of both")
+    bs.add_argument("--requests-per-client", type=int, default=2)
+    bs.add_argument("--budget", default="25%")
+    bs.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    bs.set_defaults(func=_cmd_bench_serve)
 
     sk = sub.add_parser("soak", help="mixed requests with eviction, cancellations and "
                         "preemptions; RSS, blocks and sequences over time")

@@ -265,3 +265,19 @@ def test_sigterm_lets_a_running_request_finish_and_exits_0(tiny_model):
     rest = list(s)
     assert first.choices[0].text is not None and rest[-1].choices[0].finish_reason == "length"
     assert proc.wait(timeout=60) == 0
+
+
+def test_bench_serve_table_reports_ratios_against_the_full_cache():
+    from kvcrush_ov.bench_serve import ServeRow, table
+
+    rows = [ServeRow("full", 8, 8, 10.0, 48.0, 1.0, 2.0, 10.0, 50.0),
+            ServeRow("default", 8, 8, 5.0, 96.0, 0.5, 1.0, 9.0, 100.0)]
+    lines = table(rows).splitlines()
+    assert lines[2].startswith("| 8 | full | 48.0 |") and lines[2].endswith("|  |  |")
+    assert lines[3].endswith("| 2.00x | 0.50x |")
+
+
+def test_bench_serve_rejects_bad_numbers_by_name():
+    out = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "bench-serve", "--clients",
+                          "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--clients" in out.stderr + out.stdout
