@@ -200,16 +200,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            f"'kvcrush-ov[serve]' ({e})") from None
     if not 0 < args.port < 65536:
         raise ConfigError("--port", args.port, "a TCP port in 1..65535")
-    pipe = Pipeline(args.model, device=args.device,
-                    kv_cache=KVCacheConfig(precision=args.precision, cache_size=args.cache_size,
-                                           num_kv_blocks=args.num_kv_blocks),
-                    eviction=_eviction_from_args(args),
-                    scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                              max_num_seqs=args.max_num_seqs))
+    if args.replicas < 1:
+        raise ConfigError("--replicas", args.replicas, "an integer >= 1")
+    kw = dict(device=args.device,
+              kv_cache=KVCacheConfig(precision=args.precision, cache_size=args.cache_size,
+                                     num_kv_blocks=args.num_kv_blocks),
+              eviction=_eviction_from_args(args),
+              scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                        max_num_seqs=args.max_num_seqs))
+    pipe = Pipeline(args.model, **kw)  # here too with --ray: a bad setting fails before Ray
     name = args.served_model_name or pipe.model_path.name
     if name.startswith("ov-"):  # a registry folder (models/<name>/ov-fp16): the model's name
         name = pipe.model_path.parent.name
     key = args.api_key or os.environ.get("KVCRUSH_OV_API_KEY") or None
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise KVCrushError(f"--ray needs the 'ray' extra: pip install 'kvcrush-ov[ray]' "
+                               f"({e})") from None
+        from kvcrush_ov.server import ray_serve
+
+        model_path = str(pipe.model_path)
+        del pipe
+        return ray_serve.run(lambda: Pipeline(model_path, **kw), name, key, args.replicas,
+                             args.host, args.port)
     app = create_app(pipe, name, key)
     print(f"[serve] {name} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if key else 'no API key'})", flush=True)
@@ -386,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", help="the name clients use (default: the model's)")
     sv.add_argument("--api-key", help="require this key (or set KVCRUSH_OV_API_KEY)")
     sv.add_argument("--log-level", default="warning")
+    sv.add_argument("--ray", action="store_true",
+                    help="run as a Ray Serve deployment (RAY_ADDRESS: an existing cluster)")
+    sv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
     sv.add_argument("--graceful-timeout", type=float, default=30.0,
                     help="seconds running requests get to finish on SIGTERM")
     sv.set_defaults(func=_cmd_serve)

@@ -29,8 +29,8 @@ step() {  # run a step quietly; on failure show the end of its log
 }
 step "upgrading pip" "${PIP[@]}" install --upgrade pip
 step "installing torch==2.13.0 (CPU) first" "${PIP[@]}" install "torch==2.13.0"
-step "installing kvcrush-ov with its export, serve and test extras" \
-  "${PIP[@]}" install -c "$ROOT/constraints.txt" -e "$ROOT[export,serve,test]"
+step "installing kvcrush-ov with its export, serve, ray and test extras" \
+  "${PIP[@]}" install -c "$ROOT/constraints.txt" -e "$ROOT[export,serve,ray,test]"
 step "removing torchvision (breaks optimum-intel with CPU torch)" \
   "${PIP[@]}" uninstall -y torchvision
 step "checking the export stack imports" \

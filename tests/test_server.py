@@ -281,3 +281,40 @@ def test_bench_serve_rejects_bad_numbers_by_name():
     out = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "bench-serve", "--clients",
                           "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--clients" in out.stderr + out.stdout
+
+
+def test_ray_serve_spreads_requests_over_two_replicas(tiny_model, pipe):
+    """``serve --ray --replicas 2``: a local Ray cluster, the same app in two replicas behind
+    Ray Serve's HTTP proxy; concurrent requests are answered by both processes, with the same
+    output as the Pipeline; SIGTERM shuts Ray down and exits 0."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvcrush_ov.cli", "serve", "--ray", "--replicas", "2", "--model",
+         str(tiny_model), "--port", str(port), "--precision", "f32", "--num-kv-blocks",
+         str(BLOCKS), "--budget", "0.5", "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 180
+        while not any("replicas" in ln for ln in lines):  # printed once every replica is up
+            assert time.time() < deadline and proc.poll() is None, "".join(lines[-20:])
+            lines.append(proc.stdout.readline())
+        url = f"http://127.0.0.1:{port}"
+        want = pipe.generate(PROMPT, max_new_tokens=6, apply_chat_template=False).text
+        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 6,
+                           "temperature": 0}).encode()
+
+        def one(_: int) -> tuple[str, str]:
+            req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.headers["x-kvcrush-process"], json.loads(r.read())["choices"][0]["text"]
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(one, range(24)))
+        assert {text for _, text in got} == {want}
+        assert len({who for who, _ in got}) == 2, got
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0

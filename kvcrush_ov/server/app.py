@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -192,7 +193,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None) -> S
         if state["loop"] is not None:
             await asyncio.to_thread(state["loop"].stop)
 
-    app = Starlette(routes=[
+    app = Starlette(middleware=[Middleware(ProcessHeader)], routes=[
         Route("/health", health), Route("/metrics", metrics),
         Route("/v1/models", models),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -200,6 +201,30 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None) -> S
     ], lifespan=lifespan)
     app.state.engine = engine
     return app
+
+
+class ProcessHeader:
+    """Every response says which server process answered (``X-Kvcrush-Process``: host:pid), so
+    a client can see how requests spread over replicas."""
+
+    def __init__(self, app) -> None:
+        import os
+        import socket
+
+        self.app = app
+        self.value = f"{socket.gethostname()}:{os.getpid()}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-kvcrush-process", self.value)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def _event(obj: dict) -> str:
