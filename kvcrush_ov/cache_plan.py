@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from kvcrush_ov.config import KVCacheConfig, SchedulerConfig
+from kvcrush_ov.device import proc_kib
 from kvcrush_ov.errors import ConfigError
 
 DEFAULT_CACHE_BYTES = 1 << 30  # native engine, cache_size=0 and num_kv_blocks=0: 1 GiB
@@ -18,13 +19,9 @@ DEFAULT_CACHE_BYTES = 1 << 30  # native engine, cache_size=0 and num_kv_blocks=0
 
 def available_memory_bytes() -> int | None:
     """Memory this machine can still give (Linux MemAvailable); None where it cannot tell."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    if kib is not None:
+        return kib * 1024
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

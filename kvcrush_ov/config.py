@@ -156,8 +156,7 @@ class KVCrushConfig:
         _int_at_least("kvcrush.rng_seed", self.rng_seed, 0)
         if self.granularity is not None:
             self.granularity = _choice("kvcrush.granularity", self.granularity, GRANULARITIES)
-        if not isinstance(self.dynamic_split, bool):
-            raise ConfigError("kvcrush.dynamic_split", self.dynamic_split, "True or False")
+        _bool("kvcrush.dynamic_split", self.dynamic_split)
         if self.taper is not None and not isinstance(self.taper, bool):
             raise ConfigError("kvcrush.taper", self.taper,
                               "None (the backend's own), True or False")
@@ -242,8 +241,7 @@ class CacheEvictionConfig:
         self.aggregation_mode = _choice(
             "eviction.aggregation_mode", self.aggregation_mode, AGGREGATION_MODES
         )
-        if not isinstance(self.apply_rotation, bool):
-            raise ConfigError("eviction.apply_rotation", self.apply_rotation, "True or False")
+        _bool("eviction.apply_rotation", self.apply_rotation)
         self.mode = _choice("eviction.mode", self.mode, EVICTION_MODES)
         _int_at_least("eviction.evict_interval", self.evict_interval, 1)
         if self.pooling is not None:
@@ -260,8 +258,7 @@ class CacheEvictionConfig:
             raise ConfigError("eviction.decode_window_size", self.decode_window_size,
                               f"None or an integer in [1, evict_interval = "
                               f"{self.evict_interval}]")
-        if not isinstance(self.log, bool):
-            raise ConfigError("eviction.log", self.log, "True or False")
+        _bool("eviction.log", self.log)
         if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):
             raise ConfigError("eviction.kvcrush", self.kvcrush, "a KVCrushConfig or None")
         if self.importance == "upstream" and self.kvcrush is not None and self.kvcrush.taper:
@@ -307,8 +304,7 @@ class GenerationConfig:
         _int_at_least("max_new_tokens", self.max_new_tokens, 1)
         for name in ("do_sample", "include_stop_str_in_output", "ignore_eos",
                      "apply_chat_template"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "True or False")
+            _bool(name, getattr(self, name))
         if not _is_number(self.temperature) or self.temperature <= 0:
             raise ConfigError("temperature", self.temperature, "a number > 0")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:

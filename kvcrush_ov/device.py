@@ -12,6 +12,19 @@ def _available_devices() -> list[str]:
     return list(ov.Core().available_devices)
 
 
+def proc_kib(path: str, key: str) -> int | None:
+    """The ``key:`` line of a Linux /proc file in KiB (e.g. ``/proc/meminfo``, MemAvailable);
+    None where the file or the line is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_device(device: object) -> str:
     """Validate ``device`` against the devices OpenVINO sees on this machine."""
     available = _available_devices()

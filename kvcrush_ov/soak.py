@@ -17,19 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig
+from kvcrush_ov.device import proc_kib
 from kvcrush_ov.fuzz import prompt_text
 
 
 def rss_bytes() -> int:
     """This process's resident set size (Linux), 0 where it cannot tell."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (proc_kib("/proc/self/status", "VmRSS") or 0) * 1024
 
 
 @dataclass

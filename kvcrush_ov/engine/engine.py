@@ -105,10 +105,6 @@ class LLMEngine:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
-    def max_prompt_tokens(self, max_new_tokens: int) -> int:
-        """The longest prompt one request may have (model context and whole cache)."""
-        return min(self.context_length, self.num_blocks * self.block_size) - max_new_tokens
-
     def add_request(self, prompt_ids: list[int], config: GenerationConfig,
                     eos_token_ids: Collection[int],
                     detokenize: Callable[[list[int]], str]) -> Sequence:

@@ -102,7 +102,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None) -> S
             try:
                 check_eviction(req["eviction"], block_size_for(pipe.device))
             except ConfigError as e:
-                raise api._renamed(e) from None
+                raise api.renamed(e) from None
             spec = make_spec(req["eviction"])
         return req, ServerRequest(config=req["config"], prompt=req.get("prompt"),
                                   messages=req.get("messages"), eviction=spec)
@@ -130,7 +130,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None) -> S
         if first[0] == "error":
             e = first[1]
             if isinstance(e, ConfigError):
-                return _bad(api._renamed(e))
+                return _bad(api.renamed(e))
             return JSONResponse(api.error(500, f"the engine failed: {e}", None, "server_error"),
                                 status_code=500)
         prompt_tokens = first[1]

@@ -26,7 +26,7 @@ _KNOWN = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "kv_cache_eviction", "best_of"} | _IGNORED
 
 
-def _renamed(e: ConfigError, prefix: str = "") -> ConfigError:
+def renamed(e: ConfigError, prefix: str = "") -> ConfigError:
     name = _OPENAI_NAME.get(e.field, e.field)
     if e.field.startswith("eviction."):
         name = "kv_cache_eviction." + e.field.split(".", 1)[1]
@@ -134,7 +134,7 @@ def _generation(body: dict, kind: str) -> GenerationConfig:
     except ConfigError as e:
         if e.field == "max_new_tokens":
             raise ConfigError(name, e.value, e.allowed) from None
-        raise _renamed(e) from None
+        raise renamed(e) from None
 
 
 def _eviction(ev: object) -> CacheEvictionConfig | None:
@@ -156,7 +156,7 @@ def _eviction(ev: object) -> CacheEvictionConfig | None:
         raise ConfigError("kv_cache_eviction", ev,
                           f"CacheEvictionConfig fields ({str(e).split(': ')[-1]})") from None
     except ConfigError as e:
-        raise _renamed(e) from None
+        raise renamed(e) from None
 
 
 # -- responses -----------------------------------------------------------------------------------
