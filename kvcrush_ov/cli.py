@@ -144,6 +144,8 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
         raise ConfigError("--group-size", args.group_size, "an integer >= 1")
     if args.timeout <= 0:
         raise ConfigError("--timeout", args.timeout, "seconds > 0")
+    if args.seed < 0:
+        raise ConfigError("--seed", args.seed, "an integer >= 0")
     model = str(resolve_model(args.model))
     if args.replay:
         results = replay(Path(args.replay), model, args.timeout)
@@ -171,6 +173,10 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         raise ConfigError("--minutes", args.minutes, "a number of minutes > 0")
     if args.concurrency < 1:
         raise ConfigError("--concurrency", args.concurrency, "an integer >= 1")
+    if not args.sample_every > 0:
+        raise ConfigError("--sample-every", args.sample_every, "seconds > 0")
+    if args.seed < 0:
+        raise ConfigError("--seed", args.seed, "an integer >= 0")
     rep = soak(args.model, args.minutes, args.seed, args.concurrency,
                sample_every_s=args.sample_every)
     drift = rep.drift()

@@ -64,3 +64,14 @@ def pipe_config():
     from kvcrush_ov import GenerationConfig
 
     return GenerationConfig(max_new_tokens=4)
+
+
+def test_fuzz_and_soak_name_bad_numbers():
+    import subprocess
+
+    for args, field in ((["fuzz", "--seed", "-1"], "--seed"), (["fuzz", "--runs", "0"], "--runs"),
+                        (["soak", "--sample-every", "0"], "--sample-every"),
+                        (["soak", "--minutes", "-2"], "--minutes")):
+        out = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and field in out.stdout + out.stderr, (args, out.stderr)
