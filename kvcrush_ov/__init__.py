@@ -2,6 +2,7 @@
 
 from kvcrush_ov.config import (
     CacheEvictionConfig,
+    FastKVConfig,
     GenerationConfig,
     KVCacheConfig,
     KVCrushConfig,
@@ -18,6 +19,7 @@ __all__ = [
     "CacheMetrics",
     "ConfigError",
     "DecodedResults",
+    "FastKVConfig",
     "FetchError",
     "GenerationConfig",
     "KVCacheConfig",

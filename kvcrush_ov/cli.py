@@ -11,6 +11,8 @@ from kvcrush_ov.config import (
     EVICTION_MODES,
     IMPORTANCE_METHODS,
     KV_CACHE_PRECISIONS,
+    CacheEvictionConfig,
+    FastKVConfig,
 )
 from kvcrush_ov.errors import ConfigError, KVCrushError
 from kvcrush_ov.models.registry import DEFAULT_MODEL, WEIGHT_FORMATS
@@ -255,8 +257,24 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     parse_budget(args.budget)
     rows = bench_serve(args.model, clients, args.prompt_tokens, args.max_tokens,
                        args.num_kv_blocks, args.requests_per_client, args.budget,
-                       args.precision)
+                       args.precision, ("full", "default") if args.mode == "both" else (args.mode,))
     print(table(rows))
+    return 0
+
+
+def _cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from kvcrush_ov.bench_prefill import bench_prefill, table
+
+    lengths = args.tokens or [2048, 4096, 8192, 16384]
+    if any(n < 1 for n in lengths):
+        raise ConfigError("--tokens", lengths, "integers >= 1")
+    if args.repeats < 1:
+        raise ConfigError("--repeats", args.repeats, "an integer >= 1")
+    fast = FastKVConfig(split_layer=args.split_layer, tsp_rate=args.tsp_rate)
+    budget = parse_budget(args.budget)
+    CacheEvictionConfig(max_cache_size=budget, fastkv=fast)  # every field named before work
+    print(table(bench_prefill(args.model, lengths, args.repeats, budget, fast.tsp_rate,
+                              fast.split_layer)))
     return 0
 
 
@@ -424,7 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--requests-per-client", type=int, default=2)
     bs.add_argument("--budget", default="25%")
     bs.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    bs.add_argument("--mode", default="both", choices=("both", "full", "default"),
+                    help="run only one side (e.g. to split a long run in two)")
     bs.set_defaults(func=_cmd_bench_serve)
+
+    bp = sub.add_parser("bench-prefill", help="TTFT of the ordinary prefill vs FastKV's "
+                        "token-selective propagation at several prompt lengths")
+    bp.add_argument("--model", default=DEFAULT_MODEL)
+    bp.add_argument("--tokens", type=int, action="append",
+                    help="prompt length (repeat; default 2048, 4096, 8192, 16384)")
+    bp.add_argument("--repeats", type=int, default=2, help="prompts per length (median)")
+    bp.add_argument("--budget", default="25%")
+    bp.add_argument("--tsp-rate", type=float, default=0.2)
+    bp.add_argument("--split-layer", type=int, default=None)
+    bp.set_defaults(func=_cmd_bench_prefill)
 
     sk = sub.add_parser("soak", help="mixed requests with eviction, cancellations and "
                         "preemptions; RSS, blocks and sequences over time")

@@ -162,6 +162,54 @@ class KVCrushConfig:
                               "None (the backend's own), True or False")
 
 
+FASTKV_IMPORTANCE = ("snapkv", "pyramidkv", "adakv")  # score the prompt's last queries
+
+
+@dataclass
+class FastKVConfig:
+    """FastKV's token-selective propagation (Jo et al. 2025): a faster prefill for long prompts.
+
+    Layers ``0..split_layer`` process the whole prompt; at ``split_layer`` every prompt token is
+    ranked by the attention of the prompt's last ``snapkv_window_size`` queries (summed over
+    heads, max-pooled over ``kernel`` tokens), and only the best ``tsp_rate`` of the prompt plus
+    the ``start_size`` sinks and ``recent_size`` newest tokens (which eviction always keeps)
+    go on through the deeper layers, with their original positions. Decode is unchanged.
+
+    split_layer: the last layer that sees every token; None is the middle, ``(N - 1) // 2`` of N
+        layers (FastKV's 15 of 32, 17 of 36, 19 of 40). At most N - 2.
+    tsp_rate: fraction of the prompt propagated (ranked tokens), in (0, 1]; 1.0 propagates
+        every token (the same output as without FastKV).
+    kernel: max-pooling width of the ranking scores (odd, >= 1).
+    """
+
+    split_layer: int | None = None
+    tsp_rate: float = 0.2
+    kernel: int = 7
+
+    def __post_init__(self) -> None:
+        if self.split_layer is not None:
+            _int_at_least("fastkv.split_layer", self.split_layer, 0)
+        if not _is_number(self.tsp_rate) or not 0.0 < self.tsp_rate <= 1.0:
+            raise ConfigError("fastkv.tsp_rate", self.tsp_rate,
+                              "a fraction of the prompt in (0, 1]")
+        if _int_at_least("fastkv.kernel", self.kernel, 1) % 2 == 0:
+            raise ConfigError("fastkv.kernel", self.kernel, "an odd integer >= 1")
+
+    def layer_for(self, num_layers: int) -> int:
+        """The split layer for a model of ``num_layers`` layers (ConfigError if out of range)."""
+        layer = (num_layers - 1) // 2 if self.split_layer is None else self.split_layer
+        if not 0 <= layer <= num_layers - 2:
+            raise ConfigError("fastkv.split_layer", self.split_layer,
+                              f"None or an integer in [0, {num_layers - 2}] (the model has "
+                              f"{num_layers} layers)")
+        return layer
+
+    def num_propagated(self, prompt_len: int, fixed: int) -> int:
+        """Rows the back layers get for a prompt of ``prompt_len`` tokens, ``fixed`` of them
+        always propagated (sinks + recent)."""
+        return min(prompt_len, fixed + math.ceil(self.tsp_rate * prompt_len))
+
+
 @dataclass
 class CacheEvictionConfig:
     """Which tokens a sequence keeps once its cache outgrows the budget.
@@ -203,6 +251,8 @@ class CacheEvictionConfig:
         same accuracy as every step on the RULER harness, docs/eviction.md); on genai every
         step, as GenAI does (genai accepts only None).
     log: keep a per-request eviction log (kept positions per layer and head, and why).
+    fastkv: FastKV's token-selective propagation during prefill (:class:`FastKVConfig`), or
+        None. Native backend, importance snapkv / pyramidkv / adakv.
     """
 
     max_cache_size: int | float = 0.25
@@ -220,6 +270,7 @@ class CacheEvictionConfig:
     pooling_offset: int = 0
     decode_window_size: int | None = None
     log: bool = False
+    fastkv: FastKVConfig | None = None
 
     def __post_init__(self) -> None:
         m = self.max_cache_size
@@ -261,6 +312,13 @@ class CacheEvictionConfig:
         _bool("eviction.log", self.log)
         if self.kvcrush is not None and not isinstance(self.kvcrush, KVCrushConfig):
             raise ConfigError("eviction.kvcrush", self.kvcrush, "a KVCrushConfig or None")
+        if self.fastkv is not None:
+            if not isinstance(self.fastkv, FastKVConfig):
+                raise ConfigError("eviction.fastkv", self.fastkv, "a FastKVConfig or None")
+            if self.importance not in FASTKV_IMPORTANCE:
+                raise ConfigError("eviction.importance", self.importance,
+                                  f"one of {', '.join(FASTKV_IMPORTANCE)} with fastkv (its split "
+                                  "layer ranks tokens by the prompt's last queries)")
         if self.importance == "upstream" and self.kvcrush is not None and self.kvcrush.taper:
             raise ConfigError("kvcrush.taper", True, "None or False with importance='upstream' "
                               "(GenAI's algorithm keeps a fixed share)")

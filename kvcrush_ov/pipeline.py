@@ -126,6 +126,8 @@ class Pipeline:
         self.kv_cache, self.eviction, self.scheduler = kv_cache, eviction, scheduler
         self.model_path = resolve_model(model)
         self.info: ModelInfo = check_model_dir(self.model_path)
+        if eviction is not None and eviction.fastkv is not None:
+            eviction.fastkv.layer_for(self.info.num_layers)  # in range for this model
         # the cache against one scheduler step and this machine's memory, before compiling
         self.cache_blocks = check_cache_plan(
             _as_allocated(kv_cache, backend), scheduler,

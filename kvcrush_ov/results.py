@@ -20,6 +20,10 @@ class RequestMetrics:
         eviction: after it). num_evictions: eviction events (native backend).
     eviction_log: with ``CacheEvictionConfig(log=True)`` on the native backend, one
         ``EvictionRecord`` per eviction (kvcrush_ov.engine.evictor).
+    fastkv: with ``CacheEvictionConfig(fastkv=...)``: ``split_layer``, ``prompt_tokens``,
+        ``front_tokens`` / ``back_tokens`` (prompt tokens layers ``0..split_layer`` and the
+        deeper layers processed), ``split`` (False with a ``reason`` when the prompt had
+        nothing to rank), ``front_s`` / ``back_s`` (seconds in each part); None otherwise.
     """
 
     num_input_tokens: int
@@ -32,6 +36,7 @@ class RequestMetrics:
     kv_bytes: int = 0
     num_evictions: int = 0
     eviction_log: list | None = None
+    fastkv: dict | None = None
 
     @property
     def tokens_per_s(self) -> float:

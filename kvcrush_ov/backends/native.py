@@ -120,7 +120,7 @@ class NativeBackend:
                 kv_budget_tokens=budget if s.extra.get("evictions") else None,
                 kvcrush_tokens=s.extra.get("kvcrush_tokens", 0),
                 kv_bytes=s.extra.get("kv_bytes", 0), num_evictions=s.extra.get("evictions", 0),
-                eviction_log=s.extra.get("eviction_log")))
+                eviction_log=s.extra.get("eviction_log"), fastkv=s.extra.get("fastkv")))
             texts.append(s.sampler.output_text())
             ids.append(list(s.output_ids))
             reasons.append("cancelled" if s.seq_id in stopped

@@ -21,6 +21,7 @@ from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
 from kvcrush_ov.device import check_kv_precision
 from kvcrush_ov.engine.block_pool import BlockPool
 from kvcrush_ov.engine.evictor import Evictor
+from kvcrush_ov.engine.fastkv import TokenPropagation
 from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
@@ -93,6 +94,10 @@ class LLMEngine:
             self.kv = HeadKVCacheManager(pools, heads, self.block_size)
             self.evictor = Evictor(eviction, self.kv, self.runner)
             self.head_units = heads * self.runner.num_layers  # head blocks per full block
+        self.fastkv: TokenPropagation | None = None
+        if eviction is not None and eviction.fastkv is not None:
+            self.fastkv = TokenPropagation(self.runner, self.kv,
+                                           eviction.fastkv.layer_for(self.runner.num_layers))
         self.scheduler_config = scheduler
         self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
                                    scheduler.max_num_seqs, scheduler.dynamic_split_fuse,
@@ -115,6 +120,8 @@ class LLMEngine:
         seq = Sequence(seq_id=next(self._ids), prompt_ids=list(prompt_ids),
                        arrival=time.perf_counter())
         seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
+        if self.fastkv is not None:
+            self.fastkv.plan(seq, self.evictor.spec_of(seq))
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -146,6 +153,8 @@ class LLMEngine:
     def abort(self, seq: Sequence) -> None:
         if not seq.is_finished:
             self.scheduler.finish(seq)
+        if self.fastkv is not None:
+            self.fastkv.forget(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -189,6 +198,8 @@ class LLMEngine:
                 if reason is not None:
                     self.scheduler.finish(seq)
                     finished.append(seq)
+                    if self.fastkv is not None:
+                        self.fastkv.forget(seq)
         return StepOutput(new, finished, out.num_tokens, len(out.preempted), held, before)
 
     @staticmethod
@@ -229,7 +240,10 @@ class LLMEngine:
             return self.runner.run(out.chunks, tables)
         windows = self.evictor.windows(out.chunks)
         tables = [self.kv.tables[c.seq.seq_id] for c in out.chunks]
-        logits, scores = self.runner.run_heads(out.chunks, tables, windows)
+        if self.fastkv is not None and any(self.fastkv.splits(c) for c in out.chunks):
+            logits, scores = self.fastkv.run(out.chunks, tables, windows, self.evictor.spec_of)
+        else:
+            logits, scores = self.runner.run_heads(out.chunks, tables, windows)
         self.evictor.after_step(out.chunks, windows, scores)
         return logits
 

@@ -29,6 +29,18 @@ from kvcrush_ov.engine.block_pool import BlockPool
 Move = tuple[int, int, np.ndarray]
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """FastKV's token-selective propagation for one sequence: while its prompt is computed,
+    layers ``>= first_back_layer`` get no rows; the step that completes the prompt
+    (``prompt_len`` positions) gives them ``num_propagated`` rows, whose positions the engine
+    sets with :meth:`HeadKVCacheManager.set_positions` once it has chosen them."""
+
+    first_back_layer: int
+    prompt_len: int
+    num_propagated: int
+
+
 def fill_holes(keep: np.ndarray) -> np.ndarray:
     """The new row order after keeping rows ``keep`` (int64 [k], sorted, unique): kept rows below
     ``k`` stay where they are and the kept rows at or above ``k`` fill the holes below ``k``
@@ -72,6 +84,10 @@ class HeadTable:
             return np.arange(int(self.lens[layer, head]), dtype=np.int64)
         return self.positions[layer][head]
 
+    def positions_all(self) -> list[list[np.ndarray]]:
+        return [[self.positions_of(layer, h) for h in range(self.lens.shape[1])]
+                for layer in range(self.lens.shape[0])]
+
 
 class HeadKVCacheManager:
     """pools[l]: layer ``l``'s head blocks (``num_blocks * num_kv_heads`` of them)."""
@@ -82,6 +98,7 @@ class HeadKVCacheManager:
         self.num_kv_heads = num_kv_heads
         self.block_size = block_size
         self.tables: dict[int, HeadTable] = {}
+        self.splits: dict[int, SplitPlan] = {}  # FastKV sequences (kept across preemptions)
         self._versions = itertools.count(1)
 
     # ------------------------------------------------------------------ sizes
@@ -101,12 +118,45 @@ class HeadKVCacheManager:
                 lens=np.zeros((self.num_layers, self.num_kv_heads), np.int64),
                 version=next(self._versions),
             )
+            if seq_id in self.splits:
+                t.uniform = False
+                t.positions = [[np.zeros(0, np.int64) for _ in range(self.num_kv_heads)]
+                               for _ in range(self.num_layers)]
             self.tables[seq_id] = t
         return t
+
+    def _growth(self, seq_id: int, t: HeadTable | None, new_tokens: int) -> np.ndarray | None:
+        """int64 [L] rows each layer gains for ``new_tokens`` more positions; None when every
+        layer gains ``new_tokens`` (no FastKV split in progress)."""
+        plan = self.splits.get(seq_id)
+        written = 0 if t is None else t.num_written
+        if plan is None or written >= plan.prompt_len:
+            return None
+        grow = np.full(self.num_layers, new_tokens, np.int64)
+        grow[plan.first_back_layer:] = (plan.num_propagated
+                                        if written + new_tokens >= plan.prompt_len else 0)
+        return grow
+
+    def set_positions(self, seq_id: int, first_layer: int, positions: np.ndarray) -> None:
+        """Positions of the rows of layers ``>= first_layer`` (every head): the tokens FastKV
+        propagated (int64 [n], increasing, ``n`` = those layers' rows)."""
+        t = self.tables[seq_id]
+        positions = np.asarray(positions, dtype=np.int64)
+        if (t.lens[first_layer:] != len(positions)).any():
+            raise ValueError(f"set_positions: {len(positions)} positions for rows "
+                             f"{sorted(set(t.lens[first_layer:].ravel().tolist()))}")
+        t.positions = [row if layer < first_layer else [positions.copy() for _ in row]
+                       for layer, row in enumerate(t.positions_all())]
 
     def blocks_needed(self, seq_id: int, new_tokens: int) -> np.ndarray:
         """int64 [L]: free head blocks each layer's pool must have for ``new_tokens`` more."""
         t = self.tables.get(seq_id)
+        grow = self._growth(seq_id, t, new_tokens)
+        if grow is not None:
+            have = (np.zeros((self.num_layers, self.num_kv_heads), np.int64) if t is None
+                    else self._block_counts(t))
+            lens = np.zeros_like(have) if t is None else t.lens
+            return np.maximum(self._blocks_for(lens + grow[:, None]) - have, 0).sum(axis=1)
         if t is None:
             per_head = self._blocks_for(new_tokens)
             return np.full(self.num_layers, per_head * self.num_kv_heads, np.int64)
@@ -121,8 +171,9 @@ class HeadKVCacheManager:
         """int64 [L, H]: head blocks held per (layer, head)."""
         return np.array([[len(b) for b in row] for row in t.blocks], np.int64)
 
-    def _ragged_need(self, t: HeadTable, new_tokens: int) -> np.ndarray:
-        """int64 [L, H]: new blocks per (layer, head) for ``new_tokens`` more rows."""
+    def _ragged_need(self, t: HeadTable, new_tokens: int | np.ndarray) -> np.ndarray:
+        """int64 [L, H]: new blocks per (layer, head) for ``new_tokens`` more rows (an int, or
+        int64 [L, 1] per layer)."""
         return np.maximum(self._blocks_for(t.lens + new_tokens) - self._block_counts(t), 0)
 
     def _shared_tails(self, t: HeadTable, new_tokens: int, always: bool = False) -> np.ndarray:
@@ -155,6 +206,9 @@ class HeadKVCacheManager:
         :meth:`can_append` first)."""
         t = self.table(seq_id)
         copies: list[tuple[int, int, int]] = []
+        grow = self._growth(seq_id, t, new_tokens)
+        if grow is not None:
+            return self._append_split(t, new_tokens, grow)
         if t.uniform and not t.maybe_shared:
             n = int(t.lens[0, 0])
             need = self._blocks_for(n + new_tokens) - len(t.blocks[0][0])
@@ -180,6 +234,25 @@ class HeadKVCacheManager:
             new = np.arange(t.num_written - new_tokens, t.num_written, dtype=np.int64)
             t.positions = [[np.concatenate([p, new]) for p in row] for row in t.positions]
         return copies
+
+    def _append_split(self, t: HeadTable, new_tokens: int,
+                      grow: np.ndarray) -> list[tuple[int, int, int]]:
+        """append_slots during a FastKV prompt: layers gain ``grow[l]`` rows (front layers the
+        new positions; back layers, on the prompt's last step, placeholder rows whose positions
+        :meth:`set_positions` sets). A split sequence's blocks are never shared (no fork
+        before its prompt is computed)."""
+        need = self._ragged_need(t, grow[:, None])
+        for layer, h in zip(*np.nonzero(need), strict=True):
+            self._append_one(t, layer, h, int(need[layer, h]), False)
+        if need.any():
+            t.version = next(self._versions)
+        new = np.arange(t.num_written, t.num_written + new_tokens, dtype=np.int64)
+        t.positions = [[np.concatenate([p, new if g == new_tokens else np.zeros(g, np.int64)])
+                        for p in row] for row, g in zip(t.positions_all(), grow, strict=True)]
+        t.lens += grow[:, None]
+        t.num_written += new_tokens
+        t.uniform = False
+        return []
 
     def _append_one(self, t: HeadTable, layer: int, h: int, need: int,
                     cow: bool) -> list[tuple[int, int, int]]:

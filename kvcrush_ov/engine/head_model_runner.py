@@ -147,19 +147,21 @@ class HeadModelRunner(ModelRunner):
                            head=h if self.cache_heads > 1 else None)
 
     def _set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
-                    counts: list[int], decode: bool) -> int:
+                    counts: list[int], decode: bool, layers: range | None = None) -> int:
         """Block tables, past lengths and subsequence begins in the subsequence order of the
-        decode or the scored graph; returns max_context_len."""
+        decode or the scored graph, for ``layers`` (all by default: a FastKV part has some);
+        returns max_context_len."""
         layout = self.decode_layout if decode else self.layout
-        self._set_tables(req, tables, layout)
-        lens = np.stack([t.lens for t in tables])  # [B, L, H], this step's tokens included
+        layers = range(self.num_layers) if layers is None else layers
+        self._set_tables(req, tables, layout, layers)
+        lens = np.stack([t.lens[layers.start:layers.stop] for t in tables])  # [B, L', H]
         past = lens - np.asarray(counts, dtype=np.int64)[:, None, None]
-        self._set_past(req, layout.order(past.transpose(1, 0, 2)))
+        self._set_past(req, layout.order(past.transpose(1, 0, 2)), layers)
         self.inputs.put(req, HEAD_SUBSEQUENCE_BEGINS, layout.subsequence_begins(counts), _I32)
         return int(lens.max())
 
     def _set_tables(self, req: ov.InferRequest, tables: list[HeadTable],
-                    layout: PerHeadLayout) -> None:
+                    layout: PerHeadLayout, layers: range) -> None:
         """block_indices.L / block_indices_begins.L; rebuilt only when a table changed."""
         key = tuple(t.version for t in tables)
         if self._tables_key.get(id(req)) == key:
@@ -167,7 +169,7 @@ class HeadModelRunner(ModelRunner):
         heads = range(self.num_kv_heads)
         pairs = ([(t, h) for t in tables for h in heads] if layout.sequence_major
                  else [(t, h) for h in heads for t in tables])
-        for layer in range(self.num_layers):
+        for layer in layers:
             flat: list[int] = []
             begins = [0]
             for t, h in pairs:
@@ -178,18 +180,18 @@ class HeadModelRunner(ModelRunner):
                            ov.Tensor(np.asarray(begins, dtype=_I32)))
         self._tables_key[id(req)] = key
 
-    def _set_past(self, req: ov.InferRequest, past: np.ndarray) -> None:
-        """head_past_lens.L from ``past`` [L, B*H] (subsequence order): written in place into
-        tensors that share one buffer, so a step with the same batch shape makes no set_tensor
-        call."""
+    def _set_past(self, req: ov.InferRequest, past: np.ndarray, layers: range) -> None:
+        """head_past_lens.L from ``past`` [L', B*H] (``layers``, subsequence order): written in
+        place into tensors that share one buffer, so a step with the same batch shape makes no
+        set_tensor call."""
         buf = self._past_buf.get(id(req))
         if buf is not None and buf.shape == past.shape:
             np.copyto(buf, past, casting="unsafe")
             return
         buf = np.ascontiguousarray(past, dtype=_I32)
         self._past_buf[id(req)] = buf
-        for layer in range(self.num_layers):
-            req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[layer], shared_memory=True))
+        for i, layer in enumerate(layers):
+            req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[i], shared_memory=True))
 
     def run_heads(self, chunks: list[ScheduledChunk], tables: list[HeadTable],
                   windows: list[int] | None) -> tuple[np.ndarray, list[np.ndarray] | None]:

@@ -57,6 +57,7 @@ class ModelRunner:
         self.core = ov.Core()
         props = kv_cache_properties(precision)
         props.update(properties or {})
+        self.model_dir, self.device, self.props = Path(model_dir), device, props
         self.compiled = self._compile(Path(model_dir), device, props)
         self.request = self.compiled.create_infer_request()
         self.num_layers = sum(1 for i in self.compiled.inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcrush_ov.config import CacheEvictionConfig, budget_tokens
+from kvcrush_ov.config import CacheEvictionConfig, FastKVConfig, budget_tokens
 from kvcrush_ov.eviction.base import EvictionPolicy
 
 EVICTION_MODES = ("prefill", "continuous")
@@ -24,6 +24,7 @@ class EvictionSpec:
     genai: set for ``importance="upstream"``: the user's config, translated per request to
         GenAI's settings (eviction/genai_compat.py) and run by GenAI's own algorithm
         (eviction/upstream.py) instead of ``policy`` (engine/evictor.py's upstream path).
+    fastkv: FastKV's token-selective propagation during prefill (engine/fastkv.py), or None.
     """
 
     policy: EvictionPolicy
@@ -37,6 +38,7 @@ class EvictionSpec:
     seed: int = 0
     log: bool = False
     genai: CacheEvictionConfig | None = None
+    fastkv: FastKVConfig | None = None
 
     def budget(self, prompt_tokens: int) -> int:
         """Tokens per layer and head after an eviction (never below sinks + recent)."""
