@@ -53,14 +53,25 @@ def _cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def _eviction_from_args(args: argparse.Namespace):
-    from kvcrush_ov.config import CacheEvictionConfig, KVCrushConfig
+    from kvcrush_ov.config import KVCrushConfig
 
     if args.no_eviction:
         return None
     kvcrush = None if args.kvcrush_share == 0 else KVCrushConfig(
         budget=args.kvcrush_share, anchor_point_mode=args.anchor)
+    fastkv = (FastKVConfig(split_layer=args.split_layer, tsp_rate=args.tsp_rate)
+              if args.fastkv else None)
     return CacheEvictionConfig(max_cache_size=parse_budget(args.budget), kvcrush=kvcrush,
-                               importance=args.importance, mode=args.mode)
+                               importance=args.importance, mode=args.mode, fastkv=fastkv)
+
+
+def _fastkv_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--fastkv", action="store_true",
+                    help="FastKV's token-selective propagation: a faster long-prompt prefill")
+    sp.add_argument("--tsp-rate", type=float, default=0.2,
+                    help="with --fastkv: fraction of the prompt past the split layer")
+    sp.add_argument("--split-layer", type=int, default=None,
+                    help="with --fastkv: the last layer that sees every token (default middle)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -82,6 +93,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
           f"TTFT {m.ttft_s:.2f} s | {m.tokens_per_s:.1f} tok/s | KV budget {budget} | "
           f"KV held {c.final_kv_bytes / 2**20:.2f} MiB ({c.final_kv_blocks} blocks), "
           f"peak {c.peak_kv_bytes / 2**20:.2f} MiB]", file=sys.stderr)
+    if m.fastkv:
+        f = m.fastkv
+        print(f"[FastKV: layers 0-{f['split_layer']} processed {f['front_tokens']} prompt "
+              f"tokens, the deeper layers {f['back_tokens']}"
+              + ("" if f["split"] else f" (not split: {f.get('reason')})") + "]",
+              file=sys.stderr)
     return 0
 
 
@@ -352,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eviction", action="store_true", help="keep the full cache")
     g.add_argument("--importance", default="snapkv", choices=IMPORTANCE_METHODS)
     g.add_argument("--mode", default="continuous", choices=EVICTION_MODES)
+    _fastkv_args(g)
     g.add_argument("--backend", default=None, choices=BACKENDS)
     g.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -422,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--anchor", default="alternating", choices=ANCHOR_POINT_MODES)
     sv.add_argument("--kvcrush-share", type=float, default=0.25)
     sv.add_argument("--mode", default="continuous", choices=EVICTION_MODES)
+    _fastkv_args(sv)
     sv.add_argument("--served-model-name", help="the name clients use (default: the model's)")
     sv.add_argument("--api-key", help="require this key (or set KVCRUSH_OV_API_KEY)")
     sv.add_argument("--log-level", default="warning")

@@ -46,6 +46,21 @@ def test_eval_runs_every_column_once_and_resumes(tiny_model, tmp_path):
     assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == len(fid)
 
 
+def test_fastkv_columns_fork_from_their_own_split_parent(tiny_model, tmp_path):
+    run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1,
+             methods=["snapkv", "fastkv", "fastkv+kvcrush"], budgets=[0.5, 0.25],
+             max_seq_length=1024, say=lambda _: None)
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    got = {(r["method"], r["budget"]) for r in recs}
+    assert got == {(FULL, None)} | {(m, b) for m in ("snapkv", "fastkv", "fastkv+kvcrush")
+                                     for b in (0.5, 0.25)}
+    fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in fid} == {"snapkv", "fastkv", "fastkv+kvcrush"}
+    by = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs}
+    # the same budget: FastKV's back layers hold fewer tokens, the total stays the budget
+    assert by[("fastkv", 0.25)] == by[("snapkv", 0.25)]
+
+
 def test_full_alone_runs_only_the_full_cache(tiny_model, tmp_path):
     run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=2, methods=["full"],
              budgets=[0.5], max_seq_length=1024, say=lambda _: None)

@@ -326,12 +326,25 @@ def test_cli_generate(tiny_model):
     assert "TTFT" in r.stderr and "KV held" in r.stderr
 
 
+def test_cli_generate_with_fastkv_reports_the_split(tiny_model):
+    r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "generate", "hello there " * 200,
+                        "--model", str(tiny_model), "--max-new-tokens", "5", "--fastkv",
+                        "--tsp-rate", "0.3", "--split-layer", "1", "--no-chat-template"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "[FastKV: layers 0-1 processed" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args,field", [
     (["bench", "--repeats", "0"], "--repeats=0"),
     (["bench", "--new-tokens", "1"], "--new-tokens=1"),
     (["bench-eviction", "--long-tokens", "1000"], "--long-tokens=1000"),
     (["bench-eviction", "--capacity-full", "0"], "--capacity-full=0"),
     (["bench-eviction", "--repeats", "0"], "--repeats=0"),
+    (["bench-prefill", "--tokens", "0"], "--tokens=[0]"),
+    (["bench-prefill", "--repeats", "0"], "--repeats=0"),
+    (["bench-prefill", "--tsp-rate", "1.5"], "fastkv.tsp_rate=1.5"),
+    (["bench-prefill", "--split-layer", "-2"], "fastkv.split_layer=-2"),
 ])
 def test_cli_bench_rejects_bad_numbers(args, field):
     r = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", *args],

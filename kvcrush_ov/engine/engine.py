@@ -150,6 +150,14 @@ class LLMEngine:
         self.sequences[child.seq_id] = child
         return child
 
+    def set_spec(self, seq: Sequence, spec: EvictionSpec) -> None:
+        """Give a queued ``seq`` its own policy and budget (and FastKV split, or none)."""
+        if self.evictor is None:
+            raise ValueError("set_spec needs an engine built with eviction")
+        self.evictor.set_spec(seq, spec)
+        if self.fastkv is not None:
+            self.fastkv.plan(seq, spec)
+
     def abort(self, seq: Sequence) -> None:
         if not seq.is_finished:
             self.scheduler.finish(seq)

@@ -70,8 +70,16 @@ class TokenPropagation:
 
     # ------------------------------------------------------------------ per request
     def plan(self, seq: Sequence, spec: EvictionSpec) -> None:
-        """Register ``seq`` for a split prefill when its prompt has tokens to rank."""
-        cfg: FastKVConfig = spec.fastkv
+        """Register ``seq`` for a split prefill when its prompt has tokens to rank (a spec
+        without fastkv unregisters it). Call before its first chunk is scheduled."""
+        cfg: FastKVConfig | None = spec.fastkv
+        if cfg is None:
+            self.forget(seq)
+            seq.extra.pop("fastkv", None)
+            return
+        if cfg.layer_for(self.runner.num_layers) != self.split_layer:
+            raise ValueError(f"fastkv.split_layer: this engine's graphs are cut after layer "
+                             f"{self.split_layer}, not {cfg.layer_for(self.runner.num_layers)}")
         p = len(seq.prompt_ids)
         fixed = fixed_tokens(p, spec)
         info = {"split_layer": self.split_layer, "prompt_tokens": p, "front_tokens": p,

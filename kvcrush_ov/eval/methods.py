@@ -11,6 +11,7 @@ from kvcrush_ov.config import (
     NATIVE_KERNEL_SIZE,
     NATIVE_TAPER,
     CacheEvictionConfig,
+    FastKVConfig,
     KVCrushConfig,
 )
 
@@ -54,6 +55,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                                                  "adakv")],
     *[Method(f"{n}+kvcrush", "native", _native(n, KVCRUSH))
       for n in ("streaming", "h2o", "snapkv", "pyramidkv", "adakv")],
+    # FastKV: token-selective propagation during prefill (its own parent), then per-head SnapKV
+    Method("fastkv", "native", _native("snapkv", fastkv=FastKVConfig())),
+    Method("fastkv+kvcrush", "native", _native("snapkv", KVCRUSH, fastkv=FastKVConfig())),
     Method("snapkv+kvcrush-multi", "native", _native("snapkv", KVCrushConfig(
         budget=0.25, anchor_point_mode=("zeros", "ones", "alternating"), taper=False))),
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(

@@ -28,6 +28,7 @@ import numpy as np
 
 from kvcrush_ov.config import (
     CacheEvictionConfig,
+    FastKVConfig,
     GenerationConfig,
     KVCacheConfig,
     SchedulerConfig,
@@ -99,16 +100,20 @@ def _record(s: Sample, method: str, budget: float | None, text: str, n: int,
 
 
 def _parent_config(score_mode: str) -> CacheEvictionConfig:
+    """The parent of a group: ``all`` (h2o scores), ``window`` (snapkv scores) or ``fastkv``
+    (snapkv scores and FastKV's split prefill: its children share the propagated tokens)."""
     importance = "h2o" if score_mode == "all" else "snapkv"
     return CacheEvictionConfig(max_cache_size=_PARENT_BUDGET, importance=importance,
-                               kvcrush=None, mode="continuous")
+                               kvcrush=None, mode="continuous",
+                               fastkv=FastKVConfig() if score_mode == "fastkv" else None)
 
 
 def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
-    """(method, budget) keys by the scores their parent must accumulate."""
+    """(method, budget) keys by the parent they fork from (see :func:`_parent_config`)."""
     groups: dict[str, list[tuple[str, float]]] = {}
     for key, spec in specs.items():
-        mode = "all" if spec.policy.score_mode == "all" else "window"
+        mode = ("fastkv" if spec.fastkv is not None
+                else "all" if spec.policy.score_mode == "all" else "window")
         groups.setdefault(mode, []).append(key)
     return groups
 
@@ -119,7 +124,7 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
     parent = eng.add_request(ids, g, eos, detok)
     if forced is not None:
         parent.extra["forced"] = forced
-    eng.evictor.set_spec(parent, make_spec(_parent_config(mode)))
+    eng.set_spec(parent, make_spec(_parent_config(mode)))
     while parent.num_computed < len(ids) and not parent.is_finished:
         eng.step()
     children = {}
@@ -384,8 +389,10 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     check_same_inference(out / "run.json", hw)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
-    pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(), backend="native",
-                    scheduler=sched)
+    # FastKV columns need the engine's split graphs (their parents prefill with FastKV)
+    split = any(m.backend == "native" and m.make(0.5).fastkv is not None for m in chosen)
+    pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(
+        fastkv=FastKVConfig() if split else None), backend="native", scheduler=sched)
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
     results = Results(out / "results.jsonl")
