@@ -103,13 +103,16 @@ def run_clients(url: str, prompts: list[str], clients: int, per_client: int,
 def bench_serve(model: str, clients: list[int], prompt_tokens: int = 1024,
                 max_tokens: int = 64, num_kv_blocks: int = 512, per_client: int = 2,
                 budget: str = "25%", precision: str = "u8",
-                modes: tuple[str, ...] = ("full", "default"), log=print) -> list[ServeRow]:
+                modes: tuple[str, ...] = ("full", "default"), fastkv: bool = False,
+                log=print) -> list[ServeRow]:
+    """``fastkv``: the default-eviction server also runs FastKV's split prefill."""
     from kvcrush_ov.pipeline import resolve_model
 
     folder = str(resolve_model(model))
     prompts = prompts_of(folder, max(clients) * per_client, prompt_tokens)
     rows = []
-    options = {"full": ["--no-eviction"], "default": ["--budget", budget]}
+    options = {"full": ["--no-eviction"],
+               "default": ["--budget", budget, *(["--fastkv"] if fastkv else [])]}
     for mode in modes:
         extra = options[mode]
         proc, url = _start(folder, ["--num-kv-blocks", str(num_kv_blocks), "--precision",

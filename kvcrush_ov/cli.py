@@ -274,7 +274,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     parse_budget(args.budget)
     rows = bench_serve(args.model, clients, args.prompt_tokens, args.max_tokens,
                        args.num_kv_blocks, args.requests_per_client, args.budget,
-                       args.precision, ("full", "default") if args.mode == "both" else (args.mode,))
+                       args.precision, ("full", "default") if args.mode == "both" else (args.mode,),
+                       args.fastkv)
     print(table(rows))
     return 0
 
@@ -463,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
     bs.add_argument("--mode", default="both", choices=("both", "full", "default"),
                     help="run only one side (e.g. to split a long run in two)")
+    bs.add_argument("--fastkv", action="store_true",
+                    help="the default-eviction server also runs FastKV's faster prefill")
     bs.set_defaults(func=_cmd_bench_serve)
 
     bp = sub.add_parser("bench-prefill", help="TTFT of the ordinary prefill vs FastKV's "
