@@ -277,6 +277,17 @@ def test_bench_serve_table_reports_ratios_against_the_full_cache():
     assert lines[3].endswith("| 2.00x | 0.50x |")
 
 
+def test_bench_serve_runs_a_real_fastkv_server(tiny_model):
+    """bench-serve's default side with ``--fastkv``: a real ``serve --fastkv`` process, every
+    request completed with its tokens."""
+    from kvcrush_ov.bench_serve import bench_serve
+
+    rows = bench_serve(str(tiny_model), [3], prompt_tokens=300, max_tokens=4, num_kv_blocks=64,
+                       per_client=1, modes=("default",), fastkv=True, log=lambda _: None)
+    assert [(r.mode, r.clients, r.requests) for r in rows] == [("default", 3, 3)]
+    assert rows[0].total_tok_s > 0 and rows[0].ttft_p50_s > 0
+
+
 def test_bench_serve_rejects_bad_numbers_by_name():
     out = subprocess.run([sys.executable, "-m", "kvcrush_ov.cli", "bench-serve", "--clients",
                           "0"], capture_output=True, text=True, timeout=120)
