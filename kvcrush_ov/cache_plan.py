@@ -77,12 +77,38 @@ def check_cache_plan(kv_cache: KVCacheConfig, scheduler: SchedulerConfig, block_
     return blocks
 
 
+def prefill_eviction_hold(budget_tokens: int, scheduler: SchedulerConfig, block_size: int,
+                          mode: str, evict_interval: int, max_new_tokens: int) -> int:
+    """The most tokens a request with prefill eviction holds per (layer, head): its budget,
+    one prompt chunk and a block of rounding, then what decode adds before it evicts again
+    (``evict_interval`` in continuous mode; every new token in prefill mode)."""
+    growth = evict_interval if mode == "continuous" else max_new_tokens
+    return budget_tokens + max(scheduler.max_num_batched_tokens, growth) + block_size
+
+
 def check_request_size(name: str, prompt_tokens: int, max_new_tokens: int, context_length: int,
-                       cache_tokens: int | None, scheduler: SchedulerConfig) -> None:
+                       cache_tokens: int | None, scheduler: SchedulerConfig,
+                       max_held: int | None = None) -> None:
     """A request that can never run is refused here, naming its field: ``max_new_tokens`` when
     it alone fills the model's context (or the whole cache, ``cache_tokens``; None: the cache
     grows on demand), else the prompt (``name``) when it is too long for what is left, or, with
-    ``dynamic_split_fuse=False``, longer than one step of ``max_num_batched_tokens``."""
+    ``dynamic_split_fuse=False``, longer than one step of ``max_num_batched_tokens``.
+
+    max_held: with prefill eviction, the most tokens the request ever holds
+    (:func:`prefill_eviction_hold`): the cache must hold that, not the whole prompt."""
+    if max_held is not None and cache_tokens is not None:
+        if prompt_tokens + max_new_tokens > context_length:
+            raise ConfigError(name, f"<{prompt_tokens} tokens>",
+                              f"at most {context_length - max_new_tokens} tokens: the model's "
+                              f"context is {context_length} tokens, and max_new_tokens="
+                              f"{max_new_tokens}")
+        if max_held > cache_tokens:
+            raise ConfigError(name, f"<{prompt_tokens} tokens>",
+                              f"a request that holds at most {cache_tokens} tokens: with "
+                              f"prefill eviction it holds up to {max_held} (its budget, one "
+                              "scheduler step and decode growth) and the KV cache holds "
+                              f"{cache_tokens}")
+        cache_tokens = None  # the cache holds what the request holds: only the context counts
     total = context_length if cache_tokens is None else min(context_length, cache_tokens)
     where = f"the model's context is {context_length} tokens" + (
         "" if cache_tokens is None else f" and the KV cache holds {cache_tokens}")

@@ -179,12 +179,15 @@ class FastKVConfig:
         layers (FastKV's 15 of 32, 17 of 36, 19 of 40). At most N - 2.
     tsp_rate: fraction of the prompt propagated (ranked tokens), in (0, 1]; 1.0 propagates
         every token (the same output as without FastKV).
-    kernel: max-pooling width of the ranking scores (odd, >= 1).
+    pooling / kernel: how the ranking scores are smoothed along the sequence (``max``, ``avg``
+        or ``none``; an odd width). None is the eviction's own (native: ``avg`` over 31, chosen
+        for SnapKV on a RULER tuning seed); FastKV's code max-pools over 7.
     """
 
     split_layer: int | None = None
     tsp_rate: float = 0.2
-    kernel: int = 7
+    pooling: str | None = None
+    kernel: int | None = None
 
     def __post_init__(self) -> None:
         if self.split_layer is not None:
@@ -192,8 +195,10 @@ class FastKVConfig:
         if not _is_number(self.tsp_rate) or not 0.0 < self.tsp_rate <= 1.0:
             raise ConfigError("fastkv.tsp_rate", self.tsp_rate,
                               "a fraction of the prompt in (0, 1]")
-        if _int_at_least("fastkv.kernel", self.kernel, 1) % 2 == 0:
-            raise ConfigError("fastkv.kernel", self.kernel, "an odd integer >= 1")
+        if self.pooling is not None:
+            self.pooling = _choice("fastkv.pooling", self.pooling, POOLINGS)
+        if self.kernel is not None and _int_at_least("fastkv.kernel", self.kernel, 1) % 2 == 0:
+            raise ConfigError("fastkv.kernel", self.kernel, "None or an odd integer >= 1")
 
     def layer_for(self, num_layers: int) -> int:
         """The split layer for a model of ``num_layers`` layers (ConfigError if out of range)."""
@@ -253,6 +258,11 @@ class CacheEvictionConfig:
     log: keep a per-request eviction log (kept positions per layer and head, and why).
     fastkv: FastKV's token-selective propagation during prefill (:class:`FastKVConfig`), or
         None. Native backend, importance snapkv / pyramidkv / adakv.
+    prefill_eviction: also evict while the prompt is read: after every prompt chunk that leaves
+        the sequence above its budget, using what the policy knows so far (each chunk's last
+        ``snapkv_window_size`` queries for the snapkv family, every query for h2o). A request
+        then holds at most about budget + one chunk, so a prompt longer than the whole cache can
+        run. Native backend; not with ``importance="upstream"`` or ``fastkv``.
     """
 
     max_cache_size: int | float = 0.25
@@ -271,6 +281,7 @@ class CacheEvictionConfig:
     decode_window_size: int | None = None
     log: bool = False
     fastkv: FastKVConfig | None = None
+    prefill_eviction: bool = False
 
     def __post_init__(self) -> None:
         m = self.max_cache_size
@@ -319,6 +330,15 @@ class CacheEvictionConfig:
                 raise ConfigError("eviction.importance", self.importance,
                                   f"one of {', '.join(FASTKV_IMPORTANCE)} with fastkv (its split "
                                   "layer ranks tokens by the prompt's last queries)")
+        if _bool("eviction.prefill_eviction", self.prefill_eviction):
+            if self.importance == "upstream":
+                raise ConfigError("eviction.prefill_eviction", True,
+                                  "False with importance='upstream' (GenAI's algorithm evicts "
+                                  "after the prompt only)")
+            if self.fastkv is not None:
+                raise ConfigError("eviction.prefill_eviction", True,
+                                  "False with fastkv (FastKV's split prefill chooses the deeper "
+                                  "layers' tokens itself)")
         if self.importance == "upstream" and self.kvcrush is not None and self.kvcrush.taper:
             raise ConfigError("kvcrush.taper", True, "None or False with importance='upstream' "
                               "(GenAI's algorithm keeps a fixed share)")

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvcrush_ov.backends.genai import GenAIBackend
-from kvcrush_ov.cache_plan import DEFAULT_CACHE_BYTES, check_cache_plan, check_request_size
+from kvcrush_ov.cache_plan import (
+    DEFAULT_CACHE_BYTES,
+    check_cache_plan,
+    check_request_size,
+    prefill_eviction_hold,
+)
 from kvcrush_ov.config import (
     BACKENDS,
     CacheEvictionConfig,
@@ -146,6 +151,15 @@ class Pipeline:
         """The model's ``openvino_genai.Tokenizer``."""
         return self.backend.tokenizer
 
+    def _prefill_hold(self, prompt_tokens: int, max_new_tokens: int) -> int | None:
+        """With prefill eviction: the most tokens the request holds (cache_plan)."""
+        ev = self.eviction
+        if ev is None or not ev.prefill_eviction:
+            return None
+        budget = max(ev.total_tokens(prompt_tokens), ev.start_size + ev.recent_size)
+        return prefill_eviction_hold(budget, self.scheduler, block_size_for(self.device), ev.mode,
+                                     ev.evict_interval, max_new_tokens)
+
     def generate(
         self,
         prompts: str | list[str],
@@ -184,6 +198,7 @@ class Pipeline:
                 raise ConfigError(name, p, "a non-empty string")
             ids = self.backend.encode(p, g.apply_chat_template)
             check_request_size(name, int(ids.shape[1]), g.max_new_tokens,
-                               self.info.context_length, self.cache_tokens, self.scheduler)
+                               self.info.context_length, self.cache_tokens, self.scheduler,
+                               self._prefill_hold(int(ids.shape[1]), g.max_new_tokens))
             inputs.append(ids)
         return self.backend.run(inputs, g, streamer)

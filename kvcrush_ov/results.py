@@ -17,7 +17,8 @@ class RequestMetrics:
     kv_budget_tokens: total cached tokens the eviction kept this request to (None: full cache).
     kvcrush_tokens: how many of those are KVCrush representatives.
     kv_bytes: KV-cache bytes this request held at its last step (native backend; with
-        eviction: after it). num_evictions: eviction events (native backend).
+        eviction: after it). peak_kv_bytes: the most it held at any step, before that step's
+        eviction (native backend). num_evictions: eviction events (native backend).
     eviction_log: with ``CacheEvictionConfig(log=True)`` on the native backend, one
         ``EvictionRecord`` per eviction (kvcrush_ov.engine.evictor).
     fastkv: with ``CacheEvictionConfig(fastkv=...)``: ``split_layer``, ``prompt_tokens``,
@@ -34,6 +35,7 @@ class RequestMetrics:
     kvcrush_tokens: int = 0
     num_preemptions: int = 0
     kv_bytes: int = 0
+    peak_kv_bytes: int = 0
     num_evictions: int = 0
     eviction_log: list | None = None
     fastkv: dict | None = None

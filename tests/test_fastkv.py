@@ -248,6 +248,7 @@ def test_preempted_split_prefill_recomputes(tiny_model):
     ({"tsp_rate": float("nan")}, "fastkv.tsp_rate"),
     ({"kernel": 4}, "fastkv.kernel"),
     ({"kernel": 0}, "fastkv.kernel"),
+    ({"pooling": "median"}, "fastkv.pooling"),
 ])
 def test_bad_fastkv_config_is_named(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -82,6 +82,9 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
         raise ConfigError("eviction.apply_rotation", True,
                           "False with backend 'genai': GenAI 2026.4's key rotation corrupts the "
                           "heap or fails, whatever the cache precision")
+    if eviction.prefill_eviction:
+        raise ConfigError("eviction.prefill_eviction", True,
+                          f"False {native_only}: GenAI evicts after the prompt only")
     if eviction.fastkv is not None:
         raise ConfigError("eviction.fastkv", eviction.fastkv,
                           f"None {native_only}: GenAI's pipeline cannot split the prefill")

@@ -120,6 +120,7 @@ class NativeBackend:
                 kv_budget_tokens=budget if s.extra.get("evictions") else None,
                 kvcrush_tokens=s.extra.get("kvcrush_tokens", 0),
                 kv_bytes=s.extra.get("kv_bytes", 0), num_evictions=s.extra.get("evictions", 0),
+                peak_kv_bytes=s.extra.get("peak_kv_bytes", 0),
                 eviction_log=s.extra.get("eviction_log"), fastkv=s.extra.get("fastkv")))
             texts.append(s.sampler.output_text())
             ids.append(list(s.output_ids))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvcrush_ov.cache_plan import check_cache_plan, check_request_size
+from kvcrush_ov.cache_plan import check_cache_plan, check_request_size, prefill_eviction_hold
 from kvcrush_ov.config import GenerationConfig, KVCacheConfig, SchedulerConfig
 from kvcrush_ov.device import check_kv_precision
 from kvcrush_ov.engine.block_pool import BlockPool
@@ -114,11 +114,13 @@ class LLMEngine:
                     eos_token_ids: Collection[int],
                     detokenize: Callable[[list[int]], str]) -> Sequence:
         """Queue a request; a prompt that cannot fit fails here, alone, naming the limit."""
+        hold = self._prefill_hold(self.evictor.spec if self.evictor else None,
+                                  len(prompt_ids), config.max_new_tokens)
         check_request_size("prompt", len(prompt_ids), config.max_new_tokens,
                            self.context_length, self.num_blocks * self.block_size,
-                           self.scheduler_config)
+                           self.scheduler_config, hold)
         seq = Sequence(seq_id=next(self._ids), prompt_ids=list(prompt_ids),
-                       arrival=time.perf_counter())
+                       arrival=time.perf_counter(), max_prompt_hold=hold)
         seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
         if self.fastkv is not None:
             self.fastkv.plan(seq, self.evictor.spec_of(seq))
@@ -150,11 +152,20 @@ class LLMEngine:
         self.sequences[child.seq_id] = child
         return child
 
+    def _prefill_hold(self, spec: EvictionSpec | None, prompt: int, max_new: int) -> int | None:
+        """Tokens a request holds at most with prefill eviction (None: without it)."""
+        if spec is None or not spec.prefill_eviction:
+            return None
+        return prefill_eviction_hold(spec.budget(prompt), self.scheduler_config,
+                                     self.block_size, spec.mode, spec.evict_interval, max_new)
+
     def set_spec(self, seq: Sequence, spec: EvictionSpec) -> None:
         """Give a queued ``seq`` its own policy and budget (and FastKV split, or none)."""
         if self.evictor is None:
             raise ValueError("set_spec needs an engine built with eviction")
         self.evictor.set_spec(seq, spec)
+        seq.max_prompt_hold = self._prefill_hold(spec, len(seq.prompt_ids),
+                                                 seq.sampler._config.max_new_tokens)
         if self.fastkv is not None:
             self.fastkv.plan(seq, spec)
 
@@ -188,6 +199,9 @@ class LLMEngine:
         finished: list[Sequence] = []
         held = before = self.blocks_held
         if out.chunks:
+            for c in out.chunks:  # this step's rows are reserved: the request's peak
+                ex = c.seq.extra
+                ex["peak_kv_bytes"] = max(ex.get("peak_kv_bytes", 0), self._held_bytes(c.seq))
             logits = self._run(out)
             if self.evictor is not None:
                 held = self.blocks_held

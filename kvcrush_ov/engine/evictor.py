@@ -125,6 +125,8 @@ class Evictor:
                 return 0  # this prompt fits: nothing will ever be evicted
             if mode == "all":
                 return c.num_tokens
+            if spec.prefill_eviction and end < prefill_end:  # this chunk's last queries
+                return min(c.num_tokens, spec.window)
             return max(0, end - max(c.start, prefill_end - spec.window))
         if spec.mode != "continuous":
             return 0
@@ -223,6 +225,8 @@ class Evictor:
         held = self._held(c.seq)
         if end == ex["prefill_end"]:
             return held > ex["budget"]
+        if end < ex["prefill_end"]:  # a prompt chunk: only with prefill eviction
+            return self.spec_of(c.seq).prefill_eviction and held > ex["budget"]
         spec = self.spec_of(c.seq)
         if spec.mode == "continuous" and end > ex["prefill_end"]:
             return held >= self._decode_limit(ex, spec)

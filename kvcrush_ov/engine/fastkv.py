@@ -42,6 +42,15 @@ def fixed_tokens(prompt_len: int, spec: EvictionSpec) -> int:
     return sinks + min(prompt_len - sinks, spec.recent_size)
 
 
+def tsp_pooling(spec: EvictionSpec) -> tuple[str, int]:
+    """(pooling, kernel) of the split layer's ranking: FastKVConfig's, else the policy's own."""
+    own = spec.policy
+    own = getattr(own, "importance", own)  # KVCrush wraps the importance policy
+    pooling = spec.fastkv.pooling or getattr(own, "pooling", "max")
+    kernel = spec.fastkv.kernel or getattr(own, "kernel_size", 7)
+    return pooling, kernel
+
+
 class TokenPropagation:
     """The front / back graphs of one split layer and the per-step work of split sequences."""
 
@@ -160,8 +169,9 @@ class TokenPropagation:
                 acc = earlier.acc[layer][h][:len(total)]
                 total[:len(acc)] += acc
         plan = self.kv.splits[c.seq.seq_id]
+        pooling, kernel = tsp_pooling(spec)
         return tsp_positions(total, plan.num_propagated - fixed_tokens(plan.prompt_len, spec),
-                             spec.start_size, spec.recent_size, spec.fastkv.kernel)
+                             spec.start_size, spec.recent_size, kernel, pooling)
 
     def _part_inputs(self, req: ov.InferRequest, tables: list[HeadTable], counts: list[int],
                      positions: np.ndarray, wins: list[int], layers: range) -> None:

@@ -108,13 +108,20 @@ class Scheduler:
         """The admission watermark (module docstring)."""
         if not self.running:
             return self.kv.can_append(seq.seq_id, first_chunk)
-        need = self.kv.blocks_needed(seq.seq_id, seq.num_pending)
+        need = self.kv.blocks_needed(seq.seq_id, self._prompt_need(seq))
         growth = self.kv.growth_block()
         for s in self.running:
             need = need + growth
             if s.num_pending > 1:  # still in prefill: the rest of its prompt
-                need = need + self.kv.blocks_needed(s.seq_id, s.num_pending)
+                need = need + self.kv.blocks_needed(s.seq_id, self._prompt_need(s))
         return self.kv.fits(need)
+
+    @staticmethod
+    def _prompt_need(seq: Sequence) -> int:
+        """Tokens the rest of ``seq``'s prompt will add to the cache (with prefill eviction at
+        most ``max_prompt_hold``: it evicts as it reads)."""
+        cap = seq.max_prompt_hold
+        return seq.num_pending if cap is None else min(seq.num_pending, cap)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

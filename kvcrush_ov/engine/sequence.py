@@ -32,6 +32,8 @@ class Sequence:
     last_token_time: float = 0.0
     num_preemptions: int = 0
     error: str | None = None
+    max_prompt_hold: int | None = None  # with prefill eviction: tokens held at most while the
+    # prompt is read (budget + a chunk); the scheduler's admission counts this, not the prompt
     extra: dict = field(default_factory=dict)
 
     @property

@@ -58,6 +58,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # FastKV: token-selective propagation during prefill (its own parent), then per-head SnapKV
     Method("fastkv", "native", _native("snapkv", fastkv=FastKVConfig())),
     Method("fastkv+kvcrush", "native", _native("snapkv", KVCRUSH, fastkv=FastKVConfig())),
+    # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)
+    Method("fastkv-max7", "native", _native("snapkv", fastkv=FastKVConfig(pooling="max", kernel=7)),
+           report=False),
     Method("snapkv+kvcrush-multi", "native", _native("snapkv", KVCrushConfig(
         budget=0.25, anchor_point_mode=("zeros", "ones", "alternating"), taper=False))),
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(

@@ -99,23 +99,30 @@ def _record(s: Sample, method: str, budget: float | None, text: str, n: int,
                   list(s.outputs), n, int(kv_bytes))
 
 
-def _parent_config(score_mode: str) -> CacheEvictionConfig:
-    """The parent of a group: ``all`` (h2o scores), ``window`` (snapkv scores) or ``fastkv``
-    (snapkv scores and FastKV's split prefill: its children share the propagated tokens)."""
+def _parent_config(score_mode: str, fastkv: FastKVConfig | None = None) -> CacheEvictionConfig:
+    """The parent of a group: ``all`` (h2o scores), ``window`` (snapkv scores) or a FastKV
+    group (snapkv scores and FastKV's split prefill with ``fastkv``: its children share the
+    propagated tokens)."""
     importance = "h2o" if score_mode == "all" else "snapkv"
     return CacheEvictionConfig(max_cache_size=_PARENT_BUDGET, importance=importance,
-                               kvcrush=None, mode="continuous",
-                               fastkv=FastKVConfig() if score_mode == "fastkv" else None)
+                               kvcrush=None, mode="continuous", fastkv=fastkv)
 
 
 def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
-    """(method, budget) keys by the parent they fork from (see :func:`_parent_config`)."""
+    """(method, budget) keys by the parent they fork from: ``"all"``, ``"window"``, or
+    ``"fastkv:<config>"`` for each FastKV configuration (see :func:`_parent_config`)."""
     groups: dict[str, list[tuple[str, float]]] = {}
     for key, spec in specs.items():
-        mode = ("fastkv" if spec.fastkv is not None
+        mode = (f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
                 else "all" if spec.policy.score_mode == "all" else "window")
         groups.setdefault(mode, []).append(key)
     return groups
+
+
+def _parent_spec(mode: str, keys: list, specs: dict):
+    if mode.startswith("fastkv:"):
+        return make_spec(_parent_config("window", specs[keys[0]].fastkv))
+    return make_spec(_parent_config(mode))
 
 
 def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys: list,
@@ -124,7 +131,7 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
     parent = eng.add_request(ids, g, eos, detok)
     if forced is not None:
         parent.extra["forced"] = forced
-    eng.set_spec(parent, make_spec(_parent_config(mode)))
+    eng.set_spec(parent, _parent_spec(mode, keys, specs))
     while parent.num_computed < len(ids) and not parent.is_finished:
         eng.step()
     children = {}

@@ -52,4 +52,5 @@ def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:
                         start_size=cfg.start_size, recent_size=cfg.recent_size, mode=cfg.mode,
                         evict_interval=cfg.evict_interval, window=cfg.snapkv_window_size,
                         decode_window=decode_window, seed=seed, log=cfg.log,
-                        genai=cfg if upstream else None, fastkv=cfg.fastkv)
+                        genai=cfg if upstream else None, fastkv=cfg.fastkv,
+                        prefill_eviction=cfg.prefill_eviction)

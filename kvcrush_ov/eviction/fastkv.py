@@ -2,7 +2,7 @@
 for Fast Long-Context Processing with Token-Selective Propagation").
 
 At the split layer every prompt token gets the attention the prompt's last queries paid it,
-summed over all query heads; the scores are max-pooled along the sequence and the best
+summed over all query heads; the scores are pooled along the sequence and the best
 ``num_ranked`` tokens go on to the deeper layers, together with the tokens eviction always keeps
 (the ``start_size`` sinks and the ``recent_size`` newest), in position order.
 """
@@ -16,13 +16,14 @@ from kvcrush_ov.eviction.snapkv import pool_scores
 
 
 def tsp_positions(scores: np.ndarray, num_ranked: int, start_size: int, recent_size: int,
-                  kernel: int) -> np.ndarray:
+                  kernel: int, pooling: str = "max") -> np.ndarray:
     """int64 [K]: positions propagated past the split layer, increasing.
 
     scores: float [P] attention each prompt position received at the split layer (summed over
     heads and the scored queries). The first ``start_size`` and the last ``recent_size``
-    positions always go; of the rest, the ``num_ranked`` with the highest max-pooled score
-    (window ``kernel``, centred; ties: the earlier position). ``K = min(P, fixed + num_ranked)``.
+    positions always go; of the rest, the ``num_ranked`` with the highest pooled score
+    (``pooling`` over a centred window of ``kernel``, see snapkv.pool_scores; ties: the earlier
+    position). ``K = min(P, fixed + num_ranked)``.
     """
     scores = np.asarray(scores, dtype=np.float32)
     p = scores.shape[0]
@@ -30,6 +31,6 @@ def tsp_positions(scores: np.ndarray, num_ranked: int, start_size: int, recent_s
     keep = np.ones(p, bool)
     middle = hi - lo
     if middle and num_ranked < middle:
-        pooled = pool_scores(scores[None, None, lo:hi], np.array([[middle]]), "max", kernel)
+        pooled = pool_scores(scores[None, None, lo:hi], np.array([[middle]]), pooling, kernel)
         keep[lo:hi] = top_k_mask(pooled[0, 0], max(num_ranked, 0))
     return np.flatnonzero(keep).astype(np.int64)

@@ -25,6 +25,8 @@ class EvictionSpec:
         GenAI's settings (eviction/genai_compat.py) and run by GenAI's own algorithm
         (eviction/upstream.py) instead of ``policy`` (engine/evictor.py's upstream path).
     fastkv: FastKV's token-selective propagation during prefill (engine/fastkv.py), or None.
+    prefill_eviction: evict after every prompt chunk that leaves the sequence above its budget
+        (each chunk's last ``window`` queries scored), not only once the prompt is read.
     """
 
     policy: EvictionPolicy
@@ -39,6 +41,7 @@ class EvictionSpec:
     log: bool = False
     genai: CacheEvictionConfig | None = None
     fastkv: FastKVConfig | None = None
+    prefill_eviction: bool = False
 
     def budget(self, prompt_tokens: int) -> int:
         """Tokens per layer and head after an eviction (never below sinks + recent)."""

@@ -1,0 +1,132 @@
+"""Eviction while the prompt is read (``CacheEvictionConfig(prefill_eviction=True)``).
+
+A request evicts after every prompt chunk that leaves it above its budget, so it holds at most
+its budget + one chunk + a block per (layer, head): checked at every step against the request's
+peak. A budget at or above the prompt changes nothing; a prompt longer than the whole cache
+runs (and is refused, naming the prompt, without prefill eviction).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kvcrush_ov import (
+    CacheEvictionConfig,
+    ConfigError,
+    FastKVConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    Pipeline,
+    SchedulerConfig,
+)
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.eviction.factory import make_spec
+
+GREEDY = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+CHUNK = 64
+
+
+def _cfg(budget, prefill_eviction=True, importance="snapkv", **kw) -> CacheEvictionConfig:
+    return CacheEvictionConfig(max_cache_size=budget, start_size=8, recent_size=16,
+                               importance=importance, prefill_eviction=prefill_eviction,
+                               kvcrush=None, **kw)
+
+
+def _engine(model, cfg: CacheEvictionConfig | None, num_kv_blocks: int = 0) -> LLMEngine:
+    return LLMEngine(model, "CPU", KVCacheConfig(precision="f32", num_kv_blocks=num_kv_blocks),
+                     SchedulerConfig(max_num_batched_tokens=CHUNK), context_length=2048,
+                     eviction=None if cfg is None else make_spec(cfg))
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+def _run(eng: LLMEngine, prompts, on_step=None):
+    seqs = [eng.add_request(p, GREEDY, set(), lambda x: "") for p in prompts]
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+        if on_step is not None:
+            on_step(eng, seqs)
+    assert all(p.num_used == 0 for p in getattr(eng.kv, "pools", [eng.pool]))
+    return [list(s.output_ids) for s in seqs], seqs
+
+
+def test_a_budget_above_the_prompt_changes_nothing(tiny_model):
+    prompts = [_ids(n, n) for n in (300, 150, 40)]
+    full, _ = _run(_engine(tiny_model, None), prompts)
+    got, seqs = _run(_engine(tiny_model, _cfg(10**5)), prompts)
+    assert got == full
+    assert all(s.extra.get("evictions", 0) == 0 for s in seqs)
+
+
+@pytest.mark.parametrize("importance", ["snapkv", "h2o", "adakv"])
+def test_peak_stays_within_budget_plus_a_chunk(tiny_model, importance):
+    budget, p = 96, 700
+    bound_rows = budget + CHUNK + 32  # + a block of rounding
+
+    def per_head_bound(eng):
+        return (math.ceil(bound_rows / eng.block_size) * eng.runner.head_block_bytes
+                * eng.runner.num_layers * eng.runner.num_kv_heads)
+
+    peaks = {}
+    for on in (True, False):
+        eng = _engine(tiny_model, _cfg(budget, prefill_eviction=on, importance=importance))
+        worst = []
+
+        def check(eng, seqs, worst=worst):
+            for s in seqs:  # after each step's eviction: never above the budget + a chunk
+                t = eng.kv.tables.get(s.seq_id)
+                if t is not None:
+                    worst.append(int(t.lens.max()))
+
+        _, seqs = _run(eng, [_ids(p, 1), _ids(300, 2)], on_step=check)
+        peaks[on] = (max(s.extra["peak_kv_bytes"] for s in seqs), max(worst))
+        if on:
+            assert seqs[0].extra["evictions"] >= p // CHUNK - 3  # one per chunk past the budget
+            assert peaks[on][0] <= per_head_bound(eng)
+            assert peaks[on][1] <= bound_rows
+    assert peaks[False][0] > peaks[True][0] and peaks[False][1] > bound_rows  # it can fail
+
+
+def test_a_prompt_longer_than_the_cache_runs(tiny_model):
+    blocks = 8  # 8 x 32 = 256 tokens of cache; the prompt is 1,200
+    with pytest.raises(ConfigError, match="prompt"):
+        _engine(tiny_model, _cfg(64, prefill_eviction=False), blocks).add_request(
+            _ids(1200, 3), GREEDY, set(), lambda x: "")
+    got, seqs = _run(_engine(tiny_model, _cfg(64), blocks), [_ids(1200, 3)])
+    assert len(got[0]) == GREEDY.max_new_tokens and seqs[0].extra["evictions"] > 10
+
+
+def test_pipeline_prompt_longer_than_the_cache(tiny_model):
+    prompt = " ".join(f"w{i}" for i in range(260))  # about 1,000 tokens
+    kv = KVCacheConfig(precision="f32", num_kv_blocks=10)
+    sched = SchedulerConfig(max_num_batched_tokens=CHUNK)
+    with pytest.raises(ConfigError, match="prompt"):
+        Pipeline(tiny_model, kv_cache=kv, scheduler=sched,
+                 eviction=_cfg(64, prefill_eviction=False)).generate(prompt, GREEDY)
+    pipe = Pipeline(tiny_model, kv_cache=kv, scheduler=sched, eviction=_cfg(64))
+    out = pipe.generate(prompt, GREEDY)
+    m = out.metrics[0]
+    assert m.num_input_tokens > 10 * 32 and m.num_generated_tokens == GREEDY.max_new_tokens
+    assert 0 < m.peak_kv_bytes <= 10 * pipe.backend.engine.block_bytes
+    # the budget itself must fit with a chunk: named before any work
+    with pytest.raises(ConfigError, match="prefill eviction"):
+        Pipeline(tiny_model, kv_cache=kv, scheduler=sched,
+                 eviction=_cfg(300)).generate(prompt, GREEDY)
+
+
+def test_bad_prefill_eviction_configs_are_named(tiny_model):
+    with pytest.raises(ConfigError, match="eviction.prefill_eviction"):
+        CacheEvictionConfig(prefill_eviction="yes")
+    with pytest.raises(ConfigError, match="eviction.prefill_eviction"):
+        CacheEvictionConfig(prefill_eviction=True, importance="upstream", kvcrush=None)
+    with pytest.raises(ConfigError, match="eviction.prefill_eviction"):
+        CacheEvictionConfig(prefill_eviction=True, fastkv=FastKVConfig())
+    with pytest.raises(ConfigError, match="eviction.prefill_eviction"):
+        Pipeline(tiny_model, eviction=CacheEvictionConfig(prefill_eviction=True),
+                 backend="genai")
