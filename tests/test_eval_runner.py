@@ -61,6 +61,18 @@ def test_fastkv_columns_fork_from_their_own_split_parent(tiny_model, tmp_path):
     assert by[("fastkv", 0.25)] == by[("snapkv", 0.25)]
 
 
+def test_prefill_eviction_columns_run_their_own_prefill(tiny_model, tmp_path):
+    said: list[str] = []
+    run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1,
+             methods=["snapkv+kvcrush-prefill"], budgets=[0.25], max_seq_length=1024,
+             max_num_batched_tokens=128, say=said.append)
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["budget"]) for r in recs} == {(FULL, None),
+                                                          ("snapkv+kvcrush-prefill", 0.25)}
+    fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in fid] == ["snapkv+kvcrush-prefill"] and fid[0]["kl"] >= -1e-6
+
+
 def test_full_alone_runs_only_the_full_cache(tiny_model, tmp_path):
     run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=2, methods=["full"],
              budgets=[0.5], max_seq_length=1024, say=lambda _: None)
@@ -327,7 +339,8 @@ def test_tuning_candidates_run_only_when_named():
     from kvcrush_ov.eval.methods import METHODS, REPORT_METHODS
     from kvcrush_ov.eviction.factory import make_policy
 
-    candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper"}
+    candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
+                  "fastkv-max7"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
     assert make_policy(METHODS["snapkv+kvcrush-scaled"].make(0.25)).share == 0.125

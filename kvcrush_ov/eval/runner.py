@@ -110,10 +110,12 @@ def _parent_config(score_mode: str, fastkv: FastKVConfig | None = None) -> Cache
 
 def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
     """(method, budget) keys by the parent they fork from: ``"all"``, ``"window"``, or
-    ``"fastkv:<config>"`` for each FastKV configuration (see :func:`_parent_config`)."""
+    ``"fastkv:<config>"`` for each FastKV configuration (see :func:`_parent_config`); ``"own"``
+    for methods that evict during the prefill (each runs its own, see :func:`_run_alone`)."""
     groups: dict[str, list[tuple[str, float]]] = {}
     for key, spec in specs.items():
-        mode = (f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
+        mode = ("own" if spec.prefill_eviction  # evicts while reading: no shared prefill
+                else f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
                 else "all" if spec.policy.score_mode == "all" else "window")
         groups.setdefault(mode, []).append(key)
     return groups
@@ -125,9 +127,29 @@ def _parent_spec(mode: str, keys: list, specs: dict):
     return make_spec(_parent_config(mode))
 
 
+def _run_alone(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict,
+               eos: set[int], detok, forced: list[int] | None = None) -> dict:
+    """One request per key with its own spec from the first token (batched together)."""
+    seqs = {}
+    for k in keys:
+        seq = eng.add_request(ids, g, eos, detok)
+        if forced is not None:
+            seq.extra["forced"] = forced
+        eng.set_spec(seq, specs[k])
+        seqs[k] = seq
+    while eng.has_unfinished():
+        eng.step()
+    for seq in seqs.values():
+        eng.sequences.pop(seq.seq_id, None)
+    return seqs
+
+
 def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys: list,
                       specs: dict, eos: set[int], detok, forced: list[int] | None = None):
-    """One parent per score mode, prefilled once and forked per key; runs all to the end."""
+    """One parent per score mode, prefilled once and forked per key; runs all to the end
+    (mode ``own``: no parent, :func:`_run_alone`)."""
+    if mode == "own":
+        return None, _run_alone(eng, ids, g, keys, specs, eos, detok, forced)
     parent = eng.add_request(ids, g, eos, detok)
     if forced is not None:
         parent.extra["forced"] = forced
@@ -156,7 +178,8 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
 
     eos = pipe.backend.eos_token_ids
     specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
-    groups = _score_groups(specs) or {"window": []}  # no native method: the full cache alone
+    groups = _score_groups(specs)
+    groups.setdefault("window", [])  # its parent is the full cache (also with no method)
     for i, s in enumerate(samples):
         todo = {k for k in specs if (s.task, s.index, *k) not in results.done}
         need_full = (s.task, s.index, FULL, None) not in results.done
@@ -227,13 +250,19 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         reference = " " + ", ".join(s.outputs)
         forced = encode_text(tok, reference)[:max_forced] or [int(next(iter(eos)))]
         g = GenerationConfig(max_new_tokens=len(forced), ignore_eos=True)
-        for mode, keys in _score_groups(specs).items():
-            keys = [k for k in keys if k in todo]
+        full = None
+        groups = _score_groups(specs)
+        for mode in sorted(groups, key=lambda m: m == "own"):  # "own" last: it has no parent
+            keys = [k for k in groups[mode] if k in todo]
             if not keys:
                 continue
+            if mode == "own" and full is None:  # the full cache's distributions first
+                full = _prefill_and_fork(eng, ids, g, "window", [], specs, eos, lambda x: "",
+                                         forced)[0].extra["logprobs"]
             parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos,
                                                  lambda x: "", forced)
-            full = parent.extra["logprobs"]
+            if parent is not None:
+                full = parent.extra["logprobs"]
             for k, child in children.items():
                 kl, top1 = kl_top1(full, child.extra["logprobs"])
                 rec = Fidelity(s.task, s.index, k[0], k[1], kl, top1, len(full))
