@@ -48,7 +48,8 @@ inline uint8_t* bytes(bool* p) { return reinterpret_cast<uint8_t*>(p); }
 template <class T>
 Out<bool> top_k_mask(In<T, 2> values, In<int64_t, 1> k) {
   const size_t rows = values.shape(0), n = values.shape(1);
-  if (k.shape(0) != rows) bad_shape("k", "one entry per row of values (" + std::to_string(rows) + ")");
+  if (k.shape(0) != rows)
+    bad_shape("k", "one entry per row of values (" + std::to_string(rows) + ")");
   auto out = new_array<bool, 2>({rows, n});
   {
     nb::gil_scoped_release unlocked;

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 #include "kvcrush/parallel.hpp"
@@ -12,52 +12,89 @@ namespace kvcrush {
 
 namespace {
 
-/// a ranks before b: larger first, NaN after every number (floating point only).
+/// Order-preserving unsigned keys: a larger value has a larger key; -0.0 and 0.0 share one
+/// key (numpy ranks them as ties) and every NaN has key 0, below every number.
+inline uint32_t rank_key(float x) {
+  uint32_t u;
+  x = x == 0.0f ? 0.0f : x;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return x != x ? 0u : key;  // NaN
+}
+
+inline uint64_t rank_key(double x) {
+  uint64_t u;
+  x = x == 0.0 ? 0.0 : x;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint64_t key = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+  return x != x ? 0u : key;  // NaN
+}
+
+inline uint64_t rank_key(int64_t x) {
+  return static_cast<uint64_t>(x) ^ 0x8000000000000000ull;
+}
+
+/// out[j] = 1 on the k (0 < k < n) entries of v with the largest keys, ties in index order.
+/// The k-th largest key by a most-significant-digit radix select (8-bit digits from the first
+/// one where the keys differ; the candidates left are compacted after every digit), then one
+/// pass in index order: no comparison-driven branching, fast on any distribution of scores.
 template <class T>
-inline bool ranks_before(T a, T b) {
-  if constexpr (std::is_floating_point_v<T>) {
-    if (a > b) return true;
-    if (a < b) return false;
-    return !std::isnan(a) && std::isnan(b);
-  } else {
-    return a > b;
+void top_k_row(const T* v, int64_t n, int64_t k, uint8_t* out,
+               std::vector<decltype(rank_key(T{}))>& keys) {
+  using Key = decltype(rank_key(T{}));
+  constexpr int kBits = 8 * static_cast<int>(sizeof(Key));
+  keys.resize(n);
+  Key lo = ~Key{0}, hi = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const Key key = rank_key(v[j]);
+    keys[j] = key;
+    lo = std::min(lo, key);
+    hi = std::max(hi, key);
+  }
+  // Digits above the highest bit where lo and hi differ are the same in every key.
+  int top = -1;  // highest differing bit
+  for (Key diff = lo ^ hi; diff != 0; diff >>= 1) ++top;
+  const int start = top < 0 ? -1 : top / 8 * 8;  // shift of the first digit that differs
+  Key kth = hi;  // all keys are equal when start < 0
+  if (start >= 0) kth = start + 8 >= kBits ? Key{0} : (hi >> (start + 8)) << (start + 8);
+  int64_t need = k;  // rank of the k-th largest among the candidates left (1 = the largest)
+  int64_t m = n;
+  for (int shift = start; shift >= 0; shift -= 8) {
+    int64_t hist[4][256] = {};  // four interleaved counts: no chain of dependent increments
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4)
+      for (int u = 0; u < 4; ++u) ++hist[u][(keys[i + u] >> shift) & 0xFF];
+    for (; i < m; ++i) ++hist[0][(keys[i] >> shift) & 0xFF];
+    int digit = 255;
+    auto count = [&](int d) { return hist[0][d] + hist[1][d] + hist[2][d] + hist[3][d]; };
+    while (count(digit) < need) need -= count(digit--);
+    kth |= static_cast<Key>(digit) << shift;
+    int64_t w = 0;
+    for (i = 0; i < m; ++i) {
+      keys[w] = keys[i];
+      w += static_cast<int>((keys[i] >> shift) & 0xFF) == digit ? 1 : 0;
+    }
+    m = w;
+  }
+  // ``need`` entries equal to kth are taken (the first ones), every larger one is.
+  for (int64_t j = 0; j < n; ++j) {
+    const Key key = rank_key(v[j]);
+    const bool tie = key == kth && need > 0;
+    need -= tie ? 1 : 0;
+    out[j] = static_cast<uint8_t>(key > kth || tie);
   }
 }
 
+/// top_k_row with k clipped to [0, n].
 template <class T>
-inline bool same_rank(T a, T b) {
-  if constexpr (std::is_floating_point_v<T>) {
-    return a == b || (std::isnan(a) && std::isnan(b));
-  } else {
-    return a == b;
-  }
-}
-
-template <class T>
-void top_k_row(const T* v, int64_t n, int64_t k, uint8_t* out, std::vector<T>& scratch) {
+void top_k_clipped(const T* v, int64_t n, int64_t k, uint8_t* out,
+                   std::vector<decltype(rank_key(T{}))>& keys) {
   k = std::clamp<int64_t>(k, 0, n);
   if (k == 0 || k == n) {
     std::fill(out, out + n, static_cast<uint8_t>(k == n ? 1 : 0));
     return;
   }
-  // The k-th entry in rank order by a selection (O(n)), then everything ranked before it plus
-  // the first of its ties, in index order, up to k.
-  scratch.assign(v, v + n);
-  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), ranks_before<T>);
-  const T kth = scratch[k - 1];
-  int64_t above = 0;
-  for (int64_t j = 0; j < n; ++j) above += ranks_before(v[j], kth) ? 1 : 0;
-  int64_t ties = k - above;
-  for (int64_t j = 0; j < n; ++j) {
-    uint8_t keep = 0;
-    if (ranks_before(v[j], kth)) {
-      keep = 1;
-    } else if (ties > 0 && same_rank(v[j], kth)) {
-      keep = 1;
-      --ties;
-    }
-    out[j] = keep;
-  }
+  top_k_row(v, n, k, out, keys);
 }
 
 void check_dims(std::initializer_list<std::pair<const char*, int64_t>> dims) {
@@ -73,8 +110,8 @@ template <class T>
 void top_k_mask(const T* values, int64_t rows, int64_t n, const int64_t* k, uint8_t* out) {
   check_dims({{"rows", rows}, {"n", n}});
   parallel_for(rows, n, [&](int64_t r) {
-    std::vector<T> scratch;
-    top_k_row(values + r * n, n, k[r], out + r * n, scratch);
+    std::vector<decltype(rank_key(T{}))> keys;
+    top_k_clipped(values + r * n, n, k[r], out + r * n, keys);
   });
 }
 
@@ -176,8 +213,8 @@ void split_largest_remainder(int64_t total, const int64_t* sizes, int64_t num_gr
     given += out[g];
   }
   std::vector<uint8_t> more(num_groups);
-  std::vector<int64_t> scratch;
-  top_k_row(rest.data(), num_groups, total - given, more.data(), scratch);
+  std::vector<uint64_t> keys;
+  top_k_clipped(rest.data(), num_groups, total - given, more.data(), keys);
   for (int64_t g = 0; g < num_groups; ++g) out[g] += more[g];
 }
 
@@ -227,7 +264,8 @@ void pick_representatives(const uint8_t* vectors, const uint8_t* valid, const ui
       order.assign(sizes[a], 0);
       for (int64_t j = 0; j < m; ++j)
         if (is_valid[j] && group[j] == a) order[start[dist[j]]++] = j;
-      for (int64_t i = 0; i < picks; ++i) chosen[l * m + order[stride_index(sizes[a], picks, i)]] = 1;
+      for (int64_t i = 0; i < picks; ++i)
+        chosen[l * m + order[stride_index(sizes[a], picks, i)]] = 1;
     }
   });
 }
