@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kvcrush/compaction.hpp"
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/selection.hpp"
 
@@ -136,6 +137,82 @@ Out<bool> pick_representatives(In<bool, 3> vectors, In<bool, 2> valid, In<bool, 
   return out;
 }
 
+// ---- compaction
+
+using Cache = nb::ndarray<uint8_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+
+void compact_blocks(Cache cache, int64_t head, const kvcrush::BlockLayout& layout,
+                    In<int64_t, 1> dst, In<int64_t, 1> offsets, In<int64_t, 2> pairs,
+                    bool lossless_single_source) {
+  const auto num_blocks = static_cast<int64_t>(cache.shape(0));
+  const auto heads = static_cast<int64_t>(cache.shape(1));
+  const auto hbb = static_cast<int64_t>(cache.shape(2));
+  if (hbb != layout.head_block_bytes)
+    bad_shape("cache", "[NB, H, " + std::to_string(layout.head_block_bytes) + "] bytes");
+  if (head < 0 || head >= heads)
+    throw std::out_of_range("kv_codec: head " + std::to_string(head) + " outside 0.." +
+                            std::to_string(heads - 1));
+  const auto num_dst = static_cast<int64_t>(dst.shape(0));
+  if (static_cast<int64_t>(offsets.shape(0)) != num_dst + 1)
+    bad_shape("offsets", "one entry more than dst");
+  if (pairs.shape(1) != 2 || static_cast<int64_t>(pairs.shape(0)) != offsets.data()[num_dst])
+    bad_shape("pairs", "shape [offsets[-1], 2]");
+  nb::gil_scoped_release unlocked;
+  kvcrush::compact_blocks(cache.data() + head * hbb, num_blocks, heads * hbb, layout,
+                          dst.data(), num_dst, offsets.data(), pairs.data(),
+                          lossless_single_source);
+}
+
+Out<uint8_t> encode_by_channel(In<float, 3> x, In<int64_t, 1> counts,
+                               const kvcrush::BlockLayout& layout) {
+  kvcrush::validate_layout(layout);
+  const size_t n = x.shape(0);
+  if (!layout.by_channel) bad_shape("layout", "a by-channel (u8 / u4 key) layout");
+  if (static_cast<int64_t>(x.shape(1)) != layout.block_size ||
+      static_cast<int64_t>(x.shape(2)) != layout.head_dim)
+    bad_shape("x", "shape [N, block_size, head_dim]");
+  if (counts.shape(0) != n) bad_shape("counts", "one entry per block of x");
+  for (size_t i = 0; i < n; ++i)
+    if (counts.data()[i] < 0 || counts.data()[i] > layout.block_size)
+      bad_shape("counts", "0 .. block_size rows per block");
+  const auto hbb = static_cast<size_t>(layout.head_block_bytes);
+  auto out = new_array<uint8_t, 2>({n, hbb});
+  {
+    nb::gil_scoped_release unlocked;
+    const int64_t rows = layout.block_size * layout.head_dim;
+    kvcrush::parallel_for(static_cast<int64_t>(n), rows * 8, [&](int64_t i) {
+      kvcrush::encode_by_channel(x.data() + i * rows, counts.data()[i], layout,
+                                 out.data() + i * layout.head_block_bytes);
+    });
+  }
+  return out;
+}
+
+Out<float> decode_by_channel(In<uint8_t, 2> blocks, In<int64_t, 1> which, In<int64_t, 1> rows,
+                             const kvcrush::BlockLayout& layout) {
+  kvcrush::validate_layout(layout);
+  if (!layout.by_channel) bad_shape("layout", "a by-channel (u8 / u4 key) layout");
+  if (static_cast<int64_t>(blocks.shape(1)) != layout.head_block_bytes)
+    bad_shape("blocks", "[U, head_block_bytes]");
+  const size_t m = which.shape(0);
+  if (rows.shape(0) != m) bad_shape("rows", "one entry per entry of which");
+  const auto u = static_cast<int64_t>(blocks.shape(0));
+  for (size_t i = 0; i < m; ++i) {
+    if (which.data()[i] < 0 || which.data()[i] >= u)
+      throw std::out_of_range("kv_codec: block " + std::to_string(which.data()[i]) +
+                              " outside 0.." + std::to_string(u - 1));
+    if (rows.data()[i] < 0 || rows.data()[i] >= layout.block_size)
+      throw std::out_of_range("kv_codec: row " + std::to_string(rows.data()[i]) +
+                              " outside 0.." + std::to_string(layout.block_size - 1));
+  }
+  const auto d = static_cast<size_t>(layout.head_dim);
+  auto out = new_array<float, 2>({m, d});
+  for (size_t i = 0; i < m; ++i)
+    kvcrush::decode_by_channel(blocks.data() + which.data()[i] * layout.head_block_bytes,
+                               rows.data()[i], layout, out.data() + i * d);
+  return out;
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -156,6 +233,35 @@ NB_MODULE(_core, m) {
         "int64 [R, A]: total[r] split over sizes[r] by largest remainder.");
   m.def("stride_indices", &stride_indices, nb::arg("n"), nb::arg("k"), nb::arg("i"),
         "int64 [S]: floor((2 i + 1) n / (2 k)).");
+  nb::class_<kvcrush::BlockLayout>(m, "BlockLayout", "One head-block's format (C++ side of "
+                                   "kv_codec.CacheLayout).")
+      .def(
+          "__init__",
+          [](kvcrush::BlockLayout* self, bool by_channel, int levels, int64_t block_size,
+             int64_t head_dim, int64_t head_block_bytes, int64_t header_bytes,
+             int64_t row_bytes) {
+            new (self) kvcrush::BlockLayout{by_channel, levels, block_size, head_dim,
+                                            head_block_bytes, header_bytes, row_bytes};
+            kvcrush::validate_layout(*self);
+          },
+          nb::kw_only(), nb::arg("by_channel"), nb::arg("levels"), nb::arg("block_size"),
+          nb::arg("head_dim"), nb::arg("head_block_bytes"), nb::arg("header_bytes"),
+          nb::arg("row_bytes"))
+      .def_ro("by_channel", &kvcrush::BlockLayout::by_channel)
+      .def_ro("levels", &kvcrush::BlockLayout::levels)
+      .def_ro("block_size", &kvcrush::BlockLayout::block_size)
+      .def_ro("head_dim", &kvcrush::BlockLayout::head_dim)
+      .def_ro("head_block_bytes", &kvcrush::BlockLayout::head_block_bytes)
+      .def_ro("header_bytes", &kvcrush::BlockLayout::header_bytes)
+      .def_ro("row_bytes", &kvcrush::BlockLayout::row_bytes);
+  m.def("compact_blocks", &compact_blocks, nb::arg("cache").noconvert(), nb::arg("head"),
+        nb::arg("layout"), nb::arg("dst"), nb::arg("offsets"), nb::arg("pairs"),
+        nb::arg("lossless_single_source"),
+        "Rewrites destination head-blocks of cache u8 [NB, H, HB] (head ``head``) in place.");
+  m.def("encode_by_channel", &encode_by_channel, nb::arg("x"), nb::arg("counts"),
+        nb::arg("layout"), "u8 [N, HB]: f32 rows [N, bs, D] as by-channel key head-blocks.");
+  m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
+        nb::arg("rows"), nb::arg("layout"), "f32 [M, D]: rows of by-channel key head-blocks.");
   m.def("pick_representatives", &pick_representatives, nb::arg("vectors"), nb::arg("valid"),
         nb::arg("anchors"), nb::arg("k"), "bool [L, M]: KVCrush's representatives per layer.");
 }
