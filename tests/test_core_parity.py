@@ -16,6 +16,7 @@ from kvcrush_ov.eviction.kvcrush import (
     split_largest_remainder,
     stride_indices,
 )
+from kvcrush_ov.eviction.snapkv import _sliding_max, _window_sums
 
 # --- the references: plain numpy / Python, one obvious way each ---
 
@@ -140,6 +141,42 @@ def test_pick_representatives_on_many_threads() -> None:
     k = rng.integers(0, 3000, size=6)
     assert np.array_equal(pick_representatives(vectors, valid, anchors, k),
                           ref_pick(vectors, valid, anchors, k))
+
+
+# --- pooling ---
+
+def ref_window_sums(v: np.ndarray, before: int, after: int) -> np.ndarray:
+    """The documented order, in numpy: power-of-two span sums, then one span per set bit of the
+    width (widest first) added to the running sum."""
+    n, w = v.shape[-1], before + after + 1
+    x = np.concatenate([np.zeros((*v.shape[:-1], before), np.float32), v,
+                        np.zeros((*v.shape[:-1], after), np.float32)], axis=-1)
+    spans = [x]
+    while 2 ** len(spans) <= w:
+        half = 2 ** (len(spans) - 1)
+        spans.append(spans[-1][..., :-half] + spans[-1][..., half:])
+    out, start = None, 0
+    for b in reversed(range(len(spans))):
+        if w >> b & 1:
+            part = spans[b][..., start:start + n]
+            out = part.copy() if out is None else out + part
+            start += 2 ** b
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 4100])
+def test_window_sums_bit_for_bit_and_sliding_max_exact(n: int) -> None:
+    rng = np.random.default_rng(n)
+    v = rng.dirichlet(np.ones(n), size=(3, 4)).astype(np.float32)
+    v[..., ::5] *= 1e-6  # magnitudes far apart: the summation order shows
+    for before, after in [(0, 0), (1, 1), (3, 0), (15, 15), (30, 0), (31, 31), (5, 9)]:
+        assert np.array_equal(_window_sums(v, before, after), ref_window_sums(v, before, after))
+        padded = np.pad(v, [(0, 0), (0, 0), (before, after)], constant_values=-np.inf)
+        ref = np.lib.stride_tricks.sliding_window_view(padded, before + after + 1, -1).max(-1)
+        got = _sliding_max(v, before, after)
+        assert np.array_equal(got, ref) and got.dtype == np.float32
+    with pytest.raises(ValueError, match="^window: allowed before >= 0"):
+        _window_sums(v, -1, 2)
 
 
 # --- errors name the field ---

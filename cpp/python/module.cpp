@@ -16,6 +16,7 @@
 
 #include "kvcrush/compaction.hpp"
 #include "kvcrush/parallel.hpp"
+#include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
 
 namespace nb = nanobind;
@@ -137,6 +138,20 @@ Out<bool> pick_representatives(In<bool, 3> vectors, In<bool, 2> valid, In<bool, 
   return out;
 }
 
+// ---- pooling
+
+template <void (*Kernel)(const float*, int64_t, int64_t, int64_t, int64_t, float*)>
+Out<float> pool_rows(In<float, 2> values, int64_t before, int64_t after) {
+  const size_t rows = values.shape(0), n = values.shape(1);
+  auto out = new_array<float, 2>({rows, n});
+  {
+    nb::gil_scoped_release unlocked;
+    Kernel(values.data(), static_cast<int64_t>(rows), static_cast<int64_t>(n), before, after,
+           out.data());
+  }
+  return out;
+}
+
 // ---- compaction
 
 using Cache = nb::ndarray<uint8_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
@@ -233,6 +248,10 @@ NB_MODULE(_core, m) {
         "int64 [R, A]: total[r] split over sizes[r] by largest remainder.");
   m.def("stride_indices", &stride_indices, nb::arg("n"), nb::arg("k"), nb::arg("i"),
         "int64 [S]: floor((2 i + 1) n / (2 k)).");
+  m.def("sliding_max", &pool_rows<kvcrush::sliding_max>, nb::arg("values"), nb::arg("before"),
+        nb::arg("after"), "f32 [R, N]: max over [j - before, j + after] (outside: -inf).");
+  m.def("window_sums", &pool_rows<kvcrush::window_sums>, nb::arg("values"), nb::arg("before"),
+        nb::arg("after"), "f32 [R, N]: sum over [j - before, j + after] (outside: 0).");
   nb::class_<kvcrush::BlockLayout>(m, "BlockLayout", "One head-block's format (C++ side of "
                                    "kv_codec.CacheLayout).")
       .def(

@@ -13,36 +13,48 @@ namespace kvcrush {
 namespace {
 
 /// Order-preserving unsigned keys: a larger value has a larger key; -0.0 and 0.0 share one
-/// key (numpy ranks them as ties) and every NaN has key 0, below every number.
+/// key (numpy ranks them as ties) and every NaN has key 0, below every number. Branch-free, so
+/// the loops over a row vectorize.
 inline uint32_t rank_key(float x) {
-  uint32_t u;
-  x = x == 0.0f ? 0.0f : x;
-  std::memcpy(&u, &x, sizeof(u));
-  const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return x != x ? 0u : key;  // NaN
+  const float y = x + 0.0f;  // -0.0 -> +0.0
+  int32_t i;
+  std::memcpy(&i, &y, sizeof(i));
+  const auto key = static_cast<uint32_t>(i) ^ (static_cast<uint32_t>(i >> 31) | 0x80000000u);
+  return y != y ? 0u : key;  // NaN
 }
 
 inline uint64_t rank_key(double x) {
-  uint64_t u;
-  x = x == 0.0 ? 0.0 : x;
-  std::memcpy(&u, &x, sizeof(u));
-  const uint64_t key = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
-  return x != x ? 0u : key;  // NaN
+  const double y = x + 0.0;
+  int64_t i;
+  std::memcpy(&i, &y, sizeof(i));
+  const auto key = static_cast<uint64_t>(i) ^ (static_cast<uint64_t>(i >> 63) |
+                                               0x8000000000000000ull);
+  return y != y ? 0u : key;
 }
 
 inline uint64_t rank_key(int64_t x) {
   return static_cast<uint64_t>(x) ^ 0x8000000000000000ull;
 }
 
+template <class T>
+using KeyOf = decltype(rank_key(T{}));
+
+/// Reusable buffers of one thread's rows.
+template <class Key>
+struct TopKScratch {
+  std::vector<Key> keys, candidates;
+};
+
 /// out[j] = 1 on the k (0 < k < n) entries of v with the largest keys, ties in index order.
 /// The k-th largest key by a most-significant-digit radix select (8-bit digits from the first
-/// one where the keys differ; the candidates left are compacted after every digit), then one
-/// pass in index order: no comparison-driven branching, fast on any distribution of scores.
+/// one where the keys differ; the candidates left are compacted after every digit), then the
+/// keys above it and the first of its ties: no comparison-driven branching, fast on any
+/// distribution of scores.
 template <class T>
-void top_k_row(const T* v, int64_t n, int64_t k, uint8_t* out,
-               std::vector<decltype(rank_key(T{}))>& keys) {
-  using Key = decltype(rank_key(T{}));
+void top_k_row(const T* v, int64_t n, int64_t k, uint8_t* out, TopKScratch<KeyOf<T>>& scratch) {
+  using Key = KeyOf<T>;
   constexpr int kBits = 8 * static_cast<int>(sizeof(Key));
+  std::vector<Key>& keys = scratch.keys;
   keys.resize(n);
   Key lo = ~Key{0}, hi = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -52,49 +64,54 @@ void top_k_row(const T* v, int64_t n, int64_t k, uint8_t* out,
     hi = std::max(hi, key);
   }
   // Digits above the highest bit where lo and hi differ are the same in every key.
-  int top = -1;  // highest differing bit
+  int top = -1;
   for (Key diff = lo ^ hi; diff != 0; diff >>= 1) ++top;
   const int start = top < 0 ? -1 : top / 8 * 8;  // shift of the first digit that differs
   Key kth = hi;  // all keys are equal when start < 0
   if (start >= 0) kth = start + 8 >= kBits ? Key{0} : (hi >> (start + 8)) << (start + 8);
   int64_t need = k;  // rank of the k-th largest among the candidates left (1 = the largest)
+  const Key* cand = keys.data();
   int64_t m = n;
+  std::vector<Key>& left = scratch.candidates;
+  left.resize(n);
   for (int shift = start; shift >= 0; shift -= 8) {
     int64_t hist[4][256] = {};  // four interleaved counts: no chain of dependent increments
     int64_t i = 0;
     for (; i + 4 <= m; i += 4)
-      for (int u = 0; u < 4; ++u) ++hist[u][(keys[i + u] >> shift) & 0xFF];
-    for (; i < m; ++i) ++hist[0][(keys[i] >> shift) & 0xFF];
+      for (int u = 0; u < 4; ++u) ++hist[u][(cand[i + u] >> shift) & 0xFF];
+    for (; i < m; ++i) ++hist[0][(cand[i] >> shift) & 0xFF];
     int digit = 255;
     auto count = [&](int d) { return hist[0][d] + hist[1][d] + hist[2][d] + hist[3][d]; };
     while (count(digit) < need) need -= count(digit--);
     kth |= static_cast<Key>(digit) << shift;
+    if (shift == 0) break;
     int64_t w = 0;
     for (i = 0; i < m; ++i) {
-      keys[w] = keys[i];
-      w += static_cast<int>((keys[i] >> shift) & 0xFF) == digit ? 1 : 0;
+      left[w] = cand[i];
+      w += static_cast<int>((cand[i] >> shift) & 0xFF) == digit ? 1 : 0;
     }
+    cand = left.data();
     m = w;
   }
-  // ``need`` entries equal to kth are taken (the first ones), every larger one is.
-  for (int64_t j = 0; j < n; ++j) {
-    const Key key = rank_key(v[j]);
-    const bool tie = key == kth && need > 0;
-    need -= tie ? 1 : 0;
-    out[j] = static_cast<uint8_t>(key > kth || tie);
-  }
+  // Every key above kth is taken, and the first ``need`` keys equal to it.
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<uint8_t>(keys[j] > kth);
+  for (int64_t j = 0; need > 0 && j < n; ++j)
+    if (keys[j] == kth) {
+      out[j] = 1;
+      --need;
+    }
 }
 
 /// top_k_row with k clipped to [0, n].
 template <class T>
 void top_k_clipped(const T* v, int64_t n, int64_t k, uint8_t* out,
-                   std::vector<decltype(rank_key(T{}))>& keys) {
+                   TopKScratch<KeyOf<T>>& scratch) {
   k = std::clamp<int64_t>(k, 0, n);
   if (k == 0 || k == n) {
     std::fill(out, out + n, static_cast<uint8_t>(k == n ? 1 : 0));
     return;
   }
-  top_k_row(v, n, k, out, keys);
+  top_k_row(v, n, k, out, scratch);
 }
 
 void check_dims(std::initializer_list<std::pair<const char*, int64_t>> dims) {
@@ -110,8 +127,8 @@ template <class T>
 void top_k_mask(const T* values, int64_t rows, int64_t n, const int64_t* k, uint8_t* out) {
   check_dims({{"rows", rows}, {"n", n}});
   parallel_for(rows, n, [&](int64_t r) {
-    std::vector<decltype(rank_key(T{}))> keys;
-    top_k_clipped(values + r * n, n, k[r], out + r * n, keys);
+    TopKScratch<KeyOf<T>> scratch;
+    top_k_clipped(values + r * n, n, k[r], out + r * n, scratch);
   });
 }
 
@@ -213,8 +230,8 @@ void split_largest_remainder(int64_t total, const int64_t* sizes, int64_t num_gr
     given += out[g];
   }
   std::vector<uint8_t> more(num_groups);
-  std::vector<uint64_t> keys;
-  top_k_clipped(rest.data(), num_groups, total - given, more.data(), keys);
+  TopKScratch<uint64_t> scratch;
+  top_k_clipped(rest.data(), num_groups, total - given, more.data(), scratch);
   for (int64_t g = 0; g < num_groups; ++g) out[g] += more[g];
 }
 
