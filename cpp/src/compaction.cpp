@@ -1,7 +1,6 @@
 #include "kvcrush/compaction.hpp"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -134,7 +133,10 @@ void encode_by_channel(const float* x, int64_t n, const BlockLayout& layout, uin
       // fma as the plugin's kernels: exact f64 product, sum rounded to f64 then to f32
       const double t = static_cast<double>(x[r * d + c]) * static_cast<double>(inv[c]) +
                        static_cast<double>(zp[c]);
-      float q = std::nearbyint(static_cast<float>(t));
+      // rint (round half to even) without a libm call: for |f| < 2^22, f + 1.5 * 2^23 lands
+      // where the float spacing is 1; larger |f| are clamped below anyway
+      const auto f = static_cast<float>(t);
+      float q = (f + 12582912.0f) - 12582912.0f;
       q = q > levels ? levels : q;
       q = q >= 0.0f ? q : 0.0f;  // also NaN -> 0
       const auto code = static_cast<uint8_t>(q);
