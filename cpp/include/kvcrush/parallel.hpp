@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <thread>
@@ -56,9 +57,11 @@ class ThreadGroup {
 /// thread costs tens of microseconds.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
 
-/// Calls ``fn(i)`` for every ``i`` in ``[0, n)``, split in contiguous chunks over up to
-/// available_cores() threads (fewer when ``n * work_per_item`` is small). The first exception
-/// thrown by any ``fn`` is rethrown here after every thread has finished.
+/// Calls ``fn(i)`` for every ``i`` in ``[0, n)`` on up to available_cores() threads (fewer when
+/// ``n * work_per_item`` is small), the calling thread included. Items are handed out in small
+/// chunks from a shared counter, so a thread the OS delays (a busy machine) holds up at most
+/// one chunk. The first exception thrown by any ``fn`` is rethrown here after every thread has
+/// finished (the others stop taking new chunks).
 template <class F>
 void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
   if (n <= 0) return;
@@ -69,19 +72,26 @@ void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
+  const int64_t chunk = std::max<int64_t>(1, n / (threads * 4));
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
   std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
-  auto chunk = [&](int64_t t) {
+  auto work = [&](int64_t t) {
     try {
-      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-      for (int64_t i = lo; i < hi; ++i) fn(i);
+      for (int64_t lo = next.fetch_add(chunk); lo < n && !failed.load();
+           lo = next.fetch_add(chunk)) {
+        const int64_t hi = std::min(n, lo + chunk);
+        for (int64_t i = lo; i < hi; ++i) fn(i);
+      }
     } catch (...) {
       errors[static_cast<size_t>(t)] = std::current_exception();
+      failed.store(true);
     }
   };
   {
     detail::ThreadGroup group;
-    for (int64_t t = 1; t < threads; ++t) group.spawn([&chunk, t] { chunk(t); });
-    chunk(0);
+    for (int64_t t = 1; t < threads; ++t) group.spawn([&work, t] { work(t); });
+    work(0);
   }  // joins here
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
