@@ -161,7 +161,7 @@ def split_largest_remainder(total: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     total = np.broadcast_to(np.asarray(total, dtype=np.int64), sizes.shape[:-1])
     rows = int(np.prod(sizes.shape[:-1], dtype=np.int64))
     out = _core.split_largest_remainder(np.ascontiguousarray(total).reshape(rows),
-                                        np.ascontiguousarray(sizes).reshape(rows, -1))
+                                        np.ascontiguousarray(sizes).reshape(rows, sizes.shape[-1]))
     return out.reshape(sizes.shape)
 
 
