@@ -53,6 +53,9 @@ def digest(policy_name: str, factory, case) -> str:
 @pytest.mark.parametrize(("name", "factory"), POLICY_MATRIX, ids=[n for n, _ in POLICY_MATRIX])
 def test_same_kept_positions_as_before_the_port(name: str, factory) -> None:
     want = json.loads(DIGESTS.read_text())
+    keys = [f"{name}|{case}" for case, _ in INPUTS]
+    if not any(k in want for k in keys):
+        pytest.skip(f"{name}: added to the matrix after the port, no pre-port digests")
     got = {f"{name}|{case}": digest(name, factory, make) for case, make in INPUTS}
     wrong = sorted(k for k, v in got.items() if want[k] != v)
     assert not wrong, wrong
