@@ -57,7 +57,7 @@ def test_same_kept_positions_as_before_the_port(name: str, factory) -> None:
     if not any(k in want for k in keys):
         pytest.skip(f"{name}: added to the matrix after the port, no pre-port digests")
     got = {f"{name}|{case}": digest(name, factory, make) for case, make in INPUTS}
-    wrong = sorted(k for k, v in got.items() if want[k] != v)
+    wrong = sorted(k for k, v in got.items() if k in want and want[k] != v)
     assert not wrong, wrong
 
 
