@@ -8,9 +8,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${KVCRUSH_OV_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.kvcrush-ov-setup"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+# The C++ core (cpp/) is compiled by the editable install: a change to it re-runs the install.
+WANT="$( { cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt"
+           find "$ROOT/cpp" -type f \( -name '*.[ch]pp' -o -name '*.txt' -o -name '*.cmake' \) \
+             -not -path '*/build/*' -print0 | LC_ALL=C sort -z | xargs -0 cat; } \
+         | sha256sum | cut -c1-16)"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import kvcrush_ov" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import kvcrush_ov._core" 2>/dev/null; then
   exit 0
 fi
 echo "[setup] creating $VENV (a few minutes on first run; log: $VENV/setup.log)" >&2

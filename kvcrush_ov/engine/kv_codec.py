@@ -37,15 +37,22 @@ Compaction: keys whose destination block draws all its rows from ONE source bloc
 with that block's scale / zero point (lossless); rows gathered from several source blocks are
 dequantized and re-quantized with the formula above (exactly what the plugin would do to those
 f32 values). Values and unquantized formats are copied row by row (lossless).
+
+The by-channel key codec and the compaction run in the C++ core (cpp/src/compaction.cpp,
+``kvcrush_ov._core``; parallel over destination blocks); this module keeps the layouts, the
+per-token value encoder and the Python API.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import openvino as ov
+
+from kvcrush_ov import _core
 
 KEY = "key"
 VALUE = "value"
@@ -94,21 +101,6 @@ def _unpack_u4(b: np.ndarray) -> np.ndarray:
     out[..., 0::2] = b >> 4
     out[..., 1::2] = b & 0x0F
     return out
-
-
-def quantize_by_channel(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The plugin's per-channel key quantization of ``x`` f32 [..., n, D] over axis -2.
-
-    Returns codes u8 [..., n, D] (0..levels), scale f32 [..., D], zp f32 [..., D].
-    """
-    x = np.asarray(x, dtype=_F32)
-    lo, hi = x.min(axis=-2), x.max(axis=-2)
-    scale = ((hi - lo) * _F32(1.0 / levels)).astype(_F32)
-    scale = np.where(scale == 0, _F32(0.0001), scale).astype(_F32)
-    zp = (-lo / scale).astype(_F32)
-    inv = (_F32(1.0) / scale).astype(_F32)
-    q = np.rint(_fma_f32(x, inv[..., None, :], zp[..., None, :]))
-    return np.clip(q, 0, levels).astype(np.uint8), scale, zp
 
 
 def quantize_by_token(x: np.ndarray, levels: int = 255) -> tuple[np.ndarray, np.ndarray,
@@ -215,6 +207,14 @@ class CacheLayout:
         """Bytes of one token row (header columns included for per-token values)."""
         return (self.head_block_bytes - self.header_bytes) // self.block_size
 
+    @cached_property
+    def native(self) -> _core.BlockLayout:
+        """This geometry for the C++ core (``kvcrush::BlockLayout``)."""
+        return _core.BlockLayout(by_channel=self.by_channel, levels=_levels(self.precision),
+                                 block_size=self.block_size, head_dim=self.head_dim,
+                                 head_block_bytes=self.head_block_bytes,
+                                 header_bytes=self.header_bytes, row_bytes=self.row_bytes)
+
     # ----------------------------------------------------------------- one head-block
     def _bytes(self, block: np.ndarray) -> np.ndarray:
         b = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
@@ -226,14 +226,11 @@ class CacheLayout:
     def _decode_rows(self, blocks: np.ndarray, which: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` [M] of head-blocks ``blocks[which]`` (u8 [U, head_block_bytes]) -> f32
         [M, D]."""
-        u, d = len(blocks), self.head_dim
-        if self.by_channel:
-            hdr = np.ascontiguousarray(blocks[:, :self.header_bytes]).view(_F32).reshape(u, 2, d)
-            codes = blocks[:, self.header_bytes:].reshape(u, self.block_size, self.row_bytes)
-            q = codes[which, rows]
-            if self.precision == "u4":
-                q = _unpack_u4(q)
-            return (q.astype(_F32) - hdr[which, 1]) * hdr[which, 0]
+        if self.by_channel:  # C++: kvcrush::decode_by_channel
+            return _core.decode_by_channel(np.ascontiguousarray(blocks),
+                                           np.asarray(which, dtype=np.int64),
+                                           np.asarray(rows, dtype=np.int64), self.native)
+        u = len(blocks)
         data = blocks.reshape(u, self.block_size, self.row_bytes)[which, rows]
         return self._decode_token_rows(data)
 
@@ -266,22 +263,12 @@ class CacheLayout:
 
     def _encode_blocks(self, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """x f32 [N, bs, D] (rows >= counts[i] are ignored) -> u8 [N, head_block_bytes]."""
-        n_blocks, bs, d = x.shape
+        if self.by_channel:  # C++: kvcrush::encode_by_channel
+            return _core.encode_by_channel(np.ascontiguousarray(x, dtype=_F32),
+                                           np.asarray(counts, dtype=np.int64), self.native)
+        n_blocks, bs, _ = x.shape
         valid = np.arange(bs)[None, :] < counts[:, None]  # [N, bs]
         out = np.zeros((n_blocks, self.head_block_bytes), dtype=np.uint8)
-        if self.by_channel:
-            # pad invalid rows with the block's first row: min / max over the valid rows only
-            first = x[:, :1, :]
-            xs = np.where(valid[:, :, None], x, first)
-            q, scale, zp = quantize_by_channel(xs, _levels(self.precision))
-            q[~valid] = 0
-            if self.precision == "u4":
-                q = _pack_u4(q)
-            hdr = np.stack([scale, zp], axis=1).astype(_F32)  # [N, 2, D]
-            out[:, :self.header_bytes] = hdr.view(np.uint8).reshape(n_blocks, -1)
-            out[:, self.header_bytes:] = q.reshape(n_blocks, -1)
-            out[counts == 0] = 0
-            return out
         rows = out.reshape(n_blocks, bs, self.row_bytes)
         rows[valid] = self._encode_token_rows(x[valid])
         return out
@@ -326,6 +313,12 @@ class CacheLayout:
         ``head`` selects one of the ``H`` and may be omitted when H == 1 (per-head pools
         ``[NB*Hkv, 1, rows, cols]``).
         """
+        raw, head = self._raw_heads(cache, head)
+        return raw[:, head, :]
+
+    def _raw_heads(self, cache: ov.Tensor | np.ndarray,
+                   head: int | None) -> tuple[np.ndarray, int]:
+        """(u8 [NB, H, head_block_bytes] view of ``cache``'s memory, the head index)."""
         if isinstance(cache, ov.Tensor):
             arr, nb = cache.data, int(cache.get_shape()[0])
         else:
@@ -345,86 +338,64 @@ class CacheLayout:
             head = 0
         if not 0 <= head < heads:
             raise IndexError(f"kv_codec: head {head} outside 0..{heads - 1}")
-        return raw[:, head, :]
+        return raw, head
 
-    def compact(self, cache: ov.Tensor | np.ndarray, moves: Sequence[Move],
+    def compact(self, cache: ov.Tensor | np.ndarray, moves: Sequence[Move] | FlatMoves,
                 head: int | None = None, lossless_single_source: bool = True) -> None:
-        """Rewrite destination blocks densely from source rows, in place.
+        """Rewrite destination blocks densely from source rows, in place (C++:
+        ``kvcrush::compact_blocks``, parallel over the destinations).
 
-        ``moves``: ``(dst_block, [(src_block, src_row), ...])`` per destination; the listed rows
-        become rows ``0..n-1`` of ``dst_block`` in that order (``n <= block_size``); rows
-        ``>= n`` are zeroed. Block indices are along dim 0 of ``cache`` (for a per-head pool,
-        physical head-blocks); ``head`` as in :meth:`head_blocks`.
+        ``moves``: ``(dst_block, [(src_block, src_row), ...])`` per destination (or the same as
+        :func:`flatten_moves` made them); the listed rows become rows ``0..n-1`` of
+        ``dst_block`` in that order (``n <= block_size``); rows ``>= n`` are zeroed. Block
+        indices are along dim 0 of ``cache`` (for a per-head pool, physical head-blocks);
+        ``head`` as in :meth:`head_blocks`.
 
-        Precondition: destination blocks are distinct. Sources may be anywhere, including in
-        destination blocks of this same call (in-place compaction): every source block is read
-        into a temporary copy before any destination is written, so no ordering is required.
-        Memory: a copy of the distinct source blocks plus the new blocks.
+        Precondition: destination blocks are distinct (else ValueError; an index outside the
+        cache: IndexError; nothing is written then). Sources may be anywhere, including in
+        destination blocks of this same call (in-place compaction): every new block is built
+        before any destination is written, so no ordering is required. Memory: the new blocks.
 
         Values and unquantized keys: lossless row copies (u8 values keep their per-token scale).
         u8 / u4 keys: a destination whose rows all come from one source block keeps that block's
         scale / zero point and codes (lossless, unless ``lossless_single_source=False``); other
         destinations are dequantized and re-quantized with the plugin's formula.
         """
-        if not moves:
+        flat = moves if isinstance(moves, FlatMoves) else flatten_moves(moves)
+        if not len(flat.dst):
             return
-        view = self.head_blocks(cache, head)
-        nb = view.shape[0]
-        dst = np.asarray([int(d) for d, _ in moves], dtype=np.int64)
-        srcs = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for _, s in moves]
-        counts = np.asarray([len(s) for s in srcs], dtype=np.int64)
-        if len(np.unique(dst)) != len(dst):
-            raise ValueError("kv_codec: destination blocks must be distinct")
-        if counts.max() > self.block_size:
-            raise ValueError(f"kv_codec: more than {self.block_size} rows for one block")
-        pairs = np.concatenate(srcs) if counts.sum() else np.zeros((0, 2), dtype=np.int64)
-        all_blocks = np.concatenate([dst, pairs[:, 0]])
-        if all_blocks.min() < 0 or all_blocks.max() >= nb:
-            raise IndexError(f"kv_codec: block index outside 0..{nb - 1}")
-        if len(pairs) and (pairs[:, 1].min() < 0 or pairs[:, 1].max() >= self.block_size):
-            raise IndexError(f"kv_codec: source row outside 0..{self.block_size - 1}")
+        raw, head = self._raw_heads(cache, head)
+        _core.compact_blocks(raw, head, self.native, flat.dst, flat.offsets, flat.pairs,
+                             lossless_single_source)
 
-        # ---- read everything first (copies): overlap-safe
-        uniq, inv = np.unique(pairs[:, 0], return_inverse=True)
-        src_blocks = view[uniq]  # [U, HB] copy
-        src_rows = pairs[:, 1]
-        d_idx = np.repeat(np.arange(len(dst)), counts)  # destination of each moved row
-        d_row = np.arange(len(pairs)) - np.repeat(np.cumsum(counts) - counts, counts)
 
-        if not self.by_channel:
-            rb = self.row_bytes
-            rows = src_blocks.reshape(len(uniq), self.block_size, rb)[inv, src_rows]
-            new = np.zeros((len(dst), self.block_size, rb), dtype=np.uint8)
-            new[d_idx, d_row] = rows
-            view[dst] = new.reshape(len(dst), -1)
-            return
+@dataclass(frozen=True)
+class FlatMoves:
+    """Moves as arrays: destination ``i`` is block ``dst[i]`` and receives the rows
+    ``pairs[offsets[i]:offsets[i + 1]]`` (``(source block, source row)`` each).
 
-        d = self.head_dim
-        x = np.zeros((len(dst), self.block_size, d), dtype=_F32)
-        x[d_idx, d_row] = self._decode_rows(src_blocks, inv, src_rows)
-        new = self._encode_blocks(x, counts)
-        if lossless_single_source and len(pairs):
-            # destinations fed by one source block: copy codes + that block's header
-            lo = np.full(len(dst), np.iinfo(np.int64).max)
-            hi = np.full(len(dst), -1)
-            np.minimum.at(lo, d_idx, inv)
-            np.maximum.at(hi, d_idx, inv)
-            single = (counts > 0) & (lo == hi)
-            if single.any():
-                sel = single[d_idx]
-                hb = self.header_bytes
-                codes = src_blocks[:, hb:].reshape(len(uniq), self.block_size, self.row_bytes)
-                body = new[:, hb:].reshape(len(dst), self.block_size, self.row_bytes).copy()
-                body[single] = 0
-                body[d_idx[sel], d_row[sel]] = codes[inv[sel], src_rows[sel]]
-                new[:, hb:] = body.reshape(len(dst), -1)
-                new[single, :hb] = src_blocks[lo[single], :hb]
-        view[dst] = new
+    dst: int64 [K]; offsets: int64 [K + 1]; pairs: int64 [P, 2].
+    """
+
+    dst: np.ndarray
+    offsets: np.ndarray
+    pairs: np.ndarray
+
+
+def flatten_moves(moves: Sequence[Move]) -> FlatMoves:
+    """:class:`FlatMoves` of ``moves`` (``(dst_block, [(src_block, src_row), ...])`` each)."""
+    dst = np.fromiter((int(d) for d, _ in moves), dtype=np.int64, count=len(moves))
+    srcs = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for _, s in moves]
+    offsets = np.zeros(len(moves) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in srcs], out=offsets[1:])
+    pairs = np.concatenate(srcs) if offsets[-1] else np.zeros((0, 2), dtype=np.int64)
+    return FlatMoves(dst, offsets, np.ascontiguousarray(pairs))
 
 
 def compact_kv(key_layout: CacheLayout, value_layout: CacheLayout,
                key_cache: ov.Tensor | np.ndarray, value_cache: ov.Tensor | np.ndarray,
                moves: Sequence[Move], head: int | None = None) -> None:
     """:meth:`CacheLayout.compact` of one layer's key and value caches with the same moves."""
+    moves = flatten_moves(moves)
     key_layout.compact(key_cache, moves, head)
     value_layout.compact(value_cache, moves, head)

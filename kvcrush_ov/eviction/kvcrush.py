@@ -62,6 +62,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from kvcrush_ov import _core
 from kvcrush_ov.eviction.base import EvictionInputs, EvictionPolicy, fit_budget, top_k_mask
 from kvcrush_ov.eviction.h2o import AGGREGATION_MODES
 from kvcrush_ov.eviction.snapkv import SnapKV
@@ -122,48 +123,46 @@ def match_heads(positions: np.ndarray,
 
 def make_anchor(kind: str, vectors: np.ndarray, valid: np.ndarray,
                 rng: np.random.Generator) -> np.ndarray:
-    """bool [L, D]: one anchor per layer.
+    """bool [L, D]: one anchor per layer (C++: ``kvcrush::make_anchor``).
 
     vectors: bool [L, M, D] unit vectors; valid: bool [L, M] the layer's candidates (for
-    ``mean``: strict majority per coordinate, a tie gives 0).
+    ``mean``: strict majority per coordinate, a tie gives 0). ``random`` draws its bits from
+    ``rng`` (int8 0/1, shape [L, D]); no other kind uses ``rng``. ValueError names ``anchor``
+    for an unknown kind.
     """
-    num_layers, _, dim = vectors.shape
-    if kind == "zeros":
-        return np.zeros((num_layers, dim), bool)
-    if kind == "ones":
-        return np.ones((num_layers, dim), bool)
-    if kind == "alternating":
-        return np.broadcast_to(np.arange(dim) % 2 == 1, (num_layers, dim)).copy()
+    random_bits = None
     if kind == "random":
-        return rng.integers(0, 2, size=(num_layers, dim), dtype=np.int8).astype(bool)
-    if kind == "mean":
-        ones = (vectors & valid[:, :, None]).sum(axis=1)
-        return 2 * ones > valid.sum(axis=1)[:, None]
-    raise ValueError(f"anchor={kind!r}: allowed {', '.join(ANCHORS)}")
+        shape = (vectors.shape[0], vectors.shape[2])
+        random_bits = rng.integers(0, 2, size=shape, dtype=np.int8).astype(bool)
+    return _core.make_anchor(kind, _bools(vectors), _bools(valid), random_bits)
 
 
 def hamming(vectors: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """int64 [A, L, M]: Hamming distance of every unit vector [L, M, D] to anchors [A, L, D]."""
-    return (vectors[None] ^ anchors[:, :, None, :]).sum(axis=-1, dtype=np.int64)
+    """int64 [A, L, M]: Hamming distance of every unit vector [L, M, D] to anchors [A, L, D]
+    (C++: ``kvcrush::hamming``)."""
+    return _core.hamming(_bools(vectors), _bools(anchors))
 
 
 def stride_indices(n: int | np.ndarray, k: int | np.ndarray,
                    i: int | np.ndarray) -> np.ndarray:
     """``floor((i + 0.5) * n / k)``: the ``i``-th of ``k`` even-stride picks in a list of ``n``
-    (``0 <= i < k <= n``; distinct and increasing in ``i``)."""
-    return ((2 * np.asarray(i) + 1) * n) // np.maximum(2 * np.asarray(k), 1)
+    (``0 <= i < k <= n``; distinct and increasing in ``i``). Arrays broadcast; C++:
+    ``kvcrush::stride_index``."""
+    n_, k_, i_ = np.broadcast_arrays(*(np.asarray(x, dtype=np.int64) for x in (n, k, i)))
+    out = _core.stride_indices(*(np.ascontiguousarray(x).reshape(-1) for x in (n_, k_, i_)))
+    return out.reshape(n_.shape)
 
 
 def split_largest_remainder(total: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """int64 [..., A]: ``total`` [...] split over groups of ``sizes`` [..., A] in proportion to
     size (largest remainder, ties: first group); never above a group's size when
-    ``total <= sizes.sum(-1)``."""
+    ``total <= sizes.sum(-1)``. C++: ``kvcrush::split_largest_remainder``."""
     sizes = np.asarray(sizes, dtype=np.int64)
-    total = np.asarray(total, dtype=np.int64)
-    whole = np.maximum(sizes.sum(axis=-1, keepdims=True), 1)
-    prod = total[..., None] * sizes
-    out = prod // whole
-    return out + top_k_mask(prod % whole, total - out.sum(axis=-1))
+    total = np.broadcast_to(np.asarray(total, dtype=np.int64), sizes.shape[:-1])
+    rows = int(np.prod(sizes.shape[:-1], dtype=np.int64))
+    out = _core.split_largest_remainder(np.ascontiguousarray(total).reshape(rows),
+                                        np.ascontiguousarray(sizes).reshape(rows, sizes.shape[-1]))
+    return out.reshape(sizes.shape)
 
 
 def pick_representatives(vectors: np.ndarray, valid: np.ndarray, anchors: np.ndarray,
@@ -173,26 +172,16 @@ def pick_representatives(vectors: np.ndarray, valid: np.ndarray, anchors: np.nda
     vectors: bool [L, M, D]; valid: bool [L, M] candidates (units in position order);
     anchors: bool [A, L, D]; k: int [L]. Each unit joins its nearest anchor's group (ties: first
     anchor); ``k`` is split over the groups by :func:`split_largest_remainder`; inside a group
-    units are sorted by (distance, position) and taken at :func:`stride_indices`.
+    units are sorted by (distance, position) and taken at :func:`stride_indices`. C++:
+    ``kvcrush::pick_representatives``, parallel over layers.
     """
-    num_anchors = anchors.shape[0]
-    num_layers, m = valid.shape
-    dist = hamming(vectors, anchors)
-    group = dist.argmin(axis=0) if num_anchors > 1 else np.zeros(valid.shape, np.int64)
-    member = (group[None] == np.arange(num_anchors)[:, None, None]) & valid[None]
-    sizes = member.sum(axis=-1)  # [A, L]
-    k_eff = np.minimum(np.asarray(k, np.int64), sizes.sum(axis=0))
-    per_group = split_largest_remainder(k_eff, sizes.T).T  # [A, L]
-    key = np.where(member, dist * (m + 1) + np.arange(m), np.iinfo(np.int64).max)
-    order = np.argsort(key, axis=-1)  # member keys are unique: no stability needed
-    i = np.arange(int(per_group.max(initial=0)))
-    take = i < per_group[..., None]  # [A, L, kmax]
-    at = np.where(take, stride_indices(sizes[..., None], per_group[..., None], i), 0)
-    picked = np.take_along_axis(order, at, axis=-1)
-    chosen = np.zeros((num_layers, m), bool)
-    a, layer, j = np.nonzero(take)
-    chosen[layer, picked[a, layer, j]] = True
-    return chosen
+    k = np.ascontiguousarray(np.broadcast_to(np.asarray(k, dtype=np.int64), valid.shape[:1]))
+    return _core.pick_representatives(_bools(vectors), _bools(valid), _bools(anchors), k)
+
+
+def _bools(a: np.ndarray) -> np.ndarray:
+    """``a`` as a C-contiguous bool array (no copy when it already is one)."""
+    return np.ascontiguousarray(a, dtype=bool)
 
 
 def block_starts(candidates: np.ndarray, positions: np.ndarray,

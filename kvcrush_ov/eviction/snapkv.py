@@ -8,11 +8,13 @@ neighbours of an important token stay with it, then top-k per (layer, head).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from kvcrush_ov import _core
 from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
 from kvcrush_ov.eviction.h2o import check_aggregation_mode
 
@@ -20,39 +22,28 @@ POOLINGS = ("max", "avg", "none")
 
 
 def _sliding_max(v: np.ndarray, before: int, after: int) -> np.ndarray:
-    """Max over ``[j - before, j + after]`` along the last axis (outside the array counts as
-    -inf), in O(N log w): maxima of power-of-two spans, then two overlapping spans per window."""
-    n, w = v.shape[-1], before + after + 1
-    x = np.concatenate([np.full(v.shape[:-1] + (before,), -np.inf, np.float32), v,
-                        np.full(v.shape[:-1] + (after,), -np.inf, np.float32)], axis=-1)
-    span = 1  # x[j + before] = v[j]
-    while span * 2 <= w:  # x[i] = max of the original x[i : i + 2 * span]
-        x = np.maximum(x[..., :-span], x[..., span:])
-        span *= 2
-    return np.maximum(x[..., :n], x[..., w - span:w - span + n])
+    """float32 [..., N]: max over ``[j - before, j + after]`` along the last axis (outside the
+    array counts as -inf), in O(N log w): maxima of power-of-two spans, then two overlapping
+    spans per window. C++: ``kvcrush::sliding_max``, parallel over the rows."""
+    return _pool_rows(_core.sliding_max, v, before, after)
 
 
 def _window_sums(v: np.ndarray, before: int, after: int) -> np.ndarray:
-    """float32: sum over ``[j - before, j + after]`` along the last axis (outside the array
-    counts as 0), in O(N log w) with slices only: sums of power-of-two spans, then one span per
-    set bit of the width ``w = before + after + 1``. Every window is summed on its own (no
+    """float32 [..., N]: sum over ``[j - before, j + after]`` along the last axis (outside the
+    array counts as 0), in O(N log w): sums of power-of-two spans, then one span per set bit of
+    the width ``w = before + after + 1`` (widest first). Every window is summed on its own (no
     prefix-sum differences), so each result is accurate to float32 rounding relative to itself,
-    however small it is."""
-    n, w = v.shape[-1], before + after + 1
-    x = np.concatenate([np.zeros(v.shape[:-1] + (before,), np.float32),
-                        v.astype(np.float32, copy=False),
-                        np.zeros(v.shape[:-1] + (after,), np.float32)], axis=-1)
-    spans = [x]  # spans[b][i] = sum of x[i : i + 2**b]; x[j + before] = v[j]
-    while 2 ** len(spans) <= w:
-        half = 2 ** (len(spans) - 1)
-        spans.append(spans[-1][..., :-half] + spans[-1][..., half:])
-    out, start = None, 0
-    for b in reversed(range(len(spans))):
-        if w >> b & 1:
-            part = spans[b][..., start:start + n]
-            out = part.copy() if out is None else np.add(out, part, out=out)
-            start += 2 ** b
-    return out
+    however small it is. C++: ``kvcrush::window_sums``, parallel over the rows."""
+    return _pool_rows(_core.window_sums, v, before, after)
+
+
+def _pool_rows(kernel: Callable[[np.ndarray, int, int], np.ndarray], v: np.ndarray,
+               before: int, after: int) -> np.ndarray:
+    """``kernel`` on ``v`` [..., N] viewed as float32 rows [R, N]."""
+    shape = v.shape
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    flat = np.ascontiguousarray(v, dtype=np.float32).reshape(rows, shape[-1])
+    return kernel(flat, int(before), int(after)).reshape(shape)
 
 
 def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,

@@ -1,0 +1,173 @@
+#include "kvcrush/compaction.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kvcrush/parallel.hpp"
+
+namespace kvcrush {
+
+namespace {
+
+inline float load_f32(const uint8_t* p) {
+  float x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+inline void store_f32(uint8_t* p, float x) { std::memcpy(p, &x, sizeof(x)); }
+
+/// Code of channel c in a by-channel key row (u8: one byte; u4: even channel = high nibble).
+inline int code_at(const uint8_t* row, int64_t c, bool u4) {
+  if (!u4) return row[c];
+  const uint8_t b = row[c / 2];
+  return (c % 2 == 0) ? (b >> 4) : (b & 0x0F);
+}
+
+void check_moves(int64_t num_blocks, const BlockLayout& layout, const int64_t* dst,
+                 int64_t num_dst, const int64_t* offsets, const int64_t* pairs) {
+  if (num_dst < 0 || offsets[0] != 0)
+    throw std::invalid_argument("offsets: allowed offsets[0] == 0");
+  std::vector<uint8_t> seen(static_cast<size_t>(std::max<int64_t>(num_blocks, 0)), 0);
+  auto block_ok = [&](int64_t b) { return b >= 0 && b < num_blocks; };
+  const std::string range = "0.." + std::to_string(num_blocks - 1);
+  for (int64_t i = 0; i < num_dst; ++i) {
+    const int64_t n = offsets[i + 1] - offsets[i];
+    if (n < 0) throw std::invalid_argument("offsets: allowed non-decreasing offsets");
+    if (n > layout.block_size)
+      throw std::invalid_argument("kv_codec: more than " + std::to_string(layout.block_size) +
+                                  " rows for one block");
+    if (!block_ok(dst[i]))
+      throw std::out_of_range("kv_codec: block index " + std::to_string(dst[i]) +
+                              " outside " + range);
+    if (seen[dst[i]]++)
+      throw std::invalid_argument("kv_codec: destination blocks must be distinct");
+  }
+  for (int64_t j = 0; j < offsets[num_dst]; ++j) {
+    if (!block_ok(pairs[2 * j]))
+      throw std::out_of_range("kv_codec: block index " + std::to_string(pairs[2 * j]) +
+                              " outside " + range);
+    if (pairs[2 * j + 1] < 0 || pairs[2 * j + 1] >= layout.block_size)
+      throw std::out_of_range("kv_codec: source row " + std::to_string(pairs[2 * j + 1]) +
+                              " outside 0.." + std::to_string(layout.block_size - 1));
+  }
+}
+
+/// Builds destination ``i``'s new head-block into ``out`` (zeroed, head_block_bytes).
+void build_block(const uint8_t* cache, int64_t stride, const BlockLayout& layout,
+                 const int64_t* pairs, int64_t n, bool lossless_single_source, uint8_t* out,
+                 std::vector<float>& x) {
+  if (n == 0) return;
+  const int64_t hb = layout.header_bytes, rb = layout.row_bytes;
+  bool single = layout.by_channel && lossless_single_source;
+  for (int64_t r = 1; single && r < n; ++r) single = pairs[2 * r] == pairs[0];
+  if (!layout.by_channel || single) {  // bytes: the source block's header, then the rows
+    if (single) std::memcpy(out, cache + pairs[0] * stride, static_cast<size_t>(hb));
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(out + hb + r * rb, cache + pairs[2 * r] * stride + hb + pairs[2 * r + 1] * rb,
+                  static_cast<size_t>(rb));
+    return;
+  }
+  const int64_t d = layout.head_dim;
+  x.resize(static_cast<size_t>(n * d));
+  for (int64_t r = 0; r < n; ++r)
+    decode_by_channel(cache + pairs[2 * r] * stride, pairs[2 * r + 1], layout, x.data() + r * d);
+  encode_by_channel(x.data(), n, layout, out);
+}
+
+}  // namespace
+
+void validate_layout(const BlockLayout& l) {
+  const bool u4 = l.by_channel && l.levels == 15;
+  const int64_t want_rows = l.by_channel ? (u4 ? l.head_dim / 2 : l.head_dim) : l.row_bytes;
+  if (l.block_size <= 0 || l.head_dim <= 0 || l.row_bytes <= 0 || want_rows != l.row_bytes ||
+      (l.by_channel && l.header_bytes != 8 * l.head_dim) ||
+      (!l.by_channel && l.header_bytes != 0) ||
+      (l.by_channel && l.levels != 255 && l.levels != 15) ||
+      l.header_bytes + l.block_size * l.row_bytes != l.head_block_bytes)
+    throw std::invalid_argument("layout: allowed a kv_codec.CacheLayout's geometry (block_size " +
+                                std::to_string(l.block_size) + ", head_dim " +
+                                std::to_string(l.head_dim) + ", row_bytes " +
+                                std::to_string(l.row_bytes) + ")");
+}
+
+void decode_by_channel(const uint8_t* block, int64_t row, const BlockLayout& layout,
+                       float* out) {
+  const int64_t d = layout.head_dim;
+  const bool u4 = layout.levels == 15;
+  const uint8_t* codes = block + layout.header_bytes + row * layout.row_bytes;
+  for (int64_t c = 0; c < d; ++c) {
+    const float scale = load_f32(block + 4 * c), zp = load_f32(block + 4 * (d + c));
+    out[c] = (static_cast<float>(code_at(codes, c, u4)) - zp) * scale;
+  }
+}
+
+void encode_by_channel(const float* x, int64_t n, const BlockLayout& layout, uint8_t* out) {
+  std::memset(out, 0, static_cast<size_t>(layout.head_block_bytes));
+  if (n <= 0) return;
+  const int64_t d = layout.head_dim;
+  const bool u4 = layout.levels == 15;
+  const auto levels = static_cast<float>(layout.levels);
+  const auto inv_levels = static_cast<float>(1.0 / layout.levels);
+  std::vector<float> inv(d), zp(d);
+  for (int64_t c = 0; c < d; ++c) {
+    float lo = x[c], hi = x[c];
+    for (int64_t r = 1; r < n; ++r) {
+      lo = std::min(lo, x[r * d + c]);
+      hi = std::max(hi, x[r * d + c]);
+    }
+    float scale = (hi - lo) * inv_levels;
+    if (scale == 0.0f) scale = 0.0001f;
+    zp[c] = -lo / scale;
+    inv[c] = 1.0f / scale;
+    store_f32(out + 4 * c, scale);
+    store_f32(out + 4 * (d + c), zp[c]);
+  }
+  uint8_t* codes = out + layout.header_bytes;
+  for (int64_t r = 0; r < n; ++r) {
+    uint8_t* row = codes + r * layout.row_bytes;
+    for (int64_t c = 0; c < d; ++c) {
+      // fma as the plugin's kernels: exact f64 product, sum rounded to f64 then to f32
+      const double t = static_cast<double>(x[r * d + c]) * static_cast<double>(inv[c]) +
+                       static_cast<double>(zp[c]);
+      // rint (round half to even) without a libm call: for |f| < 2^22, f + 1.5 * 2^23 lands
+      // where the float spacing is 1; larger |f| are clamped below anyway
+      const auto f = static_cast<float>(t);
+      float q = (f + 12582912.0f) - 12582912.0f;
+      q = q > levels ? levels : q;
+      q = q >= 0.0f ? q : 0.0f;  // also NaN -> 0
+      const auto code = static_cast<uint8_t>(q);
+      if (u4)
+        row[c / 2] |= static_cast<uint8_t>(c % 2 == 0 ? code << 4 : code);
+      else
+        row[c] = code;
+    }
+  }
+}
+
+void compact_blocks(uint8_t* cache, int64_t num_blocks, int64_t block_stride,
+                    const BlockLayout& layout, const int64_t* dst, int64_t num_dst,
+                    const int64_t* offsets, const int64_t* pairs, bool lossless_single_source) {
+  validate_layout(layout);
+  if (block_stride < layout.head_block_bytes)
+    throw std::invalid_argument("block_stride=" + std::to_string(block_stride) +
+                                ": allowed at least the head-block's bytes");
+  check_moves(num_blocks, layout, dst, num_dst, offsets, pairs);
+  const int64_t hbb = layout.head_block_bytes;
+  // Read everything first: the new blocks go to a buffer, then over their destinations.
+  std::vector<uint8_t> fresh(static_cast<size_t>(num_dst * hbb), 0);
+  const int64_t work = layout.block_size * layout.head_dim * (layout.by_channel ? 8 : 1);
+  parallel_for(num_dst, work, [&](int64_t i) {
+    std::vector<float> x;
+    build_block(cache, block_stride, layout, pairs + 2 * offsets[i], offsets[i + 1] - offsets[i],
+                lossless_single_source, fresh.data() + i * hbb, x);
+  });
+  parallel_for(num_dst, hbb, [&](int64_t i) {
+    std::memcpy(cache + dst[i] * block_stride, fresh.data() + i * hbb, static_cast<size_t>(hbb));
+  });
+}
+
+}  // namespace kvcrush
