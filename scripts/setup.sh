@@ -31,6 +31,16 @@ step() {  # run a step quietly; on failure show the end of its log
     exit 1
   fi
 }
+if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+  # the C++ core (cpp/) is compiled by the install; CMake comes from PyPI when missing
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "installing a C++ compiler (apt-get install g++)" \
+      sh -c "apt-get update -q && apt-get install -y -q g++"
+  else
+    echo "[setup] no C++ compiler found: install g++ (Debian / Ubuntu: sudo apt-get install g++)" >&2
+    exit 1
+  fi
+fi
 step "upgrading pip" "${PIP[@]}" install --upgrade pip
 step "installing torch==2.13.0 (CPU) first" "${PIP[@]}" install "torch==2.13.0"
 step "installing kvcrush-ov with its export, serve, ray and test extras" \
