@@ -72,7 +72,7 @@ class TokenPropagation:
         """The parts write the runner's cache tensors (allocated after construction)."""
         for req, layers in ((self.front, self.front_layers), (self.back, self.back_layers)):
             for layer in layers:
-                kt, vt = self.runner._caches[layer]
+                kt, vt = self.runner.cache_tensors(layer)
                 req.set_tensor(f"key_cache.{layer}", kt)
                 req.set_tensor(f"value_cache.{layer}", vt)
         self._cache_set = True
@@ -176,7 +176,7 @@ class TokenPropagation:
     def _part_inputs(self, req: ov.InferRequest, tables: list[HeadTable], counts: list[int],
                      positions: np.ndarray, wins: list[int], layers: range) -> None:
         runner = self.runner
-        max_ctx = runner._set_layout(req, tables, counts, decode=False, layers=layers)
+        max_ctx = runner.set_layout(req, tables, counts, decode=False, layers=layers)
         put = runner.inputs.put
         put(req, "position_ids", positions, np.int64)
         put(req, "max_context_len", max_ctx, _I32)

@@ -114,7 +114,7 @@ class HeadModelRunner(ModelRunner):
         dummy = HeadTable([[[0] for _ in range(heads)] for _ in range(num_layers)],
                           np.ones((num_layers, heads), np.int64), version=-1)
         req = self.decode_request
-        self._set_layout(req, [dummy], [1], decode=True)
+        self.set_layout(req, [dummy], [1], decode=True)
         put = self.inputs.put
         put(req, "input_ids", [0], np.int64)
         put(req, "position_ids", [0], np.int64)
@@ -146,7 +146,7 @@ class HeadModelRunner(ModelRunner):
                 compact_kv(self.key_layout, self.value_layout, kt, vt, layer_moves,
                            head=h if self.cache_heads > 1 else None)
 
-    def _set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
+    def set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
                     counts: list[int], decode: bool, layers: range | None = None) -> int:
         """Block tables, past lengths and subsequence begins in the subsequence order of the
         decode or the scored graph, for ``layers`` (all by default: a FastKV part has some);
@@ -216,7 +216,7 @@ class HeadModelRunner(ModelRunner):
                 sample_at.append(total - 1)
         decode = windows is None and (not self.decode_graph_one_token or total == len(chunks))
         req = self.decode_request if decode else self.request
-        max_ctx = self._set_layout(req, tables, counts, decode)
+        max_ctx = self.set_layout(req, tables, counts, decode)
         put = self.inputs.put
         put(req, "input_ids", ids, np.int64)
         put(req, "position_ids", pos, np.int64)

@@ -36,8 +36,11 @@ class LayerModelRunner(HeadModelRunner):
                                  per_layer_blocks=True)
         return model, without_scores(model.clone())
 
-    def _set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
-                    counts: list[int], decode: bool) -> int:
+    def set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
+                   counts: list[int], decode: bool, layers: range | None = None) -> int:
+        """The plain graph's shared tables (every layer; ``layers`` must be None here)."""
+        if layers is not None:
+            raise ValueError("the plain per-layer graph has no layer-range parts (FastKV)")
         lens = np.stack([t.lens[:, 0] for t in tables])  # [B, L], this step's tokens included
         if (lens != lens[:, :1]).any():
             raise AssertionError("per-layer tables must hold the same number of tokens")

@@ -100,6 +100,10 @@ class ModelRunner:
             self.request.set_tensor(f"value_cache.{layer}", vt)
             self._caches.append((kt, vt))
 
+    def cache_tensors(self, layer: int) -> tuple[ov.Tensor, ov.Tensor]:
+        """(key_cache.L, value_cache.L) of ``layer``, for another graph writing the same cache."""
+        return self._caches[layer]
+
     def copy_blocks(self, copies: Seq[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, keys and values): copy-on-write after a fork."""
         for kt, vt in self._caches:
