@@ -8,7 +8,7 @@ from kvcrush_ov.config import (
     KVCrushConfig,
     SchedulerConfig,
 )
-from kvcrush_ov.errors import ConfigError, FetchError, KVCrushError, ModelError
+from kvcrush_ov.errors import ChatError, ConfigError, FetchError, KVCrushError, ModelError
 from kvcrush_ov.pipeline import Pipeline
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
 
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheEvictionConfig",
     "CacheMetrics",
+    "ChatError",
     "ConfigError",
     "DecodedResults",
     "FastKVConfig",

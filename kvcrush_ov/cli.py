@@ -309,7 +309,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        seed=args.seed, max_seq_length=args.max_seq_length,
                        precision=args.precision, fidelity=not args.no_fidelity,
                        fidelity_samples=args.fidelity_samples, command=command,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       protocol=args.protocol)
     print(summary)
     return 0
 
@@ -509,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: all)")
     ev.add_argument("--no-fidelity", action="store_true",
                     help="skip the teacher-forced KL / top-1 pass against the full cache")
+    ev.add_argument("--protocol", default="query-aware",
+                    choices=["query-aware", "query-agnostic"],
+                    help="query-agnostic: compress the context before the question is read "
+                         "(native methods only, no fidelity pass)")
     ev.set_defaults(func=_cmd_eval)
 
     ex = sub.add_parser("eval-explain",

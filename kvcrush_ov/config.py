@@ -18,7 +18,7 @@ from kvcrush_ov.errors import ConfigError
 KV_CACHE_PRECISIONS = ("u8", "u4", "bf16", "f32")
 ANCHOR_POINT_MODES = ("random", "zeros", "ones", "mean", "alternating")
 AGGREGATION_MODES = ("norm_sum", "sum")
-IMPORTANCE_METHODS = ("snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream")
+IMPORTANCE_METHODS = ("snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream", "kvzip")
 GENAI_IMPORTANCE = ("snapkv", "h2o")  # what backend "genai" can run
 EVICTION_MODES = ("continuous", "prefill")
 POOLINGS = ("max", "avg", "none")

@@ -30,3 +30,7 @@ class ModelError(KVCrushError):
 
 class FetchError(KVCrushError):
     """Fetching or exporting a registry model failed (registry, checksum, disk, export)."""
+
+
+class ChatError(KVCrushError, RuntimeError):
+    """A chat call out of order, e.g. ``finish_chat()`` with no chat open."""

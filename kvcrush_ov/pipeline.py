@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from kvcrush_ov.backends.genai import GenAIBackend
 from kvcrush_ov.cache_plan import (
     DEFAULT_CACHE_BYTES,
@@ -19,6 +21,7 @@ from kvcrush_ov.cache_plan import (
     check_request_size,
     prefill_eviction_hold,
 )
+from kvcrush_ov.chat import ChatState, conversation_ids
 from kvcrush_ov.config import (
     BACKENDS,
     CacheEvictionConfig,
@@ -27,7 +30,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.device import check_device, check_kv_precision
-from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.errors import ChatError, ConfigError, ModelError
 from kvcrush_ov.model_info import ModelInfo, block_size_for, check_model_dir
 from kvcrush_ov.results import DecodedResults
 
@@ -83,6 +86,13 @@ class Pipeline:
     backend: "native" (kvcrush-ov's own engine on OpenVINO's PagedAttention graph; the
         default, None), or "genai" (OpenVINO GenAI's C++ continuous-batching pipeline, which
         runs the snapkv / h2o importance with block-level KVCrush only).
+
+    Chat: between :meth:`start_chat` and :meth:`finish_chat` every ``generate(str)`` is a turn
+    of one conversation. On the native backend the conversation's KV cache stays between
+    turns, compressed as the eviction left it, and a turn computes only its new tokens
+    (``metrics[0].num_cached_tokens`` says how many it reused); ``generate([q1, q2, ...])``
+    asks each question of the conversation so far in parallel (forks sharing its cache) and
+    leaves the conversation as it was.
     """
 
     def __init__(
@@ -145,6 +155,60 @@ class Pipeline:
             self.backend = NativeBackend(self.info, self.device, kv_cache, eviction, scheduler)
         else:
             self.backend = GenAIBackend(self.info, self.device, kv_cache, eviction, scheduler)
+        self._chat: ChatState | None = None
+
+    # ------------------------------------------------------------------ chat
+    def start_chat(self, system_message: str = "") -> None:
+        """Begin a conversation (an open one is finished first); ``system_message`` opens it
+        when not empty."""
+        if not isinstance(system_message, str):
+            raise ConfigError("system_message", system_message, "a string")
+        ev = self.eviction
+        if self.backend_name == "native" and ev is not None and ev.importance == "upstream":
+            raise ConfigError("eviction.importance", "upstream",
+                              "an importance other than 'upstream' for chat: GenAI's "
+                              "algorithm evicts per request (use backend='genai' to chat "
+                              "with it)")
+        if self._chat is not None:
+            self.finish_chat()
+        msgs = [{"role": "system", "content": system_message}] if system_message else []
+        self._chat = ChatState(messages=msgs)
+
+    def finish_chat(self) -> None:
+        """End the conversation and free its KV cache."""
+        if self._chat is None:
+            raise ChatError("finish_chat(): no chat is open (call start_chat() first)")
+        chat, self._chat = self._chat, None
+        if chat.session is not None:
+            self.backend.release(chat.session)
+
+    @property
+    def chat_history(self) -> list[dict[str, str]]:
+        """The open conversation's messages (a copy); [] when no chat is open."""
+        return [] if self._chat is None else [dict(m) for m in self._chat.messages]
+
+    def _encode(self, prompt: str, g: GenerationConfig) -> np.ndarray:
+        """[1, T] ids of a prompt, or in chat of the conversation ending with it."""
+        if self._chat is None:
+            return self.backend.encode(prompt, g.apply_chat_template)
+        msgs = [*self._chat.messages, {"role": "user", "content": prompt}]
+        ids = conversation_ids(self.backend.tokenizer, msgs, g.apply_chat_template)
+        return np.asarray(ids, dtype=np.int64).reshape(1, -1)
+
+    def _chat_run(self, plist: list[str], single: bool, inputs: list[np.ndarray],
+                  g: GenerationConfig, streamer: Callable[[str], bool | None] | None
+                  ) -> DecodedResults:
+        chat = self._chat
+        if self.backend_name != "native":  # GenAI: the conversation is recomputed each turn
+            res = self.backend.run(inputs, g, streamer)
+        else:
+            session, chat.session = chat.session, None  # a failed turn leaves no session
+            res, chat.session = self.backend.run_chat(inputs, g, streamer, session,
+                                                      branch=not single)
+        if single:
+            chat.messages += [{"role": "user", "content": plist[0]},
+                              {"role": "assistant", "content": res.texts[0]}]
+        return res
 
     @property
     def tokenizer(self):
@@ -196,9 +260,11 @@ class Pipeline:
             name = "prompt" if single else f"prompts[{i}]"
             if not isinstance(p, str) or not p.strip():
                 raise ConfigError(name, p, "a non-empty string")
-            ids = self.backend.encode(p, g.apply_chat_template)
+            ids = self._encode(p, g)
             check_request_size(name, int(ids.shape[1]), g.max_new_tokens,
                                self.info.context_length, self.cache_tokens, self.scheduler,
                                self._prefill_hold(int(ids.shape[1]), g.max_new_tokens))
             inputs.append(ids)
+        if self._chat is not None:
+            return self._chat_run(plist, single, inputs, g, streamer)
         return self.backend.run(inputs, g, streamer)

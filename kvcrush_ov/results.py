@@ -25,6 +25,8 @@ class RequestMetrics:
         ``front_tokens`` / ``back_tokens`` (prompt tokens layers ``0..split_layer`` and the
         deeper layers processed), ``split`` (False with a ``reason`` when the prompt had
         nothing to rank), ``front_s`` / ``back_s`` (seconds in each part); None otherwise.
+    num_cached_tokens: prompt tokens not computed by this request because a chat session's
+        cache already held them (native backend, ``Pipeline.start_chat``); 0 otherwise.
     """
 
     num_input_tokens: int
@@ -39,6 +41,7 @@ class RequestMetrics:
     num_evictions: int = 0
     eviction_log: list | None = None
     fastkv: dict | None = None
+    num_cached_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:

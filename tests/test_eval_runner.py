@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.runner import FULL, run_eval
 
 
@@ -71,6 +72,37 @@ def test_prefill_eviction_columns_run_their_own_prefill(tiny_model, tmp_path):
                                                           ("snapkv+kvcrush-prefill", 0.25)}
     fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
     assert [r["method"] for r in fid] == ["snapkv+kvcrush-prefill"] and fid[0]["kl"] >= -1e-6
+
+
+def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_model, tmp_path):
+    """--protocol query-agnostic: window, all, replay (KVzip) and own (prefill eviction) groups
+    each compress the context before the question; the folder records its protocol and a
+    query-aware run into it is refused by name. GenAI columns are refused by name."""
+    run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1,
+             methods=["snapkv", "h2o", "kvzip+kvcrush", "snapkv+kvcrush-prefill"],
+             budgets=[0.25], max_seq_length=1024, max_num_batched_tokens=128,
+             protocol="query-agnostic", say=lambda _: None)
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in recs} == {FULL, "snapkv", "h2o", "kvzip+kvcrush",
+                                            "snapkv+kvcrush-prefill"}
+    assert json.loads((tmp_path / "run.json").read_text())["protocol"] == "query-agnostic"
+    assert not (tmp_path / "fidelity.jsonl").exists()
+    with pytest.raises(ConfigError, match="out=.*query-agnostic results"):
+        run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1, methods=["snapkv"],
+                 budgets=[0.25], max_seq_length=1024, say=lambda _: None)
+    with pytest.raises(ConfigError, match="methods='genai-snapkv'"):
+        run_eval(str(tiny_model), tmp_path / "g", tasks=["vt"], methods=["genai-snapkv"],
+                 protocol="query-agnostic", say=lambda _: None)
+
+
+def test_the_question_split_is_found_in_every_task():
+    from kvcrush_ov.eval.ruler import TASKS, build_task, question_start
+
+    for task in TASKS:
+        s = build_task(task, 1, lambda text: len(text) // 4, 4096, seed=7)[0]
+        at = question_start(task, s.input)
+        assert 0 < at < len(s.input) - 20 and len(s.input) - at < 200, task
+        assert s.input[at:].lstrip().split()[0] in ("What", "Question:", "Answer"), task
 
 
 def test_full_alone_runs_only_the_full_cache(tiny_model, tmp_path):
@@ -168,6 +200,7 @@ def test_plot_has_a_line_per_method(tmp_path):
     ({"precision": "fp8"}, "kv_cache.precision"),
     ({"fidelity_samples": 0}, "fidelity_samples"),
     ({"max_num_batched_tokens": 0}, "scheduler.max_num_batched_tokens"),
+    ({"protocol": "query-blind"}, "protocol"),
 ])
 def test_bad_eval_arguments_fail_before_loading(tmp_path, kwargs, field):
     from kvcrush_ov import ConfigError

@@ -404,7 +404,7 @@ def essay_prompts():
 
     words = " ".join(essays().values()).split()
     return ["Summarize this text:\n" + " ".join(words[i * 400:i * 400 + n])
-            for i, n in enumerate(range(420, 1420, 100))]  # 10 prompts, ~560 to 1,900 tokens
+            for i, n in enumerate(range(300, 800, 120))]  # 5 prompts, ~400 to 1,050 tokens
 
 
 ANCHORS = [None, "zeros", "ones", "mean", "alternating"]
@@ -414,27 +414,26 @@ ANCHORS = [None, "zeros", "ones", "mean", "alternating"]
 @pytest.mark.parametrize("anchor", ANCHORS)
 def test_upstream_mode_matches_genai(smollm2_fp16, essay_prompts, anchor):
     """GenAI's algorithm on the native engine (plain graph, per-layer tables) gives GenAI's greedy
-    tokens for each deterministic KVCrush anchor (and without KVCrush). Each anchor runs two of
-    the 10 prompts, a shorter and a longer one, so that the five cases together cover every
-    prompt length once (CI time: each case was 10 prompts before)."""
+    tokens for each deterministic KVCrush anchor (and without KVCrush), one prompt each: a 256-
+    token cache makes every prompt evict after its prefill and again while decoding. (CI time:
+    each case ran 10 prompts of up to 1,900 tokens on a 384-token cache, then 2; GenAI's scored
+    cases were about half of an AVX2-only CI run's CPU time.)"""
     crush = None if anchor is None else KVCrushConfig(budget=0.25, anchor_point_mode=anchor,
                                                       granularity="block")
 
     def cfg(importance: str) -> CacheEvictionConfig:
-        return CacheEvictionConfig(max_cache_size=384, start_size=32, recent_size=64,
+        return CacheEvictionConfig(max_cache_size=256, start_size=32, recent_size=64,
                                    importance=importance, kvcrush=crush)
 
     genai = Pipeline(smollm2_fp16, eviction=cfg("snapkv"), backend="genai")
     native = Pipeline(smollm2_fp16, eviction=cfg("upstream"), backend="native")
     g = GenerationConfig(max_new_tokens=32, ignore_eos=True)
-    i = ANCHORS.index(anchor)
-    for prompt in (essay_prompts[i], essay_prompts[i + len(ANCHORS)]):
-        # one at a time: eviction depends on how prompts are chunked
-        a = genai.generate(prompt, g)
-        b = native.generate(prompt, g)
-        assert b.metrics[0].num_evictions >= 1
-        assert b.token_ids == a.token_ids
-        assert b.metrics[0].kv_budget_tokens == a.metrics[0].kv_budget_tokens
+    prompt = essay_prompts[ANCHORS.index(anchor)]
+    a = genai.generate(prompt, g)  # one at a time: eviction depends on how prompts are chunked
+    b = native.generate(prompt, g)
+    assert b.metrics[0].num_evictions >= 2  # after the prefill and while decoding
+    assert b.token_ids == a.token_ids
+    assert b.metrics[0].kv_budget_tokens == a.metrics[0].kv_budget_tokens
 
 
 def test_sequence_scores_accumulate_and_count_queries():

@@ -24,6 +24,7 @@ from kvcrush_ov.eviction.base import (
 )
 from kvcrush_ov.eviction.h2o import H2O
 from kvcrush_ov.eviction.kvcrush import KVCrush
+from kvcrush_ov.eviction.kvzip import KVzip
 from kvcrush_ov.eviction.pyramidkv import PyramidKV, pyramid_budgets
 from kvcrush_ov.eviction.registry import POLICIES
 from kvcrush_ov.eviction.snapkv import SnapKV, _window_sums, pool_scores
@@ -43,6 +44,7 @@ IMPORTANCE: list[tuple[str, Factory]] = [
     ("pyramidkv-beta2", lambda: PyramidKV(beta=2)),
     ("adakv", AdaKV),
     ("adakv-alpha0", lambda: AdaKV(alpha=0.0)),
+    ("kvzip", KVzip),
 ]
 
 POLICY_MATRIX: list[tuple[str, Factory]] = [
@@ -154,7 +156,8 @@ def check_kvcrush_plan(policy: KVCrush, inputs: EvictionInputs, num_keep: int,
 
 
 def test_registry_names() -> None:
-    assert set(POLICIES) == {"streaming", "h2o", "snapkv", "pyramidkv", "adakv", "upstream"}
+    assert set(POLICIES) == {"streaming", "h2o", "snapkv", "pyramidkv", "adakv", "upstream",
+                             "kvzip"}
     for name, cls in POLICIES.items():
         assert cls.name == name and cls.score_mode in SCORE_MODES
         if name != "upstream":  # GenAI's algorithm is not wrapped by our KVCrush

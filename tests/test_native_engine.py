@@ -169,8 +169,9 @@ def test_every_cache_precision_runs(tiny_model, precision):
 
 # -- SmolLM2: token-for-token parity with GenAI -------------------------------------------------
 
-# short, one chunk, several chunks, past 4K (CI time: 10 lengths up to 6,000 before)
-PARITY_LENGTHS = (16, 333, 1024, 2222, 4500)
+# short, one chunk + a piece, nine chunks (CI time: 10 lengths up to 6,000 before, then 5 up to
+# 4,500; an AVX2-only CI machine takes 30-40 s per 4K prefill and backend)
+PARITY_LENGTHS = (16, 333, 2222)
 CONCURRENT_LENGTHS = (40, 100, 200, 333, 500, 700, 1024, 1500)  # 8 at once, mixed lengths
 
 

@@ -35,6 +35,10 @@ def check_eviction(eviction: CacheEvictionConfig | None, block: int = 32) -> Non
     if eviction.importance not in POLICIES:
         raise ConfigError("eviction.importance", eviction.importance,
                           f"one of {', '.join(POLICIES)} with backend 'native'")
+    if eviction.importance == "kvzip":
+        raise ConfigError("eviction.importance", "kvzip",
+                          "another importance in a Pipeline for now: KVzip's context replay is "
+                          "scheduled by 'kvcrush-ov eval' only (docs/chat.md)")
     if eviction.importance == "upstream":
         check_genai_algorithm(eviction, block, "with importance='upstream' (GenAI's algorithm)")
 
@@ -82,6 +86,41 @@ class NativeBackend:
                 self.engine.abort(s)
                 self.engine.sequences.pop(s.seq_id, None)
 
+    def run_chat(self, inputs: list[np.ndarray], g: GenerationConfig,
+                 streamer: Streamer | None, session: Sequence | None, branch: bool
+                 ) -> tuple[DecodedResults, Sequence | None]:
+        """One chat turn (``branch`` False: one input, the whole conversation) continuing the
+        parked ``session`` (None: the first turn), or ``branch``: each input asked of a fork of
+        the session, which stays as it was. Returns the results and the session to keep
+        (None if the turn failed: the next turn recomputes the conversation)."""
+        eng = self.engine
+        t_start = time.perf_counter()
+        seqs: list[Sequence] = []
+        ok = False
+        try:
+            for x in inputs:
+                ids = x[0].tolist()
+                if session is None:
+                    seqs.append(eng.add_request(ids, g, self.eos_token_ids, self._detokenize,
+                                                keep_cache=not branch))
+                else:
+                    seqs.append(eng.continue_request(session, ids, g, self.eos_token_ids,
+                                                     self._detokenize, branch=branch,
+                                                     keep_cache=not branch))
+            res = self._run(seqs, g, streamer, t_start)
+            ok = True
+        finally:
+            for s in seqs:
+                if not (ok and s.extra.get("keep_cache")):
+                    eng.release(s)
+            if not ok and session is not None and not branch:
+                eng.release(session)
+        return res, (session if branch else seqs[0])
+
+    def release(self, session: Sequence) -> None:
+        """Free a chat session's cache."""
+        self.engine.release(session)
+
     def _run(self, seqs: list[Sequence], g: GenerationConfig, streamer: Streamer | None,
              t_start: float) -> DecodedResults:
         eng = self.engine
@@ -105,7 +144,7 @@ class NativeBackend:
                 tok = out.new_tokens.get(seqs[0].seq_id)
                 finished = seqs[0].is_finished
                 if tok is not None and not finished and stream.push([tok]):
-                    eng.abort(seqs[0])
+                    eng.abort(seqs[0], seqs[0].extra.get("keep_cache", False))
                     stopped.add(seqs[0].seq_id)
         metrics, texts, ids, reasons = [], [], [], []
         for s in seqs:
@@ -121,7 +160,8 @@ class NativeBackend:
                 kvcrush_tokens=s.extra.get("kvcrush_tokens", 0),
                 kv_bytes=s.extra.get("kv_bytes", 0), num_evictions=s.extra.get("evictions", 0),
                 peak_kv_bytes=s.extra.get("peak_kv_bytes", 0),
-                eviction_log=s.extra.get("eviction_log"), fastkv=s.extra.get("fastkv")))
+                eviction_log=s.extra.get("eviction_log"), fastkv=s.extra.get("fastkv"),
+                num_cached_tokens=s.extra.get("cached_tokens", 0)))
             texts.append(s.sampler.output_text())
             ids.append(list(s.output_ids))
             reasons.append("cancelled" if s.seq_id in stopped

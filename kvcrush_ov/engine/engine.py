@@ -40,6 +40,7 @@ class EngineStats:
     decode_steps: int = 0
     decode_step_s: float = 0.0
     decode_infer_s: float = 0.0
+    tokens: int = 0  # tokens run through the model (prompt chunks and decode), all steps
 
     @property
     def python_ms_per_decode_step(self) -> float:
@@ -112,8 +113,11 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], config: GenerationConfig,
                     eos_token_ids: Collection[int],
-                    detokenize: Callable[[list[int]], str]) -> Sequence:
-        """Queue a request; a prompt that cannot fit fails here, alone, naming the limit."""
+                    detokenize: Callable[[list[int]], str], keep_cache: bool = False) -> Sequence:
+        """Queue a request; a prompt that cannot fit fails here, alone, naming the limit.
+
+        keep_cache: when it finishes, its cache stays (parked) for :meth:`continue_request`
+        until :meth:`release` (a chat session's first turn)."""
         hold = self._prefill_hold(self.evictor.spec if self.evictor else None,
                                   len(prompt_ids), config.max_new_tokens)
         check_request_size("prompt", len(prompt_ids), config.max_new_tokens,
@@ -122,11 +126,105 @@ class LLMEngine:
         seq = Sequence(seq_id=next(self._ids), prompt_ids=list(prompt_ids),
                        arrival=time.perf_counter(), max_prompt_hold=hold)
         seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
+        seq.extra["keep_cache"] = keep_cache
         if self.fastkv is not None:
             self.fastkv.plan(seq, self.evictor.spec_of(seq))
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def continue_request(self, session: Sequence, prompt_ids: list[int],
+                         config: GenerationConfig, eos_token_ids: Collection[int],
+                         detokenize: Callable[[list[int]], str], branch: bool = False,
+                         keep_cache: bool = True, eviction: EvictionSpec | None = None,
+                         evict_turn: bool = True) -> Sequence:
+        """The next turn of a parked ``session`` (finished with ``keep_cache``): ``prompt_ids``
+        is the whole conversation so far (earlier turns, answers included, then the new
+        message). The cache keeps what it holds (compressed, as evicted); only the tokens after
+        the longest common prefix of ``prompt_ids`` and the cached tokens are computed (cached
+        positions from there on are forgotten first). Its budget follows the new prompt length.
+
+        branch: continue a fork of the session (sharing its blocks; the session stays parked,
+        so several questions can be asked of one compressed context in parallel); else the
+        session itself continues (and is returned).
+        eviction: the continuation's own policy and budget (engines built with eviction only),
+        applied at once to the cached tokens, before the new ones (copy-on-write keeps a
+        session's blocks intact), its budget taken from the cached tokens.
+        evict_turn: False keeps every token of this turn and evicts nothing more (the
+        query-agnostic protocol: the context was compressed before the question was seen).
+        """
+        dropped = (session.is_finished and session.extra.get("keep_cache")
+                   and session.seq_id not in self.kv.tables)  # memory ran short: recompute
+        if session not in self.scheduler.parked and not dropped:
+            raise ValueError("continue_request: the session must be finished with keep_cache "
+                             "and not released")
+        if not prompt_ids:
+            raise ValueError("continue_request: prompt_ids is empty")
+        computed = session.all_ids[:session.num_computed]
+        hold = self._prefill_hold(self.evictor.spec_of(session) if self.evictor else None,
+                                  len(prompt_ids), config.max_new_tokens)
+        check_request_size("prompt", len(prompt_ids), config.max_new_tokens,
+                           self.context_length, self.num_blocks * self.block_size,
+                           self.scheduler_config, hold)
+        if branch:
+            seq = Sequence(seq_id=next(self._ids), prompt_ids=computed,
+                           num_computed=session.num_computed)
+            if session.seq_id in self.kv.tables:
+                self.kv.fork(session.seq_id, seq.seq_id)
+            seq.extra = copy.deepcopy(session.extra)
+        else:
+            seq = session
+        same = 0
+        for a, b in zip(computed, prompt_ids, strict=False):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(prompt_ids) - 1)  # the last prompt token runs: it gives logits
+        if same < seq.num_computed:
+            self._truncate(seq, same)
+        if eviction is not None or not evict_turn:
+            if self.evictor is None:
+                raise ValueError("continue_request(eviction=..., evict_turn=False) needs an "
+                                 "engine built with eviction")
+            seq.extra["evictions"] = 0
+        if eviction is not None and seq.seq_id in self.kv.tables:
+            seq.prompt_ids = seq.all_ids[:seq.num_computed]  # the budget follows the context
+            self.evictor.set_spec(seq, eviction)
+            self.evictor.evict(seq)
+        seq.prompt_ids = list(prompt_ids)
+        seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
+        seq.arrival = time.perf_counter()
+        seq.first_token_time = seq.last_token_time = 0.0
+        seq.max_prompt_hold = hold
+        seq.extra["keep_cache"] = keep_cache
+        seq.extra["cached_tokens"] = seq.num_computed
+        for key in ("kv_bytes", "peak_kv_bytes", "fastkv"):
+            seq.extra.pop(key, None)
+        if self.evictor is not None:
+            self.evictor.new_turn(seq, evict=evict_turn)
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.resume(seq)
+        return seq
+
+    def _truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Forget ``seq``'s cached positions from ``num_tokens`` on."""
+        if seq.seq_id in self.kv.tables:
+            if self.evictor is None:
+                self.kv.truncate(seq.seq_id, num_tokens)
+            else:
+                rows, moves = self.kv.truncate(seq.seq_id, num_tokens)
+                self.runner.apply_moves(moves)
+                if seq.extra.get("scores") is not None:
+                    seq.extra["scores"].compact(rows)
+        seq.num_computed = min(seq.num_computed, num_tokens)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a parked session's cache (its chat is over)."""
+        if not seq.is_finished:
+            self.abort(seq)
+        self.scheduler.release(seq)
+        seq.extra["keep_cache"] = False
+        self.sequences.pop(seq.seq_id, None)
 
     def fork(self, parent: Sequence, eviction: EvictionSpec | None = None) -> Sequence:
         """A running copy of ``parent`` sharing its cached blocks (no cache memory copied).
@@ -169,9 +267,11 @@ class LLMEngine:
         if self.fastkv is not None:
             self.fastkv.plan(seq, spec)
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, keep_cache: bool = False) -> None:
+        """Stop ``seq`` now; with ``keep_cache`` (a session's turn cut short) its cache stays
+        parked for the next turn."""
         if not seq.is_finished:
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, keep_cache)
         if self.fastkv is not None:
             self.fastkv.forget(seq)
 
@@ -182,6 +282,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         infer0 = self.runner.infer_s
         out = self._step()
+        self.stats.tokens += out.num_tokens
         if out.num_tokens and out.num_tokens == len(out.new_tokens):  # a pure decode step
             self.stats.decode_steps += 1
             self.stats.decode_step_s += time.perf_counter() - t0
@@ -218,7 +319,7 @@ class LLMEngine:
                     seq.first_token_time = now
                 seq.last_token_time = now
                 if reason is not None:
-                    self.scheduler.finish(seq)
+                    self.scheduler.finish(seq, seq.extra.get("keep_cache", False))
                     finished.append(seq)
                     if self.fastkv is not None:
                         self.fastkv.forget(seq)
@@ -271,7 +372,8 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()
-        live = {s.seq_id for s in self.scheduler.running}
+        sch = self.scheduler
+        live = {s.seq_id for s in [*sch.running, *sch.parked, *sch.waiting]}
         if set(self.kv.tables) - live:
             raise AssertionError(f"blocks held by sequences not running: "
                                  f"{sorted(set(self.kv.tables) - live)}")

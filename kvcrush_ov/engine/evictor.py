@@ -72,6 +72,28 @@ class Evictor:
         ex["rng"] = np.random.default_rng(spec.seed)
         ex["eviction_log"] = [] if spec.log else None
 
+    def new_turn(self, seq: Sequence, evict: bool = True) -> None:
+        """A parked session continues with a longer prompt (engine.continue_request): the
+        prompt's end and the budget follow it; window-scored policies start their scores
+        afresh (the new turn's last queries decide), accumulating ones (H2O) keep theirs.
+        ``evict`` False: nothing of this turn is evicted (``frozen``), the budget stays."""
+        spec = self.spec_of(seq)
+        if spec.genai is not None:
+            raise ValueError("continue_request: importance 'upstream' (GenAI's algorithm) "
+                             "evicts per request only")
+        ex = self._state(seq)
+        ex["prefill_end"] = len(seq.prompt_ids)
+        ex["frozen"] = not evict
+        if not evict:
+            return
+        ex["budget"] = spec.budget(len(seq.prompt_ids))
+        if spec.policy.score_mode != "all" or ex.get("scores") is None:
+            ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads)
+        ex["evictions"] = 0
+        ex.pop("kvcrush_tokens", None)
+        if spec.log:
+            ex["eviction_log"] = []
+
     def _state(self, seq: Sequence) -> dict:
         if "budget" not in seq.extra:
             self.set_spec(seq, self.spec_of(seq))
@@ -114,8 +136,8 @@ class Evictor:
         if ex.get("upstream") is not None:
             return ex["upstream"].window(ex["prefill_end"], c.start, c.num_tokens)
         spec = self.spec_of(c.seq)
-        if spec.genai is not None:
-            return 0  # upstream mode, but this request never needs eviction
+        if spec.genai is not None or ex.get("frozen"):
+            return 0  # upstream mode but no eviction needed, or a turn that evicts nothing
         mode = spec.policy.score_mode
         if mode == "none":
             return 0
@@ -221,6 +243,8 @@ class Evictor:
 
     def _due(self, c: ScheduledChunk) -> bool:
         ex = c.seq.extra
+        if ex.get("frozen"):
+            return False
         end = c.start + c.num_tokens
         held = self._held(c.seq)
         if end == ex["prefill_end"]:

@@ -338,6 +338,19 @@ class HeadKVCacheManager:
         t.evictions += 1
         return moves
 
+    def truncate(self, seq_id: int, num_tokens: int) -> tuple[list[list[np.ndarray]], list[Move]]:
+        """Forget every position ``>= num_tokens`` (a chat turn that rewrites the end of the
+        conversation); the next write is position ``num_tokens``. Returns the kept rows
+        ``[l][h]`` (int64, as :meth:`compact` takes them) and the moves to apply."""
+        t = self.tables[seq_id]
+        rows = [[np.flatnonzero(t.positions_of(layer, h) < num_tokens)
+                 for h in range(self.num_kv_heads)] for layer in range(self.num_layers)]
+        evictions = t.evictions
+        moves = self.compact(seq_id, rows)
+        t.evictions = evictions
+        t.num_written = num_tokens
+        return rows, moves
+
     def check_invariants(self) -> None:
         for sid, t in self.tables.items():
             for layer in range(self.num_layers):

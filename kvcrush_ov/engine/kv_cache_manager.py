@@ -76,6 +76,14 @@ class KVCacheManager:
         self.pool.share(p.blocks)
         self.tables[child] = BlockTable(list(p.blocks), p.num_cached)
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Forget the tokens from ``num_tokens`` on (their blocks return to the pool)."""
+        t = self.tables[seq_id]
+        keep = self._blocks_for(num_tokens)
+        self.pool.free(t.blocks[keep:])
+        del t.blocks[keep:]
+        t.num_cached = min(t.num_cached, num_tokens)
+
     def free(self, seq_id: int) -> None:
         t = self.tables.pop(seq_id, None)
         if t is not None:

@@ -10,6 +10,11 @@ admitted chunk by chunk into room the running sequences need. When a running seq
 a block anyway, the newest running sequence is preempted: its blocks are freed and it waits to
 be recomputed (prompt + what it has generated), which yields exactly the same continuation.
 
+Chat sessions: a sequence finished with ``keep_cache`` is *parked*: its blocks stay so that the
+next turn (:meth:`resume`) appends only its new tokens. Parked caches are the first thing given
+up when memory runs short (a running sequence cannot grow, or nothing runs and a waiting one
+cannot start): the oldest is dropped and its next turn recomputes the conversation.
+
 With ``align_chunks`` (the engine sets it for u4 caches) a prompt chunk that stops short of the
 prompt's end ends on a KV block boundary, and a sliver of a step's budget smaller than a block is
 left unused: a u4 key block written in two parts is quantized twice, and the 4-bit error made a
@@ -58,7 +63,9 @@ class Scheduler:
         self.align_chunks = align_chunks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.parked: list[Sequence] = []  # finished with keep_cache, oldest first
         self.num_preemptions = 0
+        self.num_dropped_sessions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -67,13 +74,40 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, keep_cache: bool = False) -> None:
+        """End ``seq``; with ``keep_cache`` its blocks stay (parked) for a next turn."""
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if keep_cache and seq.seq_id in self.kv.tables:
+            if seq not in self.parked:
+                self.parked.append(seq)
+        else:
+            self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished (or parked) sequence's blocks."""
+        if seq in self.parked:
+            self.parked.remove(seq)
         self.kv.free(seq.seq_id)
+
+    def resume(self, seq: Sequence) -> None:
+        """Queue a parked (or dropped) session again for its next turn's tokens."""
+        if seq in self.parked:
+            self.parked.remove(seq)
+        self.add(seq)
+
+    def _drop_parked(self) -> bool:
+        """Give up the oldest parked cache (its next turn recomputes); False if none."""
+        if not self.parked:
+            return False
+        seq = self.parked.pop(0)
+        self.kv.free(seq.seq_id)
+        seq.num_computed = 0
+        self.num_dropped_sessions += 1
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -91,7 +125,7 @@ class Scheduler:
         out.chunks.append(ScheduledChunk(seq, start, n, seq.num_computed == seq.num_known))
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_pending, budget)
+        n = min(seq.num_pending, budget, seq.extra.get("max_chunk") or budget)
         if n < seq.num_pending and not self.dynamic_split_fuse and not seq.num_preemptions:
             return 0  # without chunked prefill a prompt runs whole or not at all (a preempted
             # sequence's recomputation may be longer than one step: it runs in chunks)
@@ -133,6 +167,8 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
+            while not self.kv.can_append(seq.seq_id, n) and self._drop_parked():
+                pass
             while not self.kv.can_append(seq.seq_id, n) and self.running[-1] is not seq:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -149,6 +185,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = self._chunk(seq, budget)
+            while n and not self.running and not self._admissible(seq, n) \
+                    and self._drop_parked():
+                pass
             if n == 0 or not self._admissible(seq, n):
                 break
             self.waiting.popleft()

@@ -58,6 +58,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # FastKV: token-selective propagation during prefill (its own parent), then per-head SnapKV
     Method("fastkv", "native", _native("snapkv", fastkv=FastKVConfig())),
     Method("fastkv+kvcrush", "native", _native("snapkv", KVCRUSH, fastkv=FastKVConfig())),
+    # KVzip: importance from the attention of the context's replay (query-agnostic)
+    Method("kvzip", "native", _native("kvzip")),
+    Method("kvzip+kvcrush", "native", _native("kvzip", KVCRUSH)),
     # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
     Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
     # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)

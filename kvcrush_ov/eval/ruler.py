@@ -205,6 +205,19 @@ def family_of(task: str) -> TaskFamily:
     return {"vt": _VT, "cwe": _CWE, "fwe": _FWE, "qa_1": _QA, "qa_2": _QA}[_check_task(task)]
 
 
+def question_start(task: str, text: str) -> int:
+    """Where the question after the context begins in a sample's ``input`` (RULER puts every
+    question after its context): the last occurrence of the fixed text that opens the task
+    template's part after ``{context}``. The query-agnostic protocol compresses
+    ``input[:at]`` before the model sees ``input[at:]``."""
+    family = family_of(task)
+    fixed = family.template.split("{context}", 1)[1].split("{", 1)[0]
+    at = max(text.rfind(fixed), text.rfind(_singular(fixed)) if family is _NIAH else -1)
+    if at <= 0:
+        raise ValueError(f"question_start: no question text {fixed!r} in the {task} sample")
+    return at
+
+
 def _check_task(task: str) -> str:
     if task not in TASKS + EXTRA_TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(TASKS + EXTRA_TASKS)}")

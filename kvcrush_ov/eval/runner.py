@@ -37,12 +37,15 @@ from kvcrush_ov.device import check_device, check_kv_precision, inference_settin
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, REPORT_METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
-from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, score
+from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, question_start, score
 from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK
+from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.pipeline import Pipeline
 
 FULL = "full"
 _PARENT_BUDGET = 10**9  # a parent never evicts
+PROTOCOLS = ("query-aware", "query-agnostic")
 
 
 @dataclass
@@ -114,9 +117,10 @@ def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
     for methods that evict during the prefill (each runs its own, see :func:`_run_alone`)."""
     groups: dict[str, list[tuple[str, float]]] = {}
     for key, spec in specs.items():
+        score_mode = spec.policy.score_mode
         mode = ("own" if spec.prefill_eviction  # evicts while reading: no shared prefill
                 else f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
-                else "all" if spec.policy.score_mode == "all" else "window")
+                else score_mode if score_mode in ("all", "replay") else "window")
         groups.setdefault(mode, []).append(key)
     return groups
 
@@ -124,7 +128,25 @@ def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
 def _parent_spec(mode: str, keys: list, specs: dict):
     if mode.startswith("fastkv:"):
         return make_spec(_parent_config("window", specs[keys[0]].fastkv))
-    return make_spec(_parent_config(mode))
+    return make_spec(_parent_config("all" if mode == "replay" else mode))
+
+
+def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok) -> None:
+    """KVzip's replay on a parked ``parent`` that holds ``ids``: the repeat prompt and ``ids``
+    again are read with every query scored (the parent's spec accumulates all queries); its
+    scores then hold, per cached row, the attention of the replay. The branches that continue
+    with ``ids`` forget the replay's positions (continue_request truncates) and evict by those
+    scores. A replay that would pass the model's context is cut to its start."""
+    room = eng.context_length - len(ids) - len(repeat) - 1
+    eng.set_spec(parent, make_spec(_parent_config("all")))  # every replay query scored
+    # only the replay's queries count, each step's at most (KVzip: the max over the queries)
+    parent.extra["scores"] = SequenceScores(eng.runner.num_layers, eng.runner.num_kv_heads,
+                                            reduce="max")
+    parent.extra["max_chunk"] = REPLAY_CHUNK
+    eng.continue_request(parent, ids + repeat + ids[:room], GenerationConfig(max_new_tokens=1),
+                         eos, detok)
+    _drain(eng)
+    parent.extra.pop("max_chunk")
 
 
 def _run_alone(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict,
@@ -145,11 +167,30 @@ def _run_alone(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict
 
 
 def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys: list,
-                      specs: dict, eos: set[int], detok, forced: list[int] | None = None):
+                      specs: dict, eos: set[int], detok, forced: list[int] | None = None,
+                      repeat: list[int] | None = None):
     """One parent per score mode, prefilled once and forked per key; runs all to the end
     (mode ``own``: no parent, :func:`_run_alone`)."""
     if mode == "own":
         return None, _run_alone(eng, ids, g, keys, specs, eos, detok, forced)
+    if mode == "replay":  # KVzip: the whole prompt replayed, then each key's branch evicts
+        parent = eng.add_request(ids, GenerationConfig(max_new_tokens=1), eos, detok,
+                                 keep_cache=True)
+        eng.set_spec(parent, _parent_spec(mode, keys, specs))
+        _drain(eng)
+        _replay(eng, parent, ids, repeat, eos, detok)
+        children = {}
+        for k in keys:
+            children[k] = eng.continue_request(parent, ids, g, eos, detok, branch=True,
+                                               keep_cache=False, eviction=specs[k],
+                                               evict_turn=False)
+            if forced is not None:
+                children[k].extra["forced"] = forced
+        eng.release(parent)
+        _drain(eng)
+        for seq in children.values():
+            eng.sequences.pop(seq.seq_id, None)
+        return None, children
     parent = eng.add_request(ids, g, eos, detok)
     if forced is not None:
         parent.extra["forced"] = forced
@@ -166,10 +207,66 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
     return parent, children
 
 
+def context_and_question(tok, s: Sample, wrap: Callable[[str], str]) -> tuple[list[int],
+                                                                               list[int]]:
+    """The query-agnostic protocol's two parts of a sample's prompt as ids: the templated
+    prompt up to the question (ruler.question_start), then the question, the template's end
+    and the answer prefix."""
+    text = s.prompt(wrap)
+    cut = text.index(s.input) + question_start(s.task, s.input)
+    return encode_text(tok, text[:cut]), encode_text(tok, text[cut:])
+
+
+def _drain(eng) -> None:
+    while eng.has_unfinished():
+        eng.step()
+
+
+def _compress_then_ask(eng, ctx: list[int], ids: list[int], g: GenerationConfig, mode: str,
+                       keys: list, specs: dict, eos: set[int], detok, need_full: bool,
+                       repeat: list[int]):
+    """Query-agnostic: the context alone is prefilled, once per score mode (a parent kept as
+    a parked session); every key's branch evicts the context with its own policy at once, then
+    reads the question and answers with nothing more evicted. Mode ``own``: each key reads the
+    context with its own spec (prefill eviction) first; mode ``replay``: the parent replays the
+    context (KVzip, ``repeat`` the repeat prompt's ids) before the branches evict. Returns
+    (the full cache's branch or None, {key: branch})."""
+    first = GenerationConfig(max_new_tokens=1)
+    out, full = {}, None
+    if mode == "own":
+        for k in keys:
+            seq = eng.add_request(ctx, first, eos, detok, keep_cache=True)
+            eng.set_spec(seq, specs[k])
+            out[k] = seq
+        _drain(eng)
+        for seq in out.values():
+            eng.continue_request(seq, ids, g, eos, detok, keep_cache=False, evict_turn=False)
+    else:
+        parent = eng.add_request(ctx, first, eos, detok, keep_cache=True)
+        eng.set_spec(parent, _parent_spec(mode, keys, specs))
+        _drain(eng)
+        if mode == "replay":
+            _replay(eng, parent, ctx, repeat, eos, detok)
+        if need_full:
+            full = eng.continue_request(parent, ids, g, eos, detok, branch=True,
+                                        keep_cache=False)
+        for k in keys:
+            out[k] = eng.continue_request(parent, ids, g, eos, detok, branch=True,
+                                          keep_cache=False, eviction=specs[k], evict_turn=False)
+        eng.release(parent)
+    _drain(eng)
+    for seq in (full, *out.values()):
+        if seq is not None:
+            eng.sequences.pop(seq.seq_id, None)
+    return full, out
+
+
 def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
                budgets: Iterable[float], results: Results, wrap: Callable[[str], str],
-               say: Callable[[str], None] = print) -> None:
-    """Prefill once per sample and score mode, fork per (method, budget)."""
+               say: Callable[[str], None] = print, protocol: str = "query-aware") -> None:
+    """Prefill once per sample and score mode, fork per (method, budget). ``protocol``
+    "query-agnostic": the context is prefilled and compressed before the question is appended
+    (:func:`_compress_then_ask`)."""
     eng = pipe.backend.engine
     tok = pipe.tokenizer
 
@@ -177,6 +274,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         return tok.decode(ids) if ids else ""
 
     eos = pipe.backend.eos_token_ids
+    repeat = encode_text(tok, REPEAT_PROMPT)
     specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
     groups = _score_groups(specs)
     groups.setdefault("window", [])  # its parent is the full cache (also with no method)
@@ -186,13 +284,23 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         if not todo and not need_full:
             continue
         t0 = time.perf_counter()
-        ids = encode_text(tok, s.prompt(wrap))
         g = GenerationConfig(max_new_tokens=s.max_new_tokens)
+        if protocol == "query-agnostic":
+            ctx, question = context_and_question(tok, s, wrap)
+            ids = ctx + question
+        else:
+            ids = encode_text(tok, s.prompt(wrap))
         for mode, keys in groups.items():
             keys = [k for k in keys if k in todo]
             if not keys and not (mode == "window" and need_full):
                 continue
-            parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos, detok)
+            if protocol == "query-agnostic":
+                parent, children = _compress_then_ask(eng, ctx, ids, g, mode, keys, specs, eos,
+                                                      detok, mode == "window" and need_full,
+                                                      repeat)
+            else:
+                parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos,
+                                                     detok, repeat=repeat)
             for k, child in children.items():
                 results.add(_record(s, k[0], k[1], child.sampler.output_text(), len(ids),
                                     child.extra.get("kv_bytes", 0)))
@@ -252,15 +360,17 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         g = GenerationConfig(max_new_tokens=len(forced), ignore_eos=True)
         full = None
         groups = _score_groups(specs)
-        for mode in sorted(groups, key=lambda m: m == "own"):  # "own" last: it has no parent
+        # "own" and "replay" last: they have no parent that continues with the full cache
+        for mode in sorted(groups, key=lambda m: m in ("own", "replay")):
             keys = [k for k in groups[mode] if k in todo]
             if not keys:
                 continue
-            if mode == "own" and full is None:  # the full cache's distributions first
+            if mode in ("own", "replay") and full is None:  # the full cache's distributions
                 full = _prefill_and_fork(eng, ids, g, "window", [], specs, eos, lambda x: "",
                                          forced)[0].extra["logprobs"]
             parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos,
-                                                 lambda x: "", forced)
+                                                 lambda x: "", forced,
+                                                 encode_text(tok, REPEAT_PROMPT))
             if parent is not None:
                 full = parent.extra["logprobs"]
             for k, child in children.items():
@@ -377,8 +487,11 @@ def summarize(results: Results, budgets: Iterable[float], min_full: float = 10.0
 
 
 def check_eval_args(tasks: tuple, methods: tuple, budgets: tuple, num_samples: object,
-                    max_seq_length: object, seed: object) -> None:
+                    max_seq_length: object, seed: object,
+                    protocol: object = "query-aware") -> None:
     """Raise ConfigError naming the first invalid argument of :func:`run_eval`."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError("protocol", protocol, f"one of {', '.join(PROTOCOLS)}")
     for field, values, allowed in (("tasks", tasks, TASKS),
                                    ("methods", methods, (FULL, *METHODS))):
         if not values:
@@ -395,6 +508,12 @@ def check_eval_args(tasks: tuple, methods: tuple, budgets: tuple, num_samples: o
                                                             512), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(field, v, f"an integer >= {low}")
+    if protocol == "query-agnostic":
+        for m in methods:
+            if m != FULL and METHODS[m].backend != "native":
+                raise ConfigError("methods", m, "native methods with protocol "
+                                  "'query-agnostic' (GenAI's pipeline cannot compress a context "
+                                  "before its question)")
 
 
 def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
@@ -403,17 +522,20 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
              fidelity: bool = True, fidelity_samples: int | None = None,
              command: str | None = None, max_num_batched_tokens: int = 256,
-             say: Callable[[str], None] = print) -> str:
+             say: Callable[[str], None] = print, protocol: str = "query-aware") -> str:
     """Run (or resume) the evaluation; returns the markdown summary (also in summary.md).
     ``methods=("full",)`` runs the full cache alone (e.g. to screen tasks cheaply);
     ``fidelity_samples``: the fidelity pass covers the first N samples of each task (None: all).
     ``max_num_batched_tokens``: both backends' prefill chunk (GenAI's default 256; larger chunks
     prefill faster on CPU, and every column of a sample still shares one prefill).
+    ``protocol``: "query-aware" (the question ends the prompt before anything is evicted) or
+    "query-agnostic" (the context is compressed first, then the question is asked; no fidelity
+    pass, native methods only).
 
     Every argument is checked before a model is loaded (ConfigError naming it)."""
     tasks, budgets = tuple(tasks), tuple(budgets)
     names = tuple(methods) if methods is not None else REPORT_METHODS
-    check_eval_args(tasks, names, budgets, num_samples, max_seq_length, seed)
+    check_eval_args(tasks, names, budgets, num_samples, max_seq_length, seed, protocol)
     if fidelity_samples is not None and (isinstance(fidelity_samples, bool) or not isinstance(
             fidelity_samples, int) or fidelity_samples < 1):
         raise ConfigError("fidelity_samples", fidelity_samples, "None or an integer >= 1")
@@ -423,6 +545,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     hw = inference_settings("CPU", precision)
     out = Path(out_dir)
     check_same_inference(out / "run.json", hw)
+    check_same_protocol(out / "run.json", protocol)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
     # FastKV columns need the engine's split graphs (their parents prefill with FastKV)
@@ -436,14 +559,16 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         "model": model, "tasks": list(tasks), "num_samples": num_samples, "seed": seed,
         "budgets": list(budgets), "methods": [m.name for m in chosen],
         "max_seq_length": max_seq_length, "precision": precision,
-        "max_num_batched_tokens": max_num_batched_tokens,
-        "prompt": "chat template around RULER's input, answer prefix after the assistant header",
+        "max_num_batched_tokens": max_num_batched_tokens, "protocol": protocol,
+        "prompt": "chat template around RULER's input, answer prefix after the assistant header"
+                  + ("; the context compressed before the question is read"
+                     if protocol == "query-agnostic" else ""),
         "command": command, **hw,
     })
     native = [m for m in chosen if m.backend == "native"]
-    run_native(pipe, samples, native, budgets, results, wrap, say)
+    run_native(pipe, samples, native, budgets, results, wrap, say, protocol)
     fid: dict[tuple, Fidelity] = {}
-    if fidelity:
+    if fidelity and protocol == "query-aware":
         fid = load_fidelity(out / "fidelity.jsonl")
         limit = num_samples if fidelity_samples is None else fidelity_samples
         run_fidelity(pipe, [s for s in samples if s.index < limit], native, budgets, fid,
@@ -475,6 +600,17 @@ def check_same_inference(path: Path, hw: dict[str, str]) -> None:
                           f"a new folder: this one holds results of {old} inference, this "
                           f"machine runs {hw['inference_precision']} ({hw['device_name']}); "
                           "mixed columns would not be comparable")
+
+
+def check_same_protocol(path: Path, protocol: str) -> None:
+    """Refuse to mix protocols in one folder (runs from before it was recorded were
+    query-aware)."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text()).get("protocol", "query-aware")
+    if old != protocol:
+        raise ConfigError("out", str(path.parent), f"a new folder: this one holds {old} "
+                          f"results and this run is {protocol}")
 
 
 def write_run_json(path: Path, run: dict) -> None:

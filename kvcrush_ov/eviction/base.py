@@ -35,7 +35,7 @@ import numpy as np
 
 from kvcrush_ov import _core
 
-SCORE_MODES = ("none", "window", "all")
+SCORE_MODES = ("none", "window", "all", "replay")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ class EvictionPolicy(Protocol):
     name: the value users pass as ``CacheEvictionConfig(importance=...)``.
     score_mode: which queries' attention the engine accumulates for this policy:
         ``"none"`` (no scores needed: no score outputs are computed), ``"window"`` (the prompt's
-        last ``window`` queries, then every decode query) or ``"all"`` (every query, H2O).
+        last ``window`` queries, then every decode query), ``"all"`` (every query, H2O) or
+        ``"replay"`` (every query of a replay of the context after it, KVzip).
     """
 
     name: ClassVar[str]

@@ -31,7 +31,7 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
                   "pooling": cfg.pooling or NATIVE_POOLING,
                   "kernel_size": cfg.kernel_size or NATIVE_KERNEL_SIZE,
                   "offset": cfg.pooling_offset}
-    elif cfg.importance == "h2o":
+    elif cfg.importance in ("h2o", "kvzip"):
         kwargs = {"aggregation_mode": cfg.aggregation_mode}
     policy = cls(**kwargs)
     crush = cfg.kvcrush

@@ -16,7 +16,12 @@ import numpy as np
 class SequenceScores:
     """acc[l][h]: float32 [rows]; query_positions: sorted positions of the scored queries."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int) -> None:
+    def __init__(self, num_layers: int, num_kv_heads: int, reduce: str = "sum") -> None:
+        """reduce: how steps combine, ``sum`` (attention accumulated) or ``max`` (the largest
+        one step gave: with steps of a few queries, close to the largest any query gave)."""
+        if reduce not in ("sum", "max"):
+            raise ValueError(f"SequenceScores.reduce={reduce!r}: allowed sum, max")
+        self.reduce = reduce
         self.acc = [[np.zeros(0, np.float32) for _ in range(num_kv_heads)]
                     for _ in range(num_layers)]
         self.query_positions: list[int] = []
@@ -29,7 +34,10 @@ class SequenceScores:
             raise ValueError(f"scores of layer {layer} head {head}: {len(segment)} rows, "
                              f"{len(acc)} already accumulated")
         out = segment.astype(np.float32, copy=True)
-        out[:len(acc)] += acc
+        if self.reduce == "max":
+            np.maximum(out[:len(acc)], acc, out=out[:len(acc)])
+        else:
+            out[:len(acc)] += acc
         self.acc[layer][head] = out
 
     def add_queries(self, first: int, count: int) -> None:
