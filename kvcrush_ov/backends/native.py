@@ -18,6 +18,7 @@ from kvcrush_ov.engine.sequence import Sequence
 from kvcrush_ov.errors import ConfigError, KVCrushError, ModelError
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.eviction.genai_compat import check_genai_algorithm
+from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT
 from kvcrush_ov.eviction.registry import POLICIES
 from kvcrush_ov.model_info import ModelInfo, block_size_for
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
@@ -35,10 +36,6 @@ def check_eviction(eviction: CacheEvictionConfig | None, block: int = 32) -> Non
     if eviction.importance not in POLICIES:
         raise ConfigError("eviction.importance", eviction.importance,
                           f"one of {', '.join(POLICIES)} with backend 'native'")
-    if eviction.importance == "kvzip":
-        raise ConfigError("eviction.importance", "kvzip",
-                          "another importance in a Pipeline for now: KVzip's context replay is "
-                          "scheduled by 'kvcrush-ov eval' only (docs/chat.md)")
     if eviction.importance == "upstream":
         check_genai_algorithm(eviction, block, "with importance='upstream' (GenAI's algorithm)")
 
@@ -54,8 +51,10 @@ class NativeBackend:
         check_eviction(eviction, block_size_for(device))
         spec = make_spec(eviction) if eviction is not None else None
         try:
+            repeat = self.tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)
             self.engine = LLMEngine(info.path, device, kv_cache, scheduler, info.context_length,
-                                    eviction=spec)
+                                    eviction=spec,
+                                    replay_prompt=[int(i) for i in repeat.input_ids.data[0]])
         except RuntimeError as e:
             raise ModelError(f"model={str(info.path)!r} could not be loaded on {device}: "
                              f"{first_line(e)}") from None

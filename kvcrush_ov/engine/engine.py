@@ -27,6 +27,7 @@ from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
 from kvcrush_ov.engine.layer_model_runner import LayerModelRunner
 from kvcrush_ov.engine.model_runner import ModelRunner
+from kvcrush_ov.engine.replay import ContextReplay, replays
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
@@ -69,11 +70,14 @@ class LLMEngine:
     eviction: None keeps every token (the plain paged graph, one block table per sequence);
         otherwise the per-KV-head graph runs with per-layer, per-head block tables and the
         spec's policy evicts (kvcrush_ov.engine.evictor).
+    replay_prompt: token ids of KVzip's repeat prompt (kvcrush_ov.eviction.kvzip), needed by
+        requests whose policy ranks by a replay of the context (engine/replay.py).
     """
 
     def __init__(self, model_dir: str | Path, device: str, kv_cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context_length: int,
-                 properties: dict | None = None, eviction: EvictionSpec | None = None) -> None:
+                 properties: dict | None = None, eviction: EvictionSpec | None = None,
+                 replay_prompt: list[int] | None = None) -> None:
         check_kv_precision(device, kv_cache.precision)
         runner_cls = (ModelRunner if eviction is None
                       else LayerModelRunner if eviction.genai is not None else HeadModelRunner)
@@ -95,6 +99,10 @@ class LLMEngine:
             self.kv = HeadKVCacheManager(pools, heads, self.block_size)
             self.evictor = Evictor(eviction, self.kv, self.runner)
             self.head_units = heads * self.runner.num_layers  # head blocks per full block
+        self.replay: ContextReplay | None = None  # KVzip (engine/replay.py)
+        if eviction is not None and replay_prompt:
+            self.replay = ContextReplay(replay_prompt, context_length, self.runner.num_layers,
+                                        self.runner.num_kv_heads)
         self.fastkv: TokenPropagation | None = None
         if eviction is not None and eviction.fastkv is not None:
             self.fastkv = TokenPropagation(self.runner, self.kv,
@@ -118,8 +126,10 @@ class LLMEngine:
 
         keep_cache: when it finishes, its cache stays (parked) for :meth:`continue_request`
         until :meth:`release` (a chat session's first turn)."""
-        hold = self._prefill_hold(self.evictor.spec if self.evictor else None,
-                                  len(prompt_ids), config.max_new_tokens)
+        spec = self.evictor.spec if self.evictor else None
+        hold = self._prefill_hold(spec, len(prompt_ids), config.max_new_tokens)
+        if replays(spec):
+            hold = self._replay_hold(len(prompt_ids), config.max_new_tokens)
         check_request_size("prompt", len(prompt_ids), config.max_new_tokens,
                            self.context_length, self.num_blocks * self.block_size,
                            self.scheduler_config, hold)
@@ -250,6 +260,12 @@ class LLMEngine:
         self.sequences[child.seq_id] = child
         return child
 
+    def _replay_hold(self, prompt: int, max_new: int) -> int:
+        """Tokens a KVzip request holds at most (its replay, then budget + answer)."""
+        if self.replay is None:
+            raise ValueError("importance 'kvzip' needs an engine built with replay_prompt")
+        return max(self.replay.max_held(prompt), prompt + max_new)
+
     def _prefill_hold(self, spec: EvictionSpec | None, prompt: int, max_new: int) -> int | None:
         """Tokens a request holds at most with prefill eviction (None: without it)."""
         if spec is None or not spec.prefill_eviction:
@@ -261,6 +277,8 @@ class LLMEngine:
         """Give a queued ``seq`` its own policy and budget (and FastKV split, or none)."""
         if self.evictor is None:
             raise ValueError("set_spec needs an engine built with eviction")
+        if replays(spec):
+            self._replay_hold(len(seq.prompt_ids), 0)  # an engine that can replay
         self.evictor.set_spec(seq, spec)
         seq.max_prompt_hold = self._prefill_hold(spec, len(seq.prompt_ids),
                                                  seq.sampler._config.max_new_tokens)
@@ -313,6 +331,9 @@ class LLMEngine:
             tokens = self._teacher_force(sampling, tokens, logits)
             now = time.perf_counter()
             for seq, tok in zip(sampling, tokens, strict=True):
+                if self.replay is not None and self.replay.intercept(
+                        seq, self.evictor.spec_of(seq), self._truncate):
+                    continue  # a KVzip phase ended: no token sampled
                 reason = seq.sampler.append(int(tok))
                 new[seq.seq_id] = int(tok)
                 if not seq.first_token_time:

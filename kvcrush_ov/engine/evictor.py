@@ -111,7 +111,9 @@ class Evictor:
         ex = self._state(c.seq)
         if c.start == 0:  # first chunk (again after a preemption): a fresh prefill
             ex["prefill_end"] = c.seq.num_known
-            ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads)
+            replay = ex.get("replay")  # recomputing a KVzip replay: its scores by max
+            ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads,
+                                          "max" if replay is not None else "sum")
             ex["upstream"] = self._upstream(c.seq)
         return ex
 
@@ -142,6 +144,12 @@ class Evictor:
         if mode == "none":
             return 0
         end, prefill_end = c.start + c.num_tokens, ex["prefill_end"]
+        if mode == "replay":  # KVzip (engine/replay.py): the prompt unscored, then the replay
+            replay = ex.get("replay")
+            if replay is None:
+                return 0
+            if not replay.done:
+                return max(0, end - max(c.start, replay.prompt_len))
         if c.start < prefill_end:
             if spec.mode == "prefill" and prefill_end <= ex["budget"]:
                 return 0  # this prompt fits: nothing will ever be evicted
@@ -245,6 +253,10 @@ class Evictor:
         ex = c.seq.extra
         if ex.get("frozen"):
             return False
+        if self.spec_of(c.seq).policy.score_mode == "replay":
+            replay = ex.get("replay")
+            if replay is None or not replay.done:
+                return False  # KVzip evicts once its replay is scored
         end = c.start + c.num_tokens
         held = self._held(c.seq)
         if end == ex["prefill_end"]:

@@ -34,6 +34,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.device import check_device, check_kv_precision, inference_settings
+from kvcrush_ov.engine.replay import ReplayState, replay_ids
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, REPORT_METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
@@ -137,14 +138,13 @@ def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok
     scores then hold, per cached row, the attention of the replay. The branches that continue
     with ``ids`` forget the replay's positions (continue_request truncates) and evict by those
     scores. A replay that would pass the model's context is cut to its start."""
-    room = eng.context_length - len(ids) - len(repeat) - 1
     eng.set_spec(parent, make_spec(_parent_config("all")))  # every replay query scored
     # only the replay's queries count, each step's at most (KVzip: the max over the queries)
     parent.extra["scores"] = SequenceScores(eng.runner.num_layers, eng.runner.num_kv_heads,
                                             reduce="max")
     parent.extra["max_chunk"] = REPLAY_CHUNK
-    eng.continue_request(parent, ids + repeat + ids[:room], GenerationConfig(max_new_tokens=1),
-                         eos, detok)
+    eng.continue_request(parent, ids + replay_ids(ids, repeat, eng.context_length),
+                         GenerationConfig(max_new_tokens=1), eos, detok)
     _drain(eng)
     parent.extra.pop("max_chunk")
 
@@ -180,12 +180,15 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
         _drain(eng)
         _replay(eng, parent, ids, repeat, eos, detok)
         children = {}
-        for k in keys:
-            children[k] = eng.continue_request(parent, ids, g, eos, detok, branch=True,
-                                               keep_cache=False, eviction=specs[k],
-                                               evict_turn=False)
+        for k in keys:  # each branch runs the prompt's last token again and evicts, as a
+            # request replaying itself does (engine/replay.py, phase 3)
+            child = eng.continue_request(parent, ids, g, eos, detok, branch=True,
+                                         keep_cache=False)
+            eng.set_spec(child, specs[k])
+            child.extra["replay"] = ReplayState(list(ids), done=True)
             if forced is not None:
-                children[k].extra["forced"] = forced
+                child.extra["forced"] = forced
+            children[k] = child
         eng.release(parent)
         _drain(eng)
         for seq in children.values():

@@ -44,11 +44,22 @@ class AdaKV(SnapKV):
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:
         """bool [L, H, N]: floor per head, then the layer's top scores across heads."""
-        num_layers, num_heads, n = inputs.shape
-        layer_budget = head_quotas(inputs.lengths, num_keep).sum(axis=1)
-        scores = self.scores(inputs)
-        floor = np.minimum(int(np.floor(self.alpha * num_keep)), inputs.lengths)
-        keep = top_k_mask(scores, floor)
-        rest = np.where(keep, -np.inf, scores).reshape(num_layers, num_heads * n)
-        extra = top_k_mask(rest, layer_budget - floor.sum(axis=1))
-        return keep | extra.reshape(inputs.shape)
+        return adaptive_select(self.scores(inputs), inputs, num_keep, self.alpha)
+
+
+def adaptive_select(scores: np.ndarray, inputs: EvictionInputs, num_keep: int,
+                    alpha: float, scope: str = "layer") -> np.ndarray:
+    """Ada-KV's allocation of ``scores`` (float32 [L, H, N], -inf in padding): bool [L, H, N],
+    every head's best ``floor(alpha * num_keep)``, then the top scores across the heads of each
+    layer (``scope="layer"``) or of the whole model (``"model"``: layers' budgets move too)."""
+    num_layers, num_heads, n = inputs.shape
+    layer_budget = head_quotas(inputs.lengths, num_keep).sum(axis=1)
+    floor = np.minimum(int(np.floor(alpha * num_keep)), inputs.lengths)
+    keep = top_k_mask(scores, floor)
+    rest = np.where(keep, -np.inf, scores)
+    if scope == "model":
+        extra = top_k_mask(rest.reshape(1, -1), np.array([layer_budget.sum() - floor.sum()]))
+    else:
+        extra = top_k_mask(rest.reshape(num_layers, num_heads * n),
+                           layer_budget - floor.sum(axis=1))
+    return keep | extra.reshape(inputs.shape)

@@ -17,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
+from kvcrush_ov.eviction.adakv import adaptive_select
+from kvcrush_ov.eviction.base import EvictionInputs
 from kvcrush_ov.eviction.h2o import H2O
 
 #: what the model is asked before the replayed context
@@ -27,7 +31,28 @@ REPLAY_CHUNK = 16
 
 @dataclass(frozen=True)
 class KVzip(H2O):
-    """H2O's selection over the accumulated attention of the context's replay."""
+    """The top replay attention per (layer, head) (H2O's selection over the replay's scores),
+    or with ``alpha`` set, Ada-KV's allocation (every head keeps its best ``alpha`` share of an
+    even split, the rest goes to the best scores of all heads of the layer, ``scope="layer"``,
+    or of the model, ``"model"``: KVzip ranks across heads and layers)."""
 
     name: ClassVar[str] = "kvzip"
     score_mode: ClassVar[str] = "replay"
+
+    alpha: float | None = None
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in ("layer", "model"):
+            raise ValueError(f"KVzip.scope={self.scope!r}: allowed layer, model")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(
+                self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"KVzip.alpha={self.alpha!r}: allowed None or a number in [0, 1]")
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        """bool [L, H, N]."""
+        if self.alpha is None:
+            return super().select(inputs, num_keep, rng)
+        return adaptive_select(self.scores(inputs), inputs, num_keep, self.alpha, self.scope)

@@ -1,0 +1,114 @@
+"""KVzip on the engine (``importance="kvzip"``, engine/replay.py): the prompt, then a replay of
+it scored query by query in small steps (max-combined), the replay forgotten, then one eviction
+by the replay's scores and decoding as usual."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvcrush_ov import CacheEvictionConfig, ConfigError, GenerationConfig, KVCacheConfig, Pipeline
+from kvcrush_ov.config import SchedulerConfig
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.engine.replay import ReplayState, replay_ids
+from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.eviction.kvzip import KVzip
+
+REPEAT = [7, 8, 9, 10]
+GREEDY = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+
+
+def _kvzip(budget=0.25, **kw) -> CacheEvictionConfig:
+    return CacheEvictionConfig(max_cache_size=budget, importance="kvzip", kvcrush=None,
+                               start_size=8, recent_size=16, mode="prefill", **kw)
+
+
+def _engine(model, cfg, replay=True, context_length=2048) -> LLMEngine:
+    return LLMEngine(model, "CPU", KVCacheConfig(precision="f32"),
+                     SchedulerConfig(max_num_batched_tokens=64), context_length=context_length,
+                     eviction=make_spec(cfg), replay_prompt=REPEAT if replay else None)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(11, 500, n).tolist()
+
+
+def _kept(eng, seq) -> list[list[np.ndarray]]:
+    return [[np.sort(p) for p in row] for row in eng.kv.tables[seq.seq_id].positions_all()]
+
+
+def test_the_engine_replays_then_evicts_like_the_eval_harness(tiny_model):
+    """The engine's own replay keeps the same positions as the eval harness's shared-parent
+    replay (eval.runner._replay + a branch evicting with the kvzip spec)."""
+    from kvcrush_ov.eval.runner import _replay
+
+    prompt = _ids(300, 1)
+    eng = _engine(tiny_model, _kvzip())
+    seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    before = eng.stats.tokens
+    kept = None
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+        if kept is None and seq.extra.get("evictions"):
+            kept = _kept(eng, seq)
+            t = eng.kv.tables[seq.seq_id]
+            assert t.num_written == 300 and int(t.lens.max()) == 75  # 25% of the prompt
+    # the prompt, the repeat prompt and the prompt again, the last prompt token again, decode
+    assert eng.stats.tokens - before == 300 + 4 + 300 + 1 + 5
+    assert seq.extra["evictions"] == 1 and seq.sampler.num_generated == 6
+    assert seq.prompt_ids == prompt and seq.first_token_time > 0
+    # the harness's way: a parent that keeps all, replayed once, a branch evicting by it
+    parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
+                             keep_cache=True)
+    eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
+    while eng.has_unfinished():
+        eng.step()
+    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "")
+    branch = eng.continue_request(parent, prompt, GREEDY, set(), lambda x: "", branch=True,
+                                  keep_cache=False)
+    eng.set_spec(branch, make_spec(_kvzip()))
+    branch.extra["replay"] = ReplayState(list(prompt), done=True)
+    eng.step()  # the prompt's last token again, then the eviction
+    got = _kept(eng, branch)
+    assert all(np.array_equal(a, b) for ra, rb in zip(kept, got, strict=True)
+               for a, b in zip(ra, rb, strict=True))
+
+
+def test_the_replay_is_cut_to_the_models_context(tiny_model):
+    assert replay_ids(list(range(100)), REPEAT, 150) == REPEAT + list(range(45))
+    eng = _engine(tiny_model, _kvzip(), context_length=400)
+    seq = eng.add_request(_ids(300, 2), GREEDY, set(), lambda x: "")
+    while eng.has_unfinished():
+        eng.step()
+    assert seq.sampler.num_generated == 6 and seq.extra["evictions"] == 1
+
+
+def test_kvzip_needs_a_replay_prompt_and_a_cache_for_the_replay(tiny_model):
+    eng = _engine(tiny_model, _kvzip(), replay=False)
+    with pytest.raises(ValueError, match="replay_prompt"):
+        eng.add_request(_ids(50, 3), GREEDY, set(), lambda x: "")
+    pipe = Pipeline(tiny_model, kv_cache=KVCacheConfig(precision="f32", num_kv_blocks=12),
+                    eviction=_kvzip())
+    with pytest.raises(ConfigError, match="prompt"):  # 300 tokens fit, their replay does not
+        pipe.generate(" ".join(["word"] * 300), max_new_tokens=4, apply_chat_template=False)
+    assert pipe.backend.engine.kv.tables == {}
+
+
+def test_pipeline_kvzip_generates_and_a_second_chat_turn_reuses_the_cache(tiny_model):
+    pipe = Pipeline(tiny_model, kv_cache=KVCacheConfig(precision="f32"), eviction=_kvzip(0.5))
+    g = GenerationConfig(max_new_tokens=5, ignore_eos=True, apply_chat_template=False)
+    out = pipe.generate(" ".join(["alpha beta"] * 100), g)
+    assert out.metrics[0].num_evictions == 1 and out.metrics[0].num_generated_tokens == 5
+    pipe.start_chat()
+    pipe.generate(" ".join(["gamma delta"] * 100), g)
+    r2 = pipe.generate(" epsilon", g)
+    assert r2.metrics[0].num_cached_tokens > 150
+    pipe.finish_chat()
+
+
+def test_kvzip_selection_options():
+    with pytest.raises(ValueError, match="KVzip.alpha"):
+        KVzip(alpha=2.0)
+    with pytest.raises(ValueError, match="KVzip.scope"):
+        KVzip(alpha=0.2, scope="global")
