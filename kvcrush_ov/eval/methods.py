@@ -14,18 +14,22 @@ from kvcrush_ov.config import (
     FastKVConfig,
     KVCrushConfig,
 )
+from kvcrush_ov.eviction.kvzip import KVzip
 
 
 @dataclass(frozen=True)
 class Method:
     """name: column label. backend: ``native`` (forked from one prefill) or ``genai``.
     make(budget) -> the eviction config for a total budget fraction. report: part of a run that
-    names no ``--method`` (False: a tuning candidate, run only when named)."""
+    names no ``--method`` (False: a tuning candidate, run only when named). policy: a tuning
+    candidate's policy object, in place of the one its config names (a variant that has no
+    config field)."""
 
     name: str
     backend: str
     make: Callable[[float], CacheEvictionConfig]
     report: bool = True
+    policy: Callable[[], object] | None = None
 
 
 # The native columns score every decode step (as they did before the Pipeline's default became
@@ -61,6 +65,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # KVzip: importance from the attention of the context's replay (query-agnostic)
     Method("kvzip", "native", _native("kvzip")),
     Method("kvzip+kvcrush", "native", _native("kvzip", KVCRUSH)),
+    # KVzip's budgets shared across heads: within each layer, or across the whole model
+    Method("kvzip-ada", "native", _native("kvzip"), report=False,
+           policy=lambda: KVzip(alpha=0.2)),
+    Method("kvzip-global", "native", _native("kvzip"), report=False,
+           policy=lambda: KVzip(alpha=0.2, scope="model")),
     # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
     Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
     # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)

@@ -17,6 +17,7 @@ in ``fidelity.jsonl``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -95,6 +96,12 @@ class Results:
         self.done[r.key] = r
         with self.path.open("a") as fh:
             fh.write(json.dumps(asdict(r)) + "\n")
+
+
+def method_spec(m: Method, budget: float):
+    """The engine's spec of a method at a budget (a candidate's own policy in place)."""
+    spec = make_spec(m.make(budget))
+    return spec if m.policy is None else dataclasses.replace(spec, policy=m.policy())
 
 
 def _record(s: Sample, method: str, budget: float | None, text: str, n: int,
@@ -278,7 +285,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
 
     eos = pipe.backend.eos_token_ids
     repeat = encode_text(tok, REPEAT_PROMPT)
-    specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
+    specs = {(m.name, b): method_spec(m, b) for m in methods for b in budgets}
     groups = _score_groups(specs)
     groups.setdefault("window", [])  # its parent is the full cache (also with no method)
     for i, s in enumerate(samples):
@@ -352,7 +359,7 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
     eng = pipe.backend.engine
     tok = pipe.tokenizer
     eos = pipe.backend.eos_token_ids
-    specs = {(m.name, b): make_spec(m.make(b)) for m in methods for b in budgets}
+    specs = {(m.name, b): method_spec(m, b) for m in methods for b in budgets}
     for i, s in enumerate(samples):
         todo = {k for k in specs if (s.task, s.index, *k) not in fid}
         if not todo:
