@@ -310,7 +310,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        precision=args.precision, fidelity=not args.no_fidelity,
                        fidelity_samples=args.fidelity_samples, command=command,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       protocol=args.protocol)
+                       protocol=args.protocol, multi_question=args.multi_question)
     print(summary)
     return 0
 
@@ -514,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["query-aware", "query-agnostic"],
                     help="query-agnostic: compress the context before the question is read "
                          "(native methods only, no fidelity pass)")
+    ev.add_argument("--multi-question", action="store_true",
+                    help="with --protocol query-agnostic: also ask niah_multiquery's keys one "
+                         "per question on the same compressed context")
     ev.set_defaults(func=_cmd_eval)
 
     ex = sub.add_parser("eval-explain",

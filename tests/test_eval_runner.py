@@ -95,6 +95,22 @@ def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_mode
                  protocol="query-agnostic", say=lambda _: None)
 
 
+def test_multi_question_mode_asks_each_key_on_one_compressed_context(tiny_model, tmp_path):
+    run_eval(str(tiny_model), tmp_path, tasks=["niah_multiquery"], num_samples=1,
+             methods=["snapkv", "kvzip"], budgets=[0.5], max_seq_length=2048,
+             max_num_batched_tokens=256, protocol="query-agnostic", multi_question=True,
+             say=lambda _: None)
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    turns = {r["method"]: r for r in recs if r["task"] == "niah_multiquery-turns"}
+    assert set(turns) == {FULL, "snapkv", "kvzip"}
+    for r in turns.values():
+        assert len(r["prediction"].split(" | ")) == len(r["outputs"]) == 4
+        assert r["score"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    with pytest.raises(ConfigError, match="multi_question"):
+        run_eval(str(tiny_model), tmp_path / "x", tasks=["niah_multiquery"], multi_question=True,
+                 say=lambda _: None)
+
+
 def test_the_question_split_is_found_in_every_task():
     from kvcrush_ov.eval.ruler import TASKS, build_task, question_start
 
@@ -370,9 +386,8 @@ def test_every_method_builds_at_every_default_budget():
 
 def test_tuning_candidates_run_only_when_named():
     from kvcrush_ov.eval.methods import METHODS, REPORT_METHODS
-    from kvcrush_ov.eviction.factory import make_policy
-
     from kvcrush_ov.eval.runner import method_spec
+    from kvcrush_ov.eviction.factory import make_policy
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
                   "fastkv-max7", "kvzip-ada", "kvzip-global"}

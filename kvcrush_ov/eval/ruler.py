@@ -218,6 +218,28 @@ def question_start(task: str, text: str) -> int:
     return at
 
 
+#: tasks whose question names several keys: the multi-question mode asks one key per turn
+TURN_TASKS = ("niah_multiquery",)
+TURNS = "-turns"  # its records' task suffix
+
+
+def question_turns(s: Sample) -> list[tuple[str, str, str]]:
+    """A niah_multiquery sample's question as one question per key, in RULER's singular
+    wording: ``(question, answer_prefix, value)`` per key, in the sample's order."""
+    if s.task not in TURN_TASKS:
+        raise ValueError(f"question_turns: {s.task} asks one question")
+    at = question_start(s.task, s.input)
+    m = re.fullmatch(r"\nWhat are all the special magic (\w+) for (.+) mentioned in the "
+                     r"provided text\?", s.input[at:])
+    keys = re.split(r", and |, | and ", m.group(2)) if m else []
+    if len(keys) != len(s.outputs):
+        raise ValueError(f"question_turns: cannot split the question of {s.task} #{s.index}")
+    one = m.group(1)[:-1] if m.group(1).endswith("s") else m.group(1)
+    return [(f"\nWhat is the special magic {one} for {k} mentioned in the provided text?",
+             f" The special magic {one} for {k} mentioned in the provided text is", v)
+            for k, v in zip(keys, s.outputs, strict=True)]
+
+
 def _check_task(task: str) -> str:
     if task not in TASKS + EXTRA_TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(TASKS + EXTRA_TASKS)}")

@@ -39,7 +39,16 @@ from kvcrush_ov.engine.replay import ReplayState, replay_ids
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, REPORT_METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
-from kvcrush_ov.eval.ruler import TASKS, Sample, build_task, question_start, score
+from kvcrush_ov.eval.ruler import (
+    TASKS,
+    TURN_TASKS,
+    TURNS,
+    Sample,
+    build_task,
+    question_start,
+    question_turns,
+    score,
+)
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK
 from kvcrush_ov.eviction.scores import SequenceScores
@@ -232,51 +241,83 @@ def _drain(eng) -> None:
         eng.step()
 
 
-def _compress_then_ask(eng, ctx: list[int], ids: list[int], g: GenerationConfig, mode: str,
-                       keys: list, specs: dict, eos: set[int], detok, need_full: bool,
-                       repeat: list[int]):
+def _compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationConfig,
+                       mode: str, keys: list, specs: dict, eos: set[int], detok,
+                       need_full: bool, repeat: list[int]):
     """Query-agnostic: the context alone is prefilled, once per score mode (a parent kept as
     a parked session); every key's branch evicts the context with its own policy at once, then
-    reads the question and answers with nothing more evicted. Mode ``own``: each key reads the
-    context with its own spec (prefill eviction) first; mode ``replay``: the parent replays the
-    context (KVzip, ``repeat`` the repeat prompt's ids) before the branches evict. Returns
-    (the full cache's branch or None, {key: branch})."""
+    reads its question and answers with nothing more evicted; each question of ``asks`` (the
+    ids after the context: question, template end, answer prefix) gets its own branches, all on
+    the same compressed context. Mode ``own``: each key reads the context with its own spec
+    (prefill eviction) first, its questions branch from there; mode ``replay``: the parent
+    replays the context (KVzip, ``repeat`` the repeat prompt's ids) before the branches
+    evict. Returns (the full cache's branches or None, {key: branches}), one per question."""
     first = GenerationConfig(max_new_tokens=1)
-    out, full = {}, None
+    out: dict = {}
+    full = None
+    parents = []
     if mode == "own":
         for k in keys:
             seq = eng.add_request(ctx, first, eos, detok, keep_cache=True)
             eng.set_spec(seq, specs[k])
-            out[k] = seq
+            parents.append(seq)
         _drain(eng)
-        for seq in out.values():
-            eng.continue_request(seq, ids, g, eos, detok, keep_cache=False, evict_turn=False)
+        for k, seq in zip(keys, parents, strict=True):
+            out[k] = [eng.continue_request(seq, ctx + q, g, eos, detok, branch=True,
+                                           keep_cache=False, evict_turn=False) for q in asks]
     else:
         parent = eng.add_request(ctx, first, eos, detok, keep_cache=True)
         eng.set_spec(parent, _parent_spec(mode, keys, specs))
         _drain(eng)
+        parents.append(parent)
         if mode == "replay":
             _replay(eng, parent, ctx, repeat, eos, detok)
         if need_full:
-            full = eng.continue_request(parent, ids, g, eos, detok, branch=True,
-                                        keep_cache=False)
+            full = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
+                                         keep_cache=False) for q in asks]
         for k in keys:
-            out[k] = eng.continue_request(parent, ids, g, eos, detok, branch=True,
-                                          keep_cache=False, eviction=specs[k], evict_turn=False)
-        eng.release(parent)
+            out[k] = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
+                                           keep_cache=False, eviction=specs[k],
+                                           evict_turn=False) for q in asks]
+    for p in parents:
+        eng.release(p)
     _drain(eng)
-    for seq in (full, *out.values()):
-        if seq is not None:
-            eng.sequences.pop(seq.seq_id, None)
+    for seq in [*(full or []), *(x for branches in out.values() for x in branches)]:
+        eng.sequences.pop(seq.seq_id, None)
     return full, out
+
+
+def _turn_asks(tok, s: Sample, wrap: Callable[[str], str]) -> tuple[list[list[int]], list[str]]:
+    """The multi-question mode's asks for a niah_multiquery sample (ruler.question_turns): the
+    ids after the context of each one-key question, and each one's value."""
+    text = s.prompt(wrap)
+    end = text.index(s.input) + len(s.input)
+    template_end = text[end:len(text) - len(s.answer_prefix)]
+    turns = question_turns(s)
+    return ([encode_text(tok, q + template_end + prefix) for q, prefix, _ in turns],
+            [v for _, _, v in turns])
+
+
+def _turns_record(s: Sample, key: tuple, branches: list, values: list[str],
+                  n: int) -> Record:
+    """The multi-question mode's record: one question per key of the sample, each answered on
+    the same compressed context; the score is the share of values found."""
+    texts = [b.sampler.output_text() for b in branches]
+    got = [score(s.task, t, [v]) for t, v in zip(texts, values, strict=True)]
+    return Record(s.task + TURNS, s.index, s.seed, key[0], key[1], " | ".join(texts),
+                  sum(got) / len(got), list(values), n,
+                  int(max(b.extra.get("kv_bytes", 0) for b in branches)))
 
 
 def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
                budgets: Iterable[float], results: Results, wrap: Callable[[str], str],
-               say: Callable[[str], None] = print, protocol: str = "query-aware") -> None:
+               say: Callable[[str], None] = print, protocol: str = "query-aware",
+               multi_question: bool = False) -> None:
     """Prefill once per sample and score mode, fork per (method, budget). ``protocol``
     "query-agnostic": the context is prefilled and compressed before the question is appended
-    (:func:`_compress_then_ask`)."""
+    (:func:`_compress_then_ask`); with ``multi_question`` a niah_multiquery sample's keys are
+    also asked one per question on the same compressed context (records of task
+    ``niah_multiquery-turns``)."""
     eng = pipe.backend.engine
     tok = pipe.tokenizer
 
@@ -295,9 +336,11 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
             continue
         t0 = time.perf_counter()
         g = GenerationConfig(max_new_tokens=s.max_new_tokens)
+        turns = multi_question and s.task in TURN_TASKS
         if protocol == "query-agnostic":
             ctx, question = context_and_question(tok, s, wrap)
             ids = ctx + question
+            asks, values = _turn_asks(tok, s, wrap) if turns else ([], [])
         else:
             ids = encode_text(tok, s.prompt(wrap))
         for mode, keys in groups.items():
@@ -305,9 +348,14 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
             if not keys and not (mode == "window" and need_full):
                 continue
             if protocol == "query-agnostic":
-                parent, children = _compress_then_ask(eng, ctx, ids, g, mode, keys, specs, eos,
-                                                      detok, mode == "window" and need_full,
-                                                      repeat)
+                full, branches = _compress_then_ask(eng, ctx, [question, *asks], g, mode, keys,
+                                                    specs, eos, detok,
+                                                    mode == "window" and need_full, repeat)
+                parent = None if full is None else full[0]
+                children = {k: b[0] for k, b in branches.items()}
+                for k, b in [*branches.items(), *([((FULL, None), full)] if full else [])]:
+                    if asks and (s.task + TURNS, s.index, *k) not in results.done:
+                        results.add(_turns_record(s, k, b[1:], values, len(ids)))
             else:
                 parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos,
                                                      detok, repeat=repeat)
@@ -466,7 +514,8 @@ def task_means(results: Results) -> dict[tuple[str, str, float | None], float]:
 
 def scored_tasks(means: dict, min_full: float) -> tuple[list[str], list[str]]:
     """(tasks present, in RULER's order; those where the full cache scores >= min_full)."""
-    tasks = [t for t in TASKS if any(k[0] == t for k in means)]
+    order = [x for t in TASKS for x in ((t, t + TURNS) if t in TURN_TASKS else (t,))]
+    tasks = [t for t in order if any(k[0] == t for k in means)]
     return tasks, [t for t in tasks if means.get((t, FULL, None), 0.0) >= min_full]
 
 
@@ -532,7 +581,8 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
              max_seq_length: int = 4096, precision: str = "u8", cache_size: float = 4.0,
              fidelity: bool = True, fidelity_samples: int | None = None,
              command: str | None = None, max_num_batched_tokens: int = 256,
-             say: Callable[[str], None] = print, protocol: str = "query-aware") -> str:
+             say: Callable[[str], None] = print, protocol: str = "query-aware",
+             multi_question: bool = False) -> str:
     """Run (or resume) the evaluation; returns the markdown summary (also in summary.md).
     ``methods=("full",)`` runs the full cache alone (e.g. to screen tasks cheaply);
     ``fidelity_samples``: the fidelity pass covers the first N samples of each task (None: all).
@@ -540,12 +590,16 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     prefill faster on CPU, and every column of a sample still shares one prefill).
     ``protocol``: "query-aware" (the question ends the prompt before anything is evicted) or
     "query-agnostic" (the context is compressed first, then the question is asked; no fidelity
-    pass, native methods only).
+    pass, native methods only). ``multi_question`` (query-agnostic only): niah_multiquery's
+    keys are also asked one per question on the same compressed context.
 
     Every argument is checked before a model is loaded (ConfigError naming it)."""
     tasks, budgets = tuple(tasks), tuple(budgets)
     names = tuple(methods) if methods is not None else REPORT_METHODS
     check_eval_args(tasks, names, budgets, num_samples, max_seq_length, seed, protocol)
+    if multi_question and protocol != "query-agnostic":
+        raise ConfigError("multi_question", True, "False unless protocol='query-agnostic' "
+                          "(the questions are asked of one compressed context)")
     if fidelity_samples is not None and (isinstance(fidelity_samples, bool) or not isinstance(
             fidelity_samples, int) or fidelity_samples < 1):
         raise ConfigError("fidelity_samples", fidelity_samples, "None or an integer >= 1")
@@ -576,7 +630,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         "command": command, **hw,
     })
     native = [m for m in chosen if m.backend == "native"]
-    run_native(pipe, samples, native, budgets, results, wrap, say, protocol)
+    run_native(pipe, samples, native, budgets, results, wrap, say, protocol, multi_question)
     fid: dict[tuple, Fidelity] = {}
     if fidelity and protocol == "query-aware":
         fid = load_fidelity(out / "fidelity.jsonl")
