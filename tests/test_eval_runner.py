@@ -390,11 +390,11 @@ def test_tuning_candidates_run_only_when_named():
     from kvcrush_ov.eviction.factory import make_policy
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
-                  "fastkv-max7", "kvzip-ada", "kvzip-global"}
+                  "fastkv-max7", "kvzip-head", "kvzip-ada"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
-    assert method_spec(METHODS["kvzip-global"], 0.25).policy.scope == "model"
-    assert method_spec(METHODS["kvzip-ada"], 0.25).policy.alpha == 0.2
-    assert method_spec(METHODS["kvzip"], 0.25).policy.alpha is None
+    assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"
+    assert method_spec(METHODS["kvzip-head"], 0.25).policy.alpha is None
+    assert method_spec(METHODS["kvzip"], 0.25).policy.scope == "model"
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
     assert make_policy(METHODS["snapkv+kvcrush-scaled"].make(0.25)).share == 0.125
     assert make_policy(METHODS["snapkv+kvcrush-taper"].make(0.25)).share == pytest.approx(0.25 / 3)

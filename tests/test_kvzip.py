@@ -53,7 +53,8 @@ def test_the_engine_replays_then_evicts_like_the_eval_harness(tiny_model):
         if kept is None and seq.extra.get("evictions"):
             kept = _kept(eng, seq)
             t = eng.kv.tables[seq.seq_id]
-            assert t.num_written == 300 and int(t.lens.max()) == 75  # 25% of the prompt
+            assert t.num_written == 300 and int(t.lens.sum()) == 75 * t.lens.size  # 25%
+            assert int(t.lens.min()) >= 8 + 16  # sinks and recent window in every head
     # the prompt, the repeat prompt and the prompt again, the last prompt token again, decode
     assert eng.stats.tokens - before == 300 + 4 + 300 + 1 + 5
     assert seq.extra["evictions"] == 1 and seq.sampler.num_generated == 6
@@ -105,6 +106,27 @@ def test_pipeline_kvzip_generates_and_a_second_chat_turn_reuses_the_cache(tiny_m
     r2 = pipe.generate(" epsilon", g)
     assert r2.metrics[0].num_cached_tokens > 150
     pipe.finish_chat()
+
+
+def test_kvzip_allocations_keep_the_total_budget():
+    """Model-wide (the default), per layer and per head: the same total, different shares."""
+    from kvcrush_ov.eviction.base import EvictionInputs
+
+    rng = np.random.default_rng(0)
+    L, H, N = 3, 2, 40
+    scores = rng.random((L, H, N)).astype(np.float32)
+    scores[2] *= 5  # the last layer's replay attention is the strongest
+    inputs = EvictionInputs(scores=scores, counts=np.ones((L, H, N), np.float32),
+                            positions=np.broadcast_to(np.arange(N), (L, H, N)).copy(),
+                            lengths=np.full((L, H), N, np.int64), block_size=4)
+    rng2 = np.random.default_rng(0)
+    per_model = KVzip().select(inputs, 10, rng2)
+    per_layer = KVzip(scope="layer").select(inputs, 10, rng2)
+    per_head = KVzip(alpha=None).select(inputs, 10, rng2)
+    for mask in (per_model, per_layer, per_head):
+        assert int(mask.sum()) == L * H * 10
+    assert (per_head.sum(axis=2) == 10).all() and (per_layer.sum(axis=(1, 2)) == 20).all()
+    assert per_model[2].sum() > 20 and (per_model.sum(axis=2) >= 2).all()  # the 0.2 floor
 
 
 def test_kvzip_selection_options():

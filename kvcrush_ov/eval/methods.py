@@ -65,11 +65,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # KVzip: importance from the attention of the context's replay (query-agnostic)
     Method("kvzip", "native", _native("kvzip")),
     Method("kvzip+kvcrush", "native", _native("kvzip", KVCRUSH)),
-    # KVzip's budgets shared across heads: within each layer, or across the whole model
+    # KVzip's budgets split evenly per head, or shared by the heads of each layer (the default,
+    # kvzip, shares them across the whole model)
+    Method("kvzip-head", "native", _native("kvzip"), report=False,
+           policy=lambda: KVzip(alpha=None)),
     Method("kvzip-ada", "native", _native("kvzip"), report=False,
-           policy=lambda: KVzip(alpha=0.2)),
-    Method("kvzip-global", "native", _native("kvzip"), report=False,
-           policy=lambda: KVzip(alpha=0.2, scope="model")),
+           policy=lambda: KVzip(alpha=0.2, scope="layer")),
     # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
     Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
     # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)
