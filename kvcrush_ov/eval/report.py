@@ -80,7 +80,8 @@ def publish(runs: list[Path], to: Path) -> list[Path]:
         budgets = run["budgets"]
         fid = load_fidelity(d / "fidelity.jsonl")
         counts = _done_counts(results)
-        expected = len(run["tasks"]) * run["num_samples"]
+        turns = run.get("multi_question") and "niah_multiquery" in run["tasks"]
+        expected = (len(run["tasks"]) + int(bool(turns))) * run["num_samples"]
         want = {m: expected * (1 if m == "full" else len(budgets))
                 for m in ["full", *run["methods"]]}
         partial = any(counts.get(m, 0) < n for m, n in want.items())

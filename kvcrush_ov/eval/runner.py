@@ -624,6 +624,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         "budgets": list(budgets), "methods": [m.name for m in chosen],
         "max_seq_length": max_seq_length, "precision": precision,
         "max_num_batched_tokens": max_num_batched_tokens, "protocol": protocol,
+        "multi_question": multi_question,
         "prompt": "chat template around RULER's input, answer prefix after the assistant header"
                   + ("; the context compressed before the question is read"
                      if protocol == "query-agnostic" else ""),
