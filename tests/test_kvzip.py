@@ -134,3 +134,46 @@ def test_kvzip_selection_options():
         KVzip(alpha=2.0)
     with pytest.raises(ValueError, match="KVzip.scope"):
         KVzip(alpha=0.2, scope="global")
+
+
+def test_the_replay_does_not_depend_on_what_runs_beside_it(tiny_model):
+    """Replay steps are aligned to 16 positions whatever shares the step, so a KVzip request
+    keeps the same positions and tokens alone and batched with others (f32)."""
+    prompt = _ids(260, 5)
+    eng = _engine(tiny_model, _kvzip())
+    alone = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    while eng.has_unfinished():
+        eng.step()
+    want = list(alone.output_ids)
+    others = [eng.add_request(_ids(n, n), GREEDY, set(), lambda x: "") for n in (50, 37)]
+    seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    others.append(eng.add_request(_ids(45, 9), GREEDY, set(), lambda x: ""))
+    kept = None
+    while eng.has_unfinished():
+        eng.step()
+        if kept is None and seq.extra.get("evictions"):
+            kept = _kept(eng, seq)
+    assert list(seq.output_ids) == want
+    assert all(o.sampler.num_generated == 6 for o in others)
+
+
+def test_replay_steps_are_aligned_whatever_budget_is_left():
+    """A sequence with ``max_chunk`` (KVzip's replay) runs in steps ending on multiples of it;
+    a step with less budget left than that waits (so its scores do not depend on the batch)."""
+    from kvcrush_ov.engine.block_pool import BlockPool
+    from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
+    from kvcrush_ov.engine.scheduler import Scheduler
+    from kvcrush_ov.engine.sequence import Sequence
+
+    sch = Scheduler(KVCacheManager(BlockPool(64), 16), max_num_batched_tokens=64,
+                    max_num_seqs=4)
+    seq = Sequence(seq_id=0, prompt_ids=list(range(100)), num_computed=37)
+    seq.extra["max_chunk"] = 16
+    assert sch._chunk(seq, 64) == 11  # up to position 48
+    assert sch._chunk(seq, 5) == 0  # not a piece of a step
+    seq.num_computed = 96
+    assert sch._chunk(seq, 64) == 4  # the end of the known tokens
+    small = Scheduler(KVCacheManager(BlockPool(64), 16), max_num_batched_tokens=8,
+                      max_num_seqs=4)
+    seq.num_computed = 37
+    assert small._chunk(seq, 8) == 3  # capped by the step size: never waits forever

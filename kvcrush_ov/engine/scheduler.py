@@ -125,7 +125,12 @@ class Scheduler:
         out.chunks.append(ScheduledChunk(seq, start, n, seq.num_computed == seq.num_known))
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_pending, budget, seq.extra.get("max_chunk") or budget)
+        cap = seq.extra.get("max_chunk")
+        if cap:  # steps of ``cap`` positions, aligned whatever else runs (KVzip's replay)
+            cap = min(cap, self.max_num_batched_tokens)
+            n = min(seq.num_pending, cap - seq.num_computed % cap)
+            return n if n <= budget else 0
+        n = min(seq.num_pending, budget)
         if n < seq.num_pending and not self.dynamic_split_fuse and not seq.num_preemptions:
             return 0  # without chunked prefill a prompt runs whole or not at all (a preempted
             # sequence's recomputation may be longer than one step: it runs in chunks)
