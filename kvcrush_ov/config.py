@@ -228,9 +228,10 @@ class CacheEvictionConfig:
         prompt's last ``snapkv_window_size`` queries, pooled, per head; then accumulated while
         decoding), ``h2o`` (attention accumulated over every query), ``streaming`` (no scores:
         the most recent tokens, StreamingLLM), ``pyramidkv`` (SnapKV with per-layer budgets
-        shrinking with depth), ``adakv`` (SnapKV with per-head budgets) or ``upstream`` (what
-        GenAI's CacheEvictionConfig does: block-level, head-summed). Backend genai runs snapkv
-        and h2o only.
+        shrinking with depth), ``adakv`` (SnapKV with per-head budgets), ``kvzip`` (the
+        attention of a replay of the prompt, query-agnostic; the prefill costs about 4.5x, see
+        docs/chat.md) or ``upstream`` (what GenAI's CacheEvictionConfig does: block-level,
+        head-summed). Backend genai runs snapkv and h2o only.
     aggregation_mode: ``norm_sum`` (accumulated score divided by each token's lifetime) or ``sum``.
     apply_rotation: re-rotate keys after eviction (rejected by both backends for now).
     kvcrush: KVCrush representatives on top of the importance method, or None.
