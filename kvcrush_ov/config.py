@@ -340,6 +340,10 @@ class CacheEvictionConfig:
                 raise ConfigError("eviction.prefill_eviction", True,
                                   "False with fastkv (FastKV's split prefill chooses the deeper "
                                   "layers' tokens itself)")
+            if self.importance == "kvzip":
+                raise ConfigError("eviction.prefill_eviction", True,
+                                  "False with importance='kvzip' (its replay needs the whole "
+                                  "prompt in the cache)")
         if self.importance == "upstream" and self.kvcrush is not None and self.kvcrush.taper:
             raise ConfigError("kvcrush.taper", True, "None or False with importance='upstream' "
                               "(GenAI's algorithm keeps a fixed share)")

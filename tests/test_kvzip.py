@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvcrush_ov import CacheEvictionConfig, ConfigError, GenerationConfig, KVCacheConfig, Pipeline
+from kvcrush_ov import (
+    CacheEvictionConfig,
+    ConfigError,
+    FastKVConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    Pipeline,
+)
 from kvcrush_ov.config import SchedulerConfig
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.replay import ReplayState, replay_ids
@@ -127,6 +134,13 @@ def test_kvzip_allocations_keep_the_total_budget():
         assert int(mask.sum()) == L * H * 10
     assert (per_head.sum(axis=2) == 10).all() and (per_layer.sum(axis=(1, 2)) == 20).all()
     assert per_model[2].sum() > 20 and (per_model.sum(axis=2) >= 2).all()  # the 0.2 floor
+
+
+def test_kvzip_with_prefill_eviction_is_refused_by_name():
+    with pytest.raises(ConfigError, match="prefill_eviction.*kvzip"):
+        CacheEvictionConfig(importance="kvzip", prefill_eviction=True)
+    with pytest.raises(ConfigError, match="eviction.importance"):
+        CacheEvictionConfig(importance="kvzip", fastkv=FastKVConfig())
 
 
 def test_kvzip_selection_options():
