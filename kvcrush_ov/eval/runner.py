@@ -165,6 +165,12 @@ def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok
     parent.extra.pop("max_chunk")
 
 
+def _drain(eng) -> None:
+    """Step the engine until nothing runs or waits (parked sessions stay)."""
+    while eng.has_unfinished():
+        eng.step()
+
+
 def _run_alone(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict,
                eos: set[int], detok, forced: list[int] | None = None) -> dict:
     """One request per key with its own spec from the first token (batched together)."""
@@ -175,11 +181,36 @@ def _run_alone(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict
             seq.extra["forced"] = forced
         eng.set_spec(seq, specs[k])
         seqs[k] = seq
-    while eng.has_unfinished():
-        eng.step()
+    _drain(eng)
     for seq in seqs.values():
         eng.sequences.pop(seq.seq_id, None)
     return seqs
+
+
+def _replay_then_branch(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict,
+                        eos: set[int], detok, forced: list[int] | None,
+                        repeat: list[int] | None) -> dict:
+    """KVzip's group: one parent reads and replays the whole prompt; each key's branch runs
+    the prompt's last token again and evicts by the replay's scores, as a request replaying
+    itself does (engine/replay.py, phase 3)."""
+    parent = eng.add_request(ids, GenerationConfig(max_new_tokens=1), eos, detok,
+                             keep_cache=True)
+    eng.set_spec(parent, _parent_spec("replay", keys, specs))
+    _drain(eng)
+    _replay(eng, parent, ids, repeat, eos, detok)
+    children = {}
+    for k in keys:
+        child = eng.continue_request(parent, ids, g, eos, detok, branch=True, keep_cache=False)
+        eng.set_spec(child, specs[k])
+        child.extra["replay"] = ReplayState(list(ids), done=True)
+        if forced is not None:
+            child.extra["forced"] = forced
+        children[k] = child
+    eng.release(parent)
+    _drain(eng)
+    for seq in children.values():
+        eng.sequences.pop(seq.seq_id, None)
+    return children
 
 
 def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys: list,
@@ -189,27 +220,8 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
     (mode ``own``: no parent, :func:`_run_alone`)."""
     if mode == "own":
         return None, _run_alone(eng, ids, g, keys, specs, eos, detok, forced)
-    if mode == "replay":  # KVzip: the whole prompt replayed, then each key's branch evicts
-        parent = eng.add_request(ids, GenerationConfig(max_new_tokens=1), eos, detok,
-                                 keep_cache=True)
-        eng.set_spec(parent, _parent_spec(mode, keys, specs))
-        _drain(eng)
-        _replay(eng, parent, ids, repeat, eos, detok)
-        children = {}
-        for k in keys:  # each branch runs the prompt's last token again and evicts, as a
-            # request replaying itself does (engine/replay.py, phase 3)
-            child = eng.continue_request(parent, ids, g, eos, detok, branch=True,
-                                         keep_cache=False)
-            eng.set_spec(child, specs[k])
-            child.extra["replay"] = ReplayState(list(ids), done=True)
-            if forced is not None:
-                child.extra["forced"] = forced
-            children[k] = child
-        eng.release(parent)
-        _drain(eng)
-        for seq in children.values():
-            eng.sequences.pop(seq.seq_id, None)
-        return None, children
+    if mode == "replay":
+        return None, _replay_then_branch(eng, ids, g, keys, specs, eos, detok, forced, repeat)
     parent = eng.add_request(ids, g, eos, detok)
     if forced is not None:
         parent.extra["forced"] = forced
@@ -219,8 +231,7 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
     children = {}
     for k in keys:  # a finished parent's only token came from the full cache, like theirs
         children[k] = parent if parent.is_finished else eng.fork(parent, eviction=specs[k])
-    while eng.has_unfinished():
-        eng.step()
+    _drain(eng)
     for seq in (parent, *children.values()):
         eng.sequences.pop(seq.seq_id, None)
     return parent, children
@@ -234,11 +245,6 @@ def context_and_question(tok, s: Sample, wrap: Callable[[str], str]) -> tuple[li
     text = s.prompt(wrap)
     cut = text.index(s.input) + question_start(s.task, s.input)
     return encode_text(tok, text[:cut]), encode_text(tok, text[cut:])
-
-
-def _drain(eng) -> None:
-    while eng.has_unfinished():
-        eng.step()
 
 
 def _compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationConfig,
