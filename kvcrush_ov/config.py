@@ -11,6 +11,7 @@ number of tokens cached per sequence, KVCrush's representatives included. GenAI 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from kvcrush_ov.errors import ConfigError
@@ -216,6 +217,24 @@ class FastKVConfig:
 
 
 @dataclass
+class LESSConfig:
+    """LESS (Dong et al. 2024): tokens eviction drops are folded into a small learned state per
+    layer and KV head that later queries still attend to (docs/less.md).
+
+    weights: a weights file written by ``kvcrush-ov less-train`` (.npz), or None for the model's
+        default file (``<model cache folder>/less/snapkv.npz``). A missing file, or one trained
+        for another model, is a ConfigError naming ``less.weights`` when the pipeline loads.
+    """
+
+    weights: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):
+            raise ConfigError("less.weights", self.weights,
+                              "None (the model's default file) or a path to a .npz file")
+
+
+@dataclass
 class CacheEvictionConfig:
     """Which tokens a sequence keeps once its cache outgrows the budget.
 
@@ -264,6 +283,8 @@ class CacheEvictionConfig:
         ``snapkv_window_size`` queries for the snapkv family, every query for h2o). A request
         then holds at most about budget + one chunk, so a prompt longer than the whole cache can
         run. Native backend; not with ``importance="upstream"`` or ``fastkv``.
+    less: LESS on top of the eviction (:class:`LESSConfig`), or None. Native backend; not with
+        ``importance="upstream"`` or ``fastkv``.
     """
 
     max_cache_size: int | float = 0.25
@@ -283,6 +304,7 @@ class CacheEvictionConfig:
     log: bool = False
     fastkv: FastKVConfig | None = None
     prefill_eviction: bool = False
+    less: LESSConfig | None = None
 
     def __post_init__(self) -> None:
         m = self.max_cache_size
@@ -344,6 +366,15 @@ class CacheEvictionConfig:
                 raise ConfigError("eviction.prefill_eviction", True,
                                   "False with importance='kvzip' (its replay needs the whole "
                                   "prompt in the cache)")
+        if self.less is not None:
+            if not isinstance(self.less, LESSConfig):
+                raise ConfigError("eviction.less", self.less, "a LESSConfig or None")
+            if self.importance == "upstream":
+                raise ConfigError("eviction.less", self.less, "None with importance='upstream' "
+                                  "(GenAI's algorithm runs without LESS)")
+            if self.fastkv is not None:
+                raise ConfigError("eviction.less", self.less, "None with fastkv (not supported "
+                                  "together yet)")
         if self.importance == "upstream" and self.kvcrush is not None and self.kvcrush.taper:
             raise ConfigError("kvcrush.taper", True, "None or False with importance='upstream' "
                               "(GenAI's algorithm keeps a fixed share)")

@@ -88,6 +88,9 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
     if eviction.fastkv is not None:
         raise ConfigError("eviction.fastkv", eviction.fastkv,
                           f"None {native_only}: GenAI's pipeline cannot split the prefill")
+    if eviction.less is not None:
+        raise ConfigError("eviction.less", eviction.less,
+                          f"None {native_only}: GenAI's attention has no LESS state")
     if eviction.log:
         raise ConfigError("eviction.log", True,
                           f"False {native_only}: GenAI does not report the positions it keeps")

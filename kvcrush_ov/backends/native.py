@@ -49,7 +49,7 @@ class NativeBackend:
         self.eviction = eviction
         self.tokenizer = load_tokenizer(info)
         check_eviction(eviction, block_size_for(device))
-        spec = make_spec(eviction) if eviction is not None else None
+        spec = make_spec(eviction, info.path) if eviction is not None else None
         try:
             repeat = self.tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)
             self.engine = LLMEngine(info.path, device, kv_cache, scheduler, info.context_length,

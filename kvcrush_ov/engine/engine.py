@@ -31,6 +31,7 @@ from kvcrush_ov.engine.replay import ContextReplay, replays
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
+from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.spec import EvictionSpec
 
 
@@ -81,7 +82,13 @@ class LLMEngine:
         check_kv_precision(device, kv_cache.precision)
         runner_cls = (ModelRunner if eviction is None
                       else LayerModelRunner if eviction.genai is not None else HeadModelRunner)
-        self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
+        if eviction is not None and eviction.less is not None:
+            if runner_cls is not HeadModelRunner:
+                raise ConfigError("eviction.less", "LESS", "None with importance='upstream'")
+            self.runner = HeadModelRunner(model_dir, device, kv_cache.precision, properties,
+                                          less=eviction.less)
+        else:
+            self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
         self.block_size = self.runner.block_size
         self.block_bytes = self.runner.block_bytes
         self.context_length = context_length

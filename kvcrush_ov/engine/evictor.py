@@ -17,11 +17,13 @@ from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager, fill_holes
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
+from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.genai_compat import translate
 from kvcrush_ov.eviction.planner import plan_eviction
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamCacheEviction, UpstreamConfig
+from kvcrush_ov.less.kernels import LESSState, LESSWeights
 from kvcrush_ov.transformations.per_head import PerHeadLayout
 
 
@@ -66,6 +68,10 @@ class Evictor:
 
     def set_spec(self, seq: Sequence, spec: EvictionSpec) -> None:
         """Give ``seq`` its own policy and budget (e.g. a fork evaluating another policy)."""
+        less = getattr(self.runner, "less", None)
+        if spec.less is not None and (less is None or spec.less.meta != less.meta):
+            raise ConfigError("eviction.less", "LESS", "None, or the LESS weights the engine "
+                              "was built with (its graph holds them)")
         ex = seq.extra
         ex["spec"] = spec
         ex["budget"] = spec.budget(len(seq.prompt_ids))
@@ -111,6 +117,7 @@ class Evictor:
         ex = self._state(c.seq)
         if c.start == 0:  # first chunk (again after a preemption): a fresh prefill
             ex["prefill_end"] = c.seq.num_known
+            ex["less"] = None  # nothing evicted yet
             replay = ex.get("replay")  # recomputing a KVzip replay: its scores by max
             ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads,
                                           "max" if replay is not None else "sum")
@@ -269,6 +276,28 @@ class Evictor:
         return False
 
     # ------------------------------------------------------------------ eviction
+    def _fold_less(self, seq: Sequence, weights: LESSWeights,
+                   keep_rows: list[list[np.ndarray]]) -> None:
+        """Fold the rows eviction is about to drop into the sequence's LESS state (read from
+        the cache before compaction reuses their blocks)."""
+        t = self.kv.tables[seq.seq_id]
+        runner = self.runner
+        state = seq.extra.get("less")
+        if state is None:
+            state = LESSState(runner.num_layers, runner.num_kv_heads, weights.feature_dim,
+                              runner.value_layout.head_dim)
+        for layer in range(runner.num_layers):
+            kt, vt = runner.cache_tensors(layer)
+            kb, vb = runner.key_layout.head_blocks(kt), runner.value_layout.head_blocks(vt)
+            for h in range(runner.num_kv_heads):
+                gone = np.setdiff1d(np.arange(int(t.lens[layer, h])), keep_rows[layer][h])
+                if len(gone):
+                    table = t.blocks[layer][h]
+                    state.fold(weights, layer, h,
+                               runner.key_layout.table_rows(kb, table, 0, gone),
+                               runner.value_layout.table_rows(vb, table, 0, gone))
+        seq.extra["less"] = state
+
     def evict(self, seq: Sequence) -> None:
         ex = self._state(seq)
         spec = self.spec_of(seq)
@@ -281,6 +310,8 @@ class Evictor:
         decision = plan_eviction(positions, ex.get("scores"), spec.policy, ex["budget"],
                                  spec.start_size, spec.recent_size, t.num_written,
                                  self.kv.block_size, ex["rng"])
+        if spec.less is not None:
+            self._fold_less(seq, spec.less, decision.keep_rows)
         t1 = time.perf_counter()
         rows = [[fill_holes(r) for r in row] for row in decision.keep_rows]
         self.runner.apply_moves(self.kv.compact(seq.seq_id, rows))

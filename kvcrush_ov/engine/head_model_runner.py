@@ -25,9 +25,22 @@ import numpy as np
 import openvino as ov
 
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
-from kvcrush_ov.engine.kv_codec import CacheLayout, compact_kv
+from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, compact_kv
+from kvcrush_ov.engine.less_op import KeptLogSumExp
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
+from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.less.kernels import LESSWeights
+from kvcrush_ov.transformations.less import (
+    LESS_TOKEN_INDEX,
+    LESS_TOKEN_OFFSET,
+    LESS_TOKEN_SEQ,
+    add_less,
+    probe_cache_types,
+    set_cache_types,
+    state_h_name,
+    state_z_name,
+)
 from kvcrush_ov.transformations.paged import read_paged_model
 from kvcrush_ov.transformations.per_head import (
     HEAD_SUBSEQUENCE_BEGINS,
@@ -70,6 +83,8 @@ class HeadModelRunner(ModelRunner):
 
     def _compile(self, model_dir: Path, device: str, props: dict) -> ov.CompiledModel:
         model, decode = self._graphs(model_dir)
+        if self.less is not None:
+            self._add_less(model, decode, device, props)
         self.decode_compiled = self.core.compile_model(decode, device, props)
         self.decode_request = self.decode_compiled.create_infer_request()
         self.score_infer_s = 0.0
@@ -78,13 +93,68 @@ class HeadModelRunner(ModelRunner):
         return self.core.compile_model(model, device, props)
 
     def __init__(self, model_dir: str | Path, device: str, precision: str,
-                 properties: dict | None = None) -> None:
+                 properties: dict | None = None, less: LESSWeights | None = None) -> None:
+        self.less = less
         super().__init__(model_dir, device, precision, properties)
         self.cache_heads = self.num_kv_heads  # heads inside one cache block (1 here)
         self.num_kv_heads = self.table_heads  # block tables per (sequence, layer)
         self.key_layout, self.value_layout = CacheLayout.from_compiled(self.compiled)
         self._tables_key: dict[int, tuple[int, ...]] = {}
+        self._less_ready: set[int] = set()
         self._past_buf: dict[int, np.ndarray] = {}
+
+    def _add_less(self, model: ov.Model, decode: ov.Model, device: str, props: dict) -> None:
+        """LESS mixing in both graphs (transformations/less.py); the cache parameters get the
+        types the plugin would give them (probed on a one-op graph)."""
+        w = self.less
+        hkv = self.layout.num_kv_heads
+        pa_heads = (w.num_heads, hkv, w.head_dim)
+        cfg_heads = (self.layout.num_kv_heads * w.group, self.layout.num_kv_heads, w.head_dim)
+        if pa_heads != cfg_heads:
+            raise ConfigError("less.weights", "LESS", f"weights trained for this model's heads "
+                              f"{cfg_heads}", f"the file is for {pa_heads}")
+        kt, kd, vt, vd = probe_cache_types(self.core, device, props, w.head_dim, w.head_dim,
+                                           w.group)
+        key_layout = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
+        for graph, seq_major in ((model, False), (decode, True)):
+            set_cache_types(graph, kt, kd, vt, vd)
+            add_less(graph, w, lambda inputs, _layer, m=seq_major: KeptLogSumExp(
+                inputs, key_layout, hkv, w.group, m))
+
+    def _put_less(self, req: ov.InferRequest, chunks: list[ScheduledChunk]) -> None:
+        """``less_token_*`` and, when a chunk's sequence has a LESS state, ``less_state_*.L``."""
+        rows: list[int] = []
+        seqs: list[int] = []
+        offs: list[int] = []
+        states = []
+        t = 0
+        for s, c in enumerate(chunks):
+            st = c.seq.extra.get("less")
+            active = st is not None and not st.empty
+            states.append(st if active else None)
+            if active:
+                rows.extend(range(t, t + c.num_tokens))
+                seqs.extend([s] * c.num_tokens)
+                offs.extend(range(c.num_tokens))
+            t += c.num_tokens
+        put = self.inputs.put
+        put(req, LESS_TOKEN_INDEX, rows, np.int64)
+        put(req, LESS_TOKEN_SEQ, seqs, _I32)
+        put(req, LESS_TOKEN_OFFSET, offs, _I32)
+        if not rows and id(req) in self._less_ready:
+            return  # nothing reads the states
+        self._less_ready.add(id(req))
+        w = self.less
+        hkv, f, dv = self.layout.num_kv_heads, w.feature_dim, w.head_dim
+        h_all = np.zeros((self.num_layers, len(chunks), hkv, f, dv), np.float32)
+        z_all = np.zeros((self.num_layers, len(chunks), hkv, f), np.float32)
+        for s, st in enumerate(states):
+            if st is not None:
+                h_all[:, s] = st.H
+                z_all[:, s] = st.z
+        for layer in range(self.num_layers):
+            put(req, state_h_name(layer), h_all[layer], np.float32)
+            put(req, state_z_name(layer), z_all[layer], np.float32)
 
     @property
     def head_block_bytes(self) -> int:
@@ -120,6 +190,8 @@ class HeadModelRunner(ModelRunner):
         put(req, "position_ids", [0], np.int64)
         put(req, "max_context_len", 1, _I32)
         put(req, "logits_indices", [0], np.int64)
+        if self.less is not None:
+            self._put_less(req, [])
         t0 = time.perf_counter()
         req.infer()
         self.warmup_s = time.perf_counter() - t0
@@ -222,6 +294,8 @@ class HeadModelRunner(ModelRunner):
         put(req, "position_ids", pos, np.int64)
         put(req, "max_context_len", max_ctx, _I32)
         put(req, "logits_indices", sample_at, np.int64)
+        if self.less is not None:
+            self._put_less(req, chunks)
         if not decode:  # scores nobody asked for (a prefill chunk) are computed and dropped
             put(req, WINDOW, windows if windows is not None else [1] * len(chunks), _I32)
         t0 = time.perf_counter()

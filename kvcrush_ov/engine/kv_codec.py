@@ -316,6 +316,20 @@ class CacheLayout:
         raw, head = self._raw_heads(cache, head)
         return raw[:, head, :]
 
+    def table_rows(self, head_blocks: np.ndarray, table: Sequence[int] | np.ndarray,
+                   count: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Token rows of one block table -> f32 [n, D]: rows ``0..count-1`` (or ``rows`` [n],
+        row indices into the table) of the head-blocks ``table`` of ``head_blocks`` (u8
+        [NB, head_block_bytes], e.g. :meth:`head_blocks`)."""
+        r = np.arange(count, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        if r.size == 0:
+            return np.zeros((0, self.head_dim), _F32)
+        t = np.asarray(table, dtype=np.int64)
+        used = int(r.max()) // self.block_size + 1
+        if used > len(t):
+            raise IndexError(f"kv_codec: row {int(r.max())} outside a table of {len(t)} blocks")
+        return self._decode_rows(head_blocks[t[:used]], r // self.block_size, r % self.block_size)
+
     def _raw_heads(self, cache: ov.Tensor | np.ndarray,
                    head: int | None) -> tuple[np.ndarray, int]:
         """(u8 [NB, H, head_block_bytes] view of ``cache``'s memory, the head index)."""

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from kvcrush_ov.config import (
     NATIVE_DECODE_WINDOW,
     NATIVE_KERNEL_SIZE,
     NATIVE_POOLING,
     NATIVE_TAPER,
     CacheEvictionConfig,
+    LESSConfig,
 )
+from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.base import EvictionPolicy
 from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.registry import POLICIES
 from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamEviction
+from kvcrush_ov.less.kernels import LESSWeights, default_weights_path
 
 _POOLED = ("snapkv", "pyramidkv", "adakv")
 __all__ = ["NATIVE_DECODE_WINDOW", "NATIVE_KERNEL_SIZE", "NATIVE_POOLING", "make_policy",
@@ -42,8 +48,9 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
                    taper=None if crush.taper is False else NATIVE_TAPER)
 
 
-def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:
-    """Everything the native engine needs to evict as ``cfg`` says."""
+def make_spec(cfg: CacheEvictionConfig, model_dir: str | Path | None = None) -> EvictionSpec:
+    """Everything the native engine needs to evict as ``cfg`` says (``model_dir``: where the
+    default LESS weights live, when ``cfg.less`` names none)."""
     seed = cfg.kvcrush.rng_seed if cfg.kvcrush is not None else 0
     upstream = cfg.importance == "upstream"  # GenAI's algorithm scores every decode step
     window = cfg.decode_window_size or min(NATIVE_DECODE_WINDOW, cfg.evict_interval)
@@ -53,4 +60,23 @@ def make_spec(cfg: CacheEvictionConfig) -> EvictionSpec:
                         evict_interval=cfg.evict_interval, window=cfg.snapkv_window_size,
                         decode_window=decode_window, seed=seed, log=cfg.log,
                         genai=cfg if upstream else None, fastkv=cfg.fastkv,
-                        prefill_eviction=cfg.prefill_eviction)
+                        prefill_eviction=cfg.prefill_eviction,
+                        less=load_less(cfg.less, model_dir) if cfg.less is not None else None)
+
+
+def load_less(cfg: LESSConfig, model_dir: str | Path | None) -> LESSWeights:
+    """The weights ``cfg`` names (or the model's default file), checked against the model's
+    config.json when ``model_dir`` is given: ConfigError ``less.weights`` when missing,
+    malformed or trained for another geometry."""
+    if cfg.weights is None and model_dir is None:
+        raise ConfigError("less.weights", None, "a path (no model folder to find the default in)")
+    path = cfg.weights if cfg.weights is not None else default_weights_path(model_dir)
+    weights = LESSWeights.load(path)
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is not None and config.is_file():
+        c = json.loads(config.read_text())
+        heads = int(c["num_attention_heads"])
+        weights.check_model(int(c["num_hidden_layers"]), heads,
+                            int(c.get("num_key_value_heads") or heads),
+                            int(c.get("head_dim") or int(c["hidden_size"]) // heads), str(path))
+    return weights

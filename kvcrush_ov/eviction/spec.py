@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvcrush_ov.config import CacheEvictionConfig, FastKVConfig, budget_tokens
 from kvcrush_ov.eviction.base import EvictionPolicy
+from kvcrush_ov.less.kernels import LESSWeights
 
 EVICTION_MODES = ("prefill", "continuous")
 
@@ -27,6 +28,8 @@ class EvictionSpec:
     fastkv: FastKV's token-selective propagation during prefill (engine/fastkv.py), or None.
     prefill_eviction: evict after every prompt chunk that leaves the sequence above its budget
         (each chunk's last ``window`` queries scored), not only once the prompt is read.
+    less: trained LESS kernels (the engine folds evicted tokens into a per-sequence state and
+        the graph mixes it into attention), or None.
     """
 
     policy: EvictionPolicy
@@ -42,6 +45,7 @@ class EvictionSpec:
     genai: CacheEvictionConfig | None = None
     fastkv: FastKVConfig | None = None
     prefill_eviction: bool = False
+    less: LESSWeights | None = None
 
     def budget(self, prompt_tokens: int) -> int:
         """Tokens per layer and head after an eviction (never below sinks + recent)."""

@@ -1,0 +1,328 @@
+"""LESS on the native engine: weights file, state folding, the graph's mixed attention against a
+numpy reference, and the no-op cases (tiny-random-llama; plumbing, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from kvcrush_ov.config import (
+    CacheEvictionConfig,
+    GenerationConfig,
+    KVCacheConfig,
+    LESSConfig,
+    SchedulerConfig,
+    kv_cache_properties,
+)
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.engine.kv_codec import KEY, VALUE, CacheLayout
+from kvcrush_ov.engine.less_op import KeptLogSumExp
+from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.less.kernels import LESSState, LESSWeights, mixed_attention
+from kvcrush_ov.transformations.less import (
+    LESS_TOKEN_INDEX,
+    LESS_TOKEN_OFFSET,
+    LESS_TOKEN_SEQ,
+    add_less,
+    probe_cache_types,
+    set_cache_types,
+    state_h_name,
+    state_z_name,
+)
+from kvcrush_ov.transformations.paged import read_paged_model
+from kvcrush_ov.transformations.per_head import (
+    HEAD_SUBSEQUENCE_BEGINS,
+    block_indices_begins_name,
+    block_indices_name,
+    head_past_lens_name,
+    to_per_head,
+)
+
+GREEDY = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+
+
+def _geometry(model: Path) -> tuple[int, int, int, int]:
+    cfg = json.loads((model / "config.json").read_text())
+    hq = cfg["num_attention_heads"]
+    return (cfg["num_hidden_layers"], hq, cfg["num_key_value_heads"],
+            cfg.get("head_dim") or cfg["hidden_size"] // hq)
+
+
+def _weights(model: Path, s1: float = 1.0, seed: int = 1) -> LESSWeights:
+    """Random kernels with a large ``s1`` so that the state matters (untrained: plumbing only)."""
+    w = LESSWeights.initial(*_geometry(model), hidden=16, feature_dim=4, seed=seed)
+    w.arrays["k_s1"][:] = s1
+    return w
+
+
+def _engine(model: Path, precision: str, less: str | Path | None, budget: int = 64,
+            ) -> LLMEngine:
+    ev = CacheEvictionConfig(max_cache_size=budget, start_size=8, recent_size=16,
+                             importance="snapkv", kvcrush=None, log=True,
+                             less=None if less is None else LESSConfig(less))
+    return LLMEngine(model, "CPU", KVCacheConfig(precision=precision),
+                     SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
+                     eviction=make_spec(ev, model))
+
+
+def _run(eng: LLMEngine, ids: list[int]):
+    seq = eng.add_request(ids, GREEDY, set(), lambda x: "")
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+    return seq
+
+
+def _ids(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+# ------------------------------------------------------------------------- weights and config
+
+
+def test_weights_roundtrip_and_rejections(tiny_model: Path, tmp_path: Path) -> None:
+    w = _weights(tiny_model)
+    path = w.save(tmp_path / "w.npz")
+    back = LESSWeights.load(path)
+    assert back.meta == w.meta
+    for k, a in w.arrays.items():
+        np.testing.assert_array_equal(back.arrays[k], a)
+    with pytest.raises(ConfigError, match="less.weights"):
+        LESSWeights.load(tmp_path / "missing.npz")
+    bad = dict(w.arrays)
+    bad["q_w1"] = bad["q_w1"][:, :, :-1]
+    np.savez(tmp_path / "bad.npz", meta=np.array(json.dumps(w.meta)), **bad)
+    with pytest.raises(ConfigError, match="less.weights.*q_w1"):
+        LESSWeights.load(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="less.weights"):
+        LESSWeights.load(tmp_path / "junk.npz")
+    with pytest.raises(ConfigError, match="less.weights"):
+        LESSConfig(weights=3)
+    with pytest.raises(ConfigError, match="eviction.less"):
+        CacheEvictionConfig(importance="upstream", less=LESSConfig(path))
+
+
+def test_weights_for_another_model_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    layers, hq, hkv, d = _geometry(tiny_model)
+    other = LESSWeights.initial(layers, hq, hkv, d * 2, hidden=8, feature_dim=4)
+    path = other.save(tmp_path / "other.npz")
+    with pytest.raises(ConfigError, match="less.weights"):
+        _engine(tiny_model, "f32", path)
+
+
+# ------------------------------------------------------------------------- engine behaviour
+
+
+def test_empty_state_changes_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """Nothing evicted, or psi == 0 (s1 = 0): the same tokens as the run without LESS."""
+    path = _weights(tiny_model).save(tmp_path / "w.npz")
+    zero = _weights(tiny_model, s1=0.0).save(tmp_path / "zero.npz")
+    short, long = _ids(40), _ids(200)
+    plain = _engine(tiny_model, "f32", None)
+    less = _engine(tiny_model, "f32", path)
+    quiet = _engine(tiny_model, "f32", zero)
+    a, b = _run(plain, short), _run(less, short)
+    assert b.extra.get("less") is None and b.output_ids == a.output_ids
+    a, c = _run(plain, long), _run(quiet, long)
+    assert c.extra["evictions"] >= 1 and c.extra["less"].num_folded.sum() > 0
+    assert not c.extra["less"].z.any()
+    assert c.output_ids == a.output_ids
+
+
+@pytest.mark.parametrize("precision", ["f32", "u8"])
+def test_state_folds_exactly_the_evicted_tokens(tiny_model: Path, tmp_path: Path,
+                                               precision: str) -> None:
+    """The engine's state equals psi / v of the evicted positions, read from a full-cache run
+    (f32: the same K / V; u8: within the quantization of the tokens' blocks)."""
+    w = _weights(tiny_model)
+    path = w.save(tmp_path / "w.npz")
+    ids = _ids(120, seed=3)
+    eng = _engine(tiny_model, precision, path)
+    seq = eng.add_request(ids, GenerationConfig(max_new_tokens=1, ignore_eos=True), set(),
+                          lambda x: "")
+    # full K / V of the prompt: a run that never evicts, its cache parked when it finishes
+    ref = _engine(tiny_model, precision, None, budget=10_000)
+    rseq = ref.add_request(ids, GenerationConfig(max_new_tokens=1, ignore_eos=True), set(),
+                           lambda x: "", keep_cache=True)
+    while ref.has_unfinished():
+        ref.step()
+    runner, t = ref.runner, ref.kv.tables[rseq.seq_id]
+    while eng.has_unfinished():
+        eng.step()
+    state: LESSState = seq.extra["less"]
+    kept = seq.extra["eviction_log"][0].kept  # [l][h] positions
+    layers, _, hkv, _ = _geometry(tiny_model)
+    tol = 1e-5 if precision == "f32" else 2e-2
+    for layer in range(layers):
+        kt, vt = runner.cache_tensors(layer)
+        kb, vb = runner.key_layout.head_blocks(kt), runner.value_layout.head_blocks(vt)
+        for h in range(hkv):
+            pos = t.positions_of(layer, h)
+            gone = np.flatnonzero(~np.isin(pos[:len(ids)], kept[layer][h]))
+            assert len(gone) == len(ids) - len(kept[layer][h])
+            keys = runner.key_layout.table_rows(kb, t.blocks[layer][h], 0, gone)
+            values = runner.value_layout.table_rows(vb, t.blocks[layer][h], 0, gone)
+            p = w.psi(layer, h, keys)
+            np.testing.assert_allclose(state.z[layer, h], p.sum(0), rtol=tol, atol=tol)
+            np.testing.assert_allclose(state.H[layer, h], p.T @ values, rtol=tol,
+                                       atol=tol * np.abs(p.T @ values).max())
+            assert state.num_folded[layer, h] == len(gone)
+
+
+def test_less_changes_decoding_after_eviction(tiny_model: Path, tmp_path: Path) -> None:
+    path = _weights(tiny_model).save(tmp_path / "w.npz")
+    ids = _ids(200, seed=0)
+    a = _run(_engine(tiny_model, "f32", None), ids)
+    b = _run(_engine(tiny_model, "f32", path), ids)
+    assert b.extra["evictions"] >= 1
+    assert b.output_ids[0] == a.output_ids[0]  # the first token comes from the prefill
+    assert b.output_ids != a.output_ids
+
+
+# ------------------------------------------------------------------------- the graph itself
+
+
+class _Graph:
+    """The tiny model's per-head graph with LESS and layer 0's selected queries and mixed
+    output as extra outputs; one sequence, per-head tables fed by hand."""
+
+    def __init__(self, model: Path, w: LESSWeights, precision: str) -> None:
+        core = ov.Core()
+        props = kv_cache_properties(precision)
+        g = to_per_head(read_paged_model(model / "openvino_model.xml", score_outputs=True,
+                                         logits_indices=True, score_aggregation=True))
+        kt, kd, vt, vd = probe_cache_types(core, "CPU", props, w.head_dim, w.head_dim, w.group)
+        self.key = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
+        self.value = CacheLayout.from_shape(VALUE, vt.get_type_name(), vd[-2], vd[-1])
+        set_cache_types(g, kt, kd, vt, vd)
+        ops: list[ov.Node] = []
+
+        def factory(inputs, layer):
+            op = KeptLogSumExp(inputs, self.key, w.num_kv_heads, w.group, False)
+            ops.append(op)
+            return op
+
+        add_less(g, w, factory)
+        lse0 = next(o for o in ops if "key_cache.0" in o.input_value(1).get_names())
+        pa0 = lse0.input_value(8).get_node()  # ordering input: layer 0's PagedAttention
+        out0 = next(n for n in g.get_ordered_ops()
+                    if n.get_friendly_name() == f"{pa0.get_friendly_name()}/less_out")
+        g.add_outputs([lse0.input_value(0), lse0.output(0), out0.output(0)])
+        self.compiled = core.compile_model(g, "CPU", props)
+        self.req = self.compiled.create_infer_request()
+        self.layers, self.w = w.num_layers, w
+        nb = 16
+        self.caches = []
+        for layer in range(self.layers):
+            k = ov.Tensor(kt, [nb, *kd])
+            v = ov.Tensor(vt, [nb, *vd])
+            k.data[...] = 0
+            v.data[...] = 0
+            self.req.set_tensor(f"key_cache.{layer}", k)
+            self.req.set_tensor(f"value_cache.{layer}", v)
+            self.caches.append((k, v))
+
+    def step(self, ids: list[int], start: int, tables: list[list[list[int]]],
+             past: np.ndarray, less: LESSState | None) -> list[np.ndarray]:
+        """``tables[l][h]`` blocks, ``past[l, h]`` cached rows; all tokens LESS-active when
+        ``less`` is given. Returns (q_sel [M, Hq*D], lse [M, Hq], out [T, Hq*Dv]) of layer 0."""
+        n, hkv = len(ids), self.w.num_kv_heads
+        r = self.req
+        r.set_tensor("input_ids", ov.Tensor(np.asarray(ids, np.int64)))
+        r.set_tensor("position_ids", ov.Tensor(np.arange(start, start + n, dtype=np.int64)))
+        r.set_tensor("max_context_len", ov.Tensor(np.array(int(past.max()) + n, np.int32)))
+        r.set_tensor("logits_indices", ov.Tensor(np.array([n - 1], np.int64)))
+        r.set_tensor("score_aggregation_window", ov.Tensor(np.array([1], np.int32)))
+        r.set_tensor(HEAD_SUBSEQUENCE_BEGINS,
+                     ov.Tensor(np.arange(hkv + 1, dtype=np.int32) * n))
+        for layer in range(self.layers):
+            r.set_tensor(head_past_lens_name(layer), ov.Tensor(past[layer].astype(np.int32)))
+            flat = [b for h in range(hkv) for b in tables[layer][h]]
+            begins = np.cumsum([0] + [len(tables[layer][h]) for h in range(hkv)])
+            r.set_tensor(block_indices_name(layer), ov.Tensor(np.asarray(flat, np.int32)))
+            r.set_tensor(block_indices_begins_name(layer),
+                         ov.Tensor(begins.astype(np.int32)))
+            h_state = np.zeros((1, hkv, self.w.feature_dim, self.w.head_dim), np.float32)
+            z_state = np.zeros((1, hkv, self.w.feature_dim), np.float32)
+            if less is not None:
+                h_state[0], z_state[0] = less.H[layer], less.z[layer]
+            r.set_tensor(state_h_name(layer), ov.Tensor(h_state))
+            r.set_tensor(state_z_name(layer), ov.Tensor(z_state))
+        m = n if less is not None else 0
+        r.set_tensor(LESS_TOKEN_INDEX, ov.Tensor(np.arange(m, dtype=np.int64)))
+        r.set_tensor(LESS_TOKEN_SEQ, ov.Tensor(np.zeros(m, np.int32)))
+        r.set_tensor(LESS_TOKEN_OFFSET, ov.Tensor(np.arange(m, dtype=np.int32)))
+        r.infer()
+        outs = self.compiled.outputs
+        return [np.array(r.get_tensor(o).data) for o in outs[-3:]]
+
+    def rows(self, layer: int, h: int, table: list[int], count: int) -> tuple[np.ndarray, ...]:
+        k, v = self.caches[layer]
+        return (self.key.table_rows(self.key.head_blocks(k), table, count),
+                self.value.table_rows(self.value.head_blocks(v), table, count))
+
+    def write(self, layer: int, table: list[int], keys: np.ndarray, values: np.ndarray) -> None:
+        """Write ``keys`` / ``values`` [n, D] densely into ``table`` (f32 cache only)."""
+        k, v = self.caches[layer]
+        kb = k.data.reshape(k.get_shape()[0], -1, self.w.head_dim)
+        vb = v.data.reshape(v.get_shape()[0], -1, self.w.head_dim)
+        for i in range(len(keys)):
+            blk, row = table[i // self.key.block_size], i % self.key.block_size
+            kb[blk, row], vb[blk, row] = keys[i], values[i]
+
+
+def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> None:
+    """Prefill 48 tokens, evict by hand (f32 cache), fold the evicted rows, then a 2-token
+    chunk with LESS: layer 0's output equals the numpy reference over kept rows + the chunk's
+    own rows (causal) + the state, for every query head; the op's log-sum-exp too."""
+    w = _weights(tiny_model)
+    layers, hq, hkv, d = _geometry(tiny_model)
+    g = _Graph(tiny_model, w, "f32")
+    ids = _ids(50, seed=7)
+    bs = g.key.block_size
+    full = [[[2 * h, 2 * h + 1] for h in range(hkv)] for _ in range(layers)]
+    g.step(ids[:48], 0, full, np.zeros((layers, hkv), int), None)
+    rng = np.random.default_rng(0)
+    state = LESSState(layers, hkv, w.feature_dim, d)
+    new_tables = [[[8 + 2 * h] for h in range(hkv)] for _ in range(layers)]
+    kept_n = np.zeros((layers, hkv), int)
+    for layer in range(layers):
+        for h in range(hkv):
+            keys, values = g.rows(layer, h, full[layer][h], 48)
+            keep = np.sort(rng.choice(48, size=20 + h, replace=False))
+            gone = np.setdiff1d(np.arange(48), keep)
+            state.fold(w, layer, h, keys[gone], values[gone])
+            g.write(layer, new_tables[layer][h] + [9 + 2 * h], keys[keep], values[keep])
+            new_tables[layer][h].append(9 + 2 * h)
+            kept_n[layer, h] = len(keep)
+    assert kept_n.max() + 2 <= 2 * bs
+    q, lse, out = g.step(ids[48:50], 48, new_tables, kept_n, state)
+    assert q.shape == (2, hq * d) and lse.shape == (2, hq) and out.shape == (2, hq * d)
+    scale = 1.0 / np.sqrt(d)
+    grp = hq // hkv
+    phi = w.phi(0, q.reshape(2, hq, d))
+    for h in range(hkv):
+        keys, values = g.rows(0, h, new_tables[0][h], int(kept_n[0, h]) + 2)
+        for t in range(2):
+            n = int(kept_n[0, h]) + t + 1  # causal: the chunk's second token sees the first
+            for gq in range(grp):
+                head = h * grp + gq
+                qv = q[t, head * d:(head + 1) * d]
+                s = scale * keys[:n] @ qv
+                want_lse = s.max() + np.log(np.exp(s - s.max()).sum())
+                assert abs(lse[t, head] - want_lse) < 1e-4
+                want = mixed_attention(qv, keys[:n], values[:n], scale, phi[t, head],
+                                       state.H[0, h], state.z[0, h])
+                np.testing.assert_allclose(out[t, head * d:(head + 1) * d], want, rtol=1e-4,
+                                           atol=1e-5)
+    # and the state really moved the output away from plain attention over the kept rows
+    keys, values = g.rows(0, 0, new_tables[0][0], int(kept_n[0, 0]) + 1)
+    s = scale * keys @ q[0, :d]
+    plain = np.exp(s - s.max()) @ values / np.exp(s - s.max()).sum()
+    assert np.abs(out[0, :d] - plain).max() > 1e-3
