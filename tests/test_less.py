@@ -326,3 +326,66 @@ def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> No
     s = scale * keys @ q[0, :d]
     plain = np.exp(s - s.max()) @ values / np.exp(s - s.max()).sum()
     assert np.abs(out[0, :d] - plain).max() > 1e-3
+
+
+def test_batched_sequences_match_each_alone(tiny_model: Path, tmp_path: Path) -> None:
+    """Two LESS sequences decoding in the same steps (each with its own state; one evicts and
+    one does not) give the tokens each gives alone: states and kept keys stay per sequence."""
+    path = _weights(tiny_model).save(tmp_path / "w.npz")
+    a_ids, b_ids, c_ids = _ids(200, seed=0), _ids(190, seed=11), _ids(40, seed=12)
+    gen = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    alone = []
+    for x in (a_ids, b_ids, c_ids):
+        eng = _engine(tiny_model, "f32", path)
+        seq = eng.add_request(x, gen, set(), lambda x: "")
+        while eng.has_unfinished():
+            eng.step()
+        alone.append(seq.output_ids)
+    eng = _engine(tiny_model, "f32", path)
+    seqs = [eng.add_request(x, gen, set(), lambda x: "") for x in (a_ids, b_ids, c_ids)]
+    together = 0
+    while eng.has_unfinished():
+        eng.step()
+        together += sum(1 for s in seqs[:2] if s.extra.get("less") is not None
+                        and not s.is_finished) == 2
+    assert together >= 8  # steps in which both LESS states were live
+    assert seqs[0].extra["less"] is not None and seqs[2].extra.get("less") is None
+    assert [s.output_ids for s in seqs] == alone
+
+
+@pytest.mark.parametrize("sequence_major", [False, True])
+def test_kept_lse_op_reads_each_sequences_own_table(sequence_major: bool) -> None:
+    """The op alone, 3 sequences x 2 KV heads with their own tables and lengths, 1-2 selected
+    tokens each: every (token, query head) gets the log-sum-exp over its own rows."""
+    d, g, hkv, bs, b = 8, 2, 2, 32, 3
+    layout = CacheLayout.from_shape(KEY, "f32", bs, d)
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((12, 1, bs, d)).astype(np.float32)
+    past = rng.integers(5, 40, size=(b, hkv))
+    tables = {(s, h): rng.permutation(12)[:2].tolist() for s in range(b) for h in range(hkv)}
+    order = ([(s, h) for s in range(b) for h in range(hkv)] if sequence_major
+             else [(s, h) for h in range(hkv) for s in range(b)])
+    flat = [blk for key in order for blk in tables[key]]
+    begins = np.cumsum([0] + [len(tables[key]) for key in order])
+    past_j = np.array([past[key] for key in order])
+    seq = np.array([0, 2, 2])
+    off = np.array([0, 0, 1])
+    q = rng.standard_normal((3, hkv * g * d)).astype(np.float32)
+    params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(9)]
+    op = KeptLogSumExp([p.output(0) for p in params], layout, hkv, g, sequence_major)
+    out = ov.Tensor(ov.Type.f32, [3, hkv * g])
+    ins = [ov.Tensor(q), ov.Tensor(cache), ov.Tensor(past_j.astype(np.int32)),
+           ov.Tensor(np.asarray(flat, np.int32)), ov.Tensor(begins.astype(np.int32)),
+           ov.Tensor(seq.astype(np.int32)), ov.Tensor(off.astype(np.int32)),
+           ov.Tensor(np.array(0.5, np.float32)), ov.Tensor(np.zeros(1, np.float32))]
+    assert op.evaluate([out], ins)
+    for i in range(3):
+        for h in range(hkv):
+            s = int(seq[i])
+            n = int(past[s, h]) + int(off[i]) + 1
+            rows = np.concatenate([cache[blk, 0] for blk in tables[(s, h)]])[:n]
+            for gq in range(g):
+                head = h * g + gq
+                x = 0.5 * rows @ q[i, head * d:(head + 1) * d]
+                want = x.max() + np.log(np.exp(x - x.max()).sum())
+                assert abs(out.data[i, head] - want) < 1e-4

@@ -68,13 +68,19 @@ class KeptLogSumExp(ov.Op):
         off = np.asarray(inputs[6].data)
         scale = float(np.asarray(inputs[7].data))
         b = len(past) // hkv
-        for i in range(m):
-            s = int(seq[i])
+        for s in np.unique(seq):
+            mine = np.flatnonzero(seq == s)  # this sequence's selected tokens
+            ends = np.asarray(off[mine], np.int64) + 1  # rows each sees past the cached ones
             for h in range(hkv):
-                j = s * hkv + h if self.sequence_major else h * b + s
-                n = int(past[j]) + int(off[i]) + 1
-                keys = layout.table_rows(blocks, table[begins[j]:begins[j + 1]], n)  # [n, D]
-                logits = keys @ (q[i, h * g * d:(h + 1) * g * d].reshape(g, d).T * scale)
+                j = int(s) * hkv + h if self.sequence_major else h * b + int(s)
+                cached = int(past[j])
+                keys = layout.table_rows(blocks, table[begins[j]:begins[j + 1]],
+                                         cached + int(ends.max()))  # [n, D], decoded once
+                qs = q[mine, h * g * d:(h + 1) * g * d].reshape(len(mine) * g, d)
+                logits = (keys @ qs.T) * scale  # [n, tokens * G]
+                limit = np.repeat(cached + ends, g)  # causal: row < cached + offset + 1
+                logits[np.arange(len(keys))[:, None] >= limit[None, :]] = -np.inf
                 top = logits.max(axis=0)
-                out[i, h * g:(h + 1) * g] = top + np.log(np.exp(logits - top).sum(axis=0))
+                lse = top + np.log(np.exp(logits - top).sum(axis=0))
+                out[mine, h * g:(h + 1) * g] = lse.reshape(len(mine), g)
         return True
