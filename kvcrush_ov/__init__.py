@@ -6,6 +6,7 @@ from kvcrush_ov.config import (
     GenerationConfig,
     KVCacheConfig,
     KVCrushConfig,
+    LESSConfig,
     SchedulerConfig,
 )
 from kvcrush_ov.errors import ChatError, ConfigError, FetchError, KVCrushError, ModelError
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DecodedResults",
     "FastKVConfig",
+    "LESSConfig",
     "FetchError",
     "GenerationConfig",
     "KVCacheConfig",
