@@ -360,24 +360,45 @@ def test_bad_explain_arguments_fail_before_loading(tmp_path, kwargs, field):
     assert info.value.field == field
 
 
-def test_every_method_builds_at_every_default_budget():
+def test_every_method_builds_at_every_default_budget(tiny_model, tmp_path):
+    import dataclasses
+    import json
+
+    from kvcrush_ov.config import LESSConfig
     from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS
     from kvcrush_ov.eviction.factory import make_policy, make_spec
+    from kvcrush_ov.less.kernels import LESSWeights, default_weights_path
 
+    # the LESS columns load the model's default weights file: untrained kernels of the tiny
+    # model stand in (a copy of its folder, so the shared cache gets no file)
+    c = json.loads((tiny_model / "config.json").read_text())
+    folder = tmp_path / "model" / "ov"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(c))
+    LESSWeights.initial(c["num_hidden_layers"], c["num_attention_heads"],
+                        c["num_key_value_heads"], c["head_dim"]).save(
+        default_weights_path(folder))
+    with pytest.raises(ConfigError, match="less.weights"):  # no model folder, no default file
+        make_spec(METHODS["snapkv+less"].make(0.25))
     for m in METHODS.values():
         for b in DEFAULT_BUDGETS:
             cfg = m.make(b)
             assert cfg.max_cache_size == b
             if m.backend == "native":
-                make_spec(cfg)
+                spec = make_spec(cfg, folder)
+                assert (spec.less is not None) == (cfg.less is not None)
+                if cfg.less is not None:
+                    assert isinstance(cfg.less, LESSConfig)
+                    make_spec(dataclasses.replace(cfg, less=None))
     trailing = make_policy(METHODS["snapkv+kvcrush-trailing"].make(0.25))
     assert trailing.importance.offset == 15 and trailing.importance.pooling == "avg"
     assert make_policy(METHODS["snapkv+kvcrush"].make(0.25)).importance.offset == 0
     assert make_spec(METHODS["snapkv+kvcrush-decode8"].make(0.25)).decode_window == 8
     # the stored KVCrush columns keep a fixed share; only the default column tapers it
     for name, m in METHODS.items():
-        policy = make_spec(m.make(0.25)).policy if m.backend == "native" else None
-        if name != "snapkv+kvcrush-taper-decode8" and hasattr(policy, "taper"):
+        policy = make_spec(m.make(0.25), folder).policy if m.backend == "native" else None
+        if name not in ("snapkv+kvcrush-taper-decode8", "default+less") and hasattr(
+                policy, "taper"):
             assert policy.taper is None, name
     assert make_policy(METHODS["snapkv+kvcrush-taper-decode8"].make(0.25)).taper == (0.125, 0.5)
     assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None  # every step
@@ -390,7 +411,8 @@ def test_tuning_candidates_run_only_when_named():
     from kvcrush_ov.eviction.factory import make_policy
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
-                  "fastkv-max7", "kvzip-head", "kvzip-ada"}
+                  "fastkv-max7", "kvzip-head", "kvzip-ada",
+                  "snapkv+less", "snapkv+kvcrush+less", "default+less"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"
     assert method_spec(METHODS["kvzip-head"], 0.25).policy.alpha is None
@@ -438,3 +460,11 @@ def test_a_bf16_run_stops_before_any_work_on_a_cpu_without_bf16(tmp_path, monkey
         run_eval(str(tmp_path / "never-read"), tmp_path / "out", precision="bf16")
     assert info.value.field == "kv_cache.precision"
     assert not (tmp_path / "out").exists()
+
+
+def test_less_and_fastkv_columns_are_refused_together(tmp_path):
+    from kvcrush_ov.eval.runner import run_eval
+
+    with pytest.raises(ConfigError, match="methods=.*LESS columns and FastKV columns"):
+        run_eval("SmolLM2-135M-Instruct", tmp_path / "out", tasks=("niah_single_1",),
+                 num_samples=1, methods=("fastkv", "snapkv+less"), budgets=(0.25,))

@@ -353,14 +353,22 @@ def test_batched_sequences_match_each_alone(tiny_model: Path, tmp_path: Path) ->
     assert [s.output_ids for s in seqs] == alone
 
 
-@pytest.mark.parametrize("sequence_major", [False, True])
-def test_kept_lse_op_reads_each_sequences_own_table(sequence_major: bool) -> None:
+_KEY_ROWS = {"f32": 0, "f16": 0, "bf16": 0, "u8": 8, "u4": 16}  # header rows of a key block
+
+
+@pytest.mark.parametrize(("precision", "sequence_major"),
+                         [("f32", False), ("f32", True), ("bf16", True), ("f16", False),
+                          ("u8", True), ("u4", False)])
+def test_kept_lse_op_reads_each_sequences_own_table(precision: str,
+                                                     sequence_major: bool) -> None:
     """The op alone, 3 sequences x 2 KV heads with their own tables and lengths, 1-2 selected
-    tokens each: every (token, query head) gets the log-sum-exp over its own rows."""
+    tokens each: every (token, query head) gets the log-sum-exp over its own rows, the keys as
+    kv_codec decodes them from every cache format."""
     d, g, hkv, bs, b = 8, 2, 2, 32, 3
-    layout = CacheLayout.from_shape(KEY, "f32", bs, d)
+    layout = CacheLayout.from_shape(KEY, precision, bs + _KEY_ROWS[precision], d)
     rng = np.random.default_rng(0)
-    cache = rng.standard_normal((12, 1, bs, d)).astype(np.float32)
+    cache = np.stack([layout.encode_block(rng.standard_normal((bs, d)).astype(np.float32))
+                      .reshape(-1).view(np.uint8) for _ in range(12)])
     past = rng.integers(5, 40, size=(b, hkv))
     tables = {(s, h): rng.permutation(12)[:2].tolist() for s in range(b) for h in range(hkv)}
     order = ([(s, h) for s in range(b) for h in range(hkv)] if sequence_major
@@ -383,9 +391,9 @@ def test_kept_lse_op_reads_each_sequences_own_table(sequence_major: bool) -> Non
         for h in range(hkv):
             s = int(seq[i])
             n = int(past[s, h]) + int(off[i]) + 1
-            rows = np.concatenate([cache[blk, 0] for blk in tables[(s, h)]])[:n]
+            rows = layout.table_rows(cache, tables[(s, h)], n)
             for gq in range(g):
                 head = h * g + gq
-                x = 0.5 * rows @ q[i, head * d:(head + 1) * d]
+                x = 0.5 * rows.astype(np.float64) @ q[i, head * d:(head + 1) * d]
                 want = x.max() + np.log(np.exp(x - x.max()).sum())
                 assert abs(out.data[i, head] - want) < 1e-4

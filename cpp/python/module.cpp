@@ -5,6 +5,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
 
 #include <array>
@@ -15,6 +16,7 @@
 #include <string>
 
 #include "kvcrush/compaction.hpp"
+#include "kvcrush/less.hpp"
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
@@ -228,6 +230,38 @@ Out<float> decode_by_channel(In<uint8_t, 2> blocks, In<int64_t, 1> which, In<int
   return out;
 }
 
+// ---- LESS
+
+Out<float> kept_lse(In<uint8_t, 2> cache, std::array<int64_t, 7> geometry, int format,
+                    In<float, 2> q, int64_t num_kv_heads, int64_t group, float scale,
+                    In<int32_t, 1> past, In<int32_t, 1> table, In<int32_t, 1> begins,
+                    In<int32_t, 1> seq, In<int32_t, 1> off, bool sequence_major) {
+  // geometry: a BlockLayout's fields as plain integers (no binding object per call)
+  const kvcrush::BlockLayout layout{geometry[0] != 0, static_cast<int>(geometry[1]),
+                                    geometry[2], geometry[3], geometry[4], geometry[5],
+                                    geometry[6]};
+  if (static_cast<int64_t>(cache.shape(1)) != layout.head_block_bytes)
+    bad_shape("cache", "[NB, head_block_bytes]");
+  if (format < 0 || format > 3) bad_shape("format", "0 (by channel), 1 (f32), 2 (f16), 3 (bf16)");
+  const auto m = static_cast<size_t>(q.shape(0));
+  const int64_t hq = num_kv_heads * group;
+  if (num_kv_heads <= 0 || group <= 0 || static_cast<int64_t>(q.shape(1)) != hq * layout.head_dim)
+    bad_shape("q", "[M, num_kv_heads * group * head_dim]");
+  if (seq.shape(0) != m || off.shape(0) != m) bad_shape("seq / off", "one entry per row of q");
+  if (begins.shape(0) != past.shape(0) + 1) bad_shape("begins", "one entry more than past");
+  auto out = new_array<float, 2>({m, static_cast<size_t>(hq)});
+  kvcrush::HeadTables t{past.data(), table.data(), begins.data(),
+                        static_cast<int64_t>(past.shape(0)), static_cast<int64_t>(table.shape(0))};
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::kept_lse(cache.data(), static_cast<int64_t>(cache.shape(0)), layout,
+                      static_cast<kvcrush::KeyFormat>(format), t, q.data(),
+                      static_cast<int64_t>(m), num_kv_heads, group, scale, seq.data(),
+                      off.data(), sequence_major, out.data());
+  }
+  return out;
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -281,6 +315,10 @@ NB_MODULE(_core, m) {
         nb::arg("layout"), "u8 [N, HB]: f32 rows [N, bs, D] as by-channel key head-blocks.");
   m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
         nb::arg("rows"), nb::arg("layout"), "f32 [M, D]: rows of by-channel key head-blocks.");
+  m.def("kept_lse", &kept_lse, nb::arg("cache"), nb::arg("geometry"), nb::arg("format"),
+        nb::arg("q"), nb::arg("num_kv_heads"), nb::arg("group"), nb::arg("scale"),
+        nb::arg("past"), nb::arg("table"), nb::arg("begins"), nb::arg("seq"), nb::arg("off"),
+        nb::arg("sequence_major"), "f32 [M, Hq]: LESS's kept-part log-sum-exp (less.hpp).");
   m.def("pick_representatives", &pick_representatives, nb::arg("vectors"), nb::arg("valid"),
         nb::arg("anchors"), nb::arg("k"), "bool [L, M]: KVCrush's representatives per layer.");
 }

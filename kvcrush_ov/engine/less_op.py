@@ -3,7 +3,8 @@
 PagedAttention returns only its normalised output; LESS needs ``L = logsumexp_i(scale q.k_i)``
 over the keys a query sees in the cache. This op reads the keys straight from the cache tensor
 (any precision :mod:`kvcrush_ov.engine.kv_codec` decodes; the plugin hands it the cache memory
-itself, no copy) through the per-head block tables.
+itself, no copy) through the per-head block tables. The work is C++ (``kvcrush::kept_lse``,
+cpp/src/less.cpp: parallel over (token, KV head), keys decoded row by row).
 
 Inputs (see :mod:`kvcrush_ov.transformations.less`): 0 ``q`` f32 [M, Hq*D] (selected tokens),
 1 ``key_cache.L`` (per-head pool ``[NB, 1, rows, cols]``), 2 ``head_past_lens.L`` [J],
@@ -19,7 +20,10 @@ from __future__ import annotations
 import numpy as np
 import openvino as ov
 
+from kvcrush_ov import _core
 from kvcrush_ov.engine.kv_codec import CacheLayout
+
+_FORMATS = {"f32": 1, "f16": 2, "bf16": 3}  # kvcrush::KeyFormat of plain key rows
 
 
 class KeptLogSumExp(ov.Op):
@@ -34,6 +38,8 @@ class KeptLogSumExp(ov.Op):
         self.num_kv_heads = num_kv_heads
         self.group = group
         self.sequence_major = sequence_major
+        self._geometry: tuple[int, ...] | None = None
+        self._format = 0
         super().__init__(self, inputs)
 
     def validate_and_infer_types(self) -> None:
@@ -51,36 +57,21 @@ class KeptLogSumExp(ov.Op):
         return True
 
     def evaluate(self, outputs: list[ov.Tensor], inputs: list[ov.Tensor]) -> bool:
-        q = np.asarray(inputs[0].data, dtype=np.float32)
+        q = inputs[0].data
         m = q.shape[0]
-        hkv, g = self.num_kv_heads, self.group
-        outputs[0].set_shape([m, hkv * g])
+        outputs[0].set_shape([m, self.num_kv_heads * self.group])
         if m == 0:
             return True
-        out = outputs[0].data
-        layout = self._layout()
-        d = layout.head_dim
-        blocks = layout.head_blocks(inputs[1])
-        past = np.asarray(inputs[2].data)
-        table = np.asarray(inputs[3].data)
-        begins = np.asarray(inputs[4].data)
-        seq = np.asarray(inputs[5].data)
-        off = np.asarray(inputs[6].data)
-        scale = float(np.asarray(inputs[7].data))
-        b = len(past) // hkv
-        for s in np.unique(seq):
-            mine = np.flatnonzero(seq == s)  # this sequence's selected tokens
-            ends = np.asarray(off[mine], np.int64) + 1  # rows each sees past the cached ones
-            for h in range(hkv):
-                j = int(s) * hkv + h if self.sequence_major else h * b + int(s)
-                cached = int(past[j])
-                keys = layout.table_rows(blocks, table[begins[j]:begins[j + 1]],
-                                         cached + int(ends.max()))  # [n, D], decoded once
-                qs = q[mine, h * g * d:(h + 1) * g * d].reshape(len(mine) * g, d)
-                logits = (keys @ qs.T) * scale  # [n, tokens * G]
-                limit = np.repeat(cached + ends, g)  # causal: row < cached + offset + 1
-                logits[np.arange(len(keys))[:, None] >= limit[None, :]] = -np.inf
-                top = logits.max(axis=0)
-                lse = top + np.log(np.exp(logits - top).sum(axis=0))
-                out[mine, h * g:(h + 1) * g] = lse.reshape(len(mine), g)
+        if self._geometry is None:  # plain integers: the C++ BlockLayout is built per call
+            layout = self._layout()
+            n = layout.native
+            self._geometry = (int(n.by_channel), n.levels, n.block_size, n.head_dim,
+                              n.head_block_bytes, n.header_bytes, n.row_bytes)
+            self._format = 0 if layout.by_channel else _FORMATS[layout.precision]
+        cache = inputs[1]
+        blocks = cache.data.reshape(-1).view(np.uint8).reshape(int(cache.get_shape()[0]), -1)
+        outputs[0].data[...] = _core.kept_lse(
+            blocks, self._geometry, self._format, q, self.num_kv_heads, self.group,
+            float(inputs[7].data), inputs[2].data, inputs[3].data, inputs[4].data,
+            inputs[5].data, inputs[6].data, self.sequence_major)
         return True

@@ -13,6 +13,7 @@ from kvcrush_ov.config import (
     CacheEvictionConfig,
     FastKVConfig,
     KVCrushConfig,
+    LESSConfig,
 )
 from kvcrush_ov.eviction.kvzip import KVzip
 
@@ -104,6 +105,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # the Pipeline's default: decode window 8, KVCrush's share tapered with the budget
     Method("snapkv+kvcrush-taper-decode8", "native",
            lambda b: CacheEvictionConfig(max_cache_size=b)),
+    # LESS (docs/less.md) on top: run when named (they need the model's trained weights,
+    # `kvcrush-ov less-train`)
+    Method("snapkv+less", "native", _native("snapkv", less=LESSConfig()), report=False),
+    Method("snapkv+kvcrush+less", "native", _native("snapkv", KVCRUSH, less=LESSConfig()),
+           report=False),
+    Method("default+less", "native",
+           lambda b: CacheEvictionConfig(max_cache_size=b, less=LESSConfig()), report=False),
 ]}
 
 

@@ -107,9 +107,10 @@ class Results:
             fh.write(json.dumps(asdict(r)) + "\n")
 
 
-def method_spec(m: Method, budget: float):
-    """The engine's spec of a method at a budget (a candidate's own policy in place)."""
-    spec = make_spec(m.make(budget))
+def method_spec(m: Method, budget: float, model_dir: str | Path | None = None):
+    """The engine's spec of a method at a budget (a candidate's own policy in place;
+    ``model_dir``: where a LESS column finds the model's default weights)."""
+    spec = make_spec(m.make(budget), model_dir)
     return spec if m.policy is None else dataclasses.replace(spec, policy=m.policy())
 
 
@@ -332,7 +333,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
 
     eos = pipe.backend.eos_token_ids
     repeat = encode_text(tok, REPEAT_PROMPT)
-    specs = {(m.name, b): method_spec(m, b) for m in methods for b in budgets}
+    specs = {(m.name, b): method_spec(m, b, pipe.model_path) for m in methods for b in budgets}
     groups = _score_groups(specs)
     groups.setdefault("window", [])  # its parent is the full cache (also with no method)
     for i, s in enumerate(samples):
@@ -413,7 +414,7 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
     eng = pipe.backend.engine
     tok = pipe.tokenizer
     eos = pipe.backend.eos_token_ids
-    specs = {(m.name, b): method_spec(m, b) for m in methods for b in budgets}
+    specs = {(m.name, b): method_spec(m, b, pipe.model_path) for m in methods for b in budgets}
     for i, s in enumerate(samples):
         todo = {k for k in specs if (s.task, s.index, *k) not in fid}
         if not todo:
@@ -620,8 +621,15 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
     # FastKV columns need the engine's split graphs (their parents prefill with FastKV)
     split = any(m.backend == "native" and m.make(0.5).fastkv is not None for m in chosen)
+    # LESS columns need the engine's LESS graph (the other columns run it with no state)
+    less = next((m.make(0.5).less for m in chosen
+                 if m.backend == "native" and m.make(0.5).less is not None), None)
+    if split and less is not None:
+        raise ConfigError("methods", names, "LESS columns and FastKV columns in separate runs "
+                          "(the engine cannot build both graphs at once)")
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(
-        fastkv=FastKVConfig() if split else None), backend="native", scheduler=sched)
+        fastkv=FastKVConfig() if split else None, less=less), backend="native",
+        scheduler=sched)
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
     results = Results(out / "results.jsonl")

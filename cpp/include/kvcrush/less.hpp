@@ -1,0 +1,40 @@
+// LESS (kvcrush_ov/less): the kept part's attention normaliser, read from the paged cache.
+//
+// PagedAttention returns only its normalised output; LESS mixes its state in with the
+// log-sum-exp of the logits over the keys each query sees. kept_lse computes it from the cache
+// bytes (any key format of kv_codec) through per-(sequence, KV head) block tables, the layout of
+// transformations/per_head.py. Python calls it from the KeptLogSumExp OpenVINO op.
+#pragma once
+
+#include <cstdint>
+
+#include "kvcrush/compaction.hpp"
+
+namespace kvcrush {
+
+/// How key rows are stored: by channel (u8 / u4, BlockLayout::by_channel) or plain rows.
+enum class KeyFormat : int { by_channel = 0, f32 = 1, f16 = 2, bf16 = 3 };
+
+/// Per-head block tables of one layer: subsequence ``j`` (``J`` of them) has ``past[j]`` cached
+/// rows before this step and the blocks ``table[begins[j] .. begins[j + 1])``.
+struct HeadTables {
+  const int32_t* past = nullptr;
+  const int32_t* table = nullptr;
+  const int32_t* begins = nullptr;
+  int64_t num_subsequences = 0;  ///< J = B * num_kv_heads
+  int64_t table_len = 0;
+};
+
+/// For ``m`` selected tokens: token ``i`` of sequence ``seq[i]`` at offset ``off[i]`` among the
+/// sequence's new tokens, and every query head ``h * group + g`` (q f32 [m, Hq * D]):
+/// ``out[i, h*group+g] = log sum_{r <= past[j] + off[i]} exp(scale * q . key_j[r])`` with
+/// ``j = seq*Hkv + h`` (sequence_major) or ``h*B + seq``, ``B = J / Hkv``. ``cache``: head-block
+/// ``b`` at ``cache + b * layout.head_block_bytes``, ``0 <= b < num_blocks``. Parallel over
+/// (token, KV head). Throws std::out_of_range for a block, row or sequence index outside its
+/// range (nothing is written then for that item; the call rethrows after the others finish).
+void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
+              KeyFormat format, const HeadTables& tables, const float* q, int64_t m,
+              int64_t num_kv_heads, int64_t group, float scale, const int32_t* seq,
+              const int32_t* off, bool sequence_major, float* out);
+
+}  // namespace kvcrush

@@ -1,0 +1,120 @@
+#include "kvcrush/less.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kvcrush/parallel.hpp"
+
+namespace kvcrush {
+
+namespace {
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t mant = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+/// Row ``row`` of head-block ``block`` -> f32 [D].
+void decode_key(const uint8_t* block, int64_t row, const BlockLayout& layout, KeyFormat format,
+                float* out) {
+  const int64_t d = layout.head_dim;
+  if (format == KeyFormat::by_channel) {
+    decode_by_channel(block, row, layout, out);
+    return;
+  }
+  const uint8_t* p = block + row * layout.row_bytes;
+  if (format == KeyFormat::f32) {
+    std::memcpy(out, p, static_cast<size_t>(d) * sizeof(float));
+    return;
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    uint16_t v;
+    std::memcpy(&v, p + 2 * c, sizeof(v));
+    if (format == KeyFormat::bf16) {
+      const uint32_t bits = static_cast<uint32_t>(v) << 16;
+      std::memcpy(out + c, &bits, sizeof(float));
+    } else {
+      out[c] = half_to_float(v);
+    }
+  }
+}
+
+}  // namespace
+
+void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
+              KeyFormat format, const HeadTables& t, const float* q, int64_t m,
+              int64_t num_kv_heads, int64_t group, float scale, const int32_t* seq,
+              const int32_t* off, bool sequence_major, float* out) {
+  validate_layout(layout);
+  if ((format == KeyFormat::by_channel) != layout.by_channel)
+    throw std::invalid_argument("format: allowed by_channel exactly for a by-channel layout");
+  if (num_kv_heads <= 0 || group <= 0 || t.num_subsequences % num_kv_heads != 0)
+    throw std::invalid_argument("tables: allowed J = B * num_kv_heads subsequences");
+  const int64_t d = layout.head_dim, bs = layout.block_size, hq = num_kv_heads * group;
+  const int64_t b = t.num_subsequences / num_kv_heads;
+  parallel_for(m * num_kv_heads, 4096, [&](int64_t item) {
+    const int64_t i = item / num_kv_heads, h = item % num_kv_heads;
+    const int64_t s = seq[i];
+    if (s < 0 || s >= b)
+      throw std::out_of_range("less: sequence " + std::to_string(s) + " outside 0.." +
+                              std::to_string(b - 1));
+    const int64_t j = sequence_major ? s * num_kv_heads + h : h * b + s;
+    const int64_t n = static_cast<int64_t>(t.past[j]) + off[i] + 1;
+    const int64_t first = t.begins[j], blocks = t.begins[j + 1] - first;
+    if (off[i] < 0 || n > blocks * bs || first < 0 || t.begins[j + 1] > t.table_len)
+      throw std::out_of_range("less: row " + std::to_string(n - 1) + " outside the table of "
+                              "subsequence " + std::to_string(j));
+    const float* qh = q + i * hq * d + h * group * d;
+    std::vector<float> key(static_cast<size_t>(d));
+    std::vector<float> top(static_cast<size_t>(group), -std::numeric_limits<float>::infinity());
+    std::vector<double> sum(static_cast<size_t>(group), 0.0);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t blk = t.table[first + r / bs];
+      if (blk < 0 || blk >= num_blocks)
+        throw std::out_of_range("less: block " + std::to_string(blk) + " outside 0.." +
+                                std::to_string(num_blocks - 1));
+      decode_key(cache + blk * layout.head_block_bytes, r % bs, layout, format, key.data());
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qv = qh + g * d;
+        float x = 0.0f;
+        for (int64_t c = 0; c < d; ++c) x += qv[c] * key[c];
+        x *= scale;
+        if (x > top[g]) {
+          sum[g] = sum[g] * std::exp(static_cast<double>(top[g]) - x) + 1.0;
+          top[g] = x;
+        } else {
+          sum[g] += std::exp(static_cast<double>(x) - top[g]);
+        }
+      }
+    }
+    for (int64_t g = 0; g < group; ++g)
+      out[i * hq + h * group + g] = static_cast<float>(top[g] + std::log(sum[g]));
+  });
+}
+
+}  // namespace kvcrush
