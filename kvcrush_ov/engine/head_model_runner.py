@@ -100,7 +100,7 @@ class HeadModelRunner(ModelRunner):
         self.num_kv_heads = self.table_heads  # block tables per (sequence, layer)
         self.key_layout, self.value_layout = CacheLayout.from_compiled(self.compiled)
         self._tables_key: dict[int, tuple[int, ...]] = {}
-        self._less_ready: set[int] = set()
+        self._less_sent: dict[int, tuple] = {}  # per request: the states it holds
         self._past_buf: dict[int, np.ndarray] = {}
 
     def _add_less(self, model: ov.Model, decode: ov.Model, device: str, props: dict) -> None:
@@ -141,9 +141,12 @@ class HeadModelRunner(ModelRunner):
         put(req, LESS_TOKEN_INDEX, rows, np.int64)
         put(req, LESS_TOKEN_SEQ, seqs, _I32)
         put(req, LESS_TOKEN_OFFSET, offs, _I32)
-        if not rows and id(req) in self._less_ready:
+        if not rows and id(req) in self._less_sent:
             return  # nothing reads the states
-        self._less_ready.add(id(req))
+        sent = tuple(st.version if st is not None else None for st in states)
+        if self._less_sent.get(id(req)) == sent:
+            return  # the request still holds these states
+        self._less_sent[id(req)] = sent
         w = self.less
         hkv, f, dv = self.layout.num_kv_heads, w.feature_dim, w.head_dim
         h_all = np.zeros((self.num_layers, len(chunks), hkv, f, dv), np.float32)

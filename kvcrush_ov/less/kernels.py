@@ -26,6 +26,7 @@ JSON ``meta`` (model geometry, training policy and budget, data hash, layers tra
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 from kvcrush_ov.errors import ConfigError
 
 FORMAT = "kvcrush-less/1"
+_VERSIONS = itertools.count(1)
 WEIGHTS_FILE = "less_weights.npz"
 _F32 = np.float32
 
@@ -219,6 +221,9 @@ class LESSState:
         self.H = np.zeros((num_layers, num_kv_heads, feature_dim, v_dim), _F32)
         self.z = np.zeros((num_layers, num_kv_heads, feature_dim), _F32)
         self.num_folded = np.zeros((num_layers, num_kv_heads), np.int64)
+        # a new number, unique across states, at every fold: the runner re-sends a state to
+        # the graph only when the (states, versions) of a step changed
+        self.version = next(_VERSIONS)
 
     @property
     def empty(self) -> bool:
@@ -233,10 +238,12 @@ class LESSState:
         self.z[layer, head] += p.sum(axis=0)
         self.H[layer, head] += p.T @ np.asarray(values, _F32)
         self.num_folded[layer, head] += len(keys)
+        self.version = next(_VERSIONS)
 
     def copy(self) -> LESSState:
         out = LESSState.__new__(LESSState)
         out.H, out.z, out.num_folded = self.H.copy(), self.z.copy(), self.num_folded.copy()
+        out.version = self.version
         return out
 
     @property
