@@ -321,6 +321,11 @@ def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> No
                                        state.H[0, h], state.z[0, h])
                 np.testing.assert_allclose(out[t, head * d:(head + 1) * d], want, rtol=1e-4,
                                            atol=1e-5)
+    # a selected token with an empty state gets exactly PagedAttention's output
+    empty = LESSState(layers, hkv, w.feature_dim, d)
+    _, _, out_empty = g.step(ids[48:50], 48, new_tables, kept_n, empty)
+    _, _, out_plain = g.step(ids[48:50], 48, new_tables, kept_n, None)
+    np.testing.assert_array_equal(out_empty, out_plain)
     # and the state really moved the output away from plain attention over the kept rows
     keys, values = g.rows(0, 0, new_tables[0][0], int(kept_n[0, 0]) + 1)
     s = scale * keys @ q[0, :d]

@@ -12,7 +12,7 @@ dropped). PagedAttention is unchanged (it writes the cache and computes the kept
                                                      -> [M, Hq] log-sum-exp over the kept keys
     phi   = |gelu(gelu(q_sel W1 + b1) W2 + b2)|   per query head         -> [M, Hq, F]
     N, Z  = phi . less_state_H.L[seq], phi . less_state_z.L[seq]         (per KV head group)
-    a     = sigmoid(lse - log Z)                  (a = 1 when Z = 0)
+    a     = sigmoid(lse - log Z), or exactly 1 when Z = 0 (an empty state is a no-op)
     out[idx] = a * out[idx] + (1 - a) * N / Z
 
 Inputs added: ``less_token_index`` [M] i64, ``less_token_seq`` [M] i32 (sequence of each
@@ -160,11 +160,14 @@ def add_less(model: ov.Model, weights: LESSWeights, lse_factory: LSEFactory) -> 
         num = ops.reshape(ops.matmul(phi, h_sel, False, False), _i64([-1, hq, dv]), False)
         den = ops.reshape(ops.matmul(phi, z_sel, False, False), _i64([-1, hq, 1]), False)
         tiny = ops.constant(np.float32(1e-30))
+        zero = ops.constant(np.float32(0.0))
+        one = ops.constant(np.float32(1.0))
+        has_state = ops.greater(den, zero)  # Z = 0: a = 1 exactly, whatever the kept logits
         den = ops.maximum(den, tiny)
-        mix = ops.sigmoid(ops.subtract(ops.unsqueeze(lse, _i64([2])), ops.log(den)))  # a
+        mix = ops.select(has_state, ops.sigmoid(ops.subtract(ops.unsqueeze(lse, _i64([2])),
+                                                             ops.log(den))), one)  # a
         kept = ops.reshape(ops.convert(ops.gather(out, idx, axis0), ov.Type.f32),
                            _i64([-1, hq, dv]), False)
-        one = ops.constant(np.float32(1.0))
         mixed = ops.add(ops.multiply(mix, kept),
                         ops.multiply(ops.subtract(one, mix), ops.divide(num, den)))
         mixed = ops.convert(ops.reshape(mixed, _i64([-1, hq * dv]), False),

@@ -14,8 +14,9 @@ every later query still attend to them through learned feature maps:
 - attention of query head ``h`` over kept tokens ``i`` and the state:
   ``o = (sum_i e^{s_i} v_i + phi(q)^T H) / (sum_i e^{s_i} + phi(q)^T z)``, ``s_i = scale q.k_i``,
   computed as ``a * o_kept + (1 - a) * N / Z`` where ``L = logsumexp(s)``, ``N = phi(q)^T H``,
-  ``Z = phi(q)^T z`` and ``a = sigmoid(L - log Z)`` (``a = 1`` when ``Z = 0``: an empty state
-  changes nothing).
+  ``Z = phi(q)^T z`` and ``a = sigmoid(L - log Z)`` (``a = 1`` exactly when ``Z = 0``, chosen
+  by a select, not by clamping ``Z``: an empty state changes nothing, even where every kept
+  logit is very negative).
 
 ``gelu`` is the tanh approximation everywhere (numpy here, torch in training, OpenVINO's Gelu
 tanh mode in the graph), so the three agree to rounding.
