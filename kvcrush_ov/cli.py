@@ -343,6 +343,21 @@ def _cmd_eval_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_less_train(args: argparse.Namespace) -> int:
+    from kvcrush_ov.less.train import TrainConfig, train
+
+    budget = parse_budget(args.budget)
+    if not isinstance(budget, float):
+        raise ConfigError("--budget", args.budget, "a fraction of the prefix in (0, 1): 0.125 "
+                          "or 12.5%")
+    res = train(TrainConfig(model=args.model, policy=args.policy, budget=budget,
+                            seq_len=args.seq_len, sequences=args.sequences, steps=args.steps,
+                            hidden=args.hidden, features=args.features, seed=args.seed,
+                            out=args.out, restart=args.restart, layers=args.layers))
+    print(f"{res.path} ({res.layers_trained}/{res.num_layers} layers trained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -546,6 +561,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the published run's name (e.g. Qwen2.5-Coder-0.5B-Instruct)")
     rs.add_argument("--out", required=True, help="the new run folder")
     rs.set_defaults(func=_cmd_eval_restore)
+
+    lt = sub.add_parser("less-train", help="train a model's LESS kernels (torch, CPU; "
+                        "resumable, one layer at a time)")
+    lt.add_argument("--model", default=DEFAULT_MODEL, help="registry name or HF checkpoint folder")
+    lt.add_argument("--policy", default="snapkv", help="eviction policy simulated (snapkv)")
+    lt.add_argument("--budget", default="0.125",
+                    help="tokens SnapKV keeps, as a fraction of the prefix (0.125 or 12.5%%)")
+    lt.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
+    lt.add_argument("--sequences", type=int, default=64,
+                    help="training sequences (validation: another max(2, N // 8))")
+    lt.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
+    lt.add_argument("--hidden", type=int, default=64, help="hidden size of the feature maps")
+    lt.add_argument("--features", type=int, default=8, help="feature dimension F of the state")
+    lt.add_argument("--layers", type=int, default=None,
+                    help="train at most this many more layers in this run (default: all)")
+    lt.add_argument("--out", default=None,
+                    help="weights file (default <cache>/models/<name>/less/<policy>.npz)")
+    lt.add_argument("--restart", action="store_true",
+                    help="train anew instead of resuming an existing file")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.set_defaults(func=_cmd_less_train)
     return p
 
 
