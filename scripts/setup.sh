@@ -43,8 +43,13 @@ if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
 fi
 step "upgrading pip" "${PIP[@]}" install --upgrade pip
 step "installing torch==2.13.0 (CPU) first" "${PIP[@]}" install "torch==2.13.0"
+# the runtime first: the C++ build links the OpenVINO extension library against this very wheel
+step "installing the OpenVINO runtime" \
+  "${PIP[@]}" install -c "$ROOT/constraints.txt" openvino
+OV_CMAKE=$("$VENV/bin/python" -c "import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), 'cmake'))")
 step "installing kvcrush-ov with its export, serve, ray and test extras" \
-  "${PIP[@]}" install -c "$ROOT/constraints.txt" -e "$ROOT[export,serve,ray,test]"
+  "${PIP[@]}" install -c "$ROOT/constraints.txt" \
+  --config-settings=cmake.define.OpenVINO_DIR="$OV_CMAKE" -e "$ROOT[export,serve,ray,test]"
 step "removing torchvision (breaks optimum-intel with CPU torch)" \
   "${PIP[@]}" uninstall -y torchvision
 step "checking the export stack imports" \

@@ -20,7 +20,7 @@ from kvcrush_ov.config import (
 )
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.kv_codec import KEY, VALUE, CacheLayout
-from kvcrush_ov.engine.less_op import KeptLogSumExp
+from kvcrush_ov.engine.less_op import KeptLogSumExp, LSEFactory
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.less.kernels import LESSState, LESSWeights, mixed_attention
@@ -361,11 +361,12 @@ def test_batched_sequences_match_each_alone(tiny_model: Path, tmp_path: Path) ->
 _KEY_ROWS = {"f32": 0, "f16": 0, "bf16": 0, "u8": 8, "u4": 16}  # header rows of a key block
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["python-op", "native-op"])
 @pytest.mark.parametrize(("precision", "sequence_major"),
                          [("f32", False), ("f32", True), ("bf16", True), ("f16", False),
                           ("u8", True), ("u4", False)])
-def test_kept_lse_op_reads_each_sequences_own_table(precision: str,
-                                                     sequence_major: bool) -> None:
+def test_kept_lse_op_reads_each_sequences_own_table(precision: str, sequence_major: bool,
+                                                     native: bool) -> None:
     """The op alone, 3 sequences x 2 KV heads with their own tables and lengths, 1-2 selected
     tokens each: every (token, query head) gets the log-sum-exp over its own rows, the keys as
     kv_codec decodes them from every cache format."""
@@ -385,7 +386,10 @@ def test_kept_lse_op_reads_each_sequences_own_table(precision: str,
     off = np.array([0, 0, 1])
     q = rng.standard_normal((3, hkv * g * d)).astype(np.float32)
     params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(9)]
-    op = KeptLogSumExp([p.output(0) for p in params], layout, hkv, g, sequence_major)
+    # the native op must have been built here (scripts/setup.sh): native=True raises otherwise
+    factory = LSEFactory(layout, hkv, g, native=native)
+    op = factory([p.output(0) for p in params], sequence_major)
+    assert isinstance(op, KeptLogSumExp) != native
     out = ov.Tensor(ov.Type.f32, [3, hkv * g])
     ins = [ov.Tensor(q), ov.Tensor(cache), ov.Tensor(past_j.astype(np.int32)),
            ov.Tensor(np.asarray(flat, np.int32)), ov.Tensor(begins.astype(np.int32)),

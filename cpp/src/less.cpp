@@ -1,8 +1,8 @@
 #include "kvcrush/less.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -91,29 +91,69 @@ void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
                               "subsequence " + std::to_string(j));
     const float* qh = q + i * hq * d + h * group * d;
     std::vector<float> key(static_cast<size_t>(d));
-    std::vector<float> top(static_cast<size_t>(group), -std::numeric_limits<float>::infinity());
-    std::vector<double> sum(static_cast<size_t>(group), 0.0);
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t blk = t.table[first + r / bs];
+    std::vector<float> qs(static_cast<size_t>(group * d));  // q * scale (by channel: * key scale)
+    std::vector<float> bias(static_cast<size_t>(group), 0.0f);
+    std::vector<float> logits(static_cast<size_t>(group * n));  // [G, n]
+    const bool u4 = layout.levels == 15;
+    auto add = [&](int64_t g, int64_t r, float x) { logits[g * n + r] = x; };
+    for (int64_t r0 = 0; r0 < n; r0 += bs) {
+      const int64_t blk = t.table[first + r0 / bs];
       if (blk < 0 || blk >= num_blocks)
         throw std::out_of_range("less: block " + std::to_string(blk) + " outside 0.." +
                                 std::to_string(num_blocks - 1));
-      decode_key(cache + blk * layout.head_block_bytes, r % bs, layout, format, key.data());
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qv = qh + g * d;
-        float x = 0.0f;
-        for (int64_t c = 0; c < d; ++c) x += qv[c] * key[c];
-        x *= scale;
-        if (x > top[g]) {
-          sum[g] = sum[g] * std::exp(static_cast<double>(top[g]) - x) + 1.0;
-          top[g] = x;
-        } else {
-          sum[g] += std::exp(static_cast<double>(x) - top[g]);
+      const uint8_t* block = cache + blk * layout.head_block_bytes;
+      const int64_t rows = std::min(bs, n - r0);
+      if (format == KeyFormat::by_channel) {
+        // q . ((code - zp) * s) = sum_c (q_c s_c) code_c - sum_c q_c s_c zp_c: the block's
+        // header is read once, each row is one dot product over its codes
+        for (int64_t g = 0; g < group; ++g) {
+          float b = 0.0f;
+          for (int64_t c = 0; c < d; ++c) {
+            float sc, zp;
+            std::memcpy(&sc, block + 4 * c, sizeof(float));
+            std::memcpy(&zp, block + 4 * (d + c), sizeof(float));
+            qs[g * d + c] = qh[g * d + c] * sc * scale;
+            b += qs[g * d + c] * zp;
+          }
+          bias[g] = b;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint8_t* codes = block + layout.header_bytes + r * layout.row_bytes;
+          if (u4) {
+            for (int64_t c = 0; c < d; c += 2) {
+              key[c] = static_cast<float>(codes[c / 2] >> 4);
+              key[c + 1] = static_cast<float>(codes[c / 2] & 0x0F);
+            }
+          } else {
+            for (int64_t c = 0; c < d; ++c) key[c] = static_cast<float>(codes[c]);
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qv = qs.data() + g * d;
+            float x = 0.0f;
+            for (int64_t c = 0; c < d; ++c) x += qv[c] * key[c];
+            add(g, r0 + r, x - bias[g]);
+          }
+        }
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          decode_key(block, r, layout, format, key.data());
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qv = qh + g * d;
+            float x = 0.0f;
+            for (int64_t c = 0; c < d; ++c) x += qv[c] * key[c];
+            add(g, r0 + r, x * scale);
+          }
         }
       }
     }
-    for (int64_t g = 0; g < group; ++g)
-      out[i * hq + h * group + g] = static_cast<float>(top[g] + std::log(sum[g]));
+    for (int64_t g = 0; g < group; ++g) {  // log-sum-exp of each query head's logits
+      const float* x = logits.data() + g * n;
+      float top = x[0];
+      for (int64_t r = 1; r < n; ++r) top = std::max(top, x[r]);
+      float sum = 0.0f;
+      for (int64_t r = 0; r < n; ++r) sum += std::exp(x[r] - top);
+      out[i * hq + h * group + g] = top + std::log(sum);
+    }
   });
 }
 

@@ -26,7 +26,7 @@ import openvino as ov
 
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
 from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, compact_kv
-from kvcrush_ov.engine.less_op import KeptLogSumExp
+from kvcrush_ov.engine.less_op import LSEFactory
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
@@ -116,10 +116,11 @@ class HeadModelRunner(ModelRunner):
         kt, kd, vt, vd = probe_cache_types(self.core, device, props, w.head_dim, w.head_dim,
                                            w.group)
         key_layout = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
+        # native op when the extension library was built; held here while the models live
+        self.lse_factory = LSEFactory(key_layout, hkv, w.group)
         for graph, seq_major in ((model, False), (decode, True)):
             set_cache_types(graph, kt, kd, vt, vd)
-            add_less(graph, w, lambda inputs, _layer, m=seq_major: KeptLogSumExp(
-                inputs, key_layout, hkv, w.group, m))
+            add_less(graph, w, lambda inputs, _layer, m=seq_major: self.lse_factory(inputs, m))
 
     def _put_less(self, req: ov.InferRequest, chunks: list[ScheduledChunk]) -> None:
         """``less_token_*`` and, when a chunk's sequence has a LESS state, ``less_state_*.L``."""

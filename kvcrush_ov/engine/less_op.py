@@ -17,8 +17,12 @@ Output: f32 [M, Hq]: token ``m``, query head ``h*G + g`` -> the log-sum-exp over
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import openvino as ov
+from openvino.utils.node_factory import NodeFactory
 
 from kvcrush_ov import _core
 from kvcrush_ov.engine.kv_codec import CacheLayout
@@ -75,3 +79,50 @@ class KeptLogSumExp(ov.Op):
             float(inputs[7].data), inputs[2].data, inputs[3].data, inputs[4].data,
             inputs[5].data, inputs[6].data, self.sequence_major)
         return True
+
+
+_EXT_NAME = {"win32": "kvcrush_ov_ext.dll", "darwin": "libkvcrush_ov_ext.dylib"}.get(
+    sys.platform, "libkvcrush_ov_ext.so")
+
+
+def native_library() -> Path | None:
+    """The OpenVINO extension library built with the package (cpp/ext/, beside the compiled
+    module kvcrush_ov._core), or None where it was not built (no OpenVINO C++ at build time)."""
+    path = Path(_core.__file__).parent / _EXT_NAME
+    return path if path.is_file() else None
+
+
+class LSEFactory:
+    """Builds the KeptLogSumExp node of a layer: the native op of the extension library when it
+    was built (no call into Python per layer and step), else :class:`KeptLogSumExp`. Keep the
+    factory alive as long as the models built with it: it holds the loaded library."""
+
+    def __init__(self, layout: CacheLayout, num_kv_heads: int, group: int,
+                 native: bool | None = None) -> None:
+        self.layout, self.num_kv_heads, self.group = layout, num_kv_heads, group
+        lib = native_library() if native is not False else None
+        if native and lib is None:
+            raise FileNotFoundError(f"{_EXT_NAME} was not built (see cpp/CMakeLists.txt)")
+        self.library = lib
+        self._nodes: NodeFactory | None = None
+        if lib is not None:
+            self._nodes = NodeFactory()
+            self._nodes.add_extension(str(lib))
+
+    @property
+    def native(self) -> bool:
+        return self._nodes is not None
+
+    def __call__(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node:
+        if self._nodes is None:
+            return KeptLogSumExp(inputs, self.layout, self.num_kv_heads, self.group,
+                                 sequence_major)
+        n = self.layout.native
+        attrs = {"num_kv_heads": self.num_kv_heads, "group": self.group,
+                 "sequence_major": sequence_major,
+                 "format": 0 if self.layout.by_channel else _FORMATS[self.layout.precision],
+                 "by_channel": bool(n.by_channel), "levels": n.levels,
+                 "block_size": n.block_size, "head_dim": n.head_dim,
+                 "head_block_bytes": n.head_block_bytes, "header_bytes": n.header_bytes,
+                 "row_bytes": n.row_bytes}
+        return self._nodes.create("KeptLogSumExp", inputs, attrs)
