@@ -20,7 +20,7 @@ from kvcrush_ov.config import (
 )
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.kv_codec import KEY, VALUE, CacheLayout
-from kvcrush_ov.engine.less_op import KeptLogSumExp, LSEFactory
+from kvcrush_ov.engine.less_op import KeptLogSumExp, LESSNodes
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.less.kernels import LESSState, LESSWeights, mixed_attention
@@ -192,7 +192,7 @@ class _Graph:
     """The tiny model's per-head graph with LESS and layer 0's selected queries and mixed
     output as extra outputs; one sequence, per-head tables fed by hand."""
 
-    def __init__(self, model: Path, w: LESSWeights, precision: str) -> None:
+    def __init__(self, model: Path, w: LESSWeights, precision: str, fused: bool = False) -> None:
         core = ov.Core()
         props = kv_cache_properties(precision)
         g = to_per_head(read_paged_model(model / "openvino_model.xml", score_outputs=True,
@@ -201,19 +201,22 @@ class _Graph:
         self.key = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
         self.value = CacheLayout.from_shape(VALUE, vt.get_type_name(), vd[-2], vd[-1])
         set_cache_types(g, kt, kd, vt, vd)
-        ops: list[ov.Node] = []
-
-        def factory(inputs, layer):
-            op = KeptLogSumExp(inputs, self.key, w.num_kv_heads, w.group, False)
-            ops.append(op)
-            return op
-
-        add_less(g, w, factory)
-        lse0 = next(o for o in ops if "key_cache.0" in o.input_value(1).get_names())
-        pa0 = lse0.input_value(8).get_node()  # ordering input: layer 0's PagedAttention
+        nodes = LESSNodes(self.key, w.num_kv_heads, w.group, native=bool(fused))
+        add_less(g, w, nodes)
+        pa0 = next(n for n in g.get_ordered_ops() if n.get_type_name() == "PagedAttentionExtension"
+                   and "key_cache.0" in n.input_value(3).get_names())
         out0 = next(n for n in g.get_ordered_ops()
                     if n.get_friendly_name() == f"{pa0.get_friendly_name()}/less_out")
-        g.add_outputs([lse0.input_value(0), lse0.output(0), out0.output(0)])
+        # out0 = ScatterUpdate(out, idx, Convert(mixed)); mixed's first input is q_sel
+        mixed = out0.input_value(2).get_node().input_value(0).get_node()
+        if fused:
+            assert mixed.get_type_name() == "LESSMix"
+            g.add_outputs([mixed.input_value(0), out0.output(0)])
+        else:
+            lse0 = next(n for n in g.get_ordered_ops() if n.get_type_name() == "KeptLogSumExp"
+                        and "key_cache.0" in n.input_value(1).get_names())
+            g.add_outputs([lse0.input_value(0), lse0.output(0), out0.output(0)])
+        self.fused = fused
         self.compiled = core.compile_model(g, "CPU", props)
         self.req = self.compiled.create_infer_request()
         self.layers, self.w = w.num_layers, w
@@ -259,8 +262,9 @@ class _Graph:
         r.set_tensor(LESS_TOKEN_SEQ, ov.Tensor(np.zeros(m, np.int32)))
         r.set_tensor(LESS_TOKEN_OFFSET, ov.Tensor(np.arange(m, dtype=np.int32)))
         r.infer()
-        outs = self.compiled.outputs
-        return [np.array(r.get_tensor(o).data) for o in outs[-3:]]
+        outs = self.compiled.outputs[-2:] if self.fused else self.compiled.outputs[-3:]
+        got = [np.array(r.get_tensor(o).data) for o in outs]
+        return [got[0], None, got[1]] if self.fused else got
 
     def rows(self, layer: int, h: int, table: list[int], count: int) -> tuple[np.ndarray, ...]:
         k, v = self.caches[layer]
@@ -277,13 +281,14 @@ class _Graph:
             kb[blk, row], vb[blk, row] = keys[i], values[i]
 
 
-def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused-native"])
+def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path, fused: bool) -> None:
     """Prefill 48 tokens, evict by hand (f32 cache), fold the evicted rows, then a 2-token
     chunk with LESS: layer 0's output equals the numpy reference over kept rows + the chunk's
     own rows (causal) + the state, for every query head; the op's log-sum-exp too."""
     w = _weights(tiny_model)
     layers, hq, hkv, d = _geometry(tiny_model)
-    g = _Graph(tiny_model, w, "f32")
+    g = _Graph(tiny_model, w, "f32", fused)
     ids = _ids(50, seed=7)
     bs = g.key.block_size
     full = [[[2 * h, 2 * h + 1] for h in range(hkv)] for _ in range(layers)]
@@ -303,7 +308,8 @@ def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> No
             kept_n[layer, h] = len(keep)
     assert kept_n.max() + 2 <= 2 * bs
     q, lse, out = g.step(ids[48:50], 48, new_tables, kept_n, state)
-    assert q.shape == (2, hq * d) and lse.shape == (2, hq) and out.shape == (2, hq * d)
+    assert q.shape == (2, hq * d) and out.shape == (2, hq * d)
+    assert fused or lse.shape == (2, hq)
     scale = 1.0 / np.sqrt(d)
     grp = hq // hkv
     phi = w.phi(0, q.reshape(2, hq, d))
@@ -316,7 +322,7 @@ def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> No
                 qv = q[t, head * d:(head + 1) * d]
                 s = scale * keys[:n] @ qv
                 want_lse = s.max() + np.log(np.exp(s - s.max()).sum())
-                assert abs(lse[t, head] - want_lse) < 1e-4
+                assert fused or abs(lse[t, head] - want_lse) < 1e-4
                 want = mixed_attention(qv, keys[:n], values[:n], scale, phi[t, head],
                                        state.H[0, h], state.z[0, h])
                 np.testing.assert_allclose(out[t, head * d:(head + 1) * d], want, rtol=1e-4,
@@ -387,8 +393,8 @@ def test_kept_lse_op_reads_each_sequences_own_table(precision: str, sequence_maj
     q = rng.standard_normal((3, hkv * g * d)).astype(np.float32)
     params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(9)]
     # the native op must have been built here (scripts/setup.sh): native=True raises otherwise
-    factory = LSEFactory(layout, hkv, g, native=native)
-    op = factory([p.output(0) for p in params], sequence_major)
+    op = LESSNodes(layout, hkv, g, native=native).lse([p.output(0) for p in params],
+                                                      sequence_major)
     assert isinstance(op, KeptLogSumExp) != native
     out = ov.Tensor(ov.Type.f32, [3, hkv * g])
     ins = [ov.Tensor(q), ov.Tensor(cache), ov.Tensor(past_j.astype(np.int32)),

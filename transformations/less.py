@@ -7,7 +7,7 @@ dropped). PagedAttention is unchanged (it writes the cache and computes the kept
 
     idx = less_token_index [M] i64  (rows of this step's T tokens; M = 0: the graph is a no-op)
     q_sel = Gather(query [T, Hq*D], idx)                                 -> [M, Hq*D]
-    lse   = lse_factory(q_sel, key_cache.L, head_past_lens.L, block_indices.L,
+    lse   = nodes.lse(q_sel, key_cache.L, head_past_lens.L, block_indices.L,
                         block_indices_begins.L, less_token_seq, less_token_offset, scale, pa_out)
                                                      -> [M, Hq] log-sum-exp over the kept keys
     phi   = |gelu(gelu(q_sel W1 + b1) W2 + b2)|   per query head         -> [M, Hq, F]
@@ -18,9 +18,11 @@ dropped). PagedAttention is unchanged (it writes the cache and computes the kept
 Inputs added: ``less_token_index`` [M] i64, ``less_token_seq`` [M] i32 (sequence of each
 selected token: the ``s`` of the per-head layout), ``less_token_offset`` [M] i32 (its index among
 its sequence's new tokens of the step), and per layer ``less_state_H.L`` [B, Hkv, F, Dv] f32 and
-``less_state_z.L`` [B, Hkv, F] f32. ``lse_factory`` builds the node that computes the kept part's
-log-sum-exp from the cache (``kvcrush_ov.engine.less_op.KeptLogSumExp``); it must run after
-PagedAttention wrote this step's keys (``pa_out`` is passed only to order it).
+``less_state_z.L`` [B, Hkv, F] f32. ``nodes.lse`` builds the node that computes the kept part's
+log-sum-exp from the cache (``kvcrush_ov.engine.less_op``); it must run after PagedAttention
+wrote this step's keys (``pa_out`` is passed only to order it). With ``nodes.fused`` one native
+``LESSMix`` op per layer does all of the above (kvcrush::less_mix) between the two gathers and
+the scatter.
 
 Because another op reads ``key_cache.L``, the plugin no longer types the cache parameters itself:
 call :func:`set_cache_types` with the types and shapes the plain graph compiles to.
@@ -28,7 +30,7 @@ call :func:`set_cache_types` with the types and shapes the plain graph compiles 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import openvino as ov
@@ -37,6 +39,7 @@ import openvino.opset13 as ops
 from kvcrush_ov.less.kernels import LESSWeights
 from kvcrush_ov.transformations.per_head import (
     PA_TYPE,
+    PerHeadLayout,
     block_indices_begins_name,
     block_indices_name,
     head_past_lens_name,
@@ -48,7 +51,18 @@ LESS_TOKEN_OFFSET = "less_token_offset"
 _RT_KEY = "kvcrush_less"
 _Q, _KC, _SCALE = 0, 3, 9
 
-LSEFactory = Callable[[list[ov.Output], int], ov.Node]
+class LESSNodes(Protocol):
+    """Builds the per-layer LESS nodes: ``lse`` (KeptLogSumExp, inputs as in the module doc)
+    when not ``fused``, else ``mix`` (LESSMix: the whole mixing in one native op; inputs q_sel,
+    the kept output rows, key_cache.L, head_past_lens.L, block_indices.L,
+    block_indices_begins.L, less_token_seq, less_token_offset, scale, less_state_H.L,
+    less_state_z.L, phi's w1, b1, w2, b2 -> the mixed rows f32 [M, Hq*Dv])."""
+
+    fused: bool
+
+    def lse(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node: ...
+
+    def mix(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node: ...
 
 
 class LESSPatternError(RuntimeError):
@@ -106,14 +120,16 @@ def _i64(values: list[int]) -> ov.Output:
     return ops.constant(np.asarray(values, dtype=np.int64)).output(0)
 
 
-def add_less(model: ov.Model, weights: LESSWeights, lse_factory: LSEFactory) -> ov.Model:
-    """Add LESS mixing to every layer of a per-head paged ``model`` (in place; returns it)."""
+def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Model:
+    """Add LESS mixing to every layer of a per-head paged ``model`` (in place; returns it):
+    composed of graph ops around ``nodes.lse``, or one ``nodes.mix`` op when ``nodes.fused``."""
     if model.has_rt_info([_RT_KEY, "feature_dim"]):
         raise LESSPatternError("add_less: the model already has LESS")
     if not model.has_rt_info(["kvcrush_per_head", "num_kv_heads"]):
         raise LESSPatternError("add_less: run to_per_head first")
     pas = [n for n in model.get_ordered_ops() if n.get_type_name() == PA_TYPE]
     params = _params(model)
+    sequence_major = PerHeadLayout.from_model(model).sequence_major
     hq, hkv, d = weights.num_heads, weights.num_kv_heads, weights.head_dim
     f, g = weights.feature_dim, weights.group
     if len(pas) != weights.num_layers:
@@ -137,13 +153,27 @@ def add_less(model: ov.Model, weights: LESSWeights, lse_factory: LSEFactory) -> 
         dv = out.get_partial_shape()[1].get_length() // hq
         targets = list(out.get_target_inputs())
         q_sel = ops.convert(ops.gather(q, idx, axis0), ov.Type.f32)
-        lse_inputs = [q_sel.output(0), pa.input_value(_KC),
-                      params[head_past_lens_name(layer)].output(0),
-                      params[block_indices_name(layer)].output(0),
-                      params[block_indices_begins_name(layer)].output(0),
-                      seq.output(0), off.output(0),
-                      ops.convert(pa.input_value(_SCALE), ov.Type.f32).output(0), pa.output(0)]
-        lse = lse_factory(lse_inputs, layer).output(0)  # [M, Hq]
+        tables = [params[head_past_lens_name(layer)].output(0),
+                  params[block_indices_name(layer)].output(0),
+                  params[block_indices_begins_name(layer)].output(0)]
+        scale = ops.convert(pa.input_value(_SCALE), ov.Type.f32).output(0)
+        h_state = ops.parameter([-1, hkv, f, dv], ov.Type.f32, name=state_h_name(layer))
+        z_state = ops.parameter([-1, hkv, f], ov.Type.f32, name=state_z_name(layer))
+        new_params += [h_state, z_state]
+        if nodes.fused:
+            kept = ops.convert(ops.gather(out, idx, axis0), ov.Type.f32)
+            mixed = nodes.mix([q_sel.output(0), kept.output(0), pa.input_value(_KC), *tables,
+                               seq.output(0), off.output(0), scale, h_state.output(0),
+                               z_state.output(0), _c(a["q_w1"][layer]), _c(a["q_b1"][layer]),
+                               _c(a["q_w2"][layer]), _c(a["q_b2"][layer])], sequence_major)
+            mixed = ops.convert(mixed.output(0), out.get_element_type())
+            new_out = ops.scatter_update(out, idx, mixed, axis0, name=f"{tag}/less_out")
+            for t in targets:
+                t.replace_source_output(new_out.output(0))
+            continue
+        lse_inputs = [q_sel.output(0), pa.input_value(_KC), *tables, seq.output(0),
+                      off.output(0), scale, pa.output(0)]
+        lse = nodes.lse(lse_inputs, sequence_major).output(0)  # [M, Hq]
         # phi(q): [M, Hq*D] -> [Hq, M, D] -> [Hq, M, Y] -> [Hq, M, F]
         qh = ops.transpose(ops.reshape(q_sel, _i64([-1, hq, d]), False), _i64([1, 0, 2]))
         h1 = ops.gelu(ops.add(ops.matmul(qh, _c(a["q_w1"][layer]), False, False),
@@ -152,9 +182,6 @@ def add_less(model: ov.Model, weights: LESSWeights, lse_factory: LSEFactory) -> 
                               _c(a["q_b2"][layer][:, None, :])), "tanh")
         phi = ops.abs(h2)  # [Hq, M, F]
         phi = ops.reshape(ops.transpose(phi, _i64([1, 0, 2])), _i64([-1, hkv, g, f]), False)
-        h_state = ops.parameter([-1, hkv, f, dv], ov.Type.f32, name=state_h_name(layer))
-        z_state = ops.parameter([-1, hkv, f], ov.Type.f32, name=state_z_name(layer))
-        new_params += [h_state, z_state]
         h_sel = ops.gather(h_state, seq, axis0)  # [M, Hkv, F, Dv]
         z_sel = ops.unsqueeze(ops.gather(z_state, seq, axis0), _i64([3]))  # [M, Hkv, F, 1]
         num = ops.reshape(ops.matmul(phi, h_sel, False, False), _i64([-1, hq, dv]), False)

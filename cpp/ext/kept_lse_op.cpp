@@ -1,13 +1,15 @@
-// kvcrush's OpenVINO extension library (libkvcrush_ov_ext.so): the ``KeptLogSumExp`` op of
-// kvcrush_ov/engine/less_op.py as a native op, so the CPU plugin runs it without a call into
-// Python per layer and step. Same inputs, attributes and output as the Python op; the work is
-// kvcrush::kept_lse (cpp/src/less.cpp), shared with the Python module.
+// kvcrush's OpenVINO extension library (libkvcrush_ov_ext.so), ops the CPU plugin runs natively
+// (no call into Python per layer and step): ``KeptLogSumExp`` (the Python op of
+// kvcrush_ov/engine/less_op.py: same inputs, attributes and output) and ``LESSMix`` (the whole
+// LESS mixing of a layer, in place of KeptLogSumExp + the graph ops of transformations/less.py).
+// The work is cpp/src/less.cpp, shared with the Python module.
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
 #include <openvino/op/op.hpp>
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "kvcrush/less.hpp"
@@ -32,11 +34,7 @@ class KeptLogSumExpOp : public ov::op::Op {
   std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
     auto op = std::make_shared<KeptLogSumExpOp>();
     op->set_arguments(args);
-    op->num_kv_heads_ = num_kv_heads_;
-    op->group_ = group_;
-    op->sequence_major_ = sequence_major_;
-    op->format_ = format_;
-    op->layout_ = layout_;
+    op->copy_attributes(*this);
     op->constructor_validate_and_infer_types();
     return op;
   }
@@ -77,6 +75,21 @@ class KeptLogSumExpOp : public ov::op::Op {
     return true;
   }
 
+ protected:
+  int64_t num_kv_heads() const { return num_kv_heads_; }
+  int64_t group() const { return group_; }
+  bool sequence_major() const { return sequence_major_; }
+  int64_t format() const { return format_; }
+  const BlockLayout& layout() const { return layout_; }
+  void copy_attributes(const KeptLogSumExpOp& other) {
+    num_kv_heads_ = other.num_kv_heads_;
+    group_ = other.group_;
+    sequence_major_ = other.sequence_major_;
+    format_ = other.format_;
+    levels_ = other.levels_;
+    layout_ = other.layout_;
+  }
+
  private:
   int64_t num_kv_heads_ = 1;
   int64_t group_ = 1;
@@ -86,7 +99,68 @@ class KeptLogSumExpOp : public ov::op::Op {
   BlockLayout layout_{};
 };
 
+/// ``LESSMix``: the whole LESS mixing of a layer (kvcrush::less_mix). Inputs: 0 q f32 [M, Hq*D],
+/// 1 the kept output f32 [M, Hq*Dv], 2 key_cache.L, 3 head_past_lens.L, 4 block_indices.L,
+/// 5 block_indices_begins.L, 6 less_token_seq, 7 less_token_offset, 8 scale, 9 less_state_H.L
+/// [B, Hkv, F, Dv], 10 less_state_z.L [B, Hkv, F], 11..14 phi's w1 [Hq, D, Y], b1 [Hq, Y],
+/// w2 [Hq, Y, F], b2 [Hq, F]. Output f32 [M, Hq*Dv]. Attributes as KeptLogSumExp.
+class LESSMixOp : public KeptLogSumExpOp {
+ public:
+  OPENVINO_OP("LESSMix", "kvcrush", KeptLogSumExpOp);
+
+  LESSMixOp() = default;
+
+  explicit LESSMixOp(const ov::OutputVector& args) : KeptLogSumExpOp(args) {}
+
+  void validate_and_infer_types() override {
+    set_output_type(0, ov::element::f32, get_input_partial_shape(1));
+  }
+
+  std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
+    auto op = std::make_shared<LESSMixOp>();
+    op->set_arguments(args);
+    op->copy_attributes(*this);
+    op->constructor_validate_and_infer_types();
+    return op;
+  }
+
+  bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
+    const auto& q = inputs[0];
+    const auto& o = inputs[1];
+    const auto m = static_cast<int64_t>(q.get_shape()[0]);
+    const int64_t hq = num_kv_heads() * group();
+    outputs[0].set_shape(o.get_shape());
+    if (m == 0) return true;
+    const auto& w1 = inputs[11];
+    const auto& w2 = inputs[13];
+    const auto v_dim = static_cast<int64_t>(o.get_shape()[1]) / hq;
+    const auto b = static_cast<int64_t>(inputs[9].get_shape()[0]);
+    if (static_cast<int64_t>(inputs[3].get_size()) != b * num_kv_heads() ||
+        static_cast<int64_t>(inputs[9].get_size()) !=
+            b * num_kv_heads() * static_cast<int64_t>(w2.get_shape()[2]) * v_dim)
+      throw std::invalid_argument("LESSMix: less_state_H.L must be [B, Hkv, F, Dv] for the "
+                                  "step's B sequences");
+    const auto& cache = inputs[2];
+    HeadTables t{inputs[3].data<const int32_t>(), inputs[4].data<const int32_t>(),
+                 inputs[5].data<const int32_t>(), static_cast<int64_t>(inputs[3].get_size()),
+                 static_cast<int64_t>(inputs[4].get_size())};
+    QueryFeatureMap phi{w1.data<const float>(), inputs[12].data<const float>(),
+                        w2.data<const float>(), inputs[14].data<const float>(),
+                        static_cast<int64_t>(w1.get_shape()[2]),
+                        static_cast<int64_t>(w2.get_shape()[2])};
+    less_mix(static_cast<const uint8_t*>(cache.data()),
+             static_cast<int64_t>(cache.get_byte_size()) / layout().head_block_bytes, layout(),
+             static_cast<KeyFormat>(format()), t, q.data<const float>(), o.data<const float>(), m,
+             num_kv_heads(), group(), v_dim, *inputs[8].data<const float>(),
+             inputs[6].data<const int32_t>(), inputs[7].data<const int32_t>(), sequence_major(),
+             phi, inputs[9].data<const float>(), inputs[10].data<const float>(),
+             outputs[0].data<float>());
+    return true;
+  }
+};
+
 }  // namespace kvcrush
 
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>(
-    {std::make_shared<ov::OpExtension<kvcrush::KeptLogSumExpOp>>()}));
+    {std::make_shared<ov::OpExtension<kvcrush::KeptLogSumExpOp>>(),
+     std::make_shared<ov::OpExtension<kvcrush::LESSMixOp>>()}));

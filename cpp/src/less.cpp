@@ -158,3 +158,66 @@ void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
 }
 
 }  // namespace kvcrush
+
+namespace kvcrush {
+
+namespace {
+
+inline float gelu_tanh(float x) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+}
+
+}  // namespace
+
+void less_mix(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
+              KeyFormat format, const HeadTables& tables, const float* q, const float* o_kept,
+              int64_t m, int64_t num_kv_heads, int64_t group, int64_t v_dim, float scale,
+              const int32_t* seq, const int32_t* off, bool sequence_major,
+              const QueryFeatureMap& phi, const float* state_h, const float* state_z,
+              float* out) {
+  const int64_t hq = num_kv_heads * group, d = layout.head_dim;
+  const int64_t y = phi.hidden, f = phi.features;
+  if (y <= 0 || f <= 0 || v_dim <= 0)
+    throw std::invalid_argument("phi: allowed positive hidden, features and v_dim");
+  std::vector<float> lse(static_cast<size_t>(m * hq));
+  kept_lse(cache, num_blocks, layout, format, tables, q, m, num_kv_heads, group, scale, seq, off,
+           sequence_major, lse.data());
+  parallel_for(m * hq, d * y + y * f + f * v_dim, [&](int64_t item) {
+    const int64_t i = item / hq, head = item % hq, kv = head / group;
+    const int64_t s = seq[i];
+    std::vector<float> hid(static_cast<size_t>(y)), feat(static_cast<size_t>(f));
+    const float* qv = q + i * hq * d + head * d;
+    const float* w1 = phi.w1 + head * d * y;
+    for (int64_t k = 0; k < y; ++k) hid[k] = phi.b1[head * y + k];
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t k = 0; k < y; ++k) hid[k] += qv[c] * w1[c * y + k];
+    for (int64_t k = 0; k < y; ++k) hid[k] = gelu_tanh(hid[k]);
+    const float* w2 = phi.w2 + head * y * f;
+    for (int64_t k = 0; k < f; ++k) feat[k] = phi.b2[head * f + k];
+    for (int64_t c = 0; c < y; ++c)
+      for (int64_t k = 0; k < f; ++k) feat[k] += hid[c] * w2[c * f + k];
+    const float* zs = state_z + (s * num_kv_heads + kv) * f;
+    const float* hs = state_h + (s * num_kv_heads + kv) * f * v_dim;
+    float z = 0.0f;
+    for (int64_t k = 0; k < f; ++k) {
+      feat[k] = std::fabs(gelu_tanh(feat[k]));
+      z += feat[k] * zs[k];
+    }
+    const float* o = o_kept + i * hq * v_dim + head * v_dim;
+    float* dst = out + i * hq * v_dim + head * v_dim;
+    if (!(z > 0.0f)) {  // empty state: exactly the kept part
+      if (dst != o) std::copy(o, o + v_dim, dst);
+      return;
+    }
+    const float a = 1.0f / (1.0f + std::exp(std::log(z) - lse[static_cast<size_t>(item)]));
+    const float b = (1.0f - a) / z;
+    for (int64_t c = 0; c < v_dim; ++c) {
+      float n = 0.0f;
+      for (int64_t k = 0; k < f; ++k) n += feat[k] * hs[k * v_dim + c];
+      dst[c] = a * o[c] + b * n;
+    }
+  });
+}
+
+}  // namespace kvcrush

@@ -26,7 +26,7 @@ import openvino as ov
 
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
 from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, compact_kv
-from kvcrush_ov.engine.less_op import LSEFactory
+from kvcrush_ov.engine.less_op import LESSNodes
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
@@ -117,10 +117,10 @@ class HeadModelRunner(ModelRunner):
                                            w.group)
         key_layout = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
         # native op when the extension library was built; held here while the models live
-        self.lse_factory = LSEFactory(key_layout, hkv, w.group)
-        for graph, seq_major in ((model, False), (decode, True)):
+        self.less_nodes = LESSNodes(key_layout, hkv, w.group)
+        for graph in (model, decode):
             set_cache_types(graph, kt, kd, vt, vd)
-            add_less(graph, w, lambda inputs, _layer, m=seq_major: self.lse_factory(inputs, m))
+            add_less(graph, w, self.less_nodes)
 
     def _put_less(self, req: ov.InferRequest, chunks: list[ScheduledChunk]) -> None:
         """``less_token_*`` and, when a chunk's sequence has a LESS state, ``less_state_*.L``."""

@@ -92,10 +92,12 @@ def native_library() -> Path | None:
     return path if path.is_file() else None
 
 
-class LSEFactory:
-    """Builds the KeptLogSumExp node of a layer: the native op of the extension library when it
-    was built (no call into Python per layer and step), else :class:`KeptLogSumExp`. Keep the
-    factory alive as long as the models built with it: it holds the loaded library."""
+class LESSNodes:
+    """Builds a layer's LESS nodes (transformations/less.py's ``LESSNodes``): with the extension
+    library built, one native ``LESSMix`` per layer (``fused``: no call into Python per layer
+    and step); else the Python :class:`KeptLogSumExp` inside graph ops. ``native``: None picks,
+    True requires the library, False forces the Python op. Keep the object alive as long as the
+    models built with it: it holds the loaded library."""
 
     def __init__(self, layout: CacheLayout, num_kv_heads: int, group: int,
                  native: bool | None = None) -> None:
@@ -110,19 +112,28 @@ class LSEFactory:
             self._nodes.add_extension(str(lib))
 
     @property
-    def native(self) -> bool:
+    def fused(self) -> bool:
         return self._nodes is not None
 
-    def __call__(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node:
+    def _attrs(self, sequence_major: bool) -> dict:
+        n = self.layout.native
+        return {"num_kv_heads": self.num_kv_heads, "group": self.group,
+                "sequence_major": sequence_major,
+                "format": 0 if self.layout.by_channel else _FORMATS[self.layout.precision],
+                "by_channel": bool(n.by_channel), "levels": n.levels,
+                "block_size": n.block_size, "head_dim": n.head_dim,
+                "head_block_bytes": n.head_block_bytes, "header_bytes": n.header_bytes,
+                "row_bytes": n.row_bytes}
+
+    def lse(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node:
+        """KeptLogSumExp: native when the library is loaded, else the Python op."""
         if self._nodes is None:
             return KeptLogSumExp(inputs, self.layout, self.num_kv_heads, self.group,
                                  sequence_major)
-        n = self.layout.native
-        attrs = {"num_kv_heads": self.num_kv_heads, "group": self.group,
-                 "sequence_major": sequence_major,
-                 "format": 0 if self.layout.by_channel else _FORMATS[self.layout.precision],
-                 "by_channel": bool(n.by_channel), "levels": n.levels,
-                 "block_size": n.block_size, "head_dim": n.head_dim,
-                 "head_block_bytes": n.head_block_bytes, "header_bytes": n.header_bytes,
-                 "row_bytes": n.row_bytes}
-        return self._nodes.create("KeptLogSumExp", inputs, attrs)
+        return self._nodes.create("KeptLogSumExp", inputs, self._attrs(sequence_major))
+
+    def mix(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node:
+        """LESSMix (native only)."""
+        if self._nodes is None:
+            raise RuntimeError("LESSMix needs the extension library")
+        return self._nodes.create("LESSMix", inputs, self._attrs(sequence_major))

@@ -38,3 +38,31 @@ void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
               const int32_t* off, bool sequence_major, float* out);
 
 }  // namespace kvcrush
+
+namespace kvcrush {
+
+/// One layer's LESS feature map of the queries (kvcrush_ov/less/kernels.py): per query head,
+/// ``phi(q) = |gelu(gelu(q W1 + b1) W2 + b2)|`` (tanh gelu); w1 [Hq, D, Y], b1 [Hq, Y],
+/// w2 [Hq, Y, F], b2 [Hq, F].
+struct QueryFeatureMap {
+  const float* w1 = nullptr;
+  const float* b1 = nullptr;
+  const float* w2 = nullptr;
+  const float* b2 = nullptr;
+  int64_t hidden = 0;    ///< Y
+  int64_t features = 0;  ///< F
+};
+
+/// The whole LESS mixing of one layer for ``m`` selected tokens, in place of kept_lse + the
+/// graph ops around it: ``out[i, head] = a * o_kept[i, head] + (1 - a) * N / Z`` with
+/// ``L`` = kept_lse, ``N = phi(q) H[seq, kv]``, ``Z = phi(q) z[seq, kv]``, ``a = sigmoid(L -
+/// log Z)`` and ``a = 1`` exactly when ``Z = 0``. o_kept / out: f32 [m, Hq * Dv] (may alias);
+/// state_h: f32 [B, Hkv, F, Dv], state_z: f32 [B, Hkv, F]. Other arguments as kept_lse.
+void less_mix(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
+              KeyFormat format, const HeadTables& tables, const float* q, const float* o_kept,
+              int64_t m, int64_t num_kv_heads, int64_t group, int64_t v_dim, float scale,
+              const int32_t* seq, const int32_t* off, bool sequence_major,
+              const QueryFeatureMap& phi, const float* state_h, const float* state_z,
+              float* out);
+
+}  // namespace kvcrush
