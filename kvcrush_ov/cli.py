@@ -567,8 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--model", default=DEFAULT_MODEL, help="registry name or HF checkpoint folder")
     lt.add_argument("--policy", default="snapkv", help="eviction policy simulated (snapkv)")
     lt.add_argument("--budget", default="0.125",
-                    help="tokens SnapKV keeps, as a fraction of the prefix (0.125 or 12.5%%)")
-    lt.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
+                    help="total tokens the engine's eviction keeps (sinks and recent window "
+                    "included), as a fraction of the prefix (0.125 or 12.5%%)")
+    lt.add_argument("--seq-len", type=int, default=1024,
+                    help="tokens per training sequence; prefixes of seq_len/2 .. seq_len-64 "
+                    "are evicted (4096 matches RULER-4K prompts)")
     lt.add_argument("--sequences", type=int, default=64,
                     help="training sequences (validation: another max(2, N // 8))")
     lt.add_argument("--steps", type=int, default=300, help="Adam steps per layer")

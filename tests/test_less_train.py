@@ -1,7 +1,7 @@
 """LESS training (kvcrush_ov/less/train.py, ``kvcrush-ov less-train``): the torch feature maps
 against the numpy reference, the q/k/v capture against the model's own attention, the simulated
-SnapKV eviction against the project's policy, training / resuming on tiny-random-llama, and the
-CLI's argument checks."""
+eviction against the engine's default SnapKV written out by hand, the spill's clean-up,
+training / resuming on tiny-random-llama, and the CLI's argument checks."""
 
 from __future__ import annotations
 
@@ -113,38 +113,78 @@ def test_capture_reproduces_the_attention_module(tiny_hf):
         assert outs[i].abs().max() > 1e-3  # not trivially zero
 
 
-def test_simulated_eviction_and_targets(tiny_hf):
-    """The SnapKV mask equals the project's SnapKV (avg pooling, kernel 7) on the same window
-    scores; the kept-part output / log-sum-exp and the target equal a direct computation."""
-    from kvcrush_ov.eviction.base import EvictionInputs
-    from kvcrush_ov.eviction.snapkv import SnapKV
+def _reference_evicted(q, k, p: int, budget: float, scale: float) -> list[list[int]]:
+    """The engine's default SnapKV eviction of the prompt [0, p), written out independently of
+    kvcrush_ov.eviction: the last 32 queries' attention summed over them and the group's query
+    heads, / 32 (norm_sum), avg-pooled over 31 centred and clipped to the candidates (the keys
+    neither among the 32 sinks nor the 128 recent), the top int(budget * p) - 160 candidates
+    (ties: the earlier) kept. Per KV head: the evicted positions, ascending."""
+    from kvcrush_ov.config import NATIVE_KERNEL_SIZE, CacheEvictionConfig
 
-    ids = torch.randint(0, tiny_hf.config.vocab_size, (1, 200), generator=torch.Generator()
+    cfg = CacheEvictionConfig()
+    sinks, recent, window = cfg.start_size, cfg.recent_size, cfg.snapkv_window_size
+    assert (sinks, recent, window, NATIVE_KERNEL_SIZE) == (32, 128, 32, 31)
+    assert cfg.pooling is None and cfg.pooling_offset == 0 and cfg.aggregation_mode == "norm_sum"
+    hq, hkv = q.shape[0], k.shape[0]
+    g = hq // hkv
+    acc = np.zeros((hkv, p))
+    for h in range(hq):
+        for t in range(p - window, p):
+            acc[h // g, :t + 1] += torch.softmax((q[h, t] @ k[h // g, :t + 1].T) * scale,
+                                                 -1).double().numpy()
+    cand = np.arange(sinks, p - recent)
+    c, r = len(cand), NATIVE_KERNEL_SIZE // 2
+    num_keep = max(int(budget * p), sinks + recent) - sinks - recent
+    out = []
+    for h in range(hkv):
+        sc = acc[h, cand] / window
+        pooled = np.array([sc[max(0, j - r):min(c, j + r + 1)].mean() for j in range(c)])
+        top = np.argsort(-pooled, kind="stable")[:num_keep]
+        out.append(sorted(set(cand.tolist()) - set(cand[top].tolist())))
+    return out
+
+
+def test_simulated_eviction_is_the_engines(tiny_hf):
+    """The evicted set equals the engine's default SnapKV written out by hand (32 sinks, 128
+    recent, 32-query window, avg over 31, total budget); the meta constants come from it."""
+    from kvcrush_ov.config import NATIVE_KERNEL_SIZE, CacheEvictionConfig
+
+    cfg = CacheEvictionConfig()
+    got = (lt.SINKS, lt.RECENT, lt.WINDOW, lt.KERNEL_SIZE, lt.POOLING, lt.POOLING_OFFSET,
+           lt.AGGREGATION)
+    assert got == (cfg.start_size, cfg.recent_size, cfg.snapkv_window_size, NATIVE_KERNEL_SIZE,
+                   "avg", 0, cfg.aggregation_mode)
+    ids = torch.randint(0, tiny_hf.config.vocab_size, (1, 500), generator=torch.Generator()
                         .manual_seed(1))
+    q, k, _ = lt.capture_qkv(tiny_hf, ids, [1])[1]
+    scale = float(lt.attention_modules(tiny_hf)[1].scaling)
+    for p, budget in ((430, 0.6), (400, 0.45), (331, 0.125)):
+        spec = lt.engine_spec(budget)
+        ev = lt.snapkv_evicted(q, k, p, spec, scale)
+        assert ev.dtype == torch.int64
+        want = _reference_evicted(q, k, p, budget, scale)
+        assert ev.tolist() == want, (p, budget)
+        # the total budget: sinks and recent window count in it
+        assert ev.shape == (k.shape[0], p - max(int(budget * p), 160))
+    # selection matters in the first cases: the heads keep different tokens
+    assert lt.snapkv_evicted(q, k, 430, lt.engine_spec(0.6), scale).unique(dim=0).shape[0] > 1
+    assert lt.snapkv_evicted(q, k, 150, lt.engine_spec(0.125), scale).shape == (2, 0)
+
+
+def test_example_targets(tiny_hf):
+    """The kept-part output / log-sum-exp and the target equal a direct computation; the
+    evicted keys / values are spilled as float16."""
+    ids = torch.randint(0, tiny_hf.config.vocab_size, (1, 400), generator=torch.Generator()
+                        .manual_seed(2))
     q, k, v = lt.capture_qkv(tiny_hf, ids, [1])[1]
     mod = lt.attention_modules(tiny_hf)[1]
     hq, _, d = q.shape
-    hkv = k.shape[0]
-    g = hq // hkv
-    p, budget = 120, 15
-    ev = lt.snapkv_evicted(q, k, p, budget, float(mod.scaling))
-    w0 = p - lt.WINDOW
-    assert ev.shape == (hkv, p - lt.SINKS - lt.WINDOW - budget)
-    scores = np.zeros((1, hkv, w0 - lt.SINKS), np.float32)  # the window's attention
-    for h in range(hq):
-        for t in range(w0, p):
-            a = torch.softmax((q[h, t] @ k[h // g, :t + 1].T) * mod.scaling, -1)
-            scores[0, h // g] += a[lt.SINKS:w0].numpy()
-    c = scores.shape[-1]
-    inputs = EvictionInputs(scores, np.ones_like(scores), np.tile(np.arange(c), (1, hkv, 1)),
-                            np.full((1, hkv), c, np.int64))
-    keep = SnapKV(pooling="avg", kernel_size=lt.KERNEL_SIZE).select(
-        inputs, budget, np.random.default_rng(0))[0]
-    for h in range(hkv):
-        want = sorted(set(range(lt.SINKS, w0)) - {lt.SINKS + i for i in np.flatnonzero(keep[h])})
-        assert ev[h].tolist() == want
-
-    ex = lt._example(mod, q, k, v, p, budget)
+    g = hq // k.shape[0]
+    p, spec = 330, lt.engine_spec(0.5)
+    ev = lt.snapkv_evicted(q, k, p, spec, float(mod.scaling))
+    assert ev.shape == (2, p - 165)
+    ex = lt._example(mod, q, k, v, p, spec)
+    assert ex["ek"].dtype == ex["ev"].dtype == torch.float16
     n = p + lt.QUERIES
     outs = []
     for h in range(hq):
@@ -159,18 +199,48 @@ def test_simulated_eviction_and_targets(tiny_hf):
     full = torch.stack(outs).view(hq, lt.QUERIES, d).transpose(0, 1).reshape(lt.QUERIES, -1)
     with torch.no_grad():
         torch.testing.assert_close(ex["target"], mod.o_proj(full), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ex["ek"][0], k[0, ev[0]])
+    for h in range(2):
+        torch.testing.assert_close(ex["ek"][h].float(), k[h, ev[h]], atol=1e-2, rtol=1e-3)
+        torch.testing.assert_close(ex["ev"][h].float(), v[h, ev[h]], atol=1e-2, rtol=1e-3)
+    big = torch.full((2, 3, 4), 1e5)  # beyond float16: kept as float32
+    assert lt._spill(big).dtype == torch.float32 and lt._spill(big / 1e3).dtype == torch.float16
+
+
+def test_stale_spill_folders_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)
+    (tmp_path / f".collect-{dead}-abc").mkdir()
+    (tmp_path / f".collect-{dead}-abc" / "layer000-00000.pt").write_bytes(b"x")
+    (tmp_path / f".collect-{os.getpid()}-def").mkdir()  # this process: alive, stays
+    (tmp_path / "other").mkdir()
+    lt._remove_stale_spills(tmp_path)
+    assert sorted(d.name for d in tmp_path.iterdir()) == sorted(
+        [f".collect-{os.getpid()}-def", "other"])
 
 
 def _cfg(out, **kw) -> lt.TrainConfig:
-    base = dict(model="tiny-random-llama", seq_len=128, sequences=8, steps=40, hidden=16,
+    base = dict(model="tiny-random-llama", seq_len=512, sequences=8, steps=40, hidden=16,
                 features=4, out=out)
     return lt.TrainConfig(**{**base, **kw})
+
+
+def _spills() -> list:
+    import os
+
+    from kvcrush_ov.models import store
+
+    return list((store.home() / "tmp").glob(f".collect-{os.getpid()}-*"))
 
 
 def test_train_resume_and_refuse(tiny_model, tmp_path):
     out = tmp_path / "less.npz"
     r1 = lt.train(_cfg(out, layers=2))
+    assert _spills() == []  # the spill folder is gone
     assert [r.layer for r in r1.layers] == [0, 1] and r1.path == out
     for r in r1.layers:  # training beat the initial (no-op) kernels on held-out data
         assert r.val_loss < 0.999 * r.val_loss_initial, r
@@ -178,6 +248,9 @@ def test_train_resume_and_refuse(tiny_model, tmp_path):
     w1 = LESSWeights.load(out)
     assert w1.meta["layers_trained"] == 2 and w1.meta["hidden"] == 16
     assert w1.meta["model"] == "tiny-random-llama" and len(w1.meta["data_hash"]) == 64
+    assert (w1.meta["simulation"], w1.meta["sinks"], w1.meta["recent"], w1.meta["window"],
+            w1.meta["kernel_size"], w1.meta["pooling"]) == (lt.SIMULATION, 32, 128, 32, 31, "avg")
+    assert w1.meta["prefix_range"] == [256, 512 - lt.QUERIES]
     assert len(w1.meta["seconds_per_layer"]) == 2
     init = LESSWeights.initial(4, 8, 2, 32, hidden=16, feature_dim=4, seed=0)
     assert not np.array_equal(w1.arrays["k_s1"][:2], init.arrays["k_s1"][:2])
@@ -198,6 +271,17 @@ def test_train_resume_and_refuse(tiny_model, tmp_path):
     with pytest.raises(ConfigError) as e:
         lt.train(_cfg(out, sequences=9))
     assert e.value.field == "--sequences"
+    # a file trained with another simulation (an older version: no field) never resumes
+    meta = dict(w2.meta, layers_trained=2)
+    for old in ({"simulation": 1}, {"simulation": None}, {"recent": 8}):
+        w = LESSWeights(w2.arrays, dict(meta, **old))
+        if old.get("simulation", 0) is None:
+            del w.meta["simulation"]
+        w.save(out)
+        with pytest.raises(ConfigError) as e:
+            lt.train(_cfg(out))
+        assert e.value.field == next(iter(old))
+    assert _spills() == []
     r3 = lt.train(_cfg(out, hidden=8, layers=1, steps=2, restart=True))
     assert [r.layer for r in r3.layers] == [0]
     assert LESSWeights.load(out).meta["hidden"] == 8
@@ -208,8 +292,8 @@ def test_train_resume_and_refuse(tiny_model, tmp_path):
     (["--budget", "0"], "--budget"),
     (["--budget", "100"], "--budget"),  # a token count, not a fraction
     (["--budget", "lots"], "--budget"),
-    (["--budget", "0.9", "--seq-len", "128"], "--budget"),  # nothing left to evict
     (["--seq-len", "64"], "--seq-len"),
+    (["--seq-len", str(lt.MIN_SEQ_LEN - 1)], "--seq-len"),  # no more than sinks + recent
     (["--seq-len", "100000"], "--seq-len"),  # beyond the model's context
     (["--sequences", "0"], "--sequences"),
     (["--steps", "0"], "--steps"),

@@ -8,11 +8,19 @@ The recipe of Dong et al. (2024), scaled down to a laptop:
 * data: sequences of ``seq_len`` tokens of text the project already fetched that is not a RULER
   sample (Paul Graham's essays, the SQuAD and HotpotQA paragraphs), split into train / validation
   by a hash of each document;
-* eviction is simulated as the policy LESS is paired with: for ``snapkv``, a random prefix of
-  ``p`` tokens (uniform in [seq_len / 2, seq_len - 64]) keeps its :data:`SINKS` first tokens, its
-  last :data:`WINDOW` tokens and the ``round(budget * p)`` others with the highest SnapKV score
-  (the window's attention, summed over the window and the group's query heads, avg-pooled over
-  :data:`KERNEL_SIZE`); the rest of the prefix is evicted into the LESS state;
+* eviction is simulated as the engine runs the policy LESS is paired with, by the engine's own
+  code: for ``snapkv``, the default :class:`~kvcrush_ov.config.CacheEvictionConfig` without
+  KVCrush (:data:`ENGINE`; the ``snapkv+less`` column). A random prefix of ``p`` tokens (uniform
+  in [seq_len / 2, seq_len - QUERIES]) is the prompt: its last :data:`WINDOW`
+  (``snapkv_window_size``) queries score every key (softmax in f32, summed over the window and
+  the group's query heads), the planner (:func:`kvcrush_ov.eviction.planner.plan_eviction`)
+  keeps the :data:`SINKS` (``start_size``) first and :data:`RECENT` (``recent_size``) last
+  tokens and lets the policy (:func:`kvcrush_ov.eviction.factory.make_policy`: SnapKV,
+  ``norm_sum``, avg-pooled over :data:`KERNEL_SIZE` = ``NATIVE_KERNEL_SIZE``, centred, per KV
+  head) pick the rest of the TOTAL budget ``EvictionSpec.budget(p)`` (``max(int(budget * p),
+  sinks + recent)`` tokens per KV head, sinks and recent included); the rest of the prefix is
+  evicted into the LESS state. :data:`SIMULATION` versions this recipe (a resumed file must
+  share it);
 * the :data:`QUERIES` queries after the prefix attend to the kept prefix, to the tokens from ``p``
   up to themselves and to the state; the loss is the MSE between the layer's frozen ``o_proj`` of
   that output and of the full-cache attention output;
@@ -25,7 +33,10 @@ The recipe of Dong et al. (2024), scaled down to a laptop:
 
 Everything the loss needs that does not depend on the kernels (the kept part's output and
 log-sum-exp, the evicted keys / values, the target) is computed once while the model runs and
-spilled to a temporary folder under the cache, so memory stays that of one layer's data.
+spilled to a temporary folder under the cache (``<cache>/tmp/.collect-<pid>-*``; the evicted
+keys / values in float16, about 3,500 x Hkv x D of each per layer and sequence at seq_len 4096),
+so memory stays that of one layer's data. Each layer's files go once loaded, the folder when
+the run ends, and a folder left by a run that was killed goes when the next run starts.
 
 torch and transformers are imported inside the functions: ``kvcrush_ov`` imports without them.
 """
@@ -33,9 +44,12 @@ torch and transformers are imported inside the functions: ``kvcrush_ov`` imports
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -47,16 +61,36 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcrush_ov.config import CacheEvictionConfig
 from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.eviction.factory import make_policy, make_spec
+from kvcrush_ov.eviction.planner import plan_eviction
+from kvcrush_ov.eviction.scores import SequenceScores
+from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.less.kernels import ARRAYS, LESSWeights, default_weights_path
 
 POLICIES = ("snapkv",)
-SINKS = 4  # first tokens eviction always keeps
-WINDOW = 8  # SnapKV's observation window: the prefix's last queries (kept too)
-KERNEL_SIZE = 7  # SnapKV's pooling (avg, centred, clipped to the candidates)
-POOLING = "avg"
+# the eviction simulated: the engine's default without KVCrush (its taper gives KVCrush no share
+# at a 12.5% budget anyway); every constant below is read from it, none duplicated
+ENGINE = CacheEvictionConfig(kvcrush=None)
+_POLICY = make_policy(ENGINE)
+SINKS = ENGINE.start_size  # first tokens eviction always keeps (32)
+RECENT = ENGINE.recent_size  # most recent tokens eviction always keeps (128)
+WINDOW = ENGINE.snapkv_window_size  # SnapKV's observation window: the prompt's last queries (32)
+KERNEL_SIZE = _POLICY.kernel_size  # the native pooling (NATIVE_KERNEL_SIZE = 31)
+POOLING = _POLICY.pooling  # NATIVE_POOLING ("avg")
+POOLING_OFFSET = _POLICY.offset  # 0: centred
+AGGREGATION = _POLICY.aggregation_mode  # "norm_sum" (the window's scores / 32: same ranking)
+# version of the simulation recipe (bump when it changes: a file trained otherwise never resumes)
+# 1: 4 sinks, 8-query window, avg over 7, budget counting the selected tokens only (no field)
+# 2: the engine's planner and policy, total budget; evicted keys / values spilled as float16
+SIMULATION = 2
 QUERIES = 64  # queries trained on per sequence: the positions right after the prefix
-MIN_SEQ_LEN = 2 * QUERIES
+# the shortest prefix (seq_len // 2) must hold more than the sinks and the recent window, which
+# the engine always keeps, and the longest (seq_len - QUERIES) must not be shorter
+MIN_SEQ_LEN = max(2 * QUERIES, 2 * (SINKS + RECENT + 1))
+_BLOCK_SIZE = 32  # tokens per KV block, for the planner (only block-granular policies read it)
+SPILL_DTYPE = "float16"  # the evicted keys / values on disk (float32 where float16 overflows)
 VAL_BUCKETS = 8  # a document is validation when its hash % VAL_BUCKETS == 0
 CHUNK = 8  # sequences per spill file
 SOURCES = ("essays", "squad", "hotpotqa")
@@ -65,9 +99,11 @@ SOURCES = ("essays", "squad", "hotpotqa")
 _RESUME_FIELDS = {"model": "--model", "policy": "--policy", "budget": "--budget",
                   "seq_len": "--seq-len", "sequences": "--sequences", "steps": "--steps",
                   "hidden": "--hidden", "feature_dim": "--features", "seed": "--seed",
-                  "lr": "lr", "batch": "batch", "sinks": "sinks", "window": "window",
-                  "kernel_size": "kernel_size", "pooling": "pooling", "queries": "queries",
-                  "data_hash": "data_hash"}
+                  "lr": "lr", "batch": "batch", "simulation": "simulation", "sinks": "sinks",
+                  "recent": "recent", "window": "window", "kernel_size": "kernel_size",
+                  "pooling": "pooling", "pooling_offset": "pooling_offset",
+                  "aggregation_mode": "aggregation_mode", "queries": "queries",
+                  "prefix_range": "prefix_range", "data_hash": "data_hash"}
 
 
 def _say(msg: str) -> None:
@@ -79,6 +115,8 @@ def _say(msg: str) -> None:
 class TrainConfig:
     """What ``kvcrush-ov less-train`` trains; :meth:`check` names the flag of a bad value.
 
+    budget: the engine's TOTAL budget as a fraction of the prompt (the prefix), sinks and recent
+        window included, as ``CacheEvictionConfig.max_cache_size``;
     sequences: training sequences (validation gets ``max(2, sequences // 8)`` more, from other
         documents); steps: Adam steps per layer (``batch`` sequences each); layers: train at most
         this many more layers in this run (None: all the rest); out: the weights file (default
@@ -117,16 +155,14 @@ class TrainConfig:
                               "checkpoint folder")
         if self.policy not in POLICIES:
             raise ConfigError("--policy", self.policy, f"one of {', '.join(POLICIES)}")
-        integer("--seq-len", self.seq_len, MIN_SEQ_LEN)
+        if (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
+                or self.seq_len < MIN_SEQ_LEN):
+            raise ConfigError("--seq-len", self.seq_len, f"an integer >= {MIN_SEQ_LEN} (half "
+                              f"of it, the shortest prefix, must exceed the {SINKS} sinks + "
+                              f"{RECENT} recent tokens the engine always keeps)")
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, float) or not 0.0 < b < 1.0:
             raise ConfigError("--budget", b, "a fraction of the prefix in (0, 1), e.g. 0.125")
-        p_min = self.seq_len // 2
-        if round(b * p_min) >= p_min - SINKS - WINDOW:
-            raise ConfigError("--budget", b, f"a fraction that leaves tokens to evict: "
-                              f"round(budget * {p_min}) < {p_min - SINKS - WINDOW} (the "
-                              f"shortest prefix of --seq-len {self.seq_len} less sinks and "
-                              "window)")
         integer("--sequences", self.sequences, 1)
         integer("--steps", self.steps, 1)
         integer("--hidden", self.hidden, 1)
@@ -203,6 +239,13 @@ def _chunks(tokenizer, docs: tuple[str, ...], length: int) -> Iterator[list[int]
             buf = buf[length:]
 
 
+def prefix_range(seq_len: int) -> tuple[int, int]:
+    """Shortest and longest prefix (both included) of a ``seq_len``-token sequence: at seq_len
+    4096, 2048..4032 tokens, so that 1,792..3,528 are evicted at a 12.5% budget (a RULER-4K
+    prompt evicts about 3,400)."""
+    return seq_len // 2, seq_len - QUERIES
+
+
 @dataclass
 class Data:
     """Token ids ``train`` [N, seq_len] / ``val`` [M, seq_len] (int64), prefix lengths, hash."""
@@ -244,7 +287,7 @@ def build_data(tokenizer, seq_len: int, sequences: int, val_sequences: int, seed
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(train, "<i8").tobytes())
     h.update(np.ascontiguousarray(val, "<i8").tobytes())
-    lo, hi = seq_len // 2, seq_len - QUERIES
+    lo, hi = prefix_range(seq_len)
     prefix = [np.random.default_rng([seed, i]).integers(lo, hi + 1, size=n)
               for i, n in ((1, len(train)), (2, len(val)))]
     return Data(train, val, prefix[0].astype(np.int64), prefix[1].astype(np.int64),
@@ -383,45 +426,70 @@ def _grouped_scores(q, k, start: int, end: int, scale: float):
     return s
 
 
-def snapkv_evicted(q, k, p: int, budget: int, scale: float):
-    """Positions [Hkv, E] (ascending) of the prefix ``[0, p)`` SnapKV evicts, per KV head: the
-    last :data:`WINDOW` queries before ``p`` score every earlier key (softmax in f32, summed over
-    the window and the group's query heads), avg-pooled over :data:`KERNEL_SIZE` candidates
-    (the window clipped to the candidates); the top ``budget`` candidates (ties: the earlier)
-    stay with the :data:`SINKS` first and the window's tokens. ``E = p - SINKS - WINDOW -
-    min(budget, candidates)`` for every head."""
+def engine_spec(budget: float) -> EvictionSpec:
+    """The engine's eviction spec of :data:`ENGINE` at a total budget of ``budget`` (a fraction
+    of the prompt): its policy, sinks, recent window, observation window and budget rule."""
+    return make_spec(dataclasses.replace(ENGINE, max_cache_size=budget))
+
+
+def window_scores(q, k, p: int, window: int, scale: float) -> np.ndarray:
+    """float32 [Hkv, p]: the attention every key of the prompt ``[0, p)`` receives from its last
+    ``window`` queries (softmax over the keys each sees, in f32), summed over those queries and
+    the group's query heads: what the engine's scored graph accumulates for a KV head."""
+    import torch
+
+    a = torch.softmax(_grouped_scores(q, k, p - window, p, scale), dim=-1)  # [Hkv, G, W, p]
+    return a.sum((1, 2)).numpy()
+
+
+def snapkv_evicted(q, k, p: int, spec: EvictionSpec, scale: float):
+    """Positions [Hkv, E] (ascending, int64) of the prompt ``[0, p)`` that the engine's eviction
+    ``spec`` (:func:`engine_spec`) drops per KV head, with ``q`` [Hq, n, D], ``k`` [Hkv, n, D]
+    post-RoPE and ``n >= p``: the last ``spec.window`` queries' scores (:func:`window_scores`)
+    go into a :class:`SequenceScores` as the engine accumulates them, and the engine's own
+    planner and policy choose at its budget ``spec.budget(p)`` (sinks and recent window
+    included). ``E`` is the same for every head (SnapKV gives every head the same quota); 0
+    when the prompt fits the budget (the engine does not evict then)."""
     import torch
 
     hkv = k.shape[0]
-    w0 = p - WINDOW
-    a = torch.softmax(_grouped_scores(q, k, w0, p, scale), dim=-1)  # [Hkv, G, W, p]
-    score = a.sum((1, 2))[:, SINKS:w0].double()  # candidates [Hkv, C]
-    c = score.shape[1]
-    r = KERNEL_SIZE // 2
-    cs = torch.nn.functional.pad(score.cumsum(1), (1, 0))
-    j = torch.arange(c)
-    lo, hi = (j - r).clamp_min(0), (j + r + 1).clamp_max(c)
-    pooled = (cs[:, hi] - cs[:, lo]) / (hi - lo).double()
-    top = torch.sort(pooled, dim=1, descending=True, stable=True).indices[:, :min(budget, c)]
-    kept = torch.zeros(hkv, p, dtype=torch.bool)
-    kept[:, :SINKS] = True
-    kept[:, w0:] = True
-    kept.scatter_(1, top + SINKS, True)
-    e = p - int(kept[0].sum())
-    return torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :e]
+    budget = spec.budget(p)
+    if p <= budget:
+        return torch.zeros(hkv, 0, dtype=torch.int64)
+    window = min(spec.window, p)
+    acc = SequenceScores(1, hkv)
+    for h, row in enumerate(window_scores(q, k, p, window, scale)):
+        acc.add(0, h, row)
+    acc.add_queries(p - window, window)
+    rows = np.arange(p, dtype=np.int64)
+    decision = plan_eviction([[rows] * hkv], acc, spec.policy, budget, spec.start_size,
+                             spec.recent_size, p, _BLOCK_SIZE, np.random.default_rng(spec.seed))
+    gone = [np.setdiff1d(rows, kept, assume_unique=True) for kept in decision.keep_rows[0]]
+    if len({len(g) for g in gone}) != 1:
+        raise AssertionError(f"eviction: heads evict {[len(g) for g in gone]} tokens")
+    return torch.from_numpy(np.stack(gone))
 
 
-def _example(module, q, k, v, p: int, budget: int) -> dict:
+def _spill(x):
+    """``x`` as :data:`SPILL_DTYPE` where every value fits (else unchanged, float32)."""
+    import torch
+
+    h = x.to(getattr(torch, SPILL_DTYPE))
+    return h if bool(torch.isfinite(h).all()) else x
+
+
+def _example(module, q, k, v, p: int, spec: EvictionSpec) -> dict:
     """What training needs of one layer and sequence (nothing here depends on the kernels):
     the queries ``q`` [Hq, QUERIES, D] after the prefix, the output ``o_kept`` and log-sum-exp
     ``lse`` of their attention without the evicted tokens, the evicted keys / values ``ek`` /
-    ``ev`` [Hkv, E, D], and the target: ``o_proj`` of the full attention output."""
+    ``ev`` [Hkv, E, D] (as :data:`SPILL_DTYPE`), and the target: ``o_proj`` of the full
+    attention output."""
     import torch
 
     hq, _, d = q.shape
     hkv, dv = k.shape[0], v.shape[-1]
     scale = float(module.scaling)
-    ev_idx = snapkv_evicted(q, k, p, budget, scale)
+    ev_idx = snapkv_evicted(q, k, p, spec, scale)
     n = p + QUERIES
     s = _grouped_scores(q, k, p, n, scale).view(hkv, -1, n)  # [Hkv, G * QUERIES, n]
     m = s.amax(-1, keepdim=True)
@@ -435,8 +503,8 @@ def _example(module, q, k, v, p: int, budget: int) -> dict:
     lse = (m + den.log()).view(hq, QUERIES)
     target = module.o_proj(full.view(hq, QUERIES, dv).transpose(0, 1).reshape(QUERIES, hq * dv))
     return {"q": q[:, p:n].clone(), "o_kept": o_kept, "lse": lse,
-            "ek": k.gather(1, ev_idx[:, :, None].expand(-1, -1, d)),
-            "ev": v.gather(1, ev_idx[:, :, None].expand(-1, -1, dv)),
+            "ek": _spill(k.gather(1, ev_idx[:, :, None].expand(-1, -1, d))),
+            "ev": _spill(v.gather(1, ev_idx[:, :, None].expand(-1, -1, dv))),
             "target": target.detach().clone()}
 
 
@@ -445,13 +513,14 @@ def _collect(model, layers: list[int], data: Data, budget: float, work: Path) ->
     import torch
 
     modules = attention_modules(model)
+    spec = engine_spec(budget)
     seqs = ([("train", ids, int(p)) for ids, p in zip(data.train, data.train_prefix, strict=True)]
             + [("val", ids, int(p)) for ids, p in zip(data.val, data.val_prefix, strict=True)])
     buf: dict[int, list] = {i: [] for i in layers}
     cur: dict = {}
 
     def on_layer(i, module, q, k, v):
-        ex = _example(module, q, k, v, cur["p"], round(budget * cur["p"]))
+        ex = _example(module, q, k, v, cur["p"], spec)
         ex["split"] = cur["split"]
         buf[i].append(ex)
 
@@ -481,28 +550,56 @@ def _collect(model, layers: list[int], data: Data, budget: float, work: Path) ->
 
 
 def _stack(examples: list[dict]) -> dict:
-    """Examples of one split -> batched tensors; the evicted keys / values padded to the
+    """Examples of one split -> batched float32 tensors; the evicted keys / values padded to the
     longest (``em`` [S, 1, E, 1] masks the padding)."""
     import torch
 
     e = max(x["ek"].shape[1] for x in examples)
     out = {k: torch.stack([x[k] for x in examples]) for k in ("q", "o_kept", "lse", "target")}
     for key in ("ek", "ev"):
-        out[key] = torch.stack([torch.nn.functional.pad(x[key], (0, 0, 0, e - x[key].shape[1]))
+        out[key] = torch.stack([torch.nn.functional.pad(x[key].float(),
+                                                        (0, 0, 0, e - x[key].shape[1]))
                                 for x in examples])
     out["em"] = torch.stack([(torch.arange(e) < x["ek"].shape[1]).float()[None, :, None]
                              for x in examples])
     return out
 
 
-def _load_layer(work: Path, layer: int) -> tuple[dict, dict]:
+def _load_layer(work: Path, layer: int, remove: bool = False) -> tuple[dict, dict]:
+    """The layer's (train, validation) batches from the spill; ``remove``: delete its files."""
     import torch
 
     exs: list[dict] = []
-    for f in sorted(work.glob(f"layer{layer:03d}-*.pt")):
+    files = sorted(work.glob(f"layer{layer:03d}-*.pt"))
+    for f in files:
         exs.extend(torch.load(f, weights_only=True))
+    if remove:
+        for f in files:
+            f.unlink()
     return (_stack([x for x in exs if x["split"] == "train"]),
             _stack([x for x in exs if x["split"] == "val"]))
+
+
+_SPILL_PREFIX = ".collect-"
+
+
+def _remove_stale_spills(root: Path) -> None:
+    """Delete the spill folders under ``root`` of runs whose process is gone (killed before its
+    own clean-up ran); folders of live processes stay."""
+    for d in root.glob(f"{_SPILL_PREFIX}*"):
+        m = re.fullmatch(rf"{re.escape(_SPILL_PREFIX)}(\d+)-.*", d.name)
+        if m is None or not d.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            _say(f"removed {d} (left by process {pid}, which is gone)")
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 # ---------------------------------------------------------------------------- training
@@ -517,6 +614,13 @@ def layer_output(params: dict, batch: dict, o_proj, use_less: bool = True):
         o = less_attention(o, batch["lse"], phi(params, batch["q"]), H, z)
     s, hq, nq, dv = o.shape
     return o_proj(o.transpose(1, 2).reshape(s, nq, hq * dv))
+
+
+def _trim(batch: dict) -> dict:
+    """``batch`` with the evicted keys / values cut to its own longest (the split is padded to
+    the longest of all its sequences: padding only costs time)."""
+    e = int(batch["em"].sum(2).max())
+    return {**batch, **{k: batch[k][:, :, :e] for k in ("ek", "ev", "em")}}
 
 
 def _mse(params: dict, batch: dict, o_proj, use_less: bool = True):
@@ -569,7 +673,7 @@ def train_layer(weights: LESSWeights, layer: int, train: dict, val: dict, o_proj
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + batch]
         pos += len(idx)
-        loss = _mse(params, {k: v[idx] for k, v in train.items()}, o_proj)
+        loss = _mse(params, _trim({k: v[idx] for k, v in train.items()}), o_proj)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -609,9 +713,13 @@ def _provenance(cfg: TrainConfig, name: str, data: Data) -> dict:
 
     return {"model": name, "policy": cfg.policy, "budget": cfg.budget, "seq_len": cfg.seq_len,
             "sequences": cfg.sequences, "val_sequences": cfg.val_sequences, "steps": cfg.steps,
-            "seed": cfg.seed, "lr": cfg.lr, "batch": cfg.batch, "sinks": SINKS,
-            "window": WINDOW, "kernel_size": KERNEL_SIZE, "pooling": POOLING,
-            "queries": QUERIES, "prefix_range": [cfg.seq_len // 2, cfg.seq_len - QUERIES],
+            "seed": cfg.seed, "lr": cfg.lr, "batch": cfg.batch, "simulation": SIMULATION,
+            "sinks": SINKS, "recent": RECENT, "window": WINDOW, "kernel_size": KERNEL_SIZE,
+            "pooling": POOLING, "pooling_offset": POOLING_OFFSET,
+            "aggregation_mode": AGGREGATION,
+            "budget_rule": "max(int(budget * p), sinks + recent) per KV head, all included",
+            "spill_dtype": SPILL_DTYPE, "queries": QUERIES,
+            "prefix_range": list(prefix_range(cfg.seq_len)),
             "data_hash": data.data_hash, "data_sources": data.sources,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -692,13 +800,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     o_projs = {i: m.o_proj for i, m in enumerate(attention_modules(model)) if i in layers}
     work_root = store.home() / "tmp"
     work_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".collect-", dir=work_root))
+    _remove_stale_spills(work_root)
+    work = Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=work_root))
     try:
         result.collect_seconds = _collect(model, layers, data, cfg.budget, work)
         meta["collect_seconds"] = meta.get("collect_seconds", 0.0) + result.collect_seconds
         del model
         for i in layers:
-            tr, va = _load_layer(work, i)
+            tr, va = _load_layer(work, i, remove=True)
             r = train_layer(weights, i, tr, va, o_projs.pop(i), cfg.steps, cfg.lr, cfg.batch,
                             cfg.seed)
             for key, v in (("seconds_per_layer", round(r.seconds, 2)),
