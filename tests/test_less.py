@@ -412,3 +412,23 @@ def test_kept_lse_op_reads_each_sequences_own_table(precision: str, sequence_maj
                 x = 0.5 * rows.astype(np.float64) @ q[i, head * d:(head + 1) * d]
                 want = x.max() + np.log(np.exp(x - x.max()).sum())
                 assert abs(out.data[i, head] - want) < 1e-4
+
+
+def test_engines_dropped_in_any_order_keep_the_library_loaded(tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    """The extension library stays loaded for the process: a runner's node builder collected
+    before its compiled models, then the engine, then a new engine, runs and frees cleanly (a
+    library unloaded under live compiled models crashed the CI run at their destruction)."""
+    import gc
+
+    path = _weights(tiny_model).save(tmp_path / "w.npz")
+    ids = _ids(200, seed=0)
+    first = _engine(tiny_model, "f32", path)
+    want = _run(first, ids).output_ids
+    assert first.runner.less_nodes.fused  # the native op is built here (scripts/setup.sh)
+    del first.runner.less_nodes
+    gc.collect()
+    assert _run(first, ids).output_ids == want
+    del first
+    gc.collect()
+    assert _run(_engine(tiny_model, "f32", path), ids).output_ids == want

@@ -116,7 +116,7 @@ class HeadModelRunner(ModelRunner):
         kt, kd, vt, vd = probe_cache_types(self.core, device, props, w.head_dim, w.head_dim,
                                            w.group)
         key_layout = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
-        # native op when the extension library was built; held here while the models live
+        # native op when the extension library was built (loaded once per process)
         self.less_nodes = LESSNodes(key_layout, hkv, w.group)
         for graph in (model, decode):
             set_cache_types(graph, kt, kd, vt, vd)

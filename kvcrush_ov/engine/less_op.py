@@ -17,6 +17,7 @@ Output: f32 [M, Hq]: token ``m``, query head ``h*G + g`` -> the log-sum-exp over
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -92,12 +93,22 @@ def native_library() -> Path | None:
     return path if path.is_file() else None
 
 
+@functools.cache
+def _node_factory(library: str) -> NodeFactory:
+    """One NodeFactory per extension library for the whole process, never released: the nodes
+    it creates (and every compiled model holding them) run code of the library, which must stay
+    loaded until the last of them is gone; a factory owned by a runner could be collected (and
+    unload the library) before the runner's compiled models (a segfault at their destruction)."""
+    factory = NodeFactory()
+    factory.add_extension(library)
+    return factory
+
+
 class LESSNodes:
     """Builds a layer's LESS nodes (transformations/less.py's ``LESSNodes``): with the extension
     library built, one native ``LESSMix`` per layer (``fused``: no call into Python per layer
     and step); else the Python :class:`KeptLogSumExp` inside graph ops. ``native``: None picks,
-    True requires the library, False forces the Python op. Keep the object alive as long as the
-    models built with it: it holds the loaded library."""
+    True requires the library, False forces the Python op."""
 
     def __init__(self, layout: CacheLayout, num_kv_heads: int, group: int,
                  native: bool | None = None) -> None:
@@ -106,10 +117,7 @@ class LESSNodes:
         if native and lib is None:
             raise FileNotFoundError(f"{_EXT_NAME} was not built (see cpp/CMakeLists.txt)")
         self.library = lib
-        self._nodes: NodeFactory | None = None
-        if lib is not None:
-            self._nodes = NodeFactory()
-            self._nodes.add_extension(str(lib))
+        self._nodes = _node_factory(str(lib)) if lib is not None else None
 
     @property
     def fused(self) -> bool:
