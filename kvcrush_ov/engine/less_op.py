@@ -1,10 +1,12 @@
-"""``KeptLogSumExp``: the kept part's attention normaliser for LESS, an OpenVINO custom op.
+"""LESS's custom OpenVINO ops: the native ones of the extension library (cpp/ext/:
+``LESSMix``, ``KeptLogSumExp``) built through :class:`LESSNodes`, and the Python
+``KeptLogSumExp`` below, the fallback where the library was not built.
 
 PagedAttention returns only its normalised output; LESS needs ``L = logsumexp_i(scale q.k_i)``
 over the keys a query sees in the cache. This op reads the keys straight from the cache tensor
 (any precision :mod:`kvcrush_ov.engine.kv_codec` decodes; the plugin hands it the cache memory
 itself, no copy) through the per-head block tables. The work is C++ (``kvcrush::kept_lse``,
-cpp/src/less.cpp: parallel over (token, KV head), keys decoded row by row).
+cpp/src/less.cpp: parallel over (token, KV head)), shared by both implementations.
 
 Inputs (see :mod:`kvcrush_ov.transformations.less`): 0 ``q`` f32 [M, Hq*D] (selected tokens),
 1 ``key_cache.L`` (per-head pool ``[NB, 1, rows, cols]``), 2 ``head_past_lens.L`` [J],
