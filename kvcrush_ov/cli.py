@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--budget", default="0.125",
                     help="total tokens the engine's eviction keeps (sinks and recent window "
                     "included), as a fraction of the prefix (0.125 or 12.5%%)")
-    lt.add_argument("--seq-len", type=int, default=1024,
+    lt.add_argument("--seq-len", type=int, default=4096,
                     help="tokens per training sequence; prefixes of seq_len/2 .. seq_len-64 "
                     "are evicted (4096 matches RULER-4K prompts)")
     lt.add_argument("--sequences", type=int, default=64,
