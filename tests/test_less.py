@@ -20,7 +20,7 @@ from kvcrush_ov.config import (
 )
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.kv_codec import KEY, VALUE, CacheLayout
-from kvcrush_ov.engine.less_op import KeptLogSumExp, LESSNodes
+from kvcrush_ov.engine.less_op import LESSMix, LESSNodes
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.less.kernels import LESSState, LESSWeights, mixed_attention
@@ -192,7 +192,7 @@ class _Graph:
     """The tiny model's per-head graph with LESS and layer 0's selected queries and mixed
     output as extra outputs; one sequence, per-head tables fed by hand."""
 
-    def __init__(self, model: Path, w: LESSWeights, precision: str, fused: bool = False) -> None:
+    def __init__(self, model: Path, w: LESSWeights, precision: str, native: bool) -> None:
         core = ov.Core()
         props = kv_cache_properties(precision)
         g = to_per_head(read_paged_model(model / "openvino_model.xml", score_outputs=True,
@@ -201,7 +201,7 @@ class _Graph:
         self.key = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
         self.value = CacheLayout.from_shape(VALUE, vt.get_type_name(), vd[-2], vd[-1])
         set_cache_types(g, kt, kd, vt, vd)
-        nodes = LESSNodes(self.key, w.num_kv_heads, w.group, native=bool(fused))
+        nodes = LESSNodes(self.key, w.num_kv_heads, w.group, native=native)
         add_less(g, w, nodes)
         pa0 = next(n for n in g.get_ordered_ops() if n.get_type_name() == "PagedAttentionExtension"
                    and "key_cache.0" in n.input_value(3).get_names())
@@ -209,14 +209,8 @@ class _Graph:
                     if n.get_friendly_name() == f"{pa0.get_friendly_name()}/less_out")
         # out0 = ScatterUpdate(out, idx, Convert(mixed)); mixed's first input is q_sel
         mixed = out0.input_value(2).get_node().input_value(0).get_node()
-        if fused:
-            assert mixed.get_type_name() == "LESSMix"
-            g.add_outputs([mixed.input_value(0), out0.output(0)])
-        else:
-            lse0 = next(n for n in g.get_ordered_ops() if n.get_type_name() == "KeptLogSumExp"
-                        and "key_cache.0" in n.input_value(1).get_names())
-            g.add_outputs([lse0.input_value(0), lse0.output(0), out0.output(0)])
-        self.fused = fused
+        assert mixed.get_type_name() == "LESSMix" and isinstance(mixed, LESSMix) != native
+        g.add_outputs([mixed.input_value(0), out0.output(0)])
         self.compiled = core.compile_model(g, "CPU", props)
         self.req = self.compiled.create_infer_request()
         self.layers, self.w = w.num_layers, w
@@ -234,7 +228,7 @@ class _Graph:
     def step(self, ids: list[int], start: int, tables: list[list[list[int]]],
              past: np.ndarray, less: LESSState | None) -> list[np.ndarray]:
         """``tables[l][h]`` blocks, ``past[l, h]`` cached rows; all tokens LESS-active when
-        ``less`` is given. Returns (q_sel [M, Hq*D], lse [M, Hq], out [T, Hq*Dv]) of layer 0."""
+        ``less`` is given. Returns (q_sel [M, Hq*D], out [T, Hq*Dv]) of layer 0."""
         n, hkv = len(ids), self.w.num_kv_heads
         r = self.req
         r.set_tensor("input_ids", ov.Tensor(np.asarray(ids, np.int64)))
@@ -262,9 +256,7 @@ class _Graph:
         r.set_tensor(LESS_TOKEN_SEQ, ov.Tensor(np.zeros(m, np.int32)))
         r.set_tensor(LESS_TOKEN_OFFSET, ov.Tensor(np.arange(m, dtype=np.int32)))
         r.infer()
-        outs = self.compiled.outputs[-2:] if self.fused else self.compiled.outputs[-3:]
-        got = [np.array(r.get_tensor(o).data) for o in outs]
-        return [got[0], None, got[1]] if self.fused else got
+        return [np.array(r.get_tensor(o).data) for o in self.compiled.outputs[-2:]]
 
     def rows(self, layer: int, h: int, table: list[int], count: int) -> tuple[np.ndarray, ...]:
         k, v = self.caches[layer]
@@ -281,14 +273,14 @@ class _Graph:
             kb[blk, row], vb[blk, row] = keys[i], values[i]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused-native"])
-def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path, fused: bool) -> None:
+@pytest.mark.parametrize("native", [False, True], ids=["python-op", "native-op"])
+def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path, native: bool) -> None:
     """Prefill 48 tokens, evict by hand (f32 cache), fold the evicted rows, then a 2-token
     chunk with LESS: layer 0's output equals the numpy reference over kept rows + the chunk's
-    own rows (causal) + the state, for every query head; the op's log-sum-exp too."""
+    own rows (causal) + the state, for every query head (Python and native host)."""
     w = _weights(tiny_model)
     layers, hq, hkv, d = _geometry(tiny_model)
-    g = _Graph(tiny_model, w, "f32", fused)
+    g = _Graph(tiny_model, w, "f32", native)
     ids = _ids(50, seed=7)
     bs = g.key.block_size
     full = [[[2 * h, 2 * h + 1] for h in range(hkv)] for _ in range(layers)]
@@ -307,9 +299,8 @@ def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path, fused
             new_tables[layer][h].append(9 + 2 * h)
             kept_n[layer, h] = len(keep)
     assert kept_n.max() + 2 <= 2 * bs
-    q, lse, out = g.step(ids[48:50], 48, new_tables, kept_n, state)
+    q, out = g.step(ids[48:50], 48, new_tables, kept_n, state)
     assert q.shape == (2, hq * d) and out.shape == (2, hq * d)
-    assert fused or lse.shape == (2, hq)
     scale = 1.0 / np.sqrt(d)
     grp = hq // hkv
     phi = w.phi(0, q.reshape(2, hq, d))
@@ -320,17 +311,14 @@ def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path, fused
             for gq in range(grp):
                 head = h * grp + gq
                 qv = q[t, head * d:(head + 1) * d]
-                s = scale * keys[:n] @ qv
-                want_lse = s.max() + np.log(np.exp(s - s.max()).sum())
-                assert fused or abs(lse[t, head] - want_lse) < 1e-4
                 want = mixed_attention(qv, keys[:n], values[:n], scale, phi[t, head],
                                        state.H[0, h], state.z[0, h])
                 np.testing.assert_allclose(out[t, head * d:(head + 1) * d], want, rtol=1e-4,
                                            atol=1e-5)
     # a selected token with an empty state gets exactly PagedAttention's output
     empty = LESSState(layers, hkv, w.feature_dim, d)
-    _, _, out_empty = g.step(ids[48:50], 48, new_tables, kept_n, empty)
-    _, _, out_plain = g.step(ids[48:50], 48, new_tables, kept_n, None)
+    _, out_empty = g.step(ids[48:50], 48, new_tables, kept_n, empty)
+    _, out_plain = g.step(ids[48:50], 48, new_tables, kept_n, None)
     np.testing.assert_array_equal(out_empty, out_plain)
     # and the state really moved the output away from plain attention over the kept rows
     keys, values = g.rows(0, 0, new_tables[0][0], int(kept_n[0, 0]) + 1)
@@ -371,12 +359,14 @@ _KEY_ROWS = {"f32": 0, "f16": 0, "bf16": 0, "u8": 8, "u4": 16}  # header rows of
 @pytest.mark.parametrize(("precision", "sequence_major"),
                          [("f32", False), ("f32", True), ("bf16", True), ("f16", False),
                           ("u8", True), ("u4", False)])
-def test_kept_lse_op_reads_each_sequences_own_table(precision: str, sequence_major: bool,
-                                                     native: bool) -> None:
-    """The op alone, 3 sequences x 2 KV heads with their own tables and lengths, 1-2 selected
-    tokens each: every (token, query head) gets the log-sum-exp over its own rows, the keys as
-    kv_codec decodes them from every cache format."""
-    d, g, hkv, bs, b = 8, 2, 2, 32, 3
+def test_less_mix_op_reads_each_sequences_own_table(precision: str, sequence_major: bool,
+                                                    native: bool) -> None:
+    """The op alone, 3 sequences x 2 KV heads with their own tables, lengths and states (the
+    second one empty), 1-2 selected tokens each: every (token, query head) row is the numpy
+    mixing of the kept output with the state, over the log-sum-exp of its own rows, the keys
+    as kv_codec decodes them from every cache format; an empty state returns the kept row."""
+    d, g, hkv, bs, b, f = 8, 2, 2, 32, 3, 4
+    hq = hkv * g
     layout = CacheLayout.from_shape(KEY, precision, bs + _KEY_ROWS[precision], d)
     rng = np.random.default_rng(0)
     cache = np.stack([layout.encode_block(rng.standard_normal((bs, d)).astype(np.float32))
@@ -388,30 +378,47 @@ def test_kept_lse_op_reads_each_sequences_own_table(precision: str, sequence_maj
     flat = [blk for key in order for blk in tables[key]]
     begins = np.cumsum([0] + [len(tables[key]) for key in order])
     past_j = np.array([past[key] for key in order])
-    seq = np.array([0, 2, 2])
-    off = np.array([0, 0, 1])
-    q = rng.standard_normal((3, hkv * g * d)).astype(np.float32)
-    params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(9)]
+    seq = np.array([0, 2, 2, 1])
+    off = np.array([0, 0, 1, 0])
+    q = rng.standard_normal((4, hq * d)).astype(np.float32)
+    kept = rng.standard_normal((4, hq * d)).astype(np.float32)
+    w = LESSWeights.initial(1, hq, hkv, d, hidden=6, feature_dim=f, seed=3)
+    state_h = rng.random((b, hkv, f, d)).astype(np.float32)
+    state_z = rng.random((b, hkv, f)).astype(np.float32) * 50
+    state_h[1], state_z[1] = 0, 0  # sequence 1: nothing evicted
+    a = w.arrays
+    params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(15)]
     # the native op must have been built here (scripts/setup.sh): native=True raises otherwise
-    op = LESSNodes(layout, hkv, g, native=native).lse([p.output(0) for p in params],
+    op = LESSNodes(layout, hkv, g, native=native).mix([p.output(0) for p in params],
                                                       sequence_major)
-    assert isinstance(op, KeptLogSumExp) != native
-    out = ov.Tensor(ov.Type.f32, [3, hkv * g])
-    ins = [ov.Tensor(q), ov.Tensor(cache), ov.Tensor(past_j.astype(np.int32)),
-           ov.Tensor(np.asarray(flat, np.int32)), ov.Tensor(begins.astype(np.int32)),
-           ov.Tensor(seq.astype(np.int32)), ov.Tensor(off.astype(np.int32)),
-           ov.Tensor(np.array(0.5, np.float32)), ov.Tensor(np.zeros(1, np.float32))]
+    assert isinstance(op, LESSMix) != native
+    out = ov.Tensor(ov.Type.f32, [4, hq * d])
+    ins = [ov.Tensor(x) for x in (
+        q, kept, cache, past_j.astype(np.int32), np.asarray(flat, np.int32),
+        begins.astype(np.int32), seq.astype(np.int32), off.astype(np.int32),
+        np.array(0.5, np.float32), state_h, state_z, a["q_w1"][0], a["q_b1"][0],
+        a["q_w2"][0], a["q_b2"][0])]
     assert op.evaluate([out], ins)
-    for i in range(3):
+    phi = w.phi(0, q.reshape(4, hq, d)).astype(np.float64)
+    for i in range(4):
         for h in range(hkv):
             s = int(seq[i])
             n = int(past[s, h]) + int(off[i]) + 1
             rows = layout.table_rows(cache, tables[(s, h)], n)
             for gq in range(g):
                 head = h * g + gq
+                got = out.data[i, head * d:(head + 1) * d]
+                o = kept[i, head * d:(head + 1) * d]
+                z = phi[i, head] @ state_z[s, h]
+                if s == 1:
+                    np.testing.assert_array_equal(got, o)
+                    continue
                 x = 0.5 * rows.astype(np.float64) @ q[i, head * d:(head + 1) * d]
-                want = x.max() + np.log(np.exp(x - x.max()).sum())
-                assert abs(out.data[i, head] - want) < 1e-4
+                lse = x.max() + np.log(np.exp(x - x.max()).sum())
+                mix = 1.0 / (1.0 + z * np.exp(-lse))
+                want = mix * o + (1 - mix) * (phi[i, head] @ state_h[s, h]) / z
+                assert 0.05 < mix < 0.95  # both parts count in this check
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_engines_dropped_in_any_order_keep_the_library_loaded(tiny_model: Path,
@@ -425,7 +432,7 @@ def test_engines_dropped_in_any_order_keep_the_library_loaded(tiny_model: Path,
     ids = _ids(200, seed=0)
     first = _engine(tiny_model, "f32", path)
     want = _run(first, ids).output_ids
-    assert first.runner.less_nodes.fused  # the native op is built here (scripts/setup.sh)
+    assert first.runner.less_nodes.native  # the native op is built here (scripts/setup.sh)
     del first.runner.less_nodes
     gc.collect()
     assert _run(first, ids).output_ids == want

@@ -5,24 +5,23 @@
 tokens named by ``less_token_index`` mixes in the LESS state of their sequence (the tokens eviction
 dropped). PagedAttention is unchanged (it writes the cache and computes the kept part); per layer::
 
-    idx = less_token_index [M] i64  (rows of this step's T tokens; M = 0: the graph is a no-op)
-    q_sel = Gather(query [T, Hq*D], idx)                                 -> [M, Hq*D]
-    lse   = nodes.lse(q_sel, key_cache.L, head_past_lens.L, block_indices.L,
-                        block_indices_begins.L, less_token_seq, less_token_offset, scale, pa_out)
-                                                     -> [M, Hq] log-sum-exp over the kept keys
-    phi   = |gelu(gelu(q_sel W1 + b1) W2 + b2)|   per query head         -> [M, Hq, F]
-    N, Z  = phi . less_state_H.L[seq], phi . less_state_z.L[seq]         (per KV head group)
-    a     = sigmoid(lse - log Z), or exactly 1 when Z = 0 (an empty state is a no-op)
-    out[idx] = a * out[idx] + (1 - a) * N / Z
+    idx   = less_token_index [M] i64  (rows of this step's T tokens; M = 0: the graph is a no-op)
+    q_sel = Gather(query [T, Hq*D], idx), kept = Gather(out [T, Hq*Dv], idx)
+    mixed = LESSMix(q_sel, kept, key_cache.L, head_past_lens.L, block_indices.L,
+                    block_indices_begins.L, less_token_seq, less_token_offset, scale,
+                    less_state_H.L, less_state_z.L, phi's w1, b1, w2, b2)   -> [M, Hq*Dv]
+    out[idx] = mixed
+
+``LESSMix`` (``kvcrush_ov.engine.less_op``, one kernel: ``kvcrush::less_mix``) computes the
+log-sum-exp ``L`` of the logits over the kept keys from the cache, ``phi(q) = |gelu(gelu(q W1 +
+b1) W2 + b2)|``, ``N, Z = phi . H[seq], phi . z[seq]`` (per KV head group) and
+``a * kept + (1 - a) * N / Z`` with ``a = sigmoid(L - log Z)``, exactly 1 when ``Z = 0``. It runs
+after PagedAttention wrote this step's keys (it reads PagedAttention's output).
 
 Inputs added: ``less_token_index`` [M] i64, ``less_token_seq`` [M] i32 (sequence of each
 selected token: the ``s`` of the per-head layout), ``less_token_offset`` [M] i32 (its index among
 its sequence's new tokens of the step), and per layer ``less_state_H.L`` [B, Hkv, F, Dv] f32 and
-``less_state_z.L`` [B, Hkv, F] f32. ``nodes.lse`` builds the node that computes the kept part's
-log-sum-exp from the cache (``kvcrush_ov.engine.less_op``); it must run after PagedAttention
-wrote this step's keys (``pa_out`` is passed only to order it). With ``nodes.fused`` one native
-``LESSMix`` op per layer does all of the above (kvcrush::less_mix) between the two gathers and
-the scatter.
+``less_state_z.L`` [B, Hkv, F] f32.
 
 Because another op reads ``key_cache.L``, the plugin no longer types the cache parameters itself:
 call :func:`set_cache_types` with the types and shapes the plain graph compiles to.
@@ -52,17 +51,10 @@ _RT_KEY = "kvcrush_less"
 _Q, _KC, _SCALE = 0, 3, 9
 
 class LESSNodes(Protocol):
-    """Builds the per-layer LESS nodes: ``lse`` (KeptLogSumExp, inputs as in the module doc)
-    when not ``fused``, else ``mix`` (LESSMix: the whole mixing in one native op; inputs q_sel,
-    the kept output rows, key_cache.L, head_past_lens.L, block_indices.L,
-    block_indices_begins.L, less_token_seq, less_token_offset, scale, less_state_H.L,
-    less_state_z.L, phi's w1, b1, w2, b2 -> the mixed rows f32 [M, Hq*Dv])."""
-
-    fused: bool
-
-    def lse(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node: ...
+    """Builds a layer's ``LESSMix`` node (module doc; ``kvcrush_ov.engine.less_op``)."""
 
     def mix(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node: ...
+
 
 
 class LESSPatternError(RuntimeError):
@@ -116,13 +108,9 @@ def _c(x: np.ndarray) -> ov.Output:
     return ops.constant(np.ascontiguousarray(x, dtype=np.float32)).output(0)
 
 
-def _i64(values: list[int]) -> ov.Output:
-    return ops.constant(np.asarray(values, dtype=np.int64)).output(0)
-
-
 def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Model:
-    """Add LESS mixing to every layer of a per-head paged ``model`` (in place; returns it):
-    composed of graph ops around ``nodes.lse``, or one ``nodes.mix`` op when ``nodes.fused``."""
+    """Add LESS mixing (one ``nodes.mix`` op per layer) to every layer of a per-head paged
+    ``model`` (in place; returns it)."""
     if model.has_rt_info([_RT_KEY, "feature_dim"]):
         raise LESSPatternError("add_less: the model already has LESS")
     if not model.has_rt_info(["kvcrush_per_head", "num_kv_heads"]):
@@ -131,7 +119,7 @@ def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Mode
     params = _params(model)
     sequence_major = PerHeadLayout.from_model(model).sequence_major
     hq, hkv, d = weights.num_heads, weights.num_kv_heads, weights.head_dim
-    f, g = weights.feature_dim, weights.group
+    f = weights.feature_dim
     if len(pas) != weights.num_layers:
         raise LESSPatternError(f"add_less: the model has {len(pas)} attention layers, the "
                                f"weights {weights.num_layers}")
@@ -160,45 +148,12 @@ def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Mode
         h_state = ops.parameter([-1, hkv, f, dv], ov.Type.f32, name=state_h_name(layer))
         z_state = ops.parameter([-1, hkv, f], ov.Type.f32, name=state_z_name(layer))
         new_params += [h_state, z_state]
-        if nodes.fused:
-            kept = ops.convert(ops.gather(out, idx, axis0), ov.Type.f32)
-            mixed = nodes.mix([q_sel.output(0), kept.output(0), pa.input_value(_KC), *tables,
-                               seq.output(0), off.output(0), scale, h_state.output(0),
-                               z_state.output(0), _c(a["q_w1"][layer]), _c(a["q_b1"][layer]),
-                               _c(a["q_w2"][layer]), _c(a["q_b2"][layer])], sequence_major)
-            mixed = ops.convert(mixed.output(0), out.get_element_type())
-            new_out = ops.scatter_update(out, idx, mixed, axis0, name=f"{tag}/less_out")
-            for t in targets:
-                t.replace_source_output(new_out.output(0))
-            continue
-        lse_inputs = [q_sel.output(0), pa.input_value(_KC), *tables, seq.output(0),
-                      off.output(0), scale, pa.output(0)]
-        lse = nodes.lse(lse_inputs, sequence_major).output(0)  # [M, Hq]
-        # phi(q): [M, Hq*D] -> [Hq, M, D] -> [Hq, M, Y] -> [Hq, M, F]
-        qh = ops.transpose(ops.reshape(q_sel, _i64([-1, hq, d]), False), _i64([1, 0, 2]))
-        h1 = ops.gelu(ops.add(ops.matmul(qh, _c(a["q_w1"][layer]), False, False),
-                              _c(a["q_b1"][layer][:, None, :])), "tanh")
-        h2 = ops.gelu(ops.add(ops.matmul(h1, _c(a["q_w2"][layer]), False, False),
-                              _c(a["q_b2"][layer][:, None, :])), "tanh")
-        phi = ops.abs(h2)  # [Hq, M, F]
-        phi = ops.reshape(ops.transpose(phi, _i64([1, 0, 2])), _i64([-1, hkv, g, f]), False)
-        h_sel = ops.gather(h_state, seq, axis0)  # [M, Hkv, F, Dv]
-        z_sel = ops.unsqueeze(ops.gather(z_state, seq, axis0), _i64([3]))  # [M, Hkv, F, 1]
-        num = ops.reshape(ops.matmul(phi, h_sel, False, False), _i64([-1, hq, dv]), False)
-        den = ops.reshape(ops.matmul(phi, z_sel, False, False), _i64([-1, hq, 1]), False)
-        tiny = ops.constant(np.float32(1e-30))
-        zero = ops.constant(np.float32(0.0))
-        one = ops.constant(np.float32(1.0))
-        has_state = ops.greater(den, zero)  # Z = 0: a = 1 exactly, whatever the kept logits
-        den = ops.maximum(den, tiny)
-        mix = ops.select(has_state, ops.sigmoid(ops.subtract(ops.unsqueeze(lse, _i64([2])),
-                                                             ops.log(den))), one)  # a
-        kept = ops.reshape(ops.convert(ops.gather(out, idx, axis0), ov.Type.f32),
-                           _i64([-1, hq, dv]), False)
-        mixed = ops.add(ops.multiply(mix, kept),
-                        ops.multiply(ops.subtract(one, mix), ops.divide(num, den)))
-        mixed = ops.convert(ops.reshape(mixed, _i64([-1, hq * dv]), False),
-                            out.get_element_type())
+        kept = ops.convert(ops.gather(out, idx, axis0), ov.Type.f32)
+        mixed = nodes.mix([q_sel.output(0), kept.output(0), pa.input_value(_KC), *tables,
+                           seq.output(0), off.output(0), scale, h_state.output(0),
+                           z_state.output(0), _c(a["q_w1"][layer]), _c(a["q_b1"][layer]),
+                           _c(a["q_w2"][layer]), _c(a["q_b2"][layer])], sequence_major)
+        mixed = ops.convert(mixed.output(0), out.get_element_type())
         new_out = ops.scatter_update(out, idx, mixed, axis0, name=f"{tag}/less_out")
         for t in targets:
             t.replace_source_output(new_out.output(0))

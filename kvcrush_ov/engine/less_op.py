@@ -1,20 +1,28 @@
-"""LESS's custom OpenVINO ops: the native ones of the extension library (cpp/ext/:
-``LESSMix``, ``KeptLogSumExp``) built through :class:`LESSNodes`, and the Python
-``KeptLogSumExp`` below, the fallback where the library was not built.
+"""``LESSMix``: one layer's LESS attention mixing, an OpenVINO custom op (two hosts, one kernel).
 
-PagedAttention returns only its normalised output; LESS needs ``L = logsumexp_i(scale q.k_i)``
-over the keys a query sees in the cache. This op reads the keys straight from the cache tensor
-(any precision :mod:`kvcrush_ov.engine.kv_codec` decodes; the plugin hands it the cache memory
-itself, no copy) through the per-head block tables. The work is C++ (``kvcrush::kept_lse``,
-cpp/src/less.cpp: parallel over (token, KV head)), shared by both implementations.
+PagedAttention returns only its normalised output; LESS needs the log-sum-exp ``L`` of the
+logits over the keys each query sees in the cache. ``LESSMix`` reads those keys straight from the
+cache tensor (every format :mod:`kvcrush_ov.engine.kv_codec` decodes; the plugin hands it the
+cache memory itself, no copy) through the per-head block tables, and returns the mixed rows
+``a * o_kept + (1 - a) * N / Z`` (``N, Z`` from ``phi(q)`` and the state; ``a = sigmoid(L - log
+Z)``, exactly 1 when ``Z = 0``). The work is C++ (``kvcrush::less_mix``, cpp/src/less.cpp).
+
+It runs in one of two hosts, chosen by :class:`LESSNodes`:
+
+- the native op of the extension library (cpp/ext/less_mix_op.cpp, ``libkvcrush_ov_ext``), where
+  it was built (``scripts/setup.sh`` builds it against the installed openvino wheel);
+- :class:`LESSMix` below, a Python ``ov.Op`` calling the same kernel through ``_core``, where it
+  was not (e.g. ``pip wheel .`` without OpenVINO's C++ runtime). It costs a call into Python per
+  layer and step.
 
 Inputs (see :mod:`kvcrush_ov.transformations.less`): 0 ``q`` f32 [M, Hq*D] (selected tokens),
-1 ``key_cache.L`` (per-head pool ``[NB, 1, rows, cols]``), 2 ``head_past_lens.L`` [J],
-3 ``block_indices.L``, 4 ``block_indices_begins.L`` [J+1], 5 ``less_token_seq`` [M],
-6 ``less_token_offset`` [M], 7 ``scale`` [], 8 the PagedAttention output (ordering only).
-``J = B * Hkv`` subsequences, head-major (``j = h*B + s``) or sequence-major (``j = s*Hkv + h``).
-Output: f32 [M, Hq]: token ``m``, query head ``h*G + g`` -> the log-sum-exp over rows
-``0 .. past[j] + offset[m]`` of subsequence ``j`` (its own key included, causal).
+1 their kept output f32 [M, Hq*Dv], 2 ``key_cache.L`` (per-head pool ``[NB, 1, rows, cols]``),
+3 ``head_past_lens.L`` [J], 4 ``block_indices.L``, 5 ``block_indices_begins.L`` [J+1],
+6 ``less_token_seq`` [M], 7 ``less_token_offset`` [M], 8 ``scale`` [], 9 ``less_state_H.L``
+[B, Hkv, F, Dv], 10 ``less_state_z.L`` [B, Hkv, F], 11..14 phi's w1 [Hq, D, Y], b1 [Hq, Y],
+w2 [Hq, Y, F], b2 [Hq, F]. ``J = B * Hkv`` subsequences, head-major (``j = h*B + s``) or
+sequence-major (``j = s*Hkv + h``); token ``m`` sees rows ``0 .. past[j] + offset[m]`` of
+subsequence ``j`` (its own key included, causal). Output: f32 [M, Hq*Dv].
 """
 
 from __future__ import annotations
@@ -33,54 +41,49 @@ from kvcrush_ov.engine.kv_codec import CacheLayout
 _FORMATS = {"f32": 1, "f16": 2, "bf16": 3}  # kvcrush::KeyFormat of plain key rows
 
 
-class KeptLogSumExp(ov.Op):
-    """Log-sum-exp of ``scale * q . k`` over each selected token's cached keys (module doc)."""
+def _geometry(layout: CacheLayout) -> dict:
+    """The op's attributes describing the key cache (kvcrush::BlockLayout, KeyFormat)."""
+    n = layout.native
+    return {"format": 0 if layout.by_channel else _FORMATS[layout.precision],
+            "by_channel": bool(n.by_channel), "levels": n.levels, "block_size": n.block_size,
+            "head_dim": n.head_dim, "head_block_bytes": n.head_block_bytes,
+            "header_bytes": n.header_bytes, "row_bytes": n.row_bytes}
 
-    def __init__(self, inputs: list[ov.Output] | None = None, layout: CacheLayout | None = None,
-                 num_kv_heads: int = 1, group: int = 1, sequence_major: bool = False) -> None:
-        # set first: the base constructor validates (output shape). The layout is kept as plain
-        # fields: the op outlives the interpreter's modules (a held C++ object would leak)
-        self.geometry = None if layout is None else (layout.kind, layout.precision, layout.rows,
-                                                     layout.cols, layout.block_size)
-        self.num_kv_heads = num_kv_heads
-        self.group = group
-        self.sequence_major = sequence_major
-        self._geometry: tuple[int, ...] | None = None
-        self._format = 0
+
+class LESSMix(ov.Op):
+    """The Python host of ``LESSMix`` (module doc): the same kernel as the native op."""
+
+    def __init__(self, inputs: list[ov.Output] | None = None,
+                 attrs: dict | None = None) -> None:
+        # set first: the base constructor validates. Plain values only: the op may outlive the
+        # interpreter's modules (a held binding object would be reported leaked)
+        self.attrs = dict(attrs or {})
         super().__init__(self, inputs)
 
     def validate_and_infer_types(self) -> None:
-        heads = self.num_kv_heads * self.group
-        self.set_output_type(0, ov.Type.f32, ov.PartialShape([-1, heads]))
+        self.set_output_type(0, ov.Type.f32, self.get_input_partial_shape(1))
 
-    def clone_with_new_inputs(self, new_inputs: list[ov.Output]) -> KeptLogSumExp:
-        return KeptLogSumExp(new_inputs, self._layout(), self.num_kv_heads, self.group,
-                             self.sequence_major)
-
-    def _layout(self) -> CacheLayout | None:
-        return None if self.geometry is None else CacheLayout.from_shape(*self.geometry)
+    def clone_with_new_inputs(self, new_inputs: list[ov.Output]) -> LESSMix:
+        return LESSMix(new_inputs, self.attrs)
 
     def has_evaluate(self) -> bool:
         return True
 
     def evaluate(self, outputs: list[ov.Tensor], inputs: list[ov.Tensor]) -> bool:
-        q = inputs[0].data
-        m = q.shape[0]
-        outputs[0].set_shape([m, self.num_kv_heads * self.group])
-        if m == 0:
+        q, o = inputs[0].data, inputs[1].data
+        outputs[0].set_shape(list(inputs[1].get_shape()))
+        if q.shape[0] == 0:
             return True
-        if self._geometry is None:  # plain integers: the C++ BlockLayout is built per call
-            layout = self._layout()
-            n = layout.native
-            self._geometry = (int(n.by_channel), n.levels, n.block_size, n.head_dim,
-                              n.head_block_bytes, n.header_bytes, n.row_bytes)
-            self._format = 0 if layout.by_channel else _FORMATS[layout.precision]
-        cache = inputs[1]
+        a = self.attrs
+        geometry = (int(a["by_channel"]), a["levels"], a["block_size"], a["head_dim"],
+                    a["head_block_bytes"], a["header_bytes"], a["row_bytes"])
+        cache = inputs[2]
         blocks = cache.data.reshape(-1).view(np.uint8).reshape(int(cache.get_shape()[0]), -1)
-        outputs[0].data[...] = _core.kept_lse(
-            blocks, self._geometry, self._format, q, self.num_kv_heads, self.group,
-            float(inputs[7].data), inputs[2].data, inputs[3].data, inputs[4].data,
-            inputs[5].data, inputs[6].data, self.sequence_major)
+        outputs[0].data[...] = _core.less_mix(
+            blocks, geometry, a["format"], q, o, a["num_kv_heads"], a["group"],
+            float(inputs[8].data), *(inputs[k].data for k in range(3, 8)),
+            a["sequence_major"], *(inputs[k].data for k in (11, 12, 13, 14)),
+            inputs[9].data, inputs[10].data)
         return True
 
 
@@ -99,18 +102,16 @@ def native_library() -> Path | None:
 def _node_factory(library: str) -> NodeFactory:
     """One NodeFactory per extension library for the whole process, never released: the nodes
     it creates (and every compiled model holding them) run code of the library, which must stay
-    loaded until the last of them is gone; a factory owned by a runner could be collected (and
-    unload the library) before the runner's compiled models (a segfault at their destruction)."""
+    loaded until the last of them is gone."""
     factory = NodeFactory()
     factory.add_extension(library)
     return factory
 
 
 class LESSNodes:
-    """Builds a layer's LESS nodes (transformations/less.py's ``LESSNodes``): with the extension
-    library built, one native ``LESSMix`` per layer (``fused``: no call into Python per layer
-    and step); else the Python :class:`KeptLogSumExp` inside graph ops. ``native``: None picks,
-    True requires the library, False forces the Python op."""
+    """Builds a layer's ``LESSMix`` node (transformations/less.py's ``LESSNodes``): native when
+    the extension library was built, else the Python host. ``native``: None picks, True requires
+    the library, False forces the Python host."""
 
     def __init__(self, layout: CacheLayout, num_kv_heads: int, group: int,
                  native: bool | None = None) -> None:
@@ -122,28 +123,12 @@ class LESSNodes:
         self._nodes = _node_factory(str(lib)) if lib is not None else None
 
     @property
-    def fused(self) -> bool:
+    def native(self) -> bool:
         return self._nodes is not None
 
-    def _attrs(self, sequence_major: bool) -> dict:
-        n = self.layout.native
-        return {"num_kv_heads": self.num_kv_heads, "group": self.group,
-                "sequence_major": sequence_major,
-                "format": 0 if self.layout.by_channel else _FORMATS[self.layout.precision],
-                "by_channel": bool(n.by_channel), "levels": n.levels,
-                "block_size": n.block_size, "head_dim": n.head_dim,
-                "head_block_bytes": n.head_block_bytes, "header_bytes": n.header_bytes,
-                "row_bytes": n.row_bytes}
-
-    def lse(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node:
-        """KeptLogSumExp: native when the library is loaded, else the Python op."""
-        if self._nodes is None:
-            return KeptLogSumExp(inputs, self.layout, self.num_kv_heads, self.group,
-                                 sequence_major)
-        return self._nodes.create("KeptLogSumExp", inputs, self._attrs(sequence_major))
-
     def mix(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node:
-        """LESSMix (native only)."""
+        attrs = {"num_kv_heads": self.num_kv_heads, "group": self.group,
+                 "sequence_major": sequence_major, **_geometry(self.layout)}
         if self._nodes is None:
-            raise RuntimeError("LESSMix needs the extension library")
-        return self._nodes.create("LESSMix", inputs, self._attrs(sequence_major))
+            return LESSMix(inputs, attrs)
+        return self._nodes.create("LESSMix", inputs, attrs)
