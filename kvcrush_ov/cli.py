@@ -350,11 +350,26 @@ def _cmd_less_train(args: argparse.Namespace) -> int:
     if not isinstance(budget, float):
         raise ConfigError("--budget", args.budget, "a fraction of the prefix in (0, 1): 0.125 "
                           "or 12.5%")
+    if args.finetune is not None:
+        from kvcrush_ov.less.finetune import FinetuneConfig, finetune
+
+        budgets = tuple(parse_budget(b) for b in args.finetune_budget or ("0.125", "0.0625"))
+        if not all(isinstance(b, float) for b in budgets):
+            raise ConfigError("--finetune-budget", args.finetune_budget, "fractions of the "
+                              "prefix in (0, 1): 0.125 or 12.5%")
+        cfg = FinetuneConfig(model=args.model, budgets=budgets, seq_len=args.seq_len,
+                             sequences=args.finetune_sequences, steps=args.finetune,
+                             seed=args.seed, weights=args.out)
+        cfg.check()  # before the per-layer stage's work
     res = train(TrainConfig(model=args.model, policy=args.policy, budget=budget,
                             seq_len=args.seq_len, sequences=args.sequences, steps=args.steps,
                             hidden=args.hidden, features=args.features, seed=args.seed,
                             out=args.out, restart=args.restart, layers=args.layers))
     print(f"{res.path} ({res.layers_trained}/{res.num_layers} layers trained)")
+    if args.finetune is not None and res.layers_trained == res.num_layers:
+        r = finetune(cfg)
+        print(f"{r.path} (tuned end to end: validation KL relative to no LESS "
+              f"{r.relative_before:.4f} -> {r.relative_after:.4f})")
     return 0
 
 
@@ -584,6 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--restart", action="store_true",
                     help="train anew instead of resuming an existing file")
     lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--finetune", type=int, default=None, metavar="STEPS",
+                    help="then tune every layer's kernels together for STEPS Adam steps on the "
+                    "KL of the next-token distributions to the full cache's")
+    lt.add_argument("--finetune-budget", action="append", default=None,
+                    help="budgets simulated by --finetune (repeatable; default 0.125 and "
+                    "0.0625)")
+    lt.add_argument("--finetune-sequences", type=int, default=32,
+                    help="training sequences of --finetune (validation: max(4, N // 4))")
     lt.set_defaults(func=_cmd_less_train)
     return p
 

@@ -130,9 +130,32 @@ def test_empty_state_changes_nothing(tiny_model: Path, tmp_path: Path) -> None:
     a, b = _run(plain, short), _run(less, short)
     assert b.extra.get("less") is None and b.output_ids == a.output_ids
     a, c = _run(plain, long), _run(quiet, long)
-    assert c.extra["evictions"] >= 1 and c.extra["less"].num_folded.sum() > 0
+    assert c.extra["evictions"] >= 1 and c.extra["less"].empty  # every layer switched off
     assert not c.extra["less"].z.any()
     assert c.output_ids == a.output_ids
+
+
+def test_switched_off_layers_get_no_op_and_no_state(tiny_model: Path, tmp_path: Path) -> None:
+    """A layer with ``k_s1 = 0`` (training switched it off) gets no LESS op in the graph and
+    nothing folded; the other layers still mix their state."""
+    w = _weights(tiny_model)
+    w.arrays["k_s1"][0] = 0.0
+    layers = w.num_layers
+    assert w.active_layers == list(range(1, layers))
+    g = to_per_head(read_paged_model(tiny_model / "openvino_model.xml", score_outputs=True,
+                                     logits_indices=True, score_aggregation=True))
+    add_less(g, w, LESSNodes(CacheLayout.from_shape(KEY, "f32", 32, w.head_dim),
+                             w.num_kv_heads, w.group, native=False))
+    mixed = [n.get_friendly_name() for n in g.get_ordered_ops()
+             if n.get_friendly_name().endswith("/less_out")]
+    assert len(mixed) == layers - 1
+    names = {n for p in g.get_parameters() for n in p.output(0).get_names()}
+    assert state_h_name(0) not in names and state_z_name(0) not in names
+    assert state_h_name(1) in names
+    seq = _run(_engine(tiny_model, "f32", w.save(tmp_path / "w.npz")), _ids(200))
+    st: LESSState = seq.extra["less"]
+    assert seq.extra["evictions"] >= 1
+    assert not st.num_folded[0].any() and st.num_folded[1:].all()
 
 
 @pytest.mark.parametrize("precision", ["f32", "u8"])

@@ -347,3 +347,72 @@ def test_a_layer_that_cannot_gain_gets_its_state_switched_off():
     assert r.off and r.val_loss == 0.0 == r.val_loss_noless and r.val_loss_initial > 0
     assert (w.arrays["k_s1"][0] == 0).all()
     assert (w.psi(0, 1, np.random.default_rng(0).normal(size=(3, 8))) == 0).all()
+
+
+# ------------------------------------------------------------------------- end-to-end stage
+def test_finetune_suffix_pass_is_the_model_when_nothing_is_evicted(tiny_hf):
+    """The stage's own attention: with a prompt the eviction keeps whole (<= sinks + recent),
+    the positions after it give the full model's distributions (KL ~ 0) with and without the
+    (empty) state; with eviction, a state of switched-off kernels (s1 = 0) changes nothing
+    and the kept part alone differs from the full model."""
+    from kvcrush_ov.less import finetune as ft
+
+    attn = ft._Attention()
+    ft._register(attn)
+    tiny_hf.set_attn_implementation(ft.ATTN)
+    try:
+        w = LESSWeights.initial(num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
+                                hidden=16, feature_dim=4, seed=3)
+        w.arrays["k_s1"][:] = 1.0
+        attn.params = [{n: torch.from_numpy(w.arrays[n][i].copy()) for n in ARRAYS}
+                       for i in range(w.num_layers)]
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, tiny_hf.config.vocab_size, 100 + 40)
+        ex = ft.capture(tiny_hf, attn, ids, 100, 0.125)
+        assert all(e[0].shape[1] == 0 for e in ex.evicted)
+        assert ft._mean_kl(tiny_hf, attn, [ex], "kept") < 1e-6
+        assert ft._mean_kl(tiny_hf, attn, [ex], "less") < 1e-6
+        ids = rng.integers(0, tiny_hf.config.vocab_size, 400 + 30)
+        ex = ft.capture(tiny_hf, attn, ids, 400, 0.125)
+        assert all(k.shape[1] == max(50, 160) for k, _ in ex.kept)  # the engine's budget
+        kept = ft._mean_kl(tiny_hf, attn, [ex], "kept")
+        assert kept > 1e-5
+        for d in attn.params:
+            d["k_s1"] = torch.zeros_like(d["k_s1"])
+        assert ft._mean_kl(tiny_hf, attn, [ex], "less") == kept
+    finally:
+        tiny_hf.set_attn_implementation("eager")
+
+
+def test_finetune_tunes_keeps_the_best_and_prunes_layers(tiny_model, tmp_path):
+    from kvcrush_ov.less import finetune as ft
+
+    out = tmp_path / "less.npz"
+    cfg = dict(model="tiny-random-llama", seq_len=512, sequences=4, steps=3, weights=out)
+    with pytest.raises(ConfigError) as e:  # no per-layer weights yet
+        ft.finetune(ft.FinetuneConfig(**cfg))
+    assert e.value.field == "--out"
+    lt.train(_cfg(out, sequences=4, steps=5))
+    before = LESSWeights.load(out)
+    assert len(before.active_layers) > 2
+    r = ft.finetune(ft.FinetuneConfig(**cfg, max_layers=2, eval_every=1))
+    w = LESSWeights.load(out)
+    meta = w.meta["finetune"]
+    assert len(w.active_layers) == 2 and meta["active_layers"] == w.active_layers
+    assert r.relative_after <= r.relative_before and meta["relative_after"] == r.relative_after
+    assert set(r.kl_noless) == set(r.kl_after) == {"continue", "retrieve"}
+    assert meta["retrieval"] == 0.5 and len(meta["data_hash"]) == 64
+    assert w.meta["layers_trained"] == 4  # the per-layer record stays
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"steps": 0}, "--finetune"), ({"budgets": (1.5,)}, "--budget"), ({"budgets": ()}, "--budget"),
+    ({"retrieval": 2.0}, "--finetune-retrieval"), ({"max_layers": 0}, "--finetune-layers"),
+    ({"sequences": 0}, "--sequences"),
+])
+def test_finetune_rejects_bad_configs(kw, field):
+    from kvcrush_ov.less.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError) as e:
+        FinetuneConfig(model="tiny-random-llama", **kw).check()
+    assert e.value.field == field

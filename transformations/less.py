@@ -21,7 +21,9 @@ after PagedAttention wrote this step's keys (it reads PagedAttention's output).
 Inputs added: ``less_token_index`` [M] i64, ``less_token_seq`` [M] i32 (sequence of each
 selected token: the ``s`` of the per-head layout), ``less_token_offset`` [M] i32 (its index among
 its sequence's new tokens of the step), and per layer ``less_state_H.L`` [B, Hkv, F, Dv] f32 and
-``less_state_z.L`` [B, Hkv, F] f32.
+``less_state_z.L`` [B, Hkv, F] f32. Only the weights' active layers
+(:attr:`LESSWeights.active_layers`) get the op and the states: in a layer training switched
+off, LESS is exactly PagedAttention, and each op costs decode time.
 
 Because another op reads ``key_cache.L``, the plugin no longer types the cache parameters itself:
 call :func:`set_cache_types` with the types and shapes the plain graph compiles to.
@@ -129,8 +131,11 @@ def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Mode
     new_params = [idx, seq, off]
     axis0 = ops.constant(0, ov.Type.i64)
     a = weights.arrays
+    active = set(weights.active_layers)
     for pa in pas:
         layer = _layer_of(pa)
+        if layer not in active:
+            continue  # switched off: attention there is exactly PagedAttention's
         tag = pa.get_friendly_name()
         q = _walk_back(pa.input_value(_Q), f"{tag}/per_head_q")
         out = _merged_output(pa)

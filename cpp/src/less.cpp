@@ -64,6 +64,98 @@ void decode_key(const uint8_t* block, int64_t row, const BlockLayout& layout, Ke
   }
 }
 
+// The hot loops are compiled twice where the compiler can dispatch at load time (GCC / Clang
+// on x86-64 Linux): for x86-64-v3 (AVX2 + FMA) and for the baseline the wheel targets.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define KVCRUSH_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KVCRUSH_HOT
+#endif
+
+/// e^x for |x| <= 87, relative error below 2e-7. Branch-free, so that loops over it vectorize:
+/// x = n ln2 + r, e^r by a degree-6 polynomial on |r| <= ln2 / 2, 2^n from the exponent bits.
+inline float exp_core(float x) {
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+/// e^x for x <= 0 (a log-sum-exp's shifted logits): exp_core, exactly 0 below -87.
+inline float exp_nonpositive(float x) {
+  const float under = x < -87.0f ? 0.0f : 1.0f;
+  return exp_core(x < -87.0f ? -87.0f : x) * under;
+}
+
+/// Four rows' dot products with one query (four independent accumulators: the loop is
+/// bound by throughput, not by the latency of one chain of additions).
+KVCRUSH_HOT void dots4(const float* q, const float* k, int64_t d, float* out) {
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+  const float *k0 = k, *k1 = k + d, *k2 = k + 2 * d, *k3 = k + 3 * d;
+  for (int64_t c = 0; c < d; ++c) {
+    a0 += q[c] * k0[c];
+    a1 += q[c] * k1[c];
+    a2 += q[c] * k2[c];
+    a3 += q[c] * k3[c];
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+/// log sum_r exp(x[r]) of n > 0 logits.
+KVCRUSH_HOT float log_sum_exp(const float* x, int64_t n) {
+  float top = x[0];
+  for (int64_t r = 1; r < n; ++r) top = std::max(top, x[r]);
+  float sum = 0.0f;
+  for (int64_t r = 0; r < n; ++r) sum += exp_nonpositive(x[r] - top);
+  return top + std::log(sum);
+}
+
+/// logits[g * stride + r] = mul * (q_g . keys[r]) - bias[g] (bias may be null: 0) for the
+/// ``rows`` keys [rows, D] of a block and the group's G queries q [G, D].
+void block_logits(const float* q, const float* keys, int64_t rows, int64_t group, int64_t d,
+                  float mul, const float* bias, float* logits, int64_t stride) {
+  float four[4];
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qv = q + g * d;
+    const float sub = bias != nullptr ? bias[g] : 0.0f;
+    float* dst = logits + g * stride;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      dots4(qv, keys + r * d, d, four);
+      for (int k = 0; k < 4; ++k) dst[r + k] = four[k] * mul - sub;
+    }
+    for (; r < rows; ++r) {
+      float x = 0.0f;
+      for (int64_t c = 0; c < d; ++c) x += qv[c] * keys[r * d + c];
+      dst[r] = x * mul - sub;
+    }
+  }
+}
+
+/// The codes of one by-channel key row as floats (u8, or u4 two per byte).
+KVCRUSH_HOT void codes_to_float(const uint8_t* codes, int64_t d, bool u4, float* key) {
+  if (u4) {
+    for (int64_t c = 0; c < d; c += 2) {
+      key[c] = static_cast<float>(codes[c / 2] >> 4);
+      key[c + 1] = static_cast<float>(codes[c / 2] & 0x0F);
+    }
+  } else {
+    for (int64_t c = 0; c < d; ++c) key[c] = static_cast<float>(codes[c]);
+  }
+}
+
 }  // namespace
 
 void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
@@ -90,12 +182,11 @@ void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
       throw std::out_of_range("less: row " + std::to_string(n - 1) + " outside the table of "
                               "subsequence " + std::to_string(j));
     const float* qh = q + i * hq * d + h * group * d;
-    std::vector<float> key(static_cast<size_t>(d));
+    std::vector<float> tile(static_cast<size_t>(bs * d));  // a block's keys, f32 [rows, D]
     std::vector<float> qs(static_cast<size_t>(group * d));  // q * scale (by channel: * key scale)
     std::vector<float> bias(static_cast<size_t>(group), 0.0f);
     std::vector<float> logits(static_cast<size_t>(group * n));  // [G, n]
     const bool u4 = layout.levels == 15;
-    auto add = [&](int64_t g, int64_t r, float x) { logits[g * n + r] = x; };
     for (int64_t r0 = 0; r0 < n; r0 += bs) {
       const int64_t blk = t.table[first + r0 / bs];
       if (blk < 0 || blk >= num_blocks)
@@ -117,43 +208,19 @@ void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
           }
           bias[g] = b;
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint8_t* codes = block + layout.header_bytes + r * layout.row_bytes;
-          if (u4) {
-            for (int64_t c = 0; c < d; c += 2) {
-              key[c] = static_cast<float>(codes[c / 2] >> 4);
-              key[c + 1] = static_cast<float>(codes[c / 2] & 0x0F);
-            }
-          } else {
-            for (int64_t c = 0; c < d; ++c) key[c] = static_cast<float>(codes[c]);
-          }
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qv = qs.data() + g * d;
-            float x = 0.0f;
-            for (int64_t c = 0; c < d; ++c) x += qv[c] * key[c];
-            add(g, r0 + r, x - bias[g]);
-          }
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          codes_to_float(block + layout.header_bytes + r * layout.row_bytes, d, u4,
+                         tile.data() + r * d);
+        block_logits(qs.data(), tile.data(), rows, group, d, 1.0f, bias.data(),
+                     logits.data() + r0, n);
       } else {
-        for (int64_t r = 0; r < rows; ++r) {
-          decode_key(block, r, layout, format, key.data());
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qv = qh + g * d;
-            float x = 0.0f;
-            for (int64_t c = 0; c < d; ++c) x += qv[c] * key[c];
-            add(g, r0 + r, x * scale);
-          }
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          decode_key(block, r, layout, format, tile.data() + r * d);
+        block_logits(qh, tile.data(), rows, group, d, scale, nullptr, logits.data() + r0, n);
       }
     }
-    for (int64_t g = 0; g < group; ++g) {  // log-sum-exp of each query head's logits
-      const float* x = logits.data() + g * n;
-      float top = x[0];
-      for (int64_t r = 1; r < n; ++r) top = std::max(top, x[r]);
-      float sum = 0.0f;
-      for (int64_t r = 0; r < n; ++r) sum += std::exp(x[r] - top);
-      out[i * hq + h * group + g] = top + std::log(sum);
-    }
+    for (int64_t g = 0; g < group; ++g)  // log-sum-exp of each query head's logits
+      out[i * hq + h * group + g] = log_sum_exp(logits.data() + g * n, n);
   });
 }
 
@@ -163,9 +230,30 @@ namespace kvcrush {
 
 namespace {
 
+/// gelu, tanh approximation: 0.5 x (1 + tanh(u)) = x / (1 + e^{-2u}), u = sqrt(2/pi) (x +
+/// 0.044715 x^3), with exp_core (|2u| clamped to 87, where the result is x or 0 in float).
 inline float gelu_tanh(float x) {
   const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-  return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+  float t = -2.0f * c * (x + 0.044715f * x * x * x);
+  t = t < -87.0f ? -87.0f : (t > 87.0f ? 87.0f : t);
+  return x / (1.0f + exp_core(t));
+}
+
+/// hid = gelu(q W1 + b1) [Y] and feat = |gelu(hid W2 + b2)| [F] of one query head.
+KVCRUSH_HOT void query_features(const float* qv, const float* w1, const float* b1,
+                                const float* w2, const float* b2, int64_t d, int64_t y,
+                                int64_t f, float* hid, float* feat) {
+  for (int64_t k = 0; k < y; ++k) hid[k] = b1[k];
+  for (int64_t c = 0; c < d; ++c) {
+    const float x = qv[c];
+    const float* w = w1 + c * y;
+    for (int64_t k = 0; k < y; ++k) hid[k] += x * w[k];
+  }
+  for (int64_t k = 0; k < y; ++k) hid[k] = gelu_tanh(hid[k]);
+  for (int64_t k = 0; k < f; ++k) feat[k] = b2[k];
+  for (int64_t c = 0; c < y; ++c)
+    for (int64_t k = 0; k < f; ++k) feat[k] += hid[c] * w2[c * f + k];
+  for (int64_t k = 0; k < f; ++k) feat[k] = std::fabs(gelu_tanh(feat[k]));
 }
 
 }  // namespace
@@ -187,23 +275,12 @@ void less_mix(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
     const int64_t i = item / hq, head = item % hq, kv = head / group;
     const int64_t s = seq[i];
     std::vector<float> hid(static_cast<size_t>(y)), feat(static_cast<size_t>(f));
-    const float* qv = q + i * hq * d + head * d;
-    const float* w1 = phi.w1 + head * d * y;
-    for (int64_t k = 0; k < y; ++k) hid[k] = phi.b1[head * y + k];
-    for (int64_t c = 0; c < d; ++c)
-      for (int64_t k = 0; k < y; ++k) hid[k] += qv[c] * w1[c * y + k];
-    for (int64_t k = 0; k < y; ++k) hid[k] = gelu_tanh(hid[k]);
-    const float* w2 = phi.w2 + head * y * f;
-    for (int64_t k = 0; k < f; ++k) feat[k] = phi.b2[head * f + k];
-    for (int64_t c = 0; c < y; ++c)
-      for (int64_t k = 0; k < f; ++k) feat[k] += hid[c] * w2[c * f + k];
+    query_features(q + i * hq * d + head * d, phi.w1 + head * d * y, phi.b1 + head * y,
+                   phi.w2 + head * y * f, phi.b2 + head * f, d, y, f, hid.data(), feat.data());
     const float* zs = state_z + (s * num_kv_heads + kv) * f;
     const float* hs = state_h + (s * num_kv_heads + kv) * f * v_dim;
     float z = 0.0f;
-    for (int64_t k = 0; k < f; ++k) {
-      feat[k] = std::fabs(gelu_tanh(feat[k]));
-      z += feat[k] * zs[k];
-    }
+    for (int64_t k = 0; k < f; ++k) z += feat[k] * zs[k];
     const float* o = o_kept + i * hq * v_dim + head * v_dim;
     float* dst = out + i * hq * v_dim + head * v_dim;
     if (!(z > 0.0f)) {  // empty state: exactly the kept part

@@ -286,7 +286,7 @@ class Evictor:
         if state is None:
             state = LESSState(runner.num_layers, runner.num_kv_heads, weights.feature_dim,
                               runner.value_layout.head_dim)
-        for layer in range(runner.num_layers):
+        for layer in weights.active_layers:  # the others' psi is 0: nothing to fold
             kt, vt = runner.cache_tensors(layer)
             kb, vb = runner.key_layout.head_blocks(kt), runner.value_layout.head_blocks(vt)
             for h in range(runner.num_kv_heads):

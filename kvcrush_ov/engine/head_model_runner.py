@@ -156,7 +156,7 @@ class HeadModelRunner(ModelRunner):
             if st is not None:
                 h_all[:, s] = st.H
                 z_all[:, s] = st.z
-        for layer in range(self.num_layers):
+        for layer in w.active_layers:
             put(req, state_h_name(layer), h_all[layer], np.float32)
             put(req, state_z_name(layer), z_all[layer], np.float32)
 

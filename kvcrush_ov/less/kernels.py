@@ -199,6 +199,14 @@ class LESSWeights:
             raise ConfigError("less.weights", where, f"weights trained for this model ({want})",
                               f"the file is for {got}")
 
+    @property
+    def active_layers(self) -> list[int]:
+        """Layers whose state is on: a layer with ``k_s1 = 0`` (switched off by training) has
+        ``psi = 0``, so its state stays empty and attention is exactly as without LESS; the graph
+        gets no LESS op there and the engine folds nothing into it."""
+        s1 = self.arrays["k_s1"]
+        return [i for i in range(self.num_layers) if np.any(s1[i] != 0)]
+
     # ----------------------------------------------------------------- feature maps
     def phi(self, layer: int, q: np.ndarray) -> np.ndarray:
         """Query features: ``q`` f32 [..., Hq, D] -> [..., Hq, F] (non-negative)."""
