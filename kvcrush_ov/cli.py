@@ -359,7 +359,8 @@ def _cmd_less_train(args: argparse.Namespace) -> int:
                               "prefix in (0, 1): 0.125 or 12.5%")
         cfg = FinetuneConfig(model=args.model, budgets=budgets, seq_len=args.seq_len,
                              sequences=args.finetune_sequences, steps=args.finetune,
-                             seed=args.seed, weights=args.out)
+                             seed=args.seed, weights=args.out,
+                             retrieval=args.finetune_retrieval, max_layers=args.finetune_layers)
         cfg.check()  # before the per-layer stage's work
     res = train(TrainConfig(model=args.model, policy=args.policy, budget=budget,
                             seq_len=args.seq_len, sequences=args.sequences, steps=args.steps,
@@ -607,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "0.0625)")
     lt.add_argument("--finetune-sequences", type=int, default=32,
                     help="training sequences of --finetune (validation: max(4, N // 4))")
+    lt.add_argument("--finetune-retrieval", type=float, default=0.5,
+                    help="share of --finetune's sequences that ask to repeat a sentence of the "
+                    "context (query-aware, like RULER's prompts); the rest continue the text")
+    lt.add_argument("--finetune-layers", type=int, default=None,
+                    help="keep LESS in at most this many layers, the ones whose state helps "
+                    "most (each layer with LESS costs decode time)")
     lt.set_defaults(func=_cmd_less_train)
     return p
 

@@ -2,10 +2,12 @@
 without it, measured in one process (interleaved repeats), and the state's memory.
 
     python samples/less_bench.py [--model SmolLM2-135M-Instruct] [--tokens 2048] [--budget 0.125]
-                                 [--new 64] [--repeats 2] [--weights PATH]
+                                 [--new 64] [--repeats 2] [--weights PATH ...]
 
 Without ``--weights`` it uses the model's default LESS file (``kvcrush-ov less-train``), or, if
-there is none, untrained kernels of the default size (the cost does not depend on the values).
+there is none, untrained kernels of the default size (the cost depends on the values only through
+which layers are on: a switched-off layer has no LESS op). ``--weights`` may be repeated: each
+file is one more column.
 """
 
 from __future__ import annotations
@@ -60,27 +62,30 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--precision", default="u8")
-    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--weights", type=Path, action="append", default=None)
     a = p.parse_args()
     model = Path(resolve_model(a.model))
-    weights = a.weights or default_weights_path(model)
-    if not Path(weights).is_file():
+    files = a.weights or [default_weights_path(model)]
+    if not Path(files[0]).is_file() and a.weights is None:
         import json
         c = json.loads((model / "config.json").read_text())
         hq = c["num_attention_heads"]
         w = LESSWeights.initial(c["num_hidden_layers"], hq, c["num_key_value_heads"],
                                 c.get("head_dim") or c["hidden_size"] // hq)
-        weights = w.save(Path(tempfile.mkdtemp()) / "untrained.npz")
-        print(f"no trained weights: untrained kernels of the default size ({weights})")
+        files = [w.save(Path(tempfile.mkdtemp()) / "untrained.npz")]
+        print(f"no trained weights: untrained kernels of the default size ({files[0]})")
     info = check_model_dir(model)
     ids = np.random.default_rng(0).integers(100, 20000, a.tokens).tolist()
-    engines = {"eviction": _engine(model, a.budget, a.precision, None),
-               "eviction+less": _engine(model, a.budget, a.precision, Path(weights))}
+    engines = {"eviction": _engine(model, a.budget, a.precision, None)}
+    for f in files:
+        n = len(LESSWeights.load(f).active_layers)
+        engines[f"+less {Path(f).stem} ({n} layers)"] = _engine(model, a.budget, a.precision,
+                                                               Path(f))
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in engines}
     for _ in range(a.repeats + 1):  # the first round warms both up and is dropped
         for name, eng in engines.items():
             res[name].append(_once(eng, ids, a.new))
-    w = LESSWeights.load(weights)
+    w = LESSWeights.load(files[0])
     state_bytes = w.num_layers * w.num_kv_heads * w.feature_dim * (w.head_dim + 1) * 4
     token_bytes = info.num_layers * info.num_kv_heads * 2 * info.head_dim * 2  # bf16 K + V
     print(f"model {a.model}, prompt {a.tokens} tokens, budget {a.budget}, cache {a.precision}, "
@@ -90,7 +95,7 @@ def main() -> None:
         ttft = float(np.median([r[0] for r in runs[1:]]))
         tps = 1.0 / float(np.median([r[1] for r in runs[1:]]))
         base = base or (ttft, tps)
-        print(f"  {name:14s} TTFT {ttft:6.3f} s ({ttft / base[0]:.3f}x)   decode {tps:7.1f} "
+        print(f"  {name:32s} TTFT {ttft:6.3f} s ({ttft / base[0]:.3f}x)   decode {tps:7.1f} "
               f"tok/s ({tps / base[1]:.3f}x)")
     print(f"  LESS state: {state_bytes} bytes per sequence = "
           f"{state_bytes / token_bytes:.1f} tokens' worth of a bf16 cache "

@@ -303,6 +303,11 @@ def test_train_resume_and_refuse(tiny_model, tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--layers", "0"], "--layers"),
     (["--model", "no-such-model"], "--model"),
+    (["--finetune", "0"], "--finetune"),
+    (["--finetune", "5", "--finetune-layers", "0"], "--finetune-layers"),
+    (["--finetune", "5", "--finetune-retrieval", "1.5"], "--finetune-retrieval"),
+    (["--finetune", "5", "--finetune-budget", "2"], "--finetune-budget"),
+    (["--finetune", "5", "--finetune-sequences", "0"], "--finetune-sequences"),
 ])
 def test_cli_rejects_bad_arguments(tiny_model, tmp_path, extra, field):
     from kvcrush_ov.cli import build_parser
@@ -408,7 +413,7 @@ def test_finetune_tunes_keeps_the_best_and_prunes_layers(tiny_model, tmp_path):
 @pytest.mark.parametrize("kw, field", [
     ({"steps": 0}, "--finetune"), ({"budgets": (1.5,)}, "--budget"), ({"budgets": ()}, "--budget"),
     ({"retrieval": 2.0}, "--finetune-retrieval"), ({"max_layers": 0}, "--finetune-layers"),
-    ({"sequences": 0}, "--sequences"),
+    ({"sequences": 0}, "--finetune-sequences"),
 ])
 def test_finetune_rejects_bad_configs(kw, field):
     from kvcrush_ov.less.finetune import FinetuneConfig

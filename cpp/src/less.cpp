@@ -65,9 +65,14 @@ void decode_key(const uint8_t* block, int64_t row, const BlockLayout& layout, Ke
 }
 
 // The hot loops are compiled twice where the compiler can dispatch at load time (GCC / Clang
-// on x86-64 Linux): for x86-64-v3 (AVX2 + FMA) and for the baseline the wheel targets.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// on x86-64 Linux): for AVX2 + FMA and for the baseline the wheel targets
+// (the clone is chosen by the features the CPU reports: GCC 12 knows the x86-64-v3 level,
+// which includes FMA; older compilers and Clang get an AVX2 clone)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12
 #define KVCRUSH_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define KVCRUSH_HOT __attribute__((target_clones("avx2", "default")))
 #else
 #define KVCRUSH_HOT
 #endif

@@ -69,7 +69,7 @@ class FinetuneConfig:
     seq_len: int = 4096
     sequences: int = 32
     steps: int = 100
-    lr: float = 2e-4
+    lr: float = 1e-4
     batch: int = 4
     seed: int = 0
     weights: str | Path | None = None
@@ -82,7 +82,8 @@ class FinetuneConfig:
         return max(4, self.sequences // 4)
 
     def check(self) -> None:
-        for name, value, low in (("--finetune", self.steps, 1), ("--sequences", self.sequences, 1),
+        for name, value, low in (("--finetune", self.steps, 1),
+                                 ("--finetune-sequences", self.sequences, 1),
                                  ("batch", self.batch, 1), ("--seed", self.seed, 0),
                                  ("eval_every", self.eval_every, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
