@@ -230,8 +230,8 @@ class _Graph:
                    and "key_cache.0" in n.input_value(3).get_names())
         out0 = next(n for n in g.get_ordered_ops()
                     if n.get_friendly_name() == f"{pa0.get_friendly_name()}/less_out")
-        # out0 = ScatterUpdate(out, idx, Convert(mixed)); mixed's first input is q_sel
-        mixed = out0.input_value(2).get_node().input_value(0).get_node()
+        # out0 = LESSMix(q, out, idx, ...) (or a Convert of it); its first input is q
+        mixed = out0 if out0.get_type_name() == "LESSMix" else out0.input_value(0).get_node()
         assert mixed.get_type_name() == "LESSMix" and isinstance(mixed, LESSMix) != native
         g.add_outputs([mixed.input_value(0), out0.output(0)])
         self.compiled = core.compile_model(g, "CPU", props)
@@ -275,7 +275,7 @@ class _Graph:
             r.set_tensor(state_h_name(layer), ov.Tensor(h_state))
             r.set_tensor(state_z_name(layer), ov.Tensor(z_state))
         m = n if less is not None else 0
-        r.set_tensor(LESS_TOKEN_INDEX, ov.Tensor(np.arange(m, dtype=np.int64)))
+        r.set_tensor(LESS_TOKEN_INDEX, ov.Tensor(np.arange(m, dtype=np.int32)))
         r.set_tensor(LESS_TOKEN_SEQ, ov.Tensor(np.zeros(m, np.int32)))
         r.set_tensor(LESS_TOKEN_OFFSET, ov.Tensor(np.arange(m, dtype=np.int32)))
         r.infer()
@@ -405,38 +405,43 @@ def test_less_mix_op_reads_each_sequences_own_table(precision: str, sequence_maj
     off = np.array([0, 0, 1, 0])
     q = rng.standard_normal((4, hq * d)).astype(np.float32)
     kept = rng.standard_normal((4, hq * d)).astype(np.float32)
+    # a fifth token, row 1, that is not selected: the op must leave its row as it is
+    other = np.random.default_rng(9).standard_normal((2, hq * d)).astype(np.float32)
+    q, kept = np.insert(q, 1, other[0], axis=0), np.insert(kept, 1, other[1], axis=0)
+    idx = np.array([0, 2, 3, 4], np.int32)
     w = LESSWeights.initial(1, hq, hkv, d, hidden=6, feature_dim=f, seed=3)
     state_h = rng.random((b, hkv, f, d)).astype(np.float32)
     state_z = rng.random((b, hkv, f)).astype(np.float32) * 50
     state_h[1], state_z[1] = 0, 0  # sequence 1: nothing evicted
     a = w.arrays
-    params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(15)]
+    params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(16)]
     # the native op must have been built here (scripts/setup.sh): native=True raises otherwise
     op = LESSNodes(layout, hkv, g, native=native).mix([p.output(0) for p in params],
                                                       sequence_major)
     assert isinstance(op, LESSMix) != native
-    out = ov.Tensor(ov.Type.f32, [4, hq * d])
+    out = ov.Tensor(ov.Type.f32, [5, hq * d])
     ins = [ov.Tensor(x) for x in (
-        q, kept, cache, past_j.astype(np.int32), np.asarray(flat, np.int32),
+        q, kept, idx, cache, past_j.astype(np.int32), np.asarray(flat, np.int32),
         begins.astype(np.int32), seq.astype(np.int32), off.astype(np.int32),
         np.array(0.5, np.float32), state_h, state_z, a["q_w1"][0], a["q_b1"][0],
         a["q_w2"][0], a["q_b2"][0])]
     assert op.evaluate([out], ins)
-    phi = w.phi(0, q.reshape(4, hq, d)).astype(np.float64)
-    for i in range(4):
+    np.testing.assert_array_equal(out.data[1], kept[1])  # not selected: unchanged
+    phi = w.phi(0, q[idx].reshape(4, hq, d)).astype(np.float64)
+    for i, row in enumerate(idx):
         for h in range(hkv):
             s = int(seq[i])
             n = int(past[s, h]) + int(off[i]) + 1
             rows = layout.table_rows(cache, tables[(s, h)], n)
             for gq in range(g):
                 head = h * g + gq
-                got = out.data[i, head * d:(head + 1) * d]
-                o = kept[i, head * d:(head + 1) * d]
+                got = out.data[row, head * d:(head + 1) * d]
+                o = kept[row, head * d:(head + 1) * d]
                 z = phi[i, head] @ state_z[s, h]
                 if s == 1:
                     np.testing.assert_array_equal(got, o)
                     continue
-                x = 0.5 * rows.astype(np.float64) @ q[i, head * d:(head + 1) * d]
+                x = 0.5 * rows.astype(np.float64) @ q[row, head * d:(head + 1) * d]
                 lse = x.max() + np.log(np.exp(x - x.max()).sum())
                 mix = 1.0 / (1.0 + z * np.exp(-lse))
                 want = mix * o + (1 - mix) * (phi[i, head] @ state_h[s, h]) / z

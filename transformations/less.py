@@ -5,12 +5,11 @@
 tokens named by ``less_token_index`` mixes in the LESS state of their sequence (the tokens eviction
 dropped). PagedAttention is unchanged (it writes the cache and computes the kept part); per layer::
 
-    idx   = less_token_index [M] i64  (rows of this step's T tokens; M = 0: the graph is a no-op)
-    q_sel = Gather(query [T, Hq*D], idx), kept = Gather(out [T, Hq*Dv], idx)
-    mixed = LESSMix(q_sel, kept, key_cache.L, head_past_lens.L, block_indices.L,
-                    block_indices_begins.L, less_token_seq, less_token_offset, scale,
-                    less_state_H.L, less_state_z.L, phi's w1, b1, w2, b2)   -> [M, Hq*Dv]
-    out[idx] = mixed
+    idx   = less_token_index [M] i32  (rows of this step's T tokens; M = 0: the graph is a no-op)
+    out'  = LESSMix(query [T, Hq*D], out [T, Hq*Dv], idx, key_cache.L, head_past_lens.L,
+                    block_indices.L, block_indices_begins.L, less_token_seq, less_token_offset,
+                    scale, less_state_H.L, less_state_z.L, phi's w1, b1, w2, b2)
+          = out with its rows idx mixed
 
 ``LESSMix`` (``kvcrush_ov.engine.less_op``, one kernel: ``kvcrush::less_mix``) computes the
 log-sum-exp ``L`` of the logits over the kept keys from the cache, ``phi(q) = |gelu(gelu(q W1 +
@@ -18,7 +17,7 @@ b1) W2 + b2)|``, ``N, Z = phi . H[seq], phi . z[seq]`` (per KV head group) and
 ``a * kept + (1 - a) * N / Z`` with ``a = sigmoid(L - log Z)``, exactly 1 when ``Z = 0``. It runs
 after PagedAttention wrote this step's keys (it reads PagedAttention's output).
 
-Inputs added: ``less_token_index`` [M] i64, ``less_token_seq`` [M] i32 (sequence of each
+Inputs added: ``less_token_index`` [M] i32, ``less_token_seq`` [M] i32 (sequence of each
 selected token: the ``s`` of the per-head layout), ``less_token_offset`` [M] i32 (its index among
 its sequence's new tokens of the step), and per layer ``less_state_H.L`` [B, Hkv, F, Dv] f32 and
 ``less_state_z.L`` [B, Hkv, F] f32. Only the weights' active layers
@@ -106,6 +105,10 @@ def _merged_output(pa: ov.Node) -> ov.Output:
     raise LESSPatternError(f"add_less: {tag} has no per-head output merge (run to_per_head first)")
 
 
+def _f32(x: ov.Output) -> ov.Output:
+    return x if x.get_element_type() == ov.Type.f32 else ops.convert(x, ov.Type.f32).output(0)
+
+
 def _c(x: np.ndarray) -> ov.Output:
     return ops.constant(np.ascontiguousarray(x, dtype=np.float32)).output(0)
 
@@ -125,11 +128,10 @@ def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Mode
     if len(pas) != weights.num_layers:
         raise LESSPatternError(f"add_less: the model has {len(pas)} attention layers, the "
                                f"weights {weights.num_layers}")
-    idx = ops.parameter([-1], ov.Type.i64, name=LESS_TOKEN_INDEX)
+    idx = ops.parameter([-1], ov.Type.i32, name=LESS_TOKEN_INDEX)
     seq = ops.parameter([-1], ov.Type.i32, name=LESS_TOKEN_SEQ)
     off = ops.parameter([-1], ov.Type.i32, name=LESS_TOKEN_OFFSET)
     new_params = [idx, seq, off]
-    axis0 = ops.constant(0, ov.Type.i64)
     a = weights.arrays
     active = set(weights.active_layers)
     for pa in pas:
@@ -145,7 +147,6 @@ def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Mode
                                    f"{hq}*{d}")
         dv = out.get_partial_shape()[1].get_length() // hq
         targets = list(out.get_target_inputs())
-        q_sel = ops.convert(ops.gather(q, idx, axis0), ov.Type.f32)
         tables = [params[head_past_lens_name(layer)].output(0),
                   params[block_indices_name(layer)].output(0),
                   params[block_indices_begins_name(layer)].output(0)]
@@ -153,13 +154,14 @@ def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Mode
         h_state = ops.parameter([-1, hkv, f, dv], ov.Type.f32, name=state_h_name(layer))
         z_state = ops.parameter([-1, hkv, f], ov.Type.f32, name=state_z_name(layer))
         new_params += [h_state, z_state]
-        kept = ops.convert(ops.gather(out, idx, axis0), ov.Type.f32)
-        mixed = nodes.mix([q_sel.output(0), kept.output(0), pa.input_value(_KC), *tables,
+        mixed = nodes.mix([_f32(q), _f32(out), idx.output(0), pa.input_value(_KC), *tables,
                            seq.output(0), off.output(0), scale, h_state.output(0),
                            z_state.output(0), _c(a["q_w1"][layer]), _c(a["q_b1"][layer]),
                            _c(a["q_w2"][layer]), _c(a["q_b2"][layer])], sequence_major)
-        mixed = ops.convert(mixed.output(0), out.get_element_type())
-        new_out = ops.scatter_update(out, idx, mixed, axis0, name=f"{tag}/less_out")
+        new_out = mixed
+        if out.get_element_type() != ov.Type.f32:
+            new_out = ops.convert(mixed.output(0), out.get_element_type())
+        new_out.set_friendly_name(f"{tag}/less_out")
         for t in targets:
             t.replace_source_output(new_out.output(0))
     for p in new_params:

@@ -3,18 +3,22 @@
 // into Python per layer and step). Its Python twin, kvcrush_ov/engine/less_op.py's LESSMix, has
 // the same inputs, attributes and output; both run kvcrush::less_mix (cpp/src/less.cpp).
 //
-// Inputs: 0 q f32 [M, Hq*D], 1 the kept output f32 [M, Hq*Dv], 2 key_cache.L,
-// 3 head_past_lens.L, 4 block_indices.L, 5 block_indices_begins.L, 6 less_token_seq,
-// 7 less_token_offset, 8 scale, 9 less_state_H.L [B, Hkv, F, Dv], 10 less_state_z.L
-// [B, Hkv, F], 11..14 phi's w1 [Hq, D, Y], b1 [Hq, Y], w2 [Hq, Y, F], b2 [Hq, F].
-// Output f32 [M, Hq*Dv].
+// Inputs: 0 q f32 [T, Hq*D] (every token of the step), 1 the kept output f32 [T, Hq*Dv]
+// (PagedAttention's, merged over heads), 2 less_token_index i32 [M] (the rows to mix),
+// 3 key_cache.L, 4 head_past_lens.L, 5 block_indices.L, 6 block_indices_begins.L,
+// 7 less_token_seq, 8 less_token_offset, 9 scale, 10 less_state_H.L [B, Hkv, F, Dv],
+// 11 less_state_z.L [B, Hkv, F], 12..15 phi's w1 [Hq, D, Y], b1 [Hq, Y], w2 [Hq, Y, F],
+// b2 [Hq, F]. Output f32 [T, Hq*Dv]: input 1 with the M rows mixed. One op per layer does the
+// row selection too: each op of the decode graph costs a dispatch, most of it for small ones.
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
 #include <openvino/op/op.hpp>
 
 #include <cstdint>
 #include <memory>
+#include <algorithm>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kvcrush/less.hpp"
@@ -59,34 +63,57 @@ class LESSMixOp : public ov::op::Op {
   bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
     const auto& q = inputs[0];
     const auto& o = inputs[1];
-    const auto m = static_cast<int64_t>(q.get_shape()[0]);
-    const int64_t hq = num_kv_heads_ * group_;
+    const auto& idx = inputs[2];
     outputs[0].set_shape(o.get_shape());
+    const auto t = static_cast<int64_t>(o.get_shape()[0]);
+    const auto width = static_cast<int64_t>(o.get_shape()[1]);
+    float* dst = outputs[0].data<float>();
+    if (t * width > 0 && dst != o.data<const float>())
+      std::copy(o.data<const float>(), o.data<const float>() + t * width, dst);
+    const auto m = static_cast<int64_t>(idx.get_size());
     if (m == 0) return true;
-    const auto& w1 = inputs[11];
-    const auto& w2 = inputs[13];
-    const auto v_dim = static_cast<int64_t>(o.get_shape()[1]) / hq;
-    const auto b = static_cast<int64_t>(inputs[9].get_shape()[0]);
-    if (static_cast<int64_t>(inputs[3].get_size()) != b * num_kv_heads_ ||
-        static_cast<int64_t>(inputs[9].get_size()) !=
+    const int64_t hq = num_kv_heads_ * group_;
+    const auto qw = static_cast<int64_t>(q.get_shape()[1]);
+    const auto& w1 = inputs[12];
+    const auto& w2 = inputs[14];
+    const int64_t v_dim = width / hq;
+    const auto b = static_cast<int64_t>(inputs[10].get_shape()[0]);
+    if (static_cast<int64_t>(inputs[4].get_size()) != b * num_kv_heads_ ||
+        static_cast<int64_t>(inputs[10].get_size()) !=
             b * num_kv_heads_ * static_cast<int64_t>(w2.get_shape()[2]) * v_dim)
       throw std::invalid_argument("LESSMix: less_state_H.L must be [B, Hkv, F, Dv] for the "
                                   "step's B sequences");
-    const auto& cache = inputs[2];
-    HeadTables t{inputs[3].data<const int32_t>(), inputs[4].data<const int32_t>(),
-                 inputs[5].data<const int32_t>(), static_cast<int64_t>(inputs[3].get_size()),
-                 static_cast<int64_t>(inputs[4].get_size())};
-    QueryFeatureMap phi{w1.data<const float>(), inputs[12].data<const float>(),
-                        w2.data<const float>(), inputs[14].data<const float>(),
+    // the selected rows, gathered (M is the tokens of sequences with a state: few)
+    std::vector<int64_t> rows(static_cast<size_t>(m));  // i32 as declared (i64 accepted)
+    if (idx.get_element_type() == ov::element::i64)
+      std::copy(idx.data<const int64_t>(), idx.data<const int64_t>() + m, rows.begin());
+    else
+      std::copy(idx.data<const int32_t>(), idx.data<const int32_t>() + m, rows.begin());
+    std::vector<float> qs(static_cast<size_t>(m * qw)), os(static_cast<size_t>(m * width));
+    for (int64_t i = 0; i < m; ++i) {
+      if (rows[i] < 0 || rows[i] >= t)
+        throw std::out_of_range("LESSMix: less_token_index " + std::to_string(rows[i]) +
+                                " outside 0.." + std::to_string(t - 1));
+      std::copy(q.data<const float>() + rows[i] * qw, q.data<const float>() + (rows[i] + 1) * qw,
+                qs.begin() + i * qw);
+      std::copy(dst + rows[i] * width, dst + (rows[i] + 1) * width, os.begin() + i * width);
+    }
+    const auto& cache = inputs[3];
+    HeadTables tables{inputs[4].data<const int32_t>(), inputs[5].data<const int32_t>(),
+                      inputs[6].data<const int32_t>(), static_cast<int64_t>(inputs[4].get_size()),
+                      static_cast<int64_t>(inputs[5].get_size())};
+    QueryFeatureMap phi{w1.data<const float>(), inputs[13].data<const float>(),
+                        w2.data<const float>(), inputs[15].data<const float>(),
                         static_cast<int64_t>(w1.get_shape()[2]),
                         static_cast<int64_t>(w2.get_shape()[2])};
     less_mix(static_cast<const uint8_t*>(cache.data()),
              static_cast<int64_t>(cache.get_byte_size()) / layout_.head_block_bytes, layout_,
-             static_cast<KeyFormat>(format_), t, q.data<const float>(), o.data<const float>(), m,
-             num_kv_heads_, group_, v_dim, *inputs[8].data<const float>(),
-             inputs[6].data<const int32_t>(), inputs[7].data<const int32_t>(), sequence_major_,
-             phi, inputs[9].data<const float>(), inputs[10].data<const float>(),
-             outputs[0].data<float>());
+             static_cast<KeyFormat>(format_), tables, qs.data(), os.data(), m, num_kv_heads_,
+             group_, v_dim, *inputs[9].data<const float>(), inputs[7].data<const int32_t>(),
+             inputs[8].data<const int32_t>(), sequence_major_, phi,
+             inputs[10].data<const float>(), inputs[11].data<const float>(), os.data());
+    for (int64_t i = 0; i < m; ++i)
+      std::copy(os.begin() + i * width, os.begin() + (i + 1) * width, dst + rows[i] * width);
     return true;
   }
 

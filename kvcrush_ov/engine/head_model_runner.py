@@ -139,7 +139,7 @@ class HeadModelRunner(ModelRunner):
                 offs.extend(range(c.num_tokens))
             t += c.num_tokens
         put = self.inputs.put
-        put(req, LESS_TOKEN_INDEX, rows, np.int64)
+        put(req, LESS_TOKEN_INDEX, rows, _I32)
         put(req, LESS_TOKEN_SEQ, seqs, _I32)
         put(req, LESS_TOKEN_OFFSET, offs, _I32)
         if not rows and id(req) in self._less_sent:

@@ -15,14 +15,16 @@ It runs in one of two hosts, chosen by :class:`LESSNodes`:
   was not (e.g. ``pip wheel .`` without OpenVINO's C++ runtime). It costs a call into Python per
   layer and step.
 
-Inputs (see :mod:`kvcrush_ov.transformations.less`): 0 ``q`` f32 [M, Hq*D] (selected tokens),
-1 their kept output f32 [M, Hq*Dv], 2 ``key_cache.L`` (per-head pool ``[NB, 1, rows, cols]``),
-3 ``head_past_lens.L`` [J], 4 ``block_indices.L``, 5 ``block_indices_begins.L`` [J+1],
-6 ``less_token_seq`` [M], 7 ``less_token_offset`` [M], 8 ``scale`` [], 9 ``less_state_H.L``
-[B, Hkv, F, Dv], 10 ``less_state_z.L`` [B, Hkv, F], 11..14 phi's w1 [Hq, D, Y], b1 [Hq, Y],
-w2 [Hq, Y, F], b2 [Hq, F]. ``J = B * Hkv`` subsequences, head-major (``j = h*B + s``) or
-sequence-major (``j = s*Hkv + h``); token ``m`` sees rows ``0 .. past[j] + offset[m]`` of
-subsequence ``j`` (its own key included, causal). Output: f32 [M, Hq*Dv].
+Inputs (see :mod:`kvcrush_ov.transformations.less`): 0 ``q`` f32 [T, Hq*D] (every token of the
+step), 1 the kept output f32 [T, Hq*Dv], 2 ``less_token_index`` i32 [M] (the rows to mix),
+3 ``key_cache.L`` (per-head pool ``[NB, 1, rows, cols]``), 4 ``head_past_lens.L`` [J],
+5 ``block_indices.L``, 6 ``block_indices_begins.L`` [J+1], 7 ``less_token_seq`` [M],
+8 ``less_token_offset`` [M], 9 ``scale`` [], 10 ``less_state_H.L`` [B, Hkv, F, Dv],
+11 ``less_state_z.L`` [B, Hkv, F], 12..15 phi's w1 [Hq, D, Y], b1 [Hq, Y], w2 [Hq, Y, F],
+b2 [Hq, F]. ``J = B * Hkv`` subsequences, head-major (``j = h*B + s``) or sequence-major
+(``j = s*Hkv + h``); token ``m`` sees rows ``0 .. past[j] + offset[m]`` of subsequence ``j``
+(its own key included, causal). Output: f32 [T, Hq*Dv], input 1 with its rows ``idx`` mixed
+(one op per layer selects the rows too: every op of a decode step costs a dispatch).
 """
 
 from __future__ import annotations
@@ -70,20 +72,25 @@ class LESSMix(ov.Op):
         return True
 
     def evaluate(self, outputs: list[ov.Tensor], inputs: list[ov.Tensor]) -> bool:
-        q, o = inputs[0].data, inputs[1].data
+        q, o, idx = inputs[0].data, inputs[1].data, inputs[2].data.astype(np.int64)
         outputs[0].set_shape(list(inputs[1].get_shape()))
-        if q.shape[0] == 0:
+        dst = outputs[0].data
+        dst[...] = o
+        if idx.size == 0:
             return True
+        if idx.min() < 0 or idx.max() >= o.shape[0]:
+            raise IndexError(f"LESSMix: less_token_index outside 0..{o.shape[0] - 1}")
         a = self.attrs
         geometry = (int(a["by_channel"]), a["levels"], a["block_size"], a["head_dim"],
                     a["head_block_bytes"], a["header_bytes"], a["row_bytes"])
-        cache = inputs[2]
+        cache = inputs[3]
         blocks = cache.data.reshape(-1).view(np.uint8).reshape(int(cache.get_shape()[0]), -1)
-        outputs[0].data[...] = _core.less_mix(
-            blocks, geometry, a["format"], q, o, a["num_kv_heads"], a["group"],
-            float(inputs[8].data), *(inputs[k].data for k in range(3, 8)),
-            a["sequence_major"], *(inputs[k].data for k in (11, 12, 13, 14)),
-            inputs[9].data, inputs[10].data)
+        dst[idx] = _core.less_mix(
+            blocks, geometry, a["format"], np.ascontiguousarray(q[idx]),
+            np.ascontiguousarray(o[idx]), a["num_kv_heads"], a["group"],
+            float(inputs[9].data), *(inputs[k].data for k in range(4, 9)),
+            a["sequence_major"], *(inputs[k].data for k in (12, 13, 14, 15)),
+            inputs[10].data, inputs[11].data)
         return True
 
 
