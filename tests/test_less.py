@@ -467,3 +467,21 @@ def test_engines_dropped_in_any_order_keep_the_library_loaded(tiny_model: Path,
     del first
     gc.collect()
     assert _run(_engine(tiny_model, "f32", path), ids).output_ids == want
+
+
+def test_fold_accumulates_into_its_own_layer_and_head() -> None:
+    """Two LESSState.fold calls sum psi / psi v^T of all their rows into one (layer, head) and
+    touch nothing else (scales away from the near-zero initial ones: every part of psi counts)."""
+    w = LESSWeights.initial(2, 6, 2, 16, hidden=12, feature_dim=5, seed=4)
+    rng = np.random.default_rng(5)
+    for name in ("k_s1", "k_s2", "k_b2"):
+        w.arrays[name] = rng.normal(0, 1, w.arrays[name].shape).astype(np.float32)
+    keys = rng.normal(0, 2, (300, 16)).astype(np.float32)
+    values = rng.normal(0, 1, (300, 16)).astype(np.float32)
+    st = LESSState(2, 2, 5, 16)
+    st.fold(w, 1, 0, keys[:200], values[:200])
+    st.fold(w, 1, 0, keys[200:], values[200:])
+    p = w.psi(1, 0, keys).astype(np.float64)
+    np.testing.assert_allclose(st.z[1, 0], p.sum(0), rtol=2e-5)
+    np.testing.assert_allclose(st.H[1, 0], p.T @ values, rtol=2e-5, atol=2e-5 * np.abs(p).sum())
+    assert not st.z[0].any() and not st.H[:, 1].any() and st.num_folded[1, 0] == 300
