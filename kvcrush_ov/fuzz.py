@@ -99,13 +99,16 @@ def random_eviction(rng: np.random.Generator, backend: str) -> dict | None:
             else int(start + recent + rng.integers(1, 200)))
     interval = _pick(rng, [1, 4, 8, 32])
     ev = dict(max_cache_size=size, start_size=start, recent_size=recent,
-              importance=_pick(rng, ["snapkv", "h2o", "streaming", "pyramidkv", "adakv"]),
+              importance=_pick(rng, ["snapkv", "h2o", "streaming", "pyramidkv", "adakv",
+                                     "kvzip"]),
               aggregation_mode=_pick(rng, ["norm_sum", "sum"]),
               snapkv_window_size=_pick(rng, [1, 8, 32]),
               mode=_pick(rng, ["continuous", "continuous", "prefill"]), evict_interval=interval,
               pooling=_pick(rng, [None, "max", "avg", "none"]),
               kernel_size=_pick(rng, [None, 3, 7, 31]),
               decode_window_size=_pick(rng, [None, None, 1, interval]))
+    # eviction while the prompt is read (not with KVzip, whose replay needs the whole prompt)
+    ev["prefill_eviction"] = bool(ev["importance"] != "kvzip" and rng.random() < 0.2)
     if rng.random() < 0.6:
         anchors = ["random", "zeros", "ones", "mean", "alternating"]
         anchor = (_pick(rng, anchors) if rng.random() < 0.7
