@@ -322,7 +322,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(str(hf))
     sets: dict[str, list[tuple[np.ndarray, int, str]]] = {}
-    hashes = []
     for split, total in (("train", cfg.sequences), ("val", cfg.val_sequences)):
         n_ret = round(total * cfg.retrieval)
         rows = [(ids, p, "retrieve") for ids, p in retrieval_examples(
@@ -332,7 +331,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     v_cont = cfg.val_sequences - len(sets["val"])
     if n_cont or v_cont:
         data = build_data(tok, cfg.seq_len, max(1, n_cont), max(1, v_cont), cfg.seed + 1)
-        hashes.append(data.data_hash)
         for split, arr, pre, want in (("train", data.train, data.train_prefix, n_cont),
                                       ("val", data.val, data.val_prefix, v_cont)):
             sets[split] += [(ids[:int(p) + QUERIES], int(p), "continue")
