@@ -421,3 +421,18 @@ def test_finetune_rejects_bad_configs(kw, field):
     with pytest.raises(ConfigError) as e:
         FinetuneConfig(model="tiny-random-llama", **kw).check()
     assert e.value.field == field
+
+
+def test_retrieval_examples_refuse_text_without_sentences(tiny_model, monkeypatch):
+    """Text with no sentence to ask about ends with a named error, not an endless search."""
+    from transformers import AutoTokenizer
+
+    from kvcrush_ov.less import finetune as ft
+
+    docs = {s: tuple(f"word{i} " * 300 for i in range(8)) for s in lt.SOURCES}
+    monkeypatch.setattr(lt, "documents", lambda: docs)
+    monkeypatch.setattr(lt, "_is_val", lambda text: False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model.parent / "hf"))
+    with pytest.raises(ConfigError) as e:
+        ft.retrieval_examples(tok, 2, 512, 0, False)
+    assert e.value.field == "--finetune-retrieval"

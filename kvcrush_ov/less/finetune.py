@@ -240,7 +240,9 @@ def retrieval_examples(tokenizer, count: int, seq_len: int, seed: int, val: bool
     rng = np.random.default_rng([seed, 5 if val else 4])
     room = seq_len - QUERIES - 96  # the template, the question and the cue
     out: list[tuple[np.ndarray, int]] = []
-    while len(out) < count:
+    for _ in range(50 * count):  # a context without a usable sentence is drawn again
+        if len(out) == count:
+            break
         parts, chars = [], 0
         for j in rng.permutation(len(pool)):
             parts.append(pool[j])
@@ -265,6 +267,10 @@ def retrieval_examples(tokenizer, count: int, seq_len: int, seed: int, val: bool
         if len(head) + len(tail) > seq_len or len(tail) < 4:
             continue
         out.append((np.asarray(head + tail, np.int64), len(head)))
+    if len(out) < count:
+        raise ConfigError("--finetune-retrieval", count, f"a share the training text can fill: "
+                          f"{len(out)} of {count} retrieval examples found in {50 * count} "
+                          f"contexts of {seq_len} tokens")
     return out
 
 
