@@ -1,0 +1,170 @@
+#include "paged_runner.hpp"
+
+#include <chrono>
+#include <cstring>
+#include <set>
+#include <stdexcept>
+#include <unordered_set>
+
+#include <openvino/op/gather.hpp>
+#include <openvino/op/parameter.hpp>
+#include <openvino/op/constant.hpp>
+#include <openvino/pass/manager.hpp>
+#include <openvino/pass/sdpa_to_paged_attention.hpp>
+
+namespace kvcrush {
+
+ov::AnyMap kv_cache_properties(const std::string& precision) {
+  if (precision == "u4") return {{"KEY_CACHE_PRECISION", "u4"}, {"VALUE_CACHE_PRECISION", "u8"}};
+  ov::AnyMap props{{"KV_CACHE_PRECISION", precision}};
+  if (precision == "f32") props["INFERENCE_PRECISION_HINT"] = "f32";  // f32 cache, f32 inference
+  return props;
+}
+
+namespace {
+
+// ---- logits_indices (transformations/logits.py); kvcrush/passes.hpp replaces this -------------
+
+bool depends_on_parameter(const ov::Output<ov::Node>& value) {
+  std::vector<ov::Node*> stack{value.get_node()};
+  std::unordered_set<ov::Node*> seen;
+  while (!stack.empty()) {
+    ov::Node* node = stack.back();
+    stack.pop_back();
+    if (!seen.insert(node).second) continue;
+    const std::string type = node->get_type_name();
+    if (type == "Parameter" || type == "ReadValue") return true;
+    for (const auto& in : node->input_values()) stack.push_back(in.get_node());
+  }
+  return false;
+}
+
+void add_logits_indices(const std::shared_ptr<ov::Model>& model) {
+  std::shared_ptr<ov::Node> node;
+  for (const auto& r : model->get_results())
+    if (r->output(0).get_names().count("logits") || r->input_value(0).get_names().count("logits"))
+      node = r;
+  if (!node) throw std::runtime_error("add_logits_indices: the model has no output 'logits'");
+  static const std::set<std::string> pass_through{"Convert",  "Multiply", "Divide", "Add",
+                                                   "Subtract", "Tanh",     "Clamp",  "Result"};
+  for (int i = 0; i < 16 && std::string(node->get_type_name()) != "MatMul"; ++i) {
+    if (!pass_through.count(node->get_type_name())) break;
+    std::shared_ptr<ov::Node> next;
+    for (const auto& in : node->input_values())
+      if (depends_on_parameter(in)) next = next ? nullptr : in.get_node_shared_ptr();
+    if (!next) break;
+    node = next;
+  }
+  if (std::string(node->get_type_name()) != "MatMul")
+    throw std::runtime_error("add_logits_indices: no lm_head MatMul above the 'logits' output");
+  const size_t port = depends_on_parameter(node->input_value(0)) ? 0 : 1;
+  auto indices = std::make_shared<ov::op::v0::Parameter>(ov::element::i64, ov::PartialShape{-1});
+  indices->set_friendly_name("logits_indices");
+  indices->output(0).set_names({"logits_indices"});
+  auto axis = ov::op::v0::Constant::create(ov::element::i64, ov::Shape{}, {0});
+  auto gather = std::make_shared<ov::op::v8::Gather>(node->input_value(port), indices, axis);
+  gather->set_friendly_name(node->get_friendly_name() + "/logits_indices_gather");
+  node->input(port).replace_source_output(gather);
+  model->add_parameters({indices});
+  model->validate_nodes_and_infer_types();
+}
+
+template <class T>
+ov::Tensor tensor_of(const ov::element::Type& type, const ov::Shape& shape, const T* data) {
+  ov::Tensor t(type, shape);
+  std::memcpy(t.data(), data, t.get_byte_size());
+  return t;
+}
+
+}  // namespace
+
+std::shared_ptr<ov::Model> read_paged_model(ov::Core& core,
+                                            const std::filesystem::path& model_dir) {
+  auto model = core.read_model((model_dir / "openvino_model.xml").string());
+  ov::pass::Manager manager;
+  manager.register_pass<ov::pass::SDPAToPagedAttention>(false, false, false, false, false, false,
+                                                        false);
+  manager.run_passes(model);
+  add_logits_indices(model);
+  return model;
+}
+
+PagedRunner::PagedRunner(ov::Core& core, const std::filesystem::path& model_dir,
+                         const std::string& device, const std::string& precision) {
+  compiled_ = core.compile_model(read_paged_model(core, model_dir), device,
+                                 kv_cache_properties(precision));
+  request_ = compiled_.create_infer_request();
+  for (const auto& in : compiled_.inputs())
+    if (in.get_any_name().rfind("key_cache.", 0) == 0) ++num_layers_;
+  auto shape_of = [](const ov::Output<const ov::Node>& port) {
+    ov::Shape s;  // one block: every dim but the first (the number of blocks)
+    const auto ps = port.get_partial_shape();
+    for (size_t i = 1; i < ps.size(); ++i) s.push_back(ps[i].get_length());
+    return s;
+  };
+  const auto k = compiled_.input("key_cache.0"), v = compiled_.input("value_cache.0");
+  key_shape_ = shape_of(k);
+  value_shape_ = shape_of(v);
+  key_type_ = k.get_element_type();
+  value_type_ = v.get_element_type();
+  block_size_ = static_cast<int64_t>(value_shape_[1]);  // values: [kv_heads, block, cols]
+  const auto logits = compiled_.output("logits");
+  if (logits.get_element_type() != ov::element::f32)
+    throw std::runtime_error("the model's logits are " + logits.get_element_type().get_type_name() +
+                             ", expected f32");
+  vocab_ = logits.get_partial_shape()[2].get_length();
+  auto bytes = [](ov::element::Type t, const ov::Shape& s) {
+    ov::Shape one{1};
+    one.insert(one.end(), s.begin(), s.end());
+    return static_cast<int64_t>(ov::Tensor(t, one).get_byte_size());
+  };
+  block_bytes_ = (bytes(key_type_, key_shape_) + bytes(value_type_, value_shape_)) * num_layers_;
+}
+
+void PagedRunner::reserve(int64_t num_blocks) {
+  if (num_blocks <= num_blocks_) return;
+  auto grow = [&](const ov::Tensor& old, ov::element::Type type, const ov::Shape& block) {
+    ov::Shape shape{static_cast<size_t>(num_blocks)};
+    shape.insert(shape.end(), block.begin(), block.end());
+    ov::Tensor t(type, shape);
+    std::memset(t.data(), 0, t.get_byte_size());  // fresh tensors hold garbage
+    if (old) std::memcpy(t.data(), old.data(), old.get_byte_size());  // blocks are outermost
+    return t;
+  };
+  keys_.resize(static_cast<size_t>(num_layers_));
+  values_.resize(static_cast<size_t>(num_layers_));
+  for (int64_t l = 0; l < num_layers_; ++l) {
+    const auto i = static_cast<size_t>(l);
+    keys_[i] = grow(keys_[i], key_type_, key_shape_);
+    values_[i] = grow(values_[i], value_type_, value_shape_);
+    request_.set_tensor("key_cache." + std::to_string(l), keys_[i]);
+    request_.set_tensor("value_cache." + std::to_string(l), values_[i]);
+  }
+  num_blocks_ = num_blocks;
+}
+
+const float* PagedRunner::run(const int64_t* ids, int64_t count, int64_t start,
+                              const std::vector<int32_t>& blocks) {
+  const auto n = static_cast<size_t>(count);
+  std::vector<int64_t> pos(n);
+  for (size_t i = 0; i < n; ++i) pos[i] = start + static_cast<int64_t>(i);
+  const int32_t past = static_cast<int32_t>(start), total = static_cast<int32_t>(start + count);
+  const int32_t begins[2] = {0, static_cast<int32_t>(count)};
+  const int32_t block_begins[2] = {0, static_cast<int32_t>(blocks.size())};
+  const int64_t last = count - 1;
+  using ov::element::i32, ov::element::i64;
+  request_.set_tensor("input_ids", tensor_of(i64, {n}, ids));
+  request_.set_tensor("position_ids", tensor_of(i64, {n}, pos.data()));
+  request_.set_tensor("past_lens", tensor_of(i32, {1}, &past));
+  request_.set_tensor("subsequence_begins", tensor_of(i32, {2}, begins));
+  request_.set_tensor("block_indices", tensor_of(i32, {blocks.size()}, blocks.data()));
+  request_.set_tensor("block_indices_begins", tensor_of(i32, {2}, block_begins));
+  request_.set_tensor("max_context_len", tensor_of(i32, {}, &total));
+  request_.set_tensor("logits_indices", tensor_of(i64, {1}, &last));
+  const auto t0 = std::chrono::steady_clock::now();
+  request_.infer();
+  infer_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return request_.get_tensor("logits").data<const float>();
+}
+
+}  // namespace kvcrush

@@ -1,0 +1,50 @@
+// The paged-attention model and its KV cache tensors (Python: kvcrush_ov.engine.model_runner):
+// one request at a time, one block table, logits only for the token that samples.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <openvino/runtime/core.hpp>
+#include <openvino/runtime/infer_request.hpp>
+#include <openvino/runtime/tensor.hpp>
+
+namespace kvcrush {
+
+/// OpenVINO compile properties of a KV cache precision (Python: config.kv_cache_properties).
+ov::AnyMap kv_cache_properties(const std::string& precision);
+
+/// The optimum-exported model of ``model_dir`` converted to paged attention with a
+/// logits_indices input (read at load time: the converted model cannot be serialized).
+std::shared_ptr<ov::Model> read_paged_model(ov::Core& core, const std::filesystem::path& model_dir);
+
+class PagedRunner {
+ public:
+  PagedRunner(ov::Core& core, const std::filesystem::path& model_dir, const std::string& device,
+              const std::string& precision);
+
+  /// Cache tensors for at least ``num_blocks`` blocks (existing contents are kept).
+  void reserve(int64_t num_blocks);
+  /// Runs ``ids`` at positions ``start..`` of the sequence whose block table is ``blocks``
+  /// (covering start + ids.size() tokens); returns the logits of the last token [vocab].
+  const float* run(const int64_t* ids, int64_t count, int64_t start,
+                   const std::vector<int32_t>& blocks);
+
+  int64_t block_size() const { return block_size_; }
+  int64_t block_bytes() const { return block_bytes_; }
+  int64_t vocab_size() const { return vocab_; }
+  double infer_s() const { return infer_s_; }
+
+ private:
+  ov::CompiledModel compiled_;
+  ov::InferRequest request_;
+  int64_t num_layers_ = 0, block_size_ = 0, block_bytes_ = 0, vocab_ = 0, num_blocks_ = 0;
+  ov::element::Type key_type_, value_type_;
+  ov::Shape key_shape_, value_shape_;  // one block: [kv_heads, rows, cols]
+  std::vector<ov::Tensor> keys_, values_;
+  double infer_s_ = 0.0;
+};
+
+}  // namespace kvcrush

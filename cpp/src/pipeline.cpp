@@ -1,0 +1,177 @@
+// kvcrush::Pipeline: a single-request loop of kvcrush_ov's native engine (engine/engine.py with
+// one sequence): the prompt runs in chunks of scheduler.max_num_batched_tokens (the Python
+// scheduler's split, which the logits depend on bit for bit), then one token per step; greedy
+// argmax (numpy's: the first of equal maxima); EOS ends the request unless ignore_eos.
+
+#include "kvcrush/pipeline.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <stdexcept>
+
+#include <openvino/runtime/core.hpp>
+
+#include "paged_runner.hpp"
+#include "tokenizer.hpp"
+
+namespace kvcrush {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+/// config.json's max_position_embeddings (2048 when absent, as model_info.py reads it).
+int64_t context_length(const std::filesystem::path& model_dir) {
+  std::ifstream f(model_dir / "config.json");
+  if (!f) throw std::runtime_error("model=" + model_dir.string() + " has no config.json");
+  std::stringstream text;
+  text << f.rdbuf();
+  const std::string s = text.str();
+  std::smatch m;
+  if (std::regex_search(s, m, std::regex("\"max_position_embeddings\"\\s*:\\s*(\\d+)")))
+    return std::stoll(m[1].str());
+  return 2048;
+}
+
+/// cache_plan.check_request_size for a cache that grows on demand.
+void check_request_size(int64_t prompt_tokens, int64_t max_new_tokens, int64_t context,
+                        const SchedulerConfig& scheduler) {
+  const std::string where =
+      "the model's context is " + std::to_string(context) + " tokens";
+  if (max_new_tokens >= context)
+    throw ConfigError("max_new_tokens", repr(max_new_tokens),
+                      "at most " + std::to_string(context - 1) + ": " + where +
+                          ", prompt included");
+  if (prompt_tokens < 1) throw ConfigError("prompt", repr("<0 tokens>"), "at least one token");
+  const std::string size = repr("<" + std::to_string(prompt_tokens) + " tokens>");
+  if (prompt_tokens > context - max_new_tokens)
+    throw ConfigError("prompt", size,
+                      "at most " + std::to_string(context - max_new_tokens) + " tokens: " +
+                          where + ", and max_new_tokens=" + std::to_string(max_new_tokens));
+  if (!scheduler.dynamic_split_fuse && prompt_tokens > scheduler.max_num_batched_tokens)
+    throw ConfigError("prompt", size,
+                      "at most scheduler.max_num_batched_tokens = " +
+                          std::to_string(scheduler.max_num_batched_tokens) +
+                          " tokens with scheduler.dynamic_split_fuse=False (a prompt runs in "
+                          "one step): raise max_num_batched_tokens or set "
+                          "dynamic_split_fuse=True");
+}
+
+}  // namespace
+
+struct Pipeline::Impl {
+  KVCacheConfig kv_cache;
+  std::optional<CacheEvictionConfig> eviction;
+  SchedulerConfig scheduler;
+  ov::Core core;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<PagedRunner> runner;
+  int64_t context = 0;
+
+  GenerationResult generate(const std::vector<int64_t>& prompt, const GenerationConfig& g);
+};
+
+Pipeline::Pipeline(const std::filesystem::path& model_dir, const std::string& device,
+                   KVCacheConfig kv_cache, std::optional<CacheEvictionConfig> eviction,
+                   SchedulerConfig scheduler)
+    : impl_(std::make_unique<Impl>()) {
+  kv_cache.validate();
+  scheduler.validate();
+  if (eviction) {
+    eviction->validate();
+    throw ConfigError("eviction", "CacheEvictionConfig(...)",
+                      "None: the C++ pipeline keeps the full cache so far");
+  }
+  if (!std::filesystem::is_directory(model_dir) ||
+      !std::filesystem::exists(model_dir / "openvino_model.xml"))
+    throw std::runtime_error("model=" + model_dir.string() +
+                             " is not an exported model folder (no openvino_model.xml)");
+  Impl& m = *impl_;
+  m.kv_cache = std::move(kv_cache);
+  m.eviction = std::move(eviction);
+  m.scheduler = scheduler;
+  m.context = context_length(model_dir);
+  m.tokenizer = std::make_unique<Tokenizer>(m.core, model_dir);
+  m.runner = std::make_unique<PagedRunner>(m.core, model_dir, device, m.kv_cache.precision);
+}
+
+Pipeline::~Pipeline() = default;
+Pipeline::Pipeline(Pipeline&&) noexcept = default;
+Pipeline& Pipeline::operator=(Pipeline&&) noexcept = default;
+
+std::vector<int64_t> Pipeline::encode(const std::string& text) {
+  return impl_->tokenizer->encode(text);
+}
+
+std::string Pipeline::decode(const std::vector<int64_t>& ids) {
+  return impl_->tokenizer->decode(ids);
+}
+
+int64_t Pipeline::block_bytes() const { return impl_->runner->block_bytes(); }
+int64_t Pipeline::block_size() const { return impl_->runner->block_size(); }
+
+GenerationResult Pipeline::generate(const std::string& prompt, GenerationConfig config) {
+  if (prompt.find_first_not_of(" \t\n\r\f\v") == std::string::npos)
+    throw ConfigError("prompt", repr(prompt), "a non-empty string");
+  return generate(impl_->tokenizer->encode(prompt), std::move(config));
+}
+
+GenerationResult Pipeline::generate(const std::vector<int64_t>& prompt_ids,
+                                    GenerationConfig config) {
+  config.validate();
+  return impl_->generate(prompt_ids, config);
+}
+
+GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
+                                          const GenerationConfig& g) {
+  const auto num_prompt = static_cast<int64_t>(prompt.size());
+  check_request_size(num_prompt, g.max_new_tokens, context, scheduler);
+  const auto t_start = Clock::now();
+  const int64_t bs = runner->block_size();
+  runner->reserve((num_prompt + g.max_new_tokens + bs - 1) / bs);
+
+  GenerationResult r;
+  r.num_input_tokens = num_prompt;
+  std::vector<int64_t> ids = prompt;  // every known token: prompt, then generated
+  std::vector<int32_t> blocks;        // the block table; block i holds positions i*bs..
+  int64_t computed = 0;               // tokens whose K/V are in the cache
+  const int64_t chunk = scheduler.max_num_batched_tokens;
+  Clock::time_point first{}, last{};
+  while (r.finish_reason.empty()) {
+    const int64_t pending = static_cast<int64_t>(ids.size()) - computed;
+    const int64_t n = std::min(pending, chunk);
+    while (static_cast<int64_t>(blocks.size()) * bs < computed + n)
+      blocks.push_back(static_cast<int32_t>(blocks.size()));
+    r.peak_kv_bytes = std::max(r.peak_kv_bytes,
+                               static_cast<int64_t>(blocks.size()) * runner->block_bytes());
+    const float* logits = runner->run(ids.data() + computed, n, computed, blocks);
+    computed += n;
+    if (computed < static_cast<int64_t>(ids.size())) continue;  // a prompt chunk: no token
+    const int64_t token = std::max_element(logits, logits + runner->vocab_size()) - logits;
+    last = Clock::now();
+    if (r.num_generated_tokens++ == 0) first = last;
+    if (token == tokenizer->eos_token_id() && !g.ignore_eos) {
+      r.finish_reason = "stop";
+    } else {
+      ids.push_back(token);
+      r.token_ids.push_back(token);
+      if (r.num_generated_tokens >= g.max_new_tokens) r.finish_reason = "length";
+    }
+  }
+  r.ttft_s = seconds(t_start, first);
+  if (r.num_generated_tokens > 1)
+    r.tpot_s = seconds(first, last) / static_cast<double>(r.num_generated_tokens - 1);
+  r.kv_bytes = static_cast<int64_t>(blocks.size()) * runner->block_bytes();
+  r.full_kv_bytes = (computed + bs - 1) / bs * runner->block_bytes();
+  r.text = tokenizer->decode(r.token_ids);
+  return r;
+}
+
+}  // namespace kvcrush

@@ -1,0 +1,74 @@
+"""The C++ samples (samples/cpp) build with CMake and give the Python Pipeline's greedy output.
+
+The samples are built once per session into ``build/test-samples`` (incremental on reruns)
+against the openvino / openvino_tokenizers packages of this interpreter, as the README's
+command builds them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvcrush_ov as kv
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "build" / "test-samples"
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
+                       reason="needs cmake and a C++ compiler"),
+]
+
+# ~300 tokens: the prompt runs in two chunks of max_num_batched_tokens=256, as in Python
+PROMPT = "".join(
+    f"Day {i}: the train left the station at {6 + i} o'clock, crossed the river and the "
+    f"wheat fields, and reached the coast {i + 2} hours later, where the travellers ate "
+    f"bread and fish before walking to the lighthouse.\n" for i in range(1, 8)) + "Day 8:"
+MAX_NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The folder of the built sample executables."""
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+    for cmd in (["cmake", "-S", str(REPO / "samples" / "cpp"), "-B", str(BUILD),
+                 f"-DPython3_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", str(BUILD)]):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
+        assert "warning:" not in res.stdout + res.stderr, res.stdout + res.stderr
+    return BUILD
+
+
+def run_generate(samples: Path, model: Path, prompt: str, *args: str) -> tuple[str, int]:
+    """(answer text, generated token count) printed by the generate sample."""
+    res = subprocess.run([str(samples / "generate"), str(model), prompt, *args],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    text, _, stats = res.stdout.rpartition("\n--\n")
+    return text, int(re.search(r"(\d+) generated", stats).group(1))
+
+
+def test_generate_full_cache_matches_python(samples, smollm2_fp16):
+    text, n = run_generate(samples, smollm2_fp16, PROMPT, str(MAX_NEW_TOKENS), "full")
+    out = kv.Pipeline(smollm2_fp16, eviction=None).generate(
+        PROMPT, max_new_tokens=MAX_NEW_TOKENS, apply_chat_template=False)
+    assert out.metrics[0].num_input_tokens > 256  # more than one prefill chunk
+    assert n == out.metrics[0].num_generated_tokens
+    assert text == out.texts[0]
+    assert text.strip()  # a real continuation, not an immediate EOS
+
+
+def test_generate_rejects_a_missing_model(samples, tmp_path):
+    res = subprocess.run([str(samples / "generate"), str(tmp_path / "none"), "hi", "4", "full"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "no openvino_model.xml" in res.stderr
