@@ -41,7 +41,7 @@ def samples() -> Path:
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
     for cmd in (["cmake", "-S", str(REPO / "samples" / "cpp"), "-B", str(BUILD),
                  f"-DPython3_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", str(BUILD)]):
+                ["cmake", "--build", str(BUILD), "--target", "all", "kvcrush_config_messages"]):
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
         assert "warning:" not in res.stdout + res.stderr, res.stdout + res.stderr
@@ -65,6 +65,42 @@ def test_generate_full_cache_matches_python(samples, smollm2_fp16):
     assert n == out.metrics[0].num_generated_tokens
     assert text == out.texts[0]
     assert text.strip()  # a real continuation, not an immediate EOS
+
+
+# the cases of cpp/tests/config_messages.cpp, in its order
+INVALID = [
+    (kv.CacheEvictionConfig, {"max_cache_size": 0}),
+    (kv.CacheEvictionConfig, {"max_cache_size": 1.5}),
+    (kv.CacheEvictionConfig, {"max_cache_size": 100}),
+    (kv.CacheEvictionConfig, {"start_size": -1}),
+    (kv.CacheEvictionConfig, {"importance": "magic"}),
+    (kv.CacheEvictionConfig, {"aggregation_mode": "mean"}),
+    (kv.CacheEvictionConfig, {"mode": "sometimes"}),
+    (kv.CacheEvictionConfig, {"evict_interval": 0}),
+    (kv.CacheEvictionConfig, {"kernel_size": 4}),
+    (kv.CacheEvictionConfig, {"pooling_offset": 16}),
+    (kv.CacheEvictionConfig, {"decode_window_size": 33}),
+    (kv.CacheEvictionConfig, {"pooling": "median"}),
+    (kv.KVCrushConfig, {"budget": 1.25}),
+    (kv.KVCrushConfig, {"budget": 1e-7 - 1}),
+    (kv.KVCrushConfig, {"anchor_point_mode": "it's"}),
+    (kv.KVCrushConfig, {"granularity": "page"}),
+    (kv.KVCacheConfig, {"precision": "u9"}),
+    (kv.KVCacheConfig, {"cache_size": -0.5}),
+    (kv.SchedulerConfig, {"max_num_batched_tokens": 0}),
+    (kv.GenerationConfig, {"max_new_tokens": 0}),
+]
+
+
+def test_config_errors_read_as_in_python(samples):
+    res = subprocess.run([str(samples / "kvcrush" / "kvcrush_config_messages")],
+                         capture_output=True, text=True, check=True)
+    expected = []
+    for cls, kwargs in INVALID:
+        with pytest.raises(kv.ConfigError) as err:
+            cls(**kwargs)
+        expected.append(str(err.value))
+    assert res.stdout.splitlines() == expected
 
 
 def test_generate_rejects_a_missing_model(samples, tmp_path):

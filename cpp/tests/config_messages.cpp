@@ -1,0 +1,58 @@
+// Prints the ConfigError message of each invalid configuration below, one per line, in order.
+// tests/test_cpp_samples.py builds the same configurations in Python (kvcrush_ov.config) and
+// checks that every message is the same text.
+
+#include <functional>
+#include <iostream>
+#include <vector>
+
+#include "kvcrush/config.hpp"
+
+using namespace kvcrush;
+
+int main() {
+  auto eviction = [](std::function<void(CacheEvictionConfig&)> set) {
+    return [set] {
+      CacheEvictionConfig c;
+      set(c);
+      c.validate();
+    };
+  };
+  auto crush = [](std::function<void(KVCrushConfig&)> set) {
+    return [set] {
+      KVCrushConfig c;
+      set(c);
+      c.validate();
+    };
+  };
+  const std::vector<std::function<void()>> cases = {
+      eviction([](auto& c) { c.max_cache_size = int64_t{0}; }),
+      eviction([](auto& c) { c.max_cache_size = 1.5; }),
+      eviction([](auto& c) { c.max_cache_size = int64_t{100}; }),
+      eviction([](auto& c) { c.start_size = -1; }),
+      eviction([](auto& c) { c.importance = "magic"; }),
+      eviction([](auto& c) { c.aggregation_mode = "mean"; }),
+      eviction([](auto& c) { c.mode = "sometimes"; }),
+      eviction([](auto& c) { c.evict_interval = 0; }),
+      eviction([](auto& c) { c.kernel_size = 4; }),
+      eviction([](auto& c) { c.pooling_offset = 16; }),
+      eviction([](auto& c) { c.decode_window_size = 33; }),
+      eviction([](auto& c) { c.pooling = std::string("median"); }),
+      crush([](auto& c) { c.budget = 1.25; }),
+      crush([](auto& c) { c.budget = 1e-7 - 1; }),
+      crush([](auto& c) { c.anchor_point_mode = "it's"; }),
+      crush([](auto& c) { c.granularity = "page"; }),
+      [] { KVCacheConfig c; c.precision = "u9"; c.validate(); },
+      [] { KVCacheConfig c; c.cache_size = -0.5; c.validate(); },
+      [] { SchedulerConfig c; c.max_num_batched_tokens = 0; c.validate(); },
+      [] { GenerationConfig c; c.max_new_tokens = 0; c.validate(); },
+  };
+  for (const auto& run : cases) {
+    try {
+      run();
+      std::cout << "(valid)\n";
+    } catch (const ConfigError& e) {
+      std::cout << e.what() << '\n';
+    }
+  }
+}
