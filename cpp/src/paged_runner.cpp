@@ -2,15 +2,9 @@
 
 #include <chrono>
 #include <cstring>
-#include <set>
 #include <stdexcept>
-#include <unordered_set>
 
-#include <openvino/op/gather.hpp>
-#include <openvino/op/parameter.hpp>
-#include <openvino/op/constant.hpp>
-#include <openvino/pass/manager.hpp>
-#include <openvino/pass/sdpa_to_paged_attention.hpp>
+#include "kvcrush/passes.hpp"
 
 namespace kvcrush {
 
@@ -23,52 +17,6 @@ ov::AnyMap kv_cache_properties(const std::string& precision) {
 
 namespace {
 
-// ---- logits_indices (transformations/logits.py); kvcrush/passes.hpp replaces this -------------
-
-bool depends_on_parameter(const ov::Output<ov::Node>& value) {
-  std::vector<ov::Node*> stack{value.get_node()};
-  std::unordered_set<ov::Node*> seen;
-  while (!stack.empty()) {
-    ov::Node* node = stack.back();
-    stack.pop_back();
-    if (!seen.insert(node).second) continue;
-    const std::string type = node->get_type_name();
-    if (type == "Parameter" || type == "ReadValue") return true;
-    for (const auto& in : node->input_values()) stack.push_back(in.get_node());
-  }
-  return false;
-}
-
-void add_logits_indices(const std::shared_ptr<ov::Model>& model) {
-  std::shared_ptr<ov::Node> node;
-  for (const auto& r : model->get_results())
-    if (r->output(0).get_names().count("logits") || r->input_value(0).get_names().count("logits"))
-      node = r;
-  if (!node) throw std::runtime_error("add_logits_indices: the model has no output 'logits'");
-  static const std::set<std::string> pass_through{"Convert",  "Multiply", "Divide", "Add",
-                                                   "Subtract", "Tanh",     "Clamp",  "Result"};
-  for (int i = 0; i < 16 && std::string(node->get_type_name()) != "MatMul"; ++i) {
-    if (!pass_through.count(node->get_type_name())) break;
-    std::shared_ptr<ov::Node> next;
-    for (const auto& in : node->input_values())
-      if (depends_on_parameter(in)) next = next ? nullptr : in.get_node_shared_ptr();
-    if (!next) break;
-    node = next;
-  }
-  if (std::string(node->get_type_name()) != "MatMul")
-    throw std::runtime_error("add_logits_indices: no lm_head MatMul above the 'logits' output");
-  const size_t port = depends_on_parameter(node->input_value(0)) ? 0 : 1;
-  auto indices = std::make_shared<ov::op::v0::Parameter>(ov::element::i64, ov::PartialShape{-1});
-  indices->set_friendly_name("logits_indices");
-  indices->output(0).set_names({"logits_indices"});
-  auto axis = ov::op::v0::Constant::create(ov::element::i64, ov::Shape{}, {0});
-  auto gather = std::make_shared<ov::op::v8::Gather>(node->input_value(port), indices, axis);
-  gather->set_friendly_name(node->get_friendly_name() + "/logits_indices_gather");
-  node->input(port).replace_source_output(gather);
-  model->add_parameters({indices});
-  model->validate_nodes_and_infer_types();
-}
-
 template <class T>
 ov::Tensor tensor_of(const ov::element::Type& type, const ov::Shape& shape, const T* data) {
   ov::Tensor t(type, shape);
@@ -78,20 +26,11 @@ ov::Tensor tensor_of(const ov::element::Type& type, const ov::Shape& shape, cons
 
 }  // namespace
 
-std::shared_ptr<ov::Model> read_paged_model(ov::Core& core,
-                                            const std::filesystem::path& model_dir) {
-  auto model = core.read_model((model_dir / "openvino_model.xml").string());
-  ov::pass::Manager manager;
-  manager.register_pass<ov::pass::SDPAToPagedAttention>(false, false, false, false, false, false,
-                                                        false);
-  manager.run_passes(model);
-  add_logits_indices(model);
-  return model;
-}
-
 PagedRunner::PagedRunner(ov::Core& core, const std::filesystem::path& model_dir,
                          const std::string& device, const std::string& precision) {
-  compiled_ = core.compile_model(read_paged_model(core, model_dir), device,
+  PagedOptions options;
+  options.score_outputs = false;
+  compiled_ = core.compile_model(read_paged_model(core, model_dir.string(), options), device,
                                  kv_cache_properties(precision));
   request_ = compiled_.create_infer_request();
   for (const auto& in : compiled_.inputs())

@@ -16,10 +16,6 @@ namespace kvcrush {
 /// OpenVINO compile properties of a KV cache precision (Python: config.kv_cache_properties).
 ov::AnyMap kv_cache_properties(const std::string& precision);
 
-/// The optimum-exported model of ``model_dir`` converted to paged attention with a
-/// logits_indices input (read at load time: the converted model cannot be serialized).
-std::shared_ptr<ov::Model> read_paged_model(ov::Core& core, const std::filesystem::path& model_dir);
-
 class PagedRunner {
  public:
   PagedRunner(ov::Core& core, const std::filesystem::path& model_dir, const std::string& device,
