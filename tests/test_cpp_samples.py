@@ -48,23 +48,43 @@ def samples() -> Path:
     return BUILD
 
 
-def run_generate(samples: Path, model: Path, prompt: str, *args: str) -> tuple[str, int]:
-    """(answer text, generated token count) printed by the generate sample."""
+def run_generate(samples: Path, model: Path, prompt: str, *args: str) -> tuple[str, dict]:
+    """(answer text, {"generated": n, "evictions": n, "held": KiB}) printed by generate."""
     res = subprocess.run([str(samples / "generate"), str(model), prompt, *args],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     text, _, stats = res.stdout.rpartition("\n--\n")
-    return text, int(re.search(r"(\d+) generated", stats).group(1))
+    numbers = {key: int(re.search(pattern, stats).group(1)) for key, pattern in
+               [("generated", r"(\d+) generated"), ("evictions", r"(\d+) evictions"),
+                ("held", r"held (\d+) KiB")]}
+    return text, numbers
 
 
 def test_generate_full_cache_matches_python(samples, smollm2_fp16):
-    text, n = run_generate(samples, smollm2_fp16, PROMPT, str(MAX_NEW_TOKENS), "full")
+    text, stats = run_generate(samples, smollm2_fp16, PROMPT, str(MAX_NEW_TOKENS), "full")
     out = kv.Pipeline(smollm2_fp16, eviction=None).generate(
         PROMPT, max_new_tokens=MAX_NEW_TOKENS, apply_chat_template=False)
     assert out.metrics[0].num_input_tokens > 256  # more than one prefill chunk
-    assert n == out.metrics[0].num_generated_tokens
+    assert stats["generated"] == out.metrics[0].num_generated_tokens
     assert text == out.texts[0]
     assert text.strip()  # a real continuation, not an immediate EOS
+    assert stats["evictions"] == 0
+
+
+def test_generate_default_eviction_matches_python(samples, smollm2_fp16):
+    """The default CacheEvictionConfig (SnapKV + KVCrush, 25% of the prompt, at least 160
+    tokens): an eviction after the prompt and one while decoding (40 tokens: the cache grows
+    evict_interval=32 past its budget)."""
+    new_tokens = 40
+    text, stats = run_generate(samples, smollm2_fp16, PROMPT, str(new_tokens))
+    out = kv.Pipeline(smollm2_fp16).generate(PROMPT, max_new_tokens=new_tokens,
+                                             apply_chat_template=False)
+    m = out.metrics[0]
+    assert m.num_evictions == 2 and m.num_generated_tokens == new_tokens
+    assert stats["generated"] == new_tokens
+    assert stats["evictions"] == m.num_evictions
+    assert stats["held"] == out.cache.final_kv_bytes // 1024
+    assert text == out.texts[0]
 
 
 # the cases of cpp/tests/config_messages.cpp, in its order

@@ -14,6 +14,8 @@
 
 #include <openvino/runtime/core.hpp>
 
+#include "evictor.hpp"
+#include "head_runner.hpp"
 #include "paged_runner.hpp"
 #include "tokenizer.hpp"
 
@@ -72,8 +74,14 @@ struct Pipeline::Impl {
   SchedulerConfig scheduler;
   ov::Core core;
   std::unique_ptr<Tokenizer> tokenizer;
-  std::unique_ptr<PagedRunner> runner;
+  std::unique_ptr<PagedRunner> runner;  // eviction off: the plain paged graph
+  std::unique_ptr<HeadRunner> heads;    // eviction on: the per-head graphs ...
+  std::unique_ptr<Evictor> evictor;     // ... and what evicts
   int64_t context = 0;
+
+  int64_t block_size() const { return heads ? heads->block_size() : runner->block_size(); }
+  int64_t block_bytes() const { return heads ? heads->block_bytes() : runner->block_bytes(); }
+  int64_t vocab_size() const { return heads ? heads->vocab_size() : runner->vocab_size(); }
 
   GenerationResult generate(const std::vector<int64_t>& prompt, const GenerationConfig& g);
 };
@@ -84,10 +92,10 @@ Pipeline::Pipeline(const std::filesystem::path& model_dir, const std::string& de
     : impl_(std::make_unique<Impl>()) {
   kv_cache.validate();
   scheduler.validate();
+  std::optional<EvictionPlan> plan;
   if (eviction) {
     eviction->validate();
-    throw ConfigError("eviction", "CacheEvictionConfig(...)",
-                      "None: the C++ pipeline keeps the full cache so far");
+    plan.emplace(*eviction);  // what the C++ pipeline cannot run fails here, before loading
   }
   if (!std::filesystem::is_directory(model_dir) ||
       !std::filesystem::exists(model_dir / "openvino_model.xml"))
@@ -99,7 +107,12 @@ Pipeline::Pipeline(const std::filesystem::path& model_dir, const std::string& de
   m.scheduler = scheduler;
   m.context = context_length(model_dir);
   m.tokenizer = std::make_unique<Tokenizer>(m.core, model_dir);
-  m.runner = std::make_unique<PagedRunner>(m.core, model_dir, device, m.kv_cache.precision);
+  if (plan) {
+    m.heads = std::make_unique<HeadRunner>(m.core, model_dir, device, m.kv_cache.precision);
+    m.evictor = std::make_unique<Evictor>(std::move(*plan), *m.heads);
+  } else {
+    m.runner = std::make_unique<PagedRunner>(m.core, model_dir, device, m.kv_cache.precision);
+  }
 }
 
 Pipeline::~Pipeline() = default;
@@ -114,8 +127,8 @@ std::string Pipeline::decode(const std::vector<int64_t>& ids) {
   return impl_->tokenizer->decode(ids);
 }
 
-int64_t Pipeline::block_bytes() const { return impl_->runner->block_bytes(); }
-int64_t Pipeline::block_size() const { return impl_->runner->block_size(); }
+int64_t Pipeline::block_bytes() const { return impl_->block_bytes(); }
+int64_t Pipeline::block_size() const { return impl_->block_size(); }
 
 GenerationResult Pipeline::generate(const std::string& prompt, GenerationConfig config) {
   if (prompt.find_first_not_of(" \t\n\r\f\v") == std::string::npos)
@@ -134,27 +147,46 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
   const auto num_prompt = static_cast<int64_t>(prompt.size());
   check_request_size(num_prompt, g.max_new_tokens, context, scheduler);
   const auto t_start = Clock::now();
-  const int64_t bs = runner->block_size();
-  runner->reserve((num_prompt + g.max_new_tokens + bs - 1) / bs);
+  const int64_t bs = block_size(), max_blocks = (num_prompt + g.max_new_tokens + bs - 1) / bs;
+  std::vector<int32_t> blocks;  // eviction off: the block table (block i: positions i*bs..)
+  HeadTable table;              // eviction on: per-layer, per-head tables
+  std::vector<std::vector<float>> scores;
+  if (heads) {
+    heads->allocate(max_blocks);
+    evictor->begin(num_prompt);
+  } else {
+    runner->reserve(max_blocks);
+  }
+  auto held_bytes = [&] {
+    return heads ? table.num_blocks() * heads->head_block_bytes()
+                 : static_cast<int64_t>(blocks.size()) * runner->block_bytes();
+  };
 
   GenerationResult r;
   r.num_input_tokens = num_prompt;
   std::vector<int64_t> ids = prompt;  // every known token: prompt, then generated
-  std::vector<int32_t> blocks;        // the block table; block i holds positions i*bs..
   int64_t computed = 0;               // tokens whose K/V are in the cache
-  const int64_t chunk = scheduler.max_num_batched_tokens;
   Clock::time_point first{}, last{};
   while (r.finish_reason.empty()) {
-    const int64_t pending = static_cast<int64_t>(ids.size()) - computed;
-    const int64_t n = std::min(pending, chunk);
-    while (static_cast<int64_t>(blocks.size()) * bs < computed + n)
-      blocks.push_back(static_cast<int32_t>(blocks.size()));
-    r.peak_kv_bytes = std::max(r.peak_kv_bytes,
-                               static_cast<int64_t>(blocks.size()) * runner->block_bytes());
-    const float* logits = runner->run(ids.data() + computed, n, computed, blocks);
+    const int64_t start = computed;
+    const int64_t n = std::min(static_cast<int64_t>(ids.size()) - start,
+                               scheduler.max_num_batched_tokens);
+    const float* logits = nullptr;
+    if (heads) {
+      heads->append(table, n);
+      r.peak_kv_bytes = std::max(r.peak_kv_bytes, held_bytes());
+      const int64_t window = evictor->window(table, start, n);
+      logits = heads->run(ids.data() + start, n, table, window, &scores);
+      evictor->after_step(table, start, n, window, scores);
+    } else {
+      while (static_cast<int64_t>(blocks.size()) * bs < start + n)
+        blocks.push_back(static_cast<int32_t>(blocks.size()));
+      r.peak_kv_bytes = std::max(r.peak_kv_bytes, held_bytes());
+      logits = runner->run(ids.data() + start, n, start, blocks);
+    }
     computed += n;
     if (computed < static_cast<int64_t>(ids.size())) continue;  // a prompt chunk: no token
-    const int64_t token = std::max_element(logits, logits + runner->vocab_size()) - logits;
+    const int64_t token = std::max_element(logits, logits + vocab_size()) - logits;
     last = Clock::now();
     if (r.num_generated_tokens++ == 0) first = last;
     if (token == tokenizer->eos_token_id() && !g.ignore_eos) {
@@ -168,8 +200,13 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
   r.ttft_s = seconds(t_start, first);
   if (r.num_generated_tokens > 1)
     r.tpot_s = seconds(first, last) / static_cast<double>(r.num_generated_tokens - 1);
-  r.kv_bytes = static_cast<int64_t>(blocks.size()) * runner->block_bytes();
-  r.full_kv_bytes = (computed + bs - 1) / bs * runner->block_bytes();
+  r.kv_bytes = held_bytes();
+  r.full_kv_bytes = (computed + bs - 1) / bs * block_bytes();
+  if (evictor) {
+    r.num_evictions = evictor->num_evictions();
+    r.kv_budget_tokens = r.num_evictions ? evictor->budget() : 0;
+    r.kvcrush_tokens = evictor->kvcrush_tokens();
+  }
   r.text = tokenizer->decode(r.token_ids);
   return r;
 }

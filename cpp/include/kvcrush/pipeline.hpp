@@ -41,6 +41,8 @@ struct GenerationResult {
   int64_t full_kv_bytes = 0;         ///< what a full cache of the same tokens would hold
   int64_t peak_kv_bytes = 0;         ///< the most it held at any step
   int64_t num_evictions = 0;
+  int64_t kv_budget_tokens = 0;  ///< tokens per layer and head after an eviction (0: none)
+  int64_t kvcrush_tokens = 0;    ///< of them KVCrush representatives, at the last eviction
   /// Decode speed: tokens per second after the first token (0 with one token).
   double decode_tokens_per_s() const { return tpot_s > 0 ? 1.0 / tpot_s : 0.0; }
 };

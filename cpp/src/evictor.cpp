@@ -1,0 +1,248 @@
+#include "evictor.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace kvcrush {
+
+namespace {
+
+constexpr int64_t kNativeDecodeWindow = 8;  // config.NATIVE_DECODE_WINDOW
+
+using Rows = std::vector<std::vector<std::vector<int64_t>>>;  // [L][H] row indices
+
+/// head_cache_manager.fill_holes: the new row order after keeping the sorted rows ``keep``:
+/// kept rows below k stay, the kept rows at or above k fill the holes below k, in order.
+std::vector<int64_t> fill_holes(const std::vector<int64_t>& keep) {
+  const auto k = static_cast<int64_t>(keep.size());
+  const auto stay = std::lower_bound(keep.begin(), keep.end(), k) - keep.begin();
+  std::vector<int64_t> order(keep.size());
+  std::iota(order.begin(), order.end(), 0);
+  if (stay == k) return order;
+  std::vector<bool> hole(keep.size(), true);
+  for (std::ptrdiff_t i = 0; i < stay; ++i) hole[static_cast<size_t>(keep[static_cast<size_t>(i)])] = false;
+  auto next = keep.begin() + stay;
+  for (size_t i = 0; i < hole.size(); ++i)
+    if (hole[i]) order[i] = *next++;
+  return order;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------- SequenceScores
+
+void SequenceScores::reset(size_t layers, size_t heads) {
+  acc.assign(layers, std::vector<std::vector<float>>(heads));
+  query_positions.clear();
+}
+
+void SequenceScores::add(size_t layer, size_t head, const float* segment, size_t rows) {
+  auto& a = acc[layer][head];
+  if (a.size() > rows)
+    throw std::logic_error("scores of layer " + std::to_string(layer) + " head " +
+                           std::to_string(head) + ": fewer rows than accumulated");
+  std::vector<float> out(segment, segment + rows);
+  for (size_t i = 0; i < a.size(); ++i) out[i] += a[i];
+  a = std::move(out);
+}
+
+float SequenceScores::count(int64_t position) const {
+  const auto& q = query_positions;
+  if (q.empty() || position <= q.front()) return static_cast<float>(q.size());
+  return static_cast<float>(q.end() - std::lower_bound(q.begin(), q.end(), position));
+}
+
+void SequenceScores::compact(const Rows& rows) {
+  for (size_t l = 0; l < rows.size(); ++l)
+    for (size_t h = 0; h < rows[l].size(); ++h) {
+      const auto& a = acc[l][h];
+      std::vector<float> kept(rows[l][h].size(), 0.0f);
+      for (size_t i = 0; i < kept.size(); ++i) {
+        const auto r = static_cast<size_t>(rows[l][h][i]);
+        if (r < a.size()) kept[i] = a[r];
+      }
+      acc[l][h] = std::move(kept);
+    }
+}
+
+// ---------------------------------------------------------------------- EvictionPlan
+
+EvictionPlan::EvictionPlan(const CacheEvictionConfig& cfg)
+    : max_cache_size(cfg.max_cache_size),
+      start_size(cfg.start_size),
+      recent_size(cfg.recent_size),
+      evict_interval(cfg.evict_interval),
+      window(cfg.snapkv_window_size),
+      continuous(cfg.mode == "continuous") {
+  if (cfg.apply_rotation)
+    throw ConfigError("eviction.apply_rotation", repr(true),
+                      "False with backend 'native' (key re-rotation is not implemented)");
+  const std::string& imp = cfg.importance;
+  if (imp == "upstream" || imp == "kvzip")
+    throw ConfigError("eviction.importance", repr(imp),
+                      "one of snapkv, h2o, streaming, pyramidkv, adakv with the C++ pipeline");
+  policy.importance = parse_importance(imp);
+  policy.aggregation = parse_aggregation(cfg.aggregation_mode);
+  policy.pooling = parse_pooling(cfg.pooling.value_or("avg"));  // config.NATIVE_POOLING
+  policy.kernel_size = cfg.kernel_size.value_or(31);             // config.NATIVE_KERNEL_SIZE
+  policy.offset = cfg.pooling_offset;
+  score_mode = imp == "streaming" ? ScoreMode::kNone
+               : imp == "h2o"     ? ScoreMode::kAll
+                                  : ScoreMode::kWindow;
+  policy.kvcrush.reset();
+  if (cfg.kvcrush && cfg.kvcrush->budget != 0) {
+    const KVCrushConfig& c = *cfg.kvcrush;
+    if (c.anchor_point_mode == "random")
+      throw ConfigError("kvcrush.anchor_point_mode", repr(c.anchor_point_mode),
+                        "one of zeros, ones, mean, alternating with the C++ pipeline (Python "
+                        "draws random anchors from numpy's generator)");
+    KVCrushOptions o;
+    o.share = c.budget;
+    o.anchors = {parse_anchor(c.anchor_point_mode)};
+    o.granularity = parse_granularity(c.granularity.empty() ? "token" : c.granularity);
+    o.dynamic_split = c.dynamic_split;
+    o.taper = c.taper.value_or(true);  // config.NATIVE_TAPER (0.125, 0.5): the defaults
+    policy.kvcrush = o;
+  }
+  validate(policy);
+  const int64_t w = cfg.decode_window_size.value_or(std::min(kNativeDecodeWindow, evict_interval));
+  decode_window = w >= evict_interval ? 0 : w;
+}
+
+int64_t EvictionPlan::budget(int64_t prompt_tokens) const {
+  CacheEvictionConfig c;
+  c.max_cache_size = max_cache_size;
+  return std::max(c.total_tokens(prompt_tokens), start_size + recent_size);
+}
+
+// ---------------------------------------------------------------------- Evictor
+
+void Evictor::begin(int64_t prompt_tokens) {
+  prefill_end_ = prompt_tokens;
+  budget_ = plan_.budget(prompt_tokens);
+  scores_.reset(static_cast<size_t>(runner_.num_layers()),
+                static_cast<size_t>(runner_.num_kv_heads()));
+  evictions_ = kvcrush_tokens_ = 0;
+}
+
+int64_t Evictor::window(const HeadTable& t, int64_t start, int64_t count) const {
+  using Mode = EvictionPlan::ScoreMode;
+  if (plan_.score_mode == Mode::kNone) return 0;
+  const int64_t end = start + count;
+  if (start < prefill_end_) {
+    if (!plan_.continuous && prefill_end_ <= budget_) return 0;  // nothing will be evicted
+    if (plan_.score_mode == Mode::kAll) return count;
+    return std::max<int64_t>(0, end - std::max(start, prefill_end_ - plan_.window));
+  }
+  if (!plan_.continuous) return 0;
+  if (plan_.decode_window == 0 || plan_.score_mode != Mode::kWindow) return count;
+  // the step at which held tokens reach budget + evict_interval evicts: score it and the
+  // decode_window - 1 steps before it
+  const double limit = static_cast<double>(budget_ + plan_.evict_interval);
+  return t.mean_len() + static_cast<double>(plan_.decode_window) > limit ? count : 0;
+}
+
+void Evictor::after_step(HeadTable& t, int64_t start, int64_t count, int64_t window,
+                         const std::vector<std::vector<float>>& scores) {
+  const int64_t end = start + count;
+  if (window > 0) {
+    for (size_t l = 0; l < t.positions.size(); ++l) {
+      size_t offset = 0;
+      for (size_t h = 0; h < t.positions[l].size(); ++h) {
+        const auto rows = static_cast<size_t>(t.len(l, h));
+        if (offset + rows > scores[l].size())
+          throw std::logic_error("scores." + std::to_string(l) + " is shorter than the rows");
+        scores_.add(l, h, scores[l].data() + offset, rows);
+        offset += rows;
+      }
+    }
+    for (int64_t q = end - window; q < end; ++q) scores_.query_positions.push_back(q);
+  }
+  const double held = t.mean_len();
+  bool due = false;
+  if (end == prefill_end_)
+    due = held > static_cast<double>(budget_);
+  else if (plan_.continuous && end > prefill_end_)
+    due = held >= static_cast<double>(budget_ + plan_.evict_interval);
+  if (due) evict(t);
+}
+
+void Evictor::evict(HeadTable& t) {
+  if (t.mean_len() <= static_cast<double>(budget_)) return;
+  const size_t L = t.positions.size(), H = t.positions[0].size();
+  // every (layer, head) in position order (an earlier eviction's fill_holes mixed the rows)
+  std::vector<std::vector<std::vector<int64_t>>> orders(L, std::vector<std::vector<int64_t>>(H));
+  int64_t n_sinks = -1, n_recent = -1, n = 0;
+  std::vector<int64_t> lengths(L * H);
+  for (size_t l = 0; l < L; ++l)
+    for (size_t h = 0; h < H; ++h) {
+      const auto& pos = t.positions[l][h];
+      auto& order = orders[l][h];
+      order.resize(pos.size());
+      std::iota(order.begin(), order.end(), 0);
+      if (!std::is_sorted(pos.begin(), pos.end()))
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int64_t a, int64_t b) { return pos[static_cast<size_t>(a)] < pos[static_cast<size_t>(b)]; });
+      std::vector<int64_t> sorted(pos.size());
+      for (size_t i = 0; i < pos.size(); ++i) sorted[i] = pos[static_cast<size_t>(order[i])];
+      const int64_t sinks = std::lower_bound(sorted.begin(), sorted.end(), plan_.start_size) - sorted.begin();
+      const int64_t recent = sorted.end() - std::lower_bound(sorted.begin(), sorted.end(),
+                                                             t.num_written - plan_.recent_size);
+      if ((n_sinks >= 0 && sinks != n_sinks) || (n_recent >= 0 && recent != n_recent))
+        throw std::logic_error("eviction: sinks / recent window differ between heads");
+      n_sinks = sinks;
+      n_recent = recent;
+      lengths[l * H + h] = static_cast<int64_t>(pos.size()) - sinks - recent;
+      n = std::max(n, lengths[l * H + h]);
+    }
+  const int64_t num_keep = budget_ - n_sinks - n_recent;
+  if (num_keep < 0)
+    throw std::logic_error("eviction budget " + std::to_string(budget_) + " < sinks + recent");
+  // the candidates, padded to n (eviction.base.EvictionInputs.from_lists)
+  const auto N = static_cast<size_t>(n);
+  std::vector<float> sc(L * H * N, 0.0f), ct(L * H * N, 0.0f);
+  std::vector<int64_t> ps(L * H * N, -1);
+  for (size_t l = 0; l < L; ++l)
+    for (size_t h = 0; h < H; ++h) {
+      const auto& acc = scores_.acc[l][h];
+      const auto& order = orders[l][h];
+      for (int64_t j = 0; j < lengths[l * H + h]; ++j) {
+        const auto row = static_cast<size_t>(order[static_cast<size_t>(n_sinks + j)]);
+        const size_t at = (l * H + h) * N + static_cast<size_t>(j);
+        sc[at] = row < acc.size() ? acc[row] : 0.0f;
+        ps[at] = t.positions[l][h][row];
+        ct[at] = scores_.count(ps[at]);
+      }
+    }
+  const Candidates cand{sc.data(), ct.data(), ps.data(), lengths.data(),
+                        static_cast<int64_t>(L), static_cast<int64_t>(H), n, runner_.block_size()};
+  const PolicyConfig eff = for_budget(plan_.policy, budget_, num_keep, t.num_written);
+  std::vector<uint8_t> keep(L * H * N, 0);
+  select_keep(eff, cand, num_keep, nullptr, keep.data());
+  // rows that stay, in row order, then fill_holes' order for the compaction
+  Rows rows(L, std::vector<std::vector<int64_t>>(H));
+  for (size_t l = 0; l < L; ++l)
+    for (size_t h = 0; h < H; ++h) {
+      const auto& order = orders[l][h];
+      std::vector<bool> by_row(order.size(), true);  // sinks and recent window stay
+      for (int64_t j = 0; j < lengths[l * H + h]; ++j)
+        by_row[static_cast<size_t>(order[static_cast<size_t>(n_sinks + j)])] =
+            keep[(l * H + h) * N + static_cast<size_t>(j)] != 0;
+      std::vector<int64_t> kept;
+      for (size_t r = 0; r < by_row.size(); ++r)
+        if (by_row[r]) kept.push_back(static_cast<int64_t>(r));
+      rows[l][h] = fill_holes(kept);
+    }
+  runner_.compact(t, rows);
+  scores_.compact(rows);
+  ++evictions_;
+  const double share = plan_.policy.kvcrush
+                           ? tapered_share(*plan_.policy.kvcrush, budget_, t.num_written)
+                           : 0.0;
+  kvcrush_tokens_ = static_cast<int64_t>(std::nearbyint(share * static_cast<double>(budget_)));
+}
+
+}  // namespace kvcrush
