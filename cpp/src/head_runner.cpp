@@ -31,13 +31,6 @@ namespace {
 
 using ov::element::i32, ov::element::i64;
 
-template <class T>
-ov::Tensor tensor_of(const ov::element::Type& type, const ov::Shape& shape, const T* data) {
-  ov::Tensor t(type, shape);
-  if (t.get_byte_size()) std::memcpy(t.data(), data, t.get_byte_size());
-  return t;
-}
-
 /// kv_codec.CacheLayout of a compiled key_cache / value_cache input [?, 1, rows, cols].
 BlockLayout layout_of(const ov::Output<const ov::Node>& port, bool key) {
   const auto ps = port.get_partial_shape();
@@ -84,8 +77,8 @@ HeadRunner::HeadRunner(ov::Core& core, const std::filesystem::path& model_dir,
   const ov::AnyMap props = kv_cache_properties(precision);
   decode_ = core.compile_model(decode, device, props);
   scored_ = core.compile_model(scored, device, props);
-  decode_req_ = decode_.create_infer_request();
-  scored_req_ = scored_.create_infer_request();
+  decode_req_.req = decode_.create_infer_request();
+  scored_req_.req = scored_.create_infer_request();
   for (const auto& in : scored_.inputs())
     if (in.get_any_name().rfind("key_cache.", 0) == 0) ++num_layers_;
   num_heads_ = scored->get_rt_info<int64_t>(kPerHeadRtKey, "num_kv_heads");
@@ -122,9 +115,9 @@ void HeadRunner::allocate(int64_t blocks_per_head) {
       const auto i = static_cast<size_t>(l);
       keys_[i] = make(key_type_, key_shape_);
       values_[i] = make(value_type_, value_shape_);
-      for (auto* req : {&scored_req_, &decode_req_}) {
-        req->set_tensor("key_cache." + std::to_string(l), keys_[i]);
-        req->set_tensor("value_cache." + std::to_string(l), values_[i]);
+      for (auto* r : {&scored_req_, &decode_req_}) {
+        r->req.set_tensor("key_cache." + std::to_string(l), keys_[i]);
+        r->req.set_tensor("value_cache." + std::to_string(l), values_[i]);
       }
     }
     pool_blocks_ = total;
@@ -146,6 +139,7 @@ void HeadRunner::warm_decode_graph() {
   t.positions.assign(static_cast<size_t>(num_layers_),
                      std::vector<std::vector<int64_t>>(static_cast<size_t>(num_heads_), {0}));
   t.num_written = 1;
+  t.version = ++versions_;
   const int64_t id = 0;
   run(&id, 1, t, 0, nullptr);
   for (auto* caches : {&keys_, &values_})
@@ -165,6 +159,7 @@ void HeadRunner::append(HeadTable& t, int64_t count) {
       auto& pos = t.positions[l][h];
       const int64_t need = blocks_for(static_cast<int64_t>(pos.size()) + count, block_size_);
       while (static_cast<int64_t>(blocks.size()) < need) {
+        t.version = versions_ + 1;
         if (free_[l].empty())
           throw std::runtime_error("the KV cache is full (" + std::to_string(pool_blocks_) +
                                    " head blocks per layer)");
@@ -173,6 +168,7 @@ void HeadRunner::append(HeadTable& t, int64_t count) {
       }
       for (int64_t i = 0; i < count; ++i) pos.push_back(t.num_written + i);
     }
+  if (t.version > versions_) versions_ = t.version;  // a block list changed
   t.num_written += count;
 }
 
@@ -210,6 +206,7 @@ void HeadRunner::compact(HeadTable& t,
         pos[i] = t.positions[l][h][static_cast<size_t>(order[i])];
       t.positions[l][h] = std::move(pos);
     }
+  t.version = ++versions_;
   for (size_t l = 0; l < by_layer.size(); ++l) {
     const auto& moves = by_layer[l];
     if (moves.empty()) continue;
@@ -226,34 +223,38 @@ void HeadRunner::compact(HeadTable& t,
   }
 }
 
-void HeadRunner::set_tables(ov::InferRequest& req, const HeadTable& t, int64_t count,
-                            bool decode) {
+void HeadRunner::set_tables(Request& r, const HeadTable& t, int64_t count, bool decode) {
   const auto heads = static_cast<size_t>(num_heads_);
   // one sequence: head-major and sequence-major subsequences are both h = 0..H-1
-  std::vector<int32_t> begins(heads + 1);
+  std::vector<int32_t> begins(heads + 1), past(heads);
   for (size_t h = 0; h <= heads; ++h)
-    begins[h] = static_cast<int32_t>(decode ? static_cast<int64_t>(h) : static_cast<int64_t>(h) * count);
-  req.set_tensor(kHeadSubsequenceBegins, tensor_of(i32, {heads + 1}, begins.data()));
+    begins[h] = static_cast<int32_t>(decode ? static_cast<int64_t>(h)
+                                            : static_cast<int64_t>(h) * count);
+  r.inputs.put(r.req, kHeadSubsequenceBegins, i32, {heads + 1}, begins.data());
+  const bool tables = r.table_version != t.version;  // else the request holds them already
   for (size_t l = 0; l < t.blocks.size(); ++l) {
-    std::vector<int32_t> flat, block_begins{0}, past(heads);
+    const auto layer = static_cast<int64_t>(l);
+    for (size_t h = 0; h < heads; ++h) past[h] = static_cast<int32_t>(t.len(l, h) - count);
+    r.inputs.put(r.req, head_past_lens_name(layer), i32, {heads}, past.data());
+    if (!tables) continue;
+    std::vector<int32_t> flat, block_begins{0};
     for (size_t h = 0; h < heads; ++h) {
       flat.insert(flat.end(), t.blocks[l][h].begin(), t.blocks[l][h].end());
       block_begins.push_back(static_cast<int32_t>(flat.size()));
-      past[h] = static_cast<int32_t>(t.len(l, h) - count);
     }
-    const auto layer = static_cast<int64_t>(l);
-    req.set_tensor(block_indices_name(layer), tensor_of(i32, {flat.size()}, flat.data()));
-    req.set_tensor(block_indices_begins_name(layer),
-                   tensor_of(i32, {block_begins.size()}, block_begins.data()));
-    req.set_tensor(head_past_lens_name(layer), tensor_of(i32, {heads}, past.data()));
+    r.inputs.put(r.req, block_indices_name(layer), i32, {flat.size()}, flat.data());
+    r.inputs.put(r.req, block_indices_begins_name(layer), i32, {block_begins.size()},
+                 block_begins.data());
   }
+  r.table_version = t.version;
 }
 
 const float* HeadRunner::run(const int64_t* ids, int64_t count, const HeadTable& t,
                              int64_t window, std::vector<std::vector<float>>* scores) {
   const bool decode = window == 0 && count == 1;
-  ov::InferRequest& req = decode ? decode_req_ : scored_req_;
-  set_tables(req, t, count, decode);
+  Request& r = decode ? decode_req_ : scored_req_;
+  ov::InferRequest& req = r.req;
+  set_tables(r, t, count, decode);
   const auto n = static_cast<size_t>(count);
   std::vector<int64_t> pos(n);
   for (size_t i = 0; i < n; ++i) pos[i] = t.num_written - count + static_cast<int64_t>(i);
@@ -262,13 +263,13 @@ const float* HeadRunner::run(const int64_t* ids, int64_t count, const HeadTable&
     for (size_t h = 0; h < t.positions[l].size(); ++h) max_len = std::max(max_len, t.len(l, h));
   const auto max_ctx = static_cast<int32_t>(max_len);
   const int64_t last = count - 1;
-  req.set_tensor("input_ids", tensor_of(i64, {n}, ids));
-  req.set_tensor("position_ids", tensor_of(i64, {n}, pos.data()));
-  req.set_tensor("max_context_len", tensor_of(i32, {}, &max_ctx));
-  req.set_tensor("logits_indices", tensor_of(i64, {1}, &last));
+  r.inputs.put(req, "input_ids", i64, {n}, ids);
+  r.inputs.put(req, "position_ids", i64, {n}, pos.data());
+  r.inputs.put(req, "max_context_len", i32, {}, &max_ctx);
+  r.inputs.put(req, "logits_indices", i64, {1}, &last);
   if (!decode) {  // scores nobody asked for (a prefill chunk) are computed and dropped
     const auto w = static_cast<int32_t>(window > 0 ? window : 1);
-    req.set_tensor("score_aggregation_window", tensor_of(i32, {1}, &w));
+    r.inputs.put(req, "score_aggregation_window", i32, {1}, &w);
   }
   req.infer();
   if (window > 0 && scores) {

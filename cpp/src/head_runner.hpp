@@ -17,6 +17,7 @@
 #include <openvino/runtime/infer_request.hpp>
 #include <openvino/runtime/tensor.hpp>
 
+#include "input_tensors.hpp"
 #include "kvcrush/compaction.hpp"
 
 namespace kvcrush {
@@ -28,6 +29,7 @@ struct HeadTable {
   std::vector<std::vector<std::vector<int32_t>>> blocks;    // [L][H] head-block ids
   std::vector<std::vector<std::vector<int64_t>>> positions;  // [L][H] position of each row
   int64_t num_written = 0;  ///< positions whose K/V were written (the next one's RoPE position)
+  int64_t version = 0;      ///< changes whenever a block list changes (set by HeadRunner)
 
   int64_t len(size_t layer, size_t head) const {
     return static_cast<int64_t>(positions[layer][head].size());
@@ -77,11 +79,18 @@ class HeadRunner {
   int64_t block_bytes() const { return head_block_bytes() * num_heads_ * num_layers_; }
 
  private:
-  void set_tables(ov::InferRequest& req, const HeadTable& t, int64_t count, bool decode);
+  /// One compiled graph's request, its input tensors and the table version they hold.
+  struct Request {
+    ov::InferRequest req;
+    InputTensors inputs;
+    int64_t table_version = -1;
+  };
+  void set_tables(Request& r, const HeadTable& t, int64_t count, bool decode);
   void warm_decode_graph();
 
   ov::CompiledModel scored_, decode_;
-  ov::InferRequest scored_req_, decode_req_;
+  Request scored_req_, decode_req_;
+  int64_t versions_ = 0;  // the last version given to a table
   int64_t num_layers_ = 0, num_heads_ = 0, block_size_ = 0, vocab_ = 0, pool_blocks_ = 0;
   ov::element::Type key_type_, value_type_;
   ov::Shape key_shape_, value_shape_;  // one head block: [1, rows, cols]

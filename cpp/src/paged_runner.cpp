@@ -15,16 +15,6 @@ ov::AnyMap kv_cache_properties(const std::string& precision) {
   return props;
 }
 
-namespace {
-
-template <class T>
-ov::Tensor tensor_of(const ov::element::Type& type, const ov::Shape& shape, const T* data) {
-  ov::Tensor t(type, shape);
-  std::memcpy(t.data(), data, t.get_byte_size());
-  return t;
-}
-
-}  // namespace
 
 PagedRunner::PagedRunner(ov::Core& core, const std::filesystem::path& model_dir,
                          const std::string& device, const std::string& precision) {
@@ -92,14 +82,15 @@ const float* PagedRunner::run(const int64_t* ids, int64_t count, int64_t start,
   const int32_t block_begins[2] = {0, static_cast<int32_t>(blocks.size())};
   const int64_t last = count - 1;
   using ov::element::i32, ov::element::i64;
-  request_.set_tensor("input_ids", tensor_of(i64, {n}, ids));
-  request_.set_tensor("position_ids", tensor_of(i64, {n}, pos.data()));
-  request_.set_tensor("past_lens", tensor_of(i32, {1}, &past));
-  request_.set_tensor("subsequence_begins", tensor_of(i32, {2}, begins));
-  request_.set_tensor("block_indices", tensor_of(i32, {blocks.size()}, blocks.data()));
-  request_.set_tensor("block_indices_begins", tensor_of(i32, {2}, block_begins));
-  request_.set_tensor("max_context_len", tensor_of(i32, {}, &total));
-  request_.set_tensor("logits_indices", tensor_of(i64, {1}, &last));
+  auto& r = request_;
+  inputs_.put(r, "input_ids", i64, {n}, ids);
+  inputs_.put(r, "position_ids", i64, {n}, pos.data());
+  inputs_.put(r, "past_lens", i32, {1}, &past);
+  inputs_.put(r, "subsequence_begins", i32, {2}, begins);
+  inputs_.put(r, "block_indices", i32, {blocks.size()}, blocks.data());
+  inputs_.put(r, "block_indices_begins", i32, {2}, block_begins);
+  inputs_.put(r, "max_context_len", i32, {}, &total);
+  inputs_.put(r, "logits_indices", i64, {1}, &last);
   const auto t0 = std::chrono::steady_clock::now();
   request_.infer();
   infer_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -11,6 +11,8 @@
 #include <openvino/runtime/infer_request.hpp>
 #include <openvino/runtime/tensor.hpp>
 
+#include "input_tensors.hpp"
+
 namespace kvcrush {
 
 /// OpenVINO compile properties of a KV cache precision (Python: config.kv_cache_properties).
@@ -40,6 +42,7 @@ class PagedRunner {
   ov::element::Type key_type_, value_type_;
   ov::Shape key_shape_, value_shape_;  // one block: [kv_heads, rows, cols]
   std::vector<ov::Tensor> keys_, values_;
+  InputTensors inputs_;
   double infer_s_ = 0.0;
 };
 

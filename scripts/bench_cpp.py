@@ -1,0 +1,62 @@
+"""Decode speed of the C++ generate sample vs the Python Pipeline, same model, prompt and config.
+
+    python scripts/bench_cpp.py build/samples [--model SmolLM2-135M-Instruct] [--tokens 64]
+
+The prompt is the demo's document and question (kvcrush_ov.demo, ~3.3K tokens on SmolLM2, no
+chat template on either side); each configuration (full cache, the default KVCrush eviction)
+runs ``--repeats`` times alternating C++ and Python, and the median decode tokens/s (after the
+first token) and TTFT are printed. Both sides also print their greedy text's equality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+from pathlib import Path
+
+from kvcrush_ov.demo import build_prompt
+from kvcrush_ov.pipeline import Pipeline, resolve_model
+
+
+def run_cpp(sample: Path, model: Path, prompt: str, tokens: int, full: bool) -> tuple:
+    args = [str(sample), str(model), prompt, str(tokens)] + (["full"] if full else [])
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    text, _, stats = out.rpartition("\n--\n")
+    tps = float(re.search(r"decode ([\d.]+) tokens/s", stats).group(1))
+    ttft = float(re.search(r"TTFT ([\d.]+) s", stats).group(1))
+    return tps, ttft, text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("build", type=Path, help="the samples' build folder (README)")
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    model = resolve_model(a.model)
+    prompt = build_prompt()
+    print(f"{'config':<12} {'side':<7} {'decode tok/s':>12} {'TTFT s':>7}  same text")
+    for label, full in (("full cache", True), ("KVCrush 25%", False)):
+        pipe = Pipeline(model, eviction=None) if full else Pipeline(model)
+        runs: dict[str, list[tuple[float, float]]] = {"C++": [], "Python": []}
+        texts = {}
+        for _ in range(a.repeats):
+            tps, ttft, texts["C++"] = run_cpp(a.build / "generate", model, prompt, a.tokens, full)
+            runs["C++"].append((tps, ttft))
+            out = pipe.generate(prompt, max_new_tokens=a.tokens, apply_chat_template=False,
+                                ignore_eos=False)
+            m = out.metrics[0]
+            runs["Python"].append((1.0 / m.tpot_s if m.tpot_s else 0.0, m.ttft_s))
+            texts["Python"] = out.texts[0]
+        for side, r in runs.items():
+            print(f"{label:<12} {side:<7} {statistics.median(x[0] for x in r):>12.1f} "
+                  f"{statistics.median(x[1] for x in r):>7.2f}  "
+                  f"{texts['C++'] == texts['Python']}")
+        del pipe
+
+
+if __name__ == "__main__":
+    main()
