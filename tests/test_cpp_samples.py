@@ -112,13 +112,19 @@ INVALID = [
 ]
 
 
-def test_config_errors_read_as_in_python(samples):
-    res = subprocess.run([str(samples / "kvcrush" / "kvcrush_config_messages")],
-                         capture_output=True, text=True, check=True)
+def test_config_errors_read_as_in_python(samples, smollm2_fp16):
+    res = subprocess.run([str(samples / "kvcrush" / "kvcrush_config_messages"),
+                          str(smollm2_fp16)], capture_output=True, text=True, check=True)
+    invalid = [lambda cls=cls, kwargs=kwargs: cls(**kwargs) for cls, kwargs in INVALID] + [
+        lambda: kv.Pipeline(smollm2_fp16, kv_cache=kv.KVCacheConfig(num_kv_blocks=3)),
+        lambda: kv.Pipeline(smollm2_fp16, kv_cache=kv.KVCacheConfig(cache_size=0.0001)),
+        lambda: kv.Pipeline(smollm2_fp16, eviction=None).generate(
+            "hi", max_new_tokens=8192, apply_chat_template=False),
+    ]
     expected = []
-    for cls, kwargs in INVALID:
+    for make in invalid:
         with pytest.raises(kv.ConfigError) as err:
-            cls(**kwargs)
+            make()
         expected.append(str(err.value))
     assert res.stdout.splitlines() == expected
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <regex>
 #include <sstream>
@@ -42,20 +43,58 @@ int64_t context_length(const std::filesystem::path& model_dir) {
   return 2048;
 }
 
-/// cache_plan.check_request_size for a cache that grows on demand.
+/// Python's f"{n:,}".
+std::string grouped(int64_t n) {
+  std::string digits = std::to_string(n < 0 ? -n : n), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return (n < 0 ? "-" : "") + out;
+}
+
+/// cache_plan.requested_blocks + check_cache_plan (without the available-memory check): the
+/// KV blocks the cache may hold.
+int64_t cache_blocks(const KVCacheConfig& kv, const SchedulerConfig& scheduler,
+                     int64_t block_bytes, int64_t block_size) {
+  constexpr double kGiB = 1 << 30;
+  constexpr int64_t kDefaultBytes = 1 << 30;  // cache_plan.DEFAULT_CACHE_BYTES (native)
+  const int64_t blocks =
+      kv.num_kv_blocks ? kv.num_kv_blocks
+      : kv.cache_size > 0
+          ? static_cast<int64_t>(std::floor(kv.cache_size * kGiB / static_cast<double>(block_bytes)))
+          : kDefaultBytes / block_bytes;
+  const int64_t need = (scheduler.max_num_batched_tokens + block_size - 1) / block_size + 1;
+  if (blocks >= need) return blocks;
+  const std::string room =
+      "room for at least " + std::to_string(need) + " KV blocks (" +
+      grouped(need * block_bytes) + " bytes; one block holds " +
+      std::to_string(block_size) + " tokens in " + grouped(block_bytes) +
+      " bytes), enough for one step of scheduler.max_num_batched_tokens=" +
+      std::to_string(scheduler.max_num_batched_tokens);
+  if (kv.num_kv_blocks) throw ConfigError("kv_cache.num_kv_blocks", repr(kv.num_kv_blocks), room);
+  if (kv.cache_size > 0) throw ConfigError("kv_cache.cache_size", repr(kv.cache_size), room);
+  throw ConfigError("scheduler.max_num_batched_tokens", repr(scheduler.max_num_batched_tokens),
+                    "at most " + std::to_string(std::max<int64_t>(1, (blocks - 1) * block_size)) +
+                        " with the default cache of " + std::to_string(blocks) +
+                        " blocks (or set kv_cache.cache_size for " + room + ")");
+}
+
+/// cache_plan.check_request_size: a request that can never run is refused, naming its field.
 void check_request_size(int64_t prompt_tokens, int64_t max_new_tokens, int64_t context,
-                        const SchedulerConfig& scheduler) {
-  const std::string where =
-      "the model's context is " + std::to_string(context) + " tokens";
-  if (max_new_tokens >= context)
+                        int64_t cache_tokens, const SchedulerConfig& scheduler) {
+  const int64_t total = std::min(context, cache_tokens);
+  const std::string where = "the model's context is " + std::to_string(context) +
+                            " tokens and the KV cache holds " + std::to_string(cache_tokens);
+  if (max_new_tokens >= total)
     throw ConfigError("max_new_tokens", repr(max_new_tokens),
-                      "at most " + std::to_string(context - 1) + ": " + where +
+                      "at most " + std::to_string(total - 1) + ": " + where +
                           ", prompt included");
   if (prompt_tokens < 1) throw ConfigError("prompt", repr("<0 tokens>"), "at least one token");
   const std::string size = repr("<" + std::to_string(prompt_tokens) + " tokens>");
-  if (prompt_tokens > context - max_new_tokens)
+  if (prompt_tokens > total - max_new_tokens)
     throw ConfigError("prompt", size,
-                      "at most " + std::to_string(context - max_new_tokens) + " tokens: " +
+                      "at most " + std::to_string(total - max_new_tokens) + " tokens: " +
                           where + ", and max_new_tokens=" + std::to_string(max_new_tokens));
   if (!scheduler.dynamic_split_fuse && prompt_tokens > scheduler.max_num_batched_tokens)
     throw ConfigError("prompt", size,
@@ -78,6 +117,7 @@ struct Pipeline::Impl {
   std::unique_ptr<HeadRunner> heads;    // eviction on: the per-head graphs ...
   std::unique_ptr<Evictor> evictor;     // ... and what evicts
   int64_t context = 0;
+  int64_t cache_blocks = 0;  // the most KV blocks the cache may hold (kv_cache's size)
 
   int64_t block_size() const { return heads ? heads->block_size() : runner->block_size(); }
   int64_t block_bytes() const { return heads ? heads->block_bytes() : runner->block_bytes(); }
@@ -113,6 +153,7 @@ Pipeline::Pipeline(const std::filesystem::path& model_dir, const std::string& de
   } else {
     m.runner = std::make_unique<PagedRunner>(m.core, model_dir, device, m.kv_cache.precision);
   }
+  m.cache_blocks = cache_blocks(m.kv_cache, m.scheduler, m.block_bytes(), m.block_size());
 }
 
 Pipeline::~Pipeline() = default;
@@ -145,9 +186,11 @@ GenerationResult Pipeline::generate(const std::vector<int64_t>& prompt_ids,
 GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
                                           const GenerationConfig& g) {
   const auto num_prompt = static_cast<int64_t>(prompt.size());
-  check_request_size(num_prompt, g.max_new_tokens, context, scheduler);
+  const int64_t bs = block_size();
+  check_request_size(num_prompt, g.max_new_tokens, context, cache_blocks * bs, scheduler);
   const auto t_start = Clock::now();
-  const int64_t bs = block_size(), max_blocks = (num_prompt + g.max_new_tokens + bs - 1) / bs;
+  // what this request can hold (it runs alone): no more than it needs, nor than kv_cache allows
+  const int64_t max_blocks = std::min(cache_blocks, (num_prompt + g.max_new_tokens + bs - 1) / bs);
   std::vector<int32_t> blocks;  // eviction off: the block table (block i: positions i*bs..)
   HeadTable table;              // eviction on: per-layer, per-head tables
   std::vector<std::vector<float>> scores;

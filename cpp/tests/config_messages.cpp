@@ -1,16 +1,20 @@
-// Prints the ConfigError message of each invalid configuration below, one per line, in order.
-// tests/test_cpp_samples.py builds the same configurations in Python (kvcrush_ov.config) and
-// checks that every message is the same text.
+// Prints the ConfigError message of each invalid configuration below, one per line, in order;
+// with a model folder argument (and the pipeline built) also those of invalid pipeline
+// configurations and requests. tests/test_cpp_samples.py builds the same configurations in
+// Python (kvcrush_ov.config, kvcrush_ov.Pipeline) and checks that every message is the same.
 
 #include <functional>
 #include <iostream>
 #include <vector>
 
 #include "kvcrush/config.hpp"
+#ifdef KVCRUSH_WITH_PIPELINE
+#include "kvcrush/pipeline.hpp"
+#endif
 
 using namespace kvcrush;
 
-int main() {
+int main(int argc, char* argv[]) {
   auto eviction = [](std::function<void(CacheEvictionConfig&)> set) {
     return [set] {
       CacheEvictionConfig c;
@@ -25,7 +29,7 @@ int main() {
       c.validate();
     };
   };
-  const std::vector<std::function<void()>> cases = {
+  std::vector<std::function<void()>> cases = {
       eviction([](auto& c) { c.max_cache_size = int64_t{0}; }),
       eviction([](auto& c) { c.max_cache_size = 1.5; }),
       eviction([](auto& c) { c.max_cache_size = int64_t{100}; }),
@@ -47,6 +51,28 @@ int main() {
       [] { SchedulerConfig c; c.max_num_batched_tokens = 0; c.validate(); },
       [] { GenerationConfig c; c.max_new_tokens = 0; c.validate(); },
   };
+#ifdef KVCRUSH_WITH_PIPELINE
+  if (argc > 1) {
+    const std::string model = argv[1];
+    auto cache = [model](KVCacheConfig kv) {
+      return [model, kv] { Pipeline(model, "CPU", kv, std::nullopt); };
+    };
+    KVCacheConfig blocks, bytes;
+    blocks.num_kv_blocks = 3;
+    bytes.cache_size = 0.0001;
+    cases.push_back(cache(blocks));
+    cases.push_back(cache(bytes));
+    cases.push_back([model] {
+      Pipeline pipe(model, "CPU", {}, std::nullopt);
+      GenerationConfig g;
+      g.max_new_tokens = 8192;
+      pipe.generate("hi", g);
+    });
+  }
+#else
+  (void)argc;
+  (void)argv;
+#endif
   for (const auto& run : cases) {
     try {
       run();

@@ -45,7 +45,8 @@ struct KVCacheConfig {
   /// u8 (CPU default: keys quantized per channel inside each block, values per token),
   /// u4 (u4 keys + u8 values), bf16, or f32 (also runs inference in f32).
   std::string precision = "u8";
-  /// Cache memory in GB; 0 lets the cache grow on demand.
+  /// Cache memory in GB (GiB, as Python counts it); 0: 1 GiB, the native backend's default.
+  /// The C++ pipeline allocates what a request needs, at most this.
   double cache_size = 0.0;
   /// A fixed number of KV blocks (overrides cache_size when > 0).
   int64_t num_kv_blocks = 0;
