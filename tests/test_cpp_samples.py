@@ -41,7 +41,8 @@ def samples() -> Path:
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
     for cmd in (["cmake", "-S", str(REPO / "samples" / "cpp"), "-B", str(BUILD),
                  f"-DPython3_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", str(BUILD), "--target", "all", "kvcrush_config_messages"]):
+                ["cmake", "--build", str(BUILD), "--target", "all", "kvcrush_config_messages",
+                 "kvcrush_eviction_log"]):
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
         assert "warning:" not in res.stdout + res.stderr, res.stdout + res.stderr
@@ -85,6 +86,32 @@ def test_generate_default_eviction_matches_python(samples, smollm2_fp16):
     assert stats["evictions"] == m.num_evictions
     assert stats["held"] == out.cache.final_kv_bytes // 1024
     assert text == out.texts[0]
+
+
+def test_eviction_events_match_python(samples, smollm2_fp16, tmp_path):
+    """Every eviction of the default config keeps the same positions in every layer and KV head
+    (Python's eviction log), and the tokens after three evictions are the same."""
+    new_tokens = 72  # evictions after the prompt and after 32 and 64 decode steps
+    (tmp_path / "prompt.txt").write_text(PROMPT)
+    res = subprocess.run([str(samples / "kvcrush" / "kvcrush_eviction_log"), str(smollm2_fp16),
+                          str(tmp_path / "prompt.txt"), str(new_tokens)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    out = kv.Pipeline(smollm2_fp16, eviction=kv.CacheEvictionConfig(log=True)).generate(
+        PROMPT, max_new_tokens=new_tokens, apply_chat_template=False, ignore_eos=True)
+    log = out.metrics[0].eviction_log
+    assert len(log) == 3
+    assert [int(t) for t in lines[0].split()] == out.token_ids[0]
+    at = 1
+    for record in log:
+        assert lines[at] == f"{record.num_written} {record.budget}"
+        at += 1
+        for layer in record.kept:
+            for kept in layer:
+                assert lines[at].split() == [str(p) for p in kept.tolist()], f"line {at}"
+                at += 1
+    assert at == len(lines)
 
 
 # the cases of cpp/tests/config_messages.cpp, in its order

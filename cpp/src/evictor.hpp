@@ -8,6 +8,7 @@
 
 #include "head_runner.hpp"
 #include "kvcrush/config.hpp"
+#include "kvcrush/pipeline.hpp"
 #include "kvcrush/policy.hpp"
 
 namespace kvcrush {
@@ -35,6 +36,7 @@ struct EvictionPlan {
   int64_t start_size = 0, recent_size = 0, evict_interval = 0, window = 0;
   int64_t decode_window = 0;  ///< 0: every decode step is scored
   bool continuous = true;
+  bool log = false;
 
   /// Throws ConfigError for what the C++ pipeline cannot run (named field, allowed values).
   explicit EvictionPlan(const CacheEvictionConfig& cfg);
@@ -58,6 +60,8 @@ class Evictor {
   int64_t budget() const { return budget_; }
   int64_t num_evictions() const { return evictions_; }
   int64_t kvcrush_tokens() const { return kvcrush_tokens_; }
+  /// The request's eviction log (empty unless the config asked for it); moved out.
+  std::vector<EvictionRecord> take_log() { return std::move(log_); }
 
  private:
   void evict(HeadTable& t);
@@ -66,6 +70,7 @@ class Evictor {
   HeadRunner& runner_;
   SequenceScores scores_;
   int64_t prefill_end_ = 0, budget_ = 0, evictions_ = 0, kvcrush_tokens_ = 0;
+  std::vector<EvictionRecord> log_;
 };
 
 }  // namespace kvcrush

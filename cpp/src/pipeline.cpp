@@ -249,6 +249,7 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
     r.num_evictions = evictor->num_evictions();
     r.kv_budget_tokens = r.num_evictions ? evictor->budget() : 0;
     r.kvcrush_tokens = evictor->kvcrush_tokens();
+    r.eviction_log = evictor->take_log();
   }
   r.text = tokenizer->decode(r.token_ids);
   return r;

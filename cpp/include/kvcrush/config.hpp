@@ -101,6 +101,7 @@ struct CacheEvictionConfig {
   std::optional<int64_t> kernel_size;  ///< odd; unset: 31
   int64_t pooling_offset = 0;
   std::optional<int64_t> decode_window_size;  ///< unset: min(8, evict_interval)
+  bool log = false;  ///< keep GenerationResult::eviction_log (the positions each event kept)
   void validate();
   /// The budget in tokens for a prompt of ``prompt_tokens`` tokens.
   int64_t total_tokens(int64_t prompt_tokens) const;

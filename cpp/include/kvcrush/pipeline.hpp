@@ -28,6 +28,14 @@
 
 namespace kvcrush {
 
+/// One eviction of a request (Python: engine.evictor.EvictionRecord): after ``num_written``
+/// positions, ``kept[l][h]`` (sorted) stayed in layer l, KV head h; ``budget`` per head.
+struct EvictionRecord {
+  int64_t num_written = 0;
+  int64_t budget = 0;
+  std::vector<std::vector<std::vector<int64_t>>> kept;
+};
+
 /// One request's output and measurements (Python: DecodedResults + RequestMetrics).
 struct GenerationResult {
   std::string text;                ///< the generated text, EOS excluded
@@ -43,6 +51,7 @@ struct GenerationResult {
   int64_t num_evictions = 0;
   int64_t kv_budget_tokens = 0;  ///< tokens per layer and head after an eviction (0: none)
   int64_t kvcrush_tokens = 0;    ///< of them KVCrush representatives, at the last eviction
+  std::vector<EvictionRecord> eviction_log;  ///< with CacheEvictionConfig::log
   /// Decode speed: tokens per second after the first token (0 with one token).
   double decode_tokens_per_s() const { return tpot_s > 0 ? 1.0 / tpot_s : 0.0; }
 };
