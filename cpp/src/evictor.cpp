@@ -76,7 +76,8 @@ EvictionPlan::EvictionPlan(const CacheEvictionConfig& cfg)
       recent_size(cfg.recent_size),
       evict_interval(cfg.evict_interval),
       window(cfg.snapkv_window_size),
-      continuous(cfg.mode == "continuous") {
+      continuous(cfg.mode == "continuous"),
+      log(cfg.log) {
   if (cfg.apply_rotation)
     throw ConfigError("eviction.apply_rotation", repr(true),
                       "False with backend 'native' (key re-rotation is not implemented)");
@@ -126,6 +127,7 @@ void Evictor::begin(int64_t prompt_tokens) {
   scores_.reset(static_cast<size_t>(runner_.num_layers()),
                 static_cast<size_t>(runner_.num_kv_heads()));
   evictions_ = kvcrush_tokens_ = 0;
+  log_.clear();
 }
 
 int64_t Evictor::window(const HeadTable& t, int64_t start, int64_t count) const {
@@ -243,6 +245,12 @@ void Evictor::evict(HeadTable& t) {
                            ? tapered_share(*plan_.policy.kvcrush, budget_, t.num_written)
                            : 0.0;
   kvcrush_tokens_ = static_cast<int64_t>(std::nearbyint(share * static_cast<double>(budget_)));
+  if (plan_.log) {
+    EvictionRecord record{t.num_written, budget_, t.positions};
+    for (auto& layer : record.kept)
+      for (auto& kept : layer) std::sort(kept.begin(), kept.end());
+    log_.push_back(std::move(record));
+  }
 }
 
 }  // namespace kvcrush
