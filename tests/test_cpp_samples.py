@@ -89,16 +89,19 @@ def test_generate_default_eviction_matches_python(samples, smollm2_fp16):
 
 
 def test_eviction_events_match_python(samples, smollm2_fp16, tmp_path):
-    """Every eviction of the default config keeps the same positions in every layer and KV head
-    (Python's eviction log), and the tokens after three evictions are the same."""
-    new_tokens = 72  # evictions after the prompt and after 32 and 64 decode steps
+    """Every eviction keeps the same positions in every layer and KV head as Python's (its
+    eviction log), and the tokens after three evictions are the same. The default config with
+    4 sinks and 16 recent tokens, so that SnapKV + KVCrush choose 64 of the 84 tokens kept
+    (with the default 32 + 128 they would choose none of this prompt's)."""
+    new_tokens, start, recent = 72, 4, 16  # evictions after the prompt, 32 and 64 decode steps
     (tmp_path / "prompt.txt").write_text(PROMPT)
     res = subprocess.run([str(samples / "kvcrush" / "kvcrush_eviction_log"), str(smollm2_fp16),
-                          str(tmp_path / "prompt.txt"), str(new_tokens)],
+                          str(tmp_path / "prompt.txt"), str(new_tokens), str(start), str(recent)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    out = kv.Pipeline(smollm2_fp16, eviction=kv.CacheEvictionConfig(log=True)).generate(
+    eviction = kv.CacheEvictionConfig(start_size=start, recent_size=recent, log=True)
+    out = kv.Pipeline(smollm2_fp16, eviction=eviction).generate(
         PROMPT, max_new_tokens=new_tokens, apply_chat_template=False, ignore_eos=True)
     log = out.metrics[0].eviction_log
     assert len(log) == 3

@@ -1,8 +1,9 @@
-// Runs one greedy request with the default CacheEvictionConfig (log on) and prints what
-// tests/test_cpp_samples.py compares with the Python Pipeline's: the generated ids on one line,
-// then per eviction "num_written budget" and one line of kept positions per (layer, head).
+// Runs one greedy request (ignore_eos) with the default CacheEvictionConfig but the given sink
+// and recent window sizes (log on) and prints what tests/test_cpp_samples.py compares with the
+// Python Pipeline's: the generated ids on one line, then per eviction "num_written budget" and
+// one line of kept positions per (layer, head).
 //
-//   kvcrush_eviction_log <MODEL_DIR> <PROMPT_FILE> <MAX_NEW_TOKENS>
+//   kvcrush_eviction_log <MODEL_DIR> <PROMPT_FILE> <MAX_NEW_TOKENS> <START_SIZE> <RECENT_SIZE>
 
 #include <fstream>
 #include <iostream>
@@ -12,14 +13,17 @@
 #include "kvcrush/pipeline.hpp"
 
 int main(int argc, char* argv[]) {
-  if (argc < 4) {
-    std::cerr << "usage: " << argv[0] << " <MODEL_DIR> <PROMPT_FILE> <MAX_NEW_TOKENS>\n";
+  if (argc < 6) {
+    std::cerr << "usage: " << argv[0]
+              << " <MODEL_DIR> <PROMPT_FILE> <MAX_NEW_TOKENS> <START_SIZE> <RECENT_SIZE>\n";
     return 1;
   }
   std::ifstream file(argv[2]);
   std::stringstream prompt;
   prompt << file.rdbuf();
   kvcrush::CacheEvictionConfig eviction;
+  eviction.start_size = std::stoll(argv[4]);
+  eviction.recent_size = std::stoll(argv[5]);
   eviction.log = true;
   kvcrush::Pipeline pipe(argv[1], "CPU", {}, eviction);
   kvcrush::GenerationConfig config;
