@@ -109,7 +109,6 @@ void check_request_size(int64_t prompt_tokens, int64_t max_new_tokens, int64_t c
 
 struct Pipeline::Impl {
   KVCacheConfig kv_cache;
-  std::optional<CacheEvictionConfig> eviction;
   SchedulerConfig scheduler;
   ov::Core core;
   std::unique_ptr<Tokenizer> tokenizer;
@@ -143,7 +142,6 @@ Pipeline::Pipeline(const std::filesystem::path& model_dir, const std::string& de
                              " is not an exported model folder (no openvino_model.xml)");
   Impl& m = *impl_;
   m.kv_cache = std::move(kv_cache);
-  m.eviction = std::move(eviction);
   m.scheduler = scheduler;
   m.context = context_length(model_dir);
   m.tokenizer = std::make_unique<Tokenizer>(m.core, model_dir);
@@ -172,9 +170,10 @@ int64_t Pipeline::block_bytes() const { return impl_->block_bytes(); }
 int64_t Pipeline::block_size() const { return impl_->block_size(); }
 
 GenerationResult Pipeline::generate(const std::string& prompt, GenerationConfig config) {
+  config.validate();  // Python's order: the config, then the prompt
   if (prompt.find_first_not_of(" \t\n\r\f\v") == std::string::npos)
     throw ConfigError("prompt", repr(prompt), "a non-empty string");
-  return generate(impl_->tokenizer->encode(prompt), std::move(config));
+  return impl_->generate(impl_->tokenizer->encode(prompt), config);
 }
 
 GenerationResult Pipeline::generate(const std::vector<int64_t>& prompt_ids,
