@@ -113,23 +113,29 @@ def test_long_document_qa_matches_python(samples, smollm2_fp16, tmp_path):
         assert answer.strip(), label  # a real answer, not an immediate EOS
 
 
-def test_eviction_events_match_python(samples, smollm2_fp16, tmp_path):
+@pytest.mark.parametrize(("importance", "mode", "events"), [
+    ("snapkv", "continuous", 3), ("h2o", "continuous", 3), ("adakv", "prefill", 1)])
+def test_eviction_events_match_python(samples, smollm2_fp16, tmp_path, importance, mode,
+                                      events):
     """Every eviction keeps the same positions in every layer and KV head as Python's (its
-    eviction log), and the tokens after three evictions are the same. The default config with
-    4 sinks and 16 recent tokens, so that SnapKV + KVCrush choose 64 of the 84 tokens kept
-    (with the default 32 + 128 they would choose none of this prompt's)."""
-    new_tokens, start, recent = 72, 4, 16  # evictions after the prompt, 32 and 64 decode steps
+    eviction log), and the tokens after the evictions are the same. The default config with
+    4 sinks and 16 recent tokens, so that the policy (with KVCrush) chooses 64 of the 84 tokens
+    kept (with the default 32 + 128 it would choose none of this prompt's). snapkv: the default;
+    h2o: every query scored; adakv: per-head budgets (heads hold different tokens), evicting
+    once after the prompt."""
+    new_tokens, start, recent = 72, 4, 16  # continuous: evictions after the prompt, 32 and 64
     (tmp_path / "prompt.txt").write_text(PROMPT)
     res = subprocess.run([str(samples / "kvcrush" / "kvcrush_eviction_log"), str(smollm2_fp16),
-                          str(tmp_path / "prompt.txt"), str(new_tokens), str(start), str(recent)],
-                         capture_output=True, text=True, timeout=600)
+                          str(tmp_path / "prompt.txt"), str(new_tokens), str(start), str(recent),
+                          importance, mode], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    eviction = kv.CacheEvictionConfig(start_size=start, recent_size=recent, log=True)
+    eviction = kv.CacheEvictionConfig(start_size=start, recent_size=recent, log=True,
+                                      importance=importance, mode=mode)
     out = kv.Pipeline(smollm2_fp16, eviction=eviction).generate(
         PROMPT, max_new_tokens=new_tokens, apply_chat_template=False, ignore_eos=True)
     log = out.metrics[0].eviction_log
-    assert len(log) == 3
+    assert len(log) == events
     assert [int(t) for t in lines[0].split()] == out.token_ids[0]
     at = 1
     for record in log:

@@ -1,9 +1,10 @@
 // Runs one greedy request (ignore_eos) with the default CacheEvictionConfig but the given sink
-// and recent window sizes (log on) and prints what tests/test_cpp_samples.py compares with the
+// and recent window sizes, importance and mode (log on) and prints what tests/test_cpp_samples.py compares with the
 // Python Pipeline's: the generated ids on one line, then per eviction "num_written budget" and
 // one line of kept positions per (layer, head).
 //
 //   kvcrush_eviction_log <MODEL_DIR> <PROMPT_FILE> <MAX_NEW_TOKENS> <START_SIZE> <RECENT_SIZE>
+//                        [IMPORTANCE] [MODE]
 
 #include <fstream>
 #include <iostream>
@@ -24,6 +25,8 @@ int main(int argc, char* argv[]) {
   kvcrush::CacheEvictionConfig eviction;
   eviction.start_size = std::stoll(argv[4]);
   eviction.recent_size = std::stoll(argv[5]);
+  if (argc > 6) eviction.importance = argv[6];
+  if (argc > 7) eviction.mode = argv[7];
   eviction.log = true;
   kvcrush::Pipeline pipe(argv[1], "CPU", {}, eviction);
   kvcrush::GenerationConfig config;
