@@ -20,10 +20,12 @@ import kvcrush_ov as kv
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "test-samples"
+# cmake on PATH, or the one PyPI's cmake package put next to this interpreter
+CMAKE = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
 
 pytestmark = [
     pytest.mark.real_model,
-    pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
+    pytest.mark.skipif(CMAKE is None or shutil.which("c++") is None,
                        reason="needs cmake and a C++ compiler"),
 ]
 
@@ -39,9 +41,9 @@ MAX_NEW_TOKENS = 12
 def samples() -> Path:
     """The folder of the built sample executables."""
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
-    for cmd in (["cmake", "-S", str(REPO / "samples" / "cpp"), "-B", str(BUILD),
+    for cmd in ([CMAKE, "-S", str(REPO / "samples" / "cpp"), "-B", str(BUILD),
                  f"-DPython3_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", str(BUILD), "--target", "all", "kvcrush_config_messages",
+                [CMAKE, "--build", str(BUILD), "--target", "all", "kvcrush_config_messages",
                  "kvcrush_eviction_log"]):
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"

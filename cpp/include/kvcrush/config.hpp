@@ -6,8 +6,9 @@
 //
 // Values are printed as Python's repr() prints them (1.5, 0.25, 'u9', True), so one message
 // reads the same from both languages. Fields Python has and the C++ pipeline cannot run yet
-// (sampling, fastkv, LESS, prefill eviction, other importance methods) are left out here;
-// Pipeline rejects configurations it cannot run with a ConfigError too.
+// (sampling, chat templates, fastkv, LESS, prefill eviction, several KVCrush anchors) are left
+// out here; Pipeline rejects values it cannot run (importance upstream / kvzip, the random
+// anchor) with a ConfigError too.
 #pragma once
 
 #include <cstdint>
