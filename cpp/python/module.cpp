@@ -189,7 +189,7 @@ void init_policy(kvcrush::PolicyConfig* self, const std::string& importance,
         o.anchors.push_back(kvcrush::parse_anchor(a));
       } catch (const std::invalid_argument&) {
         throw std::invalid_argument("kvcrush.anchor_point_mode='" + a + "' is invalid: allowed "
-                                    "is one of " + kvcrush::anchor_kinds() + " or a tuple of them");
+                                    "is one of " + kvcrush::anchor_kinds());
       }
     }
     o.granularity = kvcrush::parse_granularity(granularity);
@@ -545,6 +545,13 @@ NB_MODULE(_core, m) {
            nb::arg("anchors") = std::vector<std::string>{"alternating"},
            nb::arg("granularity") = "token", nb::arg("dynamic_split") = false,
            nb::arg("taper").none() = nb::none(), nb::arg("bit_aggregation").none() = nb::none())
+      .def_static("default", [] { return kvcrush::PolicyConfig{}; },
+                  "kvcrush::PolicyConfig{}: the C++ defaults (CacheEvictionConfig()'s eviction).")
+      .def("for_budget", &kvcrush::for_budget, nb::arg("total"), nb::arg("num_keep"),
+           nb::arg("num_written"), "kvcrush::for_budget: the share of num_keep, taper off.")
+      .def_prop_ro("share", [](const kvcrush::PolicyConfig& c) {
+             return c.kvcrush ? std::optional<double>(c.kvcrush->share) : std::nullopt;
+           }, "KVCrush's share (None without KVCrush).")
       .def("share_for", [](const kvcrush::PolicyConfig& c, int64_t total, int64_t num_written) {
              if (!c.kvcrush) bad_shape("cfg", "a policy with KVCrush");
              return kvcrush::tapered_share(*c.kvcrush, total, num_written);

@@ -572,7 +572,9 @@ void validate(const PolicyConfig& cfg) {
   if (!cfg.kvcrush) return;
   const KVCrushOptions& o = *cfg.kvcrush;
   if (!(o.share >= 0.0 && o.share <= 1.0))
-    invalid("kvcrush.budget", repr(o.share), "a share of the total cache budget in [0, 1]");
+    invalid("kvcrush.budget", repr(o.share),
+            "a share of the total cache budget in [0, 1] (unlike GenAI's KVCrushConfig.budget, "
+            "this is not a block count)");
   if (o.anchors.empty())
     invalid("kvcrush.anchor_point_mode", "()",
             std::string("one of ") + anchor_kinds() + " or a tuple of them");
