@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/pooling.hpp"
@@ -111,6 +112,37 @@ void normalised(const Candidates& c, Aggregation agg, float* out) {
   });
 }
 
+/// pool_scores on ``src`` [rows, n], which it may overwrite.
+void pool_owned(std::vector<float> src, const int64_t* lengths, int64_t rows, int64_t n,
+                Pooling pooling, int64_t kernel_size, int64_t offset, float* out) {
+  const int64_t r = kernel_size / 2;
+  const int64_t before = r + offset, after = r - offset;
+  const bool copy = pooling == Pooling::kNone || r == 0 || n == 0;
+  if (!copy) {  // padding: -inf in the maxima, 0 in the sums
+    const float pad = pooling == Pooling::kMax ? kNegInf : 0.0f;
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) src[row * n + j] = pad;
+  }
+  if (copy) {
+    std::copy(src.begin(), src.end(), out);
+  } else if (pooling == Pooling::kMax) {
+    sliding_max(src.data(), rows, n, before, after, out);
+  } else {
+    window_sums(src.data(), rows, n, before, after, out);
+    parallel_for(rows, n, [&](int64_t row) {
+      const int64_t len = std::min(lengths[row], n);
+      float* o = out + row * n;
+      for (int64_t j = 0; j < len; ++j) {  // the valid entries in the window
+        const auto count = static_cast<float>(std::min(j + after + 1, len) -
+                                              std::max<int64_t>(j - before, 0));
+        o[j] = o[j] / std::max(count, 1.0f);
+      }
+    });
+  }
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) out[row * n + j] = kNegInf;
+}
+
 std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
                              std::optional<Aggregation> aggregation) {
   std::vector<float> out(static_cast<size_t>(size_of(c)));
@@ -126,8 +158,8 @@ std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
   normalised(c, aggregation.value_or(cfg.aggregation), out.data());
   if (cfg.importance == Importance::kH2O) return out;
   std::vector<float> pooled(out.size());
-  pool_scores(out.data(), c.lengths, rows_of(c), c.n, cfg.pooling, cfg.kernel_size, cfg.offset,
-              pooled.data());
+  pool_owned(std::move(out), c.lengths, rows_of(c), c.n, cfg.pooling, cfg.kernel_size,
+             cfg.offset, pooled.data());
   return pooled;
 }
 
@@ -337,6 +369,20 @@ std::vector<uint8_t> choose(const KVCrushOptions& o, const Candidates& c,
   return chosen;
 }
 
+/// True when every head of every layer holds head 0's positions (and as many of them).
+bool same_positions(const Candidates& c) {
+  const int64_t n = c.n;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const int64_t r0 = l * c.num_heads;
+    for (int64_t h = 1; h < c.num_heads; ++h)
+      if (c.lengths[r0 + h] != c.lengths[r0] ||
+          !std::equal(c.positions + (r0 + h) * n, c.positions + (r0 + h + 1) * n,
+                      c.positions + r0 * n))
+        return false;
+  }
+  return true;
+}
+
 void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
                     const uint8_t* random_bits, uint8_t* keep, const SelectionDetail* detail) {
   check_num_keep(num_keep);
@@ -366,17 +412,20 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   std::vector<uint8_t> bits;
   top_k_rows(bit_scores, rows, n, half, bits);
 
-  // Tokens by position across the heads: idx / found (aligned: entry j everywhere).
-  std::vector<int64_t> idx(static_cast<size_t>(rows * n));
-  std::vector<uint8_t> found(idx.size());
-  const bool aligned = match_heads(c.positions, c.lengths, layers, heads, n, idx.data(),
-                                   found.data());
-  if (aligned)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < n; ++j) {
-        idx[r * n + j] = j;
-        found[r * n + j] = static_cast<uint8_t>(j < c.lengths[r]);
-      }
+  // Tokens by position across the heads: head h holds head 0's entry j at idx[h, j] iff
+  // found[h, j]; when every head holds the same positions (aligned) that is entry j itself.
+  std::vector<int64_t> idx;
+  std::vector<uint8_t> found;
+  const bool aligned = same_positions(c);
+  if (!aligned) {
+    idx.resize(static_cast<size_t>(rows * n));
+    found.resize(idx.size());
+    match_heads(c.positions, c.lengths, layers, heads, n, idx.data(), found.data());
+  }
+  auto entry = [&](int64_t r, int64_t j) { return aligned ? j : idx[r * n + j]; };
+  auto held = [&](int64_t r, int64_t j) {
+    return aligned ? j < c.lengths[r] : found[r * n + j] != 0;
+  };
   std::vector<uint8_t> vectors(static_cast<size_t>(layers * n * heads)), candidates(
       static_cast<size_t>(layers * n));
   parallel_for(layers, n * heads, [&](int64_t l) {
@@ -384,8 +433,8 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
       bool held_all = true, kept_any = false;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        const int64_t at = r * n + idx[r * n + j];
-        const bool f = found[r * n + j] != 0;
+        const int64_t at = r * n + entry(r, j);
+        const bool f = held(r, j);
         held_all = held_all && f;
         kept_any = kept_any || (f && imp[at]);
         vectors[(l * n + j) * heads + h] = bits[at];
@@ -404,7 +453,7 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
       ++picked;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        if (found[r * n + j]) crush[r * n + idx[r * n + j]] = 1;
+        if (held(r, j)) crush[r * n + entry(r, j)] = 1;
       }
     }
     shortfall[l] = unit * units[l] - picked;
@@ -605,33 +654,8 @@ void pool_scores(const float* values, const int64_t* lengths, int64_t rows, int6
                  Pooling pooling, int64_t kernel_size, int64_t offset, float* out) {
   check_size("rows", rows);
   check_size("n", n);
-  const int64_t r = kernel_size / 2;
-  const int64_t before = r + offset, after = r - offset;
-  std::vector<float> src(values, values + rows * n);
-  const bool copy = pooling == Pooling::kNone || r == 0 || n == 0;
-  if (!copy) {  // padding: -inf in the maxima, 0 in the sums
-    const float pad = pooling == Pooling::kMax ? kNegInf : 0.0f;
-    for (int64_t row = 0; row < rows; ++row)
-      for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) src[row * n + j] = pad;
-  }
-  if (copy) {
-    std::copy(src.begin(), src.end(), out);
-  } else if (pooling == Pooling::kMax) {
-    sliding_max(src.data(), rows, n, before, after, out);
-  } else {
-    window_sums(src.data(), rows, n, before, after, out);
-    parallel_for(rows, n, [&](int64_t row) {
-      const int64_t len = std::min(lengths[row], n);
-      float* o = out + row * n;
-      for (int64_t j = 0; j < len; ++j) {  // the valid entries in the window
-        const auto count = static_cast<float>(std::min(j + after + 1, len) -
-                                              std::max<int64_t>(j - before, 0));
-        o[j] = o[j] / std::max(count, 1.0f);
-      }
-    });
-  }
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) out[row * n + j] = kNegInf;
+  pool_owned(std::vector<float>(values, values + rows * n), lengths, rows, n, pooling,
+             kernel_size, offset, out);
 }
 
 PolicyConfig for_budget(const PolicyConfig& cfg, int64_t total, int64_t num_keep,
@@ -823,18 +847,10 @@ void apportion(int64_t total, const double* weights, int64_t num_layers, int64_t
 
 bool match_heads(const int64_t* positions, const int64_t* lengths, int64_t num_layers,
                  int64_t num_heads, int64_t n, int64_t* idx, uint8_t* found) {
-  bool same = true;
-  int64_t top = 0;
-  for (int64_t l = 0; l < num_layers; ++l)
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const int64_t r = l * num_heads + h;
-      same = same && lengths[r] == lengths[l * num_heads];
-      for (int64_t j = 0; j < n; ++j) {
-        same = same && positions[r * n + j] == positions[l * num_heads * n + j];
-        top = std::max(top, positions[r * n + j]);
-      }
-    }
-  if (same) return true;
+  const Candidates c{nullptr, nullptr, positions, lengths, num_layers, num_heads, n, 1};
+  if (same_positions(c)) return true;
+  const int64_t* end = positions + num_layers * num_heads * n;
+  const int64_t top = std::max<int64_t>(0, end == positions ? 0 : *std::max_element(positions, end));
   const int64_t size = top + 2;  // position -> entry, padding in the spare last column
   parallel_for(num_layers, num_heads * (n + size), [&](int64_t l) {
     std::vector<int64_t> table(static_cast<size_t>(size));
