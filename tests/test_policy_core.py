@@ -176,3 +176,98 @@ def test_bad_arguments_name_the_argument() -> None:
         _core.select_keep(cfg, scores, counts, positions, lengths[:, :1].copy(), block_size, 8)
     with pytest.raises(ValueError, match="block_size=0"):
         _core.select_keep(cfg, scores, counts, positions, lengths, 0, 8)
+
+
+# --- one event from the cached rows: kvcrush::plan_event against the Python planner ---
+
+class PythonPlanned:
+    """``inner`` hidden from the C++ planner (not a CorePolicy): plan_eviction then runs its
+    Python steps and calls ``inner.select`` on the candidates it built."""
+
+    name = "python-planned"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.score_mode = inner.score_mode
+
+    def for_budget(self, total: int, num_keep: int, num_written: int) -> PythonPlanned:
+        inner = self.inner
+        return PythonPlanned(inner.for_budget(total, num_keep, num_written)
+                             if hasattr(inner, "for_budget") else inner)
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        return self.inner.select(inputs, num_keep, rng)
+
+
+def cached_rows(seed: int, kind: str, num_layers: int = 4, num_heads: int = 3,
+                written: int = 600) -> tuple[list[list[np.ndarray]], SequenceScores]:
+    """Rows of one sequence: ``sorted`` (positions 0..written-1), ``holes`` (rows moved by an
+    earlier compaction: not in position order), ``ragged`` (each head lost its own positions,
+    never a sink or a recent one). Scores cover all but the last few rows (never scored)."""
+    rng = np.random.default_rng(seed)
+    positions = []
+    for _ in range(num_layers):
+        row = []
+        for _ in range(num_heads):
+            p = np.arange(written, dtype=np.int64)
+            if kind in ("holes", "ragged"):
+                middle = p[32:written - 128]
+                lost = rng.random(len(middle)) < (0.3 if kind == "ragged" else 0.0)
+                p = np.concatenate([p[:32], middle[~lost], p[written - 128:]])
+            if kind == "holes":
+                p = p[rng.permutation(len(p))]
+            row.append(p)
+        positions.append(row)
+    scores = SequenceScores(num_layers, num_heads)
+    for layer in range(num_layers):
+        for h in range(num_heads):
+            scores.add(layer, h, rng.exponential(size=len(positions[layer][h]) - 5)
+                       .astype(np.float32))
+    scores.add_queries(written - 40, 40)
+    return positions, scores
+
+
+PLANNED = [
+    ("default", lambda: make_policy(CacheEvictionConfig())),
+    ("h2o-norm_sum", lambda: make_policy(CacheEvictionConfig(importance="h2o", kvcrush=None))),
+    ("streaming", lambda: make_policy(CacheEvictionConfig(importance="streaming",
+                                                          kvcrush=None))),
+    ("pyramidkv-crush-block-random", lambda: make_policy(CacheEvictionConfig(
+        importance="pyramidkv", kvcrush=KVCrushConfig(granularity="block",
+                                                     anchor_point_mode=("random", "mean"))))),
+    ("adakv-dynamic", lambda: make_policy(CacheEvictionConfig(
+        importance="adakv", kvcrush=KVCrushConfig(dynamic_split=True, budget=0.5)))),
+]
+
+
+@pytest.mark.parametrize("kind", ["sorted", "holes", "ragged"])
+@pytest.mark.parametrize(("name", "factory"), PLANNED, ids=[n for n, _ in PLANNED])
+def test_plan_event_matches_the_python_planner(name: str, factory, kind: str) -> None:
+    positions, scores = cached_rows(2, kind)
+    policy = factory()
+    for budget in (170, 260, 400):
+        got = plan_eviction(positions, None if name == "streaming" else scores, policy, budget,
+                            32, 128, 600, 16, np.random.default_rng(9))
+        want = plan_eviction(positions, None if name == "streaming" else scores,
+                             PythonPlanned(policy), budget, 32, 128, 600, 16,
+                             np.random.default_rng(9))
+        assert (got.num_sinks, got.num_recent, got.num_keep) == (
+            want.num_sinks, want.num_recent, want.num_keep)
+        for layer in range(len(positions)):
+            for h in range(len(positions[0])):
+                assert np.array_equal(got.keep_rows[layer][h], want.keep_rows[layer][h])
+        # the budget is exact over the sequence (policies move it between layers and heads)
+        assert sum(len(r) for row in got.keep_rows for r in row) == budget * 4 * 3
+
+
+def test_plan_event_errors() -> None:
+    positions, scores = cached_rows(3, "sorted")
+    policy = make_policy(CacheEvictionConfig())
+    with pytest.raises(ValueError, match="eviction budget 100 < sinks 32 [+] recent 128"):
+        plan_eviction(positions, scores, policy, 100, 32, 128, 600, 16, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="exceeds the cached tokens"):
+        plan_eviction(positions, scores, policy, 601, 32, 128, 600, 16, np.random.default_rng(0))
+    shifted = [[p + (h == 1) for h, p in enumerate(row)] for row in positions]
+    with pytest.raises(RuntimeError, match="sinks / recent window differ"):
+        plan_eviction(shifted, scores, policy, 300, 32, 128, 600, 16, np.random.default_rng(0))

@@ -709,6 +709,125 @@ void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
   std::copy(out.begin(), out.end(), keep);
 }
 
+// ---- one event from the cached rows
+
+EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
+                     const uint8_t* random_bits) {
+  validate(cfg);
+  check_size("layers", rows.num_layers);
+  check_size("heads", rows.num_heads);
+  const int64_t num_rows = rows.num_layers * rows.num_heads;
+  const int64_t* off = rows.offsets;
+  for (int64_t r = 0; r < num_rows; ++r)
+    if (off[r + 1] < off[r])
+      throw std::invalid_argument("offsets: allowed a non-decreasing [L * H + 1] array");
+  // Every (layer, head) in position order: order[i] = the row holding its i-th position.
+  std::vector<int64_t> order(static_cast<size_t>(num_rows > 0 ? off[num_rows] - off[0] : 0));
+  std::vector<int64_t> sinks(static_cast<size_t>(num_rows)), recent(sinks.size());
+  const int64_t recent_from = b.num_written - b.recent_size;
+  parallel_for(num_rows, num_rows > 0 ? (off[num_rows] - off[0]) / num_rows * 4 : 0,
+               [&](int64_t r) {
+    const int64_t* p = rows.positions + off[r];
+    const int64_t n = off[r + 1] - off[r];
+    int64_t* o = order.data() + (off[r] - off[0]);
+    for (int64_t i = 0; i < n; ++i) o[i] = i;
+    bool sorted = true;
+    for (int64_t i = 1; i < n && sorted; ++i) sorted = p[i] > p[i - 1];
+    if (!sorted) std::stable_sort(o, o + n, [p](int64_t x, int64_t y) { return p[x] < p[y]; });
+    int64_t lo = 0, hi = 0;  // searchsorted(left) of start_size and of the recent window
+    for (int64_t i = 0; i < n; ++i) {
+      lo += p[o[i]] < b.start_size;
+      hi += p[o[i]] < recent_from;
+    }
+    sinks[r] = lo;
+    recent[r] = n - hi;
+  });
+  for (int64_t r = 0; r < num_rows; ++r)
+    if (sinks[r] != sinks[0] || recent[r] != recent[0])
+      throw std::logic_error("eviction: sinks / recent window differ between heads");
+  EventPlan plan;
+  plan.num_sinks = num_rows > 0 ? sinks[0] : 0;
+  plan.num_recent = num_rows > 0 ? recent[0] : 0;
+  plan.num_keep = b.budget - plan.num_sinks - plan.num_recent;
+  if (plan.num_keep < 0)
+    throw std::invalid_argument("eviction budget " + std::to_string(b.budget) + " < sinks " +
+                                std::to_string(plan.num_sinks) + " + recent " +
+                                std::to_string(plan.num_recent));
+  // The candidates, padded to [L, H, N] (scores 0, counts 0, positions -1 in padding).
+  std::vector<int64_t> lengths(static_cast<size_t>(num_rows));
+  int64_t n = 0, cached = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    lengths[r] = std::max<int64_t>(off[r + 1] - off[r] - plan.num_sinks - plan.num_recent, 0);
+    n = std::max(n, lengths[r]);
+    cached += lengths[r];
+  }
+  if (plan.num_keep * num_rows > cached)
+    throw std::invalid_argument("eviction: budget " + std::to_string(b.budget) +
+                                " exceeds the cached tokens");
+  const auto size = static_cast<size_t>(num_rows * n);
+  std::vector<float> scores(size, 0.0f), counts(size, 0.0f);
+  std::vector<int64_t> positions(size, -1);
+  const auto queries = static_cast<float>(rows.num_queries);
+  parallel_for(num_rows, n * 4, [&](int64_t r) {
+    const int64_t* p = rows.positions + off[r];
+    const int64_t* o = order.data() + (off[r] - off[0]);
+    for (int64_t j = 0; j < lengths[r]; ++j) {
+      const int64_t row = o[plan.num_sinks + j];
+      positions[r * n + j] = p[row];
+      if (rows.scores == nullptr) {
+        counts[r * n + j] = 1.0f;
+        continue;
+      }
+      scores[r * n + j] = rows.scores[off[r] + row];
+      const int64_t seen = rows.num_queries - (std::lower_bound(rows.query_positions,
+                                                                rows.query_positions +
+                                                                    rows.num_queries,
+                                                                p[row]) -
+                                               rows.query_positions);
+      counts[r * n + j] = seen == rows.num_queries ? queries : static_cast<float>(seen);
+    }
+  });
+  const Candidates c{scores.data(), counts.data(), positions.data(), lengths.data(),
+                     rows.num_layers, rows.num_heads, n, b.block_size};
+  const PolicyConfig effective = for_budget(cfg, b.budget, plan.num_keep, b.num_written);
+  std::vector<uint8_t> keep(size);
+  select_keep(effective, c, plan.num_keep, random_bits, keep.data());
+  int64_t kept = 0;
+  for (int64_t r = 0; r < num_rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      if (keep[r * n + j] && j >= lengths[r])
+        throw std::logic_error("policy: keeps a padding entry");
+      kept += keep[r * n + j];
+    }
+  if (kept != plan.num_keep * num_rows)
+    throw std::logic_error("policy: kept " + std::to_string(kept) + " candidates, the budget is "
+                           "exactly " + std::to_string(plan.num_keep * num_rows));
+  // Kept rows in row order: sinks, kept candidates and the recent window, by their rows.
+  plan.keep_offsets.assign(static_cast<size_t>(num_rows + 1), 0);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    int64_t k = 0;
+    for (int64_t j = 0; j < lengths[r]; ++j) k += keep[r * n + j];
+    const int64_t rows_r = off[r + 1] - off[r];
+    plan.keep_offsets[r + 1] =
+        plan.keep_offsets[r] + k + std::min(rows_r, plan.num_sinks + plan.num_recent);
+  }
+  plan.keep_rows.resize(static_cast<size_t>(plan.keep_offsets[num_rows]));
+  parallel_for(num_rows, n * 2, [&](int64_t r) {
+    const int64_t rows_r = off[r + 1] - off[r];
+    const int64_t* o = order.data() + (off[r] - off[0]);
+    std::vector<uint8_t> by_row(static_cast<size_t>(rows_r), 0);
+    for (int64_t i = 0; i < rows_r; ++i) {
+      const int64_t j = i - plan.num_sinks;  // candidate index
+      const bool stays = j < 0 || j >= lengths[r] || keep[r * n + j] != 0;
+      by_row[o[i]] = static_cast<uint8_t>(stays);
+    }
+    int64_t* out = plan.keep_rows.data() + plan.keep_offsets[r];
+    for (int64_t i = 0; i < rows_r; ++i)
+      if (by_row[i]) *out++ = i;
+  });
+  return plan;
+}
+
 // ---- budget arithmetic
 
 void water_fill(int64_t total, const int64_t* capacity, int64_t k, int64_t* out) {

@@ -23,6 +23,9 @@ A policy returns ``keep``: bool [L, H, N], True for every candidate that stays, 
 with ``keep.sum() == L * H * num_keep`` exactly (``num_keep`` = candidates to keep per (layer,
 head) on average; a policy may move budget between layers or heads, never exceed ``lengths``).
 :func:`check_keep` verifies this; the planner calls it after every policy.
+
+The selection of every policy here except ``upstream`` runs in C++ (``kvcrush::select_keep``,
+cpp/include/kvcrush/policy.hpp); the Python classes are its configuration (:class:`CorePolicy`).
 """
 
 from __future__ import annotations
