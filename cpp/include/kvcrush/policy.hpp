@@ -11,13 +11,21 @@
 // Booleans are one byte each (0 or 1). Invalid configurations and arguments throw
 // std::invalid_argument whose message names the field and what is allowed.
 //
-// Typical C++ use (the default eviction of CacheEvictionConfig()):
+// Typical C++ use, the default eviction of CacheEvictionConfig() on one sequence's cached rows
+// (what kvcrush_ov.eviction.planner.plan_eviction does):
 //
-//   kvcrush::PolicyConfig cfg;                       // snapkv, norm_sum, avg over 31, KVCrush
+//   kvcrush::PolicyConfig cfg;  // snapkv, norm_sum, avg pooling over 31, KVCrush 25% tapered
 //   kvcrush::validate(cfg);
+//   kvcrush::SequenceRows rows{positions, scores, offsets, query_positions, Q, L, H};
+//   kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
+//   std::vector<uint8_t> random(kvcrush::random_bits_size(cfg, H, block_size, L));  // none here
+//   const kvcrush::EventPlan plan = kvcrush::plan_event(cfg, rows, b, random.data());
+//   // keep rows plan.keep_rows[plan.keep_offsets[l * H + h] .. plan.keep_offsets[l * H + h + 1])
+//
+// or, on candidates already gathered as Python's EvictionInputs:
+//
 //   kvcrush::Candidates c{scores, counts, positions, lengths, L, H, N, block_size};
 //   const auto eff = kvcrush::for_budget(cfg, budget, num_keep, num_written);
-//   std::vector<uint8_t> random(kvcrush::random_bits_size(eff, H, block_size, L));  // any bits
 //   kvcrush::select_keep(eff, c, num_keep, random.data(), keep);  // keep: u8 [L, H, N]
 #pragma once
 
