@@ -215,12 +215,9 @@ class CorePolicy:
 
     @property
     def core(self) -> _core.PolicyConfig:
-        """The validated C++ configuration (built once per policy object)."""
-        cfg = self.__dict__.get("_core_cfg")
-        if cfg is None:
-            cfg = _core.PolicyConfig(**self.core_kwargs())
-            self.__dict__["_core_cfg"] = cfg  # frozen dataclasses: no __setattr__
-        return cfg
+        """The validated C++ configuration, built on each use (microseconds; no C++ object
+        outlives the call that needs it)."""
+        return _core.PolicyConfig(**self.core_kwargs())
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: what ``select`` ranks by (higher is kept first); -inf in padding."""

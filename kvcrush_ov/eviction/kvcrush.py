@@ -288,24 +288,19 @@ class KVCrush:
             return self
         share = self.core.share_for_budget(int(total), int(num_keep), int(num_written))
         out = copy.copy(self)  # already validated: skip __post_init__
-        out.__dict__.pop("_core_cfg", None)  # the copy's configuration has the new share
         object.__setattr__(out, "share", share)
         object.__setattr__(out, "taper", None)
         return out
 
     @property
     def core(self) -> _core.PolicyConfig:
-        """The validated C++ configuration (built once per policy object)."""
-        cfg = self.__dict__.get("_core_cfg")
-        if cfg is None:
-            cfg = _core.PolicyConfig(
-                **self.importance.core_kwargs(), kvcrush=True, share=float(self.share),
-                anchors=list(self.anchors), granularity=self.granularity,
-                dynamic_split=self.dynamic_split,
-                taper=None if self.taper is None else tuple(float(x) for x in self.taper),
-                bit_aggregation=self.aggregation_mode)
-            self.__dict__["_core_cfg"] = cfg  # frozen dataclass: no __setattr__
-        return cfg
+        """The validated C++ configuration, built on each use (microseconds)."""
+        return _core.PolicyConfig(
+            **self.importance.core_kwargs(), kvcrush=True, share=float(self.share),
+            anchors=list(self.anchors), granularity=self.granularity,
+            dynamic_split=self.dynamic_split,
+            taper=None if self.taper is None else tuple(float(x) for x in self.taper),
+            bit_aggregation=self.aggregation_mode)
 
     def random_bits(self, inputs: EvictionInputs, rng: np.random.Generator) -> np.ndarray | None:
         """bool [R, L, D]: the bits of the R random anchors (in ``anchors`` order), drawn from
