@@ -11,6 +11,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <memory>
@@ -193,7 +194,7 @@ void init_policy(kvcrush::PolicyConfig* self, const std::string& importance,
         o.anchors.push_back(kvcrush::parse_anchor(a));
       } catch (const std::invalid_argument&) {
         throw std::invalid_argument("kvcrush.anchor_point_mode='" + a + "' is invalid: allowed "
-                                    "is one of " + kvcrush::anchor_kinds() + " or a tuple of them");
+                                    "is one of " + kvcrush::anchor_kinds());
       }
     }
     o.granularity = kvcrush::parse_granularity(granularity);
@@ -297,6 +298,46 @@ Out<float> pool_scores(In<float, 2> values, In<int64_t, 1> lengths, const std::s
                          static_cast<int64_t>(n), kind, kernel_size, offset, out.data());
   }
   return out;
+}
+
+std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event(
+    const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
+    std::optional<In<float, 1>> scores, In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
+    int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
+    int64_t recent_size, int64_t num_written, int64_t block_size,
+    std::optional<In<bool, 3>> random_bits) {
+  if (num_layers < 0 || num_heads < 0 ||
+      static_cast<int64_t>(offsets.shape(0)) != num_layers * num_heads + 1)
+    bad_shape("offsets", "L * H + 1 entries");
+  const int64_t* off = offsets.data();
+  if (off[0] != 0 || off[num_layers * num_heads] != static_cast<int64_t>(positions.shape(0)))
+    bad_shape("offsets", "0 .. len(positions)");
+  if (scores && scores->shape(0) != positions.shape(0))
+    bad_shape("scores", "None or one entry per row of positions");
+  const int64_t want = kvcrush::random_bits_size(cfg, num_heads, block_size, num_layers);
+  const uint8_t* bits = nullptr;
+  if (want > 0) {
+    if (!random_bits || static_cast<int64_t>(random_bits->size()) != want)
+      bad_shape("random_bits", "bool [R, L, D] (R random anchors, D = " +
+                                   std::to_string(kvcrush::anchor_bits(cfg, num_heads,
+                                                                       block_size)) + ")");
+    bits = bytes(random_bits->data());
+  }
+  const kvcrush::SequenceRows rows{positions.data(), scores ? scores->data() : nullptr, off,
+                                   query_positions.data(),
+                                   static_cast<int64_t>(query_positions.shape(0)), num_layers,
+                                   num_heads};
+  const kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
+  kvcrush::EventPlan plan;
+  {
+    nb::gil_scoped_release unlocked;
+    plan = kvcrush::plan_event(cfg, rows, b, bits);
+  }
+  auto kept = new_array<int64_t, 1>({plan.keep_rows.size()});
+  std::copy(plan.keep_rows.begin(), plan.keep_rows.end(), kept.data());
+  auto kept_off = new_array<int64_t, 1>({plan.keep_offsets.size()});
+  std::copy(plan.keep_offsets.begin(), plan.keep_offsets.end(), kept_off.data());
+  return {kept, kept_off, plan.num_sinks, plan.num_recent, plan.num_keep};
 }
 
 Out<int64_t> water_fill(int64_t total, In<int64_t, 1> capacity) {
@@ -574,6 +615,13 @@ NB_MODULE(_core, m) {
            nb::arg("anchors") = std::vector<std::string>{"alternating"},
            nb::arg("granularity") = "token", nb::arg("dynamic_split") = false,
            nb::arg("taper").none() = nb::none(), nb::arg("bit_aggregation").none() = nb::none())
+      .def_static("default", [] { return kvcrush::PolicyConfig{}; },
+                  "kvcrush::PolicyConfig{}: the C++ defaults (CacheEvictionConfig()'s eviction).")
+      .def("for_budget", &kvcrush::for_budget, nb::arg("total"), nb::arg("num_keep"),
+           nb::arg("num_written"), "kvcrush::for_budget: the share of num_keep, taper off.")
+      .def_prop_ro("share", [](const kvcrush::PolicyConfig& c) {
+             return c.kvcrush ? std::optional<double>(c.kvcrush->share) : std::nullopt;
+           }, "KVCrush's share (None without KVCrush).")
       .def("share_for", [](const kvcrush::PolicyConfig& c, int64_t total, int64_t num_written) {
              if (!c.kvcrush) bad_shape("cfg", "a policy with KVCrush");
              return kvcrush::tapered_share(*c.kvcrush, total, num_written);
@@ -602,6 +650,13 @@ NB_MODULE(_core, m) {
         "f32 [L, H, N]: what the importance policy ranks by (-inf in padding).");
   m.def("pool_scores", &pool_scores, nb::arg("values"), nb::arg("lengths"), nb::arg("pooling"),
         nb::arg("kernel_size"), nb::arg("offset"), "f32 [R, N]: rows pooled (-inf padding).");
+  m.def("plan_event", &plan_event, nb::arg("cfg"), nb::arg("positions"),
+        nb::arg("scores").none(), nb::arg("offsets"), nb::arg("query_positions"),
+        nb::arg("num_layers"), nb::arg("num_heads"), nb::arg("budget"), nb::arg("start_size"),
+        nb::arg("recent_size"), nb::arg("num_written"), nb::arg("block_size"),
+        nb::arg("random_bits").none() = nb::none(),
+        "(keep_rows, keep_offsets, num_sinks, num_recent, num_keep): one eviction event "
+        "from the cached rows (kvcrush::plan_event).");
   m.def("water_fill", &water_fill, nb::arg("total"), nb::arg("capacity"));
   m.def("fit_budget", &fit_budget, nb::arg("target"), nb::arg("capacity"));
   m.def("pyramid_budgets", &pyramid_budgets, nb::arg("num_layers"), nb::arg("num_keep"),

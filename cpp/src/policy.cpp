@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/pooling.hpp"
@@ -111,6 +112,37 @@ void normalised(const Candidates& c, Aggregation agg, float* out) {
   });
 }
 
+/// pool_scores on ``src`` [rows, n], which it may overwrite.
+void pool_owned(std::vector<float> src, const int64_t* lengths, int64_t rows, int64_t n,
+                Pooling pooling, int64_t kernel_size, int64_t offset, float* out) {
+  const int64_t r = kernel_size / 2;
+  const int64_t before = r + offset, after = r - offset;
+  const bool copy = pooling == Pooling::kNone || r == 0 || n == 0;
+  if (!copy) {  // padding: -inf in the maxima, 0 in the sums
+    const float pad = pooling == Pooling::kMax ? kNegInf : 0.0f;
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) src[row * n + j] = pad;
+  }
+  if (copy) {
+    std::copy(src.begin(), src.end(), out);
+  } else if (pooling == Pooling::kMax) {
+    sliding_max(src.data(), rows, n, before, after, out);
+  } else {
+    window_sums(src.data(), rows, n, before, after, out);
+    parallel_for(rows, n, [&](int64_t row) {
+      const int64_t len = std::min(lengths[row], n);
+      float* o = out + row * n;
+      for (int64_t j = 0; j < len; ++j) {  // the valid entries in the window
+        const auto count = static_cast<float>(std::min(j + after + 1, len) -
+                                              std::max<int64_t>(j - before, 0));
+        o[j] = o[j] / std::max(count, 1.0f);
+      }
+    });
+  }
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) out[row * n + j] = kNegInf;
+}
+
 std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
                              std::optional<Aggregation> aggregation) {
   std::vector<float> out(static_cast<size_t>(size_of(c)));
@@ -126,8 +158,8 @@ std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
   normalised(c, aggregation.value_or(cfg.aggregation), out.data());
   if (cfg.importance == Importance::kH2O) return out;
   std::vector<float> pooled(out.size());
-  pool_scores(out.data(), c.lengths, rows_of(c), c.n, cfg.pooling, cfg.kernel_size, cfg.offset,
-              pooled.data());
+  pool_owned(std::move(out), c.lengths, rows_of(c), c.n, cfg.pooling, cfg.kernel_size,
+             cfg.offset, pooled.data());
   return pooled;
 }
 
@@ -337,6 +369,20 @@ std::vector<uint8_t> choose(const KVCrushOptions& o, const Candidates& c,
   return chosen;
 }
 
+/// True when every head of every layer holds head 0's positions (and as many of them).
+bool same_positions(const Candidates& c) {
+  const int64_t n = c.n;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const int64_t r0 = l * c.num_heads;
+    for (int64_t h = 1; h < c.num_heads; ++h)
+      if (c.lengths[r0 + h] != c.lengths[r0] ||
+          !std::equal(c.positions + (r0 + h) * n, c.positions + (r0 + h + 1) * n,
+                      c.positions + r0 * n))
+        return false;
+  }
+  return true;
+}
+
 void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
                     const uint8_t* random_bits, uint8_t* keep, const SelectionDetail* detail) {
   check_num_keep(num_keep);
@@ -366,17 +412,20 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   std::vector<uint8_t> bits;
   top_k_rows(bit_scores, rows, n, half, bits);
 
-  // Tokens by position across the heads: idx / found (aligned: entry j everywhere).
-  std::vector<int64_t> idx(static_cast<size_t>(rows * n));
-  std::vector<uint8_t> found(idx.size());
-  const bool aligned = match_heads(c.positions, c.lengths, layers, heads, n, idx.data(),
-                                   found.data());
-  if (aligned)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < n; ++j) {
-        idx[r * n + j] = j;
-        found[r * n + j] = static_cast<uint8_t>(j < c.lengths[r]);
-      }
+  // Tokens by position across the heads: head h holds head 0's entry j at idx[h, j] iff
+  // found[h, j]; when every head holds the same positions (aligned) that is entry j itself.
+  std::vector<int64_t> idx;
+  std::vector<uint8_t> found;
+  const bool aligned = same_positions(c);
+  if (!aligned) {
+    idx.resize(static_cast<size_t>(rows * n));
+    found.resize(idx.size());
+    match_heads(c.positions, c.lengths, layers, heads, n, idx.data(), found.data());
+  }
+  auto entry = [&](int64_t r, int64_t j) { return aligned ? j : idx[r * n + j]; };
+  auto held = [&](int64_t r, int64_t j) {
+    return aligned ? j < c.lengths[r] : found[r * n + j] != 0;
+  };
   std::vector<uint8_t> vectors(static_cast<size_t>(layers * n * heads)), candidates(
       static_cast<size_t>(layers * n));
   parallel_for(layers, n * heads, [&](int64_t l) {
@@ -384,8 +433,8 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
       bool held_all = true, kept_any = false;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        const int64_t at = r * n + idx[r * n + j];
-        const bool f = found[r * n + j] != 0;
+        const int64_t at = r * n + entry(r, j);
+        const bool f = held(r, j);
         held_all = held_all && f;
         kept_any = kept_any || (f && imp[at]);
         vectors[(l * n + j) * heads + h] = bits[at];
@@ -404,7 +453,7 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
       ++picked;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        if (found[r * n + j]) crush[r * n + idx[r * n + j]] = 1;
+        if (held(r, j)) crush[r * n + entry(r, j)] = 1;
       }
     }
     shortfall[l] = unit * units[l] - picked;
@@ -572,7 +621,9 @@ void validate(const PolicyConfig& cfg) {
   if (!cfg.kvcrush) return;
   const KVCrushOptions& o = *cfg.kvcrush;
   if (!(o.share >= 0.0 && o.share <= 1.0))
-    invalid("kvcrush.budget", repr(o.share), "a share of the total cache budget in [0, 1]");
+    invalid("kvcrush.budget", repr(o.share),
+            "a share of the total cache budget in [0, 1] (unlike GenAI's KVCrushConfig.budget, "
+            "this is not a block count)");
   if (o.anchors.empty())
     invalid("kvcrush.anchor_point_mode", "()",
             std::string("one of ") + anchor_kinds() + " or a tuple of them");
@@ -603,33 +654,8 @@ void pool_scores(const float* values, const int64_t* lengths, int64_t rows, int6
                  Pooling pooling, int64_t kernel_size, int64_t offset, float* out) {
   check_size("rows", rows);
   check_size("n", n);
-  const int64_t r = kernel_size / 2;
-  const int64_t before = r + offset, after = r - offset;
-  std::vector<float> src(values, values + rows * n);
-  const bool copy = pooling == Pooling::kNone || r == 0 || n == 0;
-  if (!copy) {  // padding: -inf in the maxima, 0 in the sums
-    const float pad = pooling == Pooling::kMax ? kNegInf : 0.0f;
-    for (int64_t row = 0; row < rows; ++row)
-      for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) src[row * n + j] = pad;
-  }
-  if (copy) {
-    std::copy(src.begin(), src.end(), out);
-  } else if (pooling == Pooling::kMax) {
-    sliding_max(src.data(), rows, n, before, after, out);
-  } else {
-    window_sums(src.data(), rows, n, before, after, out);
-    parallel_for(rows, n, [&](int64_t row) {
-      const int64_t len = std::min(lengths[row], n);
-      float* o = out + row * n;
-      for (int64_t j = 0; j < len; ++j) {  // the valid entries in the window
-        const auto count = static_cast<float>(std::min(j + after + 1, len) -
-                                              std::max<int64_t>(j - before, 0));
-        o[j] = o[j] / std::max(count, 1.0f);
-      }
-    });
-  }
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) out[row * n + j] = kNegInf;
+  pool_owned(std::vector<float>(values, values + rows * n), lengths, rows, n, pooling,
+             kernel_size, offset, out);
 }
 
 PolicyConfig for_budget(const PolicyConfig& cfg, int64_t total, int64_t num_keep,
@@ -681,6 +707,125 @@ void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
   std::vector<uint8_t> out;
   importance_select(cfg, c, scores, num_keep, out);
   std::copy(out.begin(), out.end(), keep);
+}
+
+// ---- one event from the cached rows
+
+EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
+                     const uint8_t* random_bits) {
+  validate(cfg);
+  check_size("layers", rows.num_layers);
+  check_size("heads", rows.num_heads);
+  const int64_t num_rows = rows.num_layers * rows.num_heads;
+  const int64_t* off = rows.offsets;
+  for (int64_t r = 0; r < num_rows; ++r)
+    if (off[r + 1] < off[r])
+      throw std::invalid_argument("offsets: allowed a non-decreasing [L * H + 1] array");
+  // Every (layer, head) in position order: order[i] = the row holding its i-th position.
+  std::vector<int64_t> order(static_cast<size_t>(num_rows > 0 ? off[num_rows] - off[0] : 0));
+  std::vector<int64_t> sinks(static_cast<size_t>(num_rows)), recent(sinks.size());
+  const int64_t recent_from = b.num_written - b.recent_size;
+  parallel_for(num_rows, num_rows > 0 ? (off[num_rows] - off[0]) / num_rows * 4 : 0,
+               [&](int64_t r) {
+    const int64_t* p = rows.positions + off[r];
+    const int64_t n = off[r + 1] - off[r];
+    int64_t* o = order.data() + (off[r] - off[0]);
+    for (int64_t i = 0; i < n; ++i) o[i] = i;
+    bool sorted = true;
+    for (int64_t i = 1; i < n && sorted; ++i) sorted = p[i] > p[i - 1];
+    if (!sorted) std::stable_sort(o, o + n, [p](int64_t x, int64_t y) { return p[x] < p[y]; });
+    int64_t lo = 0, hi = 0;  // searchsorted(left) of start_size and of the recent window
+    for (int64_t i = 0; i < n; ++i) {
+      lo += p[o[i]] < b.start_size;
+      hi += p[o[i]] < recent_from;
+    }
+    sinks[r] = lo;
+    recent[r] = n - hi;
+  });
+  for (int64_t r = 0; r < num_rows; ++r)
+    if (sinks[r] != sinks[0] || recent[r] != recent[0])
+      throw std::logic_error("eviction: sinks / recent window differ between heads");
+  EventPlan plan;
+  plan.num_sinks = num_rows > 0 ? sinks[0] : 0;
+  plan.num_recent = num_rows > 0 ? recent[0] : 0;
+  plan.num_keep = b.budget - plan.num_sinks - plan.num_recent;
+  if (plan.num_keep < 0)
+    throw std::invalid_argument("eviction budget " + std::to_string(b.budget) + " < sinks " +
+                                std::to_string(plan.num_sinks) + " + recent " +
+                                std::to_string(plan.num_recent));
+  // The candidates, padded to [L, H, N] (scores 0, counts 0, positions -1 in padding).
+  std::vector<int64_t> lengths(static_cast<size_t>(num_rows));
+  int64_t n = 0, cached = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    lengths[r] = std::max<int64_t>(off[r + 1] - off[r] - plan.num_sinks - plan.num_recent, 0);
+    n = std::max(n, lengths[r]);
+    cached += lengths[r];
+  }
+  if (plan.num_keep * num_rows > cached)
+    throw std::invalid_argument("eviction: budget " + std::to_string(b.budget) +
+                                " exceeds the cached tokens");
+  const auto size = static_cast<size_t>(num_rows * n);
+  std::vector<float> scores(size, 0.0f), counts(size, 0.0f);
+  std::vector<int64_t> positions(size, -1);
+  const auto queries = static_cast<float>(rows.num_queries);
+  parallel_for(num_rows, n * 4, [&](int64_t r) {
+    const int64_t* p = rows.positions + off[r];
+    const int64_t* o = order.data() + (off[r] - off[0]);
+    for (int64_t j = 0; j < lengths[r]; ++j) {
+      const int64_t row = o[plan.num_sinks + j];
+      positions[r * n + j] = p[row];
+      if (rows.scores == nullptr) {
+        counts[r * n + j] = 1.0f;
+        continue;
+      }
+      scores[r * n + j] = rows.scores[off[r] + row];
+      const int64_t seen = rows.num_queries - (std::lower_bound(rows.query_positions,
+                                                                rows.query_positions +
+                                                                    rows.num_queries,
+                                                                p[row]) -
+                                               rows.query_positions);
+      counts[r * n + j] = seen == rows.num_queries ? queries : static_cast<float>(seen);
+    }
+  });
+  const Candidates c{scores.data(), counts.data(), positions.data(), lengths.data(),
+                     rows.num_layers, rows.num_heads, n, b.block_size};
+  const PolicyConfig effective = for_budget(cfg, b.budget, plan.num_keep, b.num_written);
+  std::vector<uint8_t> keep(size);
+  select_keep(effective, c, plan.num_keep, random_bits, keep.data());
+  int64_t kept = 0;
+  for (int64_t r = 0; r < num_rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      if (keep[r * n + j] && j >= lengths[r])
+        throw std::logic_error("policy: keeps a padding entry");
+      kept += keep[r * n + j];
+    }
+  if (kept != plan.num_keep * num_rows)
+    throw std::logic_error("policy: kept " + std::to_string(kept) + " candidates, the budget is "
+                           "exactly " + std::to_string(plan.num_keep * num_rows));
+  // Kept rows in row order: sinks, kept candidates and the recent window, by their rows.
+  plan.keep_offsets.assign(static_cast<size_t>(num_rows + 1), 0);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    int64_t k = 0;
+    for (int64_t j = 0; j < lengths[r]; ++j) k += keep[r * n + j];
+    const int64_t rows_r = off[r + 1] - off[r];
+    plan.keep_offsets[r + 1] =
+        plan.keep_offsets[r] + k + std::min(rows_r, plan.num_sinks + plan.num_recent);
+  }
+  plan.keep_rows.resize(static_cast<size_t>(plan.keep_offsets[num_rows]));
+  parallel_for(num_rows, n * 2, [&](int64_t r) {
+    const int64_t rows_r = off[r + 1] - off[r];
+    const int64_t* o = order.data() + (off[r] - off[0]);
+    std::vector<uint8_t> by_row(static_cast<size_t>(rows_r), 0);
+    for (int64_t i = 0; i < rows_r; ++i) {
+      const int64_t j = i - plan.num_sinks;  // candidate index
+      const bool stays = j < 0 || j >= lengths[r] || keep[r * n + j] != 0;
+      by_row[o[i]] = static_cast<uint8_t>(stays);
+    }
+    int64_t* out = plan.keep_rows.data() + plan.keep_offsets[r];
+    for (int64_t i = 0; i < rows_r; ++i)
+      if (by_row[i]) *out++ = i;
+  });
+  return plan;
 }
 
 // ---- budget arithmetic
@@ -821,18 +966,10 @@ void apportion(int64_t total, const double* weights, int64_t num_layers, int64_t
 
 bool match_heads(const int64_t* positions, const int64_t* lengths, int64_t num_layers,
                  int64_t num_heads, int64_t n, int64_t* idx, uint8_t* found) {
-  bool same = true;
-  int64_t top = 0;
-  for (int64_t l = 0; l < num_layers; ++l)
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const int64_t r = l * num_heads + h;
-      same = same && lengths[r] == lengths[l * num_heads];
-      for (int64_t j = 0; j < n; ++j) {
-        same = same && positions[r * n + j] == positions[l * num_heads * n + j];
-        top = std::max(top, positions[r * n + j]);
-      }
-    }
-  if (same) return true;
+  const Candidates c{nullptr, nullptr, positions, lengths, num_layers, num_heads, n, 1};
+  if (same_positions(c)) return true;
+  const int64_t* end = positions + num_layers * num_heads * n;
+  const int64_t top = std::max<int64_t>(0, end == positions ? 0 : *std::max_element(positions, end));
   const int64_t size = top + 2;  // position -> entry, padding in the spare last column
   parallel_for(num_layers, num_heads * (n + size), [&](int64_t l) {
     std::vector<int64_t> table(static_cast<size_t>(size));

@@ -23,6 +23,9 @@ A policy returns ``keep``: bool [L, H, N], True for every candidate that stays, 
 with ``keep.sum() == L * H * num_keep`` exactly (``num_keep`` = candidates to keep per (layer,
 head) on average; a policy may move budget between layers or heads, never exceed ``lengths``).
 :func:`check_keep` verifies this; the planner calls it after every policy.
+
+The selection of every policy here except ``upstream`` runs in C++ (``kvcrush::select_keep``,
+cpp/include/kvcrush/policy.hpp); the Python classes are its configuration (:class:`CorePolicy`).
 """
 
 from __future__ import annotations
@@ -212,12 +215,9 @@ class CorePolicy:
 
     @property
     def core(self) -> _core.PolicyConfig:
-        """The validated C++ configuration (built once per policy object)."""
-        cfg = self.__dict__.get("_core_cfg")
-        if cfg is None:
-            cfg = _core.PolicyConfig(**self.core_kwargs())
-            self.__dict__["_core_cfg"] = cfg  # frozen dataclasses: no __setattr__
-        return cfg
+        """The validated C++ configuration, built on each use (microseconds; no C++ object
+        outlives the call that needs it)."""
+        return _core.PolicyConfig(**self.core_kwargs())
 
     def scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: what ``select`` ranks by (higher is kept first); -inf in padding."""

@@ -51,6 +51,11 @@ Beyond the paper:
   are apportioned, the rest goes to importance). A layer's importance budget is then
   ``num_keep - k_crush_l``: the importance policy runs once at the smallest of these and every
   other layer tops up from ``importance.scores`` as for the shortfall.
+
+Implementation: the whole selection runs in C++ (``kvcrush::select_keep`` in
+cpp/include/kvcrush/policy.hpp, parallel over rows and layers); this module holds the
+configuration (validated here, and again by ``_core.PolicyConfig``), draws the random anchors'
+bits from the caller's ``np.random.Generator`` and exposes the kernels for tests.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "block")
 
 
-ScoredPolicy = CorePolicy  # the importance policies KVCrush can wrap: the C++ core's
+#: the importance policies KVCrush can wrap: the ones the C++ core runs
+ScoredPolicy = CorePolicy
 
 
 # --- the algorithm's steps, as small functions on arrays ---
@@ -198,7 +204,8 @@ class KVCrushPlan:
 class KVCrush:
     """KVCrush on top of an importance policy (see the module docstring for the algorithm).
 
-    importance: the importance policy (it must expose ``scores(inputs)``); default SnapKV().
+    importance: the importance policy, one the C++ core runs (:class:`CorePolicy`: streaming,
+        h2o, snapkv, pyramidkv, adakv, kvzip); default SnapKV().
     share: fraction of ``num_keep`` given to KVCrush representatives, in [0, 1] (default 0.25;
         ``k_crush = floor(share * num_keep + 0.5)``).
     anchor: one of ``random``, ``zeros``, ``ones``, ``mean``, ``alternating`` (default), or a
@@ -281,31 +288,31 @@ class KVCrush:
             return self
         share = self.core.share_for_budget(int(total), int(num_keep), int(num_written))
         out = copy.copy(self)  # already validated: skip __post_init__
-        out.__dict__.pop("_core_cfg", None)  # the copy's configuration has the new share
         object.__setattr__(out, "share", share)
         object.__setattr__(out, "taper", None)
         return out
 
     @property
     def core(self) -> _core.PolicyConfig:
-        """The validated C++ configuration (built once per policy object)."""
-        cfg = self.__dict__.get("_core_cfg")
-        if cfg is None:
-            cfg = _core.PolicyConfig(
-                **self.importance.core_kwargs(), kvcrush=True, share=float(self.share),
-                anchors=list(self.anchors), granularity=self.granularity,
-                dynamic_split=self.dynamic_split,
-                taper=None if self.taper is None else tuple(float(x) for x in self.taper),
-                bit_aggregation=self.aggregation_mode)
-            self.__dict__["_core_cfg"] = cfg  # frozen dataclass: no __setattr__
-        return cfg
+        """The validated C++ configuration, built on each use (microseconds)."""
+        return _core.PolicyConfig(
+            **self.importance.core_kwargs(), kvcrush=True, share=float(self.share),
+            anchors=list(self.anchors), granularity=self.granularity,
+            dynamic_split=self.dynamic_split,
+            taper=None if self.taper is None else tuple(float(x) for x in self.taper),
+            bit_aggregation=self.aggregation_mode)
 
     def random_bits(self, inputs: EvictionInputs, rng: np.random.Generator) -> np.ndarray | None:
         """bool [R, L, D]: the bits of the R random anchors (in ``anchors`` order), drawn from
         ``rng`` as int8 0/1 of shape [L, D] each (D = H, or ``block_size * H`` for blocks);
         None without a random anchor."""
         num_layers, num_heads, _ = inputs.shape
-        d = self.core.anchor_bits(num_heads, inputs.block_size)
+        return self.random_bits_for(num_layers, num_heads, inputs.block_size, rng)
+
+    def random_bits_for(self, num_layers: int, num_heads: int, block_size: int,
+                        rng: np.random.Generator) -> np.ndarray | None:
+        """:meth:`random_bits` for L layers, H heads and blocks of ``block_size``."""
+        d = self.core.anchor_bits(num_heads, block_size)
         draws = [rng.integers(0, 2, size=(num_layers, d), dtype=np.int8).astype(bool)
                  for kind in self.anchors if kind == "random"]
         return np.stack(draws) if draws else None

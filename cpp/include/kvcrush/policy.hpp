@@ -11,13 +11,21 @@
 // Booleans are one byte each (0 or 1). Invalid configurations and arguments throw
 // std::invalid_argument whose message names the field and what is allowed.
 //
-// Typical C++ use (the default eviction of CacheEvictionConfig()):
+// Typical C++ use, the default eviction of CacheEvictionConfig() on one sequence's cached rows
+// (what kvcrush_ov.eviction.planner.plan_eviction does):
 //
-//   kvcrush::PolicyConfig cfg;                       // snapkv, norm_sum, avg over 31, KVCrush
+//   kvcrush::PolicyConfig cfg;  // snapkv, norm_sum, avg pooling over 31, KVCrush 25% tapered
 //   kvcrush::validate(cfg);
+//   kvcrush::SequenceRows rows{positions, scores, offsets, query_positions, Q, L, H};
+//   kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
+//   std::vector<uint8_t> random(kvcrush::random_bits_size(cfg, H, block_size, L));  // none here
+//   const kvcrush::EventPlan plan = kvcrush::plan_event(cfg, rows, b, random.data());
+//   // keep rows plan.keep_rows[plan.keep_offsets[l * H + h] .. plan.keep_offsets[l * H + h + 1])
+//
+// or, on candidates already gathered as Python's EvictionInputs:
+//
 //   kvcrush::Candidates c{scores, counts, positions, lengths, L, H, N, block_size};
 //   const auto eff = kvcrush::for_budget(cfg, budget, num_keep, num_written);
-//   std::vector<uint8_t> random(kvcrush::random_bits_size(eff, H, block_size, L));  // any bits
 //   kvcrush::select_keep(eff, c, num_keep, random.data(), keep);  // keep: u8 [L, H, N]
 #pragma once
 
@@ -157,6 +165,55 @@ struct SelectionDetail {
 void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
                  const uint8_t* random_bits, uint8_t* keep,
                  const SelectionDetail* detail = nullptr);
+
+// ---- one eviction event of one sequence, from its cached rows (kvcrush_ov.eviction.planner)
+
+/// A sequence's cached rows per (layer, KV head), in cache (row) order: the rows of (l, h) are
+/// entries offsets[l * H + h] .. offsets[l * H + h + 1] - 1 of the flat arrays.
+/// positions: i64 [R] (any order; a head's positions are distinct); scores: f32 [R] attention
+/// each row accumulated (0 for rows never scored), or null when the policy needs none;
+/// offsets: i64 [L * H + 1]; query_positions: i64 [Q] sorted positions of the scored queries
+/// (a row at position p was seen by the Q' >= p of them: norm_sum's counts; may be null if Q = 0).
+struct SequenceRows {
+  const int64_t* positions;
+  const float* scores;
+  const int64_t* offsets;
+  const int64_t* query_positions;
+  int64_t num_queries;
+  int64_t num_layers;
+  int64_t num_heads;
+};
+
+/// The generic part of an event: budget tokens per (layer, head) after it (sinks and recent
+/// window included); positions < start_size are sinks, positions >= num_written - recent_size
+/// the recent window (both always kept); block_size: tokens per KV block.
+struct EventBudget {
+  int64_t budget;
+  int64_t start_size;
+  int64_t recent_size;
+  int64_t num_written;
+  int64_t block_size;
+};
+
+/// What an event keeps: the sorted kept rows of (l, h) are keep_rows[keep_offsets[l * H + h] ..
+/// keep_offsets[l * H + h + 1]) (row indices into that head's rows); num_sinks / num_recent per
+/// (layer, head); num_keep candidates kept per (layer, head) on average.
+struct EventPlan {
+  std::vector<int64_t> keep_rows;
+  std::vector<int64_t> keep_offsets;
+  int64_t num_sinks = 0;
+  int64_t num_recent = 0;
+  int64_t num_keep = 0;
+};
+
+/// plan_eviction in one call: the candidates (rows neither sinks nor recent, in position
+/// order, padded to [L, H, N]), ``for_budget(cfg, budget, num_keep, num_written)``, select_keep,
+/// then the kept rows back in row order. cfg: the policy as configured (its KVCrush share of the
+/// total budget); random_bits as in select_keep (R * L * D). Throws std::invalid_argument when
+/// the budget is below sinks + recent or above the cached tokens, std::logic_error when the
+/// heads disagree on sinks / recent window. Parallel over (layer, head).
+EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
+                     const uint8_t* random_bits);
 
 // ---- the budget arithmetic the policies share (kvcrush_ov.eviction.base), exposed for tests
 
