@@ -49,12 +49,6 @@ void SequenceScores::add(size_t layer, size_t head, const float* segment, size_t
   a = std::move(out);
 }
 
-float SequenceScores::count(int64_t position) const {
-  const auto& q = query_positions;
-  if (q.empty() || position <= q.front()) return static_cast<float>(q.size());
-  return static_cast<float>(q.end() - std::lower_bound(q.begin(), q.end(), position));
-}
-
 void SequenceScores::compact(const Rows& rows) {
   for (size_t l = 0; l < rows.size(); ++l)
     for (size_t h = 0; h < rows[l].size(); ++h) {
@@ -175,69 +169,31 @@ void Evictor::after_step(HeadTable& t, int64_t start, int64_t count, int64_t win
 void Evictor::evict(HeadTable& t) {
   if (t.mean_len() <= static_cast<double>(budget_)) return;
   const size_t L = t.positions.size(), H = t.positions[0].size();
-  // every (layer, head) in position order (an earlier eviction's fill_holes mixed the rows)
-  std::vector<std::vector<std::vector<int64_t>>> orders(L, std::vector<std::vector<int64_t>>(H));
-  int64_t n_sinks = -1, n_recent = -1, n = 0;
-  std::vector<int64_t> lengths(L * H);
+  // the rows of every (layer, head) in cache order, with their accumulated scores
+  std::vector<int64_t> positions, offsets{0};
+  std::vector<float> acc;
   for (size_t l = 0; l < L; ++l)
     for (size_t h = 0; h < H; ++h) {
       const auto& pos = t.positions[l][h];
-      auto& order = orders[l][h];
-      order.resize(pos.size());
-      std::iota(order.begin(), order.end(), 0);
-      if (!std::is_sorted(pos.begin(), pos.end()))
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int64_t a, int64_t b) { return pos[static_cast<size_t>(a)] < pos[static_cast<size_t>(b)]; });
-      std::vector<int64_t> sorted(pos.size());
-      for (size_t i = 0; i < pos.size(); ++i) sorted[i] = pos[static_cast<size_t>(order[i])];
-      const int64_t sinks = std::lower_bound(sorted.begin(), sorted.end(), plan_.start_size) - sorted.begin();
-      const int64_t recent = sorted.end() - std::lower_bound(sorted.begin(), sorted.end(),
-                                                             t.num_written - plan_.recent_size);
-      if ((n_sinks >= 0 && sinks != n_sinks) || (n_recent >= 0 && recent != n_recent))
-        throw std::logic_error("eviction: sinks / recent window differ between heads");
-      n_sinks = sinks;
-      n_recent = recent;
-      lengths[l * H + h] = static_cast<int64_t>(pos.size()) - sinks - recent;
-      n = std::max(n, lengths[l * H + h]);
+      const auto& a = scores_.acc[l][h];
+      positions.insert(positions.end(), pos.begin(), pos.end());
+      for (size_t r = 0; r < pos.size(); ++r) acc.push_back(r < a.size() ? a[r] : 0.0f);
+      offsets.push_back(static_cast<int64_t>(positions.size()));
     }
-  const int64_t num_keep = budget_ - n_sinks - n_recent;
-  if (num_keep < 0)
-    throw std::logic_error("eviction budget " + std::to_string(budget_) + " < sinks + recent");
-  // the candidates, padded to n (eviction.base.EvictionInputs.from_lists)
-  const auto N = static_cast<size_t>(n);
-  std::vector<float> sc(L * H * N, 0.0f), ct(L * H * N, 0.0f);
-  std::vector<int64_t> ps(L * H * N, -1);
-  for (size_t l = 0; l < L; ++l)
-    for (size_t h = 0; h < H; ++h) {
-      const auto& acc = scores_.acc[l][h];
-      const auto& order = orders[l][h];
-      for (int64_t j = 0; j < lengths[l * H + h]; ++j) {
-        const auto row = static_cast<size_t>(order[static_cast<size_t>(n_sinks + j)]);
-        const size_t at = (l * H + h) * N + static_cast<size_t>(j);
-        sc[at] = row < acc.size() ? acc[row] : 0.0f;
-        ps[at] = t.positions[l][h][row];
-        ct[at] = scores_.count(ps[at]);
-      }
-    }
-  const Candidates cand{sc.data(), ct.data(), ps.data(), lengths.data(),
-                        static_cast<int64_t>(L), static_cast<int64_t>(H), n, runner_.block_size()};
-  const PolicyConfig eff = for_budget(plan_.policy, budget_, num_keep, t.num_written);
-  std::vector<uint8_t> keep(L * H * N, 0);
-  select_keep(eff, cand, num_keep, nullptr, keep.data());
-  // rows that stay, in row order, then fill_holes' order for the compaction
+  const auto& q = scores_.query_positions;
+  const SequenceRows rows_in{positions.data(), acc.data(), offsets.data(), q.data(),
+                             static_cast<int64_t>(q.size()), static_cast<int64_t>(L),
+                             static_cast<int64_t>(H)};
+  const EventBudget b{budget_, plan_.start_size, plan_.recent_size, t.num_written,
+                      runner_.block_size()};
+  const EventPlan plan = plan_event(plan_.policy, rows_in, b, nullptr);  // no random anchor
+  // kept rows (sorted) -> fill_holes' order for the compaction
   Rows rows(L, std::vector<std::vector<int64_t>>(H));
-  for (size_t l = 0; l < L; ++l)
-    for (size_t h = 0; h < H; ++h) {
-      const auto& order = orders[l][h];
-      std::vector<bool> by_row(order.size(), true);  // sinks and recent window stay
-      for (int64_t j = 0; j < lengths[l * H + h]; ++j)
-        by_row[static_cast<size_t>(order[static_cast<size_t>(n_sinks + j)])] =
-            keep[(l * H + h) * N + static_cast<size_t>(j)] != 0;
-      std::vector<int64_t> kept;
-      for (size_t r = 0; r < by_row.size(); ++r)
-        if (by_row[r]) kept.push_back(static_cast<int64_t>(r));
-      rows[l][h] = fill_holes(kept);
-    }
+  for (size_t i = 0; i < L * H; ++i) {
+    const auto begin = plan.keep_rows.begin() + plan.keep_offsets[i];
+    const auto end = plan.keep_rows.begin() + plan.keep_offsets[i + 1];
+    rows[i / H][i % H] = fill_holes(std::vector<int64_t>(begin, end));
+  }
   runner_.compact(t, rows);
   scores_.compact(rows);
   ++evictions_;

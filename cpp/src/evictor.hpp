@@ -1,6 +1,6 @@
 // Eviction inside the C++ pipeline, for one sequence (Python: engine/evictor.py,
-// eviction/planner.py, eviction/scores.py): which queries each step scores, when to evict,
-// which rows stay (the policy of kvcrush/policy.hpp), and the compaction after it.
+// eviction/scores.py): which queries each step scores, when to evict, which rows stay
+// (kvcrush::plan_event of kvcrush/policy.hpp, the planner Python runs too), and the compaction.
 #pragma once
 
 #include <cstdint>
@@ -22,8 +22,6 @@ struct SequenceScores {
   void reset(size_t layers, size_t heads);
   /// Adds one step's ``segment`` [rows after the step] to (layer, head).
   void add(size_t layer, size_t head, const float* segment, size_t rows);
-  /// Scored queries that could see each position (a query at q sees positions <= q).
-  float count(int64_t position) const;
   /// New row i of (l, h) is old row rows[l][h][i] (rows never scored stay 0).
   void compact(const std::vector<std::vector<std::vector<int64_t>>>& rows);
 };
