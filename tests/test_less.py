@@ -447,6 +447,12 @@ def test_less_mix_op_reads_each_sequences_own_table(precision: str, sequence_maj
                 want = mix * o + (1 - mix) * (phi[i, head] @ state_h[s, h]) / z
                 assert 0.05 < mix < 0.95  # both parts count in this check
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the kernel checks the rows before it writes: outside 0..T-1, or not increasing
+    for bad, what in (([0, 5], "outside 0..4"), ([2, 0], "strictly increasing")):
+        ins[2] = ov.Tensor(np.array(bad, np.int32))
+        ins[7], ins[8] = ov.Tensor(seq[:2].astype(np.int32)), ov.Tensor(off[:2].astype(np.int32))
+        with pytest.raises(Exception, match=f"less_token_index.*{what}"):
+            op.evaluate([out], ins)
 
 
 def test_engines_dropped_in_any_order_keep_the_library_loaded(tiny_model: Path,

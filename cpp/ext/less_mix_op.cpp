@@ -73,7 +73,6 @@ class LESSMixOp : public ov::op::Op {
     const auto m = static_cast<int64_t>(idx.get_size());
     if (m == 0) return true;
     const int64_t hq = num_kv_heads_ * group_;
-    const auto qw = static_cast<int64_t>(q.get_shape()[1]);
     const auto& w1 = inputs[12];
     const auto& w2 = inputs[14];
     const int64_t v_dim = width / hq;
@@ -83,21 +82,25 @@ class LESSMixOp : public ov::op::Op {
             b * num_kv_heads_ * static_cast<int64_t>(w2.get_shape()[2]) * v_dim)
       throw std::invalid_argument("LESSMix: less_state_H.L must be [B, Hkv, F, Dv] for the "
                                   "step's B sequences");
-    // the selected rows, gathered (M is the tokens of sequences with a state: few)
-    std::vector<int64_t> rows(static_cast<size_t>(m));  // i32 as declared (i64 accepted)
-    if (idx.get_element_type() == ov::element::i64)
-      std::copy(idx.data<const int64_t>(), idx.data<const int64_t>() + m, rows.begin());
-    else
-      std::copy(idx.data<const int32_t>(), idx.data<const int32_t>() + m, rows.begin());
-    std::vector<float> qs(static_cast<size_t>(m * qw)), os(static_cast<size_t>(m * width));
-    for (int64_t i = 0; i < m; ++i) {
-      if (rows[i] < 0 || rows[i] >= t)
-        throw std::out_of_range("LESSMix: less_token_index " + std::to_string(rows[i]) +
-                                " outside 0.." + std::to_string(t - 1));
-      std::copy(q.data<const float>() + rows[i] * qw, q.data<const float>() + (rows[i] + 1) * qw,
-                qs.begin() + i * qw);
-      std::copy(dst + rows[i] * width, dst + (rows[i] + 1) * width, os.begin() + i * width);
+    // i32 as declared; i64 (a model built by hand) is narrowed after a range check
+    std::vector<int32_t> narrowed;
+    const int32_t* rows = nullptr;
+    if (idx.get_element_type() == ov::element::i64) {
+      const int64_t* wide = idx.data<const int64_t>();
+      narrowed.resize(static_cast<size_t>(m));
+      for (int64_t i = 0; i < m; ++i) {
+        if (wide[i] < 0 || wide[i] >= t)
+          throw std::out_of_range("LESSMix: less_token_index " + std::to_string(wide[i]) +
+                                  " outside 0.." + std::to_string(t - 1));
+        narrowed[static_cast<size_t>(i)] = static_cast<int32_t>(wide[i]);
+      }
+      rows = narrowed.data();
+    } else {
+      rows = idx.data<const int32_t>();
     }
+    if (q.get_shape().size() != 2 || static_cast<int64_t>(q.get_shape()[0]) != t ||
+        static_cast<int64_t>(q.get_shape()[1]) != hq * layout_.head_dim)
+      throw std::invalid_argument("LESSMix: q must be [T, Hq * D] for the kept output's T rows");
     const auto& cache = inputs[3];
     HeadTables tables{inputs[4].data<const int32_t>(), inputs[5].data<const int32_t>(),
                       inputs[6].data<const int32_t>(), static_cast<int64_t>(inputs[4].get_size()),
@@ -108,12 +111,10 @@ class LESSMixOp : public ov::op::Op {
                         static_cast<int64_t>(w2.get_shape()[2])};
     less_mix(static_cast<const uint8_t*>(cache.data()),
              static_cast<int64_t>(cache.get_byte_size()) / layout_.head_block_bytes, layout_,
-             static_cast<KeyFormat>(format_), tables, qs.data(), os.data(), m, num_kv_heads_,
-             group_, v_dim, *inputs[9].data<const float>(), inputs[7].data<const int32_t>(),
+             static_cast<KeyFormat>(format_), tables, q.data<const float>(), dst,
+             RowSelection{rows, t}, m, num_kv_heads_, group_, v_dim, *inputs[9].data<const float>(), inputs[7].data<const int32_t>(),
              inputs[8].data<const int32_t>(), sequence_major_, phi,
-             inputs[10].data<const float>(), inputs[11].data<const float>(), os.data());
-    for (int64_t i = 0; i < m; ++i)
-      std::copy(os.begin() + i * width, os.begin() + (i + 1) * width, dst + rows[i] * width);
+             inputs[10].data<const float>(), inputs[11].data<const float>(), dst);
     return true;
   }
 

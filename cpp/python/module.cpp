@@ -233,7 +233,8 @@ Out<float> decode_by_channel(In<uint8_t, 2> blocks, In<int64_t, 1> which, In<int
 // ---- LESS
 
 Out<float> less_mix(In<uint8_t, 2> cache, std::array<int64_t, 7> geometry, int format,
-                    In<float, 2> q, In<float, 2> o_kept, int64_t num_kv_heads, int64_t group,
+                    In<float, 2> q, In<float, 2> o_kept, In<int32_t, 1> rows,
+                    int64_t num_kv_heads, int64_t group,
                     float scale, In<int32_t, 1> past, In<int32_t, 1> table,
                     In<int32_t, 1> begins, In<int32_t, 1> seq, In<int32_t, 1> off,
                     bool sequence_major, In<float, 3> w1, In<float, 2> b1, In<float, 3> w2,
@@ -245,13 +246,13 @@ Out<float> less_mix(In<uint8_t, 2> cache, std::array<int64_t, 7> geometry, int f
   if (static_cast<int64_t>(cache.shape(1)) != layout.head_block_bytes)
     bad_shape("cache", "[NB, head_block_bytes]");
   if (format < 0 || format > 3) bad_shape("format", "0 (by channel), 1 (f32), 2 (f16), 3 (bf16)");
-  const auto m = static_cast<size_t>(q.shape(0));
+  const auto t = static_cast<size_t>(q.shape(0)), m = static_cast<size_t>(rows.shape(0));
   const int64_t hq = num_kv_heads * group;
   if (num_kv_heads <= 0 || group <= 0 || static_cast<int64_t>(q.shape(1)) != hq * layout.head_dim)
-    bad_shape("q", "[M, num_kv_heads * group * head_dim]");
-  if (o_kept.shape(0) != m || o_kept.shape(1) % hq != 0) bad_shape("o_kept", "[M, Hq * Dv]");
+    bad_shape("q", "[T, num_kv_heads * group * head_dim]");
+  if (o_kept.shape(0) != t || o_kept.shape(1) % hq != 0) bad_shape("o_kept", "[T, Hq * Dv]");
   const auto dv = static_cast<int64_t>(o_kept.shape(1)) / hq;
-  if (seq.shape(0) != m || off.shape(0) != m) bad_shape("seq / off", "one entry per row of q");
+  if (seq.shape(0) != m || off.shape(0) != m) bad_shape("seq / off", "one entry per row of rows");
   if (begins.shape(0) != past.shape(0) + 1) bad_shape("begins", "one entry more than past");
   const auto y = static_cast<int64_t>(w1.shape(2)), f = static_cast<int64_t>(w2.shape(2));
   if (static_cast<int64_t>(w1.shape(0)) != hq || static_cast<int64_t>(w1.shape(1)) !=
@@ -262,14 +263,17 @@ Out<float> less_mix(In<uint8_t, 2> cache, std::array<int64_t, 7> geometry, int f
   if (past.shape(0) != b * static_cast<size_t>(num_kv_heads) || state_z.shape(0) != b ||
       static_cast<int64_t>(state_h.shape(2)) != f || static_cast<int64_t>(state_h.shape(3)) != dv)
     bad_shape("state_h / state_z", "[B, Hkv, F, Dv] / [B, Hkv, F] for the step's B sequences");
-  auto out = new_array<float, 2>({m, static_cast<size_t>(hq * dv)});
-  kvcrush::HeadTables t{past.data(), table.data(), begins.data(),
-                        static_cast<int64_t>(past.shape(0)), static_cast<int64_t>(table.shape(0))};
+  auto out = new_array<float, 2>({t, static_cast<size_t>(hq * dv)});
+  std::copy(o_kept.data(), o_kept.data() + t * static_cast<size_t>(hq * dv), out.data());
+  kvcrush::HeadTables tables{past.data(), table.data(), begins.data(),
+                             static_cast<int64_t>(past.shape(0)),
+                             static_cast<int64_t>(table.shape(0))};
   kvcrush::QueryFeatureMap phi{w1.data(), b1.data(), w2.data(), b2.data(), y, f};
   {
     nb::gil_scoped_release unlocked;
     kvcrush::less_mix(cache.data(), static_cast<int64_t>(cache.shape(0)), layout,
-                      static_cast<kvcrush::KeyFormat>(format), t, q.data(), o_kept.data(),
+                      static_cast<kvcrush::KeyFormat>(format), tables, q.data(), out.data(),
+                      kvcrush::RowSelection{rows.data(), static_cast<int64_t>(t)},
                       static_cast<int64_t>(m), num_kv_heads, group, dv, scale, seq.data(),
                       off.data(), sequence_major, phi, state_h.data(), state_z.data(),
                       out.data());
@@ -331,11 +335,12 @@ NB_MODULE(_core, m) {
   m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
         nb::arg("rows"), nb::arg("layout"), "f32 [M, D]: rows of by-channel key head-blocks.");
   m.def("less_mix", &less_mix, nb::arg("cache"), nb::arg("geometry"), nb::arg("format"),
-        nb::arg("q"), nb::arg("o_kept"), nb::arg("num_kv_heads"), nb::arg("group"),
+        nb::arg("q"), nb::arg("o_kept"), nb::arg("rows"), nb::arg("num_kv_heads"), nb::arg("group"),
         nb::arg("scale"), nb::arg("past"), nb::arg("table"), nb::arg("begins"), nb::arg("seq"),
         nb::arg("off"), nb::arg("sequence_major"), nb::arg("w1"), nb::arg("b1"), nb::arg("w2"),
         nb::arg("b2"), nb::arg("state_h"), nb::arg("state_z"),
-        "f32 [M, Hq*Dv]: LESS's mixed attention rows (less.hpp, kvcrush::less_mix).");
+        "f32 [T, Hq*Dv]: o_kept with its rows ``rows`` mixed with LESS's state (less.hpp, "
+        "kvcrush::less_mix).");
   m.def("pick_representatives", &pick_representatives, nb::arg("vectors"), nb::arg("valid"),
         nb::arg("anchors"), nb::arg("k"), "bool [L, M]: KVCrush's representatives per layer.");
 }

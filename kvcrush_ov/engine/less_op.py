@@ -72,22 +72,17 @@ class LESSMix(ov.Op):
         return True
 
     def evaluate(self, outputs: list[ov.Tensor], inputs: list[ov.Tensor]) -> bool:
-        q, o, idx = inputs[0].data, inputs[1].data, inputs[2].data.astype(np.int64)
+        q, o = inputs[0].data, inputs[1].data
+        idx = np.ascontiguousarray(inputs[2].data, dtype=np.int32)
         outputs[0].set_shape(list(inputs[1].get_shape()))
-        dst = outputs[0].data
-        dst[...] = o
-        if idx.size == 0:
-            return True
-        if idx.min() < 0 or idx.max() >= o.shape[0]:
-            raise IndexError(f"LESSMix: less_token_index outside 0..{o.shape[0] - 1}")
         a = self.attrs
         geometry = (int(a["by_channel"]), a["levels"], a["block_size"], a["head_dim"],
                     a["head_block_bytes"], a["header_bytes"], a["row_bytes"])
         cache = inputs[3]
         blocks = cache.data.reshape(-1).view(np.uint8).reshape(int(cache.get_shape()[0]), -1)
-        dst[idx] = _core.less_mix(
-            blocks, geometry, a["format"], np.ascontiguousarray(q[idx]),
-            np.ascontiguousarray(o[idx]), a["num_kv_heads"], a["group"],
+        # the kernel selects, checks and mixes the rows (as the native op does)
+        outputs[0].data[...] = _core.less_mix(
+            blocks, geometry, a["format"], q, o, idx, a["num_kv_heads"], a["group"],
             float(inputs[9].data), *(inputs[k].data for k in range(4, 9)),
             a["sequence_major"], *(inputs[k].data for k in (12, 13, 14, 15)),
             inputs[10].data, inputs[11].data)
