@@ -491,3 +491,35 @@ def test_fold_accumulates_into_its_own_layer_and_head() -> None:
     np.testing.assert_allclose(st.z[1, 0], p.sum(0), rtol=2e-5)
     np.testing.assert_allclose(st.H[1, 0], p.T @ values, rtol=2e-5, atol=2e-5 * np.abs(p).sum())
     assert not st.z[0].any() and not st.H[:, 1].any() and st.num_folded[1, 0] == 300
+
+
+def test_chat_rewrite_of_folded_tokens_recomputes(tiny_model: Path, tmp_path: Path) -> None:
+    """A turn that keeps the conversation reuses the cache and its LESS state; a turn that
+    rewrites positions LESS has folded (sums that cannot give them back) recomputes the whole
+    conversation and gives a fresh run's greedy tokens."""
+    path = _weights(tiny_model).save(tmp_path / "w.npz")
+    eng = _engine(tiny_model, "f32", path)
+    first = eng.add_request(_ids(120, seed=4), GREEDY, set(), lambda x: "", keep_cache=True)
+    while eng.has_unfinished():
+        eng.step()
+    state: LESSState = first.extra["less"]
+    assert 8 <= state.max_position < 120 - 16  # evicted: past the sinks, before the recent
+    # the same conversation and a new message: only the new tokens are computed
+    keep = first.all_ids[:first.num_computed] + _ids(20, seed=5)
+    tokens = eng.stats.tokens
+    a = eng.continue_request(first, keep, GREEDY, set(), lambda x: "", branch=True)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats.rewrites_recomputed == 0
+    assert eng.stats.tokens - tokens == 20 + GREEDY.max_new_tokens - 1  # new ones + decode
+    assert a.extra["less"].max_position >= state.max_position  # the state carried on
+    # a rewrite from before the last folded position
+    cut = state.max_position - 1
+    rewrite = first.all_ids[:cut] + _ids(30, seed=6)
+    b = eng.continue_request(first, rewrite, GREEDY, set(), lambda x: "", branch=True)
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+    assert eng.stats.rewrites_recomputed == 1
+    fresh = _run(_engine(tiny_model, "f32", path), rewrite)
+    assert b.extra["evictions"] >= 1 and b.output_ids == fresh.output_ids
