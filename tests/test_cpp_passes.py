@@ -8,6 +8,8 @@ tiny-random-llama: 4 layers, 2 KV heads.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -194,3 +196,18 @@ def test_model_outlives_and_is_shared_with_cpp(tiny_model: Path) -> None:
     clone = model.clone()
     assert _inputs(clone) == _inputs(model)
     ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def test_core_loads_without_openvino_imported_first() -> None:
+    """``_core`` finds the wheel's libopenvino through its RUNPATH (``$ORIGIN/../openvino/libs``)
+    when nothing loaded it before: the extension file is loaded on its own in a fresh process."""
+    code = (
+        "import importlib.util as u, sys\n"
+        f"spec = u.spec_from_file_location('kvcrush_ov._core', {_core.__file__!r})\n"
+        "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert 'openvino' not in sys.modules\n"
+        "print(m.openvino_build())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == ov.get_version()
