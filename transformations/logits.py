@@ -6,7 +6,7 @@ total number of scheduled tokens of all sequences, ``H`` = hidden size) and the 
 has shape ``[T, 1, V]`` (``V`` = vocabulary size). For a long prompt that projection costs as much
 as the rest of the prefill.
 
-:class:`LogitsIndicesPass` adds a Parameter ``logits_indices`` (``i64``, shape ``[N]``) and a
+:func:`add_logits_indices` adds a Parameter ``logits_indices`` (``i64``, shape ``[N]``) and a
 ``Gather(hidden, logits_indices, axis=0)`` on the token axis directly before the ``lm_head``
 MatMul, so that ``logits`` becomes ``[N, 1, V]``: row ``i`` holds the logits of token
 ``logits_indices[i]`` (an index into the flat ``[T]`` token axis; negative indices count from the
@@ -16,129 +16,33 @@ The ``lm_head`` MatMul is found by walking up from the Result whose tensor is na
 through single-activation ops (Convert, Multiply / Divide / Add by a constant, Tanh, ...), which
 covers output conversions and logit soft-capping. Any other layout raises
 :class:`LogitsPatternError`.
+
+The rewrite is the C++ pass ``kvcrush::LogitsIndices`` (``cpp/include/kvcrush/passes.hpp``), run
+through ``kvcrush_ov._core``.
 """
 
 from __future__ import annotations
 
 import openvino as ov
-import openvino.opset13 as ops
-from openvino.passes import Manager, ModelPass
+
+from kvcrush_ov import _core
+from kvcrush_ov.transformations._native import model_address
 
 LOGITS_NAME = "logits"
 LOGITS_INDICES_NAME = "logits_indices"
-
-# Ops that may sit between the lm_head MatMul and the logits Result (output casts, scaling,
-# soft-capping). Each must have exactly one input that depends on a model Parameter.
-_PASS_THROUGH = frozenset(
-    {"Convert", "Multiply", "Divide", "Add", "Subtract", "Tanh", "Clamp", "Result"}
-)
-_MAX_WALK = 16
 
 
 class LogitsPatternError(RuntimeError):
     """The model does not have the ``logits`` -> ``lm_head`` MatMul layout the pass expects."""
 
 
-def _depends_on_parameter(value: ov.Output) -> bool:
-    """Whether ``value`` is computed (transitively) from a model Parameter, i.e. is not a weight."""
-    stack = [value.get_node()]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        key = node.get_instance_id()
-        if key in seen:
-            continue
-        seen.add(key)
-        if node.get_type_name() in ("Parameter", "ReadValue"):
-            return True
-        stack.extend(v.get_node() for v in node.input_values())
-    return False
-
-
-def _find_logits_result(model: ov.Model) -> ov.Node:
-    for result in model.get_results():
-        if LOGITS_NAME in result.output(0).get_names() or (
-            LOGITS_NAME in result.input_value(0).get_names()
-        ):
-            return result
-    names = sorted(n for o in model.outputs for n in o.get_names())
-    raise LogitsPatternError(
-        f"add_logits_indices: the model has no output named {LOGITS_NAME!r} (outputs: {names})"
-    )
-
-
 def find_lm_head(model: ov.Model) -> ov.Node:
     """Return the MatMul that produces the ``logits`` output (walking up from its Result)."""
-    node = _find_logits_result(model)
-    path = []
-    for _ in range(_MAX_WALK):
-        kind = node.get_type_name()
-        path.append(f"{kind}({node.get_friendly_name()})")
-        if kind == "MatMul":
-            return node
-        if kind not in _PASS_THROUGH:
-            break
-        activations = [v for v in node.input_values() if _depends_on_parameter(v)]
-        if len(activations) != 1:
-            break
-        node = activations[0].get_node()
-    raise LogitsPatternError(
-        "add_logits_indices: could not find the lm_head MatMul above the 'logits' Result; "
-        f"walked {' <- '.join(path)}"
-    )
-
-
-def _token_axis(hidden: ov.Output) -> int:
-    """The token axis of the hidden states entering lm_head: 0 for the paged layout [T, 1, H]."""
-    shape = hidden.get_partial_shape()
-    paged = (
-        shape.rank.is_static
-        and shape.rank.get_length() in (2, 3)
-        and shape[0].is_dynamic
-        and shape[shape.rank.get_length() - 1].is_static
-        and (shape.rank.get_length() == 2 or (shape[1].is_static and shape[1].get_length() == 1))
-    )
-    if not paged:
-        raise LogitsPatternError(
-            f"add_logits_indices: hidden states entering lm_head have shape {shape}; expected the "
-            "paged-attention layout [T, 1, H] (run to_paged first)"
-        )
-    return 0
-
-
-class LogitsIndicesPass(ModelPass):
-    """Add ``logits_indices`` [N] (i64) and gather those tokens before the lm_head MatMul."""
-
-    def run_on_model(self, model: ov.Model) -> bool:
-        for param in model.get_parameters():
-            if LOGITS_INDICES_NAME in param.output(0).get_names():
-                raise LogitsPatternError(
-                    f"add_logits_indices: the model already has an input {LOGITS_INDICES_NAME!r}"
-                )
-        lm_head = find_lm_head(model)
-        # The hidden-state operand is the one computed from the inputs; the other is the weight.
-        operands = [i for i in range(2) if _depends_on_parameter(lm_head.input_value(i))]
-        if len(operands) != 1:
-            raise LogitsPatternError(
-                f"add_logits_indices: lm_head {lm_head.get_friendly_name()!r} has "
-                f"{len(operands)} activation operands, expected 1"
-            )
-        port = lm_head.input(operands[0])
-        hidden = port.get_source_output()
-        axis = _token_axis(hidden)
-
-        indices = ops.parameter([-1], ov.Type.i64, name=LOGITS_INDICES_NAME)
-        indices.output(0).set_names({LOGITS_INDICES_NAME})
-        gathered = ops.gather(
-            hidden,
-            indices,
-            ops.constant(axis, ov.Type.i64),
-            name=f"{lm_head.get_friendly_name()}/logits_indices_gather",
-        )
-        port.replace_source_output(gathered.output(0))
-        model.add_parameters([indices])
-        model.validate_nodes_and_infer_types()
-        return True
+    try:
+        name = _core.find_lm_head(model_address(model))
+    except _core.LogitsPatternError as err:
+        raise LogitsPatternError(str(err)) from None
+    return next(n for n in model.get_ordered_ops() if n.get_name() == name)
 
 
 def add_logits_indices(model: ov.Model) -> ov.Model:
@@ -148,7 +52,8 @@ def add_logits_indices(model: ov.Model) -> ov.Model:
     returned. Raises :class:`LogitsPatternError` when no ``logits`` output fed by a MatMul on
     ``[T, 1, H]`` hidden states is found, or when ``logits_indices`` already exists.
     """
-    manager = Manager()
-    manager.register_pass(LogitsIndicesPass())
-    manager.run_passes(model)
+    try:
+        _core.add_logits_indices(model_address(model))
+    except _core.LogitsPatternError as err:
+        raise LogitsPatternError(str(err)) from None
     return model

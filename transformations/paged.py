@@ -13,6 +13,9 @@ Outputs: ``logits`` [T, 1, V] (or [N, 1, V] with ``logits_indices``) and, with s
 The converted model contains ``PagedAttentionExtension`` ops that cannot be serialized and read
 back (``unsupported opset: extension``): keep the exported IR on disk and convert at load time
 (the conversion takes milliseconds).
+
+The conversion is the C++ pass ``kvcrush::ToPaged`` (``cpp/include/kvcrush/passes.hpp``:
+OpenVINO's ``SDPAToPagedAttention`` with the flags below), run through ``kvcrush_ov._core``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import os
 
 import openvino as ov
-from openvino._offline_transformations import paged_attention_transformation
 
+from kvcrush_ov import _core
+from kvcrush_ov.transformations._native import model_address
 from kvcrush_ov.transformations.logits import add_logits_indices
 
 
@@ -36,8 +40,7 @@ def to_paged(model: ov.Model, score_outputs: bool = True,
     every layer its own ``block_indices.L`` input (``block_indices_begins`` stays shared, so
     every layer's table must have the same length per sequence).
     """
-    paged_attention_transformation(model, per_layer_blocks, score_outputs, score_aggregation,
-                                   False, False, False, False)
+    _core.to_paged(model_address(model), score_outputs, score_aggregation, per_layer_blocks)
     return model
 
 

@@ -61,6 +61,9 @@ outputs. The number of KV heads and layers is recorded in the model's rt_info
 
 :class:`PerHeadLayout` builds these inputs from per-sequence token counts, per-layer per-head
 past lengths and block tables, and splits ``scores.L`` back into segments.
+
+The rewrite itself is the C++ pass ``kvcrush::ToPerHead`` (``cpp/include/kvcrush/passes.hpp``,
+which also draws the graph and names the new nodes), run through ``kvcrush_ov._core``.
 """
 
 from __future__ import annotations
@@ -70,16 +73,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import openvino as ov
-import openvino.opset13 as ops
+
+from kvcrush_ov import _core
+from kvcrush_ov.transformations._native import model_address
 
 PA_TYPE = "PagedAttentionExtension"
 HEAD_SUBSEQUENCE_BEGINS = "head_subsequence_begins"
-_SHARED_OLD = ("past_lens", "subsequence_begins", "block_indices", "block_indices_begins")
 _RT_KEY = "kvcrush_per_head"
-# Inputs 0..13 of PagedAttentionExtension used here; 14.. are rotation / xattention / sinks /
-# adaptive-RKV / qq-bias extensions that this pass does not support (they must be empty).
-_Q, _K, _V, _KC, _VC, _PAST, _BEGINS, _BLOCKS, _BLOCK_BEGINS = range(9)
-_ALIBI, _MAX_CTX, _SCORE_WINDOW, _FIRST_EXTENSION = 11, 12, 13, 14
 
 
 class PerHeadPatternError(RuntimeError):
@@ -87,103 +87,18 @@ class PerHeadPatternError(RuntimeError):
 
 
 def head_past_lens_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``head_past_lens.L`` input ([B*Hkv] i32)."""
     return f"head_past_lens.{layer}"
 
 
 def block_indices_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``block_indices.L`` input ([*] i32)."""
     return f"block_indices.{layer}"
 
 
 def block_indices_begins_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``block_indices_begins.L`` input ([B*Hkv + 1] i32)."""
     return f"block_indices_begins.{layer}"
-
-
-def _rt_int(node: ov.Node, key: str) -> int:
-    rt = node.get_rt_info()
-    if key not in rt:
-        raise PerHeadPatternError(
-            f"to_per_head: {node.get_friendly_name()} has no rt_info {key!r} (keys: {list(rt)})"
-        )
-    return int(rt[key].astype(int))
-
-
-def _static_width(value: ov.Output, what: str, node: ov.Node) -> int:
-    shape = value.get_partial_shape()
-    if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic:
-        raise PerHeadPatternError(
-            f"to_per_head: {what} of {node.get_friendly_name()} has shape {shape}; expected "
-            "[T, heads*head_size] with a static width"
-        )
-    return shape[1].get_length()
-
-
-def _is_empty_or_scalar_constant(value: ov.Output) -> bool:
-    node = value.get_node()
-    if node.get_type_name() != "Constant":
-        return False
-    shape = list(value.get_shape())
-    return len(shape) == 0 or int(np.prod(shape)) == 0
-
-
-def _layer_of(pa: ov.Node) -> int:
-    """Layer index from the ``key_cache.L`` Parameter feeding input 3."""
-    cache = pa.input_value(_KC)
-    for name in cache.get_names():
-        if name.startswith("key_cache."):
-            return int(name.split(".", 1)[1])
-    raise PerHeadPatternError(
-        f"to_per_head: input 3 of {pa.get_friendly_name()} is not a 'key_cache.L' Parameter "
-        f"(names {sorted(cache.get_names())})"
-    )
-
-
-def _heads_to_rows(x: ov.Output, hkv: int, width: int, name: str,
-                   sequence_major: bool) -> ov.Output:
-    """[T, Hkv*width] -> [Hkv*T, width]: head-major rows, or token-major (no copy)."""
-    if sequence_major:
-        rows = ops.constant([-1, width], ov.Type.i64)
-        return ops.reshape(x, rows, False, name=f"{name}/rows").output(0)
-    split = ops.reshape(x, ops.constant([0, hkv, width], ov.Type.i64), True, name=f"{name}/split")
-    moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/heads_first")
-    out = ops.reshape(moved, ops.constant([-1, width], ov.Type.i64), False, name=f"{name}/rows")
-    return out.output(0)
-
-
-def _rows_to_heads(x: ov.Output, hkv: int, width: int, name: str,
-                   sequence_major: bool) -> ov.Output:
-    """[Hkv*T, width] (head-major, or token-major) -> [T, Hkv*width]."""
-    if sequence_major:
-        merged = ops.constant([-1, hkv * width], ov.Type.i64)
-        return ops.reshape(x, merged, False, name=f"{name}/merge").output(0)
-    split = ops.reshape(x, ops.constant([hkv, -1, width], ov.Type.i64), False, name=f"{name}/split")
-    moved = ops.transpose(split, ops.constant([1, 0, 2], ov.Type.i64), name=f"{name}/tokens_first")
-    merged = ops.constant([0, hkv * width], ov.Type.i64)
-    return ops.reshape(moved, merged, True, name=f"{name}/merge").output(0)
-
-
-def _i32_parameter(name: str) -> ov.Node:
-    return ops.parameter([-1], ov.Type.i32, name=name)
-
-
-def _check_pa(pa: ov.Node) -> None:
-    name = pa.get_friendly_name()
-    if pa.get_input_size() <= _SCORE_WINDOW:
-        raise PerHeadPatternError(f"to_per_head: {name} has only {pa.get_input_size()} inputs")
-    for i in (_PAST, _BEGINS, _BLOCKS, _BLOCK_BEGINS, _MAX_CTX):
-        if pa.input_value(i).get_node().get_type_name() != "Parameter":
-            raise PerHeadPatternError(f"to_per_head: input {i} of {name} is not a Parameter")
-    if not _is_empty_or_scalar_constant(pa.input_value(_ALIBI)):
-        raise PerHeadPatternError(f"to_per_head: {name} uses ALiBi slopes (not supported)")
-    for i in range(_FIRST_EXTENSION, pa.get_input_size()):
-        if not _is_empty_or_scalar_constant(pa.input_value(i)):
-            raise PerHeadPatternError(
-                f"to_per_head: input {i} of {name} is not an empty constant: cache rotation, "
-                "xattention, sinks, adaptive RKV and qq-bias are not supported"
-            )
-    if len(pa.output(1).get_target_inputs()) == 0:
-        raise PerHeadPatternError(
-            f"to_per_head: scores output of {name} is unused; convert with score_outputs=True"
-        )
 
 
 def to_per_head(model: ov.Model, sequence_major: bool = False) -> ov.Model:
@@ -191,97 +106,13 @@ def to_per_head(model: ov.Model, sequence_major: bool = False) -> ov.Model:
 
     ``model`` must come from ``to_paged`` / ``read_paged_model`` with score outputs. Raises
     :class:`PerHeadPatternError` when the graph does not match (no PagedAttention ops, missing
-    rt_info, unsupported extension inputs, already converted, ...).
+    rt_info, unsupported extension inputs, already converted, ...); every PagedAttention op is
+    checked before anything is changed.
     """
-    if model.has_rt_info([_RT_KEY, "num_kv_heads"]):
-        raise PerHeadPatternError("to_per_head: the model is already per-head")
-    pas = [n for n in model.get_ordered_ops() if n.get_type_name() == PA_TYPE]
-    if not pas:
-        raise PerHeadPatternError("to_per_head: no PagedAttentionExtension op (run to_paged first)")
-    names = {n for p in model.get_parameters() for n in p.output(0).get_names()}
-    for taken in (HEAD_SUBSEQUENCE_BEGINS, "head_past_lens.0", "block_indices_begins.0"):
-        if taken in names:
-            raise PerHeadPatternError(f"to_per_head: the model already has an input {taken!r}")
-
-    begins = _i32_parameter(HEAD_SUBSEQUENCE_BEGINS)
-    new_params: list[tuple[ov.Node, str]] = [(begins, HEAD_SUBSEQUENCE_BEGINS)]
-    old_params: dict[int, ov.Node] = {}
-    layers: set[int] = set()
-    hkv_all: set[int] = set()
-    for pa in pas:
-        _check_pa(pa)
-        layer = _layer_of(pa)
-        if layer in layers:
-            raise PerHeadPatternError(f"to_per_head: two PagedAttention ops use key_cache.{layer}")
-        layers.add(layer)
-        hkv, d = _rt_int(pa, "num_k_heads"), _rt_int(pa, "k_head_size")
-        hkv_v, dv = _rt_int(pa, "num_v_heads"), _rt_int(pa, "v_head_size")
-        tag = pa.get_friendly_name()
-        q_width = _static_width(pa.input_value(_Q), "query", pa)
-        k_width = _static_width(pa.input_value(_K), "key", pa)
-        v_width = _static_width(pa.input_value(_V), "value", pa)
-        if hkv_v != hkv or k_width != hkv * d or v_width != hkv * dv or q_width % (hkv * d):
-            raise PerHeadPatternError(
-                f"to_per_head: {tag}: inconsistent widths q={q_width} k={k_width} v={v_width} "
-                f"for num_k_heads={hkv} k_head_size={d} num_v_heads={hkv_v} v_head_size={dv}"
-            )
-        group = q_width // (hkv * d)
-        hkv_all.add(hkv)
-        out_targets = list(pa.output(0).get_target_inputs())
-        for i in (_PAST, _BEGINS, _BLOCKS, _BLOCK_BEGINS):
-            node = pa.input_value(i).get_node()
-            old_params[node.get_instance_id()] = node
-
-        q = _heads_to_rows(pa.input_value(_Q), hkv, group * d, f"{tag}/per_head_q",
-                           sequence_major)
-        k = _heads_to_rows(pa.input_value(_K), hkv, d, f"{tag}/per_head_k", sequence_major)
-        v = _heads_to_rows(pa.input_value(_V), hkv, dv, f"{tag}/per_head_v", sequence_major)
-        past = _i32_parameter(head_past_lens_name(layer))
-        blocks = _i32_parameter(block_indices_name(layer))
-        block_begins = _i32_parameter(block_indices_begins_name(layer))
-        new_params += [
-            (past, head_past_lens_name(layer)),
-            (blocks, block_indices_name(layer)),
-            (block_begins, block_indices_begins_name(layer)),
-        ]
-        pa.input(_Q).replace_source_output(q)
-        pa.input(_K).replace_source_output(k)
-        pa.input(_V).replace_source_output(v)
-        pa.input(_PAST).replace_source_output(past.output(0))
-        pa.input(_BEGINS).replace_source_output(begins.output(0))
-        pa.input(_BLOCKS).replace_source_output(blocks.output(0))
-        pa.input(_BLOCK_BEGINS).replace_source_output(block_begins.output(0))
-        window = pa.input_value(_SCORE_WINDOW)
-        if window.get_node().get_type_name() != "Constant":
-            # per-sequence window [B] -> per subsequence j = h*B + s
-            tiled = ops.tile(window, ops.constant([hkv], ov.Type.i64), name=f"{tag}/window_tile")
-            pa.input(_SCORE_WINDOW).replace_source_output(tiled.output(0))
-        rt = pa.get_rt_info()
-        rt["num_k_heads"] = 1
-        rt["num_v_heads"] = 1
-        rt["k_head_size"] = d
-        rt["v_head_size"] = dv
-        pa.validate_and_infer_types()
-        out = _rows_to_heads(pa.output(0), hkv, group * dv, f"{tag}/per_head_out",
-                             sequence_major)
-        for target in out_targets:
-            target.replace_source_output(out)
-
-    if len(hkv_all) != 1:
-        raise PerHeadPatternError(f"to_per_head: layers differ in KV heads: {sorted(hkv_all)}")
-    expected = set(range(len(pas)))
-    if layers != expected:
-        raise PerHeadPatternError(f"to_per_head: layer indices {sorted(layers)} are not 0..N-1")
-    for node in old_params.values():
-        if not node.output(0).get_target_inputs():
-            model.remove_parameter(node)
-    for param, name in new_params:
-        param.output(0).set_names({name})
-    model.add_parameters([p for p, _ in new_params])
-    model.set_rt_info(hkv_all.pop(), [_RT_KEY, "num_kv_heads"])
-    model.set_rt_info(len(pas), [_RT_KEY, "num_layers"])
-    model.set_rt_info(sequence_major, [_RT_KEY, "sequence_major"])
-    model.validate_nodes_and_infer_types()
+    try:
+        _core.to_per_head(model_address(model), sequence_major)
+    except _core.PerHeadPatternError as err:
+        raise PerHeadPatternError(str(err)) from None
     return model
 
 

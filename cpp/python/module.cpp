@@ -15,9 +15,13 @@
 #include <stdexcept>
 #include <string>
 
+#include <openvino/core/model.hpp>
+#include <openvino/core/version.hpp>
+
 #include "kvcrush/compaction.hpp"
 #include "kvcrush/less.hpp"
 #include "kvcrush/parallel.hpp"
+#include "kvcrush/passes.hpp"
 #include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
 
@@ -281,6 +285,31 @@ Out<float> less_mix(In<uint8_t, 2> cache, std::array<int64_t, 7> geometry, int f
   return out;
 }
 
+// ---- graph passes (kvcrush/passes.hpp) on models owned by the openvino Python package
+
+/// The ov::Model behind a Python ``openvino.Model``: ``address`` is its
+/// ``_get_raw_address()`` (the C++ object's address; the caller's Python object keeps it alive
+/// during the call). The returned pointer shares ownership with the Python object through
+/// ov::Model's enable_shared_from_this (no second owner, no no-op deleter). Only the wrappers in
+/// kvcrush_ov/transformations call this, after checking the type and that this module and the
+/// openvino package use the same libopenvino (openvino_build()).
+std::shared_ptr<ov::Model> model_at(uintptr_t address) {
+  if (address == 0) throw std::invalid_argument("model: null address");
+  auto* raw = reinterpret_cast<ov::Model*>(address);
+  try {
+    return raw->shared_from_this();
+  } catch (const std::bad_weak_ptr&) {
+    throw std::invalid_argument("model: the ov::Model is not owned by a std::shared_ptr");
+  }
+}
+
+std::string openvino_build() { return ov::get_openvino_version().buildNumber; }
+
+std::string openvino_compiled_version() {
+  return std::to_string(OPENVINO_VERSION_MAJOR) + "." + std::to_string(OPENVINO_VERSION_MINOR) +
+         "." + std::to_string(OPENVINO_VERSION_PATCH);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -343,4 +372,32 @@ NB_MODULE(_core, m) {
         "kvcrush::less_mix).");
   m.def("pick_representatives", &pick_representatives, nb::arg("vectors"), nb::arg("valid"),
         nb::arg("anchors"), nb::arg("k"), "bool [L, M]: KVCrush's representatives per layer.");
+
+  // ---- graph passes: ``model`` is an openvino.Model's _get_raw_address() (see model_at)
+  nb::exception<kvcrush::PerHeadPatternError>(m, "PerHeadPatternError", PyExc_RuntimeError);
+  nb::exception<kvcrush::LogitsPatternError>(m, "LogitsPatternError", PyExc_RuntimeError);
+  m.def("openvino_build", &openvino_build,
+        "Build number of the libopenvino this module runs on (openvino.get_version() format).");
+  m.def("openvino_compiled_version", &openvino_compiled_version,
+        "The OpenVINO version (major.minor.patch) whose headers this module was compiled with.");
+  m.def(
+      "to_paged",
+      [](uintptr_t model, bool score_outputs, bool score_aggregation, bool per_layer_blocks) {
+        kvcrush::to_paged(model_at(model), {score_outputs, score_aggregation, per_layer_blocks});
+      },
+      nb::arg("model"), nb::arg("score_outputs"), nb::arg("score_aggregation"),
+      nb::arg("per_layer_blocks"), "kvcrush::ToPaged on the model in place.");
+  m.def(
+      "add_logits_indices", [](uintptr_t model) { kvcrush::add_logits_indices(model_at(model)); },
+      nb::arg("model"), "kvcrush::LogitsIndices on the model in place.");
+  m.def(
+      "find_lm_head",
+      [](uintptr_t model) { return kvcrush::find_lm_head(*model_at(model))->get_name(); },
+      nb::arg("model"), "The unique name (Node.get_name()) of the lm_head MatMul.");
+  m.def(
+      "to_per_head",
+      [](uintptr_t model, bool sequence_major) {
+        kvcrush::to_per_head(model_at(model), sequence_major);
+      },
+      nb::arg("model"), nb::arg("sequence_major"), "kvcrush::ToPerHead on the model in place.");
 }

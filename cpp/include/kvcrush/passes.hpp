@@ -1,0 +1,127 @@
+// kvcrush's graph transformations as OpenVINO model passes (the one implementation; the Python
+// modules kvcrush_ov.transformations.{paged,logits,per_head} call these through
+// kvcrush_ov._core). Every pass rewrites the model in place.
+//
+// ToPaged: an optimum-exported stateful SDPA model -> PagedAttentionExtension ops (OpenVINO's
+//   ov::pass::SDPAToPagedAttention with this project's flags). Inputs afterwards (T = scheduled
+//   tokens of all sequences, B = sequences): input_ids [T] i64, position_ids [T] i64,
+//   max_context_len [] i32, past_lens [B], subsequence_begins [B+1], block_indices_begins [B+1],
+//   block_indices [total blocks] (all i32), key_cache.L / value_cache.L per layer; outputs
+//   logits [T, 1, V] and, with score outputs, scores.L per layer.
+//
+// LogitsIndices: adds Parameter logits_indices [N] i64 and, directly before the lm_head MatMul,
+//   Gather(hidden [T, 1, H], logits_indices, axis 0) named "<lm_head>/logits_indices_gather";
+//   logits becomes [N, 1, V]. The MatMul is found from the Result named "logits" through
+//   single-activation ops (Convert, Multiply, Divide, Add, Subtract, Tanh, Clamp).
+//
+// ToPerHead: every (sequence, KV head) pair becomes its own PagedAttention subsequence (the
+//   layout is specified in transformations/per_head.py's module docstring). Per layer L, with
+//   Hkv KV heads, G query heads per KV head, head sizes D (keys) and Dv (values):
+//
+//     query [T, Hq*D]  -> Reshape [T, Hkv, G*D] -> Transpose -> [Hkv, T, G*D] -> [Hkv*T, G*D]
+//     key   [T, Hkv*D] -> Reshape [T, Hkv, D]   -> Transpose -> [Hkv*T, D]   (value with Dv)
+//     PagedAttention (rt_info num_k_heads = num_v_heads = 1)
+//     out [Hkv*T, G*Dv] -> [Hkv, T, G*Dv] -> Transpose -> [T, Hkv, G*Dv] -> [T, Hq*Dv]
+//
+//   (nodes named "<pa>/per_head_{q,k,v}/{split,heads_first,rows}" and
+//   "<pa>/per_head_out/{split,tokens_first,merge}"). With sequence_major (decode graphs, one
+//   token per sequence) q / k / v / out are single Reshapes ("<pa>/per_head_{q,k,v}/rows",
+//   "<pa>/per_head_out/merge") and no Transpose is added. New inputs: head_subsequence_begins
+//   [B*Hkv+1] (shared), per layer head_past_lens.L [B*Hkv], block_indices.L [*],
+//   block_indices_begins.L [B*Hkv+1] (all i32); score_aggregation_window [B], when present, is
+//   tiled per head ("<pa>/window_tile"). past_lens, subsequence_begins, block_indices and
+//   block_indices_begins are removed when nothing else reads them. The model's rt_info gets
+//   kvcrush_per_head/{num_kv_heads (int64), num_layers (int64), sequence_major (bool)}.
+//
+// Errors: LogitsPatternError / PerHeadPatternError (std::runtime_error) name the pass and the
+// node that does not match. ToPerHead checks every PagedAttention op before it changes anything.
+#pragma once
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include <openvino/core/model.hpp>
+#include <openvino/pass/pass.hpp>
+
+namespace ov {
+class Core;
+}
+
+namespace kvcrush {
+
+inline constexpr const char* kLogitsName = "logits";
+inline constexpr const char* kLogitsIndicesName = "logits_indices";
+inline constexpr const char* kPagedAttentionType = "PagedAttentionExtension";
+inline constexpr const char* kHeadSubsequenceBegins = "head_subsequence_begins";
+inline constexpr const char* kPerHeadRtKey = "kvcrush_per_head";
+
+std::string head_past_lens_name(int64_t layer);
+std::string block_indices_name(int64_t layer);
+std::string block_indices_begins_name(int64_t layer);
+
+/// The model does not have the logits -> lm_head MatMul layout LogitsIndices expects.
+class LogitsPatternError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The model does not have the paged-attention layout ToPerHead expects.
+class PerHeadPatternError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// Flags of the paged-attention conversion (the order of ov::pass::SDPAToPagedAttention's).
+struct PagedOptions {
+  bool score_outputs = true;       ///< scores.L output per layer (head-summed scores)
+  bool score_aggregation = false;  ///< score_aggregation_window [B] i32 input
+  bool per_layer_blocks = false;   ///< block_indices.L input per layer
+};
+
+/// SDPA -> PagedAttentionExtension (ov::pass::SDPAToPagedAttention(per_layer_blocks,
+/// score_outputs, score_aggregation, no rotation, no xattention, no adaptive RKV, no qq-bias)).
+class ToPaged : public ov::pass::ModelPass {
+ public:
+  OPENVINO_MODEL_PASS_RTTI("kvcrush::ToPaged");
+  explicit ToPaged(PagedOptions options = {}) : options_(options) {}
+  bool run_on_model(const std::shared_ptr<ov::Model>& model) override;
+
+ private:
+  PagedOptions options_;
+};
+
+/// Adds logits_indices [N] i64 and gathers those tokens before the lm_head MatMul.
+class LogitsIndices : public ov::pass::ModelPass {
+ public:
+  OPENVINO_MODEL_PASS_RTTI("kvcrush::LogitsIndices");
+  bool run_on_model(const std::shared_ptr<ov::Model>& model) override;
+};
+
+/// Per-KV-head subsequences (see the top of this file). Throws PerHeadPatternError.
+class ToPerHead : public ov::pass::ModelPass {
+ public:
+  OPENVINO_MODEL_PASS_RTTI("kvcrush::ToPerHead");
+  explicit ToPerHead(bool sequence_major = false) : sequence_major_(sequence_major) {}
+  bool run_on_model(const std::shared_ptr<ov::Model>& model) override;
+
+ private:
+  bool sequence_major_;
+};
+
+/// The MatMul producing the "logits" output (walking up from its Result). Throws
+/// LogitsPatternError.
+std::shared_ptr<ov::Node> find_lm_head(const ov::Model& model);
+
+/// Each runs its pass through an ov::pass::Manager on ``model`` (in place).
+void to_paged(const std::shared_ptr<ov::Model>& model, const PagedOptions& options = {});
+void add_logits_indices(const std::shared_ptr<ov::Model>& model);
+void to_per_head(const std::shared_ptr<ov::Model>& model, bool sequence_major = false);
+
+/// Reads openvino_model.xml (or a folder holding it) and converts it: to_paged, then
+/// add_logits_indices when ``logits_indices``. The result cannot be serialized: convert at load.
+std::shared_ptr<ov::Model> read_paged_model(ov::Core& core, const std::string& path,
+                                            const PagedOptions& options = {},
+                                            bool logits_indices = true);
+
+}  // namespace kvcrush

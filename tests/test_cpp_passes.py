@@ -1,0 +1,213 @@
+"""The C++ graph passes (``cpp/include/kvcrush/passes.hpp``) behind ``transformations/``.
+
+Checks the rewritten graphs against what the docstrings promise (op counts, input names, node
+names, rt_info), that errors reach Python as the modules' own exception types naming the node,
+that a rejected model is left unchanged, and the guards of the ``ov.Model`` handoff to C++.
+tiny-random-llama: 4 layers, 2 KV heads.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import pytest
+
+from kvcrush_ov import _core
+from kvcrush_ov.transformations._native import model_address
+from kvcrush_ov.transformations.logits import LOGITS_INDICES_NAME, find_lm_head
+from kvcrush_ov.transformations.paged import read_paged_model
+from kvcrush_ov.transformations.per_head import (
+    HEAD_SUBSEQUENCE_BEGINS,
+    PA_TYPE,
+    PerHeadLayout,
+    PerHeadPatternError,
+    block_indices_begins_name,
+    block_indices_name,
+    head_past_lens_name,
+    to_per_head,
+)
+
+LAYERS, KV_HEADS = 4, 2  # tiny-random-llama
+SHARED_OLD = {"past_lens", "subsequence_begins", "block_indices", "block_indices_begins"}
+
+
+def _inputs(model: ov.Model) -> set[str]:
+    return {n for i in model.inputs for n in i.get_names()}
+
+
+def _ops(model: ov.Model) -> Counter[str]:
+    return Counter(n.get_type_name() for n in model.get_ordered_ops())
+
+
+def _pas(model: ov.Model) -> list[ov.Node]:
+    return [n for n in model.get_ordered_ops() if n.get_type_name() == PA_TYPE]
+
+
+def _rt(node: ov.Node, key: str) -> int:
+    return int(node.get_rt_info()[key].astype(int))
+
+
+# ---------------------------------------------------------------- what the docstrings promise
+
+
+def test_paged_model_inputs_and_ops(tiny_model: Path) -> None:
+    plain = read_paged_model(tiny_model, logits_indices=False)
+    assert _ops(plain)[PA_TYPE] == LAYERS
+    assert {"input_ids", "position_ids", "max_context_len", *SHARED_OLD} <= _inputs(plain)
+    for layer in range(LAYERS):
+        assert {f"key_cache.{layer}", f"value_cache.{layer}"} <= _inputs(plain)
+    with_indices = read_paged_model(tiny_model)
+    assert _inputs(with_indices) == _inputs(plain) | {LOGITS_INDICES_NAME}
+    # exactly one Gather added, named after the lm_head MatMul, feeding it
+    added = _ops(with_indices) - _ops(plain)
+    assert added == Counter({"Gather": 1, "Parameter": 1, "Constant": 1}), added
+    lm_head = find_lm_head(with_indices)
+    gather = lm_head.input_value(0).get_node()
+    assert gather.get_friendly_name() == f"{lm_head.get_friendly_name()}/logits_indices_gather"
+
+
+@pytest.mark.parametrize("sequence_major", [False, True])
+def test_per_head_graph(tiny_model: Path, sequence_major: bool) -> None:
+    plain = read_paged_model(tiny_model)
+    before_inputs, before_ops = _inputs(plain), _ops(plain)
+    model = to_per_head(read_paged_model(tiny_model), sequence_major=sequence_major)
+
+    per_layer = {f(layer) for layer in range(LAYERS)
+                 for f in (head_past_lens_name, block_indices_name, block_indices_begins_name)}
+    assert _inputs(model) == (before_inputs - SHARED_OLD) | {HEAD_SUBSEQUENCE_BEGINS} | per_layer
+    for p in model.get_parameters():
+        if p.get_friendly_name() in per_layer | {HEAD_SUBSEQUENCE_BEGINS}:
+            assert p.get_element_type() == ov.Type.i32
+            assert p.get_partial_shape().rank.get_length() == 1
+
+    counts = _ops(model)
+    assert counts[PA_TYPE] == LAYERS  # one PagedAttention op per layer is kept
+    # q, k, v: Reshape (+ Transpose + Reshape), out: Reshape (+ Transpose + Reshape)
+    transposes = 0 if sequence_major else 4 * LAYERS
+    reshapes = 4 * LAYERS if sequence_major else 8 * LAYERS
+    assert counts["Transpose"] - before_ops["Transpose"] == transposes
+    assert counts["Reshape"] - before_ops["Reshape"] == reshapes
+
+    for pa in _pas(model):
+        tag = pa.get_friendly_name()
+        assert (_rt(pa, "num_k_heads"), _rt(pa, "num_v_heads")) == (1, 1)
+        for i, part in enumerate("qkv"):
+            src = pa.input_value(i).get_node()
+            assert src.get_type_name() == "Reshape"
+            assert src.get_friendly_name() == f"{tag}/per_head_{part}/rows"
+            upstream = src.input_value(0).get_node()
+            if sequence_major:  # a plain reshape of the original [T, heads*width] input
+                assert not upstream.get_friendly_name().startswith(f"{tag}/per_head_")
+            else:
+                assert upstream.get_type_name() == "Transpose"
+                assert upstream.get_friendly_name() == f"{tag}/per_head_{part}/heads_first"
+        (target,) = pa.output(0).get_target_inputs()
+        first = target.get_node()
+        if sequence_major:
+            assert first.get_type_name() == "Reshape"
+            assert first.get_friendly_name() == f"{tag}/per_head_out/merge"
+            assert all(t.get_node().get_type_name() != "Transpose"
+                       for t in first.output(0).get_target_inputs())
+        else:
+            assert first.get_friendly_name() == f"{tag}/per_head_out/split"
+        assert pa.input_value(6).get_names() == {HEAD_SUBSEQUENCE_BEGINS}
+        layer = int(next(iter(pa.input_value(3).get_names())).split(".")[1])
+        assert pa.input_value(5).get_names() == {head_past_lens_name(layer)}
+        assert pa.input_value(7).get_names() == {block_indices_name(layer)}
+        assert pa.input_value(8).get_names() == {block_indices_begins_name(layer)}
+
+    assert PerHeadLayout.from_model(model) == PerHeadLayout(LAYERS, KV_HEADS, sequence_major)
+    assert model.get_rt_info(["kvcrush_per_head", "num_layers"]).astype(int) == LAYERS
+
+
+def test_per_head_model_compiles_with_tiled_window(tiny_model: Path) -> None:
+    from openvino._offline_transformations import paged_attention_transformation
+
+    model = ov.Core().read_model(tiny_model / "openvino_model.xml")
+    paged_attention_transformation(model, False, True, True, False, False, False, False)
+    to_per_head(model)
+    tiles = [n for n in model.get_ordered_ops() if n.get_type_name() == "Tile"]
+    assert sorted(t.get_friendly_name() for t in tiles) == sorted(
+        f"{pa.get_friendly_name()}/window_tile" for pa in _pas(model))
+    assert "score_aggregation_window" in _inputs(model)
+    ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_rejects_alibi_naming_the_node_and_changes_nothing(tiny_model: Path) -> None:
+    model = read_paged_model(tiny_model)
+    last = _pas(model)[-1]
+    last.input(11).replace_source_output(ops.constant(np.ones(4, np.float32)).output(0))
+    inputs, counts = _inputs(model), _ops(model)
+    with pytest.raises(PerHeadPatternError,
+                       match=f"^to_per_head: {last.get_friendly_name()} uses ALiBi slopes"):
+        to_per_head(model)
+    # every op is checked before the first is rewritten: the earlier layers are untouched too
+    assert _inputs(model) == inputs and _ops(model) == counts
+    assert all(_rt(pa, "num_k_heads") == KV_HEADS for pa in _pas(model))
+    assert not model.has_rt_info(["kvcrush_per_head", "num_kv_heads"])
+
+
+def test_rejects_pa_not_reading_a_key_cache(tiny_model: Path) -> None:
+    model = read_paged_model(tiny_model)
+    pa = _pas(model)[1]
+    cache = pa.input_value(3)
+    other = ops.parameter(cache.get_partial_shape(), cache.get_element_type(), name="other")
+    other.output(0).set_names({"other"})
+    pa.input(3).replace_source_output(other.output(0))
+    with pytest.raises(PerHeadPatternError,
+                       match=f"input 3 of {pa.get_friendly_name()} is not a 'key_cache.L' "
+                             r"Parameter \(names \['other'\]\)"):
+        to_per_head(model)
+
+
+def test_error_types_are_the_modules_own(tiny_model: Path) -> None:
+    err = pytest.raises(PerHeadPatternError, to_per_head,
+                        ov.Core().read_model(tiny_model / "openvino_model.xml"))
+    assert type(err.value) is PerHeadPatternError  # not _core's exception type
+    assert isinstance(err.value, RuntimeError)
+
+
+# ---------------------------------------------------------------- the handoff to C++
+
+
+def test_handoff_checks_type_and_runtime() -> None:
+    with pytest.raises(TypeError, match="expected an openvino.Model"):
+        model_address(object())  # type: ignore[arg-type]
+    assert _core.openvino_build() == ov.get_version()
+    assert ov.get_version().startswith(_core.openvino_compiled_version())
+
+
+def test_model_outlives_and_is_shared_with_cpp(tiny_model: Path) -> None:
+    """The pass shares ownership (shared_from_this) for the call only: the Python object keeps
+    the graph, sees the change, and can still be cloned, rewritten and compiled afterwards."""
+    model = read_paged_model(tiny_model)
+    address = model._get_raw_address()
+    to_per_head(model)
+    assert model._get_raw_address() == address
+    clone = model.clone()
+    assert _inputs(clone) == _inputs(model)
+    ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def test_core_loads_without_openvino_imported_first() -> None:
+    """``_core`` finds the wheel's libopenvino through its RUNPATH (``$ORIGIN/../openvino/libs``)
+    when nothing loaded it before: the extension file is loaded on its own in a fresh process."""
+    code = (
+        "import importlib.util as u, sys\n"
+        f"spec = u.spec_from_file_location('kvcrush_ov._core', {_core.__file__!r})\n"
+        "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert 'openvino' not in sys.modules\n"
+        "print(m.openvino_build())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == ov.get_version()
