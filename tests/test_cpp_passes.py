@@ -2,7 +2,8 @@
 
 Checks the rewritten graphs against what the docstrings promise (op counts, input names, node
 names, rt_info), that errors reach Python as the modules' own exception types naming the node,
-that a rejected model is left unchanged, and the guards of the ``ov.Model`` handoff to C++.
+that a rejected model is left unchanged, FastKV's cut (the parts' layers, inputs and outputs),
+and the guards of the ``ov.Model`` handoff to C++.
 tiny-random-llama: 4 layers, 2 KV heads.
 """
 
@@ -20,6 +21,13 @@ import pytest
 
 from kvcrush_ov import _core
 from kvcrush_ov.transformations._native import model_address
+from kvcrush_ov.transformations.fastkv import (
+    HIDDEN,
+    FastKVPatternError,
+    num_layers,
+    residual_stream,
+    split_at_layer,
+)
 from kvcrush_ov.transformations.logits import LOGITS_INDICES_NAME, find_lm_head
 from kvcrush_ov.transformations.paged import read_paged_model
 from kvcrush_ov.transformations.per_head import (
@@ -139,7 +147,92 @@ def test_per_head_model_compiles_with_tiled_window(tiny_model: Path) -> None:
     ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
+@pytest.mark.parametrize("split_layer", [0, 2])
+def test_fastkv_parts(tiny_model: Path, split_layer: int) -> None:
+    model = to_per_head(read_paged_model(tiny_model, score_aggregation=True))
+    inputs, counts = _inputs(model), _ops(model)
+    front, back = split_at_layer(model, split_layer)
+    assert _inputs(model) == inputs and _ops(model) == counts  # the input model is unchanged
+    front_layers, back_layers = range(split_layer + 1), range(split_layer + 1, LAYERS)
+
+    def layers_of(part: ov.Model) -> list[int]:
+        return [int(next(iter(pa.input_value(3).get_names())).split(".")[1]) for pa in _pas(part)]
+
+    assert layers_of(front) == list(front_layers) and layers_of(back) == list(back_layers)
+    assert front.get_friendly_name() == "fastkv_front"
+    assert back.get_friendly_name() == "fastkv_back"
+    assert [o.get_names() for o in front.outputs] == [
+        {HIDDEN}, *({f"scores.{layer}"} for layer in front_layers)]
+    assert {n for o in back.outputs for n in o.get_names()} == {
+        "logits", *(f"scores.{layer}" for layer in back_layers)}
+    # front: the hidden result reads the last residual Add of layer split_layer
+    hidden = front.outputs[0].get_node().input_value(0)
+    assert hidden.get_node().get_type_name() == "Add"
+    assert hidden.get_partial_shape().rank.get_length() == 3
+    # back: hidden_states is its first parameter, of that shape, and feeds the next layer's Add
+    param = back.get_parameters()[0]
+    assert param.get_friendly_name() == HIDDEN and param.output(0).get_names() == {HIDDEN}
+    assert param.get_partial_shape() == hidden.get_partial_shape()
+    assert "Add" in {t.get_node().get_type_name() for t in param.output(0).get_target_inputs()}
+    # each part reads exactly its layers' tables and caches
+    for part, own, other in ((front, front_layers, back_layers), (back, back_layers, front_layers)):
+        names = _inputs(part)
+        for layer in own:
+            assert {f"key_cache.{layer}", head_past_lens_name(layer)} <= names
+        for layer in other:
+            assert not {f"key_cache.{layer}", head_past_lens_name(layer)} & names
+        assert {"position_ids", HEAD_SUBSEQUENCE_BEGINS, "max_context_len"} <= names
+    assert "input_ids" in _inputs(front) and "input_ids" not in _inputs(back)
+    assert "logits_indices" in _inputs(back) and "logits_indices" not in _inputs(front)
+    # the model's per-head rt_info is not carried into the parts
+    assert list(front.get_rt_info().keys()) == list(back.get_rt_info().keys()) == []
+    assert model.has_rt_info(["kvcrush_per_head", "num_kv_heads"])
+    assert _ops(front)[PA_TYPE] + _ops(back)[PA_TYPE] == LAYERS
+    ov.Core().compile_model(back, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def test_fastkv_residual_stream(tiny_model: Path) -> None:
+    model = read_paged_model(tiny_model)
+    stream = residual_stream(model)
+    assert num_layers(model) == LAYERS and len(stream) == 2 * LAYERS + 1
+    assert all(h.get_node().get_type_name() == "Add" for h in stream[1:])
+    for prev, h in zip(stream, stream[1:], strict=False):
+        assert prev in [v for v in h.get_node().input_values()]
+        assert h.get_partial_shape() == stream[0].get_partial_shape()
+
+
 # ---------------------------------------------------------------- errors
+
+
+def test_fastkv_errors_name_the_node_and_change_nothing(tiny_model: Path) -> None:
+    model = read_paged_model(tiny_model)
+    stream = residual_stream(model)
+    # a second residual Add reading h_3 (the output of layer 1's attention branch), kept in the
+    # graph (and in its clones) by an extra output
+    node = stream[3].get_node()
+    model.add_results([ops.result(ops.add(stream[3], ops.constant(np.float32(1))))])
+    inputs, counts = _inputs(model), _ops(model)
+    with pytest.raises(FastKVPatternError,
+                       match=f"^split_at_layer: 2 residual Adds read {node.get_friendly_name()}$"):
+        split_at_layer(model, 1)
+    with pytest.raises(FastKVPatternError, match="^split_at_layer: 2 residual Adds"):
+        residual_stream(model)
+    assert _inputs(model) == inputs and _ops(model) == counts
+    with pytest.raises(ValueError, match=r"^split_layer=3: must be in \[0, 2\] for a model of 4 "
+                                         r"layers$") as err:
+        split_at_layer(read_paged_model(tiny_model), LAYERS - 1)
+    assert type(err.value) is ValueError
+
+
+def test_fastkv_rejects_a_scores_output_without_layer(tiny_model: Path) -> None:
+    model = read_paged_model(tiny_model)
+    result = next(r for r in model.get_results() if "scores.1" in r.output(0).get_names())
+    result.output(0).set_names({"scores.x"})
+    with pytest.raises(FastKVPatternError, match=f"^split_at_layer: output 'scores.x' of "
+                                                 f"{result.get_friendly_name()}: no layer index"):
+        split_at_layer(model, 0)
+
+
 
 
 def test_rejects_alibi_naming_the_node_and_changes_nothing(tiny_model: Path) -> None:
@@ -174,6 +267,11 @@ def test_error_types_are_the_modules_own(tiny_model: Path) -> None:
                         ov.Core().read_model(tiny_model / "openvino_model.xml"))
     assert type(err.value) is PerHeadPatternError  # not _core's exception type
     assert isinstance(err.value, RuntimeError)
+    model = read_paged_model(tiny_model)
+    model.get_parameters()[0].set_friendly_name("renamed")  # input_ids: no embedding to find
+    fast = pytest.raises(FastKVPatternError, split_at_layer, model, 0)
+    assert type(fast.value) is FastKVPatternError and isinstance(fast.value, ValueError)
+    assert str(fast.value) == "split_at_layer: the model has no input_ids parameter"
 
 
 # ---------------------------------------------------------------- the handoff to C++

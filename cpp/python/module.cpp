@@ -6,7 +6,9 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/array.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <array>
 #include <cstdint>
@@ -14,6 +16,8 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <openvino/core/model.hpp>
 #include <openvino/core/version.hpp>
@@ -376,6 +380,7 @@ NB_MODULE(_core, m) {
   // ---- graph passes: ``model`` is an openvino.Model's _get_raw_address() (see model_at)
   nb::exception<kvcrush::PerHeadPatternError>(m, "PerHeadPatternError", PyExc_RuntimeError);
   nb::exception<kvcrush::LogitsPatternError>(m, "LogitsPatternError", PyExc_RuntimeError);
+  nb::exception<kvcrush::FastKVPatternError>(m, "FastKVPatternError", PyExc_ValueError);
   m.def("openvino_build", &openvino_build,
         "Build number of the libopenvino this module runs on (openvino.get_version() format).");
   m.def("openvino_compiled_version", &openvino_compiled_version,
@@ -400,4 +405,26 @@ NB_MODULE(_core, m) {
         kvcrush::to_per_head(model_at(model), sequence_major);
       },
       nb::arg("model"), nb::arg("sequence_major"), "kvcrush::ToPerHead on the model in place.");
+  m.def(
+      "fastkv_cut",
+      [](uintptr_t model, int64_t split_layer, bool front) {
+        kvcrush::fastkv_cut(model_at(model), split_layer,
+                            front ? kvcrush::FastKVPart::front : kvcrush::FastKVPart::back);
+      },
+      nb::arg("model"), nb::arg("split_layer"), nb::arg("front"),
+      "kvcrush::FastKVCut on the model in place (the front part, or the back part).");
+  m.def(
+      "fastkv_residual_stream",
+      [](uintptr_t model) {
+        std::vector<std::pair<std::string, size_t>> out;
+        for (const auto& h : kvcrush::residual_stream(*model_at(model)))
+          out.emplace_back(h.get_node()->get_name(), h.get_index());
+        return out;
+      },
+      nb::arg("model"),
+      "kvcrush::residual_stream as (unique node name (Node.get_name()), output index) pairs.");
+  m.def(
+      "fastkv_num_layers",
+      [](uintptr_t model) { return kvcrush::count_layers(*model_at(model)); }, nb::arg("model"),
+      "kvcrush::count_layers: the model's key_cache.* Parameters.");
 }

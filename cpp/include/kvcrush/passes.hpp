@@ -33,13 +33,29 @@
 //   block_indices_begins are removed when nothing else reads them. The model's rt_info gets
 //   kvcrush_per_head/{num_kv_heads (int64), num_layers (int64), sequence_major (bool)}.
 //
+// FastKVCut: the per-KV-head (or plain) paged model cut after decoder layer L into FastKV's front
+//   or back part (the layout is specified in transformations/fastkv.py's module docstring). The
+//   cut point is the residual stream h_L [T, 1, D]: from the first rank-3 float output reached
+//   from the input_ids Parameter, every Add of that output's shape that reads it is the next
+//   residual; decoder layer l outputs stream[2l + 2].
+//     front: Result h_L (tensor name "hidden_states") and the scores.l results with l <= L; the
+//       Parameters those read (in the model's order); model name "fastkv_front".
+//     back: Parameter "hidden_states" (h_L's type and shape, first) in place of h_L; the logits
+//       and scores.l (l > L) results and the Parameters they read; model name "fastkv_back".
+//   Either part drops the model's rt_info (the former Python code built new ov::Models).
+//
 // Errors: LogitsPatternError / PerHeadPatternError (std::runtime_error) name the pass and the
 // node that does not match. ToPerHead checks every PagedAttention op before it changes anything.
+// FastKVPatternError (std::invalid_argument, as a split_layer out of range) likewise; FastKVCut
+// checks everything before it changes the model.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <openvino/core/model.hpp>
 #include <openvino/pass/pass.hpp>
@@ -55,6 +71,7 @@ inline constexpr const char* kLogitsIndicesName = "logits_indices";
 inline constexpr const char* kPagedAttentionType = "PagedAttentionExtension";
 inline constexpr const char* kHeadSubsequenceBegins = "head_subsequence_begins";
 inline constexpr const char* kPerHeadRtKey = "kvcrush_per_head";
+inline constexpr const char* kHiddenStatesName = "hidden_states";
 
 std::string head_past_lens_name(int64_t layer);
 std::string block_indices_name(int64_t layer);
@@ -70,6 +87,12 @@ class LogitsPatternError : public std::runtime_error {
 class PerHeadPatternError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+/// The model's residual stream does not have the decoder-layer shape FastKVCut expects.
+class FastKVPatternError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
 };
 
 /// Flags of the paged-attention conversion (the order of ov::pass::SDPAToPagedAttention's).
@@ -109,6 +132,30 @@ class ToPerHead : public ov::pass::ModelPass {
   bool sequence_major_;
 };
 
+/// Which part of FastKV's cut FastKVCut leaves.
+enum class FastKVPart { front, back };
+
+/// Rewrites the model into FastKV's front or back part cut after decoder layer ``split_layer``
+/// (in [0, N - 2]; see the top of this file). Throws std::invalid_argument for a split_layer out
+/// of range, FastKVPatternError for a residual stream that does not match.
+class FastKVCut : public ov::pass::ModelPass {
+ public:
+  OPENVINO_MODEL_PASS_RTTI("kvcrush::FastKVCut");
+  FastKVCut(int64_t split_layer, FastKVPart part) : split_layer_(split_layer), part_(part) {}
+  bool run_on_model(const std::shared_ptr<ov::Model>& model) override;
+
+ private:
+  int64_t split_layer_;
+  FastKVPart part_;
+};
+
+/// ``[h_0, h_1, ...]``: the token embedding's output, then every residual Add's output in order
+/// (two per decoder layer; layer l outputs element 2l + 2). Throws FastKVPatternError.
+std::vector<ov::Output<ov::Node>> residual_stream(const ov::Model& model);
+
+/// Decoder layers of a paged model: its Parameters named (friendly name) ``key_cache.*``.
+int64_t count_layers(const ov::Model& model);
+
 /// The MatMul producing the "logits" output (walking up from its Result). Throws
 /// LogitsPatternError.
 std::shared_ptr<ov::Node> find_lm_head(const ov::Model& model);
@@ -117,6 +164,11 @@ std::shared_ptr<ov::Node> find_lm_head(const ov::Model& model);
 void to_paged(const std::shared_ptr<ov::Model>& model, const PagedOptions& options = {});
 void add_logits_indices(const std::shared_ptr<ov::Model>& model);
 void to_per_head(const std::shared_ptr<ov::Model>& model, bool sequence_major = false);
+void fastkv_cut(const std::shared_ptr<ov::Model>& model, int64_t split_layer, FastKVPart part);
+
+/// (front, back): FastKVCut on two clones of ``model``, which stays unchanged.
+std::pair<std::shared_ptr<ov::Model>, std::shared_ptr<ov::Model>> split_at_layer(
+    const ov::Model& model, int64_t split_layer);
 
 /// Reads openvino_model.xml (or a folder holding it) and converts it: to_paged, then
 /// add_logits_indices when ``logits_indices``. The result cannot be serialized: convert at load.
