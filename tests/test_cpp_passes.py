@@ -3,8 +3,8 @@
 Checks the rewritten graphs against what the docstrings promise (op counts, input names, node
 names, rt_info), that errors reach Python as the modules' own exception types naming the node,
 that a rejected model is left unchanged, FastKV's cut (the parts' layers, inputs and outputs),
-and the guards of the ``ov.Model`` handoff to C++.
-tiny-random-llama: 4 layers, 2 KV heads.
+LESS's mixing ops (one per active layer, their 16 inputs and attributes), and the guards of
+the ``ov.Model`` handoff to C++. tiny-random-llama: 4 layers, 2 KV heads, 8 query heads of 32.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import openvino.opset13 as ops
 import pytest
 
 from kvcrush_ov import _core
+from kvcrush_ov.engine.kv_codec import KEY, CacheLayout
+from kvcrush_ov.less.kernels import LESSWeights
 from kvcrush_ov.transformations._native import model_address
 from kvcrush_ov.transformations.fastkv import (
     HIDDEN,
@@ -27,6 +29,17 @@ from kvcrush_ov.transformations.fastkv import (
     num_layers,
     residual_stream,
     split_at_layer,
+)
+from kvcrush_ov.transformations.less import (
+    LESS_TOKEN_INDEX,
+    LESS_TOKEN_OFFSET,
+    LESS_TOKEN_SEQ,
+    LESSPatternError,
+    add_less,
+    less_mix_model,
+    set_cache_types,
+    state_h_name,
+    state_z_name,
 )
 from kvcrush_ov.transformations.logits import LOGITS_INDICES_NAME, find_lm_head
 from kvcrush_ov.transformations.paged import read_paged_model
@@ -41,7 +54,7 @@ from kvcrush_ov.transformations.per_head import (
     to_per_head,
 )
 
-LAYERS, KV_HEADS = 4, 2  # tiny-random-llama
+LAYERS, KV_HEADS, HEADS, HEAD_DIM = 4, 2, 8, 32  # tiny-random-llama
 SHARED_OLD = {"past_lens", "subsequence_begins", "block_indices", "block_indices_begins"}
 
 
@@ -59,6 +72,18 @@ def _pas(model: ov.Model) -> list[ov.Node]:
 
 def _rt(node: ov.Node, key: str) -> int:
     return int(node.get_rt_info()[key].astype(int))
+
+
+def _less_weights(head_dim: int = HEAD_DIM) -> LESSWeights:
+    """Random LESS weights for tiny-random-llama with layer 0 switched off (k_s1 = 0)."""
+    w = LESSWeights.initial(LAYERS, HEADS, KV_HEADS, head_dim, hidden=6, feature_dim=4, seed=2)
+    w.arrays["k_s1"][:] = 1.0
+    w.arrays["k_s1"][0] = 0.0
+    return w
+
+
+F32_KEYS = CacheLayout.from_shape(KEY, "f32", 32, HEAD_DIM)
+U8_KEYS = CacheLayout.from_shape(KEY, "u8", 32 + 8, HEAD_DIM)  # by channel: 8 header rows
 
 
 # ---------------------------------------------------------------- what the docstrings promise
@@ -191,6 +216,79 @@ def test_fastkv_parts(tiny_model: Path, split_layer: int) -> None:
     ov.Core().compile_model(back, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
+@pytest.mark.parametrize(("sequence_major", "keys"), [(False, F32_KEYS), (True, U8_KEYS)])
+def test_less_graph(tiny_model: Path, sequence_major: bool, keys: CacheLayout) -> None:
+    w = _less_weights()
+    model = to_per_head(read_paged_model(tiny_model), sequence_major=sequence_major)
+    before_inputs, before_ops = _inputs(model), _ops(model)
+    set_cache_types(model, ov.Type.u8 if keys.by_channel else ov.Type.f32, [1, 40, 32],
+                    ov.Type.f32, [1, 32, 32])
+    add_less(model, w, keys)
+    active = [1, 2, 3]
+    assert w.active_layers == active
+    states = {f(layer) for layer in active for f in (state_h_name, state_z_name)}
+    assert _inputs(model) == before_inputs | {LESS_TOKEN_INDEX, LESS_TOKEN_SEQ,
+                                              LESS_TOKEN_OFFSET} | states
+    added = _ops(model) - before_ops
+    # per active layer: the op, a Convert of scale, 4 weight Constants, 2 state Parameters
+    assert added == Counter({"LESSMix": 3, "Convert": 3, "Constant": 12, "Parameter": 9}), added
+    assert model.get_rt_info(["kvcrush_less", "feature_dim"]).astype(int) == w.feature_dim
+    y, f = w.arrays["q_w1"].shape[-1], w.feature_dim
+    for pa in _pas(model):
+        tag = pa.get_friendly_name()
+        layer = int(next(iter(pa.input_value(3).get_names())).split(".")[1])
+        merge = next(n for n in model.get_ordered_ops()
+                     if n.get_friendly_name() == f"{tag}/per_head_out/merge")
+        readers = [t.get_node() for t in merge.output(0).get_target_inputs()]
+        if layer not in active:  # switched off: PagedAttention's output is used as it is
+            assert all(r.get_type_name() != "LESSMix" for r in readers)
+            continue
+        (mix,) = readers
+        assert mix.get_type_name() == "LESSMix" and mix.get_friendly_name() == f"{tag}/less_out"
+        src = [v.get_node() for v in mix.input_values()]
+        assert len(src) == 16
+        # input 0: the query before the per-head rewrite
+        assert not src[0].get_friendly_name().startswith(f"{tag}/per_head_q")
+        assert pa.input_value(0).get_node().get_friendly_name() == f"{tag}/per_head_q/rows"
+        names = [next(iter(v.get_names()), None) for v in mix.input_values()]
+        assert names[2:9] == [LESS_TOKEN_INDEX, f"key_cache.{layer}", head_past_lens_name(layer),
+                              block_indices_name(layer), block_indices_begins_name(layer),
+                              LESS_TOKEN_SEQ, LESS_TOKEN_OFFSET]
+        assert src[9].get_type_name() == "Convert" and src[9].input_value(0) == pa.input_value(9)
+        assert names[10:12] == [state_h_name(layer), state_z_name(layer)]
+        assert mix.get_input_partial_shape(10) == ov.PartialShape([-1, KV_HEADS, f, HEAD_DIM])
+        for i, name, shape in ((12, "q_w1", [HEADS, HEAD_DIM, y]), (13, "q_b1", [HEADS, y]),
+                               (14, "q_w2", [HEADS, y, f]), (15, "q_b2", [HEADS, f])):
+            assert src[i].get_type_name() == "Constant"
+            np.testing.assert_array_equal(src[i].get_data(), w.arrays[name][layer])
+            assert list(src[i].get_output_shape(0)) == shape
+        attrs = mix.get_attributes()
+        assert (attrs["num_kv_heads"], attrs["group"], attrs["sequence_major"]) == (
+            KV_HEADS, HEADS // KV_HEADS, sequence_major)
+        assert (attrs["format"], attrs["by_channel"]) == ((0, True) if keys.by_channel
+                                                          else (1, False))
+        assert attrs["head_block_bytes"] == keys.native.head_block_bytes
+    for p in model.get_parameters():
+        name = p.get_friendly_name()
+        if name.startswith("key_cache."):
+            assert p.get_partial_shape() == ov.PartialShape([-1, 1, 40, 32])
+        if name in states:
+            assert p.get_element_type() == ov.Type.f32
+
+
+def test_less_model_compiles_and_runs_the_op_natively(tiny_model: Path) -> None:
+    """The op needs no extension library: the plugin compiles it from _core's class."""
+    params = [ops.parameter([-1, HEADS * HEAD_DIM], ov.Type.f32),
+              ops.parameter([-1, HEADS * HEAD_DIM], ov.Type.f32),
+              *(ops.parameter([-1], ov.Type.i32) for _ in range(14))]
+    model = less_mix_model(params, F32_KEYS, KV_HEADS, HEADS // KV_HEADS, False)
+    assert model.get_results()[0].input_value(0).get_node().get_type_name() == "LESSMix"
+    compiled = ov.Core().compile_model(model, "CPU")
+    assert compiled.outputs[0].get_element_type() == ov.Type.f32
+    with pytest.raises(ValueError, match="16 Parameters"):
+        less_mix_model(params[:15], F32_KEYS, KV_HEADS, 4, False)
+
+
 def test_fastkv_residual_stream(tiny_model: Path) -> None:
     model = read_paged_model(tiny_model)
     stream = residual_stream(model)
@@ -222,6 +320,41 @@ def test_fastkv_errors_name_the_node_and_change_nothing(tiny_model: Path) -> Non
                                          r"layers$") as err:
         split_at_layer(read_paged_model(tiny_model), LAYERS - 1)
     assert type(err.value) is ValueError
+
+
+def test_less_errors_name_the_node_and_change_nothing(tiny_model: Path) -> None:
+    paged = read_paged_model(tiny_model)
+    with pytest.raises(LESSPatternError, match="^add_less: run to_per_head first$"):
+        add_less(paged, _less_weights(), F32_KEYS)
+    model = to_per_head(paged)
+    inputs, counts = _inputs(model), _ops(model)
+    # weights for a head size of 16: every active layer's query is 8*32 wide
+    first = _pas(model)[1].get_friendly_name()  # layer 0 is switched off: never checked
+    with pytest.raises(LESSPatternError,
+                       match=f"^add_less: {first}: query width 256, the weights need 8\\*16$"):
+        add_less(model, _less_weights(head_dim=16), F32_KEYS)
+    assert _inputs(model) == inputs and _ops(model) == counts
+    assert not model.has_rt_info(["kvcrush_less", "feature_dim"])
+    other = LESSWeights.initial(LAYERS - 1, HEADS, KV_HEADS, HEAD_DIM, hidden=6, feature_dim=4)
+    with pytest.raises(LESSPatternError, match="^add_less: the model has 4 attention layers, "
+                                               "the weights 3$"):
+        add_less(model, other, F32_KEYS)
+    add_less(model, _less_weights(), F32_KEYS)
+    err = pytest.raises(LESSPatternError, add_less, model, _less_weights(), F32_KEYS)
+    assert str(err.value) == "add_less: the model already has LESS"
+    assert type(err.value) is LESSPatternError and isinstance(err.value, RuntimeError)
+
+
+def test_less_rejects_a_layer_without_merge(tiny_model: Path) -> None:
+    model = to_per_head(read_paged_model(tiny_model))
+    pa = _pas(model)[2]
+    merge = next(n for n in model.get_ordered_ops()
+                 if n.get_friendly_name() == f"{pa.get_friendly_name()}/per_head_out/merge")
+    merge.set_friendly_name("renamed")
+    with pytest.raises(LESSPatternError, match=f"^add_less: {pa.get_friendly_name()} has no "
+                                               r"per-head output merge \(run to_per_head first\)"):
+        add_less(model, _less_weights(), F32_KEYS)
+    assert not any(n.get_type_name() == "LESSMix" for n in model.get_ordered_ops())
 
 
 def test_fastkv_rejects_a_scores_output_without_layer(tiny_model: Path) -> None:

@@ -3,8 +3,7 @@
 // PagedAttention returns only its normalised output; LESS mixes its state in with the
 // log-sum-exp of the logits over the keys each query sees. kept_lse computes it from the cache
 // bytes (any key format of kv_codec) through per-(sequence, KV head) block tables, the layout of
-// transformations/per_head.py. The LESSMix op (cpp/ext/, kvcrush_ov/engine/less_op.py) runs
-// less_mix, which calls it.
+// transformations/per_head.py. The LESSMix op (less_mix_op.hpp) runs less_mix, which calls it.
 #pragma once
 
 #include <cstdint>
