@@ -43,7 +43,8 @@ if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
 fi
 step "upgrading pip" "${PIP[@]}" install --upgrade pip
 step "installing torch==2.13.0 (CPU) first" "${PIP[@]}" install "torch==2.13.0"
-# the runtime first: the C++ build links the OpenVINO extension library against this very wheel
+# the runtime first: the C++ build links kvcrush_ov._core (the graph passes and the LESSMix op)
+# against this very wheel
 step "installing the OpenVINO runtime" \
   "${PIP[@]}" install -c "$ROOT/constraints.txt" openvino
 OV_CMAKE=$("$VENV/bin/python" -c "import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), 'cmake'))")

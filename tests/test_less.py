@@ -20,7 +20,6 @@ from kvcrush_ov.config import (
 )
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.kv_codec import KEY, VALUE, CacheLayout
-from kvcrush_ov.engine.less_op import LESSMix, LESSNodes
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.factory import make_spec
 from kvcrush_ov.less.kernels import LESSState, LESSWeights, mixed_attention
@@ -29,6 +28,7 @@ from kvcrush_ov.transformations.less import (
     LESS_TOKEN_OFFSET,
     LESS_TOKEN_SEQ,
     add_less,
+    less_mix_model,
     probe_cache_types,
     set_cache_types,
     state_h_name,
@@ -144,8 +144,7 @@ def test_switched_off_layers_get_no_op_and_no_state(tiny_model: Path, tmp_path: 
     assert w.active_layers == list(range(1, layers))
     g = to_per_head(read_paged_model(tiny_model / "openvino_model.xml", score_outputs=True,
                                      logits_indices=True, score_aggregation=True))
-    add_less(g, w, LESSNodes(CacheLayout.from_shape(KEY, "f32", 32, w.head_dim),
-                             w.num_kv_heads, w.group, native=False))
+    add_less(g, w, CacheLayout.from_shape(KEY, "f32", 32, w.head_dim))
     mixed = [n.get_friendly_name() for n in g.get_ordered_ops()
              if n.get_friendly_name().endswith("/less_out")]
     assert len(mixed) == layers - 1
@@ -215,7 +214,7 @@ class _Graph:
     """The tiny model's per-head graph with LESS and layer 0's selected queries and mixed
     output as extra outputs; one sequence, per-head tables fed by hand."""
 
-    def __init__(self, model: Path, w: LESSWeights, precision: str, native: bool) -> None:
+    def __init__(self, model: Path, w: LESSWeights, precision: str) -> None:
         core = ov.Core()
         props = kv_cache_properties(precision)
         g = to_per_head(read_paged_model(model / "openvino_model.xml", score_outputs=True,
@@ -224,15 +223,14 @@ class _Graph:
         self.key = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
         self.value = CacheLayout.from_shape(VALUE, vt.get_type_name(), vd[-2], vd[-1])
         set_cache_types(g, kt, kd, vt, vd)
-        nodes = LESSNodes(self.key, w.num_kv_heads, w.group, native=native)
-        add_less(g, w, nodes)
+        add_less(g, w, self.key)
         pa0 = next(n for n in g.get_ordered_ops() if n.get_type_name() == "PagedAttentionExtension"
                    and "key_cache.0" in n.input_value(3).get_names())
         out0 = next(n for n in g.get_ordered_ops()
                     if n.get_friendly_name() == f"{pa0.get_friendly_name()}/less_out")
         # out0 = LESSMix(q, out, idx, ...) (or a Convert of it); its first input is q
         mixed = out0 if out0.get_type_name() == "LESSMix" else out0.input_value(0).get_node()
-        assert mixed.get_type_name() == "LESSMix" and isinstance(mixed, LESSMix) != native
+        assert mixed.get_type_name() == "LESSMix"
         g.add_outputs([mixed.input_value(0), out0.output(0)])
         self.compiled = core.compile_model(g, "CPU", props)
         self.req = self.compiled.create_infer_request()
@@ -296,14 +294,13 @@ class _Graph:
             kb[blk, row], vb[blk, row] = keys[i], values[i]
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["python-op", "native-op"])
-def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path, native: bool) -> None:
+def test_graph_mixes_kept_attention_and_state_like_numpy(tiny_model: Path) -> None:
     """Prefill 48 tokens, evict by hand (f32 cache), fold the evicted rows, then a 2-token
     chunk with LESS: layer 0's output equals the numpy reference over kept rows + the chunk's
-    own rows (causal) + the state, for every query head (Python and native host)."""
+    own rows (causal) + the state, for every query head."""
     w = _weights(tiny_model)
     layers, hq, hkv, d = _geometry(tiny_model)
-    g = _Graph(tiny_model, w, "f32", native)
+    g = _Graph(tiny_model, w, "f32")
     ids = _ids(50, seed=7)
     bs = g.key.block_size
     full = [[[2 * h, 2 * h + 1] for h in range(hkv)] for _ in range(layers)]
@@ -378,12 +375,11 @@ def test_batched_sequences_match_each_alone(tiny_model: Path, tmp_path: Path) ->
 _KEY_ROWS = {"f32": 0, "f16": 0, "bf16": 0, "u8": 8, "u4": 16}  # header rows of a key block
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["python-op", "native-op"])
 @pytest.mark.parametrize(("precision", "sequence_major"),
                          [("f32", False), ("f32", True), ("bf16", True), ("f16", False),
                           ("u8", True), ("u4", False)])
-def test_less_mix_op_reads_each_sequences_own_table(precision: str, sequence_major: bool,
-                                                    native: bool) -> None:
+def test_less_mix_op_reads_each_sequences_own_table(precision: str,
+                                                    sequence_major: bool) -> None:
     """The op alone, 3 sequences x 2 KV heads with their own tables, lengths and states (the
     second one empty), 1-2 selected tokens each: every (token, query head) row is the numpy
     mixing of the kept output with the state, over the log-sum-exp of its own rows, the keys
@@ -415,10 +411,14 @@ def test_less_mix_op_reads_each_sequences_own_table(precision: str, sequence_maj
     state_h[1], state_z[1] = 0, 0  # sequence 1: nothing evicted
     a = w.arrays
     params = [ov.opset13.parameter([-1], ov.Type.f32) for _ in range(16)]
-    # the native op must have been built here (scripts/setup.sh): native=True raises otherwise
-    op = LESSNodes(layout, hkv, g, native=native).mix([p.output(0) for p in params],
-                                                      sequence_major)
-    assert isinstance(op, LESSMix) != native
+    op = less_mix_model(params, layout, hkv, g, sequence_major).get_results()[0].input_value(0)
+    op = op.get_node()
+    assert op.get_type_name() == "LESSMix"
+    attrs = op.get_attributes()
+    assert (attrs["num_kv_heads"], attrs["group"], attrs["sequence_major"]) == (
+        hkv, g, sequence_major)
+    assert (attrs["head_block_bytes"], attrs["block_size"], attrs["by_channel"]) == (
+        layout.native.head_block_bytes, layout.native.block_size, layout.by_channel)
     out = ov.Tensor(ov.Type.f32, [5, hq * d])
     ins = [ov.Tensor(x) for x in (
         q, kept, idx, cache, past_j.astype(np.int32), np.asarray(flat, np.int32),
@@ -447,24 +447,31 @@ def test_less_mix_op_reads_each_sequences_own_table(precision: str, sequence_maj
                 want = mix * o + (1 - mix) * (phi[i, head] @ state_h[s, h]) / z
                 assert 0.05 < mix < 0.95  # both parts count in this check
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the kernel checks the rows before it writes: outside 0..T-1, or not increasing
+    for bad, what in (([0, 5], "outside 0..4"), ([2, 0], "strictly increasing")):
+        ins[2] = ov.Tensor(np.array(bad, np.int32))
+        ins[7], ins[8] = ov.Tensor(seq[:2].astype(np.int32)), ov.Tensor(off[:2].astype(np.int32))
+        with pytest.raises(Exception, match=f"less_token_index.*{what}"):
+            op.evaluate([out], ins)
 
 
-def test_engines_dropped_in_any_order_keep_the_library_loaded(tiny_model: Path,
-                                                               tmp_path: Path) -> None:
-    """The extension library stays loaded for the process: a runner's node builder collected
-    before its compiled models, then the engine, then a new engine, runs and frees cleanly (a
-    library unloaded under live compiled models crashed the CI run at their destruction)."""
+def test_engines_dropped_in_any_order_run_and_free_cleanly(tiny_model: Path,
+                                                          tmp_path: Path) -> None:
+    """The LESSMix code lives in kvcrush_ov._core, loaded for the whole process: engines (and
+    their compiled models holding LESSMix nodes) dropped in any order, with another one built
+    in between, run and free cleanly (an extension library unloaded under live compiled models
+    once crashed the CI run at their destruction)."""
     import gc
 
     path = _weights(tiny_model).save(tmp_path / "w.npz")
     ids = _ids(200, seed=0)
     first = _engine(tiny_model, "f32", path)
     want = _run(first, ids).output_ids
-    assert first.runner.less_nodes.native  # the native op is built here (scripts/setup.sh)
-    del first.runner.less_nodes
-    gc.collect()
-    assert _run(first, ids).output_ids == want
+    second = _engine(tiny_model, "f32", path)
     del first
+    gc.collect()
+    assert _run(second, ids).output_ids == want
+    del second
     gc.collect()
     assert _run(_engine(tiny_model, "f32", path), ids).output_ids == want
 
@@ -485,3 +492,35 @@ def test_fold_accumulates_into_its_own_layer_and_head() -> None:
     np.testing.assert_allclose(st.z[1, 0], p.sum(0), rtol=2e-5)
     np.testing.assert_allclose(st.H[1, 0], p.T @ values, rtol=2e-5, atol=2e-5 * np.abs(p).sum())
     assert not st.z[0].any() and not st.H[:, 1].any() and st.num_folded[1, 0] == 300
+
+
+def test_chat_rewrite_of_folded_tokens_recomputes(tiny_model: Path, tmp_path: Path) -> None:
+    """A turn that keeps the conversation reuses the cache and its LESS state; a turn that
+    rewrites positions LESS has folded (sums that cannot give them back) recomputes the whole
+    conversation and gives a fresh run's greedy tokens."""
+    path = _weights(tiny_model).save(tmp_path / "w.npz")
+    eng = _engine(tiny_model, "f32", path)
+    first = eng.add_request(_ids(120, seed=4), GREEDY, set(), lambda x: "", keep_cache=True)
+    while eng.has_unfinished():
+        eng.step()
+    state: LESSState = first.extra["less"]
+    assert 8 <= state.max_position < 120 - 16  # evicted: past the sinks, before the recent
+    # the same conversation and a new message: only the new tokens are computed
+    keep = first.all_ids[:first.num_computed] + _ids(20, seed=5)
+    tokens = eng.stats.tokens
+    a = eng.continue_request(first, keep, GREEDY, set(), lambda x: "", branch=True)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats.rewrites_recomputed == 0
+    assert eng.stats.tokens - tokens == 20 + GREEDY.max_new_tokens - 1  # new ones + decode
+    assert a.extra["less"].max_position >= state.max_position  # the state carried on
+    # a rewrite from before the last folded position
+    cut = state.max_position - 1
+    rewrite = first.all_ids[:cut] + _ids(30, seed=6)
+    b = eng.continue_request(first, rewrite, GREEDY, set(), lambda x: "", branch=True)
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+    assert eng.stats.rewrites_recomputed == 1
+    fresh = _run(_engine(tiny_model, "f32", path), rewrite)
+    assert b.extra["evictions"] >= 1 and b.output_ids == fresh.output_ids

@@ -34,4 +34,8 @@ def model_address(model: ov.Model) -> int:
     if not isinstance(model, ov.Model):
         raise TypeError(f"expected an openvino.Model, got {type(model).__name__}")
     _check_same_runtime()
-    return int(model._get_raw_address())
+    raw = getattr(model, "_get_raw_address", None)
+    if raw is None:  # a private openvino API: fail clearly should a release drop it
+        raise RuntimeError(f"openvino {ov.get_version()}: Model has no _get_raw_address(); the "
+                           "C++ passes cannot reach the model")
+    return int(raw())

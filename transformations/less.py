@@ -11,51 +11,67 @@ dropped). PagedAttention is unchanged (it writes the cache and computes the kept
                     scale, less_state_H.L, less_state_z.L, phi's w1, b1, w2, b2)
           = out with its rows idx mixed
 
-``LESSMix`` (``kvcrush_ov.engine.less_op``, one kernel: ``kvcrush::less_mix``) computes the
-log-sum-exp ``L`` of the logits over the kept keys from the cache, ``phi(q) = |gelu(gelu(q W1 +
-b1) W2 + b2)|``, ``N, Z = phi . H[seq], phi . z[seq]`` (per KV head group) and
+(``query`` is the per-head rewrite's input, ``out`` its ``<pa>/per_head_out/merge``; both are
+converted to f32 for the op when they are not, and its output back to ``out``'s type; the node
+replacing ``out`` is named ``<pa>/less_out``.)
+
+``LESSMix`` (C++ op ``kvcrush::LESSMixOp``, cpp/include/kvcrush/less_mix_op.hpp, one kernel:
+``kvcrush::less_mix``) computes the log-sum-exp ``L`` of the logits over the kept keys, read
+straight from the cache tensor (every format :mod:`kvcrush_ov.engine.kv_codec` decodes; the
+plugin hands it the cache memory itself, no copy) through the per-head block tables, ``phi(q) =
+|gelu(gelu(q W1 + b1) W2 + b2)|``, ``N, Z = phi . H[seq], phi . z[seq]`` (per KV head group) and
 ``a * kept + (1 - a) * N / Z`` with ``a = sigmoid(L - log Z)``, exactly 1 when ``Z = 0``. It runs
-after PagedAttention wrote this step's keys (it reads PagedAttention's output).
+after PagedAttention wrote this step's keys (it reads PagedAttention's output). Its code is
+part of ``kvcrush_ov._core`` (loaded for the whole process, so no node or compiled model can
+outlive it); the CPU plugin runs it natively, no call into Python per layer and step.
+
+The op's inputs: 0 ``q`` f32 [T, Hq*D] (every token of the step), 1 the kept output f32
+[T, Hq*Dv], 2 ``less_token_index`` i32 [M] (the rows to mix), 3 ``key_cache.L`` (per-head pool
+``[NB, 1, rows, cols]``), 4 ``head_past_lens.L`` [J], 5 ``block_indices.L``,
+6 ``block_indices_begins.L`` [J+1], 7 ``less_token_seq`` [M], 8 ``less_token_offset`` [M],
+9 ``scale`` [], 10 ``less_state_H.L`` [B, Hkv, F, Dv], 11 ``less_state_z.L`` [B, Hkv, F],
+12..15 phi's w1 [Hq, D, Y], b1 [Hq, Y], w2 [Hq, Y, F], b2 [Hq, F]. ``J = B * Hkv`` subsequences,
+head-major (``j = h*B + s``) or sequence-major (``j = s*Hkv + h``); token ``m`` sees rows
+``0 .. past[j] + offset[m]`` of subsequence ``j`` (its own key included, causal). Output: f32
+[T, Hq*Dv], input 1 with its rows ``idx`` mixed (one op per layer selects the rows too: every op
+of a decode step costs a dispatch). Attributes: ``num_kv_heads``, ``group``, ``sequence_major``
+and the key cache's format (:func:`key_format`).
 
 Inputs added: ``less_token_index`` [M] i32, ``less_token_seq`` [M] i32 (sequence of each
 selected token: the ``s`` of the per-head layout), ``less_token_offset`` [M] i32 (its index among
 its sequence's new tokens of the step), and per layer ``less_state_H.L`` [B, Hkv, F, Dv] f32 and
 ``less_state_z.L`` [B, Hkv, F] f32. Only the weights' active layers
 (:attr:`LESSWeights.active_layers`) get the op and the states: in a layer training switched
-off, LESS is exactly PagedAttention, and each op costs decode time.
+off, LESS is exactly PagedAttention, and each op costs decode time. The model's rt_info gets
+``kvcrush_less/feature_dim``.
 
 Because another op reads ``key_cache.L``, the plugin no longer types the cache parameters itself:
-call :func:`set_cache_types` with the types and shapes the plain graph compiles to.
+call :func:`set_cache_types` with the types and shapes the plain graph compiles to
+(:func:`probe_cache_types`).
+
+The rewrites are the C++ passes ``kvcrush::AddLESS`` and ``kvcrush::SetCacheTypes``
+(``cpp/include/kvcrush/passes.hpp``), run through ``kvcrush_ov._core``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from kvcrush_ov import _core
 from kvcrush_ov.less.kernels import LESSWeights
-from kvcrush_ov.transformations.per_head import (
-    PA_TYPE,
-    PerHeadLayout,
-    block_indices_begins_name,
-    block_indices_name,
-    head_past_lens_name,
-)
+from kvcrush_ov.transformations._native import model_address
+
+if TYPE_CHECKING:
+    from kvcrush_ov.engine.kv_codec import CacheLayout
 
 LESS_TOKEN_INDEX = "less_token_index"
 LESS_TOKEN_SEQ = "less_token_seq"
 LESS_TOKEN_OFFSET = "less_token_offset"
-_RT_KEY = "kvcrush_less"
-_Q, _KC, _SCALE = 0, 3, 9
-
-class LESSNodes(Protocol):
-    """Builds a layer's ``LESSMix`` node (module doc; ``kvcrush_ov.engine.less_op``)."""
-
-    def mix(self, inputs: list[ov.Output], sequence_major: bool) -> ov.Node: ...
-
+_FORMATS = {"f32": 1, "f16": 2, "bf16": 3}  # kvcrush::KeyFormat of plain key rows
 
 
 class LESSPatternError(RuntimeError):
@@ -63,112 +79,50 @@ class LESSPatternError(RuntimeError):
 
 
 def state_h_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``less_state_H.L`` input ([B, Hkv, F, Dv] f32)."""
     return f"less_state_H.{layer}"
 
 
 def state_z_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``less_state_z.L`` input ([B, Hkv, F] f32)."""
     return f"less_state_z.{layer}"
 
 
-def _params(model: ov.Model) -> dict[str, ov.Node]:
-    return {n: p for p in model.get_parameters() for n in p.output(0).get_names()}
+def key_format(key_layout: CacheLayout) -> int:
+    """``kvcrush::KeyFormat`` of a key cache: 0 by channel (u8 / u4), 1 f32, 2 f16, 3 bf16."""
+    return 0 if key_layout.by_channel else _FORMATS[key_layout.precision]
 
 
-def _layer_of(pa: ov.Node) -> int:
-    for name in pa.input_value(_KC).get_names():
-        if name.startswith("key_cache."):
-            return int(name.split(".", 1)[1])
-    raise LESSPatternError(f"add_less: input 3 of {pa.get_friendly_name()} is not key_cache.L")
+def add_less(model: ov.Model, weights: LESSWeights, key_layout: CacheLayout) -> ov.Model:
+    """Add LESS mixing (one ``LESSMix`` op per active layer; module doc) to a per-head paged
+    ``model`` (in place; returns it). ``key_layout``: the compiled key cache's head-block
+    format (``CacheLayout.from_shape`` of :func:`probe_cache_types`'s key type and dims).
 
-
-def _walk_back(value: ov.Output, prefix: str) -> ov.Output:
-    """Through the per-head rewrite's reshapes / transposes named ``prefix...`` to their source."""
-    while value.get_node().get_friendly_name().startswith(prefix):
-        value = value.get_node().input_value(0)
-    return value
-
-
-def _merged_output(pa: ov.Node) -> ov.Output:
-    """The per-head rewrite's ``[T, Hq*Dv]`` output of ``pa`` (its ``/per_head_out/merge``)."""
-    tag = pa.get_friendly_name()
-    value = pa.output(0)
-    for _ in range(4):
-        targets = list(value.get_target_inputs())
-        if len(targets) != 1:
-            break
-        node = targets[0].get_node()
-        if not node.get_friendly_name().startswith(f"{tag}/per_head_out"):
-            break
-        value = node.output(0)
-        if node.get_friendly_name() == f"{tag}/per_head_out/merge":
-            return value
-    raise LESSPatternError(f"add_less: {tag} has no per-head output merge (run to_per_head first)")
-
-
-def _f32(x: ov.Output) -> ov.Output:
-    return x if x.get_element_type() == ov.Type.f32 else ops.convert(x, ov.Type.f32).output(0)
-
-
-def _c(x: np.ndarray) -> ov.Output:
-    return ops.constant(np.ascontiguousarray(x, dtype=np.float32)).output(0)
-
-
-def add_less(model: ov.Model, weights: LESSWeights, nodes: LESSNodes) -> ov.Model:
-    """Add LESS mixing (one ``nodes.mix`` op per layer) to every layer of a per-head paged
-    ``model`` (in place; returns it)."""
-    if model.has_rt_info([_RT_KEY, "feature_dim"]):
-        raise LESSPatternError("add_less: the model already has LESS")
-    if not model.has_rt_info(["kvcrush_per_head", "num_kv_heads"]):
-        raise LESSPatternError("add_less: run to_per_head first")
-    pas = [n for n in model.get_ordered_ops() if n.get_type_name() == PA_TYPE]
-    params = _params(model)
-    sequence_major = PerHeadLayout.from_model(model).sequence_major
-    hq, hkv, d = weights.num_heads, weights.num_kv_heads, weights.head_dim
-    f = weights.feature_dim
-    if len(pas) != weights.num_layers:
-        raise LESSPatternError(f"add_less: the model has {len(pas)} attention layers, the "
-                               f"weights {weights.num_layers}")
-    idx = ops.parameter([-1], ov.Type.i32, name=LESS_TOKEN_INDEX)
-    seq = ops.parameter([-1], ov.Type.i32, name=LESS_TOKEN_SEQ)
-    off = ops.parameter([-1], ov.Type.i32, name=LESS_TOKEN_OFFSET)
-    new_params = [idx, seq, off]
+    Raises :class:`LESSPatternError` naming the node when the graph does not match (not per-head,
+    LESS already added, layer count or query width unlike the weights'); every layer is checked
+    before anything is changed.
+    """
     a = weights.arrays
-    active = set(weights.active_layers)
-    for pa in pas:
-        layer = _layer_of(pa)
-        if layer not in active:
-            continue  # switched off: attention there is exactly PagedAttention's
-        tag = pa.get_friendly_name()
-        q = _walk_back(pa.input_value(_Q), f"{tag}/per_head_q")
-        out = _merged_output(pa)
-        width = q.get_partial_shape()[1]
-        if width.is_dynamic or width.get_length() != hq * d:
-            raise LESSPatternError(f"add_less: {tag}: query width {width}, the weights need "
-                                   f"{hq}*{d}")
-        dv = out.get_partial_shape()[1].get_length() // hq
-        targets = list(out.get_target_inputs())
-        tables = [params[head_past_lens_name(layer)].output(0),
-                  params[block_indices_name(layer)].output(0),
-                  params[block_indices_begins_name(layer)].output(0)]
-        scale = ops.convert(pa.input_value(_SCALE), ov.Type.f32).output(0)
-        h_state = ops.parameter([-1, hkv, f, dv], ov.Type.f32, name=state_h_name(layer))
-        z_state = ops.parameter([-1, hkv, f], ov.Type.f32, name=state_z_name(layer))
-        new_params += [h_state, z_state]
-        mixed = nodes.mix([_f32(q), _f32(out), idx.output(0), pa.input_value(_KC), *tables,
-                           seq.output(0), off.output(0), scale, h_state.output(0),
-                           z_state.output(0), _c(a["q_w1"][layer]), _c(a["q_b1"][layer]),
-                           _c(a["q_w2"][layer]), _c(a["q_b2"][layer])], sequence_major)
-        new_out = mixed
-        if out.get_element_type() != ov.Type.f32:
-            new_out = ops.convert(mixed.output(0), out.get_element_type())
-        new_out.set_friendly_name(f"{tag}/less_out")
-        for t in targets:
-            t.replace_source_output(new_out.output(0))
-    for p in new_params:
-        p.output(0).set_names({p.get_friendly_name()})
-    model.add_parameters(new_params)
-    model.set_rt_info(f, [_RT_KEY, "feature_dim"])
-    model.validate_nodes_and_infer_types()
+
+    def f32(name: str) -> np.ndarray:
+        return np.ascontiguousarray(a[name], dtype=np.float32)
+
+    try:
+        _core.add_less(model_address(model), weights.num_kv_heads, list(weights.active_layers),
+                       f32("q_w1"), f32("q_b1"), f32("q_w2"), f32("q_b2"),
+                       key_format(key_layout), key_layout.native)
+    except _core.LESSPatternError as err:
+        raise LESSPatternError(str(err)) from None
+    return model
+
+
+def less_mix_model(params: list[ov.Node], key_layout: CacheLayout, num_kv_heads: int,
+                   group: int, sequence_major: bool) -> ov.Model:
+    """A model of one ``LESSMix`` op over ``params`` (its 16 inputs in order, module doc) and
+    one output, for testing or timing the op alone; ``model.get_results()[0]`` reads the op."""
+    model = ov.Model([ops.result(params[1])], params, "less_mix")
+    _core.less_mix_model(model_address(model), num_kv_heads, group, sequence_major,
+                         key_format(key_layout), key_layout.native)
     return model
 
 
@@ -176,14 +130,9 @@ def set_cache_types(model: ov.Model, key_type: ov.Type, key_dims: list[int],
                     value_type: ov.Type, value_dims: list[int]) -> None:
     """Give every ``key_cache.L`` / ``value_cache.L`` parameter its compiled element type and
     ``[?, *dims]`` shape (the plugin leaves a cache read by another op untyped)."""
-    for name, p in _params(model).items():
-        if name.startswith("key_cache."):
-            p.set_element_type(key_type)
-            p.set_partial_shape(ov.PartialShape([-1, *key_dims]))
-        elif name.startswith("value_cache."):
-            p.set_element_type(value_type)
-            p.set_partial_shape(ov.PartialShape([-1, *value_dims]))
-    model.validate_nodes_and_infer_types()
+    _core.set_cache_types(model_address(model), key_type.get_type_name(),
+                          [int(d) for d in key_dims], value_type.get_type_name(),
+                          [int(d) for d in value_dims])
 
 
 def probe_cache_types(core: ov.Core, device: str, props: dict, head_dim: int, v_head_dim: int,

@@ -87,14 +87,17 @@ class PerHeadPatternError(RuntimeError):
 
 
 def head_past_lens_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``head_past_lens.L`` input ([B*Hkv] i32)."""
     return f"head_past_lens.{layer}"
 
 
 def block_indices_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``block_indices.L`` input ([*] i32)."""
     return f"block_indices.{layer}"
 
 
 def block_indices_begins_name(layer: int) -> str:
+    """Name of layer ``layer``'s ``block_indices_begins.L`` input ([B*Hkv + 1] i32)."""
     return f"block_indices_begins.{layer}"
 
 

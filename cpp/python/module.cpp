@@ -6,6 +6,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/array.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/tuple.h>
@@ -27,6 +28,7 @@
 
 #include "kvcrush/compaction.hpp"
 #include "kvcrush/less.hpp"
+#include "kvcrush/less_mix_op.hpp"
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/passes.hpp"
 #include "kvcrush/policy.hpp"
@@ -473,53 +475,6 @@ Out<float> decode_by_channel(In<uint8_t, 2> blocks, In<int64_t, 1> which, In<int
   return out;
 }
 
-// ---- LESS
-
-Out<float> less_mix(In<uint8_t, 2> cache, std::array<int64_t, 7> geometry, int format,
-                    In<float, 2> q, In<float, 2> o_kept, int64_t num_kv_heads, int64_t group,
-                    float scale, In<int32_t, 1> past, In<int32_t, 1> table,
-                    In<int32_t, 1> begins, In<int32_t, 1> seq, In<int32_t, 1> off,
-                    bool sequence_major, In<float, 3> w1, In<float, 2> b1, In<float, 3> w2,
-                    In<float, 2> b2, In<float, 4> state_h, In<float, 3> state_z) {
-  // geometry: a BlockLayout's fields as plain integers (no binding object per call)
-  const kvcrush::BlockLayout layout{geometry[0] != 0, static_cast<int>(geometry[1]),
-                                    geometry[2], geometry[3], geometry[4], geometry[5],
-                                    geometry[6]};
-  if (static_cast<int64_t>(cache.shape(1)) != layout.head_block_bytes)
-    bad_shape("cache", "[NB, head_block_bytes]");
-  if (format < 0 || format > 3) bad_shape("format", "0 (by channel), 1 (f32), 2 (f16), 3 (bf16)");
-  const auto m = static_cast<size_t>(q.shape(0));
-  const int64_t hq = num_kv_heads * group;
-  if (num_kv_heads <= 0 || group <= 0 || static_cast<int64_t>(q.shape(1)) != hq * layout.head_dim)
-    bad_shape("q", "[M, num_kv_heads * group * head_dim]");
-  if (o_kept.shape(0) != m || o_kept.shape(1) % hq != 0) bad_shape("o_kept", "[M, Hq * Dv]");
-  const auto dv = static_cast<int64_t>(o_kept.shape(1)) / hq;
-  if (seq.shape(0) != m || off.shape(0) != m) bad_shape("seq / off", "one entry per row of q");
-  if (begins.shape(0) != past.shape(0) + 1) bad_shape("begins", "one entry more than past");
-  const auto y = static_cast<int64_t>(w1.shape(2)), f = static_cast<int64_t>(w2.shape(2));
-  if (static_cast<int64_t>(w1.shape(0)) != hq || static_cast<int64_t>(w1.shape(1)) !=
-      layout.head_dim || static_cast<int64_t>(w2.shape(1)) != y ||
-      static_cast<int64_t>(b1.shape(1)) != y || static_cast<int64_t>(b2.shape(1)) != f)
-    bad_shape("w1 / b1 / w2 / b2", "[Hq, D, Y] / [Hq, Y] / [Hq, Y, F] / [Hq, F]");
-  const auto b = static_cast<size_t>(state_h.shape(0));
-  if (past.shape(0) != b * static_cast<size_t>(num_kv_heads) || state_z.shape(0) != b ||
-      static_cast<int64_t>(state_h.shape(2)) != f || static_cast<int64_t>(state_h.shape(3)) != dv)
-    bad_shape("state_h / state_z", "[B, Hkv, F, Dv] / [B, Hkv, F] for the step's B sequences");
-  auto out = new_array<float, 2>({m, static_cast<size_t>(hq * dv)});
-  kvcrush::HeadTables t{past.data(), table.data(), begins.data(),
-                        static_cast<int64_t>(past.shape(0)), static_cast<int64_t>(table.shape(0))};
-  kvcrush::QueryFeatureMap phi{w1.data(), b1.data(), w2.data(), b2.data(), y, f};
-  {
-    nb::gil_scoped_release unlocked;
-    kvcrush::less_mix(cache.data(), static_cast<int64_t>(cache.shape(0)), layout,
-                      static_cast<kvcrush::KeyFormat>(format), t, q.data(), o_kept.data(),
-                      static_cast<int64_t>(m), num_kv_heads, group, dv, scale, seq.data(),
-                      off.data(), sequence_major, phi, state_h.data(), state_z.data(),
-                      out.data());
-  }
-  return out;
-}
-
 // ---- graph passes (kvcrush/passes.hpp) on models owned by the openvino Python package
 
 /// The ov::Model behind a Python ``openvino.Model``: ``address`` is its
@@ -536,6 +491,49 @@ std::shared_ptr<ov::Model> model_at(uintptr_t address) {
   } catch (const std::bad_weak_ptr&) {
     throw std::invalid_argument("model: the ov::Model is not owned by a std::shared_ptr");
   }
+}
+
+kvcrush::KeyFormat key_format(int format) {
+  if (format < 0 || format > 3) bad_shape("format", "0 (by channel), 1 (f32), 2 (f16), 3 (bf16)");
+  return static_cast<kvcrush::KeyFormat>(format);
+}
+
+/// kvcrush::AddLESS with the weights' arrays (shapes give the sizes; sliced per layer in C++).
+void add_less(uintptr_t model, int64_t num_kv_heads, const std::vector<int64_t>& active_layers,
+              In<float, 4> w1, In<float, 3> b1, In<float, 4> w2, In<float, 3> b2, int format,
+              const kvcrush::BlockLayout& key_layout) {
+  kvcrush::validate_layout(key_layout);
+  kvcrush::LESSWeights w;
+  w.num_layers = static_cast<int64_t>(w1.shape(0));
+  w.num_heads = static_cast<int64_t>(w1.shape(1));
+  w.num_kv_heads = num_kv_heads;
+  w.head_dim = static_cast<int64_t>(w1.shape(2));
+  w.hidden = static_cast<int64_t>(w1.shape(3));
+  w.feature_dim = static_cast<int64_t>(w2.shape(3));
+  w.active_layers = active_layers;
+  w.q_w1.assign(w1.data(), w1.data() + w1.size());
+  w.q_b1.assign(b1.data(), b1.data() + b1.size());
+  w.q_w2.assign(w2.data(), w2.data() + w2.size());
+  w.q_b2.assign(b2.data(), b2.data() + b2.size());
+  kvcrush::add_less(model_at(model), w, key_format(format), key_layout);
+}
+
+/// The model's one Result reads LESSMix(its 16 Parameters, in order) afterwards (the op alone,
+/// for tests and benchmarks of the op).
+void less_mix_model(uintptr_t address, int64_t num_kv_heads, int64_t group, bool sequence_major,
+                    int format, const kvcrush::BlockLayout& key_layout) {
+  kvcrush::validate_layout(key_layout);
+  const auto model = model_at(address);
+  if (model->get_parameters().size() != kvcrush::LESSMixOp::kNumInputs ||
+      model->get_results().size() != 1)
+    bad_shape("model", "16 Parameters (the op's inputs) and one Result");
+  ov::OutputVector args;
+  for (const auto& p : model->get_parameters()) args.push_back(p->output(0));
+  const kvcrush::LESSMixAttributes attributes{num_kv_heads, group, sequence_major,
+                                              key_format(format), key_layout};
+  auto op = std::make_shared<kvcrush::LESSMixOp>(args, attributes);
+  model->get_results().front()->input(0).replace_source_output(op->output(0));
+  model->validate_nodes_and_infer_types();
 }
 
 std::string openvino_build() { return ov::get_openvino_version().buildNumber; }
@@ -598,12 +596,6 @@ NB_MODULE(_core, m) {
         nb::arg("layout"), "u8 [N, HB]: f32 rows [N, bs, D] as by-channel key head-blocks.");
   m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
         nb::arg("rows"), nb::arg("layout"), "f32 [M, D]: rows of by-channel key head-blocks.");
-  m.def("less_mix", &less_mix, nb::arg("cache"), nb::arg("geometry"), nb::arg("format"),
-        nb::arg("q"), nb::arg("o_kept"), nb::arg("num_kv_heads"), nb::arg("group"),
-        nb::arg("scale"), nb::arg("past"), nb::arg("table"), nb::arg("begins"), nb::arg("seq"),
-        nb::arg("off"), nb::arg("sequence_major"), nb::arg("w1"), nb::arg("b1"), nb::arg("w2"),
-        nb::arg("b2"), nb::arg("state_h"), nb::arg("state_z"),
-        "f32 [M, Hq*Dv]: LESS's mixed attention rows (less.hpp, kvcrush::less_mix).");
   nb::class_<kvcrush::PolicyConfig>(m, "PolicyConfig",
                                     "An eviction policy (policy.hpp, kvcrush::PolicyConfig), "
                                     "validated at construction.")
@@ -674,6 +666,8 @@ NB_MODULE(_core, m) {
   // ---- graph passes: ``model`` is an openvino.Model's _get_raw_address() (see model_at)
   nb::exception<kvcrush::PerHeadPatternError>(m, "PerHeadPatternError", PyExc_RuntimeError);
   nb::exception<kvcrush::LogitsPatternError>(m, "LogitsPatternError", PyExc_RuntimeError);
+  nb::exception<kvcrush::FastKVPatternError>(m, "FastKVPatternError", PyExc_ValueError);
+  nb::exception<kvcrush::LESSPatternError>(m, "LESSPatternError", PyExc_RuntimeError);
   m.def("openvino_build", &openvino_build,
         "Build number of the libopenvino this module runs on (openvino.get_version() format).");
   m.def("openvino_compiled_version", &openvino_compiled_version,
@@ -698,4 +692,46 @@ NB_MODULE(_core, m) {
         kvcrush::to_per_head(model_at(model), sequence_major);
       },
       nb::arg("model"), nb::arg("sequence_major"), "kvcrush::ToPerHead on the model in place.");
+  m.def(
+      "fastkv_cut",
+      [](uintptr_t model, int64_t split_layer, bool front) {
+        kvcrush::fastkv_cut(model_at(model), split_layer,
+                            front ? kvcrush::FastKVPart::front : kvcrush::FastKVPart::back);
+      },
+      nb::arg("model"), nb::arg("split_layer"), nb::arg("front"),
+      "kvcrush::FastKVCut on the model in place (the front part, or the back part).");
+  m.def(
+      "fastkv_residual_stream",
+      [](uintptr_t model) {
+        std::vector<std::pair<std::string, size_t>> out;
+        for (const auto& h : kvcrush::residual_stream(*model_at(model)))
+          out.emplace_back(h.get_node()->get_name(), h.get_index());
+        return out;
+      },
+      nb::arg("model"),
+      "kvcrush::residual_stream as (unique node name (Node.get_name()), output index) pairs.");
+  m.def(
+      "fastkv_num_layers",
+      [](uintptr_t model) { return kvcrush::count_layers(*model_at(model)); }, nb::arg("model"),
+      "kvcrush::count_layers: the model's key_cache.* Parameters.");
+  m.def("add_less", &add_less, nb::arg("model"), nb::arg("num_kv_heads"),
+        nb::arg("active_layers"), nb::arg("q_w1"), nb::arg("q_b1"), nb::arg("q_w2"),
+        nb::arg("q_b2"), nb::arg("format"), nb::arg("key_layout"),
+        "kvcrush::AddLESS on the model in place: phi's weights f32 q_w1 [L, Hq, D, Y], "
+        "q_b1 [L, Hq, Y], q_w2 [L, Hq, Y, F], q_b2 [L, Hq, F]; the key cache's format "
+        "(kvcrush::KeyFormat) and head-block layout.");
+  m.def(
+      "set_cache_types",
+      [](uintptr_t model, const std::string& key_type, const std::vector<int64_t>& key_dims,
+         const std::string& value_type, const std::vector<int64_t>& value_dims) {
+        kvcrush::set_cache_types(model_at(model),
+                                 {ov::element::Type(key_type), ov::element::Type(value_type),
+                                  key_dims, value_dims});
+      },
+      nb::arg("model"), nb::arg("key_type"), nb::arg("key_dims"), nb::arg("value_type"),
+      nb::arg("value_dims"),
+      "kvcrush::SetCacheTypes on the model in place (types by name: 'u8', 'f32', ...).");
+  m.def("less_mix_model", &less_mix_model, nb::arg("model"), nb::arg("num_kv_heads"),
+        nb::arg("group"), nb::arg("sequence_major"), nb::arg("format"), nb::arg("key_layout"),
+        "A model of 16 Parameters and one Result -> its Result reads LESSMix(Parameters).");
 }

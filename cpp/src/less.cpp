@@ -163,11 +163,27 @@ KVCRUSH_HOT void codes_to_float(const uint8_t* codes, int64_t d, bool u4, float*
 
 }  // namespace
 
+void check_rows(const RowSelection& sel, int64_t m) {
+  if (sel.rows == nullptr) {
+    if (sel.num_rows != m)
+      throw std::invalid_argument("less_token_index: without one, allowed exactly T = M rows");
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    if (sel.rows[i] < 0 || sel.rows[i] >= sel.num_rows)
+      throw std::out_of_range("less_token_index: row " + std::to_string(sel.rows[i]) +
+                              " outside 0.." + std::to_string(sel.num_rows - 1));
+    if (i > 0 && sel.rows[i] <= sel.rows[i - 1])
+      throw std::invalid_argument("less_token_index: allowed strictly increasing rows");
+  }
+}
+
 void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
-              KeyFormat format, const HeadTables& t, const float* q, int64_t m,
-              int64_t num_kv_heads, int64_t group, float scale, const int32_t* seq,
+              KeyFormat format, const HeadTables& t, const float* q, const RowSelection& sel,
+              int64_t m, int64_t num_kv_heads, int64_t group, float scale, const int32_t* seq,
               const int32_t* off, bool sequence_major, float* out) {
   validate_layout(layout);
+  check_rows(sel, m);
   if ((format == KeyFormat::by_channel) != layout.by_channel)
     throw std::invalid_argument("format: allowed by_channel exactly for a by-channel layout");
   if (num_kv_heads <= 0 || group <= 0 || t.num_subsequences % num_kv_heads != 0)
@@ -186,7 +202,7 @@ void kept_lse(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
     if (off[i] < 0 || n > blocks * bs || first < 0 || t.begins[j + 1] > t.table_len)
       throw std::out_of_range("less: row " + std::to_string(n - 1) + " outside the table of "
                               "subsequence " + std::to_string(j));
-    const float* qh = q + i * hq * d + h * group * d;
+    const float* qh = q + sel.row(i) * hq * d + h * group * d;
     std::vector<float> tile(static_cast<size_t>(bs * d));  // a block's keys, f32 [rows, D]
     std::vector<float> qs(static_cast<size_t>(group * d));  // q * scale (by channel: * key scale)
     std::vector<float> bias(static_cast<size_t>(group), 0.0f);
@@ -265,7 +281,8 @@ KVCRUSH_HOT void query_features(const float* qv, const float* w1, const float* b
 
 void less_mix(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layout,
               KeyFormat format, const HeadTables& tables, const float* q, const float* o_kept,
-              int64_t m, int64_t num_kv_heads, int64_t group, int64_t v_dim, float scale,
+              const RowSelection& sel, int64_t m, int64_t num_kv_heads, int64_t group,
+              int64_t v_dim, float scale,
               const int32_t* seq, const int32_t* off, bool sequence_major,
               const QueryFeatureMap& phi, const float* state_h, const float* state_z,
               float* out) {
@@ -274,20 +291,20 @@ void less_mix(const uint8_t* cache, int64_t num_blocks, const BlockLayout& layou
   if (y <= 0 || f <= 0 || v_dim <= 0)
     throw std::invalid_argument("phi: allowed positive hidden, features and v_dim");
   std::vector<float> lse(static_cast<size_t>(m * hq));
-  kept_lse(cache, num_blocks, layout, format, tables, q, m, num_kv_heads, group, scale, seq, off,
-           sequence_major, lse.data());
+  kept_lse(cache, num_blocks, layout, format, tables, q, sel, m, num_kv_heads, group, scale, seq,
+           off, sequence_major, lse.data());
   parallel_for(m * hq, d * y + y * f + f * v_dim, [&](int64_t item) {
     const int64_t i = item / hq, head = item % hq, kv = head / group;
-    const int64_t s = seq[i];
+    const int64_t s = seq[i], r = sel.row(i);
     std::vector<float> hid(static_cast<size_t>(y)), feat(static_cast<size_t>(f));
-    query_features(q + i * hq * d + head * d, phi.w1 + head * d * y, phi.b1 + head * y,
+    query_features(q + r * hq * d + head * d, phi.w1 + head * d * y, phi.b1 + head * y,
                    phi.w2 + head * y * f, phi.b2 + head * f, d, y, f, hid.data(), feat.data());
     const float* zs = state_z + (s * num_kv_heads + kv) * f;
     const float* hs = state_h + (s * num_kv_heads + kv) * f * v_dim;
     float z = 0.0f;
     for (int64_t k = 0; k < f; ++k) z += feat[k] * zs[k];
-    const float* o = o_kept + i * hq * v_dim + head * v_dim;
-    float* dst = out + i * hq * v_dim + head * v_dim;
+    const float* o = o_kept + r * hq * v_dim + head * v_dim;
+    float* dst = out + r * hq * v_dim + head * v_dim;
     if (!(z > 0.0f)) {  // empty state: exactly the kept part
       if (dst != o) std::copy(o, o + v_dim, dst);
       return;

@@ -43,6 +43,7 @@ class EngineStats:
     decode_step_s: float = 0.0
     decode_infer_s: float = 0.0
     tokens: int = 0  # tokens run through the model (prompt chunks and decode), all steps
+    rewrites_recomputed: int = 0  # chat turns recomputed: they rewrote tokens LESS had folded
 
     @property
     def python_ms_per_decode_step(self) -> float:
@@ -204,10 +205,14 @@ class LLMEngine:
                 raise ValueError("continue_request(eviction=..., evict_turn=False) needs an "
                                  "engine built with eviction")
             seq.extra["evictions"] = 0
-        if eviction is not None and seq.seq_id in self.kv.tables:
-            seq.prompt_ids = seq.all_ids[:seq.num_computed]  # the budget follows the context
-            self.evictor.set_spec(seq, eviction)
-            self.evictor.evict(seq)
+        if eviction is not None:
+            if seq.seq_id in self.kv.tables:
+                seq.prompt_ids = seq.all_ids[:seq.num_computed]  # budget: the cached context
+                self.evictor.set_spec(seq, eviction)
+                self.evictor.evict(seq)
+            else:  # recomputed from the start (dropped, or a rewrite under LESS)
+                seq.prompt_ids = list(prompt_ids)
+                self.evictor.set_spec(seq, eviction)
         seq.prompt_ids = list(prompt_ids)
         seq.sampler = SequenceSampler(config, seq.prompt_ids, eos_token_ids, detokenize)
         seq.arrival = time.perf_counter()
@@ -224,7 +229,17 @@ class LLMEngine:
         return seq
 
     def _truncate(self, seq: Sequence, num_tokens: int) -> None:
-        """Forget ``seq``'s cached positions from ``num_tokens`` on."""
+        """Forget ``seq``'s cached positions from ``num_tokens`` on. Where its LESS state
+        holds evicted tokens from there on (sums that cannot give them back), the whole cache
+        goes and the conversation is recomputed (``stats.rewrites_recomputed``)."""
+        less = seq.extra.get("less")
+        if less is not None and less.max_position >= num_tokens:
+            if seq.seq_id in self.kv.tables:
+                self.kv.free(seq.seq_id)
+            seq.extra["less"] = None
+            seq.num_computed = 0
+            self.stats.rewrites_recomputed += 1
+            return
         if seq.seq_id in self.kv.tables:
             if self.evictor is None:
                 self.kv.truncate(seq.seq_id, num_tokens)

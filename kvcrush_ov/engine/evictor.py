@@ -295,7 +295,8 @@ class Evictor:
                     table = t.blocks[layer][h]
                     state.fold(weights, layer, h,
                                runner.key_layout.table_rows(kb, table, 0, gone),
-                               runner.value_layout.table_rows(vb, table, 0, gone))
+                               runner.value_layout.table_rows(vb, table, 0, gone),
+                               t.positions_of(layer, h)[gone])
         seq.extra["less"] = state
 
     def evict(self, seq: Sequence) -> None:

@@ -26,7 +26,6 @@ import openvino as ov
 
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
 from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, compact_kv
-from kvcrush_ov.engine.less_op import LESSNodes
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
@@ -116,11 +115,9 @@ class HeadModelRunner(ModelRunner):
         kt, kd, vt, vd = probe_cache_types(self.core, device, props, w.head_dim, w.head_dim,
                                            w.group)
         key_layout = CacheLayout.from_shape(KEY, kt.get_type_name(), kd[-2], kd[-1])
-        # native op when the extension library was built (loaded once per process)
-        self.less_nodes = LESSNodes(key_layout, hkv, w.group)
-        for graph in (model, decode):
+        for graph in (model, decode):  # one LESSMix op (kvcrush_ov._core) per active layer
             set_cache_types(graph, kt, kd, vt, vd)
-            add_less(graph, w, self.less_nodes)
+            add_less(graph, w, key_layout)
 
     def _put_less(self, req: ov.InferRequest, chunks: list[ScheduledChunk]) -> None:
         """``less_token_*`` and, when a chunk's sequence has a LESS state, ``less_state_*.L``."""

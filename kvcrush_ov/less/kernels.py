@@ -230,6 +230,9 @@ class LESSState:
         self.H = np.zeros((num_layers, num_kv_heads, feature_dim, v_dim), _F32)
         self.z = np.zeros((num_layers, num_kv_heads, feature_dim), _F32)
         self.num_folded = np.zeros((num_layers, num_kv_heads), np.int64)
+        # the largest position folded so far (-1: none): a chat turn that rewrites the
+        # conversation from an earlier position cannot take those tokens out of the sums
+        self.max_position = -1
         # a new number, unique across states, at every fold: the runner re-sends a state to
         # the graph only when the (states, versions) of a step changed
         self.version = next(_VERSIONS)
@@ -239,10 +242,13 @@ class LESSState:
         return not self.num_folded.any()
 
     def fold(self, weights: LESSWeights, layer: int, head: int, keys: np.ndarray,
-             values: np.ndarray) -> None:
-        """Fold evicted ``keys`` f32 [n, D] (post-RoPE, as cached) and ``values`` [n, Dv]."""
+             values: np.ndarray, positions: np.ndarray | None = None) -> None:
+        """Fold evicted ``keys`` f32 [n, D] (post-RoPE, as cached) and ``values`` [n, Dv] of
+        the tokens at ``positions`` int64 [n] (recorded in :attr:`max_position`)."""
         if len(keys) == 0:
             return
+        if positions is not None:
+            self.max_position = max(self.max_position, int(np.max(positions)))
         p = weights.psi(layer, head, keys)  # [n, F]
         self.z[layer, head] += p.sum(axis=0)
         self.H[layer, head] += p.T @ np.asarray(values, _F32)
@@ -252,7 +258,7 @@ class LESSState:
     def copy(self) -> LESSState:
         out = LESSState.__new__(LESSState)
         out.H, out.z, out.num_folded = self.H.copy(), self.z.copy(), self.num_folded.copy()
-        out.version = self.version
+        out.max_position, out.version = self.max_position, self.version
         return out
 
     @property
