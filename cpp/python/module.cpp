@@ -8,14 +8,17 @@
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -27,6 +30,7 @@
 #include "kvcrush/less_mix_op.hpp"
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/passes.hpp"
+#include "kvcrush/policy.hpp"
 #include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
 
@@ -161,6 +165,237 @@ Out<float> pool_rows(In<float, 2> values, int64_t before, int64_t after) {
            out.data());
   }
   return out;
+}
+
+// ---- policies (policy.hpp)
+
+/// A PolicyConfig from the names Python uses (validated).
+void init_policy(kvcrush::PolicyConfig* self, const std::string& importance,
+                 const std::string& aggregation_mode, const std::string& pooling,
+                 int64_t kernel_size, int64_t offset, double beta, double alpha,
+                 const std::string& scope, bool kvcrush, double share,
+                 const std::vector<std::string>& anchors, const std::string& granularity,
+                 bool dynamic_split, std::optional<std::pair<double, double>> taper,
+                 std::optional<std::string> bit_aggregation) {
+  kvcrush::PolicyConfig cfg;
+  cfg.importance = kvcrush::parse_importance(importance);
+  cfg.aggregation = kvcrush::parse_aggregation(aggregation_mode);
+  cfg.pooling = kvcrush::parse_pooling(pooling);
+  cfg.kernel_size = kernel_size;
+  cfg.offset = offset;
+  cfg.beta = beta;
+  cfg.alpha = alpha;
+  cfg.scope = kvcrush::parse_scope(scope);
+  if (kvcrush) {
+    kvcrush::KVCrushOptions o;
+    o.share = share;
+    o.anchors.clear();
+    for (const auto& a : anchors) {
+      try {
+        o.anchors.push_back(kvcrush::parse_anchor(a));
+      } catch (const std::invalid_argument&) {
+        throw std::invalid_argument("kvcrush.anchor_point_mode='" + a + "' is invalid: allowed "
+                                    "is one of " + kvcrush::anchor_kinds());
+      }
+    }
+    o.granularity = kvcrush::parse_granularity(granularity);
+    o.dynamic_split = dynamic_split;
+    o.taper = taper.has_value();
+    if (taper) std::tie(o.taper_low, o.taper_high) = *taper;
+    if (bit_aggregation) o.bit_aggregation = kvcrush::parse_aggregation(*bit_aggregation);
+    cfg.kvcrush = o;
+  } else {
+    cfg.kvcrush.reset();
+  }
+  kvcrush::validate(cfg);
+  new (self) kvcrush::PolicyConfig(cfg);
+}
+
+/// The candidate arrays of one eviction event, checked against each other.
+kvcrush::Candidates candidates(In<float, 3> scores, In<float, 3> counts,
+                               In<int64_t, 3> positions, In<int64_t, 2> lengths,
+                               int64_t block_size) {
+  const size_t layers = scores.shape(0), heads = scores.shape(1), n = scores.shape(2);
+  for (size_t i = 0; i < 3; ++i) {
+    if (counts.shape(i) != scores.shape(i)) bad_shape("counts", "the shape of scores [L, H, N]");
+    if (positions.shape(i) != scores.shape(i))
+      bad_shape("positions", "the shape of scores [L, H, N]");
+  }
+  if (lengths.shape(0) != layers || lengths.shape(1) != heads)
+    bad_shape("lengths", "shape [L, H] with scores [L, H, N]");
+  return {scores.data(), counts.data(), positions.data(), lengths.data(),
+          static_cast<int64_t>(layers), static_cast<int64_t>(heads), static_cast<int64_t>(n),
+          block_size};
+}
+
+const uint8_t* random_of(const kvcrush::PolicyConfig& cfg, const kvcrush::Candidates& c,
+                         const std::optional<In<bool, 3>>& random_bits) {
+  const int64_t want = kvcrush::random_bits_size(cfg, c.num_heads, c.block_size, c.num_layers);
+  if (want == 0) return nullptr;
+  if (!random_bits || static_cast<int64_t>(random_bits->size()) != want ||
+      static_cast<int64_t>(random_bits->shape(1)) != c.num_layers)
+    bad_shape("random_bits", "bool [R, L, D] (R random anchors, D = " +
+                                 std::to_string(kvcrush::anchor_bits(cfg, c.num_heads,
+                                                                     c.block_size)) + ")");
+  return bytes(random_bits->data());
+}
+
+Out<bool> select_keep(const kvcrush::PolicyConfig& cfg, In<float, 3> scores, In<float, 3> counts,
+                      In<int64_t, 3> positions, In<int64_t, 2> lengths, int64_t block_size,
+                      int64_t num_keep, std::optional<In<bool, 3>> random_bits) {
+  const auto c = candidates(scores, counts, positions, lengths, block_size);
+  const uint8_t* bits = random_of(cfg, c, random_bits);
+  auto keep = new_array<bool, 3>({scores.shape(0), scores.shape(1), scores.shape(2)});
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::select_keep(cfg, c, num_keep, bits, bytes(keep.data()));
+  }
+  return keep;
+}
+
+std::tuple<Out<bool>, Out<bool>, Out<bool>, Out<int64_t>, Out<bool>> kvcrush_plan(
+    const kvcrush::PolicyConfig& cfg, In<float, 3> scores, In<float, 3> counts,
+    In<int64_t, 3> positions, In<int64_t, 2> lengths, int64_t block_size, int64_t num_keep,
+    std::optional<In<bool, 3>> random_bits) {
+  if (!cfg.kvcrush) bad_shape("cfg", "a policy with KVCrush");
+  const auto c = candidates(scores, counts, positions, lengths, block_size);
+  const uint8_t* bits = random_of(cfg, c, random_bits);
+  const std::array<size_t, 3> shape{scores.shape(0), scores.shape(1), scores.shape(2)};
+  auto keep = new_array<bool, 3>(shape), imp = new_array<bool, 3>(shape);
+  auto crush = new_array<bool, 3>(shape), head_bits = new_array<bool, 3>(shape);
+  auto budget = new_array<int64_t, 1>({shape[0]});
+  kvcrush::SelectionDetail detail{bytes(imp.data()), bytes(crush.data()), budget.data(),
+                                  bytes(head_bits.data())};
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::select_keep(cfg, c, num_keep, bits, bytes(keep.data()), &detail);
+  }
+  return {keep, imp, crush, budget, head_bits};
+}
+
+Out<float> policy_scores(const kvcrush::PolicyConfig& cfg, In<float, 3> scores,
+                         In<float, 3> counts, In<int64_t, 3> positions, In<int64_t, 2> lengths,
+                         int64_t block_size, std::optional<std::string> aggregation) {
+  const auto c = candidates(scores, counts, positions, lengths, block_size);
+  std::optional<kvcrush::Aggregation> agg;
+  if (aggregation) agg = kvcrush::parse_aggregation(*aggregation);
+  auto out = new_array<float, 3>({scores.shape(0), scores.shape(1), scores.shape(2)});
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::policy_scores(cfg, c, out.data(), agg);
+  }
+  return out;
+}
+
+Out<float> pool_scores(In<float, 2> values, In<int64_t, 1> lengths, const std::string& pooling,
+                       int64_t kernel_size, int64_t offset) {
+  const size_t rows = values.shape(0), n = values.shape(1);
+  if (lengths.shape(0) != rows) bad_shape("lengths", "one entry per row of values");
+  const auto kind = kvcrush::parse_pooling(pooling);
+  auto out = new_array<float, 2>({rows, n});
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::pool_scores(values.data(), lengths.data(), static_cast<int64_t>(rows),
+                         static_cast<int64_t>(n), kind, kernel_size, offset, out.data());
+  }
+  return out;
+}
+
+std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event(
+    const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
+    std::optional<In<float, 1>> scores, In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
+    int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
+    int64_t recent_size, int64_t num_written, int64_t block_size,
+    std::optional<In<bool, 3>> random_bits) {
+  if (num_layers < 0 || num_heads < 0 ||
+      static_cast<int64_t>(offsets.shape(0)) != num_layers * num_heads + 1)
+    bad_shape("offsets", "L * H + 1 entries");
+  const int64_t* off = offsets.data();
+  if (off[0] != 0 || off[num_layers * num_heads] != static_cast<int64_t>(positions.shape(0)))
+    bad_shape("offsets", "0 .. len(positions)");
+  if (scores && scores->shape(0) != positions.shape(0))
+    bad_shape("scores", "None or one entry per row of positions");
+  const int64_t want = kvcrush::random_bits_size(cfg, num_heads, block_size, num_layers);
+  const uint8_t* bits = nullptr;
+  if (want > 0) {
+    if (!random_bits || static_cast<int64_t>(random_bits->size()) != want)
+      bad_shape("random_bits", "bool [R, L, D] (R random anchors, D = " +
+                                   std::to_string(kvcrush::anchor_bits(cfg, num_heads,
+                                                                       block_size)) + ")");
+    bits = bytes(random_bits->data());
+  }
+  const kvcrush::SequenceRows rows{positions.data(), scores ? scores->data() : nullptr, off,
+                                   query_positions.data(),
+                                   static_cast<int64_t>(query_positions.shape(0)), num_layers,
+                                   num_heads};
+  const kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
+  kvcrush::EventPlan plan;
+  {
+    nb::gil_scoped_release unlocked;
+    plan = kvcrush::plan_event(cfg, rows, b, bits);
+  }
+  auto kept = new_array<int64_t, 1>({plan.keep_rows.size()});
+  std::copy(plan.keep_rows.begin(), plan.keep_rows.end(), kept.data());
+  auto kept_off = new_array<int64_t, 1>({plan.keep_offsets.size()});
+  std::copy(plan.keep_offsets.begin(), plan.keep_offsets.end(), kept_off.data());
+  return {kept, kept_off, plan.num_sinks, plan.num_recent, plan.num_keep};
+}
+
+Out<int64_t> water_fill(int64_t total, In<int64_t, 1> capacity) {
+  auto out = new_array<int64_t, 1>({capacity.shape(0)});
+  kvcrush::water_fill(total, capacity.data(), static_cast<int64_t>(capacity.shape(0)),
+                      out.data());
+  return out;
+}
+
+Out<int64_t> fit_budget(In<int64_t, 2> target, In<int64_t, 2> capacity) {
+  if (capacity.shape(0) != target.shape(0) || capacity.shape(1) != target.shape(1))
+    bad_shape("capacity", "the shape of target");
+  auto out = new_array<int64_t, 2>({target.shape(0), target.shape(1)});
+  kvcrush::fit_budget(target.data(), capacity.data(), static_cast<int64_t>(target.shape(0)),
+                      static_cast<int64_t>(target.shape(1)), out.data());
+  return out;
+}
+
+Out<int64_t> pyramid_budgets(int64_t num_layers, int64_t num_keep, double beta) {
+  auto out = new_array<int64_t, 1>({static_cast<size_t>(std::max<int64_t>(num_layers, 0))});
+  kvcrush::pyramid_budgets(num_layers, num_keep, beta, out.data());
+  return out;
+}
+
+Out<int64_t> pyramid_layer_budgets(In<int64_t, 2> lengths, int64_t num_keep, double beta) {
+  auto out = new_array<int64_t, 2>({lengths.shape(0), lengths.shape(1)});
+  kvcrush::pyramid_layer_budgets(lengths.data(), static_cast<int64_t>(lengths.shape(0)),
+                                 static_cast<int64_t>(lengths.shape(1)), num_keep, beta,
+                                 out.data());
+  return out;
+}
+
+template <class W>
+Out<int64_t> apportion(int64_t total, In<W, 1> weights, int64_t cap) {
+  auto out = new_array<int64_t, 1>({weights.shape(0)});
+  kvcrush::apportion(total, weights.data(), static_cast<int64_t>(weights.shape(0)), cap,
+                     out.data());
+  return out;
+}
+
+nb::object match_heads(In<int64_t, 3> positions, In<int64_t, 2> lengths) {
+  const std::array<size_t, 3> shape{positions.shape(0), positions.shape(1), positions.shape(2)};
+  if (lengths.shape(0) != shape[0] || lengths.shape(1) != shape[1])
+    bad_shape("lengths", "shape [L, H] with positions [L, H, N]");
+  auto idx = new_array<int64_t, 3>(shape);
+  auto found = new_array<bool, 3>(shape);
+  bool aligned;
+  {
+    nb::gil_scoped_release unlocked;
+    aligned = kvcrush::match_heads(positions.data(), lengths.data(),
+                                   static_cast<int64_t>(shape[0]),
+                                   static_cast<int64_t>(shape[1]),
+                                   static_cast<int64_t>(shape[2]), idx.data(),
+                                   bytes(found.data()));
+  }
+  if (aligned) return nb::none();
+  return nb::make_tuple(idx, found);
 }
 
 // ---- compaction
@@ -360,6 +595,70 @@ NB_MODULE(_core, m) {
         nb::arg("layout"), "u8 [N, HB]: f32 rows [N, bs, D] as by-channel key head-blocks.");
   m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
         nb::arg("rows"), nb::arg("layout"), "f32 [M, D]: rows of by-channel key head-blocks.");
+  nb::class_<kvcrush::PolicyConfig>(m, "PolicyConfig",
+                                    "An eviction policy (policy.hpp, kvcrush::PolicyConfig), "
+                                    "validated at construction.")
+      .def("__init__", &init_policy, nb::kw_only(), nb::arg("importance"),
+           nb::arg("aggregation_mode") = "norm_sum", nb::arg("pooling") = "avg",
+           nb::arg("kernel_size") = 31, nb::arg("offset") = 0, nb::arg("beta") = 20.0,
+           nb::arg("alpha") = 0.2, nb::arg("scope") = "layer", nb::arg("kvcrush") = false,
+           nb::arg("share") = 0.25,
+           nb::arg("anchors") = std::vector<std::string>{"alternating"},
+           nb::arg("granularity") = "token", nb::arg("dynamic_split") = false,
+           nb::arg("taper").none() = nb::none(), nb::arg("bit_aggregation").none() = nb::none())
+      .def_static("default", [] { return kvcrush::PolicyConfig{}; },
+                  "kvcrush::PolicyConfig{}: the C++ defaults (CacheEvictionConfig()'s eviction).")
+      .def("for_budget", &kvcrush::for_budget, nb::arg("total"), nb::arg("num_keep"),
+           nb::arg("num_written"), "kvcrush::for_budget: the share of num_keep, taper off.")
+      .def_prop_ro("share", [](const kvcrush::PolicyConfig& c) {
+             return c.kvcrush ? std::optional<double>(c.kvcrush->share) : std::nullopt;
+           }, "KVCrush's share (None without KVCrush).")
+      .def("share_for", [](const kvcrush::PolicyConfig& c, int64_t total, int64_t num_written) {
+             if (!c.kvcrush) bad_shape("cfg", "a policy with KVCrush");
+             return kvcrush::tapered_share(*c.kvcrush, total, num_written);
+           }, nb::arg("total"), nb::arg("num_written"), "KVCrush's tapered share of the total.")
+      .def("share_for_budget",
+           [](const kvcrush::PolicyConfig& c, int64_t total, int64_t num_keep,
+              int64_t num_written) {
+             if (!c.kvcrush) bad_shape("cfg", "a policy with KVCrush");
+             return kvcrush::share_for_budget(*c.kvcrush, total, num_keep, num_written);
+           }, nb::arg("total"), nb::arg("num_keep"), nb::arg("num_written"),
+           "KVCrush's share of num_keep (KVCrush.for_budget).")
+      .def("anchor_bits", [](const kvcrush::PolicyConfig& c, int64_t heads, int64_t block_size) {
+             return kvcrush::anchor_bits(c, heads, block_size);
+           }, nb::arg("num_heads"), nb::arg("block_size"), "D: bits of one random anchor.");
+  m.def("select_keep", &select_keep, nb::arg("cfg"), nb::arg("scores"), nb::arg("counts"),
+        nb::arg("positions"), nb::arg("lengths"), nb::arg("block_size"), nb::arg("num_keep"),
+        nb::arg("random_bits").none() = nb::none(),
+        "bool [L, H, N]: the keep mask of one eviction event (kvcrush::select_keep).");
+  m.def("kvcrush_plan", &kvcrush_plan, nb::arg("cfg"), nb::arg("scores"), nb::arg("counts"),
+        nb::arg("positions"), nb::arg("lengths"), nb::arg("block_size"), nb::arg("num_keep"),
+        nb::arg("random_bits").none() = nb::none(),
+        "(keep, importance, crush, crush_budget [L], bits): select_keep with its details.");
+  m.def("policy_scores", &policy_scores, nb::arg("cfg"), nb::arg("scores"), nb::arg("counts"),
+        nb::arg("positions"), nb::arg("lengths"), nb::arg("block_size"),
+        nb::arg("aggregation").none() = nb::none(),
+        "f32 [L, H, N]: what the importance policy ranks by (-inf in padding).");
+  m.def("pool_scores", &pool_scores, nb::arg("values"), nb::arg("lengths"), nb::arg("pooling"),
+        nb::arg("kernel_size"), nb::arg("offset"), "f32 [R, N]: rows pooled (-inf padding).");
+  m.def("plan_event", &plan_event, nb::arg("cfg"), nb::arg("positions"),
+        nb::arg("scores").none(), nb::arg("offsets"), nb::arg("query_positions"),
+        nb::arg("num_layers"), nb::arg("num_heads"), nb::arg("budget"), nb::arg("start_size"),
+        nb::arg("recent_size"), nb::arg("num_written"), nb::arg("block_size"),
+        nb::arg("random_bits").none() = nb::none(),
+        "(keep_rows, keep_offsets, num_sinks, num_recent, num_keep): one eviction event "
+        "from the cached rows (kvcrush::plan_event).");
+  m.def("water_fill", &water_fill, nb::arg("total"), nb::arg("capacity"));
+  m.def("fit_budget", &fit_budget, nb::arg("target"), nb::arg("capacity"));
+  m.def("pyramid_budgets", &pyramid_budgets, nb::arg("num_layers"), nb::arg("num_keep"),
+        nb::arg("beta"));
+  m.def("pyramid_layer_budgets", &pyramid_layer_budgets, nb::arg("lengths"),
+        nb::arg("num_keep"), nb::arg("beta"));
+  m.def("apportion", &apportion<float>, nb::arg("total"), nb::arg("weights").noconvert(),
+        nb::arg("cap"));
+  m.def("apportion", &apportion<double>, nb::arg("total"), nb::arg("weights"), nb::arg("cap"));
+  m.def("match_heads", &match_heads, nb::arg("positions"), nb::arg("lengths"),
+        "None when every head holds head 0's positions, else (idx, found) [L, H, N].");
   m.def("pick_representatives", &pick_representatives, nb::arg("vectors"), nb::arg("valid"),
         nb::arg("anchors"), nb::arg("k"), "bool [L, M]: KVCrush's representatives per layer.");
 

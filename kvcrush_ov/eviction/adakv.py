@@ -11,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
 from kvcrush_ov.eviction.snapkv import SnapKV
 
 
@@ -27,6 +24,7 @@ class AdaKV(SnapKV):
     head, then earlier candidate). A head never keeps more than it holds.
 
     aggregation_mode, pooling, kernel_size and the scores: inherited from :class:`SnapKV`.
+    Selection: the C++ core (``kvcrush::select_keep``, importance ``adakv``, scope ``layer``).
     alpha: the safeguard floor in [0, 1] (Ada-KV's default 0.2).
     """
 
@@ -41,25 +39,6 @@ class AdaKV(SnapKV):
                 or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV.alpha={self.alpha!r}: allowed a number in [0, 1]")
 
-    def select(self, inputs: EvictionInputs, num_keep: int,
-               rng: np.random.Generator) -> np.ndarray:
-        """bool [L, H, N]: floor per head, then the layer's top scores across heads."""
-        return adaptive_select(self.scores(inputs), inputs, num_keep, self.alpha)
-
-
-def adaptive_select(scores: np.ndarray, inputs: EvictionInputs, num_keep: int,
-                    alpha: float, scope: str = "layer") -> np.ndarray:
-    """Ada-KV's allocation of ``scores`` (float32 [L, H, N], -inf in padding): bool [L, H, N],
-    every head's best ``floor(alpha * num_keep)``, then the top scores across the heads of each
-    layer (``scope="layer"``) or of the whole model (``"model"``: layers' budgets move too)."""
-    num_layers, num_heads, n = inputs.shape
-    layer_budget = head_quotas(inputs.lengths, num_keep).sum(axis=1)
-    floor = np.minimum(int(np.floor(alpha * num_keep)), inputs.lengths)
-    keep = top_k_mask(scores, floor)
-    rest = np.where(keep, -np.inf, scores)
-    if scope == "model":
-        extra = top_k_mask(rest.reshape(1, -1), np.array([layer_budget.sum() - floor.sum()]))
-    else:
-        extra = top_k_mask(rest.reshape(num_layers, num_heads * n),
-                           layer_budget - floor.sum(axis=1))
-    return keep | extra.reshape(inputs.shape)
+    def core_kwargs(self) -> dict:
+        """See :meth:`CorePolicy.core_kwargs`."""
+        return {**super().core_kwargs(), "alpha": float(self.alpha)}

@@ -23,6 +23,9 @@ A policy returns ``keep``: bool [L, H, N], True for every candidate that stays, 
 with ``keep.sum() == L * H * num_keep`` exactly (``num_keep`` = candidates to keep per (layer,
 head) on average; a policy may move budget between layers or heads, never exceed ``lengths``).
 :func:`check_keep` verifies this; the planner calls it after every policy.
+
+The selection of every policy here except ``upstream`` runs in C++ (``kvcrush::select_keep``,
+cpp/include/kvcrush/policy.hpp); the Python classes are its configuration (:class:`CorePolicy`).
 """
 
 from __future__ import annotations
@@ -69,17 +72,23 @@ class EvictionInputs:
         return np.arange(self.scores.shape[2])[None, None, :] < self.lengths[:, :, None]
 
     def normalised(self, aggregation_mode: str) -> np.ndarray:
-        """float32 [L, H, N]: ``scores`` (``sum``) or ``scores / counts`` (``norm_sum``); padding
-        is -inf so that it never wins a top-k."""
-        if aggregation_mode == "sum":
-            out = self.scores.astype(np.float32, copy=True)
-        elif aggregation_mode == "norm_sum":
-            out = self.scores / np.maximum(self.counts, 1.0)
-        else:
+        """float32 [L, H, N]: ``scores`` (``sum``) or ``scores / max(counts, 1)`` (``norm_sum``);
+        padding is -inf so that it never wins a top-k (C++: ``kvcrush::policy_scores``)."""
+        if aggregation_mode not in ("sum", "norm_sum"):
             raise ValueError(f"aggregation_mode={aggregation_mode!r}: allowed sum, norm_sum")
-        if self.dense:
-            return out.astype(np.float32, copy=False)
-        return np.where(self.valid, out, np.float32(-np.inf)).astype(np.float32, copy=False)
+        return _core.policy_scores(_core.PolicyConfig(importance="h2o",
+                                                      aggregation_mode=aggregation_mode),
+                                   *self.core_args())
+
+    def core_args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """(scores f32, counts f32, positions i64, lengths i64, block_size): the arrays as the
+        C++ policies take them (C-contiguous; converted once per inputs)."""
+        def convert() -> tuple:
+            return (np.ascontiguousarray(self.scores, dtype=np.float32),
+                    np.ascontiguousarray(self.counts, dtype=np.float32),
+                    np.ascontiguousarray(self.positions, dtype=np.int64),
+                    np.ascontiguousarray(self.lengths, dtype=np.int64), int(self.block_size))
+        return self.memo("core_args", convert)  # type: ignore[return-value]
 
     @classmethod
     def from_lists(cls, scores: list[list[np.ndarray]], positions: list[list[np.ndarray]],
@@ -157,28 +166,18 @@ def top_k_mask(values: np.ndarray, k: np.ndarray | int) -> np.ndarray:
     return keep.reshape(shape)
 
 
-# --- Budget arithmetic shared by the policies (added with the policies; see their modules). ---
+# --- Budget arithmetic shared by the policies (C++: kvcrush/policy.hpp). ---
 
 def water_fill(total: int, capacity: np.ndarray) -> np.ndarray:
     """int64 like ``capacity``: ``total`` units spread max-min fairly, never above ``capacity``.
 
     Every entry gets ``min(capacity, t)`` for the largest level ``t`` that fits, and the last
     few units go one each to the entries still below capacity, lowest flat index first.
-    Raises ValueError if ``total`` exceeds ``capacity.sum()``.
+    Raises ValueError if ``total`` exceeds ``capacity.sum()``. C++: ``kvcrush::water_fill``.
     """
-    cap = np.maximum(np.asarray(capacity, dtype=np.int64), 0)
-    if total < 0 or total > int(cap.sum()):
-        raise ValueError(f"water_fill: total={total} must be in [0, capacity.sum()={cap.sum()}]")
-    lo, hi = 0, int(cap.max()) if cap.size else 0
-    while lo < hi:  # largest t with sum(min(cap, t)) <= total
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if int(np.minimum(cap, mid).sum()) <= total else (lo, mid - 1)
-    out = np.minimum(cap, lo)
-    rest = total - int(out.sum())
-    if rest:
-        flat = out.reshape(-1)
-        flat[np.flatnonzero(cap.reshape(-1) > lo)[:rest]] += 1
-    return out
+    cap = np.asarray(capacity, dtype=np.int64)
+    out = _core.water_fill(int(total), np.ascontiguousarray(cap).reshape(-1))
+    return out.reshape(cap.shape)
 
 
 def fit_budget(target: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -186,30 +185,46 @@ def fit_budget(target: np.ndarray, capacity: np.ndarray) -> np.ndarray:
 
     What an entry cannot hold moves first to the other entries of its row (last axis), then,
     if the row is full, to every entry with room (both max-min fair, see :func:`water_fill`).
-    Raises ValueError if ``target.sum() > capacity.sum()``.
+    Raises ValueError if ``target.sum() > capacity.sum()``. C++: ``kvcrush::fit_budget``.
     """
     target, capacity = np.broadcast_arrays(np.asarray(target, dtype=np.int64),
                                            np.asarray(capacity, dtype=np.int64))
-    if int(target.sum()) > int(np.maximum(capacity, 0).sum()):
-        raise ValueError(f"fit_budget: the budget {int(target.sum())} exceeds the "
-                         f"{int(np.maximum(capacity, 0).sum())} candidates available")
-    cap = capacity.reshape(-1, capacity.shape[-1])
-    want = target.reshape(cap.shape)
-    out = np.minimum(want, cap)
-    over = (want - out).sum(axis=1)
-    for row in np.flatnonzero(over):
-        spare = cap[row] - out[row]
-        out[row] += water_fill(min(int(over[row]), int(spare.sum())), spare)
-    rest = int(want.sum() - out.sum())
-    if rest:
-        out += water_fill(rest, cap - out)
+    k = target.shape[-1] if target.ndim else 1
+    out = _core.fit_budget(np.ascontiguousarray(target).reshape(-1, k),
+                           np.ascontiguousarray(capacity).reshape(-1, k))
     return out.reshape(target.shape)
 
 
 def head_quotas(lengths: np.ndarray, num_keep: int) -> np.ndarray:
     """int64 [L, H]: ``num_keep`` per (layer, head), moved within the layer (then across layers)
     where a head holds fewer candidates; sums to ``L * H * num_keep`` (ValueError if impossible).
+    C++: ``kvcrush::head_quotas``.
     """
     if num_keep < 0:
         raise ValueError(f"num_keep={num_keep}: must be >= 0")
     return fit_budget(np.full(lengths.shape, num_keep, np.int64), lengths)
+
+
+class CorePolicy:
+    """Mixin of the policies the C++ core runs (``kvcrush::select_keep``): ``core_kwargs()``
+    names the policy for ``_core.PolicyConfig``; ``scores`` and ``select`` call the core."""
+
+    def core_kwargs(self) -> dict:
+        """Keyword arguments of ``_core.PolicyConfig`` for this policy (without KVCrush)."""
+        raise NotImplementedError
+
+    @property
+    def core(self) -> _core.PolicyConfig:
+        """The validated C++ configuration, built on each use (microseconds; no C++ object
+        outlives the call that needs it)."""
+        return _core.PolicyConfig(**self.core_kwargs())
+
+    def scores(self, inputs: EvictionInputs) -> np.ndarray:
+        """float32 [L, H, N]: what ``select`` ranks by (higher is kept first); -inf in padding."""
+        return inputs.memo(("scores", self), lambda: _core.policy_scores(self.core,
+                                                                          *inputs.core_args()))
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        """bool [L, H, N] keep mask with exactly ``L * H * num_keep`` True (see module doc)."""
+        return _core.select_keep(self.core, *inputs.core_args(), int(num_keep))

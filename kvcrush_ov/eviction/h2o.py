@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
+from kvcrush_ov.eviction.base import CorePolicy
 
 AGGREGATION_MODES = ("sum", "norm_sum")
 
@@ -24,11 +22,14 @@ def check_aggregation_mode(owner: str, value: str) -> None:
 
 
 @dataclass(frozen=True)
-class H2O:
-    """Keep the ``num_keep`` candidates with the highest accumulated attention per (layer, head).
+class H2O(CorePolicy):
+    """Keep the ``num_keep`` candidates with the highest accumulated attention per (layer, head)
+    (ties: earlier candidate first; budget moved between heads by ``base.head_quotas``).
 
     aggregation_mode: ``"sum"`` (accumulated attention) or ``"norm_sum"`` (divided by the number
         of queries that could see the token, which removes the bias towards old tokens).
+    ``scores`` (float32 [L, H, N], -inf in padding): :meth:`EvictionInputs.normalised`.
+    Selection and scores: the C++ core (``kvcrush::select_keep``, importance ``h2o``).
     """
 
     name: ClassVar[str] = "h2o"
@@ -39,12 +40,6 @@ class H2O:
     def __post_init__(self) -> None:
         check_aggregation_mode("H2O", self.aggregation_mode)
 
-    def scores(self, inputs: EvictionInputs) -> np.ndarray:
-        """float32 [L, H, N]: the ranked scores; -inf in padding."""
-        return inputs.memo(("normalised", self.aggregation_mode),
-                           lambda: inputs.normalised(self.aggregation_mode))
-
-    def select(self, inputs: EvictionInputs, num_keep: int,
-               rng: np.random.Generator) -> np.ndarray:
-        """bool [L, H, N]: per (layer, head) top-``num_keep`` (ties: earlier candidate first)."""
-        return top_k_mask(self.scores(inputs), head_quotas(inputs.lengths, num_keep))
+    def core_kwargs(self) -> dict:
+        """See :meth:`CorePolicy.core_kwargs`."""
+        return {"importance": "h2o", "aggregation_mode": self.aggregation_mode}

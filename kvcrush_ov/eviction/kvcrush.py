@@ -51,6 +51,11 @@ Beyond the paper:
   are apportioned, the rest goes to importance). A layer's importance budget is then
   ``num_keep - k_crush_l``: the importance policy runs once at the smallest of these and every
   other layer tops up from ``importance.scores`` as for the shortfall.
+
+Implementation: the whole selection runs in C++ (``kvcrush::select_keep`` in
+cpp/include/kvcrush/policy.hpp, parallel over rows and layers); this module holds the
+configuration (validated here, and again by ``_core.PolicyConfig``), draws the random anchors'
+bits from the caller's ``np.random.Generator`` and exposes the kernels for tests.
 """
 
 from __future__ import annotations
@@ -58,12 +63,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar
 
 import numpy as np
 
 from kvcrush_ov import _core
-from kvcrush_ov.eviction.base import EvictionInputs, EvictionPolicy, fit_budget, top_k_mask
+from kvcrush_ov.eviction.base import CorePolicy, EvictionInputs, top_k_mask
 from kvcrush_ov.eviction.h2o import AGGREGATION_MODES
 from kvcrush_ov.eviction.snapkv import SnapKV
 
@@ -71,13 +76,8 @@ ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "block")
 
 
-@runtime_checkable
-class ScoredPolicy(EvictionPolicy, Protocol):
-    """An importance policy KVCrush can wrap: it also tells the scores it ranks by."""
-
-    def scores(self, inputs: EvictionInputs) -> np.ndarray:
-        """float32 [L, H, N]: what ``select`` ranks by (higher is kept first); -inf in padding."""
-        ...
+#: the importance policies KVCrush can wrap: the ones the C++ core runs
+ScoredPolicy = CorePolicy
 
 
 # --- the algorithm's steps, as small functions on arrays ---
@@ -97,28 +97,15 @@ def match_heads(positions: np.ndarray,
     positions: int [L, H, N] (increasing along N, -1 in padding); lengths: int [L, H].
     Returns ``idx`` int64 [L, H, N] and ``found`` bool [L, H, N]: head ``h`` of layer ``l`` holds
     position ``positions[l, 0, j]`` at entry ``idx[l, h, j]`` iff ``found[l, h, j]`` (``idx`` is
-    a valid index where not found). ``idx`` is None when every head of every layer holds the
-    same positions (then ``idx[l, h, j] == j``).
+    0 where not found). ``idx`` is None when every head of every layer holds the same positions
+    (then ``idx[l, h, j] == j`` and ``found`` is the valid mask). C++: ``kvcrush::match_heads``.
     """
-    num_layers, num_heads, n = positions.shape
-    valid = np.arange(n)[None, None, :] < lengths[:, :, None]
-    if (positions == positions[:, :1]).all() and (lengths == lengths[:, :1]).all():
-        return None, valid
-    # One layer at a time, a table position -> entry of every head ([H, P], P = max position + 2;
-    # padding writes to the spare last column), read at head 0's positions.
-    size = int(positions.max(initial=0)) + 2
-    table = np.empty((num_heads, size), np.int64)
-    entry = np.broadcast_to(np.arange(n), (num_heads, n))
-    idx = np.zeros(positions.shape, np.int64)
-    found = np.zeros(positions.shape, bool)
-    for layer in range(num_layers):
-        table.fill(-1)
-        np.put_along_axis(table, np.where(valid[layer], positions[layer], size - 1), entry, 1)
-        ref = np.where(valid[layer, :1], positions[layer, :1], size - 1)
-        got = np.take_along_axis(table, np.broadcast_to(ref, (num_heads, n)), axis=1)
-        found[layer] = (got >= 0) & valid[layer, :1]
-        idx[layer] = np.maximum(got, 0)
-    return idx, found
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    got = _core.match_heads(positions, lengths)
+    if got is None:
+        return None, np.arange(positions.shape[2])[None, None, :] < lengths[:, :, None]
+    return got[0], got[1]
 
 
 def make_anchor(kind: str, vectors: np.ndarray, valid: np.ndarray,
@@ -184,59 +171,14 @@ def _bools(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=bool)
 
 
-def block_starts(candidates: np.ndarray, positions: np.ndarray,
-                 block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Whole candidate blocks of every layer, in position order.
-
-    candidates: bool [L, N] over head 0's entries; positions: int [L, N] head 0's positions.
-    Returns ``start`` int64 [L, B] (head-0 entry of the block's first token) and ``valid`` bool
-    [L, B]: a block counts iff its ``block_size`` positions are all candidates.
-    """
-    num_layers, n = candidates.shape
-    if n < block_size:
-        return np.zeros((num_layers, 0), np.int64), np.zeros((num_layers, 0), bool)
-    span = np.concatenate([np.zeros((num_layers, 1), np.int64), np.cumsum(candidates, -1)], -1)
-    first = np.arange(n - block_size + 1)
-    full = span[:, first + block_size] - span[:, first] == block_size
-    full &= positions[:, first] % block_size == 0
-    full &= positions[:, first + block_size - 1] - positions[:, first] == block_size - 1
-    count = full.sum(axis=1)
-    width = int(count.max(initial=0))
-    start = np.argsort(~full, axis=1, kind="stable")[:, :width]
-    return start, np.arange(width)[None, :] < count[:, None]
-
-
-def top_up(kept: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
-           extra: np.ndarray) -> np.ndarray:
-    """bool [L, H, N]: ``extra[l]`` more entries per head of layer ``l``, the best by ``scores``
-    among those not ``kept`` (a full head's share moves as in ``base.fit_budget``)."""
-    if not np.any(extra):
-        return np.zeros_like(kept)
-    spare = lengths - kept.sum(axis=-1)
-    quota = fit_budget(np.broadcast_to(extra[:, None], spare.shape), spare)
-    return top_k_mask(np.where(kept, -np.inf, scores), quota) & ~kept
-
-
 def apportion(total: int, weights: np.ndarray, cap: int) -> np.ndarray:
     """int64 [L]: ``total`` split in proportion to ``weights`` (>= 0; uniform if all 0), at most
-    ``cap`` each (the excess of a capped entry is re-spread over the others in proportion)."""
-    w = np.where(np.asarray(weights, np.float64) > 0, weights, 0.0)
-    w = w if w.sum() > 0 else np.ones_like(w)
-    real = np.zeros_like(w)
-    free = np.ones(w.shape, bool)
-    while free.any():
-        left = total - real[~free].sum()
-        wf = np.where(free, w, 0.0)
-        wf = wf if wf.sum() > 0 else free.astype(np.float64)
-        real = np.where(free, left * wf / wf.sum(), real)
-        over = free & (real >= cap)
-        if not over.any():
-            break
-        real[over] = cap
-        free &= ~over
-    out = np.minimum(np.floor(real), cap).astype(np.int64)
-    frac = np.where(out < cap, real - out, -np.inf)
-    return out + top_k_mask(frac, total - int(out.sum()))
+    ``cap`` each (the excess of a capped entry is re-spread over the others in proportion).
+    float32 weights are computed in float32 as numpy would, others in float64. C++:
+    ``kvcrush::apportion``."""
+    w = np.asarray(weights)
+    w = np.ascontiguousarray(w, dtype=np.float32 if w.dtype == np.float32 else np.float64)
+    return _core.apportion(int(total), w, int(cap))
 
 
 # --- the policy ---
@@ -262,7 +204,8 @@ class KVCrushPlan:
 class KVCrush:
     """KVCrush on top of an importance policy (see the module docstring for the algorithm).
 
-    importance: the importance policy (it must expose ``scores(inputs)``); default SnapKV().
+    importance: the importance policy, one the C++ core runs (:class:`CorePolicy`: streaming,
+        h2o, snapkv, pyramidkv, adakv, kvzip); default SnapKV().
     share: fraction of ``num_keep`` given to KVCrush representatives, in [0, 1] (default 0.25;
         ``k_crush = floor(share * num_keep + 0.5)``).
     anchor: one of ``random``, ``zeros``, ``ones``, ``mean``, ``alternating`` (default), or a
@@ -289,7 +232,7 @@ class KVCrush:
 
     def __post_init__(self) -> None:
         imp = self.importance
-        if not isinstance(imp, ScoredPolicy):
+        if not isinstance(imp, CorePolicy):
             raise ValueError(f"KVCrush.importance={imp!r}: allowed an eviction policy with a "
                              "scores(inputs) method (streaming, h2o, snapkv, pyramidkv, adakv)")
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) \
@@ -332,100 +275,72 @@ class KVCrush:
 
     def share_for(self, total: int, num_written: int) -> float:
         """The share of the total budget KVCrush gets when the cache keeps ``total`` of
-        ``num_written`` tokens (``share``, tapered if ``taper`` is set)."""
-        if self.taper is None or num_written <= 0:
-            return self.share
-        low, high = self.taper
-        return self.share * min(1.0, max(0.0, (total / num_written - low) / (high - low)))
+        ``num_written`` tokens (``share``, tapered if ``taper`` is set). C++:
+        ``kvcrush::tapered_share``."""
+        return self.core.share_for(int(total), int(num_written))
 
     def for_budget(self, total: int, num_keep: int, num_written: int = 0) -> KVCrush:
         """This policy with ``share`` read as a share of the TOTAL budget ``total`` (sinks and
         recent window included, as ``KVCrushConfig.budget`` is; tapered by the fraction of the
         ``num_written`` tokens kept, see ``taper``), turned into the share of the ``num_keep``
-        candidates it actually splits."""
+        candidates it actually splits. C++: ``kvcrush::for_budget``."""
         if num_keep <= 0:
             return self
+        share = self.core.share_for_budget(int(total), int(num_keep), int(num_written))
         out = copy.copy(self)  # already validated: skip __post_init__
-        share = self.share_for(total, num_written)
-        object.__setattr__(out, "share", min(1.0, share * total / num_keep))
+        object.__setattr__(out, "share", share)
         object.__setattr__(out, "taper", None)
         return out
 
+    @property
+    def core(self) -> _core.PolicyConfig:
+        """The validated C++ configuration, built on each use (microseconds)."""
+        return _core.PolicyConfig(
+            **self.importance.core_kwargs(), kvcrush=True, share=float(self.share),
+            anchors=list(self.anchors), granularity=self.granularity,
+            dynamic_split=self.dynamic_split,
+            taper=None if self.taper is None else tuple(float(x) for x in self.taper),
+            bit_aggregation=self.aggregation_mode)
+
+    def random_bits(self, inputs: EvictionInputs, rng: np.random.Generator) -> np.ndarray | None:
+        """bool [R, L, D]: the bits of the R random anchors (in ``anchors`` order), drawn from
+        ``rng`` as int8 0/1 of shape [L, D] each (D = H, or ``block_size * H`` for blocks);
+        None without a random anchor."""
+        num_layers, num_heads, _ = inputs.shape
+        return self.random_bits_for(num_layers, num_heads, inputs.block_size, rng)
+
+    def random_bits_for(self, num_layers: int, num_heads: int, block_size: int,
+                        rng: np.random.Generator) -> np.ndarray | None:
+        """:meth:`random_bits` for L layers, H heads and blocks of ``block_size``."""
+        d = self.core.anchor_bits(num_heads, block_size)
+        draws = [rng.integers(0, 2, size=(num_layers, d), dtype=np.int8).astype(bool)
+                 for kind in self.anchors if kind == "random"]
+        return np.stack(draws) if draws else None
+
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:
-        """bool [L, H, N]: :meth:`plan`'s ``keep``."""
-        return self.plan(inputs, num_keep, rng).keep
+        """bool [L, H, N]: :meth:`plan`'s ``keep`` (C++: ``kvcrush::select_keep``)."""
+        if num_keep < 0:
+            raise ValueError(f"num_keep={num_keep}: must be >= 0")
+        return _core.select_keep(self.core, *inputs.core_args(), int(num_keep),
+                                 self.random_bits(inputs, rng))
+
+    def scores(self, inputs: EvictionInputs) -> np.ndarray:
+        """float32 [L, H, N]: the importance policy's scores."""
+        return self.importance.scores(inputs)
 
     def bit_scores(self, inputs: EvictionInputs) -> np.ndarray:
         """float32 [L, H, N]: the scores the bits are taken from (see ``aggregation_mode``)."""
-        imp = self.importance
-        if self.aggregation_mode is not None:
-            imp = dataclasses.replace(imp, aggregation_mode=self.aggregation_mode)  # type: ignore[type-var]
-        return imp.scores(inputs)
+        if self.aggregation_mode is None:
+            return self.importance.scores(inputs)
+        return _core.policy_scores(self.importance.core, *inputs.core_args(),
+                                   self.aggregation_mode)
 
     def plan(self, inputs: EvictionInputs, num_keep: int,
              rng: np.random.Generator) -> KVCrushPlan:
         """Run KVCrush and return every intermediate decision (see :class:`KVCrushPlan`)."""
         if num_keep < 0:
             raise ValueError(f"num_keep={num_keep}: must be >= 0")
-        unit = inputs.block_size if self.granularity == "block" else 1
-        scores = self.importance.scores(inputs)
-        units = self._crush_units(inputs, scores, num_keep, unit, rng)
-        k_imp = num_keep - unit * units
-        base = int(k_imp.min(initial=num_keep))
-        imp = self.importance.select(inputs, base, rng)
-        imp |= top_up(imp, scores, inputs.lengths, k_imp - base)
-
-        bit_scores = scores if self.aggregation_mode is None else self.bit_scores(inputs)
-        bits = head_bits(bit_scores, inputs.lengths)
-        idx, found = match_heads(inputs.positions, inputs.lengths)
-        aligned = idx is None  # every head of every layer holds the same positions
-        held_all = found.all(axis=1)
-        imp_by_pos = imp if aligned else np.take_along_axis(imp, idx, axis=2)
-        kept_any = (imp_by_pos & found).any(axis=1)
-        vectors = (bits if aligned else np.take_along_axis(bits, idx, axis=2)).transpose(0, 2, 1)
-        chosen = self._choose(vectors, held_all & ~kept_any, inputs, units, unit, rng)
-
-        crush = chosen[:, None, :] & found
-        if not aligned:
-            layer, head, j = np.nonzero(crush)
-            crush = np.zeros_like(imp)
-            crush[layer, head, idx[layer, head, j]] = True
-        short = unit * units - chosen.sum(axis=1)
-        imp |= top_up(imp | crush, scores, inputs.lengths, short)
-        return KVCrushPlan(imp | crush, imp, crush, unit * units, bits)
-
-    def _crush_units(self, inputs: EvictionInputs, scores: np.ndarray, num_keep: int,
-                     unit: int, rng: np.random.Generator) -> np.ndarray:
-        """int64 [L]: KVCrush budget of every layer in units (tokens or blocks)."""
-        num_layers = inputs.shape[0]
-        k_crush = int(np.floor(self.share * num_keep + 0.5))
-        if not self.dynamic_split:
-            return np.full(num_layers, k_crush // unit, np.int64)
-        picks = self.importance.select(inputs, num_keep - k_crush, rng)
-        mass = np.where(np.isfinite(scores), np.maximum(scores, 0.0), 0.0)
-        layer_mass = mass.sum(axis=(1, 2))
-        captured = np.where(picks, mass, 0.0).sum(axis=(1, 2))
-        concentration = np.where(layer_mass > 0, captured / np.maximum(layer_mass, 1e-30), 0.0)
-        cap = num_keep // unit
-        total = min((num_layers * k_crush) // unit, num_layers * cap)
-        return apportion(total, 1.0 - concentration, cap)
-
-    def _choose(self, vectors: np.ndarray, candidates: np.ndarray, inputs: EvictionInputs,
-                units: np.ndarray, unit: int, rng: np.random.Generator) -> np.ndarray:
-        """bool [L, N] over head 0's entries: the representatives' tokens."""
-        if self.granularity == "token":
-            unit_vectors, valid = vectors, candidates
-        else:
-            start, valid = block_starts(candidates, inputs.positions[:, 0], unit)
-            tokens = start[:, :, None] + np.arange(unit)  # [L, B, unit]
-            layer = np.arange(vectors.shape[0])[:, None, None]
-            unit_vectors = vectors[layer, tokens].reshape(*start.shape, unit * vectors.shape[2])
-        anchors = np.stack([make_anchor(kind, unit_vectors, valid, rng) for kind in self.anchors])
-        chosen_units = pick_representatives(unit_vectors, valid, anchors, units)
-        if self.granularity == "token":
-            return chosen_units
-        chosen = np.zeros_like(candidates)
-        layer, b = np.nonzero(chosen_units)
-        chosen[layer[:, None], start[layer, b][:, None] + np.arange(unit)] = True
-        return chosen
+        keep, imp, crush, budget, bits = _core.kvcrush_plan(
+            self.core, *inputs.core_args(), int(num_keep), self.random_bits(inputs, rng))
+        return KVCrushPlan(keep, imp, crush, budget, bits)

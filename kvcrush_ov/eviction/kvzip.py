@@ -17,10 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from kvcrush_ov.eviction.adakv import adaptive_select
-from kvcrush_ov.eviction.base import EvictionInputs
 from kvcrush_ov.eviction.h2o import H2O
 
 #: what the model is asked before the replayed context
@@ -54,9 +50,10 @@ class KVzip(H2O):
                 self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"KVzip.alpha={self.alpha!r}: allowed None or a number in [0, 1]")
 
-    def select(self, inputs: EvictionInputs, num_keep: int,
-               rng: np.random.Generator) -> np.ndarray:
-        """bool [L, H, N]."""
+    def core_kwargs(self) -> dict:
+        """See :meth:`CorePolicy.core_kwargs`: H2O's top-k for ``alpha=None``, else Ada-KV's
+        allocation of the unpooled scores over ``scope`` (the C++ core runs both)."""
         if self.alpha is None:
-            return super().select(inputs, num_keep, rng)
-        return adaptive_select(self.scores(inputs), inputs, num_keep, self.alpha, self.scope)
+            return super().core_kwargs()
+        return {"importance": "adakv", "aggregation_mode": self.aggregation_mode,
+                "pooling": "none", "alpha": float(self.alpha), "scope": self.scope}

@@ -53,11 +53,15 @@ class SequenceScores:
             self.acc[layer][head] = acc
         return acc
 
-    def counts(self, positions: np.ndarray) -> np.ndarray:
-        """float32 [n]: scored queries that could see each position (query position >= p)."""
+    def queries(self) -> np.ndarray:
+        """int64 [Q]: query_positions as an array (cached until more queries are added)."""
         if self._q is None:
             self._q = np.asarray(self.query_positions, dtype=np.int64)  # sorted by construction
-        q = self._q
+        return self._q
+
+    def counts(self, positions: np.ndarray) -> np.ndarray:
+        """float32 [n]: scored queries that could see each position (query position >= p)."""
+        q = self.queries()
         out = np.full(positions.shape, float(len(q)), np.float32)
         if len(q):  # only positions after the first scored query were seen by fewer queries
             late = positions > q[0]

@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvcrush_ov import _core
-from kvcrush_ov.eviction.base import EvictionInputs, head_quotas, top_k_mask
+from kvcrush_ov.eviction.base import CorePolicy
 from kvcrush_ov.eviction.h2o import check_aggregation_mode
 
 POOLINGS = ("max", "avg", "none")
@@ -56,40 +56,17 @@ def pool_scores(values: np.ndarray, lengths: np.ndarray, pooling: str,
     output has the input's length: ``max`` takes the window's maximum, ``avg`` its mean over
     the valid entries in it, ``none`` copies. ``offset = 0`` centres the window; ``offset = r``
     ends it at ``j``, so an entry receives the scores of the entries just before it. Padding
-    is -inf in the output.
+    is -inf in the output. C++: ``kvcrush::pool_scores``, parallel over the rows.
     """
-    n = values.shape[-1]
-    valid = np.arange(n)[None, None, :] < lengths[:, :, None]
-    dense = bool((lengths == n).all())  # no padding: skip the masking
-    r = kernel_size // 2
-    before, after = r + offset, r - offset
-    if pooling == "none" or r == 0 or n == 0:
-        out = values.astype(np.float32, copy=True)
-    elif pooling == "max":
-        src = values if dense else np.where(valid, values, np.float32(-np.inf))
-        out = _sliding_max(src.astype(np.float32, copy=False), before, after)
-    elif pooling == "avg":
-        src = values if dense else np.where(valid, values, 0.0)
-        total = _window_sums(src, before, after)
-        if dense:  # every window holds min(j + after + 1, n) - max(j - before, 0) entries
-            j = np.arange(n)
-            count = (np.minimum(j + after + 1, n) - np.maximum(j - before, 0)).astype(np.float32)
-        else:
-            count = _window_sums(valid, before, after)
-        out = total / np.maximum(count, np.float32(1.0))
-    else:
+    if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}: allowed {', '.join(POOLINGS)}")
-    if dense:
-        return out.astype(np.float32, copy=False)
-    return np.where(valid, out, np.float32(-np.inf)).astype(np.float32, copy=False)
-
-
-def pooled_scores(inputs: EvictionInputs, aggregation_mode: str, pooling: str,
-                  kernel_size: int, offset: int = 0) -> np.ndarray:
-    """float32 [L, H, N]: pooled normalised scores, -inf in padding; computed once per inputs."""
-    return inputs.memo(("pooled", aggregation_mode, pooling, kernel_size, offset),
-                       lambda: pool_scores(inputs.normalised(aggregation_mode), inputs.lengths,
-                                           pooling, kernel_size, offset))
+    shape = values.shape
+    n = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(rows, n)
+    lens = np.ascontiguousarray(np.broadcast_to(np.asarray(lengths, np.int64), shape[:-1]))
+    return _core.pool_scores(flat, lens.reshape(rows), pooling, int(kernel_size),
+                             int(offset)).reshape(shape)
 
 
 def check_pooling(owner: str, pooling: str, kernel_size: int, offset: int = 0) -> None:
@@ -107,8 +84,13 @@ def check_pooling(owner: str, pooling: str, kernel_size: int, offset: int = 0) -
 
 
 @dataclass(frozen=True)
-class SnapKV:
-    """Per (layer, head) top-``num_keep`` of the pooled window attention.
+class SnapKV(CorePolicy):
+    """Per (layer, head) top-``num_keep`` of the pooled window attention (ties: earlier
+    candidate first; budget moved between heads by ``base.head_quotas``).
+
+    ``scores`` (float32 [L, H, N], -inf in padding): :func:`pool_scores` of
+    :meth:`EvictionInputs.normalised`. Selection and scores: the C++ core
+    (``kvcrush::select_keep``, importance ``snapkv``).
 
     aggregation_mode: ``"sum"`` or ``"norm_sum"`` (see :meth:`EvictionInputs.normalised`).
     pooling: ``"max"`` (SnapKV's default), ``"avg"`` or ``"none"``.
@@ -131,12 +113,7 @@ class SnapKV:
         check_aggregation_mode(owner, self.aggregation_mode)
         check_pooling(owner, self.pooling, self.kernel_size, self.offset)
 
-    def scores(self, inputs: EvictionInputs) -> np.ndarray:
-        """float32 [L, H, N]: pooled normalised scores; -inf in padding."""
-        return pooled_scores(inputs, self.aggregation_mode, self.pooling, self.kernel_size,
-                             self.offset)
-
-    def select(self, inputs: EvictionInputs, num_keep: int,
-               rng: np.random.Generator) -> np.ndarray:
-        """bool [L, H, N]: per (layer, head) top-``num_keep`` (ties: earlier candidate first)."""
-        return top_k_mask(self.scores(inputs), head_quotas(inputs.lengths, num_keep))
+    def core_kwargs(self) -> dict:
+        """See :meth:`CorePolicy.core_kwargs` (the subclasses' importance is their name)."""
+        return {"importance": self.name, "aggregation_mode": self.aggregation_mode,
+                "pooling": self.pooling, "kernel_size": self.kernel_size, "offset": self.offset}

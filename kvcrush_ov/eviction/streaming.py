@@ -10,30 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from kvcrush_ov.eviction.base import EvictionInputs, head_quotas
+from kvcrush_ov.eviction.base import CorePolicy
 
 
 @dataclass(frozen=True)
-class StreamingLLM:
+class StreamingLLM(CorePolicy):
     """Keep the ``num_keep`` most recent candidates of every (layer, head).
 
     If a head holds fewer than ``num_keep`` candidates, its shortfall goes to the other heads of
     the layer (then to other layers), see :func:`kvcrush_ov.eviction.base.head_quotas`.
+    ``scores`` (float32 [L, H, N]) is the recency: the candidate's position, -inf in padding.
+    Selection and scores: the C++ core (``kvcrush::select_keep``, importance ``streaming``).
     """
 
     name: ClassVar[str] = "streaming"
     score_mode: ClassVar[str] = "none"
 
-    def scores(self, inputs: EvictionInputs) -> np.ndarray:
-        """float32 [L, H, N]: recency (the candidate's position); -inf in padding."""
-        return np.where(inputs.valid, inputs.positions, -np.inf).astype(np.float32)
-
-    def select(self, inputs: EvictionInputs, num_keep: int,
-               rng: np.random.Generator) -> np.ndarray:
-        """bool [L, H, N]: the last ``quota`` valid entries of every (layer, head)."""
-        quota = head_quotas(inputs.lengths, num_keep)
-        idx = np.arange(inputs.shape[2])[None, None, :]
-        lengths = inputs.lengths[:, :, None]
-        return (idx < lengths) & (idx >= lengths - quota[:, :, None])
+    def core_kwargs(self) -> dict:
+        """See :meth:`CorePolicy.core_kwargs`."""
+        return {"importance": "streaming"}
