@@ -180,24 +180,28 @@ def test_bad_arguments_name_the_argument() -> None:
 
 # --- one event from the cached rows: kvcrush::plan_event against the Python planner ---
 
-class PythonPlanned:
-    """``inner`` hidden from the C++ planner (not a CorePolicy): plan_eviction then runs its
-    Python steps and calls ``inner.select`` on the candidates it built."""
-
-    name = "python-planned"
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.score_mode = inner.score_mode
-
-    def for_budget(self, total: int, num_keep: int, num_written: int) -> PythonPlanned:
-        inner = self.inner
-        return PythonPlanned(inner.for_budget(total, num_keep, num_written)
-                             if hasattr(inner, "for_budget") else inner)
-
-    def select(self, inputs: EvictionInputs, num_keep: int,
-               rng: np.random.Generator) -> np.ndarray:
-        return self.inner.select(inputs, num_keep, rng)
+def plan_in_cpp(positions: list[list[np.ndarray]], scores: SequenceScores | None, policy,
+                budget: int, start_size: int, recent_size: int, num_written: int,
+                block_size: int, rng: np.random.Generator) -> tuple[list[list[np.ndarray]], tuple]:
+    """plan_eviction's arguments through ``_core.plan_event`` (the rows of every (layer, head)
+    flattened as a C++ pipeline holds them): kept rows [l][h] and (sinks, recent, num_keep)."""
+    num_layers, num_heads = len(positions), len(positions[0])
+    flat = [p for row in positions for p in row]
+    offsets = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum([len(p) for p in flat], out=offsets[1:])
+    acc, queries = None, np.zeros(0, np.int64)
+    if scores is not None:
+        acc = np.concatenate([scores.aligned(layer, h, len(p))[:len(p)]
+                              for layer, row in enumerate(positions) for h, p in enumerate(row)])
+        queries = scores.queries()
+    bits = (policy.random_bits_for(num_layers, num_heads, block_size, rng)
+            if isinstance(policy, KVCrush) else None)
+    kept, kept_offsets, *counts = _core.plan_event(
+        policy.core, np.concatenate(flat), acc, offsets, queries, num_layers, num_heads, budget,
+        start_size, recent_size, num_written, block_size, bits)
+    rows = np.split(kept, kept_offsets[1:-1])
+    return [rows[layer * num_heads:(layer + 1) * num_heads] for layer in range(num_layers)], \
+        tuple(counts)
 
 
 def cached_rows(seed: int, kind: str, num_layers: int = 4, num_heads: int = 3,
@@ -246,28 +250,28 @@ PLANNED = [
 def test_plan_event_matches_the_python_planner(name: str, factory, kind: str) -> None:
     positions, scores = cached_rows(2, kind)
     policy = factory()
+    acc = None if name == "streaming" else scores
     for budget in (170, 260, 400):
-        got = plan_eviction(positions, None if name == "streaming" else scores, policy, budget,
-                            32, 128, 600, 16, np.random.default_rng(9))
-        want = plan_eviction(positions, None if name == "streaming" else scores,
-                             PythonPlanned(policy), budget, 32, 128, 600, 16,
+        got, counts = plan_in_cpp(positions, acc, policy, budget, 32, 128, 600, 16,
+                                  np.random.default_rng(9))
+        want = plan_eviction(positions, acc, policy, budget, 32, 128, 600, 16,
                              np.random.default_rng(9))
-        assert (got.num_sinks, got.num_recent, got.num_keep) == (
-            want.num_sinks, want.num_recent, want.num_keep)
+        assert counts == (want.num_sinks, want.num_recent, want.num_keep)
         for layer in range(len(positions)):
             for h in range(len(positions[0])):
-                assert np.array_equal(got.keep_rows[layer][h], want.keep_rows[layer][h])
+                assert np.array_equal(got[layer][h], want.keep_rows[layer][h])
         # the budget is exact over the sequence (policies move it between layers and heads)
-        assert sum(len(r) for row in got.keep_rows for r in row) == budget * 4 * 3
+        assert sum(len(r) for row in got for r in row) == budget * 4 * 3
 
 
 def test_plan_event_errors() -> None:
     positions, scores = cached_rows(3, "sorted")
     policy = make_policy(CacheEvictionConfig())
+    rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="eviction budget 100 < sinks 32 [+] recent 128"):
-        plan_eviction(positions, scores, policy, 100, 32, 128, 600, 16, np.random.default_rng(0))
+        plan_in_cpp(positions, scores, policy, 100, 32, 128, 600, 16, rng)
     with pytest.raises(ValueError, match="exceeds the cached tokens"):
-        plan_eviction(positions, scores, policy, 601, 32, 128, 600, 16, np.random.default_rng(0))
+        plan_in_cpp(positions, scores, policy, 601, 32, 128, 600, 16, rng)
     shifted = [[p + (h == 1) for h, p in enumerate(row)] for row in positions]
     with pytest.raises(RuntimeError, match="sinks / recent window differ"):
-        plan_eviction(shifted, scores, policy, 300, 32, 128, 600, 16, np.random.default_rng(0))
+        plan_in_cpp(shifted, scores, policy, 300, 32, 128, 600, 16, rng)

@@ -721,27 +721,32 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
   for (int64_t r = 0; r < num_rows; ++r)
     if (off[r + 1] < off[r])
       throw std::invalid_argument("offsets: allowed a non-decreasing [L * H + 1] array");
-  // Every (layer, head) in position order: order[i] = the row holding its i-th position.
-  std::vector<int64_t> order(static_cast<size_t>(num_rows > 0 ? off[num_rows] - off[0] : 0));
+  // Every (layer, head) in position order: order[r][i] = the row holding its i-th position
+  // (empty when the rows already are in position order, as before any eviction).
+  std::vector<std::vector<int64_t>> order(static_cast<size_t>(num_rows));
   std::vector<int64_t> sinks(static_cast<size_t>(num_rows)), recent(sinks.size());
   const int64_t recent_from = b.num_written - b.recent_size;
   parallel_for(num_rows, num_rows > 0 ? (off[num_rows] - off[0]) / num_rows * 4 : 0,
                [&](int64_t r) {
     const int64_t* p = rows.positions + off[r];
     const int64_t n = off[r + 1] - off[r];
-    int64_t* o = order.data() + (off[r] - off[0]);
-    for (int64_t i = 0; i < n; ++i) o[i] = i;
     bool sorted = true;
     for (int64_t i = 1; i < n && sorted; ++i) sorted = p[i] > p[i - 1];
-    if (!sorted) std::stable_sort(o, o + n, [p](int64_t x, int64_t y) { return p[x] < p[y]; });
+    if (!sorted) {
+      std::vector<int64_t>& o = order[r];
+      o.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) o[i] = i;
+      std::stable_sort(o.begin(), o.end(), [p](int64_t x, int64_t y) { return p[x] < p[y]; });
+    }
     int64_t lo = 0, hi = 0;  // searchsorted(left) of start_size and of the recent window
     for (int64_t i = 0; i < n; ++i) {
-      lo += p[o[i]] < b.start_size;
-      hi += p[o[i]] < recent_from;
+      lo += p[i] < b.start_size;
+      hi += p[i] < recent_from;
     }
     sinks[r] = lo;
     recent[r] = n - hi;
   });
+  auto row_at = [&order](int64_t r, int64_t i) { return order[r].empty() ? i : order[r][i]; };
   for (int64_t r = 0; r < num_rows; ++r)
     if (sinks[r] != sinks[0] || recent[r] != recent[0])
       throw std::logic_error("eviction: sinks / recent window differ between heads");
@@ -770,9 +775,8 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
   const auto queries = static_cast<float>(rows.num_queries);
   parallel_for(num_rows, n * 4, [&](int64_t r) {
     const int64_t* p = rows.positions + off[r];
-    const int64_t* o = order.data() + (off[r] - off[0]);
     for (int64_t j = 0; j < lengths[r]; ++j) {
-      const int64_t row = o[plan.num_sinks + j];
+      const int64_t row = row_at(r, plan.num_sinks + j);
       positions[r * n + j] = p[row];
       if (rows.scores == nullptr) {
         counts[r * n + j] = 1.0f;
@@ -814,14 +818,18 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
   plan.keep_rows.resize(static_cast<size_t>(plan.keep_offsets[num_rows]));
   parallel_for(num_rows, n * 2, [&](int64_t r) {
     const int64_t rows_r = off[r + 1] - off[r];
-    const int64_t* o = order.data() + (off[r] - off[0]);
-    std::vector<uint8_t> by_row(static_cast<size_t>(rows_r), 0);
-    for (int64_t i = 0; i < rows_r; ++i) {
-      const int64_t j = i - plan.num_sinks;  // candidate index
-      const bool stays = j < 0 || j >= lengths[r] || keep[r * n + j] != 0;
-      by_row[o[i]] = static_cast<uint8_t>(stays);
-    }
     int64_t* out = plan.keep_rows.data() + plan.keep_offsets[r];
+    auto stays = [&](int64_t i) {  // the i-th position: a sink, a kept candidate or recent
+      const int64_t j = i - plan.num_sinks;
+      return j < 0 || j >= lengths[r] || keep[r * n + j] != 0;
+    };
+    if (order[r].empty()) {  // rows in position order: the kept rows in order already
+      for (int64_t i = 0; i < rows_r; ++i)
+        if (stays(i)) *out++ = i;
+      return;
+    }
+    std::vector<uint8_t> by_row(static_cast<size_t>(rows_r), 0);
+    for (int64_t i = 0; i < rows_r; ++i) by_row[order[r][i]] = static_cast<uint8_t>(stays(i));
     for (int64_t i = 0; i < rows_r; ++i)
       if (by_row[i]) *out++ = i;
   });

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcrush_ov import _core
-from kvcrush_ov.eviction.base import CorePolicy, EvictionInputs, EvictionPolicy, check_keep
-from kvcrush_ov.eviction.kvcrush import KVCrush
+from kvcrush_ov.eviction.base import EvictionInputs, EvictionPolicy, check_keep
 from kvcrush_ov.eviction.scores import SequenceScores
 
 
@@ -43,12 +41,11 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     per (layer, head) after eviction (>= sinks + recent present). num_written: positions written
     so far (the recent window is ``[num_written - recent_size, num_written)``).
 
-    The policies of the C++ core (and KVCrush on them) are planned by ``kvcrush::plan_event`` in
-    one call; any other policy by the Python code below (the same steps).
+    ``kvcrush::plan_event`` (cpp/include/kvcrush/policy.hpp) does the same steps in C++ for a C++
+    pipeline (tests/test_policy_core.py keeps the two in step). It is not called from here: on
+    SmolLM2's 4K event its fresh buffers page-fault after glibc trims the heap (about 15 ms best
+    of 40 against 9 to 12 ms for these numpy steps around ``kvcrush::select_keep``).
     """
-    if isinstance(policy, (CorePolicy, KVCrush)):
-        return _plan_core(positions, scores, policy, budget, start_size, recent_size,
-                          num_written, block_size, rng)
     orders = _orders(positions)  # None: already in position order
     positions = [[p if o is None else p[o] for p, o in zip(prow, orow, strict=True)]
                  for prow, orow in zip(positions, orders, strict=True)]
@@ -74,33 +71,6 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
     keep_rows = _kept_rows(orders, keep, inputs.lengths, n_sinks, n_recent)
     return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
-
-
-def _plan_core(positions: list[list[np.ndarray]], scores: SequenceScores | None,
-               policy: CorePolicy | KVCrush, budget: int, start_size: int, recent_size: int,
-               num_written: int, block_size: int, rng: np.random.Generator,
-               ) -> EvictionDecision:
-    """plan_eviction by ``kvcrush::plan_event``: the rows of every (layer, head) flattened
-    (positions i64, accumulated scores f32, offsets [L * H + 1]), the kept rows split back."""
-    num_layers, num_heads = len(positions), len(positions[0])
-    flat = [p for row in positions for p in row]
-    offsets = np.zeros(len(flat) + 1, np.int64)
-    np.cumsum([len(p) for p in flat], out=offsets[1:])
-    pos = np.ascontiguousarray(np.concatenate(flat), dtype=np.int64)
-    acc = queries = None
-    if scores is not None:
-        acc = np.ascontiguousarray(np.concatenate(
-            [scores.aligned(layer, h, len(p))[:len(p)] for layer, row in enumerate(positions)
-             for h, p in enumerate(row)]), dtype=np.float32)
-        queries = scores.queries()
-    bits = (policy.random_bits_for(num_layers, num_heads, block_size, rng)
-            if isinstance(policy, KVCrush) else None)
-    kept, kept_offsets, n_sinks, n_recent, num_keep = _core.plan_event(
-        policy.core, pos, acc, offsets, queries if queries is not None else np.zeros(0, np.int64),
-        num_layers, num_heads, budget, start_size, recent_size, num_written, block_size, bits)
-    rows = np.split(kept, kept_offsets[1:-1])
-    keep_rows = [rows[layer * num_heads:(layer + 1) * num_heads] for layer in range(num_layers)]
-    return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep)
 
 
 def _order(p: np.ndarray) -> np.ndarray | None:
