@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager, fill_holes
+from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
@@ -52,6 +52,10 @@ class EvictionStats:
 
 
 class Evictor:
+    # compaction moves the kept rows past the new end into the holes (HeadKVCacheManager
+    # .compact_flat): the fewest blocks rewritten; False keeps the rows in position order
+    fill_holes: bool = True
+
     def __init__(self, spec: EvictionSpec, kv: HeadKVCacheManager,
                  runner: HeadModelRunner) -> None:
         self.spec = spec
@@ -314,10 +318,14 @@ class Evictor:
         if spec.less is not None:
             self._fold_less(seq, spec.less, decision.keep_rows)
         t1 = time.perf_counter()
-        rows = [[fill_holes(r) for r in row] for row in decision.keep_rows]
-        self.runner.apply_moves(self.kv.compact(seq.seq_id, rows))
+        flat = [r for row in decision.keep_rows for r in row]
+        offsets = np.zeros(len(flat) + 1, np.int64)
+        np.cumsum([len(r) for r in flat], out=offsets[1:])
+        done = self.kv.compact_flat(seq.seq_id, np.concatenate(flat), offsets,
+                                    fill_holes=self.fill_holes)
+        self.runner.apply_flat_moves(done.moves)
         if ex.get("scores") is not None:
-            ex["scores"].compact(rows)
+            ex["scores"].compact(done.rows(self.runner.num_kv_heads))
         t2 = time.perf_counter()
         self.stats.events += 1
         ex["evictions"] = ex.get("evictions", 0) + 1
