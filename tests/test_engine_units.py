@@ -372,3 +372,28 @@ def test_compact_flat_rejects_bad_rows_naming_the_table_and_changes_nothing():
         kv.compact_flat(0, np.array([0, 8, 0, 1, 0, 1, 2, 5], np.int64), offsets)
     assert [list(b) for row in t.blocks for b in row] == blocks and (t.lens == 8).all()
     kv.check_invariants()
+
+
+def test_scores_compact_flat_matches_compact():
+    """SequenceScores.compact_flat (one gather, the evictor's path) == compact per head, rows
+    never scored (past a head's accumulated scores) getting 0; bad offsets raise."""
+    from kvcrush_ov.eviction.scores import SequenceScores
+
+    rng = np.random.default_rng(4)
+    a, b = SequenceScores(2, 3), SequenceScores(2, 3)
+    for layer in range(2):
+        for h in range(3):
+            seg = rng.random(int(rng.integers(5, 20))).astype(np.float32)
+            a.add(layer, h, seg)
+            b.add(layer, h, seg)
+    rows = [[rng.permutation(25)[:int(rng.integers(0, 25))] for _ in range(3)]
+            for _ in range(2)]
+    flat = [r for row in rows for r in row]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in flat])]).astype(np.int64)
+    a.compact(rows)
+    b.compact_flat(np.concatenate(flat).astype(np.int64), offsets)
+    for layer in range(2):
+        for h in range(3):
+            np.testing.assert_array_equal(a.acc[layer][h], b.acc[layer][h])
+    with pytest.raises(ValueError, match="offsets"):
+        b.compact_flat(np.zeros(0, np.int64), np.zeros(3, np.int64))

@@ -67,7 +67,7 @@ class BlockPool:
         if len(blocks) > 8:  # a table's tail: distinct blocks, one numpy pass
             arr = np.asarray(blocks, dtype=np.int64)
             ref = self._ref[arr]
-            if (ref > 0).all() and len(np.unique(arr)) == len(arr):
+            if (ref > 0).all() and len(set(arr.tolist())) == len(arr):
                 self._ref[arr] = ref - 1
                 self._free.extend(arr[ref == 1].tolist())
                 return

@@ -345,7 +345,7 @@ class Evictor:
         done = self.kv.compact_flat(seq.seq_id, rows, row_offsets, fill_holes=self.fill_holes)
         self.runner.apply_flat_moves(done.moves)
         if ex.get("scores") is not None:
-            ex["scores"].compact(done.rows(heads))
+            ex["scores"].compact_flat(done.order, done.offsets)
         t2 = time.perf_counter()
         self.stats.events += 1
         ex["evictions"] = ex.get("evictions", 0) + 1

@@ -357,17 +357,21 @@ class HeadKVCacheManager:
             shared[a:b] = pool.ref_counts(dst[a:b]) > 1
         cow = np.flatnonzero(shared).tolist()
         keep_blocks = self._blocks_for(kept).tolist()
-        for r, table in enumerate(tables):
-            pool = self.pools[r // heads]
-            while cow and move_table[cow[0]] == r:
+        for layer, pool in enumerate(self.pools):  # a layer's copies, then its freed tails
+            while cow and move_table[cow[0]] // heads == layer:
                 m = cow.pop(0)
+                table = tables[move_table[m]]
                 (fresh,) = pool.allocate(1)
                 pool.free([table[move_slot[m]]])
                 table[move_slot[m]] = fresh
                 dst[m] = fresh
-            if len(table) > keep_blocks[r]:
-                pool.free(table[keep_blocks[r]:])
-                del table[keep_blocks[r]:]
+            tails: list[int] = []
+            for table, nb in zip(tables[layer * heads:(layer + 1) * heads],
+                                 keep_blocks[layer * heads:(layer + 1) * heads], strict=True):
+                if len(table) > nb:
+                    tails.extend(table[nb:])
+                    del table[nb:]
+            pool.free(tails)
         moves = {}
         for layer in range(self.num_layers):
             a, b = int(firsts[layer]), int(firsts[layer + 1])
