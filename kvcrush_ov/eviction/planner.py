@@ -43,10 +43,10 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     per (layer, head) after eviction (>= sinks + recent present). num_written: positions written
     so far (the recent window is ``[num_written - recent_size, num_written)``).
 
-    ``kvcrush::plan_event`` (cpp/include/kvcrush/policy.hpp) does the same steps in C++ for a C++
-    pipeline (tests/test_policy_core.py keeps the two in step). It is not called from here: on
-    SmolLM2's 4K event its fresh buffers page-fault after glibc trims the heap (about 15 ms best
-    of 40 against 9 to 12 ms for these numpy steps around ``kvcrush::select_keep``).
+    ``kvcrush::plan_event`` (cpp/include/kvcrush/policy.hpp) does the same steps in C++
+    (tests/test_policy_core.py keeps the two in step); the evictor calls it through
+    :func:`plan_event` with buffers kept between events for every policy that
+    :func:`runs_in_core`, and this function for the others (and as the reference).
     """
     orders = _orders(positions)  # None: already in position order
     positions = [[p if o is None else p[o] for p, o in zip(prow, orow, strict=True)]
