@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvcrush_ov.engine.kv_codec import CacheLayout, Move, compact_kv
+from kvcrush_ov.engine.kv_codec import CacheLayout, Move, compact_kv, flatten_moves
 
 F32 = np.float32
 BS = 8  # block size of these tests (any size works)
@@ -170,3 +170,48 @@ def test_invalid_moves_write_nothing() -> None:
     pool.flags.writeable = False
     with pytest.raises(TypeError):  # never a silent copy, whose writes would be lost
         key.compact(pool, [(0, [(1, 0)])])
+
+
+@pytest.mark.parametrize("precision", ["u8", "u4", "bf16", "f32"])
+def test_compact_many_matches_the_reference_cache_by_cache(precision: str) -> None:
+    """_core.CacheCompactor (kvcrush::compact_many: every cache of an event in one pass) gives
+    each cache what the reference gives it alone; its buffer is reused across calls."""
+    from kvcrush_ov import _core
+
+    rng = np.random.default_rng(11 + len(precision))
+    key, value = layouts(precision)
+    compactor = _core.CacheCompactor()
+    for _ in range(6):
+        nb, heads = int(rng.integers(2, 12)), int(rng.integers(1, 4))
+        pools, wants, args = [], [], ([], [], [], [], [], [])
+        for layout in (key, value, key):
+            pool = random_pool(layout, nb, heads, rng)
+            head = int(rng.integers(0, heads))
+            moves = random_moves(rng, nb, max_dst=nb)
+            wants.append(ref_compact(layout, pool, head, moves, True))
+            pools.append(pool)
+            flat = flatten_moves(moves)
+            for lst, v in zip(args, (pool, head, layout.native, flat.dst, flat.offsets,
+                                     flat.pairs), strict=True):
+                lst.append(v)
+        compactor.compact(*args, True)
+        for pool, want in zip(pools, wants, strict=True):
+            np.testing.assert_array_equal(pool, want)
+
+
+def test_compact_many_validates_every_job_before_writing() -> None:
+    from kvcrush_ov import _core
+
+    rng = np.random.default_rng(5)
+    key, _ = layouts("u8")
+    a, b = random_pool(key, 4, 1, rng), random_pool(key, 4, 1, rng)
+    before = a.copy()
+    ok = flatten_moves([(0, [(1, 0), (2, 3)])])
+    bad = flatten_moves([(7, [(1, 0)])])  # destination block outside the cache
+    with pytest.raises(IndexError, match="job 1"):
+        _core.CacheCompactor().compact([a, b], [0, 0], [key.native] * 2, [ok.dst, bad.dst],
+                                       [ok.offsets, bad.offsets], [ok.pairs, bad.pairs], True)
+    np.testing.assert_array_equal(a, before)  # job 0 untouched: nothing written
+    with pytest.raises(ValueError, match="heads, layouts"):
+        _core.CacheCompactor().compact([a], [0, 0], [key.native], [ok.dst], [ok.offsets],
+                                       [ok.pairs], True)

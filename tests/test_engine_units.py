@@ -276,3 +276,124 @@ def test_head_compaction_leaving_a_shared_tail_marks_it():
     assert kv.tables[1].maybe_shared
     assert len(kv.append_slots(1, 1)) == 1  # so the next write copies it
     kv.check_invariants()
+
+
+def _ref_fill_holes(keep: np.ndarray) -> np.ndarray:
+    """The former numpy fill_holes (the reference of kvcrush::fill_holes)."""
+    k = len(keep)
+    stay = int(np.searchsorted(keep, k))
+    order = np.arange(k, dtype=np.int64)
+    if stay < k:
+        hole = np.ones(k, bool)
+        hole[keep[:stay]] = False
+        order[hole] = keep[stay:]
+    return order
+
+
+def _ref_compact(kv, seq_id: int, rows: list[list[np.ndarray]]) -> list:
+    """The former pure-Python HeadKVCacheManager.compact (block lists, copy-on-write, moves,
+    positions), the reference of compact_flat / kvcrush::plan_compaction."""
+    t, bs, moves = kv.tables[seq_id], kv.block_size, []
+    positions = t.positions_all()
+    for layer, pool in enumerate(kv.pools):
+        for h in range(kv.num_kv_heads):
+            order, blocks = np.asarray(rows[layer][h], dtype=np.int64), t.blocks[layer][h]
+            k = len(order)
+            old = np.asarray(blocks, dtype=np.int64)
+            src = np.stack([old[order // bs], order % bs], axis=1)
+            for i in dict.fromkeys((np.flatnonzero(order != np.arange(k)) // bs).tolist()):
+                dst = blocks[i]
+                if pool.ref_count(dst) > 1:
+                    (dst,) = pool.allocate(1)
+                    pool.free([blocks[i]])
+                    blocks[i] = dst
+                moves.append((layer, dst, src[i * bs:(i + 1) * bs].tolist()))
+            nb = -(-k // bs)
+            pool.free(blocks[nb:])
+            del blocks[nb:]
+            t.lens[layer, h] = k
+            positions[layer][h] = positions[layer][h][order]
+    t.positions = positions
+    t.uniform = bool((t.lens == t.lens[0, 0]).all())
+    t.maybe_shared = t.maybe_shared or bool(kv._shared_tails(t, 1, always=True).any())
+    return moves
+
+
+def test_compact_flat_matches_the_python_reference_with_forks_and_filled_holes():
+    """Random ragged evictions, some on a forked (shared) table, twice in a row: compact_flat
+    (C++ bookkeeping, fill_holes in C++) leaves the same tables, pools and moves as the
+    reference, and check_invariants holds."""
+    from kvcrush_ov.engine.head_cache_manager import fill_holes
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        kvs = [head_manager(num_blocks=120, layers=2, heads=3) for _ in range(2)]
+        for kv in kvs:
+            kv.append_slots(0, 21)
+            if trial % 2:
+                kv.fork(0, 1)
+        for _ in range(2):
+            t = kvs[0].tables[0]
+            keep = [[np.sort(rng.choice(int(n), int(rng.integers(0, n + 1)), replace=False))
+                     for n in row] for row in t.lens]
+            for r in (k for row in keep for k in row):
+                np.testing.assert_array_equal(fill_holes(r), _ref_fill_holes(r))
+            want = _ref_compact(kvs[1], 0, [[_ref_fill_holes(r) for r in row] for row in keep])
+            flat = [r for row in keep for r in row]
+            offsets = np.concatenate([[0], np.cumsum([len(r) for r in flat])]).astype(np.int64)
+            done = kvs[0].compact_flat(0, np.concatenate(flat).astype(np.int64), offsets,
+                                       fill_holes=True)
+            got = [(m[0], m[1], m[2].tolist()) for m in done.move_list()]
+            assert got == [(m[0], int(m[1]), m[2]) for m in want]
+            a, b = kvs[0].tables[0], kvs[1].tables[0]
+            assert a.blocks == b.blocks and a.lens.tolist() == b.lens.tolist()
+            assert (a.uniform, a.maybe_shared) == (b.uniform, b.maybe_shared)
+            assert [p.tolist() for row in a.positions for p in row] == \
+                [p.tolist() for row in b.positions for p in row]
+            assert [list(p._free) for p in kvs[0].pools] == [list(p._free) for p in kvs[1].pools]
+            for kv in kvs:
+                kv.check_invariants()
+            kvs[0].append_slots(0, 3)
+            kvs[1].append_slots(0, 3)
+
+
+def test_compact_flat_rejects_bad_rows_naming_the_table_and_changes_nothing():
+    kv = head_manager(layers=2, heads=2)
+    kv.append_slots(0, 8)
+    t = kv.tables[0]
+    blocks = [list(b) for row in t.blocks for b in row]
+    rows = np.array([0, 1, 0, 1, 0, 1, 5, 2], np.int64)  # table 3 (layer 1 head 1) unsorted
+    offsets = np.array([0, 2, 4, 6, 8], np.int64)
+    with pytest.raises(ValueError, match="layer 1 head 1 must be sorted"):
+        kv.compact_flat(0, rows, offsets, fill_holes=True)
+    with pytest.raises(ValueError, match="layer 0 head 1 must be unique"):
+        kv.compact_flat(0, np.array([0, 1, 3, 3, 0, 1, 2, 5], np.int64), offsets)
+    with pytest.raises(ValueError, match="layer 0 head 0 must be unique, in \\[0, 8\\)"):
+        kv.compact_flat(0, np.array([0, 8, 0, 1, 0, 1, 2, 5], np.int64), offsets)
+    assert [list(b) for row in t.blocks for b in row] == blocks and (t.lens == 8).all()
+    kv.check_invariants()
+
+
+def test_scores_compact_flat_matches_compact():
+    """SequenceScores.compact_flat (one gather, the evictor's path) == compact per head, rows
+    never scored (past a head's accumulated scores) getting 0; bad offsets raise."""
+    from kvcrush_ov.eviction.scores import SequenceScores
+
+    rng = np.random.default_rng(4)
+    a, b = SequenceScores(2, 3), SequenceScores(2, 3)
+    for layer in range(2):
+        for h in range(3):
+            seg = rng.random(int(rng.integers(5, 20))).astype(np.float32)
+            a.add(layer, h, seg)
+            b.add(layer, h, seg)
+    rows = [[rng.permutation(25)[:int(rng.integers(0, 25))] for _ in range(3)]
+            for _ in range(2)]
+    flat = [r for row in rows for r in row]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in flat])]).astype(np.int64)
+    a.compact(rows)
+    b.compact_flat(np.concatenate(flat).astype(np.int64), offsets)
+    for layer in range(2):
+        for h in range(3):
+            np.testing.assert_array_equal(a.acc[layer][h], b.acc[layer][h])
+    with pytest.raises(ValueError, match="offsets"):
+        b.compact_flat(np.zeros(0, np.int64), np.zeros(3, np.int64))

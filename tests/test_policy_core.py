@@ -275,3 +275,32 @@ def test_plan_event_errors() -> None:
     shifted = [[p + (h == 1) for h, p in enumerate(row)] for row in positions]
     with pytest.raises(RuntimeError, match="sinks / recent window differ"):
         plan_in_cpp(shifted, scores, policy, 300, 32, 128, 600, 16, rng)
+
+
+def test_event_planner_reused_across_events_matches_the_python_planner() -> None:
+    """One _core.EventPlanner (kvcrush::PlanWorkspace, buffers kept) over events of different
+    shapes, in and out of position order, through planner.plan_event (the evictor's path):
+    the rows of plan_eviction every time, and runs_in_core only for core policies."""
+    from kvcrush_ov.eviction.planner import plan_event, runs_in_core
+
+    planner = _core.EventPlanner()
+    for seed, (kind, layers, heads) in enumerate([("sorted", 4, 3), ("ragged", 2, 2),
+                                                   ("holes", 4, 3), ("sorted", 3, 1)]):
+        positions, scores = cached_rows(seed, kind, layers, heads)
+        for name, factory in PLANNED:
+            policy = factory()
+            assert runs_in_core(policy)
+            flat = [p for row in positions for p in row]
+            offsets = np.concatenate([[0], np.cumsum([len(p) for p in flat])]).astype(np.int64)
+            got = plan_event(planner, np.concatenate(flat), offsets, heads, scores, policy, 300,
+                             32, 128, 600, 16, np.random.default_rng(seed))
+            want = plan_eviction(positions, scores, policy, 300, 32, 128, 600, 16,
+                                 np.random.default_rng(seed))
+            assert (got.num_sinks, got.num_recent, got.num_keep) == \
+                (want.num_sinks, want.num_recent, want.num_keep)
+            rows = got.keep_rows(heads)
+            for layer in range(layers):
+                for h in range(heads):
+                    assert np.array_equal(rows[layer][h], want.keep_rows[layer][h]), \
+                        (name, kind, layer, h)
+    assert not runs_in_core(object())

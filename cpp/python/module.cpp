@@ -301,8 +301,8 @@ Out<float> pool_scores(In<float, 2> values, In<int64_t, 1> lengths, const std::s
   return out;
 }
 
-std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event(
-    const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
+std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event_in(
+    kvcrush::PlanWorkspace& ws, const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
     std::optional<In<float, 1>> scores, In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
     int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
     int64_t recent_size, int64_t num_written, int64_t block_size,
@@ -329,16 +329,28 @@ std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event(
                                    static_cast<int64_t>(query_positions.shape(0)), num_layers,
                                    num_heads};
   const kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
-  kvcrush::EventPlan plan;
   {
     nb::gil_scoped_release unlocked;
-    plan = kvcrush::plan_event(cfg, rows, b, bits);
+    kvcrush::plan_event(cfg, rows, b, bits, ws);
   }
+  const kvcrush::EventPlan& plan = ws.plan;
   auto kept = new_array<int64_t, 1>({plan.keep_rows.size()});
   std::copy(plan.keep_rows.begin(), plan.keep_rows.end(), kept.data());
   auto kept_off = new_array<int64_t, 1>({plan.keep_offsets.size()});
   std::copy(plan.keep_offsets.begin(), plan.keep_offsets.end(), kept_off.data());
   return {kept, kept_off, plan.num_sinks, plan.num_recent, plan.num_keep};
+}
+
+std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event(
+    const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
+    std::optional<In<float, 1>> scores, In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
+    int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
+    int64_t recent_size, int64_t num_written, int64_t block_size,
+    std::optional<In<bool, 3>> random_bits) {
+  kvcrush::PlanWorkspace ws;
+  return plan_event_in(ws, cfg, positions, scores, offsets, query_positions, num_layers,
+                       num_heads, budget, start_size, recent_size, num_written, block_size,
+                       random_bits);
 }
 
 Out<int64_t> water_fill(int64_t total, In<int64_t, 1> capacity) {
@@ -422,6 +434,80 @@ void compact_blocks(Cache cache, int64_t head, const kvcrush::BlockLayout& layou
   kvcrush::compact_blocks(cache.data() + head * hbb, num_blocks, heads * hbb, layout,
                           dst.data(), num_dst, offsets.data(), pairs.data(),
                           lossless_single_source);
+}
+
+/// The new blocks' buffer compact_many reuses (a HeadModelRunner keeps one).
+struct CacheCompactor {
+  std::vector<uint8_t> scratch;
+};
+
+void compact_caches(CacheCompactor& self, std::vector<Cache> caches, std::vector<int64_t> heads,
+                    std::vector<const kvcrush::BlockLayout*> layouts,
+                    std::vector<In<int64_t, 1>> dst, std::vector<In<int64_t, 1>> offsets,
+                    std::vector<In<int64_t, 2>> pairs, bool lossless_single_source) {
+  const size_t n = caches.size();
+  if (heads.size() != n || layouts.size() != n || dst.size() != n || offsets.size() != n ||
+      pairs.size() != n)
+    bad_shape("heads, layouts, dst, offsets, pairs", "one entry per cache");
+  std::vector<kvcrush::CacheMoves> jobs(n);
+  for (size_t j = 0; j < n; ++j) {
+    const std::string job = "job " + std::to_string(j) + ": ";
+    if (layouts[j] == nullptr) bad_shape(job + "layouts", "a BlockLayout");
+    const auto hbb = static_cast<int64_t>(caches[j].shape(2));
+    if (hbb != layouts[j]->head_block_bytes)
+      bad_shape(job + "cache", "[NB, H, " + std::to_string(layouts[j]->head_block_bytes) +
+                                   "] bytes");
+    const auto nh = static_cast<int64_t>(caches[j].shape(1));
+    if (heads[j] < 0 || heads[j] >= nh)
+      throw std::out_of_range(job + "head " + std::to_string(heads[j]) + " outside 0.." +
+                              std::to_string(nh - 1));
+    const auto num_dst = static_cast<int64_t>(dst[j].shape(0));
+    if (static_cast<int64_t>(offsets[j].shape(0)) != num_dst + 1)
+      bad_shape(job + "offsets", "one entry more than dst");
+    if (pairs[j].shape(1) != 2 ||
+        static_cast<int64_t>(pairs[j].shape(0)) != offsets[j].data()[num_dst])
+      bad_shape(job + "pairs", "shape [offsets[-1], 2]");
+    jobs[j] = {caches[j].data() + heads[j] * hbb, static_cast<int64_t>(caches[j].shape(0)),
+               nh * hbb, layouts[j], dst[j].data(), num_dst, offsets[j].data(), pairs[j].data()};
+  }
+  nb::gil_scoped_release unlocked;
+  kvcrush::compact_many(jobs.data(), static_cast<int64_t>(n), lossless_single_source,
+                        self.scratch);
+}
+
+/// A copy of ``v`` as a new numpy array (the workspace keeps its buffers for the next event).
+Out<int64_t> copy_out(const std::vector<int64_t>& v) {
+  auto out = new_array<int64_t, 1>({v.size()});
+  std::copy(v.begin(), v.end(), out.data());
+  return out;
+}
+
+nb::tuple plan_compaction(kvcrush::CompactionPlan& ws, In<int64_t, 1> blocks,
+                          In<int64_t, 1> block_offsets, In<int64_t, 1> lens, In<int64_t, 1> rows,
+                          In<int64_t, 1> row_offsets, std::optional<In<int64_t, 1>> positions,
+                          int64_t num_heads, int64_t block_size, bool fill_holes) {
+  const size_t tables = lens.shape(0);
+  if (block_offsets.shape(0) != tables + 1) bad_shape("block_offsets", "len(lens) + 1 entries");
+  if (row_offsets.shape(0) != tables + 1) bad_shape("row_offsets", "len(lens) + 1 entries");
+  if (block_offsets.data()[tables] != static_cast<int64_t>(blocks.shape(0)))
+    bad_shape("block_offsets", "offsets ending at len(blocks)");
+  if (row_offsets.data()[tables] != static_cast<int64_t>(rows.shape(0)))
+    bad_shape("row_offsets", "offsets ending at len(rows)");
+  int64_t cached = 0;
+  for (size_t r = 0; r < tables; ++r) cached += lens.data()[r];
+  if (positions && static_cast<int64_t>(positions->shape(0)) != cached)
+    bad_shape("positions", "None or sum(lens) entries");
+  const kvcrush::TableRows t{blocks.data(), block_offsets.data(), lens.data(), rows.data(),
+                             row_offsets.data(), positions ? positions->data() : nullptr,
+                             static_cast<int64_t>(tables), num_heads, block_size};
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::plan_compaction(t, fill_holes, ws);
+  }
+  auto pairs = new_array<int64_t, 2>({ws.pairs.size() / 2, 2});
+  std::copy(ws.pairs.begin(), ws.pairs.end(), pairs.data());
+  return nb::make_tuple(copy_out(ws.order), copy_out(ws.positions), copy_out(ws.move_table),
+                        copy_out(ws.move_slot), copy_out(ws.move_offsets), pairs);
 }
 
 Out<uint8_t> encode_by_channel(In<float, 3> x, In<int64_t, 1> counts,
@@ -591,6 +677,33 @@ NB_MODULE(_core, m) {
         nb::arg("layout"), nb::arg("dst"), nb::arg("offsets"), nb::arg("pairs"),
         nb::arg("lossless_single_source"),
         "Rewrites destination head-blocks of cache u8 [NB, H, HB] (head ``head``) in place.");
+  nb::class_<CacheCompactor>(m, "CacheCompactor",
+                             "compact_blocks over many caches in one parallel pass "
+                             "(kvcrush::compact_many), its buffer kept between calls.")
+      .def(nb::init<>())
+      .def("compact", &compact_caches, nb::arg("caches"), nb::arg("heads"), nb::arg("layouts"),
+           nb::arg("dst"), nb::arg("offsets"), nb::arg("pairs"),
+           nb::arg("lossless_single_source"),
+           "Rewrites the destination head-blocks of every cache u8 [NB, H, HB] in place.");
+  nb::class_<kvcrush::CompactionPlan>(m, "CompactionWorkspace",
+                                      "Buffers plan_compaction reuses from one event to the "
+                                      "next (kvcrush::CompactionPlan).")
+      .def(nb::init<>())
+      .def("plan", &plan_compaction, nb::arg("blocks"), nb::arg("block_offsets"),
+           nb::arg("lens"), nb::arg("rows"), nb::arg("row_offsets"),
+           nb::arg("positions").none(), nb::arg("num_heads"), nb::arg("block_size"),
+           nb::arg("fill_holes"),
+           "(order [K], positions [K], move_table [M], move_slot [M], move_offsets [M + 1], "
+           "pairs [P, 2]): one sequence's compaction (kvcrush::plan_compaction).");
+  m.def("fill_holes", [](In<int64_t, 1> keep) {
+    const auto k = static_cast<int64_t>(keep.shape(0));
+    for (int64_t i = 1; i < k; ++i)
+      if (keep.data()[i] <= keep.data()[i - 1])
+        bad_shape("keep", "sorted unique row indices");
+    auto out = new_array<int64_t, 1>({keep.shape(0)});
+    kvcrush::fill_holes(keep.data(), k, out.data());
+    return out;
+  }, nb::arg("keep"), "int64 [k]: the new row order after keeping sorted rows ``keep``.");
   m.def("encode_by_channel", &encode_by_channel, nb::arg("x"), nb::arg("counts"),
         nb::arg("layout"), "u8 [N, HB]: f32 rows [N, bs, D] as by-channel key head-blocks.");
   m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
@@ -648,6 +761,16 @@ NB_MODULE(_core, m) {
         nb::arg("random_bits").none() = nb::none(),
         "(keep_rows, keep_offsets, num_sinks, num_recent, num_keep): one eviction event "
         "from the cached rows (kvcrush::plan_event).");
+  nb::class_<kvcrush::PlanWorkspace>(m, "EventPlanner",
+                                     "plan_event with buffers kept from one event to the next "
+                                     "(kvcrush::PlanWorkspace).")
+      .def(nb::init<>())
+      .def("plan", &plan_event_in, nb::arg("cfg"), nb::arg("positions"),
+           nb::arg("scores").none(), nb::arg("offsets"), nb::arg("query_positions"),
+           nb::arg("num_layers"), nb::arg("num_heads"), nb::arg("budget"),
+           nb::arg("start_size"), nb::arg("recent_size"), nb::arg("num_written"),
+           nb::arg("block_size"), nb::arg("random_bits").none() = nb::none(),
+           "plan_event's result, computed in this planner's buffers.");
   m.def("water_fill", &water_fill, nb::arg("total"), nb::arg("capacity"));
   m.def("fit_budget", &fit_budget, nb::arg("target"), nb::arg("capacity"));
   m.def("pyramid_budgets", &pyramid_budgets, nb::arg("num_layers"), nb::arg("num_keep"),

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvcrush/parallel.hpp"
@@ -167,6 +168,175 @@ void compact_blocks(uint8_t* cache, int64_t num_blocks, int64_t block_stride,
   });
   parallel_for(num_dst, hbb, [&](int64_t i) {
     std::memcpy(cache + dst[i] * block_stride, fresh.data() + i * hbb, static_cast<size_t>(hbb));
+  });
+}
+
+void compact_many(const CacheMoves* jobs, int64_t num_jobs, bool lossless_single_source,
+                  std::vector<uint8_t>& scratch) {
+  if (num_jobs < 0) throw std::invalid_argument("num_jobs: allowed >= 0");
+  std::vector<int64_t> first(static_cast<size_t>(num_jobs + 1), 0);  // first destination
+  std::vector<int64_t> at(static_cast<size_t>(num_jobs + 1), 0);      // its bytes in scratch
+  int64_t work = 1;
+  for (int64_t j = 0; j < num_jobs; ++j) {
+    const CacheMoves& m = jobs[j];
+    try {
+      if (m.layout == nullptr) throw std::invalid_argument("layout: allowed a BlockLayout");
+      validate_layout(*m.layout);
+      if (m.block_stride < m.layout->head_block_bytes)
+        throw std::invalid_argument("block_stride=" + std::to_string(m.block_stride) +
+                                    ": allowed at least the head-block's bytes");
+      check_moves(m.num_blocks, *m.layout, m.dst, m.num_dst, m.offsets, m.pairs);
+    } catch (const std::out_of_range& e) {
+      throw std::out_of_range("job " + std::to_string(j) + ": " + e.what());
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("job " + std::to_string(j) + ": " + e.what());
+    }
+    first[j + 1] = first[j] + m.num_dst;
+    at[j + 1] = at[j] + m.num_dst * m.layout->head_block_bytes;
+    work = std::max(work, m.layout->block_size * m.layout->head_dim *
+                              (m.layout->by_channel ? 8 : 1));
+  }
+  const int64_t total = first[num_jobs];
+  if (total == 0) return;
+  scratch.resize(static_cast<size_t>(at[num_jobs]));
+  auto locate = [&](int64_t i) {  // (job, destination within it)
+    const int64_t j = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
+    return std::pair<int64_t, int64_t>(j, i - first[j]);
+  };
+  parallel_for(total, work, [&](int64_t i) {
+    const auto [j, d] = locate(i);
+    const CacheMoves& m = jobs[j];
+    const int64_t hbb = m.layout->head_block_bytes;
+    uint8_t* out = scratch.data() + at[j] + d * hbb;
+    std::memset(out, 0, static_cast<size_t>(hbb));
+    std::vector<float> x;
+    build_block(m.cache, m.block_stride, *m.layout, m.pairs + 2 * m.offsets[d],
+                m.offsets[d + 1] - m.offsets[d], lossless_single_source, out, x);
+  });
+  parallel_for(total, 512, [&](int64_t i) {
+    const auto [j, d] = locate(i);
+    const CacheMoves& m = jobs[j];
+    const int64_t hbb = m.layout->head_block_bytes;
+    std::memcpy(m.cache + m.dst[d] * m.block_stride, scratch.data() + at[j] + d * hbb,
+                static_cast<size_t>(hbb));
+  });
+}
+
+}  // namespace kvcrush
+
+namespace kvcrush {
+
+void fill_holes(const int64_t* keep, int64_t k, int64_t* out) {
+  const int64_t stay = std::lower_bound(keep, keep + k, k) - keep;  // keep[:stay] < k
+  for (int64_t i = 0; i < k; ++i) out[i] = i;
+  if (stay == k) return;
+  std::vector<uint8_t> hole(static_cast<size_t>(k), 1);
+  for (int64_t i = 0; i < stay; ++i) hole[static_cast<size_t>(keep[i])] = 0;
+  int64_t next = stay;
+  for (int64_t i = 0; i < k; ++i)
+    if (hole[static_cast<size_t>(i)]) out[i] = keep[next++];
+}
+
+void plan_compaction(const TableRows& t, bool fill, CompactionPlan& plan) {
+  if (t.num_tables < 0 || t.num_heads < 1 || t.num_tables % t.num_heads != 0)
+    throw std::invalid_argument("num_heads: allowed >= 1, dividing the " +
+                                std::to_string(t.num_tables) + " tables");
+  if (t.block_size < 1) throw std::invalid_argument("block_size: allowed >= 1");
+  const int64_t T = t.num_tables, bs = t.block_size;
+  if (t.row_offsets[0] != 0 || t.block_offsets[0] != 0)
+    throw std::invalid_argument("row_offsets, block_offsets: allowed arrays starting at 0");
+  std::vector<int64_t> pos_offsets(static_cast<size_t>(T + 1), 0);
+  for (int64_t r = 0; r < T; ++r) {
+    const int64_t k = t.row_offsets[r + 1] - t.row_offsets[r];
+    const int64_t nb = t.block_offsets[r + 1] - t.block_offsets[r];
+    if (k < 0 || nb < 0)
+      throw std::invalid_argument("row_offsets, block_offsets: allowed non-decreasing arrays");
+    if (t.lens[r] < 0 || nb * bs < t.lens[r])
+      throw std::invalid_argument("block_offsets: table " + std::to_string(r) + " holds " +
+                                  std::to_string(nb) + " blocks for " +
+                                  std::to_string(t.lens[r]) + " rows");
+    pos_offsets[r + 1] = pos_offsets[r] + t.lens[r];
+  }
+  const int64_t K = t.row_offsets[T];
+  plan.order.resize(static_cast<size_t>(K));
+  plan.positions.resize(static_cast<size_t>(K));
+  // pass 1 (parallel): validate, order, positions, blocks rewritten per table
+  std::vector<int64_t> moved(static_cast<size_t>(T), 0);
+  parallel_for(T, K / std::max<int64_t>(T, 1) * 4, [&](int64_t r) {
+    const int64_t lo = t.row_offsets[r], k = t.row_offsets[r + 1] - lo, n = t.lens[r];
+    const int64_t* rows = t.rows + lo;
+    auto bad = [&](const char* what) {
+      throw std::invalid_argument("compact: rows of layer " + std::to_string(r / t.num_heads) +
+                                  " head " + std::to_string(r % t.num_heads) + " must be " +
+                                  what + ", in [0, " + std::to_string(n) + ")");
+    };
+    for (int64_t i = 0; i < k; ++i)
+      if (rows[i] < 0 || rows[i] >= n) bad("unique");
+    int64_t* order = plan.order.data() + lo;
+    if (fill) {
+      for (int64_t i = 1; i < k; ++i)
+        if (rows[i] <= rows[i - 1]) bad("sorted and unique");
+      fill_holes(rows, k, order);
+    } else {
+      std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
+      for (int64_t i = 0; i < k; ++i) {
+        if (seen[static_cast<size_t>(rows[i])]) bad("unique");
+        seen[static_cast<size_t>(rows[i])] = 1;
+        order[i] = rows[i];
+      }
+    }
+    int64_t* pos = plan.positions.data() + lo;
+    const int64_t* old_pos = t.positions ? t.positions + pos_offsets[r] : nullptr;
+    for (int64_t i = 0; i < k; ++i) pos[i] = old_pos ? old_pos[order[i]] : order[i];
+    int64_t m = 0;
+    for (int64_t b = 0; b * bs < k; ++b) {
+      const int64_t end = std::min(k, (b + 1) * bs);
+      for (int64_t i = b * bs; i < end; ++i)
+        if (order[i] != i) {
+          ++m;
+          break;
+        }
+    }
+    moved[static_cast<size_t>(r)] = m;
+  });
+  std::vector<int64_t> first(static_cast<size_t>(T + 1), 0);  // first move of each table
+  for (int64_t r = 0; r < T; ++r) first[r + 1] = first[r] + moved[r];
+  const int64_t M = first[T];
+  plan.move_table.resize(static_cast<size_t>(M));
+  plan.move_slot.resize(static_cast<size_t>(M));
+  plan.move_offsets.resize(static_cast<size_t>(M + 1));
+  // pass 2 (serial, cheap): which blocks move; their pair offsets
+  int64_t m = 0, total = 0;
+  plan.move_offsets[0] = 0;
+  for (int64_t r = 0; r < T; ++r) {
+    const int64_t lo = t.row_offsets[r], k = t.row_offsets[r + 1] - lo;
+    const int64_t* order = plan.order.data() + lo;
+    for (int64_t b = 0; b * bs < k && m < first[r + 1]; ++b) {
+      const int64_t end = std::min(k, (b + 1) * bs);
+      for (int64_t i = b * bs; i < end; ++i)
+        if (order[i] != i) {
+          plan.move_table[m] = r;
+          plan.move_slot[m] = b;
+          total += end - b * bs;
+          plan.move_offsets[++m] = total;
+          break;
+        }
+    }
+  }
+  plan.pairs.resize(static_cast<size_t>(2 * total));
+  // pass 3 (parallel): the source pairs
+  parallel_for(T, K / std::max<int64_t>(T, 1) * 2, [&](int64_t r) {
+    const int64_t lo = t.row_offsets[r], k = t.row_offsets[r + 1] - lo;
+    const int64_t* order = plan.order.data() + lo;
+    const int64_t* blocks = t.blocks + t.block_offsets[r];
+    for (int64_t j = first[r]; j < first[r + 1]; ++j) {
+      const int64_t b = plan.move_slot[j];
+      int64_t* out = plan.pairs.data() + 2 * plan.move_offsets[j];
+      for (int64_t i = b * bs; i < std::min(k, (b + 1) * bs); ++i) {
+        *out++ = blocks[order[i] / bs];
+        *out++ = order[i] % bs;
+      }
+    }
   });
 }
 

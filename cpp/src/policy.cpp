@@ -713,6 +713,13 @@ void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
 
 EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
                      const uint8_t* random_bits) {
+  PlanWorkspace ws;
+  plan_event(cfg, rows, b, random_bits, ws);
+  return std::move(ws.plan);
+}
+
+const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
+                            const EventBudget& b, const uint8_t* random_bits, PlanWorkspace& ws) {
   validate(cfg);
   check_size("layers", rows.num_layers);
   check_size("heads", rows.num_heads);
@@ -723,8 +730,13 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
       throw std::invalid_argument("offsets: allowed a non-decreasing [L * H + 1] array");
   // Every (layer, head) in position order: order[r][i] = the row holding its i-th position
   // (empty when the rows already are in position order, as before any eviction).
-  std::vector<std::vector<int64_t>> order(static_cast<size_t>(num_rows));
-  std::vector<int64_t> sinks(static_cast<size_t>(num_rows)), recent(sinks.size());
+  auto& order = ws.order;
+  if (order.size() < static_cast<size_t>(num_rows)) order.resize(static_cast<size_t>(num_rows));
+  for (int64_t r = 0; r < num_rows; ++r) order[r].clear();  // keeps each one's capacity
+  auto& sinks = ws.sinks;
+  auto& recent = ws.recent;
+  sinks.resize(static_cast<size_t>(num_rows));
+  recent.resize(sinks.size());
   const int64_t recent_from = b.num_written - b.recent_size;
   parallel_for(num_rows, num_rows > 0 ? (off[num_rows] - off[0]) / num_rows * 4 : 0,
                [&](int64_t r) {
@@ -750,7 +762,7 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
   for (int64_t r = 0; r < num_rows; ++r)
     if (sinks[r] != sinks[0] || recent[r] != recent[0])
       throw std::logic_error("eviction: sinks / recent window differ between heads");
-  EventPlan plan;
+  EventPlan& plan = ws.plan;
   plan.num_sinks = num_rows > 0 ? sinks[0] : 0;
   plan.num_recent = num_rows > 0 ? recent[0] : 0;
   plan.num_keep = b.budget - plan.num_sinks - plan.num_recent;
@@ -759,7 +771,8 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
                                 std::to_string(plan.num_sinks) + " + recent " +
                                 std::to_string(plan.num_recent));
   // The candidates, padded to [L, H, N] (scores 0, counts 0, positions -1 in padding).
-  std::vector<int64_t> lengths(static_cast<size_t>(num_rows));
+  auto& lengths = ws.lengths;
+  lengths.resize(static_cast<size_t>(num_rows));
   int64_t n = 0, cached = 0;
   for (int64_t r = 0; r < num_rows; ++r) {
     lengths[r] = std::max<int64_t>(off[r + 1] - off[r] - plan.num_sinks - plan.num_recent, 0);
@@ -770,8 +783,12 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
     throw std::invalid_argument("eviction: budget " + std::to_string(b.budget) +
                                 " exceeds the cached tokens");
   const auto size = static_cast<size_t>(num_rows * n);
-  std::vector<float> scores(size, 0.0f), counts(size, 0.0f);
-  std::vector<int64_t> positions(size, -1);
+  auto& scores = ws.scores;
+  auto& counts = ws.counts;
+  auto& positions = ws.positions;
+  scores.assign(size, 0.0f);
+  counts.assign(size, 0.0f);
+  positions.assign(size, -1);
   const auto queries = static_cast<float>(rows.num_queries);
   parallel_for(num_rows, n * 4, [&](int64_t r) {
     const int64_t* p = rows.positions + off[r];
@@ -794,7 +811,8 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
   const Candidates c{scores.data(), counts.data(), positions.data(), lengths.data(),
                      rows.num_layers, rows.num_heads, n, b.block_size};
   const PolicyConfig effective = for_budget(cfg, b.budget, plan.num_keep, b.num_written);
-  std::vector<uint8_t> keep(size);
+  auto& keep = ws.keep;
+  keep.resize(size);
   select_keep(effective, c, plan.num_keep, random_bits, keep.data());
   int64_t kept = 0;
   for (int64_t r = 0; r < num_rows; ++r)

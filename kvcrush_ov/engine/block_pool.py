@@ -8,6 +8,9 @@ a block returns to the free list when its last holder frees it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
 
 
 class NoFreeBlocks(RuntimeError):
@@ -21,7 +24,7 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.num_blocks = num_blocks
-        self._ref = [0] * num_blocks
+        self._ref = np.zeros(num_blocks, np.int64)  # holders per block
         self._free: deque[int] = deque(range(num_blocks))
         self.peak_used = 0
 
@@ -34,27 +37,40 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     def ref_count(self, block: int) -> int:
-        return self._ref[block]
+        return int(self._ref[block])
+
+    def ref_counts(self, blocks: np.ndarray) -> np.ndarray:
+        """int64 [n]: the reference counts of ``blocks`` (int64 [n])."""
+        return self._ref[blocks]
 
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` free blocks (reference count 1 each)."""
         if n > len(self._free):
             raise NoFreeBlocks(f"asked for {n} blocks, {len(self._free)} free")
         out = [self._free.popleft() for _ in range(n)]
-        for b in out:
-            self._ref[b] = 1
+        self._ref[out] = 1
         self.peak_used = max(self.peak_used, self.num_used)
         return out
 
     def share(self, blocks: list[int]) -> None:
         """One more holder for each of ``blocks`` (a fork)."""
-        for b in blocks:
-            if self._ref[b] <= 0:
-                raise AssertionError(f"block {b} is free and cannot be shared")
-            self._ref[b] += 1
+        arr = np.asarray(blocks, dtype=np.int64)
+        free = self._ref[arr] <= 0
+        if free.any():
+            raise AssertionError(f"block {int(arr[np.argmax(free)])} is free and cannot be "
+                                 "shared")
+        np.add.at(self._ref, arr, 1)
 
-    def free(self, blocks: list[int]) -> None:
-        """One holder fewer for each of ``blocks``; blocks nobody holds become free."""
+    def free(self, blocks: Sequence[int] | np.ndarray) -> None:
+        """One holder fewer for each of ``blocks`` (int list or int64 [n]); blocks nobody holds
+        become free (appended to the free list in the order given)."""
+        if len(blocks) > 8:  # a table's tail: distinct blocks, one numpy pass
+            arr = np.asarray(blocks, dtype=np.int64)
+            ref = self._ref[arr]
+            if (ref > 0).all() and len(set(arr.tolist())) == len(arr):
+                self._ref[arr] = ref - 1
+                self._free.extend(arr[ref == 1].tolist())
+                return
         for b in blocks:
             if self._ref[b] <= 0:
                 raise AssertionError(f"block {b} freed twice")
@@ -68,7 +84,7 @@ class BlockPool:
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("a block is on the free list twice")
-        for b, r in enumerate(self._ref):
+        for b, r in enumerate(self._ref.tolist()):
             if r < 0 or (r == 0) != (b in free):
                 raise AssertionError(f"block {b}: ref {r}, on free list: {b in free}")
         if holders is not None:
@@ -76,7 +92,8 @@ class BlockPool:
             for table in holders:
                 for b in table:
                     counts[b] += 1
-            if counts != self._ref:
-                bad = next(i for i, (c, r) in enumerate(zip(counts, self._ref, strict=True))
+            refs = self._ref.tolist()
+            if counts != refs:
+                bad = next(i for i, (c, r) in enumerate(zip(counts, refs, strict=True))
                            if c != r)
-                raise AssertionError(f"block {bad}: held {counts[bad]} times, ref {self._ref[bad]}")
+                raise AssertionError(f"block {bad}: held {counts[bad]} times, ref {refs[bad]}")

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager, fill_holes
+from kvcrush_ov import _core
+from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
 from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.genai_compat import translate
-from kvcrush_ov.eviction.planner import plan_eviction
+from kvcrush_ov.eviction.planner import plan_event, plan_eviction, runs_in_core
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamCacheEviction, UpstreamConfig
@@ -52,6 +53,10 @@ class EvictionStats:
 
 
 class Evictor:
+    # compaction moves the kept rows past the new end into the holes (HeadKVCacheManager
+    # .compact_flat): the fewest blocks rewritten; False keeps the rows in position order
+    fill_holes: bool = True
+
     def __init__(self, spec: EvictionSpec, kv: HeadKVCacheManager,
                  runner: HeadModelRunner) -> None:
         self.spec = spec
@@ -60,6 +65,7 @@ class Evictor:
         self.stats = EvictionStats()
         # the score layout of the runner's graph (one "head" per layer on the plain graph)
         self.layout = PerHeadLayout(runner.num_layers, runner.num_kv_heads)
+        self._planner = _core.EventPlanner()  # plan_event's buffers, kept between events
 
     # ------------------------------------------------------------------ per request
     def spec_of(self, seq: Sequence) -> EvictionSpec:
@@ -306,18 +312,40 @@ class Evictor:
         if self._held(seq) <= ex["budget"]:
             return  # nothing to evict
         t0 = time.perf_counter()
-        positions = [[t.positions_of(layer, h) for h in range(self.runner.num_kv_heads)]
-                     for layer in range(self.runner.num_layers)]
-        decision = plan_eviction(positions, ex.get("scores"), spec.policy, ex["budget"],
-                                 spec.start_size, spec.recent_size, t.num_written,
-                                 self.kv.block_size, ex["rng"])
+        heads = self.runner.num_kv_heads
+        offsets = np.zeros(t.lens.size + 1, np.int64)
+        np.cumsum(t.lens.reshape(-1), out=offsets[1:])
+        if runs_in_core(spec.policy):  # one C++ call, in buffers kept between events
+            positions = (np.concatenate([p for row in t.positions for p in row])
+                         if t.positions is not None
+                         else np.arange(offsets[-1], dtype=np.int64) - np.repeat(
+                             offsets[:-1], t.lens.reshape(-1)))
+            decision = plan_event(self._planner, positions, offsets, heads, ex.get("scores"),
+                                  spec.policy, ex["budget"], spec.start_size,
+                                  spec.recent_size, t.num_written, self.kv.block_size,
+                                  ex["rng"])
+            rows, row_offsets = decision.rows, decision.offsets
+            keep_rows = None
+        else:
+            positions = [[t.positions_of(layer, h) for h in range(heads)]
+                         for layer in range(self.runner.num_layers)]
+            decision = plan_eviction(positions, ex.get("scores"), spec.policy, ex["budget"],
+                                     spec.start_size, spec.recent_size, t.num_written,
+                                     self.kv.block_size, ex["rng"])
+            keep_rows = decision.keep_rows
+            flat = [r for row in keep_rows for r in row]
+            row_offsets = np.zeros(len(flat) + 1, np.int64)
+            np.cumsum([len(r) for r in flat], out=row_offsets[1:])
+            rows = np.concatenate(flat)
         if spec.less is not None:
-            self._fold_less(seq, spec.less, decision.keep_rows)
+            if keep_rows is None:
+                keep_rows = decision.keep_rows(heads)
+            self._fold_less(seq, spec.less, keep_rows)
         t1 = time.perf_counter()
-        rows = [[fill_holes(r) for r in row] for row in decision.keep_rows]
-        self.runner.apply_moves(self.kv.compact(seq.seq_id, rows))
+        done = self.kv.compact_flat(seq.seq_id, rows, row_offsets, fill_holes=self.fill_holes)
+        self.runner.apply_flat_moves(done.moves)
         if ex.get("scores") is not None:
-            ex["scores"].compact(rows)
+            ex["scores"].compact_flat(done.order, done.offsets)
         t2 = time.perf_counter()
         self.stats.events += 1
         ex["evictions"] = ex.get("evictions", 0) + 1

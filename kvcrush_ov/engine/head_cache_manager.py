@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcrush_ov import _core
 from kvcrush_ov.engine.block_pool import BlockPool
+from kvcrush_ov.engine.kv_codec import FlatMoves
 
 # (layer, dst_block, sources [n, 2] int64 (src_block, src_row)): write these rows densely into
 # dst_block, in order
@@ -44,21 +46,37 @@ class SplitPlan:
 def fill_holes(keep: np.ndarray) -> np.ndarray:
     """The new row order after keeping rows ``keep`` (int64 [k], sorted, unique): kept rows below
     ``k`` stay where they are and the kept rows at or above ``k`` fill the holes below ``k``
-    (ascending into ascending). Returns int64 [k]: new row ``i`` is old row ``order[i]``.
+    (ascending into ascending). Returns int64 [k]: new row ``i`` is old row ``order[i]``
+    (C++: ``kvcrush::fill_holes``, which :meth:`HeadKVCacheManager.compact_flat` applies).
 
     Compacting with this order rewrites only the blocks that had a hole, instead of every block
     after the first hole (a decode-time eviction of 32 rows out of 1,056 touches about a third
     of the blocks instead of nearly all).
     """
-    keep = np.asarray(keep, dtype=np.int64)
-    k = len(keep)
-    stay = int(np.searchsorted(keep, k))  # keep[:stay] < k stay in place
-    order = np.arange(k, dtype=np.int64)
-    if stay < k:
-        hole = np.ones(k, bool)
-        hole[keep[:stay]] = False
-        order[hole] = keep[stay:]
-    return order
+    return _core.fill_holes(np.ascontiguousarray(keep, dtype=np.int64))
+
+
+@dataclass
+class Compaction:
+    """What :meth:`HeadKVCacheManager.compact_flat` did: new row ``i`` of table ``r`` (= layer *
+    H + head) is old row ``order[offsets[r] + i]`` (int64 [K], offsets int64 [L * H + 1]);
+    ``moves[l]``: the row moves the runner must apply to layer ``l``'s cache (layers without
+    moves absent)."""
+
+    order: np.ndarray
+    offsets: np.ndarray
+    moves: dict[int, FlatMoves]
+
+    def rows(self, num_heads: int) -> list[list[np.ndarray]]:
+        """order split per [layer][head] (views of it), as :meth:`HeadKVCacheManager.compact`
+        takes rows."""
+        flat = np.split(self.order, self.offsets[1:-1])
+        return [flat[i:i + num_heads] for i in range(0, len(flat), num_heads)]
+
+    def move_list(self) -> list[Move]:
+        """moves as ``(layer, dst_block, sources [n, 2])`` tuples, layer by layer."""
+        return [(layer, int(fm.dst[i]), fm.pairs[fm.offsets[i]:fm.offsets[i + 1]])
+                for layer, fm in self.moves.items() for i in range(len(fm.dst))]
 
 
 @dataclass
@@ -100,6 +118,7 @@ class HeadKVCacheManager:
         self.tables: dict[int, HeadTable] = {}
         self.splits: dict[int, SplitPlan] = {}  # FastKV sequences (kept across preemptions)
         self._versions = itertools.count(1)
+        self._workspace = _core.CompactionWorkspace()  # compact_flat's buffers, kept
 
     # ------------------------------------------------------------------ sizes
     def _blocks_for(self, tokens: int | np.ndarray) -> int | np.ndarray:
@@ -300,43 +319,74 @@ class HeadKVCacheManager:
         ``dst_block`` in the (l, h) pool; the runner reads every source of a layer before it
         writes any destination. Blocks whose rows stay where they are produce no move.
         """
+        flat = [np.asarray(r, dtype=np.int64) for row in rows for r in row]
+        offsets = np.zeros(len(flat) + 1, np.int64)
+        np.cumsum([len(r) for r in flat], out=offsets[1:])
+        cat = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+        return self.compact_flat(seq_id, cat, offsets).move_list()
+
+    def compact_flat(self, seq_id: int, rows: np.ndarray, offsets: np.ndarray,
+                     fill_holes: bool = False) -> Compaction:
+        """:meth:`compact` on flat arrays: table ``r`` (= layer * H + head) keeps rows
+        ``rows[offsets[r]:offsets[r + 1]]`` (int64 [K], offsets int64 [L * H + 1]), in the new
+        row order, or sorted and put in :func:`fill_holes`'s order with ``fill_holes``. The
+        bookkeeping (order, positions, moves and their sources) is ``kvcrush::plan_compaction``
+        (C++, parallel over tables); only the pool's reference counts, copy-on-write and the
+        freed tails stay here. Raises ValueError naming the table for rows that are not unique
+        in [0, lens) (or not sorted with ``fill_holes``); nothing changes then."""
         t = self.tables[seq_id]
-        bs = self.block_size
-        moves: list[Move] = []
-        positions = [[t.positions_of(layer, h) for h in range(self.num_kv_heads)]
-                     for layer in range(self.num_layers)]
+        heads, bs = self.num_kv_heads, self.block_size
+        tables = [b for row in t.blocks for b in row]
+        block_offsets = np.zeros(len(tables) + 1, np.int64)
+        np.cumsum([len(b) for b in tables], out=block_offsets[1:])
+        blocks = np.fromiter(itertools.chain.from_iterable(tables), np.int64,
+                             int(block_offsets[-1]))
+        positions = (None if t.positions is None
+                     else np.concatenate([p for row in t.positions for p in row]))
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        order, new_pos, move_table, move_slot, move_offsets, pairs = self._workspace.plan(
+            blocks, block_offsets, np.ascontiguousarray(t.lens.reshape(-1)),
+            np.ascontiguousarray(rows, dtype=np.int64), offsets, positions, heads, bs,
+            fill_holes)
+        kept = np.diff(offsets)
+        dst = blocks[block_offsets[move_table] + move_slot]
+        shared = np.zeros(len(dst), bool)  # destinations shared with a fork: copy-on-write
+        firsts = np.searchsorted(move_table, np.arange(0, len(tables) + 1, heads))
         for layer, pool in enumerate(self.pools):
-            for h in range(self.num_kv_heads):
-                order = np.asarray(rows[layer][h], dtype=np.int64)
-                blocks = t.blocks[layer][h]
-                n = int(t.lens[layer, h])
-                if len(order) and (order.min() < 0 or order.max() >= n
-                                   or np.bincount(order, minlength=n).max() > 1):
-                    raise ValueError(f"compact: rows of layer {layer} head {h} must be unique, "
-                                     f"in [0, {n})")
-                k = len(order)
-                new_blocks = self._blocks_for(k)
-                old = np.asarray(blocks, dtype=np.int64)  # sources: the blocks as they were
-                src = np.stack([old[order // bs], order % bs], axis=1)  # [k, 2] (block, row)
-                moved = np.flatnonzero(order != np.arange(k)) // bs  # blocks with moved rows
-                for i in dict.fromkeys(moved.tolist()):  # ascending, each once
-                    dst = blocks[i]
-                    if pool.ref_count(dst) > 1:  # shared with a fork: write a private copy
-                        (dst,) = pool.allocate(1)
-                        pool.free([blocks[i]])
-                        blocks[i] = dst
-                    moves.append((layer, dst, src[i * bs:(i + 1) * bs]))
-                pool.free(blocks[new_blocks:])
-                del blocks[new_blocks:]
-                t.lens[layer, h] = k
-                positions[layer][h] = positions[layer][h][order]
-        t.positions = positions
+            a, b = firsts[layer], firsts[layer + 1]
+            shared[a:b] = pool.ref_counts(dst[a:b]) > 1
+        cow = np.flatnonzero(shared).tolist()
+        keep_blocks = self._blocks_for(kept).tolist()
+        for layer, pool in enumerate(self.pools):  # a layer's copies, then its freed tails
+            while cow and move_table[cow[0]] // heads == layer:
+                m = cow.pop(0)
+                table = tables[move_table[m]]
+                (fresh,) = pool.allocate(1)
+                pool.free([table[move_slot[m]]])
+                table[move_slot[m]] = fresh
+                dst[m] = fresh
+            tails: list[int] = []
+            for table, nb in zip(tables[layer * heads:(layer + 1) * heads],
+                                 keep_blocks[layer * heads:(layer + 1) * heads], strict=True):
+                if len(table) > nb:
+                    tails.extend(table[nb:])
+                    del table[nb:]
+            pool.free(tails)
+        moves = {}
+        for layer in range(self.num_layers):
+            a, b = int(firsts[layer]), int(firsts[layer + 1])
+            if b > a:
+                lo, hi = int(move_offsets[a]), int(move_offsets[b])
+                moves[layer] = FlatMoves(dst[a:b], move_offsets[a:b + 1] - lo, pairs[lo:hi])
+        t.lens[...] = kept.reshape(t.lens.shape)
+        pos = np.split(new_pos, offsets[1:-1])
+        t.positions = [pos[i:i + heads] for i in range(0, len(pos), heads)]
         t.uniform = bool((t.lens == t.lens[0, 0]).all())
         # a tail left in place may still be shared with a fork (the sharing side may append)
         t.maybe_shared = t.maybe_shared or bool(self._shared_tails(t, 1, always=True).any())
         t.version = next(self._versions)
         t.evictions += 1
-        return moves
+        return Compaction(order, offsets, moves)
 
     def truncate(self, seq_id: int, num_tokens: int) -> tuple[list[list[np.ndarray]], list[Move]]:
         """Forget every position ``>= num_tokens`` (a chat turn that rewrites the end of the

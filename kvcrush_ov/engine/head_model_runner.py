@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from kvcrush_ov import _core
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
-from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, compact_kv
+from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, FlatMoves, flatten_moves
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
@@ -101,6 +102,7 @@ class HeadModelRunner(ModelRunner):
         self._tables_key: dict[int, tuple[int, ...]] = {}
         self._less_sent: dict[int, tuple] = {}  # per request: the states it holds
         self._past_buf: dict[int, np.ndarray] = {}
+        self._compactor = _core.CacheCompactor()  # apply_flat_moves' buffer, kept
 
     def _add_less(self, model: ov.Model, decode: ov.Model, device: str, props: dict) -> None:
         """LESS mixing in both graphs (transformations/less.py); the cache parameters get the
@@ -213,11 +215,28 @@ class HeadModelRunner(ModelRunner):
         by_layer: dict[int, list[tuple[int, np.ndarray]]] = {}
         for layer, dst, sources in moves:
             by_layer.setdefault(layer, []).append((dst, sources))
-        for layer, layer_moves in by_layer.items():  # all sources are read before any write
-            kt, vt = self._caches[layer]
-            for h in range(self.cache_heads):
-                compact_kv(self.key_layout, self.value_layout, kt, vt, layer_moves,
-                           head=h if self.cache_heads > 1 else None)
+        self.apply_flat_moves({layer: flatten_moves(m) for layer, m in by_layer.items()})
+
+    def apply_flat_moves(self, moves: dict[int, FlatMoves]) -> None:
+        """:meth:`apply_moves` with each layer's moves as arrays (what
+        HeadKVCacheManager.compact_flat returns); all sources of a layer are read before any
+        destination is written."""
+        caches, heads, layouts, dst, offsets, pairs = [], [], [], [], [], []
+        for layer, flat in moves.items():
+            if not len(flat.dst):
+                continue
+            for layout, cache in zip((self.key_layout, self.value_layout), self._caches[layer],
+                                     strict=True):
+                for h in range(self.cache_heads):
+                    raw, head = layout.raw_heads(cache, h if self.cache_heads > 1 else None)
+                    caches.append(raw)
+                    heads.append(head)
+                    layouts.append(layout.native)
+                    dst.append(flat.dst)
+                    offsets.append(flat.offsets)
+                    pairs.append(flat.pairs)
+        if caches:  # one parallel pass over every layer's keys and values (C++)
+            self._compactor.compact(caches, heads, layouts, dst, offsets, pairs, True)
 
     def set_layout(self, req: ov.InferRequest, tables: list[HeadTable],
                     counts: list[int], decode: bool, layers: range | None = None) -> int:

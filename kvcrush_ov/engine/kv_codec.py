@@ -313,7 +313,7 @@ class CacheLayout:
         ``head`` selects one of the ``H`` and may be omitted when H == 1 (per-head pools
         ``[NB*Hkv, 1, rows, cols]``).
         """
-        raw, head = self._raw_heads(cache, head)
+        raw, head = self.raw_heads(cache, head)
         return raw[:, head, :]
 
     def table_rows(self, head_blocks: np.ndarray, table: Sequence[int] | np.ndarray,
@@ -330,7 +330,7 @@ class CacheLayout:
             raise IndexError(f"kv_codec: row {int(r.max())} outside a table of {len(t)} blocks")
         return self._decode_rows(head_blocks[t[:used]], r // self.block_size, r % self.block_size)
 
-    def _raw_heads(self, cache: ov.Tensor | np.ndarray,
+    def raw_heads(self, cache: ov.Tensor | np.ndarray,
                    head: int | None) -> tuple[np.ndarray, int]:
         """(u8 [NB, H, head_block_bytes] view of ``cache``'s memory, the head index)."""
         if isinstance(cache, ov.Tensor):
@@ -378,7 +378,7 @@ class CacheLayout:
         flat = moves if isinstance(moves, FlatMoves) else flatten_moves(moves)
         if not len(flat.dst):
             return
-        raw, head = self._raw_heads(cache, head)
+        raw, head = self.raw_heads(cache, head)
         _core.compact_blocks(raw, head, self.native, flat.dst, flat.offsets, flat.pairs,
                              lossless_single_source)
 

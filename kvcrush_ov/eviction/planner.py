@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcrush_ov.eviction.base import EvictionInputs, EvictionPolicy, check_keep
+from kvcrush_ov import _core
+from kvcrush_ov.eviction.base import CorePolicy, EvictionInputs, EvictionPolicy, check_keep
+from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.scores import SequenceScores
 
 
@@ -41,10 +43,10 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     per (layer, head) after eviction (>= sinks + recent present). num_written: positions written
     so far (the recent window is ``[num_written - recent_size, num_written)``).
 
-    ``kvcrush::plan_event`` (cpp/include/kvcrush/policy.hpp) does the same steps in C++ for a C++
-    pipeline (tests/test_policy_core.py keeps the two in step). It is not called from here: on
-    SmolLM2's 4K event its fresh buffers page-fault after glibc trims the heap (about 15 ms best
-    of 40 against 9 to 12 ms for these numpy steps around ``kvcrush::select_keep``).
+    ``kvcrush::plan_event`` (cpp/include/kvcrush/policy.hpp) does the same steps in C++
+    (tests/test_policy_core.py keeps the two in step); the evictor calls it through
+    :func:`plan_event` with buffers kept between events for every policy that
+    :func:`runs_in_core`, and this function for the others (and as the reference).
     """
     orders = _orders(positions)  # None: already in position order
     positions = [[p if o is None else p[o] for p, o in zip(prow, orow, strict=True)]
@@ -71,6 +73,60 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     check_keep(keep, inputs, num_keep, getattr(policy, "name", type(policy).__name__))
     keep_rows = _kept_rows(orders, keep, inputs.lengths, n_sinks, n_recent)
     return EvictionDecision(keep_rows, n_sinks, n_recent, num_keep, keep, inputs.positions)
+
+
+@dataclass
+class EventRows:
+    """What one event keeps, flat (``kvcrush::plan_event``): table ``r`` (= layer * H + head)
+    keeps its rows ``rows[offsets[r]:offsets[r + 1]]`` (int64, sorted; offsets int64
+    [L * H + 1]); num_sinks / num_recent / num_keep per (layer, head) as in
+    :class:`EvictionDecision`."""
+
+    rows: np.ndarray
+    offsets: np.ndarray
+    num_sinks: int
+    num_recent: int
+    num_keep: int
+
+    def keep_rows(self, num_heads: int) -> list[list[np.ndarray]]:
+        """rows split per [layer][head] (views), as :class:`EvictionDecision` holds them."""
+        flat = np.split(self.rows, self.offsets[1:-1])
+        return [flat[i:i + num_heads] for i in range(0, len(flat), num_heads)]
+
+
+def runs_in_core(policy: EvictionPolicy) -> bool:
+    """Whether ``kvcrush::plan_event`` plans for ``policy`` exactly as :func:`plan_eviction`:
+    a policy of the C++ core whose ``select`` is the core's (KVCrush on top of one included)."""
+    if isinstance(policy, KVCrush):
+        return type(policy).select is KVCrush.select
+    return isinstance(policy, CorePolicy) and type(policy).select is CorePolicy.select
+
+
+def plan_event(planner: _core.EventPlanner, positions: np.ndarray, offsets: np.ndarray,
+               num_heads: int, scores: SequenceScores | None, policy: EvictionPolicy,
+               budget: int, start_size: int, recent_size: int, num_written: int,
+               block_size: int, rng: np.random.Generator) -> EventRows:
+    """:func:`plan_eviction` in one C++ call on the flat rows a cache manager holds, in the
+    buffers ``planner`` keeps between events (for a policy :func:`runs_in_core`).
+
+    positions: int64 [R] the rows' positions, table after table (table ``r`` = layer * H +
+    head holds ``positions[offsets[r]:offsets[r + 1]]``, offsets int64 [L * H + 1], H =
+    ``num_heads``); the other arguments as in :func:`plan_eviction` (the same draws from
+    ``rng``, the same kept rows).
+    """
+    num_layers = (len(offsets) - 1) // num_heads
+    acc, queries = None, np.zeros(0, np.int64)
+    if scores is not None:
+        lens = np.diff(offsets).tolist()
+        acc = np.concatenate([scores.aligned(r // num_heads, r % num_heads, n)[:n]
+                              for r, n in enumerate(lens)])
+        queries = scores.queries()
+    bits = (policy.random_bits_for(num_layers, num_heads, block_size, rng)
+            if isinstance(policy, KVCrush) else None)
+    rows, rows_offsets, sinks, recent, keep = planner.plan(
+        policy.core, positions, acc, offsets, queries, num_layers, num_heads, budget,
+        start_size, recent_size, num_written, block_size, bits)
+    return EventRows(rows, rows_offsets, sinks, recent, keep)
 
 
 def _order(p: np.ndarray) -> np.ndarray | None:

@@ -78,3 +78,24 @@ class SequenceScores:
                 kept = np.zeros(len(order), np.float32)
                 kept[seen] = acc[order[seen]]
                 self.acc[layer][h] = kept
+
+    def compact_flat(self, order: np.ndarray, offsets: np.ndarray) -> None:
+        """:meth:`compact` with the new orders flat (HeadKVCacheManager.compact_flat's
+        Compaction): new row ``i`` of table ``r`` (= layer * H + head) is old row
+        ``order[offsets[r] + i]`` (int64 [K], offsets int64 [L * H + 1]); one gather for
+        every table."""
+        flat = [a for row in self.acc for a in row]
+        heads = len(self.acc[0]) if self.acc else 0
+        if len(offsets) != len(flat) + 1:
+            raise ValueError(f"scores: offsets has {len(offsets)} entries, "
+                             f"{len(flat) + 1} expected (L * H + 1)")
+        have = np.fromiter((len(a) for a in flat), np.int64, len(flat))
+        base = np.zeros(len(flat), np.int64)
+        np.cumsum(have[:-1], out=base[1:])
+        kept = np.diff(offsets)
+        seen = order < np.repeat(have, kept)
+        out = np.zeros(len(order), np.float32)
+        src = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+        out[seen] = src[(order + np.repeat(base, kept))[seen]]
+        parts = np.split(out, offsets[1:-1])
+        self.acc = [parts[i:i + heads] for i in range(0, len(parts), heads)]

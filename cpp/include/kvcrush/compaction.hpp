@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace kvcrush {
 
@@ -54,5 +55,73 @@ void encode_by_channel(const float* x, int64_t n, const BlockLayout& layout, uin
 void compact_blocks(uint8_t* cache, int64_t num_blocks, int64_t block_stride,
                     const BlockLayout& layout, const int64_t* dst, int64_t num_dst,
                     const int64_t* offsets, const int64_t* pairs, bool lossless_single_source);
+
+/// One compact_blocks call's arguments (see there): the moves of one cache (one layer's keys or
+/// values, one head of it: ``cache`` points at that head's first head-block).
+struct CacheMoves {
+  uint8_t* cache;
+  int64_t num_blocks;
+  int64_t block_stride;
+  const BlockLayout* layout;
+  const int64_t* dst;
+  int64_t num_dst;
+  const int64_t* offsets;
+  const int64_t* pairs;
+};
+
+/// compact_blocks of ``num_jobs`` caches in one parallel pass over every destination of every
+/// job (an eviction event's layers, keys and values: one set of threads instead of one per
+/// cache). Every job is validated before anything is written (the first invalid one throws as
+/// compact_blocks does, naming ``job i``); jobs must not write the same memory. ``scratch``
+/// holds the new blocks and is reused (kept by the caller from one event to the next).
+void compact_many(const CacheMoves* jobs, int64_t num_jobs, bool lossless_single_source,
+                  std::vector<uint8_t>& scratch);
+
+// ---- the bookkeeping of one sequence's compaction (HeadKVCacheManager.compact)
+
+/// One sequence's block tables and what an eviction keeps, per table ``r`` (= layer * H + head,
+/// T tables). Table r holds head-blocks blocks[block_offsets[r] .. block_offsets[r + 1]) and
+/// its lens[r] rows (row i in block i / block_size, slot i % block_size); rows[row_offsets[r]
+/// .. row_offsets[r + 1]) are the rows it keeps (unique, in [0, lens[r])): in the new order, or
+/// sorted when ``fill_holes``; positions: i64 [sum lens] the rows' positions table after table,
+/// or null for 0 .. lens[r] - 1 in every table. num_heads: H (names a table in errors).
+struct TableRows {
+  const int64_t* blocks;
+  const int64_t* block_offsets;
+  const int64_t* lens;
+  const int64_t* rows;
+  const int64_t* row_offsets;
+  const int64_t* positions;
+  int64_t num_tables;
+  int64_t num_heads;
+  int64_t block_size;
+};
+
+/// The result of plan_compaction, reused from one event to the next (its vectors keep their
+/// capacity: nothing is allocated once they are large enough). order: i64 [K] the new row i of
+/// table r is old row order[row_offsets[r] + i]; positions: i64 [K] the new rows' positions;
+/// moves: the M rewritten blocks in table order, ascending within a table: block slot
+/// move_slot[m] of table move_table[m] receives the (source block, source row) pairs
+/// pairs[2 * move_offsets[m] .. 2 * move_offsets[m + 1]) (sources are the blocks as they were).
+struct CompactionPlan {
+  std::vector<int64_t> order;
+  std::vector<int64_t> positions;
+  std::vector<int64_t> move_table;
+  std::vector<int64_t> move_slot;
+  std::vector<int64_t> move_offsets;
+  std::vector<int64_t> pairs;
+};
+
+/// order: the kept rows ``keep`` (k, sorted, unique) as fill_holes orders them: kept rows below
+/// k stay where they are, the kept rows at or above k fill the holes below k (ascending into
+/// ascending). Writes out[0 .. k).
+void fill_holes(const int64_t* keep, int64_t k, int64_t* out);
+
+/// Plans the compaction of every table into ``plan`` (packed densely from each table's first
+/// block; a block is rewritten iff one of its new rows comes from elsewhere). Throws
+/// std::invalid_argument naming the table (``compact: rows of layer l head h must be unique,
+/// in [0, n)``, or sorted with fill_holes) or the field (block_offsets, row_offsets: too few
+/// blocks for lens). Parallel over tables.
+void plan_compaction(const TableRows& t, bool fill_holes, CompactionPlan& plan);
 
 }  // namespace kvcrush

@@ -215,6 +215,22 @@ struct EventPlan {
 EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
                      const uint8_t* random_bits);
 
+/// The buffers of plan_event kept by its caller from one event to the next (an evictor holds
+/// one): once they are large enough, an event allocates only select_keep's own temporaries
+/// (fresh buffers page-fault after glibc trims the heap). ``plan`` holds the last result.
+struct PlanWorkspace {
+  std::vector<std::vector<int64_t>> order;  ///< per (layer, head): rows in position order
+  std::vector<int64_t> sinks, recent, lengths;
+  std::vector<float> scores, counts;
+  std::vector<int64_t> positions;
+  std::vector<uint8_t> keep;
+  EventPlan plan;
+};
+
+/// plan_event in ``ws`` (returns ws.plan, valid until the next call with ``ws``).
+const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
+                            const EventBudget& b, const uint8_t* random_bits, PlanWorkspace& ws);
+
 // ---- the budget arithmetic the policies share (kvcrush_ov.eviction.base), exposed for tests
 
 /// out [K]: ``total`` spread max-min fairly over ``capacity`` [K] (clipped at 0), the last few
