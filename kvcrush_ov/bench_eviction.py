@@ -8,6 +8,8 @@ Prints figures (not pass / fail):
 - ``capacity``: a fixed KV cache (blocks for ``capacity_full`` 4K requests with the full cache)
   and ``num_requests`` 4K-prompt requests submitted at once, each generating ``new_tokens``:
   how many decode side by side at most, and preemptions, full cache vs 25% budget.
+- ``ttft``: the demo's prompt (``kvcrush-ov demo``), warm, time to first token with the full
+  cache and with the default eviction, requests alternating: the ratio eviction / full.
 - ``flat``: TPOT at a long context with a fixed token budget (continuous mode, the default;
   continuous scoring every decode step; prefill mode) vs TPOT at a short context with the full
   cache, plus the eviction engine's per-head graph at the short context without eviction,
@@ -71,6 +73,39 @@ def selection(model: str, prompt_tokens: int = 4096, new_tokens: int = 64,
         Figure("selection + compaction share", 100 * (select_s + compact_s) / total, "%"),
     ] + [Figure(f"selection per event, warm-up {i + 1}", ms, "ms", "cold process")
          for i, ms in enumerate(cold)]
+
+
+def ttft(model: str, precision: str = "u8", warmups: int = 1, repeats: int = 5,
+         prompt: str | None = None) -> list[Figure]:
+    """Median TTFT of ``prompt`` (default: the demo's; no chat template, one new token) with the
+    full cache and with ``CacheEvictionConfig()``, after ``warmups`` requests each, the two
+    pipelines alternating request by request (load beside the run hits both alike)."""
+    from kvcrush_ov.demo import build_prompt
+
+    prompt = build_prompt() if prompt is None else prompt
+    g = GenerationConfig(max_new_tokens=1, apply_chat_template=False)
+    kv = KVCacheConfig(precision=precision)
+    pipes = {"full": Pipeline(model, kv_cache=kv, eviction=None),
+             "eviction": Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig())}
+    times: dict[str, list[float]] = {k: [] for k in pipes}
+    tokens = 0
+    for i in range(warmups + repeats):
+        for key, pipe in pipes.items():
+            m = pipe.generate(prompt, g).metrics[0]
+            tokens = m.num_input_tokens
+            if i >= warmups:
+                times[key].append(m.ttft_s)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    spread = {k: f"{min(v):.3f}-{max(v):.3f} s" for k, v in times.items()}
+    return [
+        Figure("TTFT, full cache", med["full"], "s",
+               f"{tokens}-token prompt, {precision}; median of {repeats} "
+               f"({spread['full']})"),
+        Figure("TTFT, default eviction", med["eviction"], "s",
+               f"25%, SnapKV + KVCrush ({spread['eviction']})"),
+        Figure("TTFT ratio eviction / full", med["eviction"] / med["full"], "x",
+               "target <= 1.03x"),
+    ]
 
 
 def _concurrency(pipe: Pipeline, prompts: list[str], new_tokens: int) -> tuple[int, int, float]:

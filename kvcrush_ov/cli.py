@@ -141,6 +141,8 @@ def _cmd_bench_eviction(args: argparse.Namespace) -> int:
 
     parts = {"selection": lambda: be.selection(args.model, precision=args.precision,
                                                repeats=args.repeats),
+             "ttft": lambda: be.ttft(args.model, precision=args.precision,
+                                     repeats=args.repeats),
              "capacity": lambda: be.capacity(args.model, capacity_full=args.capacity_full,
                                              num_requests=4 * args.capacity_full),
              "flat": lambda: be.flat(args.model, long_tokens=args.long_tokens,
@@ -429,16 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench-eviction",
                         help="eviction on native: selection cost, capacity, flat decode")
     be.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
-    be.add_argument("--part", action="append", choices=["selection", "capacity", "flat"],
+    be.add_argument("--part", action="append",
+                    choices=["selection", "ttft", "capacity", "flat"],
                     help="run only this part (repeatable; default all)")
     be.add_argument("--long-tokens", type=int, default=16384,
                     help="context of the flat-decode run")
     be.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS,
-                    help="KV cache precision of the selection run")
+                    help="KV cache precision of the selection and ttft runs")
     be.add_argument("--capacity-full", type=int, default=8,
                     help="capacity run: cache size in full 4K requests (4x as many are sent)")
     be.add_argument("--repeats", type=int, default=3,
-                    help="measured requests per row of the selection and flat runs (median)")
+                    help="measured requests per row of the selection, ttft and flat runs "
+                    "(median)")
     be.set_defaults(func=_cmd_bench_eviction)
 
     from kvcrush_ov.eval.methods import METHODS

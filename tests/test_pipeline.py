@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -363,6 +364,17 @@ def test_selection_benchmark_reports_the_median_and_the_worst_request(tiny_model
         "selection share, worst request"].value
     assert "median of 3 after 1 warm-ups" in figures["selection share of latency"].note
     assert figures["selection per event, warm-up 1"].value > 0
+
+
+def test_ttft_benchmark_alternates_full_and_eviction(tiny_model):
+    from kvcrush_ov.bench_eviction import ttft
+
+    full, evicting, ratio = ttft(str(tiny_model), warmups=1, repeats=3,
+                                 prompt=" ".join(["the river"] * 300))
+    assert re.search(r"\d+-token prompt, u8; median of 3 \(", full.note)
+    assert full.value > 0 and evicting.value > 0
+    assert ratio.value == pytest.approx(evicting.value / full.value)
+    assert ratio.unit == "x" and "1.03x" in ratio.note
 
 
 def test_flat_benchmark_counts_the_decode_time_evictions(tiny_model):
