@@ -2,6 +2,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <unordered_set>
@@ -31,6 +33,24 @@ inline std::string to_string(const ov::PartialShape& shape) {
   std::ostringstream s;
   s << shape;
   return s.str();
+}
+
+inline bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+/// The whole integer after ``prefix`` in ``name`` ("key_cache.12" -> 12); nothing when ``name``
+/// does not start with ``prefix`` or the rest is not an integer ("key_cache.x", "scores.1a").
+inline std::optional<int64_t> index_after(const std::string& name, const std::string& prefix) {
+  if (!starts_with(name, prefix)) return std::nullopt;
+  const std::string digits = name.substr(prefix.size());
+  size_t used = 0;
+  try {
+    const int64_t index = std::stoll(digits, &used);
+    if (used == digits.size()) return index;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
 }
 
 inline bool is_type(const ov::Node& node, const char* type) {

@@ -26,10 +26,6 @@ using Output = ov::Output<ov::Node>;
   throw FastKVPatternError("split_at_layer: " + message);
 }
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
-
 /// The token-embedding output: the first rank-3 float output reached (breadth first, through
 /// output 0 of each node) from the Parameter whose friendly name is input_ids.
 Output embedding(const ov::Model& model) {
@@ -71,14 +67,8 @@ std::unordered_set<std::string> result_names(const ov::Node& result) {
 std::optional<int64_t> layer_of_result(const ov::Node& result) {
   const std::string prefix = "scores.";
   for (const auto& name : result_names(result)) {
-    if (!starts_with(name, prefix)) continue;
-    const std::string digits = name.substr(prefix.size());
-    size_t used = 0;
-    try {
-      const int64_t layer = std::stoll(digits, &used);
-      if (used == digits.size()) return layer;
-    } catch (const std::exception&) {
-    }
+    if (!detail::starts_with(name, prefix)) continue;
+    if (const auto layer = detail::index_after(name, prefix)) return *layer;
     fail("output '" + name + "' of " + result.get_friendly_name() +
          ": no layer index after 'scores.'");
   }
@@ -118,7 +108,7 @@ void reset_io(ov::Model& model, const ov::ResultVector& results,
 int64_t count_layers(const ov::Model& model) {
   int64_t n = 0;
   for (const auto& p : model.get_parameters())
-    if (starts_with(p->get_friendly_name(), "key_cache.")) ++n;
+    if (detail::starts_with(p->get_friendly_name(), "key_cache.")) ++n;
   return n;
 }
 

@@ -34,22 +34,12 @@ enum PaInput : size_t { kQuery = 0, kKeyCache = 3, kScale = 9 };
   throw LESSPatternError("add_less: " + message);
 }
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
-
 /// L of the key_cache.L Parameter feeding input 3.
 int64_t layer_of(const ov::Node& pa) {
   const std::string prefix = "key_cache.";
   for (const auto& name : pa.input_value(kKeyCache).get_names()) {
-    if (!starts_with(name, prefix)) continue;
-    const std::string digits = name.substr(prefix.size());
-    size_t used = 0;
-    try {
-      const int64_t layer = std::stoll(digits, &used);
-      if (used == digits.size()) return layer;
-    } catch (const std::exception&) {
-    }
+    if (!detail::starts_with(name, prefix)) continue;
+    if (const auto layer = detail::index_after(name, prefix)) return *layer;
     break;
   }
   fail("input 3 of " + pa.get_friendly_name() + " is not key_cache.L");
@@ -57,7 +47,7 @@ int64_t layer_of(const ov::Node& pa) {
 
 /// Through the per-head rewrite's reshapes / transposes named ``prefix...`` to their source.
 Output walk_back(Output value, const std::string& prefix) {
-  while (starts_with(value.get_node()->get_friendly_name(), prefix))
+  while (detail::starts_with(value.get_node()->get_friendly_name(), prefix))
     value = value.get_node()->input_value(0);
   return value;
 }
@@ -70,7 +60,7 @@ Output merged_output(const NodePtr& pa) {
     const auto targets = value.get_target_inputs();
     if (targets.size() != 1) break;
     ov::Node* node = targets.begin()->get_node();
-    if (!starts_with(node->get_friendly_name(), tag + "/per_head_out")) break;
+    if (!detail::starts_with(node->get_friendly_name(), tag + "/per_head_out")) break;
     value = node->output(0);
     if (node->get_friendly_name() == tag + "/per_head_out/merge") return value;
   }
@@ -224,10 +214,10 @@ bool SetCacheTypes::run_on_model(const std::shared_ptr<ov::Model>& model) {
   };
   for (const auto& p : model->get_parameters()) {
     for (const auto& name : p->output(0).get_names()) {
-      if (starts_with(name, "key_cache.")) {
+      if (detail::starts_with(name, "key_cache.")) {
         p->set_element_type(types_.key_type);
         p->set_partial_shape(shape(types_.key_dims));
-      } else if (starts_with(name, "value_cache.")) {
+      } else if (detail::starts_with(name, "value_cache.")) {
         p->set_element_type(types_.value_type);
         p->set_partial_shape(shape(types_.value_dims));
       }

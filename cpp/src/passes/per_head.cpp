@@ -97,14 +97,8 @@ int64_t layer_of(const ov::Node& pa) {
   const auto cache = pa.input_value(kKeyCache);
   const std::string prefix = "key_cache.";
   for (const auto& name : cache.get_names()) {
-    if (name.compare(0, prefix.size(), prefix) != 0) continue;
-    const std::string digits = name.substr(prefix.size());
-    size_t used = 0;
-    try {
-      const int64_t layer = std::stoll(digits, &used);
-      if (used == digits.size()) return layer;
-    } catch (const std::exception&) {
-    }
+    if (!detail::starts_with(name, prefix)) continue;
+    if (const auto layer = detail::index_after(name, prefix)) return *layer;
     fail("input 3 of " + pa.get_friendly_name() + " is named '" + name +
          "': no layer index after 'key_cache.'");
   }
