@@ -468,3 +468,12 @@ def test_less_and_fastkv_columns_are_refused_together(tmp_path):
     with pytest.raises(ConfigError, match="methods=.*LESS columns and FastKV columns"):
         run_eval("SmolLM2-135M-Instruct", tmp_path / "out", tasks=("niah_single_1",),
                  num_samples=1, methods=("fastkv", "snapkv+less"), budgets=(0.25,))
+
+
+def test_fastkv_columns_with_two_split_layers_are_refused_before_work(tmp_path):
+    from kvcrush_ov.eval.runner import run_eval
+
+    with pytest.raises(ConfigError, match="methods=.*one split layer per run"):
+        run_eval(str(tmp_path / "never-read"), tmp_path / "out", tasks=("niah_single_1",),
+                 num_samples=1, methods=("fastkv", "fastkv+kvcrush-split7"), budgets=(0.25,))
+    assert not (tmp_path / "out").exists()

@@ -77,6 +77,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)
     Method("fastkv-max7", "native", _native("snapkv", fastkv=FastKVConfig(pooling="max", kernel=7)),
            report=False),
+    # an earlier split (after layer 7, of Qwen2.5-0.5B's 24 / SmolLM2's 30): the prefill speed
+    # issue 17 targets on Qwen2.5 (docs/performance.md), at what accuracy cost
+    Method("fastkv+kvcrush-split7", "native",
+           _native("snapkv", KVCRUSH, fastkv=FastKVConfig(split_layer=7)), report=False),
     Method("snapkv+kvcrush-multi", "native", _native("snapkv", KVCrushConfig(
         budget=0.25, anchor_point_mode=("zeros", "ones", "alternating"), taper=False))),
     Method("snapkv+kvcrush-dynamic", "native", _native("snapkv", KVCrushConfig(

@@ -610,6 +610,20 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     if fidelity_samples is not None and (isinstance(fidelity_samples, bool) or not isinstance(
             fidelity_samples, int) or fidelity_samples < 1):
         raise ConfigError("fidelity_samples", fidelity_samples, "None or an integer >= 1")
+    chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
+    # FastKV columns need the engine's split graphs (their parents prefill with FastKV)
+    splits = {m.make(0.5).fastkv.split_layer for m in chosen
+              if m.backend == "native" and m.make(0.5).fastkv is not None}
+    if len(splits) > 1:
+        raise ConfigError("methods", names, "FastKV columns with one split layer per run (the "
+                          "engine's graphs are cut at one layer)")
+    split = bool(splits)
+    # LESS columns need the engine's LESS graph (the other columns run it with no state)
+    less = next((m.make(0.5).less for m in chosen
+                 if m.backend == "native" and m.make(0.5).less is not None), None)
+    if split and less is not None:
+        raise ConfigError("methods", names, "LESS columns and FastKV columns in separate runs "
+                          "(the engine cannot build both graphs at once)")
     kv = KVCacheConfig(precision=precision, cache_size=cache_size)
     sched = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens)
     check_kv_precision(check_device("CPU"), precision)
@@ -618,18 +632,9 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     check_same_inference(out / "run.json", hw)
     check_same_protocol(out / "run.json", protocol)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [METHODS[m] for m in names if m != FULL]  # the full cache always runs
-    # FastKV columns need the engine's split graphs (their parents prefill with FastKV)
-    split = any(m.backend == "native" and m.make(0.5).fastkv is not None for m in chosen)
-    # LESS columns need the engine's LESS graph (the other columns run it with no state)
-    less = next((m.make(0.5).less for m in chosen
-                 if m.backend == "native" and m.make(0.5).less is not None), None)
-    if split and less is not None:
-        raise ConfigError("methods", names, "LESS columns and FastKV columns in separate runs "
-                          "(the engine cannot build both graphs at once)")
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(
-        fastkv=FastKVConfig() if split else None, less=less), backend="native",
-        scheduler=sched)
+        fastkv=FastKVConfig(split_layer=next(iter(splits))) if split else None, less=less),
+        backend="native", scheduler=sched)
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
     results = Results(out / "results.jsonl")
