@@ -469,7 +469,7 @@ class UpstreamCacheEviction:
 
     @property
     def num_evicted_tokens(self) -> int:
-        """Tokens evicted so far (all layers evict the same number)."""
+        """Tokens evicted so far, summed over the layers (each evicts the same number)."""
         return int(self._core.num_evicted_tokens)
 
     def window(self, prompt_len: int, num_processed_tokens: int, num_scheduled_tokens: int) -> int:

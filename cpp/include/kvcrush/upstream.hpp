@@ -232,6 +232,7 @@ class UpstreamCacheEviction {
   UpstreamScoreState& state() { return state_; }
   const UpstreamScoreState& state() const { return state_; }
   UpstreamKVCrush& kvcrush() { return kvcrush_; }
+  /// Tokens evicted so far, summed over the layers.
   int64_t num_evicted_tokens = 0;
 
  private:
