@@ -13,12 +13,17 @@ namespace {
 
 [[noreturn]] void invalid(const std::string& message) { throw std::invalid_argument(message); }
 
-/// numpy's max over a window: NaN wins.
+/// numpy's max over a window: NaN wins (a row without NaN takes the vectorizable loop).
 template <class T>
 void max_pool_impl(const T* x, int64_t n, int64_t window, T* out) {
   if (n <= 0) return;
-  if (window <= 1) {
-    std::copy(x, x + n, out);
+  std::copy(x, x + n, out);
+  if (window <= 1) return;
+  bool has_nan = false;
+  for (int64_t i = 0; i < n; ++i) has_nan |= x[i] != x[i];
+  if (!has_nan) {
+    for (int64_t j = 1; j < window && j < n; ++j)  // out[i] = max(out[i], x[i + j])
+      for (int64_t i = 0; i < n - j; ++i) out[i] = x[i + j] > out[i] ? x[i + j] : out[i];
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -143,19 +148,18 @@ void UpstreamScoreState::update(const std::vector<const float*>& scores,
     const int64_t t = size - skip;
     pooled_.resize(static_cast<size_t>(t));
     upstream_max_pool(scores[layer] + skip, t, max_pool_window_size_, pooled_.data());
-    std::vector<double> pooled(pooled_.begin(), pooled_.end());
     if (scores_[layer].empty())
-      initial(layer, std::move(pooled), num_snapkv_scores);
+      initial(layer, pooled_, num_snapkv_scores);
     else
-      accumulate(layer, pooled);
+      accumulate(layer, pooled_);
   }
 }
 
-void UpstreamScoreState::initial(size_t layer, std::vector<double>&& pooled, int64_t n) {
+void UpstreamScoreState::initial(size_t layer, const std::vector<float>& pooled, int64_t n) {
   const int64_t w = snapkv_window_size_;
   if (w != 0 && n == 0) return;  // before the SnapKV window: nothing meaningful yet
   const auto size = static_cast<int64_t>(pooled.size());
-  scores_[layer] = std::move(pooled);
+  scores_[layer].assign(pooled.begin(), pooled.end());
   if (aggregation_ != Aggregation::kNormSum) return;
   std::vector<int64_t> counter(static_cast<size_t>(size));
   if (w == 0) {
@@ -171,7 +175,7 @@ void UpstreamScoreState::initial(size_t layer, std::vector<double>&& pooled, int
   counters_[layer] = std::move(counter);
 }
 
-void UpstreamScoreState::accumulate(size_t layer, const std::vector<double>& pooled) {
+void UpstreamScoreState::accumulate(size_t layer, const std::vector<float>& pooled) {
   std::vector<double>& acc = scores_[layer];
   const auto old_size = static_cast<int64_t>(acc.size());
   const auto new_size = static_cast<int64_t>(pooled.size());
@@ -179,7 +183,7 @@ void UpstreamScoreState::accumulate(size_t layer, const std::vector<double>& poo
     throw UpstreamError("scores shrank from " + std::to_string(old_size) + " to " +
                         std::to_string(new_size) + " tokens");
   acc.resize(static_cast<size_t>(new_size), 0.0);
-  for (size_t i = 0; i < pooled.size(); ++i) acc[i] += pooled[i];
+  for (size_t i = 0; i < pooled.size(); ++i) acc[i] += static_cast<double>(pooled[i]);
   if (aggregation_ != Aggregation::kNormSum) return;
   // counters: lifetime of every token (GenAI's adjust for new tokens / the SnapKV window)
   const int64_t reg = num_registered_snapkv_scores, w = snapkv_window_size_;

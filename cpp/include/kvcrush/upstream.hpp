@@ -139,8 +139,8 @@ class UpstreamScoreState {
   int64_t num_registered_snapkv_scores = 0;
 
  private:
-  void initial(size_t layer, std::vector<double>&& pooled, int64_t num_snapkv_scores);
-  void accumulate(size_t layer, const std::vector<double>& pooled);
+  void initial(size_t layer, const std::vector<float>& pooled, int64_t num_snapkv_scores);
+  void accumulate(size_t layer, const std::vector<float>& pooled);
 
   int64_t block_size_;
   Aggregation aggregation_;
