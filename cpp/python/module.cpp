@@ -9,13 +9,16 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/function.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -33,6 +36,7 @@
 #include "kvcrush/policy.hpp"
 #include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
+#include "kvcrush/upstream.hpp"
 
 namespace nb = nanobind;
 
@@ -621,6 +625,266 @@ void less_mix_model(uintptr_t address, int64_t num_kv_heads, int64_t group, bool
   model->validate_nodes_and_infer_types();
 }
 
+// ---- GenAI's eviction (kvcrush/upstream.hpp); wrapped by kvcrush_ov/eviction/upstream.py
+
+template <class T>
+Out<T> vector_array(const std::vector<T>& v) {
+  auto out = new_array<T, 1>({v.size()});
+  std::copy(v.begin(), v.end(), out.data());
+  return out;
+}
+
+std::vector<Out<int64_t>> block_lists(const std::vector<std::vector<int64_t>>& blocks) {
+  std::vector<Out<int64_t>> out;
+  out.reserve(blocks.size());
+  for (const auto& b : blocks) out.push_back(vector_array(b));
+  return out;
+}
+
+/// scores.L of one forward: one f32 [T_l] array per layer, as pointers and lengths
+struct LayerScores {
+  std::vector<const float*> data;
+  std::vector<int64_t> lengths;
+  explicit LayerScores(const std::vector<In<float, 1>>& scores) {
+    for (const auto& s : scores) {
+      data.push_back(s.data());
+      lengths.push_back(static_cast<int64_t>(s.shape(0)));
+    }
+  }
+};
+
+kvcrush::UpstreamConfig upstream_config(int64_t start_size, int64_t recent_size,
+                                        int64_t max_cache_size, const std::string& aggregation,
+                                        int64_t snapkv_window_size, int64_t block_size,
+                                        int64_t kvcrush_budget, const std::string& anchor,
+                                        uint32_t kvcrush_seed, int64_t max_pool_window_size) {
+  kvcrush::UpstreamConfig c;
+  c.start_size = start_size;
+  c.recent_size = recent_size;
+  c.max_cache_size = max_cache_size;
+  c.aggregation = kvcrush::parse_aggregation(aggregation);
+  c.snapkv_window_size = snapkv_window_size;
+  c.block_size = block_size;
+  c.kvcrush_budget = kvcrush_budget;
+  c.kvcrush_anchor = kvcrush::parse_anchor(anchor);
+  c.kvcrush_seed = kvcrush_seed;
+  c.max_pool_window_size = max_pool_window_size;
+  return c;
+}
+
+template <class T>
+Out<T> upstream_max_pool(In<T, 1> x, int64_t window) {
+  auto out = new_array<T, 1>({x.shape(0)});
+  kvcrush::upstream_max_pool(x.data(), static_cast<int64_t>(x.shape(0)), window, out.data());
+  return out;
+}
+
+Out<bool> upstream_select(const std::string& aggregation, int64_t pool_window,
+                          int64_t kvcrush_budget, const std::string& anchor,
+                          In<float, 3> scores, In<float, 3> counts, In<int64_t, 3> positions,
+                          In<int64_t, 2> lengths, int64_t block_size, int64_t num_keep,
+                          In<uint32_t, 1> seeds) {
+  const auto c = candidates(scores, counts, positions, lengths, block_size);
+  kvcrush::UpstreamPolicy p{kvcrush::parse_aggregation(aggregation), pool_window,
+                            kvcrush_budget, kvcrush::parse_anchor(anchor)};
+  const std::vector<uint8_t> shared = kvcrush::upstream_shared_layers(c);
+  size_t groups = 0;
+  for (uint8_t one : shared) groups += one ? 1 : static_cast<size_t>(c.num_heads);
+  if (seeds.shape(0) != groups)
+    bad_shape("seeds", "one per selection group (" + std::to_string(groups) + ")");
+  auto out = new_array<bool, 3>({scores.shape(0), scores.shape(1), scores.shape(2)});
+  {
+    nb::gil_scoped_release unlocked;
+    kvcrush::upstream_select(p, c, num_keep, seeds.data(), bytes(out.data()));
+  }
+  return out;
+}
+
+void bind_upstream(nb::module_& m) {
+  using kvcrush::UpstreamCacheEviction;
+  using kvcrush::UpstreamKVCrush;
+  using kvcrush::UpstreamScoreState;
+  nb::exception<kvcrush::UpstreamError>(m, "UpstreamError", PyExc_RuntimeError);
+  m.def("upstream_window", &kvcrush::score_aggregation_window, nb::arg("prompt_len"),
+        nb::arg("num_processed_tokens"), nb::arg("num_scheduled_tokens"),
+        nb::arg("snapkv_window_size"), "GenAI's score_aggregation_window of one forward.");
+  m.def("upstream_max_pool", &upstream_max_pool<float>, nb::arg("x").noconvert(),
+        nb::arg("window"));
+  m.def("upstream_max_pool", &upstream_max_pool<double>, nb::arg("x"), nb::arg("window"),
+        "[T]: out[i] = max(x[i : i + window]) (forward-looking, truncated at the end).");
+  m.def("lowest_blocks", [](In<double, 1> s, int64_t k) {
+          return vector_array(
+              kvcrush::lowest_blocks(s.data(), static_cast<int64_t>(s.shape(0)), k));
+        }, nb::arg("block_scores"), nb::arg("num_blocks"),
+        "int64 [k] ascending: the k smallest (score, index) pairs.");
+  m.def("libstdcxx_sort_order", [](int64_t n, const std::function<bool(int64_t, int64_t)>& less) {
+          return kvcrush::libstdcxx_sort(n, less);
+        }, nb::arg("n"), nb::arg("less"),
+        "list[int]: libstdc++'s std::sort of range(n) under less(i, j).");
+  m.def("libstdcxx_partial_sort_top", [](In<double, 1> v, int64_t k) {
+          auto out = new_array<bool, 1>({v.shape(0)});
+          kvcrush::libstdcxx_partial_sort_top(v.data(), static_cast<int64_t>(v.shape(0)), k,
+                                              bytes(out.data()));
+          return out;
+        }, nb::arg("values"), nb::arg("k"),
+        "bool [n]: the top k of libstdc++'s partial_sort (its tie choice).");
+  nb::class_<std::mt19937>(m, "MT19937", "std::mt19937.")
+      .def(nb::init<uint32_t>(), nb::arg("seed") = 5489u)
+      .def("next_u32", [](std::mt19937& g) { return static_cast<uint32_t>(g()); })
+      .def("bit", [](std::mt19937& g) { return static_cast<int>(g() >> 31); },
+           "libstdc++ (>= 11) uniform_int_distribution<int>(0, 1): the top bit of one draw.");
+  nb::class_<UpstreamScoreState>(m, "UpstreamScoreState", "kvcrush::UpstreamScoreState.")
+      .def("__init__",
+           [](UpstreamScoreState* self, int64_t num_layers, int64_t block_size,
+              const std::string& aggregation, int64_t ignore_first_n_blocks,
+              int64_t snapkv_window_size, int64_t max_pool_window_size) {
+             new (self) UpstreamScoreState(num_layers, block_size,
+                                           kvcrush::parse_aggregation(aggregation),
+                                           ignore_first_n_blocks, snapkv_window_size,
+                                           max_pool_window_size);
+           },
+           nb::arg("num_layers"), nb::arg("block_size"), nb::arg("aggregation_mode"),
+           nb::arg("ignore_first_n_blocks"), nb::arg("snapkv_window_size"),
+           nb::arg("max_pool_window_size"))
+      .def("update", [](UpstreamScoreState& s, const std::vector<In<float, 1>>& scores,
+                        int64_t num_snapkv_scores) {
+             const LayerScores ls(scores);
+             nb::gil_scoped_release unlocked;
+             s.update(ls.data, ls.lengths, num_snapkv_scores);
+           }, nb::arg("layer_scores"), nb::arg("num_snapkv_scores"))
+      .def("scores", [](const UpstreamScoreState& s, int64_t l) {
+             return vector_array(s.scores(l));
+           }, nb::arg("layer"))
+      .def("counters", [](const UpstreamScoreState& s, int64_t l) {
+             return vector_array(s.counters(l));
+           }, nb::arg("layer"))
+      .def("normalised", [](const UpstreamScoreState& s, int64_t l) {
+             auto out = new_array<double, 1>({static_cast<size_t>(s.tracked_tokens(l))});
+             s.normalised(l, out.data());
+             return out;
+           }, nb::arg("layer"))
+      .def("tracked_tokens", &UpstreamScoreState::tracked_tokens, nb::arg("layer"))
+      .def("remove_blocks", &UpstreamScoreState::remove_blocks, nb::arg("layer"),
+           nb::arg("tracked_blocks"))
+      .def("set_layer", [](UpstreamScoreState& s, int64_t l, In<double, 1> scores,
+                           In<int64_t, 1> counters) {
+             s.set_layer(l, std::vector<double>(scores.data(), scores.data() + scores.shape(0)),
+                         std::vector<int64_t>(counters.data(),
+                                              counters.data() + counters.shape(0)));
+           }, nb::arg("layer"), nb::arg("scores"), nb::arg("counters"))
+      .def_rw("num_registered_snapkv_scores", &UpstreamScoreState::num_registered_snapkv_scores)
+      .def_prop_ro("num_layers", &UpstreamScoreState::num_layers);
+  nb::class_<UpstreamKVCrush>(m, "UpstreamKVCrush", "kvcrush::UpstreamKVCrush.")
+      .def("__init__",
+           [](UpstreamKVCrush* self, int64_t budget, const std::string& anchor,
+              int64_t block_size, uint32_t seed) {
+             new (self) UpstreamKVCrush(budget, kvcrush::parse_anchor(anchor), block_size, seed);
+           },
+           nb::arg("budget"), nb::arg("anchor_mode"), nb::arg("block_size"), nb::arg("seed"))
+      .def("applies", &UpstreamKVCrush::applies, nb::arg("num_evicted_blocks"))
+      .def_static("indicators", [](In<double, 1> raw, int64_t num_tokens) {
+             if (num_tokens < 0 || num_tokens > static_cast<int64_t>(raw.shape(0)))
+               bad_shape("num_tokens", "0 .. len(raw_scores)");
+             return vector_array(UpstreamKVCrush::indicators(raw.data(), num_tokens));
+           }, nb::arg("raw_scores"), nb::arg("num_tokens"))
+      .def("anchor", [](UpstreamKVCrush& k, In<uint8_t, 1> ind) {
+             return vector_array(
+                 k.anchor(std::vector<uint8_t>(ind.data(), ind.data() + ind.shape(0))));
+           }, nb::arg("indicators"))
+      .def("hamming", [](const UpstreamKVCrush& k, In<uint8_t, 1> ind, In<uint8_t, 1> a) {
+             return vector_array(
+                 k.hamming(std::vector<uint8_t>(ind.data(), ind.data() + ind.shape(0)),
+                           std::vector<uint8_t>(a.data(), a.data() + a.shape(0))));
+           }, nb::arg("indicators"), nb::arg("anchor"))
+      .def("representatives", &UpstreamKVCrush::representatives, nb::arg("distances"),
+           nb::arg("eligible"))
+      .def("retain", [](UpstreamKVCrush& k, int64_t num_tokens,
+                        const std::vector<int64_t>& evicted, In<double, 1> raw) {
+             if (num_tokens < 0 || num_tokens > static_cast<int64_t>(raw.shape(0)))
+               bad_shape("num_tokens", "0 .. len(raw_scores)");
+             return k.retain(num_tokens, evicted, raw.data());
+           }, nb::arg("num_tokens"), nb::arg("evicted"), nb::arg("raw_scores"))
+      .def_prop_ro("rng", [](UpstreamKVCrush& k) -> std::mt19937& { return k.rng(); },
+                   nb::rv_policy::reference_internal);
+  nb::class_<UpstreamCacheEviction>(m, "UpstreamCacheEviction",
+                                    "kvcrush::UpstreamCacheEviction: one sequence.")
+      .def("__init__",
+           [](UpstreamCacheEviction* self, int64_t start_size, int64_t recent_size,
+              int64_t max_cache_size, const std::string& aggregation,
+              int64_t snapkv_window_size, int64_t block_size, int64_t kvcrush_budget,
+              const std::string& anchor, uint32_t kvcrush_seed, int64_t max_pool_window_size,
+              int64_t num_layers) {
+             new (self) UpstreamCacheEviction(
+                 upstream_config(start_size, recent_size, max_cache_size, aggregation,
+                                 snapkv_window_size, block_size, kvcrush_budget, anchor,
+                                 kvcrush_seed, max_pool_window_size),
+                 num_layers);
+           },
+           nb::kw_only(), nb::arg("start_size"), nb::arg("recent_size"),
+           nb::arg("max_cache_size"), nb::arg("aggregation_mode"),
+           nb::arg("snapkv_window_size"), nb::arg("block_size"), nb::arg("kvcrush_budget"),
+           nb::arg("kvcrush_anchor"), nb::arg("kvcrush_seed"), nb::arg("max_pool_window_size"),
+           nb::arg("num_layers"))
+      .def("window", &UpstreamCacheEviction::window, nb::arg("prompt_len"),
+           nb::arg("num_processed_tokens"), nb::arg("num_scheduled_tokens"))
+      .def("update", [](UpstreamCacheEviction& a, const std::vector<In<float, 1>>& scores,
+                        int64_t num_snapkv_scores) {
+             const LayerScores ls(scores);
+             nb::gil_scoped_release unlocked;
+             a.update(ls.data, ls.lengths, num_snapkv_scores);
+           }, nb::arg("layer_scores"), nb::arg("num_snapkv_scores"))
+      .def("evictable_block_range", &UpstreamCacheEviction::evictable_block_range,
+           nb::arg("layer"))
+      .def("num_blocks_to_evict", &UpstreamCacheEviction::num_blocks_to_evict, nb::arg("layer"))
+      .def("block_scores", [](const UpstreamCacheEviction& a, int64_t l) {
+             return vector_array(a.block_scores(l));
+           }, nb::arg("layer"))
+      .def("evict", [](UpstreamCacheEviction& a) {
+             std::vector<std::vector<int64_t>> blocks;
+             {
+               nb::gil_scoped_release unlocked;
+               blocks = a.evict();
+             }
+             return block_lists(blocks);
+           })
+      .def("step", [](UpstreamCacheEviction& a, const std::vector<In<float, 1>>& scores,
+                      int64_t prompt_len, int64_t num_processed_tokens,
+                      int64_t num_scheduled_tokens) {
+             const LayerScores ls(scores);
+             std::vector<std::vector<int64_t>> blocks;
+             {
+               nb::gil_scoped_release unlocked;
+               blocks = a.step(ls.data, ls.lengths, prompt_len, num_processed_tokens,
+                               num_scheduled_tokens);
+             }
+             return block_lists(blocks);
+           }, nb::arg("layer_scores"), nb::kw_only(), nb::arg("prompt_len"),
+           nb::arg("num_processed_tokens"), nb::arg("num_scheduled_tokens"))
+      .def_prop_ro("state", [](UpstreamCacheEviction& a) -> UpstreamScoreState& {
+             return a.state();
+           }, nb::rv_policy::reference_internal)
+      .def_prop_ro("kvcrush", [](UpstreamCacheEviction& a) -> UpstreamKVCrush& {
+             return a.kvcrush();
+           }, nb::rv_policy::reference_internal)
+      .def_rw("num_evicted_tokens", &UpstreamCacheEviction::num_evicted_tokens)
+      .def_prop_ro("num_layers", &UpstreamCacheEviction::num_layers);
+  m.def("upstream_select", &upstream_select, nb::arg("aggregation_mode"),
+        nb::arg("pool_window"), nb::arg("kvcrush_budget"), nb::arg("kvcrush_anchor"),
+        nb::arg("scores"), nb::arg("counts"), nb::arg("positions"), nb::arg("lengths"),
+        nb::arg("block_size"), nb::arg("num_keep"), nb::arg("seeds"),
+        "bool [L, H, N]: UpstreamEviction's keep mask (kvcrush::upstream_select).");
+  m.def("upstream_shared_layers", [](In<int64_t, 3> positions, In<int64_t, 2> lengths) {
+          if (lengths.shape(0) != positions.shape(0) || lengths.shape(1) != positions.shape(1))
+            bad_shape("lengths", "shape [L, H] with positions [L, H, N]");
+          const kvcrush::Candidates c{nullptr, nullptr, positions.data(), lengths.data(),
+                                      static_cast<int64_t>(positions.shape(0)),
+                                      static_cast<int64_t>(positions.shape(1)),
+                                      static_cast<int64_t>(positions.shape(2)), 1};
+          return vector_array(kvcrush::upstream_shared_layers(c));
+        }, nb::arg("positions"), nb::arg("lengths"),
+        "u8 [L]: 1 where every head of the layer holds head 0's candidates.");
+}
+
 std::string openvino_build() { return ov::get_openvino_version().buildNumber; }
 
 std::string openvino_compiled_version() {
@@ -784,6 +1048,7 @@ NB_MODULE(_core, m) {
         "None when every head holds head 0's positions, else (idx, found) [L, H, N].");
   m.def("pick_representatives", &pick_representatives, nb::arg("vectors"), nb::arg("valid"),
         nb::arg("anchors"), nb::arg("k"), "bool [L, M]: KVCrush's representatives per layer.");
+  bind_upstream(m);
 
   // ---- graph passes: ``model`` is an openvino.Model's _get_raw_address() (see model_at)
   nb::exception<kvcrush::PerHeadPatternError>(m, "PerHeadPatternError", PyExc_RuntimeError);

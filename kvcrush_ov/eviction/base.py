@@ -24,8 +24,10 @@ with ``keep.sum() == L * H * num_keep`` exactly (``num_keep`` = candidates to ke
 head) on average; a policy may move budget between layers or heads, never exceed ``lengths``).
 :func:`check_keep` verifies this; the planner calls it after every policy.
 
-The selection of every policy here except ``upstream`` runs in C++ (``kvcrush::select_keep``,
-cpp/include/kvcrush/policy.hpp); the Python classes are its configuration (:class:`CorePolicy`).
+The selection of every policy here runs in C++: ``kvcrush::select_keep``
+(cpp/include/kvcrush/policy.hpp), whose configuration the Python classes are
+(:class:`CorePolicy`), and for ``upstream`` (GenAI's algorithm) ``kvcrush::upstream_select`` and
+``kvcrush::UpstreamCacheEviction`` (cpp/include/kvcrush/upstream.hpp).
 """
 
 from __future__ import annotations

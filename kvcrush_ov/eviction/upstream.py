@@ -1,11 +1,15 @@
 """Upstream-compatible eviction: what OpenVINO GenAI 2026.4 ``ContinuousBatchingPipeline`` does.
 
-A numpy re-implementation (no code copied) of GenAI's ``CacheEvictionAlgorithm``,
+Our own implementation (no code copied) of GenAI's ``CacheEvictionAlgorithm``,
 ``EvictionScoreManager``, ``SnapKVScoreAggregationCalculator`` and ``KVCrushAlgorithm``
 (``src/cpp/src/continuous_batching/cache/cache_eviction.cpp`` and ``kvcrush.cpp``, read at
 openvino.genai commit da1db864d2bc, version 2026.4.0.0; the eviction files are identical to tag
 2026.3.0.0). The full specification with file:line citations is ``docs/upstream-eviction.md``.
 Modes ``SUM`` and ``NORM_SUM`` are covered; ``ADAPTIVE_RKV`` and sparse-attention skips are not.
+
+The algorithm runs in C++ (``cpp/include/kvcrush/upstream.hpp``, ``kvcrush::UpstreamCacheEviction``
+and friends, through :mod:`kvcrush_ov._core`); this module is its Python face: the configuration,
+the scheduling helpers and thin wrappers that keep the arrays' shapes and GenAI's exceptions.
 
 Units: ``T`` tokens, ``B`` = ``block_size`` tokens per KV block, ``L`` decoder layers. GenAI
 tracks scores only for the tokens *after* the start area (``start_size`` tokens): "tracked"
@@ -50,12 +54,14 @@ when ``start_size < prompt_len < start_size + snapkv_window_size`` (and for shor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from kvcrush_ov import _core
 from kvcrush_ov.eviction.base import EvictionInputs
 
 AGGREGATION_MODES = ("sum", "norm_sum")
@@ -65,7 +71,18 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 256  # SchedulerConfig default
 
 
 class UpstreamError(RuntimeError):
-    """Raised where GenAI's eviction code fails an OPENVINO_ASSERT (and GenAI's step() throws)."""
+    """Raised where GenAI's eviction code fails an OPENVINO_ASSERT (and GenAI's step() throws).
+
+    C++: ``kvcrush::UpstreamError`` (``_core.UpstreamError``), re-raised as this class."""
+
+
+@contextmanager
+def _genai_asserts() -> Iterator[None]:
+    """Re-raises the C++ core's ``UpstreamError`` as :class:`UpstreamError` (same message)."""
+    try:
+        yield
+    except _core.UpstreamError as err:
+        raise UpstreamError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,16 +188,10 @@ def score_aggregation_window(prompt_len: int, num_processed_tokens: int,
     num_scheduled_tokens: tokens of this forward. Window 0 (SnapKV off): all scheduled tokens.
     Otherwise the overlap of this forward with the last ``snapkv_window_size`` prompt positions
     (0 before them), and every scheduled token once past them (1 per decode step).
+    C++: ``kvcrush::score_aggregation_window``.
     """
-    if snapkv_window_size == 0:
-        return num_scheduled_tokens
-    first_scored = max(prompt_len - snapkv_window_size, 0)
-    after = num_processed_tokens + num_scheduled_tokens
-    if after <= first_scored:
-        return 0
-    if num_processed_tokens > first_scored:
-        return num_scheduled_tokens
-    return after - first_scored
+    return _core.upstream_window(int(prompt_len), int(num_processed_tokens),
+                                 int(num_scheduled_tokens), int(snapkv_window_size))
 
 
 def prefill_chunks(prompt_len: int,
@@ -196,220 +207,67 @@ def max_pool(scores: np.ndarray, window: int = MAX_POOL_WINDOW_SIZE) -> np.ndarr
     """Forward-looking max pool over tokens: ``out[i] = max(scores[i : i + window])``.
 
     scores: [T] (one layer, one step); the window is truncated at the end. Returns [T], same
-    dtype. ``window=1`` is the identity.
+    dtype (float32 pools in float32, anything else in float64). ``window=1`` is the identity.
+    C++: ``kvcrush::upstream_max_pool``.
     """
     x = np.asarray(scores)
-    if window <= 1 or x.size == 0:
-        return x.copy()
-    padded = np.concatenate([x, np.full(window - 1, -np.inf, dtype=x.dtype)])
-    return np.lib.stride_tricks.sliding_window_view(padded, window).max(axis=-1)
+    if x.dtype == np.float32:
+        return _core.upstream_max_pool(np.ascontiguousarray(x).reshape(-1), int(window))
+    out = _core.upstream_max_pool(np.ascontiguousarray(x, dtype=np.float64).reshape(-1),
+                                  int(window))
+    return out.astype(x.dtype, copy=False)
 
 
 def lowest_blocks(block_scores: np.ndarray, num_blocks: int) -> np.ndarray:
     """int64 [num_blocks], ascending: the ``num_blocks`` smallest ``(score, index)`` pairs.
 
     GenAI's ``nth_element`` comparator orders by score then index, so among equal scores the
-    lower (older) block is evicted first.
+    lower (older) block is evicted first. C++: ``kvcrush::lowest_blocks``.
     """
-    s = np.asarray(block_scores, dtype=np.float64)
-    if not 0 <= num_blocks <= s.size:
-        raise UpstreamError(f"cannot evict {num_blocks} of {s.size} blocks")
-    order = np.lexsort((np.arange(s.size), s))
-    return np.sort(order[:num_blocks]).astype(np.int64)
+    s = np.ascontiguousarray(block_scores, dtype=np.float64).reshape(-1)
+    with _genai_asserts():
+        return _core.lowest_blocks(s, int(num_blocks))
 
 
 # --------------------------------------------------------------------------------------------
 # libstdc++ behaviour that GenAI's Linux wheels inherit (ties and random bits)
 # --------------------------------------------------------------------------------------------
 
-_Comp = Callable[[Any, Any], bool]
-_SORT_THRESHOLD = 16  # libstdc++ _S_threshold
 
-
-def _adjust_heap(a: list, first: int, hole: int, length: int, value: Any, comp: _Comp) -> None:
-    top = child = hole
-    while child < (length - 1) // 2:
-        child = 2 * (child + 1)
-        if comp(a[first + child], a[first + child - 1]):
-            child -= 1
-        a[first + hole] = a[first + child]
-        hole = child
-    if length % 2 == 0 and child == (length - 2) // 2:
-        child = 2 * (child + 1)
-        a[first + hole] = a[first + child - 1]
-        hole = child - 1
-    parent = (hole - 1) // 2
-    while hole > top and comp(a[first + parent], value):
-        a[first + hole] = a[first + parent]
-        hole = parent
-        parent = (hole - 1) // 2
-    a[first + hole] = value
-
-
-def _make_heap(a: list, first: int, last: int, comp: _Comp) -> None:
-    length = last - first
-    if length < 2:
-        return
-    parent = (length - 2) // 2
-    while True:
-        _adjust_heap(a, first, parent, length, a[first + parent], comp)
-        if parent == 0:
-            return
-        parent -= 1
-
-
-def _pop_heap(a: list, first: int, last: int, result: int, comp: _Comp) -> None:
-    value = a[result]
-    a[result] = a[first]
-    _adjust_heap(a, first, 0, last - first, value, comp)
-
-
-def _heap_select(a: list, first: int, middle: int, last: int, comp: _Comp) -> None:
-    _make_heap(a, first, middle, comp)
-    for i in range(middle, last):
-        if comp(a[i], a[first]):
-            _pop_heap(a, first, middle, i, comp)
-
-
-def _sort_heap(a: list, first: int, last: int, comp: _Comp) -> None:
-    while last - first > 1:
-        last -= 1
-        _pop_heap(a, first, last, last, comp)
-
-
-def _insertion_sort(a: list, first: int, last: int, comp: _Comp) -> None:
-    for i in range(first + 1, last):
-        if comp(a[i], a[first]):
-            val = a[i]
-            a[first + 1:i + 1] = a[first:i]
-            a[first] = val
-        else:
-            _linear_insert(a, i, comp)
-
-
-def _linear_insert(a: list, last: int, comp: _Comp) -> None:
-    val = a[last]
-    nxt = last - 1
-    while comp(val, a[nxt]):
-        a[last] = a[nxt]
-        last = nxt
-        nxt -= 1
-    a[last] = val
-
-
-def _move_median_to_first(a: list, result: int, x: int, y: int, z: int, comp: _Comp) -> None:
-    if comp(a[x], a[y]):
-        pick = y if comp(a[y], a[z]) else (z if comp(a[x], a[z]) else x)
-    elif comp(a[x], a[z]):
-        pick = x
-    else:
-        pick = z if comp(a[y], a[z]) else y
-    a[result], a[pick] = a[pick], a[result]
-
-
-def _unguarded_partition(a: list, first: int, last: int, pivot: int, comp: _Comp) -> int:
-    while True:
-        while comp(a[first], a[pivot]):
-            first += 1
-        last -= 1
-        while comp(a[pivot], a[last]):
-            last -= 1
-        if not first < last:
-            return first
-        a[first], a[last] = a[last], a[first]
-        first += 1
-
-
-def _introsort_loop(a: list, first: int, last: int, depth: int, comp: _Comp) -> None:
-    while last - first > _SORT_THRESHOLD:
-        if depth == 0:
-            _heap_select(a, first, last, last, comp)
-            _sort_heap(a, first, last, comp)
-            return
-        depth -= 1
-        mid = first + (last - first) // 2
-        _move_median_to_first(a, first, first + 1, mid, last - 1, comp)
-        cut = _unguarded_partition(a, first + 1, last, first, comp)
-        _introsort_loop(a, cut, last, depth, comp)
-        last = cut
-
-
-def libstdcxx_sort(items: Sequence[Any], comp: _Comp) -> list:
+def libstdcxx_sort(items: Sequence[Any], comp: Callable[[Any, Any], bool]) -> list:
     """``std::sort`` as libstdc++ (GCC) implements it: introsort + final insertion sort.
 
     Not stable for more than 16 items; this reproduces its exact order of equal elements.
+    C++: ``kvcrush::libstdcxx_sort`` (calls ``comp`` back for every comparison).
     """
     a = list(items)
-    n = len(a)
-    if n < 2:
-        return a
-    _introsort_loop(a, 0, n, 2 * (n.bit_length() - 1), comp)
-    if n > _SORT_THRESHOLD:
-        _insertion_sort(a, 0, _SORT_THRESHOLD, comp)
-        for i in range(_SORT_THRESHOLD, n):
-            _linear_insert(a, i, comp)
-    else:
-        _insertion_sort(a, 0, n, comp)
-    return a
+    order = _core.libstdcxx_sort_order(len(a), lambda i, j: bool(comp(a[i], a[j])))
+    return [a[i] for i in order]
 
 
 def libstdcxx_partial_sort_top(values: np.ndarray, k: int) -> np.ndarray:
     """bool [n]: the ``k`` indices ``std::partial_sort(idx, idx + k, end, s[i] > s[j])`` puts
-    first (libstdc++ heap selection), i.e. the top ``k`` with libstdc++'s choice among ties."""
-    s = np.asarray(values, dtype=np.float64)
-    n = s.size
-    mask = np.zeros(n, dtype=bool)
-    if k <= 0:
-        return mask
-    if k >= n:
-        mask[:] = True
-        return mask
-    part = np.partition(s, (n - k - 1, n - k))
-    if part[n - k] != part[n - k - 1]:  # no tie across the cut: the set is unambiguous
-        mask[s >= part[n - k]] = True
-        return mask
-    idx = list(range(n))
-    sl = s.tolist()
-    _heap_select(idx, 0, k, n, lambda i, j: sl[i] > sl[j])
-    mask[idx[:k]] = True
-    return mask
+    first (libstdc++ heap selection), i.e. the top ``k`` with libstdc++'s choice among ties.
+    C++: ``kvcrush::libstdcxx_partial_sort_top``."""
+    s = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    return _core.libstdcxx_partial_sort_top(s, int(k))
 
 
 class MT19937:
-    """``std::mt19937`` (32-bit Mersenne Twister, seeded with ``seed mod 2**32``)."""
+    """``std::mt19937`` (32-bit Mersenne Twister, seeded with ``seed mod 2**32``): the C++
+    standard's engine itself (``_core.MT19937``)."""
 
-    def __init__(self, seed: int = 5489) -> None:
-        mt = [seed & 0xFFFFFFFF]
-        for i in range(1, 624):
-            prev = mt[-1]
-            mt.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
-        self._mt = mt
-        self._index = 624
-
-    def _twist(self) -> None:
-        mt = self._mt
-        for i in range(624):
-            y = (mt[i] & 0x80000000) | (mt[(i + 1) % 624] & 0x7FFFFFFF)
-            v = mt[(i + 397) % 624] ^ (y >> 1)
-            mt[i] = v ^ 0x9908B0DF if y & 1 else v
-        self._index = 0
+    def __init__(self, seed: int = 5489, *, _engine: Any = None) -> None:
+        self._engine = _core.MT19937(int(seed) & 0xFFFFFFFF) if _engine is None else _engine
 
     def next_u32(self) -> int:
-        if self._index >= 624:
-            self._twist()
-        y = self._mt[self._index]
-        self._index += 1
-        y ^= y >> 11
-        y ^= (y << 7) & 0x9D2C5680
-        y ^= (y << 15) & 0xEFC60000
-        y ^= y >> 18
-        return y & 0xFFFFFFFF
+        return int(self._engine.next_u32())
 
     def bit(self) -> int:
         """``std::uniform_int_distribution<int>(0, 1)`` of libstdc++ >= 11 (Lemire): the top
         bit of one 32-bit draw (older libstdc++ differs only for draws 2**31 - 1 and >= 2**32 - 2;
         MSVC is not reproduced)."""
-        return self.next_u32() >> 31
+        return int(self._engine.bit())
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,39 +275,66 @@ class MT19937:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
 class UpstreamScoreState:
     """Per-sequence, per-layer accumulated scores of the tracked tokens (after the start area).
 
     scores[l]: float64 [T_l] accumulated max-pooled scores; counters[l]: int64 [T_l] lifetime
     counters (``norm_sum`` only, else empty); ``T_l`` = cache tokens of layer ``l`` minus
     ``ignore_first_n_blocks * block_size``. All layers normally have the same ``T``.
+    ``scores`` and ``counters`` are copies of the C++ state (``kvcrush::UpstreamScoreState``);
+    pass them to the constructor to start from a given state.
     """
 
-    num_layers: int
-    block_size: int
-    aggregation_mode: str = "norm_sum"
-    ignore_first_n_blocks: int = 0
-    snapkv_window_size: int = 0
-    max_pool_window_size: int = MAX_POOL_WINDOW_SIZE
-    num_registered_snapkv_scores: int = 0
-    scores: list[np.ndarray] = field(default_factory=list)
-    counters: list[np.ndarray] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.aggregation_mode not in AGGREGATION_MODES:
-            raise ValueError(f"aggregation_mode={self.aggregation_mode!r}")
-        if not self.scores:
-            self.scores = [np.zeros(0, np.float64) for _ in range(self.num_layers)]
-            self.counters = [np.zeros(0, np.int64) for _ in range(self.num_layers)]
+    def __init__(self, num_layers: int, block_size: int, aggregation_mode: str = "norm_sum",
+                 ignore_first_n_blocks: int = 0, snapkv_window_size: int = 0,
+                 max_pool_window_size: int = MAX_POOL_WINDOW_SIZE,
+                 num_registered_snapkv_scores: int = 0,
+                 scores: Sequence[np.ndarray] | None = None,
+                 counters: Sequence[np.ndarray] | None = None, *, _core_state: Any = None) -> None:
+        if aggregation_mode not in AGGREGATION_MODES:
+            raise ValueError(f"aggregation_mode={aggregation_mode!r}")
+        self.num_layers = int(num_layers)
+        self.block_size = int(block_size)
+        self.aggregation_mode = aggregation_mode
+        self.ignore_first_n_blocks = int(ignore_first_n_blocks)
+        self.snapkv_window_size = int(snapkv_window_size)
+        self.max_pool_window_size = int(max_pool_window_size)
+        if _core_state is not None:  # a view of an UpstreamCacheEviction's state
+            self._core = _core_state
+            return
+        self._core = _core.UpstreamScoreState(
+            num_layers=self.num_layers, block_size=self.block_size,
+            aggregation_mode=aggregation_mode, ignore_first_n_blocks=self.ignore_first_n_blocks,
+            snapkv_window_size=self.snapkv_window_size,
+            max_pool_window_size=self.max_pool_window_size)
+        self._core.num_registered_snapkv_scores = int(num_registered_snapkv_scores)
+        for layer, sc in enumerate(scores or []):
+            ct = counters[layer] if counters else np.zeros(0, np.int64)
+            self._core.set_layer(layer, np.ascontiguousarray(sc, dtype=np.float64),
+                                 np.ascontiguousarray(ct, dtype=np.int64))
 
     @property
     def norm(self) -> bool:
         return self.aggregation_mode == "norm_sum"
 
+    @property
+    def num_registered_snapkv_scores(self) -> int:
+        """SnapKV window queries registered so far (all layers; stops at the window size)."""
+        return int(self._core.num_registered_snapkv_scores)
+
+    @property
+    def scores(self) -> list[np.ndarray]:
+        """L arrays float64 [T_l]: the accumulated max-pooled scores (copies)."""
+        return [self._core.scores(layer) for layer in range(self.num_layers)]
+
+    @property
+    def counters(self) -> list[np.ndarray]:
+        """L arrays int64 [T_l] (empty with ``sum``): the lifetime counters (copies)."""
+        return [self._core.counters(layer) for layer in range(self.num_layers)]
+
     def tracked_tokens(self, layer: int) -> int:
         """Tokens whose scores are tracked in ``layer`` (the cache minus the start area)."""
-        return int(self.scores[layer].size)
+        return int(self._core.tracked_tokens(layer))
 
     def update(self, layer_scores: Sequence[np.ndarray], num_snapkv_scores: int) -> None:
         """Register one forward's scores (``register_new_token_scores``).
@@ -460,88 +345,26 @@ class UpstreamScoreState:
         requested for this forward (queries). Drops the first ``ignore_first_n_blocks`` blocks,
         max-pools the rest (window ``max_pool_window_size``) and adds it to the running sums.
         """
-        if len(layer_scores) != self.num_layers:
-            raise ValueError(f"expected {self.num_layers} layers, got {len(layer_scores)}")
-        w = self.snapkv_window_size
-        if self.num_registered_snapkv_scores < w:
-            if num_snapkv_scores + self.num_registered_snapkv_scores > w:
-                raise UpstreamError("Total number of aggregated SnapKV scores during prefill phase "
-                                    "may not be larger than the configured SnapKV window size")
-            self.num_registered_snapkv_scores += num_snapkv_scores
-        skip = self.ignore_first_n_blocks * self.block_size
-        for layer, raw in enumerate(layer_scores):
-            x = np.asarray(raw, dtype=np.float32).reshape(-1)
-            if x.size <= skip:
-                return  # GenAI returns from the whole call (all layers have the same length)
-            pooled = max_pool(x[skip:], self.max_pool_window_size).astype(np.float64)
-            if self.scores[layer].size == 0:
-                self._initial(layer, pooled, num_snapkv_scores)
-            else:
-                self._accumulate(layer, pooled)
-
-    def _initial(self, layer: int, pooled: np.ndarray, n: int) -> None:
-        w = self.snapkv_window_size
-        if w != 0 and n == 0:
-            return  # before the SnapKV window: nothing meaningful yet
-        self.scores[layer] = pooled.copy()
-        if not self.norm:
-            return
-        size = pooled.size
-        if w == 0:
-            counter = np.arange(size, 0, -1, dtype=np.int64)
-        else:
-            if size < n:
-                raise UpstreamError("Check 'new_scores_size >= num_snapkv_scores' failed "
-                                    f"({size} tracked tokens, {n} SnapKV scores)")
-            counter = np.full(size, n, dtype=np.int64)
-            counter[size - n:] = np.arange(n, 0, -1)
-        self.counters[layer] = counter
-
-    def _accumulate(self, layer: int, pooled: np.ndarray) -> None:
-        old = self.scores[layer]
-        if pooled.size < old.size:
-            raise UpstreamError(f"scores shrank from {old.size} to {pooled.size} tokens")
-        acc = np.zeros(pooled.size, np.float64)
-        acc[:old.size] = old
-        acc += pooled
-        self.scores[layer] = acc
-        if self.norm:
-            self._adjust_counters(layer, old.size, pooled.size)
-
-    def _adjust_counters(self, layer: int, old: int, new: int) -> None:
-        counter = np.zeros(new, np.int64)
-        counter[:old] = self.counters[layer][:old]
-        reg, w = self.num_registered_snapkv_scores, self.snapkv_window_size
-        num_new = new - old
-        if w == 0 or reg == w:
-            counter += num_new
-            counter[old:] = num_new - np.arange(num_new)
-        else:
-            if new < reg:
-                raise UpstreamError("Check 'new_size_in_tokens >= "
-                                    "m_num_registered_snapkv_aggregated_scores' failed "
-                                    f"({new} tracked tokens, {reg} SnapKV scores)")
-            counter[:new - reg] = reg
-            counter[new - reg:] = np.arange(reg, 0, -1)
-        self.counters[layer] = counter
+        _update(self._core, self.num_layers, layer_scores, num_snapkv_scores)
 
     def normalised(self, layer: int) -> np.ndarray:
         """float64 [T]: ``scores / counters`` (norm_sum) or ``scores`` (sum)."""
-        if self.norm:
-            return self.scores[layer] / self.counters[layer].astype(np.float64)
-        return self.scores[layer].copy()
+        with _genai_asserts():
+            return self._core.normalised(layer)
 
     def remove_blocks(self, layer: int, tracked_blocks: Sequence[int]) -> None:
         """Drop tracked blocks (ascending indices counted from the end of the start area)."""
-        blocks = np.asarray(tracked_blocks, dtype=np.int64)
-        if blocks.size == 0:
-            return
-        keep = np.ones(self.scores[layer].size, dtype=bool)
-        for b in blocks.tolist():
-            keep[b * self.block_size:(b + 1) * self.block_size] = False
-        self.scores[layer] = self.scores[layer][keep]
-        if self.norm:
-            self.counters[layer] = self.counters[layer][keep]
+        self._core.remove_blocks(layer, [int(b) for b in np.asarray(tracked_blocks).reshape(-1)])
+
+
+def _update(core: Any, num_layers: int, layer_scores: Sequence[np.ndarray],
+            num_snapkv_scores: int) -> None:
+    """``update`` of a C++ state / algorithm: L arrays cast to float32 [T_cache]."""
+    if len(layer_scores) != num_layers:
+        raise ValueError(f"expected {num_layers} layers, got {len(layer_scores)}")
+    arrays = [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in layer_scores]
+    with _genai_asserts():
+        core.update(arrays, int(num_snapkv_scores))
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,15 +378,24 @@ class UpstreamKVCrush:
     Stateful only through its ``std::mt19937`` (RANDOM anchors draw ``block_size`` bits per
     call). Token arrays are [n] with ``n = num_evictable_blocks * block_size`` (tracked tokens
     of the evictable area); block indices are tracked-block indices.
+    C++: ``kvcrush::UpstreamKVCrush``.
     """
 
-    def __init__(self, budget: int, anchor_mode: str, block_size: int, seed: int = 0) -> None:
+    def __init__(self, budget: int, anchor_mode: str, block_size: int, seed: int = 0, *,
+                 _core_crush: Any = None) -> None:
         if anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"anchor_mode={anchor_mode!r}: allowed {', '.join(ANCHOR_MODES)}")
         self.budget = int(budget)
         self.anchor_mode = anchor_mode
         self.block_size = int(block_size)
-        self.rng = MT19937(int(seed))
+        self._core = _core_crush if _core_crush is not None else _core.UpstreamKVCrush(
+            budget=self.budget, anchor_mode=anchor_mode, block_size=self.block_size,
+            seed=int(seed) & 0xFFFFFFFF)
+
+    @property
+    def rng(self) -> MT19937:
+        """The KVCrush's own ``std::mt19937`` (a view: drawing from it advances KVCrush)."""
+        return MT19937(_engine=self._core.rng)
 
     def applies(self, num_evicted_blocks: int) -> bool:
         """GenAI runs KVCrush only if ``budget > 0`` and ``num_evicted_blocks >= budget``."""
@@ -579,41 +411,18 @@ class UpstreamKVCrush:
     def anchor(self, indicators: np.ndarray) -> np.ndarray:
         """uint8 [block_size]: the anchor point; ``mean`` sets bit ``j`` iff more than half of
         the blocks have indicator 1 at offset ``j``; ``random`` consumes ``block_size`` draws."""
-        b = self.block_size
-        mode = self.anchor_mode
-        if mode == "zeros":
-            return np.zeros(b, np.uint8)
-        if mode == "ones":
-            return np.ones(b, np.uint8)
-        if mode == "alternating":
-            return (np.arange(b) % 2).astype(np.uint8)
-        if mode == "mean":
-            ind = np.asarray(indicators, dtype=np.int64)
-            nb = ind.size // b
-            sums = ind[:nb * b].reshape(nb, b).sum(axis=0)
-            return (sums / nb > 0.5).astype(np.uint8)
-        return np.array([self.rng.bit() for _ in range(b)], dtype=np.uint8)
+        return self._core.anchor(np.ascontiguousarray(indicators, dtype=np.uint8).reshape(-1))
 
     def hamming(self, indicators: np.ndarray, anchor: np.ndarray) -> np.ndarray:
         """int64 [n // block_size]: Hamming distance of each block's indicators to the anchor."""
-        b = self.block_size
-        ind = np.asarray(indicators, dtype=np.int64)
-        nb = ind.size // b
-        diff = ind[:nb * b].reshape(nb, b) != np.asarray(anchor, dtype=np.int64)[None, :]
-        return diff.sum(axis=1).astype(np.int64)
+        return self._core.hamming(np.ascontiguousarray(indicators, dtype=np.uint8).reshape(-1),
+                                  np.ascontiguousarray(anchor, dtype=np.uint8).reshape(-1))
 
     def representatives(self, distances: np.ndarray, eligible: Sequence[int]) -> list[int]:
         """Tracked blocks to keep: the eligible blocks (ascending) sorted by distance with
         libstdc++ ``std::sort`` (unstable above 16), then every ``len // budget``-th from 0."""
-        d = np.asarray(distances).tolist()
-        chosen = set(int(e) for e in eligible)
-        filtered = [i for i in range(len(d)) if i in chosen]
-        if not filtered or self.budget <= 0:
-            return []
-        ordered = libstdcxx_sort(filtered, lambda a, b: d[a] < d[b])
-        k = min(len(ordered), self.budget)
-        step = len(ordered) // k
-        return [ordered[i * step] for i in range(k)]
+        return self._core.representatives([int(d) for d in np.asarray(distances).reshape(-1)],
+                                          [int(e) for e in eligible])
 
     def retain(self, num_tokens: int, evicted: Sequence[int], raw_scores: np.ndarray) -> list[int]:
         """Tracked blocks among ``evicted`` that KVCrush keeps (``budget`` of them).
@@ -622,9 +431,8 @@ class UpstreamKVCrush:
         evicted: tracked blocks chosen by score (ascending); raw_scores: float64 [T] the
         layer's raw accumulated scores (indicators use the first ``num_tokens``).
         """
-        ind = self.indicators(raw_scores, num_tokens)
-        anchor = self.anchor(ind)
-        return self.representatives(self.hamming(ind, anchor), evicted)
+        raw = np.ascontiguousarray(raw_scores, dtype=np.float64).reshape(-1)
+        return self._core.retain(int(num_tokens), [int(e) for e in evicted], raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,6 +445,7 @@ class UpstreamCacheEviction:
 
     Logical block indices are positions in the sequence's current block table (after earlier
     evictions); ``evict`` returns the same number of blocks for every layer.
+    C++: ``kvcrush::UpstreamCacheEviction`` (``state`` and ``kvcrush`` are views of its parts).
     """
 
     def __init__(self, config: UpstreamConfig, num_layers: int) -> None:
@@ -644,24 +453,34 @@ class UpstreamCacheEviction:
             raise ValueError("num_layers must be >= 1")
         self.config = config
         self.num_layers = num_layers
+        c = config
+        self._core = _core.UpstreamCacheEviction(
+            start_size=c.start_size, recent_size=c.recent_size, max_cache_size=c.max_cache_size,
+            aggregation_mode=c.aggregation_mode, snapkv_window_size=c.snapkv_window_size,
+            block_size=c.block_size, kvcrush_budget=c.kvcrush_budget,
+            kvcrush_anchor=c.kvcrush_anchor, kvcrush_seed=c.kvcrush_seed & 0xFFFFFFFF,
+            max_pool_window_size=c.max_pool_window_size, num_layers=num_layers)
         self.state = UpstreamScoreState(
-            num_layers=num_layers, block_size=config.block_size,
-            aggregation_mode=config.aggregation_mode, ignore_first_n_blocks=config.start_blocks,
-            snapkv_window_size=config.snapkv_window_size,
-            max_pool_window_size=config.max_pool_window_size)
-        self.kvcrush = UpstreamKVCrush(config.kvcrush_budget, config.kvcrush_anchor,
-                                       config.block_size, config.kvcrush_seed)
-        self.num_evicted_tokens = 0
+            num_layers=num_layers, block_size=c.block_size, aggregation_mode=c.aggregation_mode,
+            ignore_first_n_blocks=c.start_blocks, snapkv_window_size=c.snapkv_window_size,
+            max_pool_window_size=c.max_pool_window_size, _core_state=self._core.state)
+        self.kvcrush = UpstreamKVCrush(c.kvcrush_budget, c.kvcrush_anchor, c.block_size,
+                                       _core_crush=self._core.kvcrush)
+
+    @property
+    def num_evicted_tokens(self) -> int:
+        """Tokens evicted so far, summed over the layers (each evicts the same number)."""
+        return int(self._core.num_evicted_tokens)
 
     def window(self, prompt_len: int, num_processed_tokens: int, num_scheduled_tokens: int) -> int:
         """``score_aggregation_window`` to request for this forward (queries)."""
-        return score_aggregation_window(prompt_len, num_processed_tokens, num_scheduled_tokens,
-                                        self.config.snapkv_window_size)
+        return self._core.window(int(prompt_len), int(num_processed_tokens),
+                                 int(num_scheduled_tokens))
 
     def update(self, layer_scores: Sequence[np.ndarray], num_snapkv_scores: int) -> None:
         """Register one forward's ``scores.L`` (L arrays float32 [T_cache]); see
         :meth:`UpstreamScoreState.update`."""
-        self.state.update(layer_scores, num_snapkv_scores)
+        _update(self._core, self.num_layers, layer_scores, num_snapkv_scores)
 
     def evictable_block_range(self, layer: int = 0) -> tuple[int, int]:
         """Logical blocks ``[begin, end)`` that may be evicted now, ``(0, 0)`` if none.
@@ -669,61 +488,41 @@ class UpstreamCacheEviction:
         ``begin = start_size / B``; ``end = floor(cache_tokens / B) - recent_size / B``, so a
         partially filled last block belongs to the recent area.
         """
-        c = self.config
-        length = c.start_size + self.state.tracked_tokens(layer)
-        if length <= c.max_cache_size_after_eviction:
-            return (0, 0)
-        return (c.start_blocks, length // c.block_size - c.recent_blocks)
+        return tuple(self._core.evictable_block_range(layer))  # type: ignore[return-value]
 
     def num_blocks_to_evict(self, layer: int = 0) -> int:
         """Blocks the score ranking evicts now: evictable blocks minus ``evictable_size / B``."""
-        begin, end = self.evictable_block_range(layer)
-        return max(end - begin - self.config.evictable_blocks, 0)
+        return int(self._core.num_blocks_to_evict(layer))
 
     def block_scores(self, layer: int) -> np.ndarray:
         """float64 [num_evictable_blocks]: per block, the sequential sum over its tokens of the
         normalised score (``scores / counters`` or ``scores``), evictable area only."""
-        begin, end = self.evictable_block_range(layer)
-        nb, b = end - begin, self.config.block_size
-        if nb == 0:
-            return np.zeros(0, np.float64)
-        vals = self.state.normalised(layer)[:nb * b].reshape(nb, b)
-        return np.cumsum(vals, axis=1)[:, -1]
+        with _genai_asserts():
+            return self._core.block_scores(layer)
 
     def evict(self) -> list[np.ndarray]:
         """Per layer, int64 ascending logical block indices to drop now (maybe empty).
 
         Forgets their scores. Must be called only after decode forwards (see module doc).
         """
-        c = self.config
-        out: list[np.ndarray] = []
-        for layer in range(self.num_layers):
-            if c.start_size + self.state.tracked_tokens(layer) <= c.max_cache_size_after_eviction:
-                out.append(np.zeros(0, np.int64))
-                continue
-            scores = self.block_scores(layer)
-            evicted = lowest_blocks(scores, self.num_blocks_to_evict(layer)).tolist()
-            if self.kvcrush.applies(len(evicted)):
-                kept = set(self.kvcrush.retain(scores.size * c.block_size, evicted,
-                                               self.state.scores[layer]))
-                evicted = [e for e in evicted if e not in kept]
-            self.num_evicted_tokens += len(evicted) * c.block_size
-            self.state.remove_blocks(layer, evicted)
-            out.append(np.asarray(evicted, dtype=np.int64) + c.start_blocks)
-        return out
+        with _genai_asserts():
+            return self._core.evict()
 
     def step(self, layer_scores: Sequence[np.ndarray], *, prompt_len: int,
              num_processed_tokens: int, num_scheduled_tokens: int) -> list[np.ndarray]:
         """After a forward: ``update`` with this forward's window, then ``evict`` if the prompt
         was complete before it (``num_processed_tokens >= prompt_len``), else no blocks.
 
-        Returns per layer int64 logical block indices to drop (see :meth:`evict`).
+        layer_scores: L arrays float32 [T_cache]. Returns per layer int64 logical block indices
+        to drop (see :meth:`evict`).
         """
-        self.update(layer_scores, self.window(prompt_len, num_processed_tokens,
-                                              num_scheduled_tokens))
-        if num_processed_tokens < prompt_len:
-            return [np.zeros(0, np.int64) for _ in range(self.num_layers)]
-        return self.evict()
+        if len(layer_scores) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers, got {len(layer_scores)}")
+        arrays = [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in layer_scores]
+        with _genai_asserts():
+            return self._core.step(arrays, prompt_len=int(prompt_len),
+                                   num_processed_tokens=int(num_processed_tokens),
+                                   num_scheduled_tokens=int(num_scheduled_tokens))
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,7 +546,8 @@ class UpstreamEviction:
     tokens comes from the best evicted block (its ``r`` best tokens). KVCrush
     (``kvcrush_budget`` blocks) is taken OUT of those whole blocks: the score ranking keeps
     ``whole - budget`` and KVCrush picks ``budget`` of the rest as GenAI does; ``random``
-    anchors are seeded from ``rng`` (GenAI's per-sequence mt19937 stream cannot be kept here).
+    anchors are seeded from ``rng`` (GenAI's per-sequence mt19937 stream cannot be kept here),
+    one ``rng.integers(0, 2**32)`` per selection group in order. C++: ``kvcrush::upstream_select``.
     """
 
     name: ClassVar[str] = "upstream"
@@ -769,57 +569,19 @@ class UpstreamEviction:
     def select(self, inputs: EvictionInputs, num_keep: int,
                rng: np.random.Generator) -> np.ndarray:
         """bool [L, H, N] keep mask, ``num_keep`` per (layer, head), block-level per layer."""
+        scores, counts, positions, lengths, block_size = inputs.core_args()
         num_layers, num_heads, _ = inputs.shape
-        keep = np.zeros(inputs.shape, dtype=bool)
+        shared = _core.upstream_shared_layers(positions, lengths)
+        draws = self.kvcrush_budget > 0 and self.kvcrush_anchor == "random"
+        seeds = []  # one per selection group: a shared layer, else each head
         for layer in range(num_layers):
-            n = inputs.lengths[layer]
-            pos = inputs.positions[layer]
-            shared = bool((n == n[0]).all()) and all(
-                np.array_equal(pos[h, :n[0]], pos[0, :n[0]]) for h in range(num_heads))
-            groups = [list(range(num_heads))] if shared else [[h] for h in range(num_heads)]
-            for heads in groups:
-                m = int(n[heads[0]])
+            for h in ([0] if shared[layer] else range(num_heads)):
+                m = int(lengths[layer, h])
                 if num_keep > m:
                     raise ValueError(f"num_keep={num_keep} > {m} candidates")
-                sc = inputs.scores[layer, heads, :m].astype(np.float64).sum(axis=0)
-                ct = inputs.counts[layer, heads, :m].astype(np.float64).mean(axis=0)
-                draws = self.kvcrush_budget > 0 and self.kvcrush_anchor == "random"
-                seed = int(rng.integers(0, 2**32)) if draws else 0
-                mask = self._select_one(sc, ct, num_keep, inputs.block_size, seed)
-                keep[layer, heads, :m] = mask[None, :]
-        return keep
-
-    def _select_one(self, scores: np.ndarray, counts: np.ndarray, num_keep: int,
-                    block_size: int, seed: int) -> np.ndarray:
-        n = scores.size
-        keep = np.zeros(n, dtype=bool)
-        if num_keep <= 0:
-            return keep
-        pooled = max_pool(scores, self.pool_window)
-        vals = pooled / np.maximum(counts, 1.0) if self.aggregation_mode == "norm_sum" else pooled
-        nb = n // block_size
-        tail = n - nb * block_size
-        if num_keep <= tail:
-            keep[n - num_keep:] = True
-            return keep
-        keep[nb * block_size:] = True
-        whole, rem = divmod(num_keep - tail, block_size)
-        if nb == 0:
-            return keep
-        block_scores = np.cumsum(vals[:nb * block_size].reshape(nb, block_size), axis=1)[:, -1]
-        budget = min(self.kvcrush_budget, whole)
-        evicted = lowest_blocks(block_scores, nb - whole + budget).tolist()
-        crush = UpstreamKVCrush(budget, self.kvcrush_anchor, block_size, seed)
-        if crush.applies(len(evicted)):
-            kept = set(crush.retain(nb * block_size, evicted, pooled))
-            evicted = [e for e in evicted if e not in kept]
-        dropped = set(evicted)
-        for b in range(nb):
-            if b not in dropped:
-                keep[b * block_size:(b + 1) * block_size] = True
-        if rem:
-            best = max(evicted, key=lambda b: (block_scores[b], b))
-            part = vals[best * block_size:(best + 1) * block_size]
-            order = np.lexsort((-np.arange(block_size), -part))[:rem]
-            keep[best * block_size + order] = True
-        return keep
+                seeds.append(int(rng.integers(0, 2**32)) if draws else 0)
+        with _genai_asserts():
+            return _core.upstream_select(self.aggregation_mode, self.pool_window,
+                                         self.kvcrush_budget, self.kvcrush_anchor, scores,
+                                         counts, positions, lengths, block_size, int(num_keep),
+                                         np.asarray(seeds, dtype=np.uint32))
