@@ -411,10 +411,11 @@ def test_tuning_candidates_run_only_when_named():
     from kvcrush_ov.eviction.factory import make_policy
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
-                  "fastkv-max7", "kvzip-head", "kvzip-ada",
+                  "fastkv-max7", "fastkv+kvcrush-split7", "kvzip-head", "kvzip-ada",
                   "snapkv+less", "snapkv+kvcrush+less", "default+less"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"
+    assert METHODS["fastkv+kvcrush-split7"].make(0.25).fastkv.split_layer == 7
     assert method_spec(METHODS["kvzip-head"], 0.25).policy.alpha is None
     assert method_spec(METHODS["kvzip"], 0.25).policy.scope == "model"
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
