@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -305,12 +306,12 @@ Out<float> pool_scores(In<float, 2> values, In<int64_t, 1> lengths, const std::s
   return out;
 }
 
-std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event_in(
-    kvcrush::PlanWorkspace& ws, const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
-    std::optional<In<float, 1>> scores, In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
-    int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
-    int64_t recent_size, int64_t num_written, int64_t block_size,
-    std::optional<In<bool, 3>> random_bits) {
+using PlanResult = std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t>;
+
+/// The cached rows of plan_event's arguments (checked).
+kvcrush::SequenceRows sequence_rows(In<int64_t, 1> positions, std::optional<In<float, 1>>& scores,
+                                    In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
+                                    int64_t num_layers, int64_t num_heads) {
   if (num_layers < 0 || num_heads < 0 ||
       static_cast<int64_t>(offsets.shape(0)) != num_layers * num_heads + 1)
     bad_shape("offsets", "L * H + 1 entries");
@@ -319,6 +320,27 @@ std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event_in(
     bad_shape("offsets", "0 .. len(positions)");
   if (scores && scores->shape(0) != positions.shape(0))
     bad_shape("scores", "None or one entry per row of positions");
+  return {positions.data(), scores ? scores->data() : nullptr, off, query_positions.data(),
+          static_cast<int64_t>(query_positions.shape(0)), num_layers, num_heads};
+}
+
+/// (keep_rows, keep_offsets, num_sinks, num_recent, num_keep) as new arrays.
+PlanResult plan_result(const kvcrush::EventPlan& plan) {
+  auto kept = new_array<int64_t, 1>({plan.keep_rows.size()});
+  std::copy(plan.keep_rows.begin(), plan.keep_rows.end(), kept.data());
+  auto kept_off = new_array<int64_t, 1>({plan.keep_offsets.size()});
+  std::copy(plan.keep_offsets.begin(), plan.keep_offsets.end(), kept_off.data());
+  return {kept, kept_off, plan.num_sinks, plan.num_recent, plan.num_keep};
+}
+
+PlanResult plan_event_in(kvcrush::PlanWorkspace& ws, const kvcrush::PolicyConfig& cfg,
+                         In<int64_t, 1> positions, std::optional<In<float, 1>> scores,
+                         In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
+                         int64_t num_layers, int64_t num_heads, int64_t budget,
+                         int64_t start_size, int64_t recent_size, int64_t num_written,
+                         int64_t block_size, std::optional<In<bool, 3>> random_bits) {
+  const kvcrush::SequenceRows rows =
+      sequence_rows(positions, scores, offsets, query_positions, num_layers, num_heads);
   const int64_t want = kvcrush::random_bits_size(cfg, num_heads, block_size, num_layers);
   const uint8_t* bits = nullptr;
   if (want > 0) {
@@ -328,33 +350,88 @@ std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event_in(
                                                                        block_size)) + ")");
     bits = bytes(random_bits->data());
   }
-  const kvcrush::SequenceRows rows{positions.data(), scores ? scores->data() : nullptr, off,
-                                   query_positions.data(),
-                                   static_cast<int64_t>(query_positions.shape(0)), num_layers,
-                                   num_heads};
   const kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
   {
     nb::gil_scoped_release unlocked;
     kvcrush::plan_event(cfg, rows, b, bits, ws);
   }
-  const kvcrush::EventPlan& plan = ws.plan;
-  auto kept = new_array<int64_t, 1>({plan.keep_rows.size()});
-  std::copy(plan.keep_rows.begin(), plan.keep_rows.end(), kept.data());
-  auto kept_off = new_array<int64_t, 1>({plan.keep_offsets.size()});
-  std::copy(plan.keep_offsets.begin(), plan.keep_offsets.end(), kept_off.data());
-  return {kept, kept_off, plan.num_sinks, plan.num_recent, plan.num_keep};
+  return plan_result(ws.plan);
 }
 
-std::tuple<Out<int64_t>, Out<int64_t>, int64_t, int64_t, int64_t> plan_event(
-    const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
-    std::optional<In<float, 1>> scores, In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
-    int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
-    int64_t recent_size, int64_t num_written, int64_t block_size,
-    std::optional<In<bool, 3>> random_bits) {
+PlanResult plan_event(const kvcrush::PolicyConfig& cfg, In<int64_t, 1> positions,
+                      std::optional<In<float, 1>> scores, In<int64_t, 1> offsets,
+                      In<int64_t, 1> query_positions, int64_t num_layers, int64_t num_heads,
+                      int64_t budget, int64_t start_size, int64_t recent_size,
+                      int64_t num_written, int64_t block_size,
+                      std::optional<In<bool, 3>> random_bits) {
   kvcrush::PlanWorkspace ws;
   return plan_event_in(ws, cfg, positions, scores, offsets, query_positions, num_layers,
                        num_heads, budget, start_size, recent_size, num_written, block_size,
                        random_bits);
+}
+
+/// A policy's answer ``keep`` (any Python object) into out u8 [L, H, N]; PlanError in
+/// check_keep's words unless it is a numpy bool array of that shape. With the GIL.
+void copy_keep(nb::handle keep, int64_t num_layers, int64_t num_heads, int64_t n,
+               const std::string& who, uint8_t* out) {
+  nb::module_ np = nb::module_::import_("numpy");
+  const nb::object shape = keep.attr("shape"), dtype = keep.attr("dtype");
+  const nb::tuple want = nb::make_tuple(num_layers, num_heads, n);
+  if (!shape.equal(want) || dtype.not_equal(np.attr("bool_")))
+    throw kvcrush::PlanError(
+        nb::str("{}: keep must be bool {}, got {} {}").format(who, want, dtype, shape).c_str());
+  const auto mask = nb::cast<In<bool, 3>>(np.attr("ascontiguousarray")(keep));
+  std::copy_n(bytes(mask.data()), num_layers * num_heads * n, out);
+}
+
+/// kvcrush::SelectFn of a Python callable ``select(scores, counts, positions, lengths,
+/// block_size, num_keep) -> keep`` (the candidates as new numpy arrays, EvictionInputs'
+/// fields; keep: bool [L, H, N]). It takes the GIL for the call; ``select`` and ``who`` must
+/// outlive the SelectFn.
+kvcrush::SelectFn python_select(nb::handle select, const std::string& who) {
+  return [select, &who](const kvcrush::Candidates& c, int64_t num_keep, uint8_t* keep) {
+    nb::gil_scoped_acquire locked;
+    const auto layers = static_cast<size_t>(c.num_layers);
+    const auto heads = static_cast<size_t>(c.num_heads), n = static_cast<size_t>(c.n);
+    const size_t size = layers * heads * n;
+    auto scores = new_array<float, 3>({layers, heads, n});
+    auto counts = new_array<float, 3>({layers, heads, n});
+    auto positions = new_array<int64_t, 3>({layers, heads, n});
+    auto lengths = new_array<int64_t, 2>({layers, heads});
+    std::copy_n(c.scores, size, scores.data());
+    std::copy_n(c.counts, size, counts.data());
+    std::copy_n(c.positions, size, positions.data());
+    std::copy_n(c.lengths, layers * heads, lengths.data());
+    const nb::object got = select(scores, counts, positions, lengths, c.block_size, num_keep);
+    copy_keep(got, c.num_layers, c.num_heads, c.n, who, keep);
+  };
+}
+
+PlanResult plan_with(kvcrush::PlanWorkspace& ws, nb::callable select, const std::string& who,
+                     In<int64_t, 1> positions, std::optional<In<float, 1>> scores,
+                     In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
+                     int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
+                     int64_t recent_size, int64_t num_written, int64_t block_size) {
+  const kvcrush::SequenceRows rows =
+      sequence_rows(positions, scores, offsets, query_positions, num_layers, num_heads);
+  const kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
+  const kvcrush::SelectFn fn = python_select(select, who);
+  {
+    nb::gil_scoped_release unlocked;  // python_select takes it back for the policy's call
+    kvcrush::plan_event(fn, who, rows, b, ws);
+  }
+  return plan_result(ws.plan);
+}
+
+void check_keep(nb::handle keep, In<int64_t, 2> lengths, int64_t n, int64_t num_keep,
+                const std::string& who) {
+  const auto layers = static_cast<int64_t>(lengths.shape(0));
+  const auto heads = static_cast<int64_t>(lengths.shape(1));
+  if (n < 0) bad_shape("n", "a size >= 0");
+  std::vector<uint8_t> mask(static_cast<size_t>(layers * heads * n));
+  copy_keep(keep, layers, heads, n, who, mask.data());
+  const kvcrush::Candidates c{nullptr, nullptr, nullptr, lengths.data(), layers, heads, n, 1};
+  kvcrush::check_keep(c, mask.data(), num_keep, who);
 }
 
 Out<int64_t> water_fill(int64_t total, In<int64_t, 1> capacity) {
@@ -1034,7 +1111,20 @@ NB_MODULE(_core, m) {
            nb::arg("num_layers"), nb::arg("num_heads"), nb::arg("budget"),
            nb::arg("start_size"), nb::arg("recent_size"), nb::arg("num_written"),
            nb::arg("block_size"), nb::arg("random_bits").none() = nb::none(),
-           "plan_event's result, computed in this planner's buffers.");
+           "plan_event's result, computed in this planner's buffers.")
+      .def("plan_with", &plan_with, nb::arg("select"), nb::arg("who"), nb::arg("positions"),
+           nb::arg("scores").none(), nb::arg("offsets"), nb::arg("query_positions"),
+           nb::arg("num_layers"), nb::arg("num_heads"), nb::arg("budget"),
+           nb::arg("start_size"), nb::arg("recent_size"), nb::arg("num_written"),
+           nb::arg("block_size"),
+           "plan's result with the selection of a Python callable select(scores, counts, "
+           "positions, lengths, block_size, num_keep) -> bool [L, H, N] (the candidates as "
+           "new arrays, EvictionInputs' fields), called once with the GIL; its answer is "
+           "checked as check_keep does (PlanError naming who).");
+  m.def("check_keep", &check_keep, nb::arg("keep"), nb::arg("lengths"), nb::arg("n"),
+        nb::arg("num_keep"), nb::arg("who"),
+        "PlanError unless keep is a valid keep mask: bool [L, H, n], nothing kept in padding "
+        "(entries >= lengths [L, H]), exactly num_keep * L * H kept (kvcrush::check_keep).");
   m.def("water_fill", &water_fill, nb::arg("total"), nb::arg("capacity"));
   m.def("fit_budget", &fit_budget, nb::arg("target"), nb::arg("capacity"));
   m.def("pyramid_budgets", &pyramid_budgets, nb::arg("num_layers"), nb::arg("num_keep"),
@@ -1051,6 +1141,27 @@ NB_MODULE(_core, m) {
   bind_upstream(m);
 
   // ---- graph passes: ``model`` is an openvino.Model's _get_raw_address() (see model_at)
+  {
+    // kvcrush::PlanError: an AssertionError (as check_keep raised it in Python) and a
+    // RuntimeError (as std::logic_error reached Python before)
+    const nb::object bases = nb::make_tuple(nb::handle(PyExc_AssertionError),
+                                            nb::handle(PyExc_RuntimeError));
+    const nb::object plan_error = nb::steal(PyErr_NewExceptionWithDoc(
+        "kvcrush_ov._core.PlanError",
+        "An eviction event broke the contract (kvcrush::PlanError): an invalid keep mask, or "
+        "heads that disagree on the sinks / recent window.", bases.ptr(), nullptr));
+    if (!plan_error.is_valid()) throw nb::python_error();
+    m.attr("PlanError") = plan_error;
+    nb::register_exception_translator(
+        [](const std::exception_ptr& p, void* type) {
+          try {
+            std::rethrow_exception(p);
+          } catch (const kvcrush::PlanError& e) {
+            PyErr_SetString(static_cast<PyObject*>(type), e.what());
+          }
+        },
+        plan_error.ptr());
+  }
   nb::exception<kvcrush::PerHeadPatternError>(m, "PerHeadPatternError", PyExc_RuntimeError);
   nb::exception<kvcrush::LogitsPatternError>(m, "LogitsPatternError", PyExc_RuntimeError);
   nb::exception<kvcrush::FastKVPatternError>(m, "FastKVPatternError", PyExc_ValueError);

@@ -4,8 +4,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -721,6 +724,33 @@ EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const Ev
 const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
                             const EventBudget& b, const uint8_t* random_bits, PlanWorkspace& ws) {
   validate(cfg);
+  const SelectFn select = [&](const Candidates& c, int64_t num_keep, uint8_t* keep) {
+    select_keep(for_budget(cfg, b.budget, num_keep, b.num_written), c, num_keep, random_bits,
+                keep);
+  };
+  return plan_event(select, "policy", rows, b, ws);
+}
+
+void check_keep(const Candidates& c, const uint8_t* keep, int64_t num_keep,
+                std::string_view who) {
+  const int64_t n = c.n, num_rows = rows_of(c);
+  int64_t kept = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const uint8_t* row = keep + r * n;
+    const int64_t len = std::max<int64_t>(c.lengths[r], 0);
+    for (int64_t j = len; j < n; ++j)
+      if (row[j]) throw PlanError(std::string(who) + ": keeps a padding entry");
+    for (int64_t j = 0; j < std::min(len, n); ++j) kept += row[j] != 0;
+  }
+  const int64_t want = num_keep * num_rows;
+  if (kept != want)
+    throw PlanError(std::string(who) + ": kept " + std::to_string(kept) +
+                    " candidates, the budget is exactly " + std::to_string(want) + " (" +
+                    std::to_string(num_keep) + " per layer and head)");
+}
+
+const EventPlan& plan_event(const SelectFn& select, std::string_view who,
+                            const SequenceRows& rows, const EventBudget& b, PlanWorkspace& ws) {
   check_size("layers", rows.num_layers);
   check_size("heads", rows.num_heads);
   const int64_t num_rows = rows.num_layers * rows.num_heads;
@@ -761,7 +791,7 @@ const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
   auto row_at = [&order](int64_t r, int64_t i) { return order[r].empty() ? i : order[r][i]; };
   for (int64_t r = 0; r < num_rows; ++r)
     if (sinks[r] != sinks[0] || recent[r] != recent[0])
-      throw std::logic_error("eviction: sinks / recent window differ between heads");
+      throw PlanError("eviction: sinks / recent window differ between heads");
   EventPlan& plan = ws.plan;
   plan.num_sinks = num_rows > 0 ? sinks[0] : 0;
   plan.num_recent = num_rows > 0 ? recent[0] : 0;
@@ -810,20 +840,10 @@ const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
   });
   const Candidates c{scores.data(), counts.data(), positions.data(), lengths.data(),
                      rows.num_layers, rows.num_heads, n, b.block_size};
-  const PolicyConfig effective = for_budget(cfg, b.budget, plan.num_keep, b.num_written);
   auto& keep = ws.keep;
   keep.resize(size);
-  select_keep(effective, c, plan.num_keep, random_bits, keep.data());
-  int64_t kept = 0;
-  for (int64_t r = 0; r < num_rows; ++r)
-    for (int64_t j = 0; j < n; ++j) {
-      if (keep[r * n + j] && j >= lengths[r])
-        throw std::logic_error("policy: keeps a padding entry");
-      kept += keep[r * n + j];
-    }
-  if (kept != plan.num_keep * num_rows)
-    throw std::logic_error("policy: kept " + std::to_string(kept) + " candidates, the budget is "
-                           "exactly " + std::to_string(plan.num_keep * num_rows));
+  select(c, plan.num_keep, keep.data());
+  check_keep(c, keep.data(), plan.num_keep, who);
   // Kept rows in row order: sinks, kept candidates and the recent window, by their rows.
   plan.keep_offsets.assign(static_cast<size_t>(num_rows + 1), 0);
   for (int64_t r = 0; r < num_rows; ++r) {

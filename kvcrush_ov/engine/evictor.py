@@ -20,7 +20,7 @@ from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.genai_compat import translate
-from kvcrush_ov.eviction.planner import plan_event, plan_eviction, runs_in_core
+from kvcrush_ov.eviction.planner import plan_event
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamCacheEviction, UpstreamConfig
@@ -315,32 +315,18 @@ class Evictor:
         heads = self.runner.num_kv_heads
         offsets = np.zeros(t.lens.size + 1, np.int64)
         np.cumsum(t.lens.reshape(-1), out=offsets[1:])
-        if runs_in_core(spec.policy):  # one C++ call, in buffers kept between events
-            positions = (np.concatenate([p for row in t.positions for p in row])
-                         if t.positions is not None
-                         else np.arange(offsets[-1], dtype=np.int64) - np.repeat(
-                             offsets[:-1], t.lens.reshape(-1)))
-            decision = plan_event(self._planner, positions, offsets, heads, ex.get("scores"),
-                                  spec.policy, ex["budget"], spec.start_size,
-                                  spec.recent_size, t.num_written, self.kv.block_size,
-                                  ex["rng"])
-            rows, row_offsets = decision.rows, decision.offsets
-            keep_rows = None
-        else:
-            positions = [[t.positions_of(layer, h) for h in range(heads)]
-                         for layer in range(self.runner.num_layers)]
-            decision = plan_eviction(positions, ex.get("scores"), spec.policy, ex["budget"],
-                                     spec.start_size, spec.recent_size, t.num_written,
-                                     self.kv.block_size, ex["rng"])
-            keep_rows = decision.keep_rows
-            flat = [r for row in keep_rows for r in row]
-            row_offsets = np.zeros(len(flat) + 1, np.int64)
-            np.cumsum([len(r) for r in flat], out=row_offsets[1:])
-            rows = np.concatenate(flat)
+        positions = (np.concatenate([p for row in t.positions for p in row])
+                     if t.positions is not None
+                     else np.arange(offsets[-1], dtype=np.int64) - np.repeat(
+                         offsets[:-1], t.lens.reshape(-1)))
+        # one C++ call in buffers kept between events: the core's selection, or the policy's
+        # own select called back (planner.plan_event)
+        decision = plan_event(self._planner, positions, offsets, heads, ex.get("scores"),
+                              spec.policy, ex["budget"], spec.start_size, spec.recent_size,
+                              t.num_written, self.kv.block_size, ex["rng"])
+        rows, row_offsets = decision.rows, decision.offsets
         if spec.less is not None:
-            if keep_rows is None:
-                keep_rows = decision.keep_rows(heads)
-            self._fold_less(seq, spec.less, keep_rows)
+            self._fold_less(seq, spec.less, decision.keep_rows(heads))
         t1 = time.perf_counter()
         done = self.kv.compact_flat(seq.seq_id, rows, row_offsets, fill_holes=self.fill_holes)
         self.runner.apply_flat_moves(done.moves)

@@ -22,7 +22,8 @@ Notation: ``L`` layers, ``H`` KV heads, ``N`` the longest candidate list of any 
 A policy returns ``keep``: bool [L, H, N], True for every candidate that stays, False in padding,
 with ``keep.sum() == L * H * num_keep`` exactly (``num_keep`` = candidates to keep per (layer,
 head) on average; a policy may move budget between layers or heads, never exceed ``lengths``).
-:func:`check_keep` verifies this; the planner calls it after every policy.
+:func:`check_keep` verifies this; the planner (``kvcrush::plan_event``) checks every policy's
+answer the same way.
 
 The selection of every policy here runs in C++: ``kvcrush::select_keep``
 (cpp/include/kvcrush/policy.hpp), whose configuration the Python classes are
@@ -133,17 +134,11 @@ class EvictionPolicy(Protocol):
 
 
 def check_keep(keep: np.ndarray, inputs: EvictionInputs, num_keep: int, who: str) -> None:
-    """Raise AssertionError unless ``keep`` is a valid answer of policy ``who``."""
-    if keep.shape != inputs.scores.shape or keep.dtype != np.bool_:
-        raise AssertionError(f"{who}: keep must be bool {inputs.scores.shape}, got "
-                             f"{keep.dtype} {keep.shape}")
-    if (keep & ~inputs.valid).any():
-        raise AssertionError(f"{who}: keeps a padding entry")
-    total = int(keep.sum())
-    want = num_keep * inputs.lengths.size
-    if total != want:
-        raise AssertionError(f"{who}: kept {total} candidates, the budget is exactly {want} "
-                             f"({num_keep} per layer and head)")
+    """Raise ``_core.PlanError`` (an AssertionError) unless ``keep`` is a valid answer of policy
+    ``who``: bool of the inputs' shape, nothing kept in padding, exactly ``L * H * num_keep``
+    kept. The check the planner runs on every policy's answer (C++: ``kvcrush::check_keep``)."""
+    _core.check_keep(keep, np.ascontiguousarray(inputs.lengths, dtype=np.int64),
+                     int(inputs.scores.shape[2]), int(num_keep), who)
 
 
 def top_k_mask(values: np.ndarray, k: np.ndarray | int) -> np.ndarray:

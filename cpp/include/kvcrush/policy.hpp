@@ -30,7 +30,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -206,14 +208,26 @@ struct EventPlan {
   int64_t num_keep = 0;
 };
 
-/// plan_eviction in one call: the candidates (rows neither sinks nor recent, in position
-/// order, padded to [L, H, N]), ``for_budget(cfg, budget, num_keep, num_written)``, select_keep,
-/// then the kept rows back in row order. cfg: the policy as configured (its KVCrush share of the
-/// total budget); random_bits as in select_keep (R * L * D). Throws std::invalid_argument when
-/// the budget is below sinks + recent or above the cached tokens, std::logic_error when the
-/// heads disagree on sinks / recent window. Parallel over (layer, head).
-EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
-                     const uint8_t* random_bits);
+/// An eviction event that breaks the contract: the heads of a sequence disagree on its sinks /
+/// recent window, or a selection's keep mask is invalid (check_keep). Python: _core.PlanError,
+/// an AssertionError (and a RuntimeError).
+class PlanError : public std::logic_error {
+ public:
+  using std::logic_error::logic_error;
+};
+
+/// Throws PlanError unless keep (u8 [L, H, N]) is a valid answer of policy ``who`` for the
+/// candidates ``c`` and num_keep (kvcrush_ov.eviction.base.check_keep, in its words): never 1
+/// in padding (``<who>: keeps a padding entry``), exactly ``num_keep * L * H`` ones (``<who>:
+/// kept K candidates, the budget is exactly T (num_keep per layer and head)``).
+void check_keep(const Candidates& c, const uint8_t* keep, int64_t num_keep,
+                std::string_view who);
+
+/// A policy's selection for plan_event: writes keep u8 [L, H, N] (every entry; 1 on every
+/// candidate that stays) for the candidates ``c`` of one event and ``num_keep`` candidates per
+/// (layer, head) on average. It may throw; plan_event then throws the same. E.g. a policy of
+/// another language (the Python binding wraps a Python policy's ``select``) or a C++ one.
+using SelectFn = std::function<void(const Candidates& c, int64_t num_keep, uint8_t* keep)>;
 
 /// The buffers of plan_event kept by its caller from one event to the next (an evictor holds
 /// one): once they are large enough, an event allocates only select_keep's own temporaries
@@ -227,9 +241,27 @@ struct PlanWorkspace {
   EventPlan plan;
 };
 
-/// plan_event in ``ws`` (returns ws.plan, valid until the next call with ``ws``).
+/// One eviction event of one sequence, the one implementation of
+/// kvcrush_ov.eviction.planner.plan_eviction: the candidates (rows neither sinks nor recent,
+/// in position order, padded to [L, H, N]), the policy's selection ``select``, check_keep of
+/// its answer (errors naming ``who``), then the kept rows back in row order, in ``ws``
+/// (returns ws.plan, valid until the next call with ``ws``). Throws std::invalid_argument when
+/// the budget is below sinks + recent or above the cached tokens, PlanError when the heads
+/// disagree on sinks / recent window or the keep mask is invalid, and whatever ``select``
+/// throws. ``select`` runs once, on the calling thread; the rest is parallel over (layer, head).
+const EventPlan& plan_event(const SelectFn& select, std::string_view who,
+                            const SequenceRows& rows, const EventBudget& b, PlanWorkspace& ws);
+
+/// plan_event with the selection of ``cfg``, the policy as configured (its KVCrush share of
+/// the total budget): ``for_budget(cfg, budget, num_keep, num_written)`` then select_keep with
+/// random_bits as in select_keep (R * L * D); also throws std::invalid_argument for an invalid
+/// cfg or missing random bits. In ``ws`` as above.
 const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
                             const EventBudget& b, const uint8_t* random_bits, PlanWorkspace& ws);
+
+/// plan_event of ``cfg`` in fresh buffers.
+EventPlan plan_event(const PolicyConfig& cfg, const SequenceRows& rows, const EventBudget& b,
+                     const uint8_t* random_bits);
 
 // ---- the budget arithmetic the policies share (kvcrush_ov.eviction.base), exposed for tests
 
