@@ -6,6 +6,9 @@ counts) are checked after every step; no block may be held after the last reques
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
@@ -21,7 +24,9 @@ from kvcrush_ov import (
 )
 from kvcrush_ov.demo import build_prompt
 from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.eviction.base import EvictionInputs
 from kvcrush_ov.eviction.factory import make_policy, make_spec
+from kvcrush_ov.eviction.planner import runs_in_core
 from kvcrush_ov.eviction.spec import EvictionSpec
 
 GREEDY = GenerationConfig(max_new_tokens=24, ignore_eos=True)
@@ -252,6 +257,52 @@ def test_every_cache_precision_compacts(tiny_model, tiny_tok, precision):
         return
     out = run(make(), [ids_of(tiny_tok, 300)])
     assert len(out[0]) == GREEDY.max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepNewest:
+    """A user-written policy (kvcrush_ov.eviction.base's protocol, in Python only): the newest
+    candidates of every (layer, head)."""
+
+    name: ClassVar[str] = "keep-newest"
+    score_mode: ClassVar[str] = "none"
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        idx = np.arange(inputs.shape[2])
+        n = inputs.lengths[:, :, None]
+        return (idx >= n - num_keep) & (idx < n)
+
+
+def test_a_user_written_python_policy_runs_in_the_engine(tiny_model, tiny_tok):
+    """A Python policy through the engine (kvcrush::plan_event calls its select back): the
+    tokens, and the positions every eviction keeps, of the core's streaming policy, which
+    keeps the same candidates; the log names the Python policy."""
+    core = spec("streaming", 96, mode="continuous", evict_interval=8, log=True)
+    mine = dataclasses.replace(core, policy=KeepNewest())
+    assert runs_in_core(core.policy) and not runs_in_core(mine.policy)
+    prompts = [ids_of(tiny_tok, 300), ids_of(tiny_tok, 150, seed=1)]
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+
+    def generate(sp: EvictionSpec):
+        seen = {}
+        eng = build(tiny_model, sp)
+        out = run(eng, prompts, cfg, lambda eng, seqs: seen.setdefault("seqs", seqs))
+        logs = [s.extra["eviction_log"] for s in seen["seqs"]]
+        assert eng.evictor.stats.events == sum(len(log) for log in logs) >= 4
+        return out, logs
+
+    want, want_logs = generate(core)
+    got, got_logs = generate(mine)
+    assert got == want
+    for got_log, want_log in zip(got_logs, want_logs, strict=True):
+        assert len(got_log) == len(want_log) >= 2
+        for g, w in zip(got_log, want_log, strict=True):
+            assert g.policy == "keep-newest" and w.policy == "streaming"
+            assert (g.num_written, g.budget, g.num_sinks, g.num_recent) == \
+                (w.num_written, w.budget, w.num_sinks, w.num_recent)
+            assert all(np.array_equal(a, b) for ga, wa in zip(g.kept, w.kept, strict=True)
+                       for a, b in zip(ga, wa, strict=True))
 
 
 def test_eviction_log(tiny_model):

@@ -1,8 +1,13 @@
-"""The C++ eviction entry point (kvcrush/policy.hpp, ``kvcrush::select_keep``) called directly
-through the bindings, as a C++ pipeline calls it, against the Python policies' path (the
-planner's ``for_budget`` then ``select``); and its configuration errors naming the field."""
+"""The C++ eviction entry points (kvcrush/policy.hpp: ``kvcrush::select_keep``,
+``kvcrush::plan_event``) called directly through the bindings, as a C++ pipeline calls them,
+against the Python policies' path (the planner's ``for_budget`` then ``select``, called back from
+``kvcrush::plan_event``); the checks of a Python policy's keep mask; configuration errors naming
+the field."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -178,7 +183,8 @@ def test_bad_arguments_name_the_argument() -> None:
         _core.select_keep(cfg, scores, counts, positions, lengths, 0, 8)
 
 
-# --- one event from the cached rows: kvcrush::plan_event against the Python planner ---
+# --- one event from the cached rows: kvcrush::plan_event with the core's selection against
+# --- the same planner calling a Python policy's select back (plan_eviction, plan_event) ---
 
 def plan_in_cpp(positions: list[list[np.ndarray]], scores: SequenceScores | None, policy,
                 budget: int, start_size: int, recent_size: int, num_written: int,
@@ -275,12 +281,15 @@ def test_plan_event_errors() -> None:
     shifted = [[p + (h == 1) for h, p in enumerate(row)] for row in positions]
     with pytest.raises(RuntimeError, match="sinks / recent window differ"):
         plan_in_cpp(shifted, scores, policy, 300, 32, 128, 600, 16, rng)
+    with pytest.raises(AssertionError, match="^eviction: sinks / recent window differ"):
+        plan_eviction(shifted, scores, policy, 300, 32, 128, 600, 16, rng)  # as it always did
 
 
 def test_event_planner_reused_across_events_matches_the_python_planner() -> None:
     """One _core.EventPlanner (kvcrush::PlanWorkspace, buffers kept) over events of different
-    shapes, in and out of position order, through planner.plan_event (the evictor's path):
-    the rows of plan_eviction every time, and runs_in_core only for core policies."""
+    shapes, in and out of position order, through planner.plan_event (the evictor's path), the
+    core's selection and a Python policy's called back in turn: the rows of plan_eviction every
+    time, and runs_in_core only for core policies."""
     from kvcrush_ov.eviction.planner import plan_event, runs_in_core
 
     planner = _core.EventPlanner()
@@ -292,15 +301,185 @@ def test_event_planner_reused_across_events_matches_the_python_planner() -> None
             assert runs_in_core(policy)
             flat = [p for row in positions for p in row]
             offsets = np.concatenate([[0], np.cumsum([len(p) for p in flat])]).astype(np.int64)
-            got = plan_event(planner, np.concatenate(flat), offsets, heads, scores, policy, 300,
-                             32, 128, 600, 16, np.random.default_rng(seed))
             want = plan_eviction(positions, scores, policy, 300, 32, 128, 600, 16,
                                  np.random.default_rng(seed))
-            assert (got.num_sinks, got.num_recent, got.num_keep) == \
-                (want.num_sinks, want.num_recent, want.num_keep)
-            rows = got.keep_rows(heads)
-            for layer in range(layers):
-                for h in range(heads):
-                    assert np.array_equal(rows[layer][h], want.keep_rows[layer][h]), \
-                        (name, kind, layer, h)
+            for planned in (policy, Delegate(policy)):
+                got = plan_event(planner, np.concatenate(flat), offsets, heads, scores, planned,
+                                 300, 32, 128, 600, 16, np.random.default_rng(seed))
+                assert (got.num_sinks, got.num_recent, got.num_keep) == \
+                    (want.num_sinks, want.num_recent, want.num_keep)
+                rows = got.keep_rows(heads)
+                for layer in range(layers):
+                    for h in range(heads):
+                        assert np.array_equal(rows[layer][h], want.keep_rows[layer][h]), \
+                            (name, kind, layer, h)
     assert not runs_in_core(object())
+    assert not runs_in_core(Delegate(make_policy(CacheEvictionConfig())))
+
+
+@dataclass(frozen=True)
+class Delegate:
+    """A user-written policy (base.EvictionPolicy, not the core's): answers with ``inner``'s keep
+    mask, computed in Python's hands (a copy), after ``inner``'s for_budget where it has one."""
+
+    inner: object
+    name: ClassVar[str] = "delegate"
+    score_mode: ClassVar[str] = "window"
+
+    def for_budget(self, total: int, num_keep: int, num_written: int = 0) -> Delegate:
+        inner = self.inner
+        return Delegate(inner.for_budget(total, num_keep, num_written)
+                        if hasattr(inner, "for_budget") else inner)
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        return np.array(self.inner.select(inputs, num_keep, rng), dtype=bool, order="F")
+
+
+@pytest.mark.parametrize("kind", ["sorted", "holes", "ragged"])
+@pytest.mark.parametrize(("name", "factory"), PLANNED, ids=[n for n, _ in PLANNED])
+def test_a_python_policy_called_back_plans_as_the_core(name: str, factory, kind: str) -> None:
+    """The evictor's path for a Python policy (plan_event calling its select back) keeps the
+    rows of the core's selection when the Python policy answers the core's mask; the policy
+    saw the candidates plan_eviction reports."""
+    from kvcrush_ov.eviction.planner import plan_event, runs_in_core
+
+    positions, scores = cached_rows(4, kind)
+    policy = factory()
+    mine = Delegate(policy)
+    assert runs_in_core(policy) and not runs_in_core(mine)
+    acc = None if name == "streaming" else scores
+    flat = [p for row in positions for p in row]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in flat])]).astype(np.int64)
+    planner = _core.EventPlanner()
+    for budget in (160, 300, 472):  # 472: every candidate of the shortest head stays
+        args = (budget, 32, 128, 600, 16)
+        try:
+            core = plan_event(planner, np.concatenate(flat), offsets, 3, acc, policy, *args,
+                              np.random.default_rng(1))
+        except ValueError as e:  # the budget exceeds what a ragged head holds
+            with pytest.raises(ValueError, match=str(e)):
+                plan_event(planner, np.concatenate(flat), offsets, 3, acc, mine, *args,
+                           np.random.default_rng(1))
+            continue
+        called = plan_event(planner, np.concatenate(flat), offsets, 3, acc, mine, *args,
+                            np.random.default_rng(1))
+        assert np.array_equal(called.rows, core.rows)
+        assert np.array_equal(called.offsets, core.offsets)
+        assert (called.num_sinks, called.num_recent, called.num_keep) == \
+            (core.num_sinks, core.num_recent, core.num_keep)
+        decision = plan_eviction(positions, acc, mine, *args, np.random.default_rng(1))
+        assert decision.keep.dtype == np.bool_ and decision.positions.dtype == np.int64
+        for layer in range(4):
+            for h in range(3):
+                n = int((decision.positions[layer, h] >= 0).sum())
+                p = np.sort(positions[layer][h])[32:len(positions[layer][h]) - 128]
+                assert np.array_equal(decision.positions[layer, h, :n], p)
+                kept = np.sort(positions[layer][h][decision.keep_rows[layer][h]])
+                assert set(decision.positions[layer, h][decision.keep[layer, h]]) <= set(kept)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A user-written policy answering ``mask(inputs, num_keep)``."""
+
+    mask: object
+    name: ClassVar[str] = "mine"
+    score_mode: ClassVar[str] = "none"
+
+    def select(self, inputs: EvictionInputs, num_keep: int,
+               rng: np.random.Generator) -> np.ndarray:
+        return self.mask(inputs, num_keep)
+
+
+def newest(inputs: EvictionInputs, num_keep: int) -> np.ndarray:
+    """The ``num_keep`` newest candidates of every (layer, head)."""
+    idx = np.arange(inputs.shape[2])
+    n = inputs.lengths[:, :, None]
+    return (idx >= n - num_keep) & (idx < n)
+
+
+def padded(inputs: EvictionInputs, num_keep: int) -> np.ndarray:
+    """newest, but one padding entry instead of a candidate (the count stays right)."""
+    keep = newest(inputs, num_keep)
+    layer, h = np.unravel_index(np.argmin(inputs.lengths), inputs.lengths.shape)
+    n = int(inputs.lengths[layer, h])
+    keep[layer, h, n] = True
+    keep[layer, h, n - 1] = False
+    return keep
+
+
+class Broken(Exception):
+    pass
+
+
+def broken(inputs: EvictionInputs, num_keep: int) -> np.ndarray:
+    raise Broken("the policy failed")
+
+
+BAD_MASKS = [
+    ("dtype", lambda i, k: newest(i, k).astype(np.uint8),
+     r"mine: keep must be bool \(4, 3, \d+\), got uint8 \(4, 3, \d+\)$"),
+    ("shape", lambda i, k: newest(i, k)[:, :2],
+     r"mine: keep must be bool \(4, 3, (\d+)\), got bool \(4, 2, \1\)$"),
+    ("count", lambda i, k: newest(i, k + 1),
+     r"mine: kept \d+ candidates, the budget is exactly \d+ \(\d+ per layer and head\)$"),
+    ("count-short", lambda i, k: np.zeros(i.shape, bool),
+     r"mine: kept 0 candidates, the budget is exactly 1032 \(86 per layer and head\)$"),
+    ("padding", padded, r"mine: keeps a padding entry$"),
+]
+
+
+@pytest.mark.parametrize(("what", "mask", "message"), BAD_MASKS, ids=[b[0] for b in BAD_MASKS])
+def test_a_python_policys_bad_mask_is_named(what: str, mask, message: str) -> None:
+    """kvcrush::plan_event checks a Python policy's answer as base.check_keep does (the same
+    messages; _core.PlanError, an AssertionError), on both Python entry points, and
+    check_keep itself says the same."""
+    from kvcrush_ov.eviction.planner import plan_event
+
+    positions, scores = cached_rows(5, "ragged")
+    policy = Answers(mask)
+    flat = [p for row in positions for p in row]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in flat])]).astype(np.int64)
+    with pytest.raises(_core.PlanError, match=message) as raised:
+        plan_eviction(positions, scores, policy, 246, 32, 128, 600, 16, np.random.default_rng(0))
+    assert isinstance(raised.value, AssertionError)
+    with pytest.raises(AssertionError, match=message):
+        plan_event(_core.EventPlanner(), np.concatenate(flat), offsets, 3, scores, policy, 246,
+                   32, 128, 600, 16, np.random.default_rng(0))
+    inputs = EvictionInputs.from_lists([[np.zeros(len(p) - 160, np.float32) for p in row]
+                                        for row in positions],
+                                       [[np.sort(p)[32:-128] for p in row] for row in positions])
+    with pytest.raises(AssertionError, match=message):
+        check_keep(mask(inputs, 86), inputs, 86, "mine")
+    check_keep(newest(inputs, 86), inputs, 86, "mine")
+
+
+def test_errors_of_a_python_policy_pass_through_and_the_planner_is_reusable() -> None:
+    """What a policy's select raises reaches the caller unchanged (through C++ and back); the
+    planner then plans the next event as usual; a policy without a name is named by its
+    class."""
+    from kvcrush_ov.eviction.planner import plan_event
+
+    positions, scores = cached_rows(6, "holes")
+    flat = [p for row in positions for p in row]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in flat])]).astype(np.int64)
+    planner = _core.EventPlanner()
+    args = (np.concatenate(flat), offsets, 3, scores)
+    with pytest.raises(Broken, match="the policy failed"):
+        plan_event(planner, *args, Answers(broken), 300, 32, 128, 600, 16,
+                   np.random.default_rng(0))
+
+    class Unnamed:
+        score_mode = "none"
+
+        def select(self, inputs, num_keep, rng):
+            return newest(inputs, num_keep).view(np.int8)
+
+    with pytest.raises(AssertionError, match="^Unnamed: keep must be bool"):
+        plan_event(planner, *args, Unnamed(), 300, 32, 128, 600, 16, np.random.default_rng(0))
+    got = plan_event(planner, *args, Answers(newest), 300, 32, 128, 600, 16,
+                     np.random.default_rng(0))
+    streaming = make_policy(CacheEvictionConfig(importance="streaming", kvcrush=None))
+    want = plan_event(planner, *args, streaming, 300, 32, 128, 600, 16, np.random.default_rng(0))
+    assert np.array_equal(got.rows, want.rows) and np.array_equal(got.offsets, want.offsets)
