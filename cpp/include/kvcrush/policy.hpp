@@ -22,6 +22,18 @@
 //   const kvcrush::EventPlan plan = kvcrush::plan_event(cfg, rows, b, random.data());
 //   // keep rows plan.keep_rows[plan.keep_offsets[l * H + h] .. plan.keep_offsets[l * H + h + 1])
 //
+// or with a selection of the caller's (any policy; the Python binding passes a Python
+// policy's select this way), in buffers kept from one event to the next:
+//
+//   kvcrush::PlanWorkspace ws;
+//   const kvcrush::SelectFn newest = [](const kvcrush::Candidates& c, int64_t num_keep,
+//                                       uint8_t* keep) {  // keep: u8 [L, H, N]
+//     for (int64_t r = 0; r < c.num_layers * c.num_heads; ++r)
+//       for (int64_t j = 0; j < c.n; ++j)
+//         keep[r * c.n + j] = j < c.lengths[r] && j >= c.lengths[r] - num_keep;
+//   };
+//   const kvcrush::EventPlan& mine = kvcrush::plan_event(newest, "newest", rows, b, ws);
+//
 // or, on candidates already gathered as Python's EvictionInputs:
 //
 //   kvcrush::Candidates c{scores, counts, positions, lengths, L, H, N, block_size};
