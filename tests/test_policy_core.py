@@ -483,3 +483,36 @@ def test_errors_of_a_python_policy_pass_through_and_the_planner_is_reusable() ->
     streaming = make_policy(CacheEvictionConfig(importance="streaming", kvcrush=None))
     want = plan_event(planner, *args, streaming, 300, 32, 128, 600, 16, np.random.default_rng(0))
     assert np.array_equal(got.rows, want.rows) and np.array_equal(got.offsets, want.offsets)
+
+
+def test_inputs_a_policy_or_a_decision_keeps_are_never_overwritten() -> None:
+    """The planner writes the next event's candidates into the arrays a Python policy received
+    only when nothing holds them any more: inputs a policy keeps, and a decision's positions /
+    keep, stay as they were after later events (plan_event and plan_eviction)."""
+    from kvcrush_ov.eviction.planner import plan_event
+
+    kept: list[tuple[EvictionInputs, np.ndarray]] = []
+
+    def remember(inputs: EvictionInputs, num_keep: int) -> np.ndarray:
+        keep = newest(inputs, num_keep)
+        kept.append((inputs, inputs.positions.copy()))
+        return keep
+
+    planner = _core.EventPlanner()
+    decisions = []
+    for seed, kind in enumerate(["sorted", "holes", "ragged", "sorted", "sorted"]):
+        positions, scores = cached_rows(seed, kind)
+        flat = [p for row in positions for p in row]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in flat])]).astype(np.int64)
+        plan_event(planner, np.concatenate(flat), offsets, 3, scores, Answers(remember), 300,
+                   32, 128, 600, 16, np.random.default_rng(0))
+        plan_event(planner, np.concatenate(flat), offsets, 3, scores, Answers(newest), 300,
+                   32, 128, 600, 16, np.random.default_rng(0))  # arrays nobody keeps: reused
+        d = plan_eviction(positions, scores, Answers(newest), 300 - seed, 32, 128, 600, 16,
+                          np.random.default_rng(0))
+        decisions.append((d, d.positions.copy(), d.keep.copy()))
+    assert len({id(inputs.positions) for inputs, _ in kept}) == len(kept)
+    for inputs, positions in kept:
+        assert np.array_equal(inputs.positions, positions)
+    for d, positions, keep in decisions:
+        assert np.array_equal(d.positions, positions) and np.array_equal(d.keep, keep)

@@ -384,30 +384,55 @@ void copy_keep(nb::handle keep, int64_t num_layers, int64_t num_heads, int64_t n
   std::copy_n(bytes(mask.data()), num_layers * num_heads * n, out);
 }
 
+/// _core.EventPlanner: plan_event's buffers, kept from one event to the next, and the numpy
+/// arrays a Python policy's select received at the last event (EvictionInputs' scores, counts,
+/// positions, lengths), written again at the next one when nothing else holds them any more and
+/// the shape is the same (no fresh pages per event; a policy or caller that keeps them gets
+/// new ones next time).
+struct EventPlanner {
+  kvcrush::PlanWorkspace ws;
+  std::array<nb::object, 4> inputs;
+};
+
+/// ``cached`` if only it holds that array, of ``shape``; else a new array (stored in cached).
+/// With the GIL.
+template <class T, size_t R>
+T* reusable(nb::object& cached, const std::array<size_t, R>& shape) {
+  if (cached.is_valid() && Py_REFCNT(cached.ptr()) == 1) {
+    auto a = nb::cast<nb::ndarray<T, nb::ndim<R>, nb::c_contig, nb::device::cpu>>(cached);
+    bool same = true;
+    for (size_t i = 0; i < R; ++i) same = same && a.shape(i) == shape[i];
+    if (same) return a.data();
+  }
+  auto fresh = new_array<T, R>(shape);
+  T* data = fresh.data();
+  cached = nb::cast(fresh);
+  return data;
+}
+
 /// kvcrush::SelectFn of a Python callable ``select(scores, counts, positions, lengths,
-/// block_size, num_keep) -> keep`` (the candidates as new numpy arrays, EvictionInputs'
-/// fields; keep: bool [L, H, N]). It takes the GIL for the call; ``select`` and ``who`` must
-/// outlive the SelectFn.
-kvcrush::SelectFn python_select(nb::handle select, const std::string& who) {
-  return [select, &who](const kvcrush::Candidates& c, int64_t num_keep, uint8_t* keep) {
+/// block_size, num_keep) -> keep`` (the candidates as numpy arrays, EvictionInputs' fields;
+/// keep: bool [L, H, N]). It takes the GIL for the call; ``select``, ``who`` and ``planner``
+/// must outlive the SelectFn.
+kvcrush::SelectFn python_select(nb::handle select, const std::string& who,
+                                EventPlanner& planner) {
+  return [select, &who, &planner](const kvcrush::Candidates& c, int64_t num_keep,
+                                  uint8_t* keep) {
     nb::gil_scoped_acquire locked;
     const auto layers = static_cast<size_t>(c.num_layers);
     const auto heads = static_cast<size_t>(c.num_heads), n = static_cast<size_t>(c.n);
     const size_t size = layers * heads * n;
-    auto scores = new_array<float, 3>({layers, heads, n});
-    auto counts = new_array<float, 3>({layers, heads, n});
-    auto positions = new_array<int64_t, 3>({layers, heads, n});
-    auto lengths = new_array<int64_t, 2>({layers, heads});
-    std::copy_n(c.scores, size, scores.data());
-    std::copy_n(c.counts, size, counts.data());
-    std::copy_n(c.positions, size, positions.data());
-    std::copy_n(c.lengths, layers * heads, lengths.data());
-    const nb::object got = select(scores, counts, positions, lengths, c.block_size, num_keep);
+    auto& in = planner.inputs;
+    std::copy_n(c.scores, size, reusable<float, 3>(in[0], {layers, heads, n}));
+    std::copy_n(c.counts, size, reusable<float, 3>(in[1], {layers, heads, n}));
+    std::copy_n(c.positions, size, reusable<int64_t, 3>(in[2], {layers, heads, n}));
+    std::copy_n(c.lengths, layers * heads, reusable<int64_t, 2>(in[3], {layers, heads}));
+    const nb::object got = select(in[0], in[1], in[2], in[3], c.block_size, num_keep);
     copy_keep(got, c.num_layers, c.num_heads, c.n, who, keep);
   };
 }
 
-PlanResult plan_with(kvcrush::PlanWorkspace& ws, nb::callable select, const std::string& who,
+PlanResult plan_with(EventPlanner& planner, nb::callable select, const std::string& who,
                      In<int64_t, 1> positions, std::optional<In<float, 1>> scores,
                      In<int64_t, 1> offsets, In<int64_t, 1> query_positions,
                      int64_t num_layers, int64_t num_heads, int64_t budget, int64_t start_size,
@@ -415,12 +440,23 @@ PlanResult plan_with(kvcrush::PlanWorkspace& ws, nb::callable select, const std:
   const kvcrush::SequenceRows rows =
       sequence_rows(positions, scores, offsets, query_positions, num_layers, num_heads);
   const kvcrush::EventBudget b{budget, start_size, recent_size, num_written, block_size};
-  const kvcrush::SelectFn fn = python_select(select, who);
+  const kvcrush::SelectFn fn = python_select(select, who, planner);
   {
     nb::gil_scoped_release unlocked;  // python_select takes it back for the policy's call
-    kvcrush::plan_event(fn, who, rows, b, ws);
+    kvcrush::plan_event(fn, who, rows, b, planner.ws);
   }
-  return plan_result(ws.plan);
+  return plan_result(planner.ws.plan);
+}
+
+PlanResult plan_in(EventPlanner& planner, const kvcrush::PolicyConfig& cfg,
+                   In<int64_t, 1> positions, std::optional<In<float, 1>> scores,
+                   In<int64_t, 1> offsets, In<int64_t, 1> query_positions, int64_t num_layers,
+                   int64_t num_heads, int64_t budget, int64_t start_size, int64_t recent_size,
+                   int64_t num_written, int64_t block_size,
+                   std::optional<In<bool, 3>> random_bits) {
+  return plan_event_in(planner.ws, cfg, positions, scores, offsets, query_positions,
+                       num_layers, num_heads, budget, start_size, recent_size, num_written,
+                       block_size, random_bits);
 }
 
 void check_keep(nb::handle keep, In<int64_t, 2> lengths, int64_t n, int64_t num_keep,
@@ -1102,11 +1138,11 @@ NB_MODULE(_core, m) {
         nb::arg("random_bits").none() = nb::none(),
         "(keep_rows, keep_offsets, num_sinks, num_recent, num_keep): one eviction event "
         "from the cached rows (kvcrush::plan_event).");
-  nb::class_<kvcrush::PlanWorkspace>(m, "EventPlanner",
-                                     "plan_event with buffers kept from one event to the next "
-                                     "(kvcrush::PlanWorkspace).")
+  nb::class_<EventPlanner>(m, "EventPlanner",
+                          "plan_event with buffers kept from one event to the next "
+                          "(kvcrush::PlanWorkspace, and the arrays a Python policy received).")
       .def(nb::init<>())
-      .def("plan", &plan_event_in, nb::arg("cfg"), nb::arg("positions"),
+      .def("plan", &plan_in, nb::arg("cfg"), nb::arg("positions"),
            nb::arg("scores").none(), nb::arg("offsets"), nb::arg("query_positions"),
            nb::arg("num_layers"), nb::arg("num_heads"), nb::arg("budget"),
            nb::arg("start_size"), nb::arg("recent_size"), nb::arg("num_written"),

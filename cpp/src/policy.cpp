@@ -820,6 +820,9 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
   counts.assign(size, 0.0f);
   positions.assign(size, -1);
   const auto queries = static_cast<float>(rows.num_queries);
+  // no scored query: every count is 0 (= queries); else rows up to the first one count them all
+  const int64_t first_query = rows.num_queries > 0 ? rows.query_positions[0]
+                                                   : std::numeric_limits<int64_t>::max();
   parallel_for(num_rows, n * 4, [&](int64_t r) {
     const int64_t* p = rows.positions + off[r];
     for (int64_t j = 0; j < lengths[r]; ++j) {
@@ -830,6 +833,10 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
         continue;
       }
       scores[r * n + j] = rows.scores[off[r] + row];
+      if (p[row] <= first_query) {  // seen by every scored query (most rows)
+        counts[r * n + j] = queries;
+        continue;
+      }
       const int64_t seen = rows.num_queries - (std::lower_bound(rows.query_positions,
                                                                 rows.query_positions +
                                                                     rows.num_queries,

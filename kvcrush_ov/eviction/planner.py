@@ -16,6 +16,7 @@ head) lists, for user-written policies, tests and kvcrush_ov.less.train).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from kvcrush_ov import _core
 from kvcrush_ov.eviction.base import CorePolicy, EvictionInputs, EvictionPolicy
 from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.scores import SequenceScores
+
+_PLANNERS = threading.local()  # plan_eviction's _core.EventPlanner, one per thread
 
 
 @dataclass
@@ -64,9 +67,15 @@ def plan_eviction(positions: list[list[np.ndarray]], scores: SequenceScores | No
     offsets = np.zeros(len(flat) + 1, np.int64)
     np.cumsum([len(p) for p in flat], out=offsets[1:])
     seen: dict = {}
-    rows = _plan_with_select(_core.EventPlanner(), np.concatenate(flat), offsets, heads, scores,
-                             policy, budget, start_size, recent_size, num_written, block_size,
-                             rng, seen)
+    # this thread's planner (its buffers kept between calls; a fresh one if a policy's select
+    # plans an event itself)
+    planner = _PLANNERS.__dict__.pop("planner", None) or _core.EventPlanner()
+    try:
+        rows = _plan_with_select(planner, np.concatenate(flat), offsets, heads, scores, policy,
+                                 budget, start_size, recent_size, num_written, block_size, rng,
+                                 seen)
+    finally:
+        _PLANNERS.planner = planner
     return EvictionDecision(rows.keep_rows(heads), rows.num_sinks, rows.num_recent,
                             rows.num_keep, seen.get("keep"), seen.get("positions"))
 
