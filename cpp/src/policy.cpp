@@ -781,9 +781,14 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
       std::stable_sort(o.begin(), o.end(), [p](int64_t x, int64_t y) { return p[x] < p[y]; });
     }
     int64_t lo = 0, hi = 0;  // searchsorted(left) of start_size and of the recent window
-    for (int64_t i = 0; i < n; ++i) {
-      lo += p[i] < b.start_size;
-      hi += p[i] < recent_from;
+    if (sorted) {
+      lo = std::lower_bound(p, p + n, b.start_size) - p;
+      hi = std::lower_bound(p, p + n, recent_from) - p;
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        lo += p[i] < b.start_size;
+        hi += p[i] < recent_from;
+      }
     }
     sinks[r] = lo;
     recent[r] = n - hi;
@@ -816,9 +821,9 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
   auto& scores = ws.scores;
   auto& counts = ws.counts;
   auto& positions = ws.positions;
-  scores.assign(size, 0.0f);
-  counts.assign(size, 0.0f);
-  positions.assign(size, -1);
+  scores.resize(size);  // every entry is written below: the candidates, then the padding
+  counts.resize(size);
+  positions.resize(size);
   const auto queries = static_cast<float>(rows.num_queries);
   // no scored query: every count is 0 (= queries); else rows up to the first one count them all
   const int64_t first_query = rows.num_queries > 0 ? rows.query_positions[0]
@@ -829,6 +834,7 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
       const int64_t row = row_at(r, plan.num_sinks + j);
       positions[r * n + j] = p[row];
       if (rows.scores == nullptr) {
+        scores[r * n + j] = 0.0f;
         counts[r * n + j] = 1.0f;
         continue;
       }
@@ -844,6 +850,9 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
                                                rows.query_positions);
       counts[r * n + j] = seen == rows.num_queries ? queries : static_cast<float>(seen);
     }
+    std::fill(scores.begin() + r * n + lengths[r], scores.begin() + (r + 1) * n, 0.0f);
+    std::fill(counts.begin() + r * n + lengths[r], counts.begin() + (r + 1) * n, 0.0f);
+    std::fill(positions.begin() + r * n + lengths[r], positions.begin() + (r + 1) * n, -1);
   });
   const Candidates c{scores.data(), counts.data(), positions.data(), lengths.data(),
                      rows.num_layers, rows.num_heads, n, b.block_size};
