@@ -280,9 +280,10 @@ class CacheEvictionConfig:
         None. Native backend, importance snapkv / pyramidkv / adakv.
     prefill_eviction: also evict while the prompt is read: after every prompt chunk that leaves
         the sequence above its budget, using what the policy knows so far (each chunk's last
-        ``snapkv_window_size`` queries for the snapkv family, every query for h2o). A request
-        then holds at most about budget + one chunk, so a prompt longer than the whole cache can
-        run. Native backend; not with ``importance="upstream"`` or ``fastkv``.
+        ``snapkv_window_size`` queries for the snapkv family, every query for h2o; kvzip
+        replays each chunk and ranks by that). A request then holds at most about budget + one
+        chunk (kvzip: + the chunk's replay), so a prompt longer than the whole cache can run.
+        Native backend; not with ``importance="upstream"`` or ``fastkv``.
     less: LESS on top of the eviction (:class:`LESSConfig`), or None. Native backend; not with
         ``importance="upstream"`` or ``fastkv``.
     """
@@ -362,10 +363,6 @@ class CacheEvictionConfig:
                 raise ConfigError("eviction.prefill_eviction", True,
                                   "False with fastkv (FastKV's split prefill chooses the deeper "
                                   "layers' tokens itself)")
-            if self.importance == "kvzip":
-                raise ConfigError("eviction.prefill_eviction", True,
-                                  "False with importance='kvzip' (its replay needs the whole "
-                                  "prompt in the cache)")
         if self.less is not None:
             if not isinstance(self.less, LESSConfig):
                 raise ConfigError("eviction.less", self.less, "a LESSConfig or None")

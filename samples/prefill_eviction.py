@@ -1,5 +1,6 @@
 """A prompt longer than the whole KV cache, answered with eviction during prefill:
-python samples/prefill_eviction.py [--model NAME] [--tokens 16384] [--cache-tokens 4096]."""
+python samples/prefill_eviction.py [--model NAME] [--tokens 16384] [--cache-tokens 4096]
+[--importance kvzip] (kvzip: each chunk is replayed and ranked by that, without the question)."""
 
 import argparse
 
@@ -12,6 +13,7 @@ parser.add_argument("--model", default="Qwen2.5-Coder-0.5B-Instruct", help="name
 parser.add_argument("--tokens", type=int, default=16384, help="about this many prompt tokens")
 parser.add_argument("--cache-tokens", type=int, default=4096, help="the whole KV cache")
 parser.add_argument("--budget", type=int, default=2048, help="tokens a request keeps")
+parser.add_argument("--importance", default="snapkv", choices=["snapkv", "h2o", "kvzip"])
 args = parser.parse_args()
 
 # a long document (about 4 characters a token) with one fact in the middle, then the question
@@ -22,7 +24,8 @@ prompt = f"{doc[:middle]}{DETAIL}{doc[middle:]}\n\nQuestion: {QUESTION} Answer b
 pipe = kv.Pipeline(
     args.model,
     kv_cache=kv.KVCacheConfig(num_kv_blocks=args.cache_tokens // 32),  # 32-token blocks on CPU
-    eviction=kv.CacheEvictionConfig(max_cache_size=args.budget, prefill_eviction=True),
+    eviction=kv.CacheEvictionConfig(max_cache_size=args.budget, prefill_eviction=True,
+                                    importance=args.importance),
 )
 out = pipe.generate(prompt, max_new_tokens=24)
 m = out.metrics[0]

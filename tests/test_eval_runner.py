@@ -65,13 +65,14 @@ def test_fastkv_columns_fork_from_their_own_split_parent(tiny_model, tmp_path):
 def test_prefill_eviction_columns_run_their_own_prefill(tiny_model, tmp_path):
     said: list[str] = []
     run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1,
-             methods=["snapkv+kvcrush-prefill"], budgets=[0.25], max_seq_length=1024,
-             max_num_batched_tokens=128, say=said.append)
+             methods=["snapkv+kvcrush-prefill", "kvzip-prefill"], budgets=[0.25],
+             max_seq_length=1024, max_num_batched_tokens=128, say=said.append)
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert {(r["method"], r["budget"]) for r in recs} == {(FULL, None),
-                                                          ("snapkv+kvcrush-prefill", 0.25)}
+    assert {(r["method"], r["budget"]) for r in recs} == {
+        (FULL, None), ("snapkv+kvcrush-prefill", 0.25), ("kvzip-prefill", 0.25)}
     fid = [json.loads(x) for x in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in fid] == ["snapkv+kvcrush-prefill"] and fid[0]["kl"] >= -1e-6
+    assert sorted(r["method"] for r in fid) == ["kvzip-prefill", "snapkv+kvcrush-prefill"]
+    assert all(r["kl"] >= -1e-6 for r in fid)
 
 
 def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_model, tmp_path):
@@ -79,12 +80,13 @@ def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_mode
     each compress the context before the question; the folder records its protocol and a
     query-aware run into it is refused by name. GenAI columns are refused by name."""
     run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1,
-             methods=["snapkv", "h2o", "kvzip+kvcrush", "snapkv+kvcrush-prefill"],
+             methods=["snapkv", "h2o", "kvzip+kvcrush", "snapkv+kvcrush-prefill",
+                      "kvzip-prefill"],
              budgets=[0.25], max_seq_length=1024, max_num_batched_tokens=128,
              protocol="query-agnostic", say=lambda _: None)
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in recs} == {FULL, "snapkv", "h2o", "kvzip+kvcrush",
-                                            "snapkv+kvcrush-prefill"}
+                                            "snapkv+kvcrush-prefill", "kvzip-prefill"}
     assert json.loads((tmp_path / "run.json").read_text())["protocol"] == "query-agnostic"
     assert not (tmp_path / "fidelity.jsonl").exists()
     with pytest.raises(ConfigError, match="out=.*query-agnostic results"):
@@ -412,6 +414,7 @@ def test_tuning_candidates_run_only_when_named():
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
                   "fastkv-max7", "fastkv+kvcrush-split7", "kvzip-head", "kvzip-ada",
+                  "kvzip-prefill",
                   "snapkv+less", "snapkv+kvcrush+less", "default+less"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"

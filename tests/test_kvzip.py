@@ -136,11 +136,113 @@ def test_kvzip_allocations_keep_the_total_budget():
     assert per_model[2].sum() > 20 and (per_model.sum(axis=2) >= 2).all()  # the 0.2 floor
 
 
-def test_kvzip_with_prefill_eviction_is_refused_by_name():
-    with pytest.raises(ConfigError, match="prefill_eviction.*kvzip"):
-        CacheEvictionConfig(importance="kvzip", prefill_eviction=True)
+def test_kvzip_with_fastkv_is_refused_by_name():
     with pytest.raises(ConfigError, match="eviction.importance"):
         CacheEvictionConfig(importance="kvzip", fastkv=FastKVConfig())
+
+
+def _run_all(eng, seqs, on_step=None) -> None:
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_invariants()
+        if on_step is not None:
+            on_step()
+    assert all(s.sampler.num_generated == GREEDY.max_new_tokens for s in seqs)
+
+
+def test_prefill_eviction_replays_each_part_and_holds_budget_plus_a_part_and_its_replay(
+        tiny_model):
+    """kvzip + prefill_eviction: parts of one scheduler step (64) are read, replayed (the
+    repeat prompt and the part, scored), forgotten, then the cache is evicted to the budget;
+    the request never holds more than budget + a part + the part's replay."""
+    prompt = _ids(300, 11)
+    eng = _engine(tiny_model, _kvzip(prefill_eviction=True))
+    seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    assert seq.prompt_ids == prompt[:64]  # the first part
+    before, peak = eng.stats.tokens, []
+    _run_all(eng, [seq], lambda: peak.append(float(eng.kv.tables[seq.seq_id].lens.mean())
+                                             if seq.seq_id in eng.kv.tables else 0))
+    # 5 parts (64 x 4 + 44), each replayed after the repeat prompt; the last token; decode
+    assert eng.stats.tokens - before == 300 + 5 * 4 + 300 + 1 + 5
+    assert seq.extra["evictions"] == 4  # after parts 2, 3, 4 (above 75 tokens) and the end
+    assert seq.prompt_ids == prompt and seq.output_ids
+    assert max(peak) <= 75 + 64 + 4 + 64 < 300  # budget, a part, its replay (per layer, head)
+    whole = _engine(tiny_model, _kvzip())
+    other = whole.add_request(prompt, GREEDY, set(), lambda x: "")
+    peak_whole = []
+    _run_all(whole, [other], lambda: peak_whole.append(
+        float(whole.kv.tables[other.seq_id].lens.mean()) if other.seq_id in whole.kv.tables
+        else 0))
+    assert max(peak_whole) > 500  # most of the prompt and its whole replay
+
+
+def test_one_part_is_the_whole_replay(tiny_model):
+    """A prompt within one scheduler step: the part-wise replay is KVzip's whole replay (the
+    same kept positions and tokens)."""
+    prompt = _ids(60, 12)
+    got = []
+    for pe in (False, True):
+        eng = _engine(tiny_model, _kvzip(0.5, prefill_eviction=pe))
+        seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+        kept = []
+
+        def grab(eng=eng, seq=seq, kept=kept):
+            if not kept and seq.extra.get("evictions"):
+                kept.append(_kept(eng, seq))
+        _run_all(eng, [seq], grab)
+        got.append((list(seq.output_ids), kept[0]))
+    (out_a, kept_a), (out_b, kept_b) = got
+    assert out_a == out_b
+    assert all(np.array_equal(a, b) for ra, rb in zip(kept_a, kept_b, strict=True)
+               for a, b in zip(ra, rb, strict=True))
+
+
+def test_a_preempted_part_wise_replay_starts_again_and_gives_the_same_tokens(tiny_model):
+    prompt = _ids(200, 13)
+    eng = _engine(tiny_model, _kvzip(prefill_eviction=True))
+    want = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    _run_all(eng, [want])
+    seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    for _ in range(8):  # into the second part's replay
+        eng.step()
+    state = seq.extra["replay"]
+    assert state.start == 64 and not state.done
+    eng.scheduler._preempt(seq)  # what the scheduler does when memory runs out
+    eng.replay.restart(seq)  # what the engine's step does for every preempted sequence
+    assert seq.prompt_ids == prompt[:64] and seq.extra["replay"].start == 0
+    _run_all(eng, [seq])
+    assert list(seq.output_ids) == list(want.output_ids)
+
+
+def test_a_queued_part_wise_request_given_another_spec_gets_its_prompt_back(tiny_model):
+    prompt = _ids(200, 14)
+    eng = _engine(tiny_model, _kvzip(prefill_eviction=True))
+    seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    assert len(seq.prompt_ids) == 64
+    eng.set_spec(seq, make_spec(CacheEvictionConfig(max_cache_size=0.25, kvcrush=None)))
+    assert seq.prompt_ids == prompt and "replay" not in seq.extra
+    _run_all(eng, [seq])
+    assert seq.extra["evictions"] >= 1
+
+
+def test_pipeline_kvzip_prompt_longer_than_the_cache(tiny_model):
+    """A prompt longer than the whole cache (16 blocks): refused by name without prefill
+    eviction (the prompt and its replay must fit), answered with it."""
+    cfg = dict(max_cache_size=48, importance="kvzip", kvcrush=None, start_size=8,
+               recent_size=16)
+    kv = KVCacheConfig(precision="f32", num_kv_blocks=16)
+    sched = SchedulerConfig(max_num_batched_tokens=64)
+    text = " ".join(f"w{i}" for i in range(400))
+    g = GenerationConfig(max_new_tokens=4, ignore_eos=True, apply_chat_template=False)
+    with pytest.raises(ConfigError, match="prompt"):
+        Pipeline(tiny_model, kv_cache=kv, scheduler=sched,
+                 eviction=CacheEvictionConfig(**cfg)).generate(text, g)
+    pipe = Pipeline(tiny_model, kv_cache=kv, scheduler=sched,
+                    eviction=CacheEvictionConfig(**cfg, prefill_eviction=True))
+    out = pipe.generate(text, g)
+    m = out.metrics[0]
+    assert m.num_input_tokens > 16 * pipe.backend.engine.block_size
+    assert m.num_generated_tokens == 4 and m.num_evictions >= 2
 
 
 def test_kvzip_selection_options():

@@ -110,7 +110,8 @@ class LLMEngine:
         self.replay: ContextReplay | None = None  # KVzip (engine/replay.py)
         if eviction is not None and replay_prompt:
             self.replay = ContextReplay(replay_prompt, context_length, self.runner.num_layers,
-                                        self.runner.num_kv_heads)
+                                        self.runner.num_kv_heads,
+                                        scheduler.max_num_batched_tokens)
         self.fastkv: TokenPropagation | None = None
         if eviction is not None and eviction.fastkv is not None:
             self.fastkv = TokenPropagation(self.runner, self.kv,
@@ -137,7 +138,7 @@ class LLMEngine:
         spec = self.evictor.spec if self.evictor else None
         hold = self._prefill_hold(spec, len(prompt_ids), config.max_new_tokens)
         if replays(spec):
-            hold = self._replay_hold(len(prompt_ids), config.max_new_tokens)
+            hold = self._replay_hold(spec, len(prompt_ids), config.max_new_tokens)
         check_request_size("prompt", len(prompt_ids), config.max_new_tokens,
                            self.context_length, self.num_blocks * self.block_size,
                            self.scheduler_config, hold)
@@ -147,6 +148,9 @@ class LLMEngine:
         seq.extra["keep_cache"] = keep_cache
         if self.fastkv is not None:
             self.fastkv.plan(seq, self.evictor.spec_of(seq))
+        if replays(spec):  # its budget from the whole prompt, then maybe read in parts
+            self.evictor.set_spec(seq, spec)
+            self.replay.begin(seq, spec)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -282,10 +286,14 @@ class LLMEngine:
         self.sequences[child.seq_id] = child
         return child
 
-    def _replay_hold(self, prompt: int, max_new: int) -> int:
-        """Tokens a KVzip request holds at most (its replay, then budget + answer)."""
+    def _replay_hold(self, spec: EvictionSpec, prompt: int, max_new: int) -> int:
+        """Tokens a KVzip request holds at most: its replay, then budget + answer; with
+        prefill eviction the budget, a part of the prompt and that part's replay, or the
+        budget and decode growth (engine/replay.py)."""
         if self.replay is None:
             raise ValueError("importance 'kvzip' needs an engine built with replay_prompt")
+        if spec.prefill_eviction:
+            return self._prefill_hold(spec, prompt, max_new) + self.replay.part_replay_len
         return max(self.replay.max_held(prompt), prompt + max_new)
 
     def _prefill_hold(self, spec: EvictionSpec | None, prompt: int, max_new: int) -> int | None:
@@ -299,11 +307,17 @@ class LLMEngine:
         """Give a queued ``seq`` its own policy and budget (and FastKV split, or none)."""
         if self.evictor is None:
             raise ValueError("set_spec needs an engine built with eviction")
+        max_new = seq.sampler._config.max_new_tokens
+        if self.replay is not None:
+            self.replay.undo_begin(seq)
         if replays(spec):
-            self._replay_hold(len(seq.prompt_ids), 0)  # an engine that can replay
+            self._replay_hold(spec, len(seq.prompt_ids), 0)  # an engine that can replay
         self.evictor.set_spec(seq, spec)
-        seq.max_prompt_hold = self._prefill_hold(spec, len(seq.prompt_ids),
-                                                 seq.sampler._config.max_new_tokens)
+        seq.max_prompt_hold = (self._replay_hold(spec, len(seq.prompt_ids), max_new)
+                               if replays(spec) and spec.prefill_eviction
+                               else self._prefill_hold(spec, len(seq.prompt_ids), max_new))
+        if self.replay is not None:
+            self.replay.begin(seq, spec)
         if self.fastkv is not None:
             self.fastkv.plan(seq, spec)
 
@@ -331,6 +345,9 @@ class LLMEngine:
 
     def _step(self) -> StepOutput:
         out = self.scheduler.schedule()
+        if self.replay is not None:
+            for seq in out.preempted:  # a part-wise replay reads its prompt again
+                self.replay.restart(seq)
         if out.copies:
             if self.evictor is None:
                 self.runner.copy_blocks(out.copies)
@@ -349,13 +366,15 @@ class LLMEngine:
             for c in out.chunks:  # what each sequence holds now (after its eviction)
                 c.seq.extra["kv_bytes"] = self._held_bytes(c.seq)
             sampling = [c.seq for c in out.chunks if c.sample]
+            if self.replay is not None:  # a KVzip phase ended: no token sampled, no logits
+                rows = [i for i, seq in enumerate(sampling) if not self.replay.intercept(
+                    seq, self.evictor.spec_of(seq), self._truncate, self.evictor.evict)]
+                if len(rows) < len(sampling):
+                    sampling, logits = [sampling[i] for i in rows], logits[rows]
             tokens = sample_batch([s.sampler for s in sampling], logits)
             tokens = self._teacher_force(sampling, tokens, logits)
             now = time.perf_counter()
             for seq, tok in zip(sampling, tokens, strict=True):
-                if self.replay is not None and self.replay.intercept(
-                        seq, self.evictor.spec_of(seq), self._truncate):
-                    continue  # a KVzip phase ended: no token sampled
                 reason = seq.sampler.append(int(tok))
                 new[seq.seq_id] = int(tok)
                 if not seq.first_token_time:

@@ -161,8 +161,8 @@ class Evictor:
             replay = ex.get("replay")
             if replay is None:
                 return 0
-            if not replay.done:
-                return max(0, end - max(c.start, replay.prompt_len))
+            if not replay.done:  # a part's replay: its queries; the part itself unscored
+                return max(0, end - max(c.start, replay.end)) if replay.replaying else 0
         if c.start < prefill_end:
             if spec.mode == "prefill" and prefill_end <= ex["budget"]:
                 return 0  # this prompt fits: nothing will ever be evicted

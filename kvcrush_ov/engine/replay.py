@@ -12,6 +12,14 @@ A request whose policy ranks by replay goes through three phases (``seq.extra["r
 
 The request holds up to twice its prompt (plus the repeat prompt) during the replay, and its
 TTFT includes it.
+
+With ``prefill_eviction`` the prompt is read a *part* at a time (``segment`` tokens, the
+scheduler's step): phases 1 and 2 run for each part (the replay repeats only that part; its
+queries score every cached row, the survivors of earlier parts included, by the same max), then
+the replay is forgotten, the cache is evicted down to the budget and the next part is read; the
+last part ends with phase 3. A request then holds at most its budget, a part and the part's
+replay, so a prompt longer than the whole cache runs, ranked without its question in view. A
+request preempted before its last replay reads its prompt again from the first part.
 """
 
 from __future__ import annotations
@@ -27,60 +35,134 @@ from kvcrush_ov.eviction.spec import EvictionSpec
 
 @dataclass
 class ReplayState:
+    """prompt_ids: the whole prompt. segment: tokens read between replays (None: the whole
+    prompt, then one replay). The current part of the prompt is ``[start, end)``: being read,
+    or (``replaying``) being replayed; ``done``: the last replay is over."""
+
     prompt_ids: list[int]
     done: bool = False
+    segment: int | None = None
+    start: int = 0
+    end: int = -1  # -1: the first part's end (the whole prompt without a segment)
+    replaying: bool = False
+
+    def __post_init__(self) -> None:
+        if self.segment is not None and self.segment < 1:
+            raise ValueError(f"ReplayState.segment={self.segment}: None or >= 1")
+        if self.end < 0:
+            self.end = self._part_end(0)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    def _part_end(self, start: int) -> int:
+        if self.segment is None:
+            return self.prompt_len
+        return min(start + self.segment, self.prompt_len)
+
+    def next_part(self) -> None:
+        self.start, self.end = self.end, self._part_end(self.end)
 
 
 def replays(spec: EvictionSpec | None) -> bool:
     return spec is not None and spec.policy.score_mode == "replay"
 
 
-def replay_ids(prompt: list[int], repeat: list[int], context_length: int) -> list[int]:
-    """The replay's tokens after ``prompt``: ``repeat`` then as much of the prompt as fits."""
+def replay_ids(prompt: list[int], repeat: list[int], context_length: int,
+               start: int = 0) -> list[int]:
+    """The replay's tokens after ``prompt``: ``repeat`` then as much of ``prompt[start:]`` (the
+    part replayed) as fits the model's context."""
     room = max(0, context_length - len(prompt) - len(repeat) - 1)
-    return list(repeat) + list(prompt[:room])
+    return list(repeat) + list(prompt[start:start + room])
 
 
 class ContextReplay:
-    """repeat: the repeat prompt's token ids. context_length: the model's."""
+    """repeat: the repeat prompt's token ids. context_length: the model's. segment: tokens read
+    between replays with prefill eviction (the scheduler's ``max_num_batched_tokens``)."""
 
     def __init__(self, repeat: list[int], context_length: int, num_layers: int,
-                 num_kv_heads: int) -> None:
+                 num_kv_heads: int, segment: int) -> None:
         if not repeat:
             raise ValueError("ContextReplay: the repeat prompt has no tokens")
         self.repeat = list(repeat)
         self.context_length = context_length
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.segment = segment
 
     def max_held(self, prompt_len: int) -> int:
-        """Tokens a replaying request holds at most (its prompt, the repeat, the replay)."""
+        """Tokens a request replaying its whole prompt holds at most (prompt, repeat, replay)."""
         return prompt_len + len(replay_ids([0] * prompt_len, self.repeat, self.context_length))
 
+    @property
+    def part_replay_len(self) -> int:
+        """Tokens one part's replay adds with prefill eviction (the repeat prompt and a part)."""
+        return len(self.repeat) + self.segment
+
+    def begin(self, seq: Sequence, spec: EvictionSpec) -> None:
+        """Before ``seq``'s first step (its budget already set from the whole prompt): with
+        prefill eviction the prompt is read a part at a time (the sequence knows only the
+        first part until its replay is over)."""
+        if not (replays(spec) and spec.prefill_eviction):
+            return
+        state = ReplayState(list(seq.prompt_ids), segment=self.segment)
+        seq.extra["replay"] = state
+        seq.prompt_ids = state.prompt_ids[:state.end]
+
+    def undo_begin(self, seq: Sequence) -> None:
+        """A queued ``seq`` that :meth:`begin` cut to its first part gets its whole prompt back
+        (before it is given another spec)."""
+        state: ReplayState | None = seq.extra.get("replay")
+        if (state is not None and state.segment is not None and not state.done
+                and seq.num_computed == 0):
+            seq.prompt_ids = state.prompt_ids
+            seq.extra.pop("replay")
+            seq.extra.pop("max_chunk", None)
+
+    def restart(self, seq: Sequence) -> None:
+        """``seq`` was preempted (its cache is gone): a part-wise replay that had not finished
+        starts again from the first part. (After the last replay a recomputation reads the
+        prompt and the answer so far as prefill eviction does, by each chunk's last queries.)"""
+        state: ReplayState | None = seq.extra.get("replay")
+        if state is None or state.segment is None or state.done:
+            return
+        fresh = ReplayState(state.prompt_ids, segment=state.segment)
+        seq.extra["replay"] = fresh
+        seq.extra.pop("max_chunk", None)
+        seq.prompt_ids = fresh.prompt_ids[:fresh.end]
+
     def intercept(self, seq: Sequence, spec: EvictionSpec,
-                  truncate: Callable[[Sequence, int], None]) -> bool:
+                  truncate: Callable[[Sequence, int], None],
+                  evict: Callable[[Sequence], None]) -> bool:
         """Called when ``seq`` is about to sample: True when the sample belongs to a replay
         phase (the caller drops it), after moving the sequence to its next phase."""
         if not replays(spec):
             return False
         ex = seq.extra
         state: ReplayState | None = ex.get("replay")
-        if state is None:  # 1 -> 2: the prompt is in the cache, replay it
+        if state is None:  # the whole prompt is read: replay it
             state = ReplayState(list(seq.prompt_ids))
             ex["replay"] = state
-            seq.prompt_ids = state.prompt_ids + replay_ids(state.prompt_ids, self.repeat,
-                                                           self.context_length)
             ex["scores"] = SequenceScores(self.num_layers, self.num_kv_heads, reduce="max")
+        if state.done:
+            return False
+        if not state.replaying:  # 1 -> 2: the part is in the cache, replay it
+            state.replaying = True
+            read = state.prompt_ids[:state.end]
+            seq.prompt_ids = read + replay_ids(read, self.repeat, self.context_length,
+                                               state.start)
             ex["max_chunk"] = REPLAY_CHUNK
             return True
-        if not state.done:  # 2 -> 3: forget the replay, recompute the prompt's last token
-            state.done = True
-            seq.prompt_ids = state.prompt_ids
-            ex.pop("max_chunk", None)
-            truncate(seq, state.prompt_len - 1)
-            ex["prefill_end"] = state.prompt_len
+        state.replaying = False  # the part's replay is scored: forget it
+        ex.pop("max_chunk", None)
+        if state.end < state.prompt_len:  # evict down to the budget, then read the next part
+            truncate(seq, state.end)
+            evict(seq)
+            state.next_part()
+            seq.prompt_ids = state.prompt_ids[:state.end]
             return True
-        return False
+        state.done = True  # 2 -> 3: recompute the prompt's last token, evict, then sample
+        seq.prompt_ids = state.prompt_ids
+        truncate(seq, state.prompt_len - 1)
+        ex["prefill_end"] = state.prompt_len
+        return True

@@ -74,6 +74,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(alpha=0.2, scope="layer")),
     # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
     Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
+    # the same with KVzip's ranking: each chunk replayed, then evicted (engine/replay.py)
+    Method("kvzip-prefill", "native", _native("kvzip", prefill_eviction=True), report=False),
     # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)
     Method("fastkv-max7", "native", _native("snapkv", fastkv=FastKVConfig(pooling="max", kernel=7)),
            report=False),

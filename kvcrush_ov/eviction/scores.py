@@ -41,7 +41,11 @@ class SequenceScores:
         self.acc[layer][head] = out
 
     def add_queries(self, first: int, count: int) -> None:
-        """The scored queries of a step were positions ``first .. first + count - 1``."""
+        """The scored queries of a step were positions ``first .. first + count - 1``. Not
+        recorded with ``reduce="max"``: a largest attention is not normalised by how many
+        queries saw a token (``counts`` are then zero, and norm_sum divides by 1)."""
+        if self.reduce == "max":
+            return
         self.query_positions.extend(range(first, first + count))
         self._q = None
 
