@@ -9,7 +9,6 @@ fits the memory this machine has available.
 from __future__ import annotations
 
 import math
-
 import os
 
 from kvcrush_ov.config import KVCacheConfig, SchedulerConfig
