@@ -8,6 +8,7 @@ fits the memory this machine has available.
 
 from __future__ import annotations
 
+import math
 import os
 
 from kvcrush_ov.config import KVCacheConfig, SchedulerConfig
@@ -77,13 +78,21 @@ def check_cache_plan(kv_cache: KVCacheConfig, scheduler: SchedulerConfig, block_
     return blocks
 
 
+#: importance methods whose layers keep unequal shares of the budget: the most a layer keeps, as
+#: a multiple of the average (PyramidKV's first layer keeps up to twice it)
+LAYER_SHARE = {"pyramidkv": 2.0}
+
+
 def prefill_eviction_hold(budget_tokens: int, scheduler: SchedulerConfig, block_size: int,
-                          mode: str, evict_interval: int, max_new_tokens: int) -> int:
-    """The most tokens a request with prefill eviction holds per (layer, head): its budget,
-    one prompt chunk and a block of rounding, then what decode adds before it evicts again
-    (``evict_interval`` in continuous mode; every new token in prefill mode)."""
+                          mode: str, evict_interval: int, max_new_tokens: int,
+                          importance: str = "snapkv") -> int:
+    """The most tokens a request with prefill eviction holds per (layer, head) in its fullest
+    layer (each layer has its own KV pool): its budget (times :data:`LAYER_SHARE` of
+    ``importance``), one prompt chunk and a block of rounding, then what decode adds before it
+    evicts again (``evict_interval`` in continuous mode; every new token in prefill mode)."""
     growth = evict_interval if mode == "continuous" else max_new_tokens
-    return budget_tokens + max(scheduler.max_num_batched_tokens, growth) + block_size
+    layer_budget = math.ceil(budget_tokens * LAYER_SHARE.get(importance, 1.0))
+    return layer_budget + max(scheduler.max_num_batched_tokens, growth) + block_size
 
 
 def check_request_size(name: str, prompt_tokens: int, max_new_tokens: int, context_length: int,

@@ -222,7 +222,7 @@ class Pipeline:
             return None
         budget = max(ev.total_tokens(prompt_tokens), ev.start_size + ev.recent_size)
         return prefill_eviction_hold(budget, self.scheduler, block_size_for(self.device), ev.mode,
-                                     ev.evict_interval, max_new_tokens)
+                                     ev.evict_interval, max_new_tokens, ev.importance)
 
     def generate(
         self,

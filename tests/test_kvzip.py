@@ -167,6 +167,9 @@ def test_prefill_eviction_replays_each_part_and_holds_budget_plus_a_part_and_its
     assert seq.extra["evictions"] == 4  # after parts 2, 3, 4 (above 75 tokens) and the end
     assert seq.prompt_ids == prompt and seq.output_ids
     assert max(peak) <= 75 + 64 + 4 + 64 < 300  # budget, a part, its replay (per layer, head)
+    assert eng.scheduler.num_preemptions == 0
+    # each layer keeps its share (a model-wide allocation could outgrow a layer's pool)
+    assert eng.evictor.spec_of(seq).policy.scope == "layer"
     whole = _engine(tiny_model, _kvzip())
     other = whole.add_request(prompt, GREEDY, set(), lambda x: "")
     peak_whole = []
@@ -178,11 +181,15 @@ def test_prefill_eviction_replays_each_part_and_holds_budget_plus_a_part_and_its
 
 def test_one_part_is_the_whole_replay(tiny_model):
     """A prompt within one scheduler step: the part-wise replay is KVzip's whole replay (the
-    same kept positions and tokens)."""
+    same kept positions and tokens, with the per-layer allocation prefill eviction uses)."""
+    import dataclasses
+
     prompt = _ids(60, 12)
     got = []
     for pe in (False, True):
         eng = _engine(tiny_model, _kvzip(0.5, prefill_eviction=pe))
+        if not pe:
+            eng.evictor.spec = dataclasses.replace(eng.evictor.spec, policy=KVzip(scope="layer"))
         seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
         kept = []
 
@@ -243,6 +250,7 @@ def test_pipeline_kvzip_prompt_longer_than_the_cache(tiny_model):
     m = out.metrics[0]
     assert m.num_input_tokens > 16 * pipe.backend.engine.block_size
     assert m.num_generated_tokens == 4 and m.num_evictions >= 2
+    assert pipe.backend.engine.scheduler.num_preemptions == 0
 
 
 def test_kvzip_selection_options():

@@ -130,3 +130,23 @@ def test_bad_prefill_eviction_configs_are_named(tiny_model):
     with pytest.raises(ConfigError, match="eviction.prefill_eviction"):
         Pipeline(tiny_model, eviction=CacheEvictionConfig(prefill_eviction=True),
                  backend="genai")
+
+
+def test_pyramidkv_holds_its_fullest_layer_and_runs_on_a_cache_of_that_size(tiny_model):
+    """PyramidKV's first layer keeps up to twice the average budget; each layer has its own KV
+    pool, so the hold (admission, the cache it needs) counts that layer: a cache of exactly the
+    hold runs a long prompt without preempting the request (which would read it again, and
+    again)."""
+    from kvcrush_ov.cache_plan import prefill_eviction_hold
+
+    sched = SchedulerConfig(max_num_batched_tokens=CHUNK)
+    plain = prefill_eviction_hold(64, sched, 32, "continuous", 32, 10)
+    assert plain == 64 + CHUNK + 32
+    assert prefill_eviction_hold(64, sched, 32, "continuous", 32, 10, "pyramidkv") == plain + 64
+    blocks = math.ceil((plain + 64) / 32)
+    eng = _engine(tiny_model, _cfg(64, importance="pyramidkv"), blocks)
+    got, seqs = _run(eng, [_ids(1200, 4)])
+    assert len(got[0]) == GREEDY.max_new_tokens and eng.scheduler.num_preemptions == 0
+    with pytest.raises(ConfigError, match="prompt"):  # one block less: refused, not looping
+        _engine(tiny_model, _cfg(64, importance="pyramidkv"), blocks - 1).add_request(
+            _ids(1200, 4), GREEDY, set(), lambda x: "")

@@ -300,8 +300,10 @@ class LLMEngine:
         """Tokens a request holds at most with prefill eviction (None: without it)."""
         if spec is None or not spec.prefill_eviction:
             return None
+        policy = getattr(spec.policy, "importance", spec.policy)  # inside KVCrush
         return prefill_eviction_hold(spec.budget(prompt), self.scheduler_config,
-                                     self.block_size, spec.mode, spec.evict_interval, max_new)
+                                     self.block_size, spec.mode, spec.evict_interval, max_new,
+                                     getattr(policy, "name", ""))
 
     def set_spec(self, seq: Sequence, spec: EvictionSpec) -> None:
         """Give a queued ``seq`` its own policy and budget (and FastKV split, or none)."""

@@ -39,6 +39,10 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
                   "offset": cfg.pooling_offset}
     elif cfg.importance in ("h2o", "kvzip"):
         kwargs = {"aggregation_mode": cfg.aggregation_mode}
+    if cfg.importance == "kvzip" and cfg.prefill_eviction:
+        # each layer keeps its share: the model-wide allocation could give one layer more than
+        # its KV pool holds while further parts of the prompt are read
+        kwargs["scope"] = "layer"
     policy = cls(**kwargs)
     crush = cfg.kvcrush
     if crush is None or crush.budget == 0:
