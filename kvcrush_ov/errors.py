@@ -32,5 +32,10 @@ class FetchError(KVCrushError):
     """Fetching or exporting a registry model failed (registry, checksum, disk, export)."""
 
 
+class CacheFullError(KVCrushError, RuntimeError):
+    """A request needs more KV cache than the whole cache holds, with nothing else left to free
+    (preempting it would only start it over, forever)."""
+
+
 class ChatError(KVCrushError, RuntimeError):
     """A chat call out of order, e.g. ``finish_chat()`` with no chat open."""

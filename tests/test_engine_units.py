@@ -397,3 +397,24 @@ def test_scores_compact_flat_matches_compact():
             np.testing.assert_array_equal(a.acc[layer][h], b.acc[layer][h])
     with pytest.raises(ValueError, match="offsets"):
         b.compact_flat(np.zeros(0, np.int64), np.zeros(3, np.int64))
+
+
+def test_a_request_the_whole_cache_cannot_hold_fails_instead_of_restarting_forever():
+    """Alone in the engine and out of blocks, a sequence would be preempted, recomputed and
+    preempted again at the same point without end: the step raises CacheFullError instead.
+    (Admission refuses such requests up front; this guards its estimate.)"""
+    from kvcrush_ov.errors import CacheFullError
+
+    kv, s, (a,) = scheduler_with(4, 8, 20)  # 16 tokens of cache, a 20-token prompt
+    s.schedule()
+    s.schedule()  # 16 tokens: every block
+    with pytest.raises(CacheFullError, match="sequence 0 needs room for 4 more tokens after 16"):
+        s.schedule()
+    assert a.num_computed == 16 and a.num_preemptions == 0
+    kv2, s2, (b, c) = scheduler_with(5, 100, 8, 7)  # two requests: the newest is preempted
+    s2.schedule()
+    for _ in range(2):
+        b.sampler.output_ids.append(1)
+        c.sampler.output_ids.append(1)
+        out = s2.schedule()
+    assert out.preempted == [c]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
 from kvcrush_ov.engine.sequence import Sequence, Status
+from kvcrush_ov.errors import CacheFullError
 
 
 @dataclass
@@ -179,6 +180,12 @@ class Scheduler:
                 self._preempt(victim)
                 out.preempted.append(victim)
             if not self.kv.can_append(seq.seq_id, n):
+                if i == 0:  # it holds every used block: a recomputation would end here again
+                    raise CacheFullError(
+                        f"sequence {seq.seq_id} needs room for {n} more tokens after "
+                        f"{seq.num_computed} and no other request holds KV blocks: the cache is "
+                        "too small for it (admission should have refused it; see "
+                        "cache_plan.check_request_size)")
                 self._preempt(seq)
                 out.preempted.append(seq)
                 continue  # the list shifted: index i now holds the next sequence
