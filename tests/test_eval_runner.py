@@ -99,12 +99,13 @@ def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_mode
 
 def test_multi_question_mode_asks_each_key_on_one_compressed_context(tiny_model, tmp_path):
     run_eval(str(tiny_model), tmp_path, tasks=["niah_multiquery"], num_samples=1,
-             methods=["snapkv", "kvzip"], budgets=[0.5], max_seq_length=2048,
-             max_num_batched_tokens=256, protocol="query-agnostic", multi_question=True,
+             methods=["snapkv", "kvzip", "kvzip-chunk256"], budgets=[0.5],
+             max_seq_length=2048, max_num_batched_tokens=256, protocol="query-agnostic",
+             multi_question=True,
              say=lambda _: None)
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     turns = {r["method"]: r for r in recs if r["task"] == "niah_multiquery-turns"}
-    assert set(turns) == {FULL, "snapkv", "kvzip"}
+    assert set(turns) == {FULL, "snapkv", "kvzip", "kvzip-chunk256"}  # two replays
     for r in turns.values():
         assert len(r["prediction"].split(" | ")) == len(r["outputs"]) == 4
         assert r["score"] in (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -414,13 +415,14 @@ def test_tuning_candidates_run_only_when_named():
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
                   "fastkv-max7", "fastkv+kvcrush-split7", "kvzip-head", "kvzip-ada",
-                  "kvzip-prefill",
+                  "kvzip-prefill", "kvzip-chunk256",
                   "snapkv+less", "snapkv+kvcrush+less", "default+less"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"
     assert METHODS["fastkv+kvcrush-split7"].make(0.25).fastkv.split_layer == 7
     assert method_spec(METHODS["kvzip-head"], 0.25).policy.alpha is None
     assert method_spec(METHODS["kvzip"], 0.25).policy.scope == "model"
+    assert method_spec(METHODS["kvzip-chunk256"], 0.25).policy.replay_chunk == 256
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
     assert make_policy(METHODS["snapkv+kvcrush-scaled"].make(0.25)).share == 0.125
     assert make_policy(METHODS["snapkv+kvcrush-taper"].make(0.25)).share == pytest.approx(0.25 / 3)

@@ -258,6 +258,36 @@ def test_kvzip_selection_options():
         KVzip(alpha=2.0)
     with pytest.raises(ValueError, match="KVzip.scope"):
         KVzip(alpha=0.2, scope="global")
+    for bad in (0, 2.5, True, "16"):
+        with pytest.raises(ValueError, match="KVzip.replay_chunk"):
+            KVzip(replay_chunk=bad)
+
+
+@pytest.mark.parametrize("chunk,crush", [(16, False), (64, False), (64, True)])
+def test_the_replay_runs_in_steps_of_the_policys_replay_chunk(tiny_model, chunk, crush):
+    """The replay's steps hold ``replay_chunk`` queries, aligned to multiples of it: a 300-token
+    prompt in 64-token steps is 5 steps, its 304-token replay (positions 300 to 604) 20 steps
+    of up to 16 or 6 of up to 64 (also when KVCrush wraps KVzip)."""
+    import dataclasses
+
+    from kvcrush_ov.eviction.kvcrush import KVCrush
+
+    spec = make_spec(_kvzip())
+    policy = dataclasses.replace(spec.policy, replay_chunk=chunk)
+    spec = dataclasses.replace(spec, policy=KVCrush(importance=policy) if crush else policy)
+    eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(precision="f32"),
+                    SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
+                    eviction=spec, replay_prompt=REPEAT)
+    seq = eng.add_request(_ids(300, 1), GREEDY, set(), lambda x: "")
+    steps = 0
+    while not seq.extra.get("evictions"):
+        eng.step()
+        steps += 1
+    # prompt, replay, then the prompt's last token again (the eviction follows it)
+    assert steps == 5 + (-(-604 // chunk) - 300 // chunk) + 1
+    while eng.has_unfinished():
+        eng.step()
+    assert seq.sampler.num_generated == 6
 
 
 def test_the_replay_does_not_depend_on_what_runs_beside_it(tiny_model):

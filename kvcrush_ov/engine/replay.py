@@ -4,8 +4,8 @@ A request whose policy ranks by replay goes through three phases (``seq.extra["r
 
 1. its prompt runs unscored; the step that would sample its first token samples nothing;
 2. the replay: the repeat prompt and the prompt again (cut to fit the model's context) become
-   the sequence's next tokens and run in steps of ``REPLAY_CHUNK`` queries, every query scored,
-   a row's score the largest one step gave it (``SequenceScores(reduce="max")``);
+   the sequence's next tokens and run in steps of the policy's ``replay_chunk`` queries, every
+   query scored, a row's score the largest one step gave it (``SequenceScores(reduce="max")``);
 3. the replay is forgotten (the cache truncated to the prompt minus its last token) and the
    prompt restored; the last prompt token runs again, the eviction at the prompt's end keeps the
    budget by the replay's scores, and the first token is sampled as usual.
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcrush_ov.engine.sequence import Sequence
-from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK
+from kvcrush_ov.eviction.kvzip import replay_chunk
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 
@@ -151,7 +151,7 @@ class ContextReplay:
             read = state.prompt_ids[:state.end]
             seq.prompt_ids = read + replay_ids(read, self.repeat, self.context_length,
                                                state.start)
-            ex["max_chunk"] = REPLAY_CHUNK
+            ex["max_chunk"] = replay_chunk(spec.policy)
             return True
         state.replaying = False  # the part's replay is scored: forget it
         ex.pop("max_chunk", None)

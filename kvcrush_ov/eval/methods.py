@@ -72,6 +72,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(alpha=None)),
     Method("kvzip-ada", "native", _native("kvzip"), report=False,
            policy=lambda: KVzip(alpha=0.2, scope="layer")),
+    # KVzip's replay in steps of 256 queries instead of 16 (a third less TTFT; its own replay)
+    Method("kvzip-chunk256", "native", _native("kvzip"), report=False,
+           policy=lambda: KVzip(replay_chunk=256)),
     # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
     Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
     # the same with KVzip's ranking: each chunk replayed, then evicted (engine/replay.py)

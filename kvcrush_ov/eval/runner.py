@@ -50,7 +50,7 @@ from kvcrush_ov.eval.ruler import (
     score,
 )
 from kvcrush_ov.eviction.factory import make_spec
-from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK
+from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK, replay_chunk
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.pipeline import Pipeline
 
@@ -138,7 +138,8 @@ def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
         score_mode = spec.policy.score_mode
         mode = ("own" if spec.prefill_eviction  # evicts while reading: no shared prefill
                 else f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
-                else score_mode if score_mode in ("all", "replay") else "window")
+                else f"replay:{replay_chunk(spec.policy)}" if score_mode == "replay"
+                else score_mode if score_mode == "all" else "window")
         groups.setdefault(mode, []).append(key)
     return groups
 
@@ -146,20 +147,32 @@ def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
 def _parent_spec(mode: str, keys: list, specs: dict):
     if mode.startswith("fastkv:"):
         return make_spec(_parent_config("window", specs[keys[0]].fastkv))
-    return make_spec(_parent_config("all" if mode == "replay" else mode))
+    return make_spec(_parent_config("all" if _replays(mode) else mode))
 
 
-def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok) -> None:
+def _replays(mode: str) -> bool:
+    """Whether a score group's mode is KVzip's ``replay:<replay_chunk>``."""
+    return mode.startswith("replay:")
+
+
+def _chunk(mode: str) -> int:
+    """The replay step (queries) of a ``replay:<n>`` group."""
+    return int(mode.split(":", 1)[1])
+
+
+def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
+            chunk: int = REPLAY_CHUNK) -> None:
     """KVzip's replay on a parked ``parent`` that holds ``ids``: the repeat prompt and ``ids``
     again are read with every query scored (the parent's spec accumulates all queries); its
     scores then hold, per cached row, the attention of the replay. The branches that continue
     with ``ids`` forget the replay's positions (continue_request truncates) and evict by those
-    scores. A replay that would pass the model's context is cut to its start."""
+    scores. A replay that would pass the model's context is cut to its start; it runs in
+    steps of ``chunk`` queries (the policy's ``replay_chunk``)."""
     eng.set_spec(parent, make_spec(_parent_config("all")))  # every replay query scored
     # only the replay's queries count, each step's at most (KVzip: the max over the queries)
     parent.extra["scores"] = SequenceScores(eng.runner.num_layers, eng.runner.num_kv_heads,
                                             reduce="max")
-    parent.extra["max_chunk"] = REPLAY_CHUNK
+    parent.extra["max_chunk"] = chunk
     eng.continue_request(parent, ids + replay_ids(ids, repeat, eng.context_length),
                          GenerationConfig(max_new_tokens=1), eos, detok)
     _drain(eng)
@@ -190,15 +203,15 @@ def _run_alone(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict
 
 def _replay_then_branch(eng, ids: list[int], g: GenerationConfig, keys: list, specs: dict,
                         eos: set[int], detok, forced: list[int] | None,
-                        repeat: list[int] | None) -> dict:
+                        repeat: list[int] | None, mode: str) -> dict:
     """KVzip's group: one parent reads and replays the whole prompt; each key's branch runs
     the prompt's last token again and evicts by the replay's scores, as a request replaying
     itself does (engine/replay.py, phase 3)."""
     parent = eng.add_request(ids, GenerationConfig(max_new_tokens=1), eos, detok,
                              keep_cache=True)
-    eng.set_spec(parent, _parent_spec("replay", keys, specs))
+    eng.set_spec(parent, _parent_spec(mode, keys, specs))
     _drain(eng)
-    _replay(eng, parent, ids, repeat, eos, detok)
+    _replay(eng, parent, ids, repeat, eos, detok, _chunk(mode))
     children = {}
     for k in keys:
         child = eng.continue_request(parent, ids, g, eos, detok, branch=True, keep_cache=False)
@@ -221,8 +234,9 @@ def _prefill_and_fork(eng, ids: list[int], g: GenerationConfig, mode: str, keys:
     (mode ``own``: no parent, :func:`_run_alone`)."""
     if mode == "own":
         return None, _run_alone(eng, ids, g, keys, specs, eos, detok, forced)
-    if mode == "replay":
-        return None, _replay_then_branch(eng, ids, g, keys, specs, eos, detok, forced, repeat)
+    if _replays(mode):
+        return None, _replay_then_branch(eng, ids, g, keys, specs, eos, detok, forced, repeat,
+                                         mode)
     parent = eng.add_request(ids, g, eos, detok)
     if forced is not None:
         parent.extra["forced"] = forced
@@ -277,8 +291,8 @@ def _compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: Generation
         eng.set_spec(parent, _parent_spec(mode, keys, specs))
         _drain(eng)
         parents.append(parent)
-        if mode == "replay":
-            _replay(eng, parent, ctx, repeat, eos, detok)
+        if _replays(mode):
+            _replay(eng, parent, ctx, repeat, eos, detok, _chunk(mode))
         if need_full:
             full = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
                                          keep_cache=False) for q in asks]
@@ -426,11 +440,11 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         full = None
         groups = _score_groups(specs)
         # "own" and "replay" last: they have no parent that continues with the full cache
-        for mode in sorted(groups, key=lambda m: m in ("own", "replay")):
+        for mode in sorted(groups, key=lambda m: m == "own" or _replays(m)):
             keys = [k for k in groups[mode] if k in todo]
             if not keys:
                 continue
-            if mode in ("own", "replay") and full is None:  # the full cache's distributions
+            if (mode == "own" or _replays(mode)) and full is None:  # the full cache's logprobs
                 full = _prefill_and_fork(eng, ids, g, "window", [], specs, eos, lambda x: "",
                                          forced)[0].extra["logprobs"]
             parent, children = _prefill_and_fork(eng, ids, g, mode, keys, specs, eos,

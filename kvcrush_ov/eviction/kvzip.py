@@ -41,6 +41,8 @@ class KVzip(H2O):
 
     alpha: float | None = 0.2
     scope: str = "model"
+    #: queries per replay step (a row's score: the largest sum one step gave it)
+    replay_chunk: int = REPLAY_CHUNK
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +51,9 @@ class KVzip(H2O):
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(
                 self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"KVzip.alpha={self.alpha!r}: allowed None or a number in [0, 1]")
+        if (isinstance(self.replay_chunk, bool) or not isinstance(self.replay_chunk, int)
+                or self.replay_chunk < 1):
+            raise ValueError(f"KVzip.replay_chunk={self.replay_chunk!r}: allowed an integer >= 1")
 
     def core_kwargs(self) -> dict:
         """See :meth:`CorePolicy.core_kwargs`: H2O's top-k for ``alpha=None``, else Ada-KV's
@@ -57,3 +62,9 @@ class KVzip(H2O):
             return super().core_kwargs()
         return {"importance": "adakv", "aggregation_mode": self.aggregation_mode,
                 "pooling": "none", "alpha": float(self.alpha), "scope": self.scope}
+
+
+def replay_chunk(policy) -> int:
+    """Queries per replay step of a replaying ``policy`` (KVzip's, or the KVzip that a KVCrush
+    wraps)."""
+    return int(getattr(getattr(policy, "importance", policy), "replay_chunk", REPLAY_CHUNK))
