@@ -1,34 +1,57 @@
 """What KVzip's replay costs: TTFT of the default eviction (SnapKV + KVCrush, which evicts right
 after the prompt) vs KVzip (which replays the prompt first), at the same budget:
-python samples/kvzip_ttft.py [--model NAME] [--tokens 2048 --tokens 4096] [--repeats 2]."""
+python samples/kvzip_ttft.py [--model NAME] [--tokens 2048 --tokens 4096] [--repeats 2]
+                             [--replay-chunk 16 --replay-chunk 256]
+``--replay-chunk``: the replay's queries per step (KVzip.replay_chunk; a tuning knob, set here
+on the engine's default spec), one KVzip column each."""
 
 import argparse
+import dataclasses
 import statistics
 
 import kvcrush_ov as kv
 from kvcrush_ov.bench_serve import prompts_of
+from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK, with_replay_chunk
 from kvcrush_ov.pipeline import resolve_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="name or folder")
 parser.add_argument("--tokens", type=int, action="append", help="prompt length (repeat)")
 parser.add_argument("--repeats", type=int, default=2, help="prompts per length (median)")
+parser.add_argument("--replay-chunk", type=int, action="append",
+                    help=f"KVzip's replay step in queries (repeat; default {REPLAY_CHUNK})")
 args = parser.parse_args()
 
 folder = str(resolve_model(args.model))
 lengths = args.tokens or [2048, 4096]
+chunks = args.replay_chunk or [REPLAY_CHUNK]
 one = kv.GenerationConfig(max_new_tokens=1)
+
+
+def measure(pipe: kv.Pipeline) -> dict[int, float]:
+    return {n: statistics.median(pipe.generate(p, one).metrics[0].ttft_s
+                                 for p in prompts_of(folder, args.repeats, n))
+            for n in lengths}
+
+
 ttft: dict[str, dict[int, float]] = {}
-for name, cfg in (("default", kv.CacheEvictionConfig(max_cache_size=0.25)),
-                  ("kvzip", kv.CacheEvictionConfig(max_cache_size=0.25, importance="kvzip"))):
-    pipe = kv.Pipeline(folder, eviction=cfg)
-    pipe.generate(prompts_of(folder, 1, 512)[0], one)  # warm-up
-    ttft[name] = {n: statistics.median(pipe.generate(p, one).metrics[0].ttft_s
-                                       for p in prompts_of(folder, args.repeats, n))
-                  for n in lengths}
-    del pipe
-print("| prompt tokens | TTFT default (s) | TTFT kvzip (s) | kvzip / default |")
-print("|---|---|---|---|")
+pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25))
+pipe.generate(prompts_of(folder, 1, 512)[0], one)  # warm-up
+ttft["default"] = measure(pipe)
+del pipe
+pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
+                                                           importance="kvzip"))
+pipe.generate(prompts_of(folder, 1, 512)[0], one)
+evictor = pipe.backend.engine.evictor
+for c in chunks:
+    evictor.spec = dataclasses.replace(evictor.spec,
+                                       policy=with_replay_chunk(evictor.spec.policy, c))
+    ttft[f"kvzip, steps of {c}"] = measure(pipe)
+names = [k for k in ttft if k != "default"]
+print("| prompt tokens | TTFT default (s) | " + " | ".join(
+    f"TTFT {k} (s) | / default" for k in names) + " |")
+print("|---|---|" + "---|---|" * len(names))
 for n in lengths:
-    d, z = ttft["default"][n], ttft["kvzip"][n]
-    print(f"| {n} | {d:.2f} | {z:.2f} | {z / d:.2f}x |")
+    d = ttft["default"][n]
+    print(f"| {n} | {d:.2f} | " + " | ".join(
+        f"{ttft[k][n]:.2f} | {ttft[k][n] / d:.2f}x" for k in names) + " |")

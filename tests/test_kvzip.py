@@ -271,10 +271,12 @@ def test_the_replay_runs_in_steps_of_the_policys_replay_chunk(tiny_model, chunk,
     import dataclasses
 
     from kvcrush_ov.eviction.kvcrush import KVCrush
+    from kvcrush_ov.eviction.kvzip import replay_chunk, with_replay_chunk
 
     spec = make_spec(_kvzip())
-    policy = dataclasses.replace(spec.policy, replay_chunk=chunk)
-    spec = dataclasses.replace(spec, policy=KVCrush(importance=policy) if crush else policy)
+    policy = with_replay_chunk(KVCrush(importance=spec.policy) if crush else spec.policy, chunk)
+    assert replay_chunk(policy) == chunk
+    spec = dataclasses.replace(spec, policy=policy)
     eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(precision="f32"),
                     SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
                     eviction=spec, replay_prompt=REPEAT)

@@ -14,7 +14,7 @@ importance is the largest sum one step gave it (``SequenceScores(reduce="max")``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from kvcrush_ov.eviction.h2o import H2O
@@ -68,3 +68,11 @@ def replay_chunk(policy) -> int:
     """Queries per replay step of a replaying ``policy`` (KVzip's, or the KVzip that a KVCrush
     wraps)."""
     return int(getattr(getattr(policy, "importance", policy), "replay_chunk", REPLAY_CHUNK))
+
+
+def with_replay_chunk(policy, chunk: int):
+    """``policy`` (KVzip, or a KVCrush around it) with the replay run in steps of ``chunk``."""
+    inner = getattr(policy, "importance", None)
+    if inner is not None:
+        return replace(policy, importance=replace(inner, replay_chunk=chunk))
+    return replace(policy, replay_chunk=chunk)
