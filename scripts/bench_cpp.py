@@ -1,11 +1,14 @@
-"""Decode speed of the C++ generate sample vs the Python Pipeline, same model, prompt and config.
+"""Decode speed of the C++ Pipeline vs the Python Pipeline, same model, prompt and config.
 
     python scripts/bench_cpp.py build/samples [--model SmolLM2-135M-Instruct] [--tokens 64]
 
 The prompt is the demo's document and question (kvcrush_ov.demo, ~3.3K tokens on SmolLM2, no
 chat template on either side); each configuration (full cache, the default KVCrush eviction)
 runs ``--repeats`` times alternating C++ and Python, and the median decode tokens/s (after the
-first token) and TTFT are printed. Both sides also print their greedy text's equality.
+first token) and TTFT are printed. Both sides are warm: each C++ repeat is a
+``benchmark_generate`` process that runs the prompt once untimed, then once timed; the Python
+Pipeline runs it once untimed before its repeats. Both sides also print their greedy text's
+equality.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from kvcrush_ov.pipeline import Pipeline, resolve_model
 
 
 def run_cpp(sample: Path, model: Path, prompt: str, tokens: int, full: bool) -> tuple:
-    args = [str(sample), str(model), prompt, str(tokens)] + (["full"] if full else [])
+    args = [str(sample), str(model), prompt, str(tokens), "full" if full else "eviction", "1",
+            "1"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     text, _, stats = out.rpartition("\n--\n")
+    text = text.split("\n", 1)[1]  # after the one timed run's line
     tps = float(re.search(r"decode ([\d.]+) tokens/s", stats).group(1))
     ttft = float(re.search(r"TTFT ([\d.]+) s", stats).group(1))
     return tps, ttft, text
@@ -41,10 +46,12 @@ def main() -> None:
     print(f"{'config':<12} {'side':<7} {'decode tok/s':>12} {'TTFT s':>7}  same text")
     for label, full in (("full cache", True), ("KVCrush 25%", False)):
         pipe = Pipeline(model, eviction=None) if full else Pipeline(model)
+        pipe.generate(prompt, max_new_tokens=a.tokens, apply_chat_template=False)  # warm-up
         runs: dict[str, list[tuple[float, float]]] = {"C++": [], "Python": []}
         texts = {}
         for _ in range(a.repeats):
-            tps, ttft, texts["C++"] = run_cpp(a.build / "generate", model, prompt, a.tokens, full)
+            tps, ttft, texts["C++"] = run_cpp(a.build / "benchmark_generate", model, prompt,
+                                              a.tokens, full)
             runs["C++"].append((tps, ttft))
             out = pipe.generate(prompt, max_new_tokens=a.tokens, apply_chat_template=False,
                                 ignore_eos=False)

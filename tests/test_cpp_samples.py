@@ -196,3 +196,28 @@ def test_generate_rejects_a_missing_model(samples, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0
     assert "no openvino_model.xml" in res.stderr
+
+
+def test_benchmark_generate_times_warm_runs_and_answers_as_python(samples, smollm2_fp16):
+    """benchmark_generate: WARMUP untimed runs, then ITERS timed ones in one process; its text
+    is the Python Pipeline's; bad arguments are named."""
+    res = subprocess.run([str(samples / "benchmark_generate"), str(smollm2_fp16), PROMPT,
+                          str(MAX_NEW_TOKENS), "eviction", "1", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    text, _, stats = res.stdout.rpartition("\n--\n")
+    assert len(re.findall(r"^run \d+: TTFT [\d.]+ s, decode [\d.]+ tokens/s$", text,
+                          re.MULTILINE)) == 2
+    answer = text.split("\n", 2)[2]  # after the two run lines
+    out = kv.Pipeline(smollm2_fp16).generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS,
+                                             apply_chat_template=False)
+    assert answer == out.texts[0]
+    m = re.search(r"median of 2 after 1 warm-up: TTFT ([\d.]+) s, decode ([\d.]+) tokens/s",
+                  stats)
+    assert m is not None and float(m.group(1)) > 0 and float(m.group(2)) > 0
+    for args, named in ((["4", "some"], "mode=some: allowed full, eviction"),
+                        (["4", "full", "x"], "WARMUP=x: allowed an integer >= 0"),
+                        (["4", "full", "1", "0"], "ITERS=0: allowed an integer >= 1")):
+        bad = subprocess.run([str(samples / "benchmark_generate"), str(smollm2_fp16), "hi",
+                              *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and named in bad.stderr
