@@ -369,10 +369,11 @@ def test_selection_benchmark_reports_the_median_and_the_worst_request(tiny_model
 def test_ttft_benchmark_alternates_full_and_eviction(tiny_model):
     from kvcrush_ov.bench_eviction import ttft
 
-    full, evicting, ratio = ttft(str(tiny_model), warmups=1, repeats=3,
-                                 prompt=" ".join(["the river"] * 300))
+    full, graph, evicting, graph_ratio, ratio = ttft(str(tiny_model), warmups=1, repeats=3,
+                                                     prompt=" ".join(["the river"] * 300))
     assert re.search(r"\d+-token prompt, u8; median of 3 \(", full.note)
-    assert full.value > 0 and evicting.value > 0
+    assert full.value > 0 and evicting.value > 0 and graph.value > 0
+    assert graph_ratio.value == pytest.approx(graph.value / full.value)
     assert ratio.value == pytest.approx(evicting.value / full.value)
     assert ratio.unit == "x" and "1.03x" in ratio.note
 
