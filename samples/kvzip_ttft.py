@@ -11,7 +11,7 @@ import statistics
 
 import kvcrush_ov as kv
 from kvcrush_ov.bench_serve import prompts_of
-from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK, with_replay_chunk
+from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK, KVzip, with_replay_chunk
 from kvcrush_ov.pipeline import resolve_model
 
 parser = argparse.ArgumentParser()
@@ -25,6 +25,8 @@ args = parser.parse_args()
 folder = str(resolve_model(args.model))
 lengths = args.tokens or [2048, 4096]
 chunks = args.replay_chunk or [REPLAY_CHUNK]
+for c in chunks:  # a bad --replay-chunk is named before any work
+    KVzip(replay_chunk=c)
 one = kv.GenerationConfig(max_new_tokens=1)
 
 

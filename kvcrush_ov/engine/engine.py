@@ -32,6 +32,7 @@ from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
 from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.eviction.base import importance_of
 from kvcrush_ov.eviction.spec import EvictionSpec
 
 
@@ -300,7 +301,7 @@ class LLMEngine:
         """Tokens a request holds at most with prefill eviction (None: without it)."""
         if spec is None or not spec.prefill_eviction:
             return None
-        policy = getattr(spec.policy, "importance", spec.policy)  # inside KVCrush
+        policy = importance_of(spec.policy)  # inside KVCrush
         return prefill_eviction_hold(spec.budget(prompt), self.scheduler_config,
                                      self.block_size, spec.mode, spec.evict_interval, max_new,
                                      getattr(policy, "name", ""))

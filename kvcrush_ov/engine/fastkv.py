@@ -26,6 +26,7 @@ from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager, HeadTable, 
 from kvcrush_ov.engine.head_model_runner import WINDOW, HeadModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
+from kvcrush_ov.eviction.base import importance_of
 from kvcrush_ov.eviction.fastkv import tsp_positions
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
@@ -44,8 +45,7 @@ def fixed_tokens(prompt_len: int, spec: EvictionSpec) -> int:
 
 def tsp_pooling(spec: EvictionSpec) -> tuple[str, int]:
     """(pooling, kernel) of the split layer's ranking: FastKVConfig's, else the policy's own."""
-    own = spec.policy
-    own = getattr(own, "importance", own)  # KVCrush wraps the importance policy
+    own = importance_of(spec.policy)  # KVCrush wraps the importance policy
     pooling = spec.fastkv.pooling or getattr(own, "pooling", "max")
     kernel = spec.fastkv.kernel or getattr(own, "kernel_size", 7)
     return pooling, kernel

@@ -133,6 +133,11 @@ class EvictionPolicy(Protocol):
         ...
 
 
+def importance_of(policy: EvictionPolicy) -> EvictionPolicy:
+    """The importance policy of ``policy``: the one a KVCrush wraps, else ``policy`` itself."""
+    return getattr(policy, "importance", policy)
+
+
 def check_keep(keep: np.ndarray, inputs: EvictionInputs, num_keep: int, who: str) -> None:
     """Raise ``_core.PlanError`` (an AssertionError) unless ``keep`` is a valid answer of policy
     ``who``: bool of the inputs' shape, nothing kept in padding, exactly ``L * H * num_keep``

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from kvcrush_ov.eviction.base import importance_of
 from kvcrush_ov.eviction.h2o import H2O
 
 #: what the model is asked before the replayed context
@@ -67,12 +68,12 @@ class KVzip(H2O):
 def replay_chunk(policy) -> int:
     """Queries per replay step of a replaying ``policy`` (KVzip's, or the KVzip that a KVCrush
     wraps)."""
-    return int(getattr(getattr(policy, "importance", policy), "replay_chunk", REPLAY_CHUNK))
+    return int(getattr(importance_of(policy), "replay_chunk", REPLAY_CHUNK))
 
 
 def with_replay_chunk(policy, chunk: int):
     """``policy`` (KVzip, or a KVCrush around it) with the replay run in steps of ``chunk``."""
-    inner = getattr(policy, "importance", None)
-    if inner is not None:
+    inner = importance_of(policy)
+    if inner is not policy:
         return replace(policy, importance=replace(inner, replay_chunk=chunk))
     return replace(policy, replay_chunk=chunk)
