@@ -14,14 +14,17 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -1005,12 +1008,36 @@ std::string openvino_compiled_version() {
          "." + std::to_string(OPENVINO_VERSION_PATCH);
 }
 
+/// parallel_for over [0, n) on its pool (tests/test_parallel.py): (sum of the indices, threads
+/// that ran items); fail_at >= 0 throws std::runtime_error("item <fail_at>") there; nested runs
+/// an inner loop of ``n`` items inside every item (sum then n * n(n-1)/2).
+std::pair<int64_t, int64_t> parallel_check(int64_t n, int64_t work_per_item, int64_t fail_at,
+                                           bool nested) {
+  std::atomic<int64_t> sum{0};
+  std::mutex m;
+  std::vector<std::thread::id> seen;
+  kvcrush::parallel_for(n, work_per_item, [&](int64_t i) {
+    if (i == fail_at) throw std::runtime_error("item " + std::to_string(i));
+    if (nested)
+      kvcrush::parallel_for(n, work_per_item, [&](int64_t j) { sum += j; });
+    else
+      sum += i;
+    std::lock_guard<std::mutex> lock(m);
+    if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
+      seen.push_back(std::this_thread::get_id());
+  });
+  return {sum.load(), static_cast<int64_t>(seen.size())};
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
   m.doc() = "kvcrush C++ kernels (eviction selection); see kvcrush_ov.eviction for the API";
   m.def("available_cores", &kvcrush::available_cores,
         "Cores the kernels may use (the process's CPU affinity).");
+  m.def("parallel_check", &parallel_check, nb::arg("n"), nb::arg("work_per_item"),
+        nb::arg("fail_at") = -1, nb::arg("nested") = false,
+        "(sum of the indices, threads used) of one parallel loop (tests only).");
   m.def("anchor_kinds", &kvcrush::anchor_kinds, "The anchor names KVCrush allows.");
   // One overload per dtype, tried without conversion first (the Python wrapper casts).
   m.def("top_k_mask", &top_k_mask<float>, nb::arg("values").noconvert(), nb::arg("k"));

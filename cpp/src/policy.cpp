@@ -116,7 +116,7 @@ void normalised(const Candidates& c, Aggregation agg, float* out) {
 }
 
 /// pool_scores on ``src`` [rows, n], which it may overwrite.
-void pool_owned(std::vector<float> src, const int64_t* lengths, int64_t rows, int64_t n,
+void pool_owned(std::vector<float>& src, const int64_t* lengths, int64_t rows, int64_t n,
                 Pooling pooling, int64_t kernel_size, int64_t offset, float* out) {
   const int64_t r = kernel_size / 2;
   const int64_t before = r + offset, after = r - offset;
@@ -146,9 +146,11 @@ void pool_owned(std::vector<float> src, const int64_t* lengths, int64_t rows, in
     for (int64_t j = std::max<int64_t>(lengths[row], 0); j < n; ++j) out[row * n + j] = kNegInf;
 }
 
-std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
-                             std::optional<Aggregation> aggregation) {
-  std::vector<float> out(static_cast<size_t>(size_of(c)));
+/// out [L, H, N]: policy_scores (``tmp``: a buffer of the same size, reused between calls).
+void scores_into(const PolicyConfig& cfg, const Candidates& c,
+                 std::optional<Aggregation> aggregation, std::vector<float>& out,
+                 std::vector<float>& tmp) {
+  out.resize(static_cast<size_t>(size_of(c)));
   if (cfg.importance == Importance::kStreaming) {  // recency: the position
     parallel_for(rows_of(c), c.n, [&](int64_t r) {
       for (int64_t j = 0; j < c.n; ++j)
@@ -156,14 +158,23 @@ std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
                                ? static_cast<float>(static_cast<double>(c.positions[r * c.n + j]))
                                : kNegInf;
     });
-    return out;
+    return;
   }
-  normalised(c, aggregation.value_or(cfg.aggregation), out.data());
-  if (cfg.importance == Importance::kH2O) return out;
-  std::vector<float> pooled(out.size());
-  pool_owned(std::move(out), c.lengths, rows_of(c), c.n, cfg.pooling, cfg.kernel_size,
-             cfg.offset, pooled.data());
-  return pooled;
+  if (cfg.importance == Importance::kH2O) {
+    normalised(c, aggregation.value_or(cfg.aggregation), out.data());
+    return;
+  }
+  tmp.resize(out.size());
+  normalised(c, aggregation.value_or(cfg.aggregation), tmp.data());
+  pool_owned(tmp, c.lengths, rows_of(c), c.n, cfg.pooling, cfg.kernel_size, cfg.offset,
+             out.data());
+}
+
+std::vector<float> scores_of(const PolicyConfig& cfg, const Candidates& c,
+                             std::optional<Aggregation> aggregation) {
+  std::vector<float> out, tmp;
+  scores_into(cfg, c, aggregation, out, tmp);
+  return out;
 }
 
 // ---- the importance policies' selection
@@ -239,7 +250,7 @@ void importance_select(const PolicyConfig& cfg, const Candidates& c,
 /// not ``kept`` (a full head's share moves as in fit_budget); nothing when every extra is 0.
 void top_up(const Candidates& c, const std::vector<uint8_t>& kept,
             const std::vector<float>& scores, const std::vector<int64_t>& extra,
-            std::vector<uint8_t>& out) {
+            std::vector<uint8_t>& out, std::vector<float>& rest) {
   const int64_t n = c.n, rows = rows_of(c), heads = c.num_heads;
   out.assign(kept.size(), 0);
   if (std::all_of(extra.begin(), extra.end(), [](int64_t e) { return e == 0; })) return;
@@ -251,9 +262,8 @@ void top_up(const Candidates& c, const std::vector<uint8_t>& kept,
     target[r] = extra[r / heads];
   }
   fit_budget(target.data(), spare.data(), c.num_layers, heads, quota.data());
-  std::vector<float> rest(scores);
-  for (size_t i = 0; i < rest.size(); ++i)
-    if (kept[i]) rest[i] = kNegInf;
+  rest.resize(scores.size());
+  for (size_t i = 0; i < rest.size(); ++i) rest[i] = kept[i] ? kNegInf : scores[i];
   top_k_rows(rest, rows, n, quota, out);
   for (size_t i = 0; i < out.size(); ++i) out[i] &= static_cast<uint8_t>(!kept[i]);
 }
@@ -261,14 +271,13 @@ void top_up(const Candidates& c, const std::vector<uint8_t>& kept,
 /// int64 [L]: KVCrush's budget of every layer in units (tokens or blocks).
 std::vector<int64_t> crush_units(const PolicyConfig& cfg, const Candidates& c,
                                  const std::vector<float>& scores, int64_t num_keep,
-                                 int64_t unit) {
+                                 int64_t unit, std::vector<uint8_t>& picks) {
   const KVCrushOptions& o = *cfg.kvcrush;
   const int64_t layers = c.num_layers, per_layer = c.num_heads * c.n;
   const auto k_crush =
       static_cast<int64_t>(std::floor(o.share * static_cast<double>(num_keep) + 0.5));
   std::vector<int64_t> units(static_cast<size_t>(layers), k_crush / unit);
   if (!o.dynamic_split) return units;
-  std::vector<uint8_t> picks;
   importance_select(cfg, c, scores, num_keep - k_crush, picks);
   std::vector<float> weights(static_cast<size_t>(layers));
   parallel_for(layers, per_layer, [&](int64_t l) {
@@ -387,32 +396,34 @@ bool same_positions(const Candidates& c) {
 }
 
 void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
-                    const uint8_t* random_bits, uint8_t* keep, const SelectionDetail* detail) {
+                    const uint8_t* random_bits, uint8_t* keep, const SelectionDetail* detail,
+                    SelectBuffers& buf) {
   check_num_keep(num_keep);
   const KVCrushOptions& o = *cfg.kvcrush;
   const int64_t layers = c.num_layers, heads = c.num_heads, n = c.n, rows = rows_of(c);
   const int64_t unit = o.granularity == Granularity::kBlock ? c.block_size : 1;
-  const auto scores = scores_of(cfg, c, std::nullopt);
-  const auto units = crush_units(cfg, c, scores, num_keep, unit);
+  std::vector<float>& scores = buf.scores;
+  scores_into(cfg, c, std::nullopt, scores, buf.pooled);
+  const auto units = crush_units(cfg, c, scores, num_keep, unit, buf.picks);
   std::vector<int64_t> k_imp(static_cast<size_t>(layers));
   int64_t base = num_keep;
   for (int64_t l = 0; l < layers; ++l) {
     k_imp[l] = num_keep - unit * units[l];
     base = std::min(base, k_imp[l]);
   }
-  std::vector<uint8_t> imp, more;
+  std::vector<uint8_t>& imp = buf.imp;
+  std::vector<uint8_t>& more = buf.more;
   importance_select(cfg, c, scores, base, imp);
   std::vector<int64_t> extra(k_imp);
   for (auto& e : extra) e -= base;
-  top_up(c, imp, scores, extra, more);
+  top_up(c, imp, scores, extra, more, buf.rest);
   for (size_t i = 0; i < imp.size(); ++i) imp[i] |= more[i];
 
-  std::vector<float> other;
-  if (o.bit_aggregation) other = scores_of(cfg, c, o.bit_aggregation);
-  const std::vector<float>& bit_scores = o.bit_aggregation ? other : scores;
+  if (o.bit_aggregation) scores_into(cfg, c, o.bit_aggregation, buf.other, buf.pooled);
+  const std::vector<float>& bit_scores = o.bit_aggregation ? buf.other : scores;
   std::vector<int64_t> half(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) half[r] = c.lengths[r] / 2;
-  std::vector<uint8_t> bits;
+  std::vector<uint8_t>& bits = buf.bits;
   top_k_rows(bit_scores, rows, n, half, bits);
 
   // Tokens by position across the heads: head h holds head 0's entry j at idx[h, j] iff
@@ -429,8 +440,10 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   auto held = [&](int64_t r, int64_t j) {
     return aligned ? j < c.lengths[r] : found[r * n + j] != 0;
   };
-  std::vector<uint8_t> vectors(static_cast<size_t>(layers * n * heads)), candidates(
-      static_cast<size_t>(layers * n));
+  std::vector<uint8_t>& vectors = buf.vectors;  // every entry written below
+  std::vector<uint8_t>& candidates = buf.candidates;
+  vectors.resize(static_cast<size_t>(layers * n * heads));
+  candidates.resize(static_cast<size_t>(layers * n));
   parallel_for(layers, n * heads, [&](int64_t l) {
     for (int64_t j = 0; j < n; ++j) {
       bool held_all = true, kept_any = false;
@@ -447,7 +460,10 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   });
   const auto chosen = choose(o, c, vectors, candidates, units, unit, random_bits);
 
-  std::vector<uint8_t> crush(static_cast<size_t>(rows * n), 0), both(crush.size());
+  std::vector<uint8_t>& crush = buf.crush;
+  std::vector<uint8_t>& both = buf.both;  // every entry written below
+  crush.assign(static_cast<size_t>(rows * n), 0);
+  both.resize(crush.size());
   std::vector<int64_t> shortfall(static_cast<size_t>(layers));
   for (int64_t l = 0; l < layers; ++l) {
     int64_t picked = 0;
@@ -462,7 +478,7 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
     shortfall[l] = unit * units[l] - picked;
   }
   for (size_t i = 0; i < both.size(); ++i) both[i] = imp[i] | crush[i];
-  top_up(c, both, scores, shortfall, more);
+  top_up(c, both, scores, shortfall, more, buf.rest);
   for (size_t i = 0; i < imp.size(); ++i) {
     imp[i] |= more[i];
     keep[i] = imp[i] | crush[i];
@@ -657,8 +673,8 @@ void pool_scores(const float* values, const int64_t* lengths, int64_t rows, int6
                  Pooling pooling, int64_t kernel_size, int64_t offset, float* out) {
   check_size("rows", rows);
   check_size("n", n);
-  pool_owned(std::vector<float>(values, values + rows * n), lengths, rows, n, pooling,
-             kernel_size, offset, out);
+  std::vector<float> src(values, values + rows * n);
+  pool_owned(src, lengths, rows, n, pooling, kernel_size, offset, out);
 }
 
 PolicyConfig for_budget(const PolicyConfig& cfg, int64_t total, int64_t num_keep,
@@ -693,7 +709,10 @@ void policy_scores(const PolicyConfig& cfg, const Candidates& c, float* out,
 }
 
 void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
-                 const uint8_t* random_bits, uint8_t* keep, const SelectionDetail* detail) {
+                 const uint8_t* random_bits, uint8_t* keep, const SelectionDetail* detail,
+                 SelectBuffers* buffers) {
+  SelectBuffers local;
+  SelectBuffers& buf = buffers != nullptr ? *buffers : local;
   validate(cfg);
   check_candidates(c);
   if (random_bits == nullptr && random_bits_size(cfg, c.num_heads, c.block_size,
@@ -701,13 +720,16 @@ void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
     throw std::invalid_argument("random_bits=null: allowed R * L * D bytes with a random "
                                 "anchor");
   if (cfg.kvcrush) {
-    kvcrush_select(cfg, c, num_keep, random_bits, keep, detail);
+    kvcrush_select(cfg, c, num_keep, random_bits, keep, detail, buf);
     return;
   }
   check_num_keep(num_keep);
-  const auto scores = cfg.importance == Importance::kStreaming ? std::vector<float>()
-                                                               : scores_of(cfg, c, std::nullopt);
-  std::vector<uint8_t> out;
+  std::vector<float>& scores = buf.scores;
+  if (cfg.importance == Importance::kStreaming)
+    scores.clear();
+  else
+    scores_into(cfg, c, std::nullopt, scores, buf.pooled);
+  std::vector<uint8_t>& out = buf.imp;
   importance_select(cfg, c, scores, num_keep, out);
   std::copy(out.begin(), out.end(), keep);
 }
@@ -726,7 +748,7 @@ const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
   validate(cfg);
   const SelectFn select = [&](const Candidates& c, int64_t num_keep, uint8_t* keep) {
     select_keep(for_budget(cfg, b.budget, num_keep, b.num_written), c, num_keep, random_bits,
-                keep);
+                keep, nullptr, &ws.select);
   };
   return plan_event(select, "policy", rows, b, ws);
 }

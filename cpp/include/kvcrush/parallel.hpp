@@ -1,17 +1,27 @@
-// Parallel loops over independent items (a (layer, head) row, a layer) with plain std::thread:
-// no thread pool, no global state, no spinning workers left behind between calls (the
-// inference runtime gets every core back as soon as a call returns).
+// Parallel loops over independent items (a (layer, head) row, a layer). Each thread that runs
+// a parallel loop owns a small pool of worker threads, made on its first loop and joined when
+// that thread ends: no process-wide state, and no spinning between loops (idle workers sleep on
+// a condition variable, so the inference runtime gets every core back as soon as a loop
+// returns). A pool saves starting and joining a thread per worker and loop, which costs tens of
+// microseconds each on a large VM (an eviction event runs about ten loops).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
 #endif
 
 namespace kvcrush {
@@ -32,35 +42,111 @@ inline int available_cores() {
 
 namespace detail {
 
-/// Joins every thread it holds when it goes out of scope (also on an exception).
-class ThreadGroup {
+/// Worker threads that run one job at a time for the thread that owns them.
+class WorkerPool {
  public:
-  ThreadGroup() = default;
-  ThreadGroup(const ThreadGroup&) = delete;
-  ThreadGroup& operator=(const ThreadGroup&) = delete;
-  ~ThreadGroup() {
-    for (auto& t : threads_)
-      if (t.joinable()) t.join();
+  explicit WorkerPool(int64_t workers) {
+    threads_.reserve(static_cast<size_t>(workers));
+    for (int64_t i = 0; i < workers; ++i) threads_.emplace_back([this] { loop(); });
   }
-  template <class F>
-  void spawn(F&& f) {
-    threads_.emplace_back(std::forward<F>(f));
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int64_t size() const { return static_cast<int64_t>(threads_.size()); }
+
+  /// Calls job(t) for t in [1, threads) on workers and job(0) here; returns when all returned.
+  /// job must not throw (parallel_for catches inside it).
+  void run(int64_t threads, const std::function<void(int64_t)>& job) {
+    const int64_t helpers = std::min(threads - 1, size());
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      wanted_ = helpers;
+      taken_ = 0;
+      pending_ = helpers;
+      ++generation_;
+    }
+    if (helpers > 0) wake_.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
   }
 
  private:
+  void loop() {
+    int64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (taken_ >= wanted_) continue;  // enough helpers for this job already
+      const int64_t id = ++taken_;
+      const auto* job = job_;
+      lock.unlock();
+      (*job)(id);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t generation_ = 0, wanted_ = 0, taken_ = 0, pending_ = 0;
+  bool stop_ = false;
   std::vector<std::thread> threads_;
+};
+
+/// True on a pool's worker and on a thread inside its own parallel loop: a nested loop runs on
+/// the calling thread (no pool of pools).
+inline bool& in_parallel_loop() {
+  thread_local bool inside = false;
+  return inside;
+}
+
+/// The calling thread's pool, with at least ``workers`` workers (made or grown on demand).
+inline WorkerPool& local_pool(int64_t workers) {
+  thread_local std::unique_ptr<WorkerPool> pool;
+#if defined(__unix__) || defined(__APPLE__)
+  thread_local pid_t owner = 0;
+  if (pool && owner != getpid()) (void)pool.release();  // a fork()ed child: those workers are
+  owner = getpid();                                      // not here; leave them, make new ones
+#endif
+  if (!pool || pool->size() < workers) {
+    pool.reset();
+    pool = std::make_unique<WorkerPool>(workers);
+  }
+  return *pool;
+}
+
+/// Sets in_parallel_loop() for the scope of a loop.
+class InsideLoop {
+ public:
+  InsideLoop() { in_parallel_loop() = true; }
+  ~InsideLoop() { in_parallel_loop() = false; }
+  InsideLoop(const InsideLoop&) = delete;
+  InsideLoop& operator=(const InsideLoop&) = delete;
 };
 
 }  // namespace detail
 
-/// Work (in elements touched) below which a call runs on the calling thread only: starting a
-/// thread costs tens of microseconds.
+/// Work (in elements touched) below which a call runs on the calling thread only: waking a
+/// worker and handing out chunks costs microseconds.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
 
 /// Calls ``fn(i)`` for every ``i`` in ``[0, n)`` on up to available_cores() threads (fewer when
 /// ``n * work_per_item`` is small), the calling thread included. Items are handed out in small
 /// chunks from a shared counter, so a thread the OS delays (a busy machine) holds up at most
-/// one chunk. The first exception thrown by any ``fn`` is rethrown here after every thread has
+/// one chunk. A loop inside another one runs on the calling thread. The first exception thrown by any ``fn`` is rethrown here after every thread has
 /// finished (the others stop taking new chunks).
 template <class F>
 void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
@@ -68,7 +154,7 @@ void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
   const int64_t by_work = std::max<int64_t>(1, n * std::max<int64_t>(work_per_item, 1) /
                                                    kMinWorkPerThread);
   const int64_t threads = std::min<int64_t>({static_cast<int64_t>(available_cores()), n, by_work});
-  if (threads <= 1) {
+  if (threads <= 1 || detail::in_parallel_loop()) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
@@ -89,10 +175,17 @@ void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
     }
   };
   {
-    detail::ThreadGroup group;
-    for (int64_t t = 1; t < threads; ++t) group.spawn([&work, t] { work(t); });
-    work(0);
-  }  // joins here
+    detail::InsideLoop inside;
+    const std::function<void(int64_t)> job = [&work](int64_t t) {
+      if (t == 0) {
+        work(t);
+        return;
+      }
+      detail::InsideLoop worker_inside;
+      work(t);
+    };
+    detail::local_pool(available_cores() - 1).run(threads, job);
+  }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }

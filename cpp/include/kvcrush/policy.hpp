@@ -171,14 +171,23 @@ struct SelectionDetail {
   uint8_t* bits = nullptr;
 };
 
+/// The large [L, H, N] temporaries of select_keep, kept by a caller between events (a
+/// PlanWorkspace holds one): fresh buffers of that size page-fault on every event once glibc
+/// has trimmed the heap. Contents are scratch; only their capacity carries over.
+struct SelectBuffers {
+  std::vector<float> scores, pooled, rest, other;
+  std::vector<uint8_t> imp, more, picks, bits, vectors, candidates, crush, both;
+};
+
 /// keep: u8 [L, H, N], 1 on every candidate that stays: ``num_keep * L * H`` in all, never in
 /// padding (budget moved between heads / layers as the Python policy does). random_bits: u8
 /// [R, L, D] (R = random anchors in cfg's anchor order, D = anchor_bits), read only when
 /// R > 0 (Python draws them from its np.random.Generator). Throws std::invalid_argument for an
 /// invalid cfg, num_keep < 0, or a budget above the candidates. Parallel over rows / layers.
+/// ``buffers``: scratch kept between calls (null: fresh buffers).
 void select_keep(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
                  const uint8_t* random_bits, uint8_t* keep,
-                 const SelectionDetail* detail = nullptr);
+                 const SelectionDetail* detail = nullptr, SelectBuffers* buffers = nullptr);
 
 // ---- one eviction event of one sequence, from its cached rows (kvcrush_ov.eviction.planner)
 
@@ -242,14 +251,15 @@ void check_keep(const Candidates& c, const uint8_t* keep, int64_t num_keep,
 using SelectFn = std::function<void(const Candidates& c, int64_t num_keep, uint8_t* keep)>;
 
 /// The buffers of plan_event kept by its caller from one event to the next (an evictor holds
-/// one): once they are large enough, an event allocates only select_keep's own temporaries
-/// (fresh buffers page-fault after glibc trims the heap). ``plan`` holds the last result.
+/// one): once they are large enough, an event allocates only small temporaries (fresh large
+/// buffers page-fault after glibc trims the heap). ``plan`` holds the last result.
 struct PlanWorkspace {
   std::vector<std::vector<int64_t>> order;  ///< per (layer, head): rows in position order
   std::vector<int64_t> sinks, recent, lengths;
   std::vector<float> scores, counts;
   std::vector<int64_t> positions;
   std::vector<uint8_t> keep;
+  SelectBuffers select;  ///< select_keep's, with the policy's own selection
   EventPlan plan;
 };
 
