@@ -1,6 +1,7 @@
 #include "kvcrush/policy.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -252,20 +253,41 @@ void top_up(const Candidates& c, const std::vector<uint8_t>& kept,
             const std::vector<float>& scores, const std::vector<int64_t>& extra,
             std::vector<uint8_t>& out, std::vector<float>& rest) {
   const int64_t n = c.n, rows = rows_of(c), heads = c.num_heads;
-  out.assign(kept.size(), 0);
-  if (std::all_of(extra.begin(), extra.end(), [](int64_t e) { return e == 0; })) return;
+  if (std::all_of(extra.begin(), extra.end(), [](int64_t e) { return e == 0; })) {
+    out.assign(kept.size(), 0);
+    return;
+  }
   std::vector<int64_t> spare(static_cast<size_t>(rows)), target(spare.size()), quota(spare.size());
-  for (int64_t r = 0; r < rows; ++r) {
+  rest.resize(scores.size());
+  parallel_for(rows, n * 2, [&](int64_t r) {  // the spare room, and the scores not kept
+    // local pointers: stores through them cannot move the vectors' own (the loops vectorize)
+    const uint8_t* k = kept.data() + r * n;
+    const float* v = scores.data() + r * n;
+    float* o = rest.data() + r * n;
     int64_t held = 0;
-    for (int64_t j = 0; j < n; ++j) held += kept[r * n + j];
+    for (int64_t j = 0; j < n; ++j) {
+      held += k[j];
+      o[j] = k[j] ? kNegInf : v[j];
+    }
     spare[r] = c.lengths[r] - held;
     target[r] = extra[r / heads];
-  }
+  });
   fit_budget(target.data(), spare.data(), c.num_layers, heads, quota.data());
-  rest.resize(scores.size());
-  for (size_t i = 0; i < rest.size(); ++i) rest[i] = kept[i] ? kNegInf : scores[i];
   top_k_rows(rest, rows, n, quota, out);
-  for (size_t i = 0; i < out.size(); ++i) out[i] &= static_cast<uint8_t>(!kept[i]);
+  parallel_for(rows, n, [&](int64_t r) {
+    const uint8_t* k = kept.data() + r * n;
+    uint8_t* o = out.data() + r * n;
+    for (int64_t j = 0; j < n; ++j) o[j] &= static_cast<uint8_t>(k[j] == 0);
+  });
+}
+
+/// a[i] |= b[i] over [rows, n], parallel over rows.
+void or_into(std::vector<uint8_t>& a, const std::vector<uint8_t>& b, int64_t rows, int64_t n) {
+  parallel_for(rows, n, [&](int64_t r) {
+    const uint8_t* from = b.data() + r * n;
+    uint8_t* to = a.data() + r * n;
+    for (int64_t j = 0; j < n; ++j) to[j] |= from[j];
+  });
 }
 
 /// int64 [L]: KVCrush's budget of every layer in units (tokens or blocks).
@@ -384,15 +406,16 @@ std::vector<uint8_t> choose(const KVCrushOptions& o, const Candidates& c,
 /// True when every head of every layer holds head 0's positions (and as many of them).
 bool same_positions(const Candidates& c) {
   const int64_t n = c.n;
-  for (int64_t l = 0; l < c.num_layers; ++l) {
+  std::atomic<bool> same{true};
+  parallel_for(c.num_layers, c.num_heads * n, [&](int64_t l) {
     const int64_t r0 = l * c.num_heads;
-    for (int64_t h = 1; h < c.num_heads; ++h)
+    for (int64_t h = 1; h < c.num_heads && same.load(std::memory_order_relaxed); ++h)
       if (c.lengths[r0 + h] != c.lengths[r0] ||
           !std::equal(c.positions + (r0 + h) * n, c.positions + (r0 + h + 1) * n,
                       c.positions + r0 * n))
-        return false;
-  }
-  return true;
+        same.store(false, std::memory_order_relaxed);
+  });
+  return same.load();
 }
 
 void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_keep,
@@ -417,7 +440,7 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   std::vector<int64_t> extra(k_imp);
   for (auto& e : extra) e -= base;
   top_up(c, imp, scores, extra, more, buf.rest);
-  for (size_t i = 0; i < imp.size(); ++i) imp[i] |= more[i];
+  or_into(imp, more, rows, n);
 
   if (o.bit_aggregation) scores_into(cfg, c, o.bit_aggregation, buf.other, buf.pooled);
   const std::vector<float>& bit_scores = o.bit_aggregation ? buf.other : scores;
@@ -445,17 +468,25 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   vectors.resize(static_cast<size_t>(layers * n * heads));
   candidates.resize(static_cast<size_t>(layers * n));
   parallel_for(layers, n * heads, [&](int64_t l) {
+    // local pointers: the u8 stores cannot alias them, so nothing is reloaded per entry
+    uint8_t* vec = vectors.data() + l * n * heads;
+    uint8_t* cand = candidates.data() + l * n;
+    const uint8_t* imp_p = imp.data();
+    const uint8_t* bits_p = bits.data();
+    const int64_t* idx_p = idx.data();
+    const uint8_t* found_p = found.data();
+    const int64_t* len = c.lengths;
     for (int64_t j = 0; j < n; ++j) {
       bool held_all = true, kept_any = false;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        const int64_t at = r * n + entry(r, j);
-        const bool f = held(r, j);
+        const int64_t at = r * n + (aligned ? j : idx_p[r * n + j]);
+        const bool f = aligned ? j < len[r] : found_p[r * n + j] != 0;
         held_all = held_all && f;
-        kept_any = kept_any || (f && imp[at]);
-        vectors[(l * n + j) * heads + h] = bits[at];
+        kept_any = kept_any || (f && imp_p[at]);
+        vec[j * heads + h] = bits_p[at];
       }
-      candidates[l * n + j] = static_cast<uint8_t>(held_all && !kept_any);
+      cand[j] = static_cast<uint8_t>(held_all && !kept_any);
     }
   });
   const auto chosen = choose(o, c, vectors, candidates, units, unit, random_bits);
@@ -465,24 +496,35 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   crush.assign(static_cast<size_t>(rows * n), 0);
   both.resize(crush.size());
   std::vector<int64_t> shortfall(static_cast<size_t>(layers));
-  for (int64_t l = 0; l < layers; ++l) {
+  parallel_for(layers, n * heads, [&](int64_t l) {
+    const uint8_t* chosen_l = chosen.data() + l * n;
+    uint8_t* crush_p = crush.data();
     int64_t picked = 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (!chosen[l * n + j]) continue;
+      if (!chosen_l[j]) continue;
       ++picked;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        if (held(r, j)) crush[r * n + entry(r, j)] = 1;
+        if (held(r, j)) crush_p[r * n + entry(r, j)] = 1;
       }
     }
     shortfall[l] = unit * units[l] - picked;
-  }
-  for (size_t i = 0; i < both.size(); ++i) both[i] = imp[i] | crush[i];
+    const uint8_t* x = imp.data() + l * heads * n;
+    const uint8_t* y = crush.data() + l * heads * n;
+    uint8_t* o = both.data() + l * heads * n;
+    for (int64_t i = 0; i < heads * n; ++i) o[i] = x[i] | y[i];
+  });
   top_up(c, both, scores, shortfall, more, buf.rest);
-  for (size_t i = 0; i < imp.size(); ++i) {
-    imp[i] |= more[i];
-    keep[i] = imp[i] | crush[i];
-  }
+  parallel_for(rows, n, [&](int64_t r) {
+    uint8_t* x = imp.data() + r * n;
+    const uint8_t* m = more.data() + r * n;
+    const uint8_t* y = crush.data() + r * n;
+    uint8_t* o = keep + r * n;
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] |= m[i];
+      o[i] = x[i] | y[i];
+    }
+  });
   if (detail != nullptr) {
     if (detail->importance) std::copy(imp.begin(), imp.end(), detail->importance);
     if (detail->crush) std::copy(crush.begin(), crush.end(), detail->crush);
@@ -756,14 +798,21 @@ const EventPlan& plan_event(const PolicyConfig& cfg, const SequenceRows& rows,
 void check_keep(const Candidates& c, const uint8_t* keep, int64_t num_keep,
                 std::string_view who) {
   const int64_t n = c.n, num_rows = rows_of(c);
-  int64_t kept = 0;
-  for (int64_t r = 0; r < num_rows; ++r) {
+  std::vector<int64_t> per_row(static_cast<size_t>(num_rows));
+  std::atomic<bool> padding{false};
+  parallel_for(num_rows, n, [&](int64_t r) {
     const uint8_t* row = keep + r * n;
     const int64_t len = std::max<int64_t>(c.lengths[r], 0);
-    for (int64_t j = len; j < n; ++j)
-      if (row[j]) throw PlanError(std::string(who) + ": keeps a padding entry");
-    for (int64_t j = 0; j < std::min(len, n); ++j) kept += row[j] != 0;
-  }
+    int64_t k = 0;
+    for (int64_t j = len; j < n; ++j) k += row[j] != 0;
+    if (k) padding.store(true);
+    k = 0;
+    for (int64_t j = 0; j < std::min(len, n); ++j) k += row[j] != 0;
+    per_row[r] = k;
+  });
+  if (padding.load()) throw PlanError(std::string(who) + ": keeps a padding entry");
+  int64_t kept = 0;
+  for (int64_t k : per_row) kept += k;
   const int64_t want = num_keep * num_rows;
   if (kept != want)
     throw PlanError(std::string(who) + ": kept " + std::to_string(kept) +
@@ -884,12 +933,15 @@ const EventPlan& plan_event(const SelectFn& select, std::string_view who,
   check_keep(c, keep.data(), plan.num_keep, who);
   // Kept rows in row order: sinks, kept candidates and the recent window, by their rows.
   plan.keep_offsets.assign(static_cast<size_t>(num_rows + 1), 0);
-  for (int64_t r = 0; r < num_rows; ++r) {
+  parallel_for(num_rows, n, [&](int64_t r) {  // kept per row, then their running sum
     int64_t k = 0;
     for (int64_t j = 0; j < lengths[r]; ++j) k += keep[r * n + j];
+    plan.keep_offsets[r + 1] = k;
+  });
+  for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t rows_r = off[r + 1] - off[r];
-    plan.keep_offsets[r + 1] =
-        plan.keep_offsets[r] + k + std::min(rows_r, plan.num_sinks + plan.num_recent);
+    plan.keep_offsets[r + 1] += plan.keep_offsets[r] + std::min(rows_r, plan.num_sinks +
+                                                                             plan.num_recent);
   }
   plan.keep_rows.resize(static_cast<size_t>(plan.keep_offsets[num_rows]));
   parallel_for(num_rows, n * 2, [&](int64_t r) {

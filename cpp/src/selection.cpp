@@ -127,8 +127,7 @@ template <class T>
 void top_k_mask(const T* values, int64_t rows, int64_t n, const int64_t* k, uint8_t* out) {
   check_dims({{"rows", rows}, {"n", n}});
   parallel_for(rows, n, [&](int64_t r) {
-    // kept per thread between rows and calls (the pool's workers live on): no allocation per row
-    thread_local TopKScratch<KeyOf<T>> scratch;
+    TopKScratch<KeyOf<T>> scratch;
     top_k_clipped(values + r * n, n, k[r], out + r * n, scratch);
   });
 }
