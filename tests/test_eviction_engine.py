@@ -108,6 +108,9 @@ def test_budget_is_exact_after_every_eviction(tiny_model, tiny_tok, importance, 
             total = int(t.lens.sum())
             if s.num_computed < len(s.prompt_ids):
                 continue  # nothing is evicted in the middle of a prompt
+            if s.seq_id in eng.evictor.pending:  # GenAI's order: the first token came first,
+                assert total == len(s.prompt_ids) * layers * heads  # the prompt's eviction
+                continue  # runs at the start of the next step
             # once the prompt is in: never more than budget + interval per head
             assert total <= (budget + interval) * layers * heads
             if t.evictions > seen["evictions"]:
@@ -183,8 +186,43 @@ def test_prefill_mode_evicts_once_and_then_grows(tiny_model, tiny_tok):
     run(eng, [ids_of(tiny_tok, 300)], GenerationConfig(max_new_tokens=30, ignore_eos=True),
         check)
     assert eng.evictor.stats.events == 1
-    # the budget, then one more token per decode step (the last step frees the table)
-    assert sizes[sizes.index(96):] == list(range(96, 96 + 29))
+    # the whole prompt until the next step (GenAI's order: the first token is handed out
+    # before the prompt's eviction), then the budget and one more token per decode step (the
+    # last step frees the table)
+    assert sizes[sizes.index(300):] == [300] + list(range(97, 96 + 29))
+
+
+def test_first_token_comes_before_the_prompt_end_eviction(tiny_model, tiny_tok):
+    """GenAI's order: the step that samples the first token leaves the prompt's eviction
+    pending; the next step runs it before its forward, and the tokens equal those of an
+    engine that evicts before sampling (the logits never depended on it)."""
+    eng = build(tiny_model, spec("snapkv", 96, True, mode="prefill"))
+    layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
+    seen = []
+
+    def check(eng, seqs):
+        s = seqs[0]
+        t = eng.kv.tables.get(s.seq_id)
+        if t is not None:
+            seen.append((s.sampler.num_generated, s.seq_id in eng.evictor.pending,
+                         eng.evictor.stats.events, int(t.lens.sum()) // (layers * heads)))
+
+    prompts = [ids_of(tiny_tok, 300)]
+    g = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    deferred = run(eng, prompts, g, check)
+    first = seen.index(next(x for x in seen if x[0] == 1))
+    assert seen[first] == (1, True, 0, 300)  # first token out, nothing evicted yet
+    assert seen[first + 1] == (2, False, 1, 97)  # evicted to 96, then one decoded token
+    eager = build(tiny_model, spec("snapkv", 96, True, mode="prefill"))
+    eager.evictor.after_step = _no_defer(eager.evictor.after_step)
+    assert run(eager, prompts, g) == deferred
+    assert eager.evictor.stats.events == 1
+
+
+def _no_defer(after_step):
+    def call(chunks, windows, scores, defer=False):
+        return after_step(chunks, windows, scores, defer=False)
+    return call
 
 
 def test_memory_shrinks_and_freed_blocks_serve_others(tiny_model, tiny_tok):

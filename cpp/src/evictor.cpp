@@ -121,6 +121,7 @@ void Evictor::begin(int64_t prompt_tokens) {
   scores_.reset(static_cast<size_t>(runner_.num_layers()),
                 static_cast<size_t>(runner_.num_kv_heads()));
   evictions_ = kvcrush_tokens_ = 0;
+  pending_ = false;
   log_.clear();
 }
 
@@ -158,12 +159,17 @@ void Evictor::after_step(HeadTable& t, int64_t start, int64_t count, int64_t win
     for (int64_t q = end - window; q < end; ++q) scores_.query_positions.push_back(q);
   }
   const double held = t.mean_len();
-  bool due = false;
   if (end == prefill_end_)
-    due = held > static_cast<double>(budget_);
-  else if (plan_.continuous && end > prefill_end_)
-    due = held >= static_cast<double>(budget_ + plan_.evict_interval);
-  if (due) evict(t);
+    pending_ = held > static_cast<double>(budget_);  // after the first token (flush)
+  else if (plan_.continuous && end > prefill_end_ &&
+           held >= static_cast<double>(budget_ + plan_.evict_interval))
+    evict(t);
+}
+
+void Evictor::flush(HeadTable& t) {
+  if (!pending_) return;
+  pending_ = false;
+  evict(t);
 }
 
 void Evictor::evict(HeadTable& t) {
@@ -186,7 +192,8 @@ void Evictor::evict(HeadTable& t) {
                              static_cast<int64_t>(H)};
   const EventBudget b{budget_, plan_.start_size, plan_.recent_size, t.num_written,
                       runner_.block_size()};
-  const EventPlan plan = plan_event(plan_.policy, rows_in, b, nullptr);  // no random anchor
+  // no random anchor; the plan lives in workspace_ until the next event
+  const EventPlan& plan = plan_event(plan_.policy, rows_in, b, nullptr, workspace_);
   // kept rows (sorted) -> fill_holes' order for the compaction
   Rows rows(L, std::vector<std::vector<int64_t>>(H));
   for (size_t i = 0; i < L * H; ++i) {

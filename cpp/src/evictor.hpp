@@ -51,9 +51,15 @@ class Evictor {
   /// Queries of the step that wrote positions [start, start + count) whose scores are needed
   /// (the rows of ``t`` include them); 0: none.
   int64_t window(const HeadTable& t, int64_t start, int64_t count) const;
-  /// After the step's inference: accumulate its scores (``window`` > 0), then evict if due.
+  /// After the step's inference: accumulate its scores (``window`` > 0), then evict if due;
+  /// the eviction due at the prompt's end waits (pending()) so that the first token is
+  /// handed out without it (GenAI's order; Python: Evictor.pending).
   void after_step(HeadTable& t, int64_t start, int64_t count, int64_t window,
                   const std::vector<std::vector<float>>& scores);
+  /// Whether the prompt's eviction waits for flush().
+  bool pending() const { return pending_; }
+  /// Runs the pending eviction (call before the next step writes the cache).
+  void flush(HeadTable& t);
 
   int64_t budget() const { return budget_; }
   int64_t num_evictions() const { return evictions_; }
@@ -68,6 +74,8 @@ class Evictor {
   HeadRunner& runner_;
   SequenceScores scores_;
   int64_t prefill_end_ = 0, budget_ = 0, evictions_ = 0, kvcrush_tokens_ = 0;
+  bool pending_ = false;
+  PlanWorkspace workspace_;  ///< plan_event's buffers, kept between events
   std::vector<EvictionRecord> log_;
 };
 

@@ -217,6 +217,7 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
                                scheduler.max_num_batched_tokens);
     const float* logits = nullptr;
     if (heads) {
+      evictor->flush(table);  // the prompt's eviction, after the first token was handed out
       heads->append(table, n);
       r.peak_kv_bytes = std::max(r.peak_kv_bytes, held_bytes());
       const int64_t window = evictor->window(table, start, n);

@@ -176,6 +176,8 @@ class LLMEngine:
         evict_turn: False keeps every token of this turn and evicts nothing more (the
         query-agnostic protocol: the context was compressed before the question was seen).
         """
+        if self.evictor is not None:
+            self.evictor.flush(session)
         dropped = (session.is_finished and session.extra.get("keep_cache")
                    and session.seq_id not in self.kv.tables)  # memory ran short: recompute
         if session not in self.scheduler.parked and not dropped:
@@ -273,6 +275,8 @@ class LLMEngine:
             raise ValueError("fork(eviction=...) needs an engine built with eviction")
         if parent.status is not Status.RUNNING or parent.num_computed < len(parent.prompt_ids):
             raise ValueError("only a running sequence whose prompt is computed can be forked")
+        if self.evictor is not None:
+            self.evictor.flush(parent)  # the child shares the compressed cache
         child = Sequence(seq_id=next(self._ids), prompt_ids=list(parent.prompt_ids),
                          sampler=copy.deepcopy(parent.sampler), status=Status.RUNNING,
                          num_computed=parent.num_computed, arrival=parent.arrival,
@@ -327,6 +331,11 @@ class LLMEngine:
     def abort(self, seq: Sequence, keep_cache: bool = False) -> None:
         """Stop ``seq`` now; with ``keep_cache`` (a session's turn cut short) its cache stays
         parked for the next turn."""
+        if self.evictor is not None:
+            if keep_cache:
+                self.evictor.flush(seq)
+            else:
+                self.evictor.forget(seq)
         if not seq.is_finished:
             self.scheduler.finish(seq, keep_cache)
         if self.fastkv is not None:
@@ -347,6 +356,8 @@ class LLMEngine:
         return out
 
     def _step(self) -> StepOutput:
+        if self.evictor is not None and self.evictor.pending:
+            self.evictor.flush()  # last step's prompt-end evictions, before anything is placed
         out = self.scheduler.schedule()
         if self.replay is not None:
             for seq in out.preempted:  # a part-wise replay reads its prompt again
@@ -384,6 +395,11 @@ class LLMEngine:
                     seq.first_token_time = now
                 seq.last_token_time = now
                 if reason is not None:
+                    if self.evictor is not None:  # a parked cache is a compressed one
+                        if seq.extra.get("keep_cache", False):
+                            self.evictor.flush(seq)
+                        else:
+                            self.evictor.forget(seq)
                     self.scheduler.finish(seq, seq.extra.get("keep_cache", False))
                     finished.append(seq)
                     if self.fastkv is not None:
@@ -432,7 +448,10 @@ class LLMEngine:
             logits, scores = self.fastkv.run(out.chunks, tables, windows, self.evictor.spec_of)
         else:
             logits, scores = self.runner.run_heads(out.chunks, tables, windows)
-        self.evictor.after_step(out.chunks, windows, scores)
+        # the first token before the prompt-end eviction (evictor doc), unless a KVzip replay or
+        # FastKV's propagation acts on the prompt's end
+        self.evictor.after_step(out.chunks, windows, scores,
+                                defer=self.replay is None and self.fastkv is None)
         return logits
 
     def check_invariants(self) -> None:

@@ -4,6 +4,12 @@ bookkeeping after a policy decided (compaction of the cache, freeing, scores, lo
 Per sequence (in ``seq.extra``): ``prefill_end`` (tokens computed before the first sample),
 ``budget`` (tokens per layer and head after an eviction), ``scores`` (SequenceScores) and, with
 ``EvictionSpec.log``, ``eviction_log`` (a list of :class:`EvictionRecord`).
+
+GenAI's order at the prompt's end: the step that computes a prompt's last chunk samples its
+first token before the eviction it makes due; that eviction waits in :attr:`Evictor.pending`
+until the engine's next step (:meth:`Evictor.flush`), so the first token is handed out without
+it (the time to first token does not include the event). Nothing else changes: the logits of
+that step never depended on the eviction.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class Evictor:
         # the score layout of the runner's graph (one "head" per layer on the plain graph)
         self.layout = PerHeadLayout(runner.num_layers, runner.num_kv_heads)
         self._planner = _core.EventPlanner()  # plan_event's buffers, kept between events
+        # prompt-end evictions deferred past the first token (module doc), by seq_id
+        self.pending: dict[int, Sequence] = {}
 
     # ------------------------------------------------------------------ per request
     def spec_of(self, seq: Sequence) -> EvictionSpec:
@@ -181,9 +189,10 @@ class Evictor:
         return c.num_tokens if held + spec.decode_window > self._decode_limit(ex, spec) else 0
 
     def after_step(self, chunks: list[ScheduledChunk], windows: list[int] | None,
-                   scores: list[np.ndarray] | None) -> None:
+                   scores: list[np.ndarray] | None, defer: bool = False) -> None:
         """Accumulate this step's scores, then evict every sequence that is due (called right
-        after the step's inference, before sampling)."""
+        after the step's inference, before sampling). ``defer``: a chunk that ends its prompt
+        and samples puts its eviction in :attr:`pending` instead (module doc)."""
         if windows is not None and scores is not None:
             upstream = any(c.seq.extra.get("upstream") is not None for c in chunks)
             own = any(w and c.seq.extra.get("upstream") is None
@@ -196,7 +205,22 @@ class Evictor:
                     self._accumulate(chunks, windows, segs)
         for c in chunks:
             if self.spec_of(c.seq).genai is None and self._due(c):
-                self.evict(c.seq)
+                if defer and c.sample and c.start + c.num_tokens == c.seq.extra["prefill_end"]:
+                    self.pending[c.seq.seq_id] = c.seq
+                else:
+                    self.evict(c.seq)
+
+    def flush(self, seq: Sequence | None = None) -> None:
+        """Run the deferred evictions (``seq``'s only, or all) of sequences that still hold a
+        cache; a sequence whose cache is gone has nothing to evict."""
+        for seq_id in [seq.seq_id] if seq is not None else list(self.pending):
+            pending = self.pending.pop(seq_id, None)
+            if pending is not None and seq_id in self.kv.tables:
+                self.evict(pending)
+
+    def forget(self, seq: Sequence) -> None:
+        """Drop ``seq``'s deferred eviction (its cache is being freed)."""
+        self.pending.pop(seq.seq_id, None)
 
     def _upstream_step(self, chunks: list[ScheduledChunk], windows: list[int],
                        segs: list[list[list[np.ndarray]]]) -> None:
