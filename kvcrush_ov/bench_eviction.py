@@ -77,14 +77,15 @@ def selection(model: str, prompt_tokens: int = 4096, new_tokens: int = 64,
 
 def ttft(model: str, precision: str = "u8", warmups: int = 1, repeats: int = 5,
          prompt: str | None = None) -> list[Figure]:
-    """Median TTFT of ``prompt`` (default: the demo's; no chat template, one new token) with the
-    full cache, with the per-head graph but nothing evicted (``max_cache_size=1.0``: what the
-    graph costs) and with ``CacheEvictionConfig()``, after ``warmups`` requests each, the
-    pipelines alternating request by request (load beside the run hits them alike)."""
+    """Median TTFT of ``prompt`` (default: the demo's; no chat template, two new tokens, so
+    that the prompt's eviction runs: after the first token, GenAI's order) with the full
+    cache, with the per-head graph but nothing evicted (``max_cache_size=1.0``: what the graph
+    costs) and with ``CacheEvictionConfig()``, after ``warmups`` requests each, the pipelines
+    alternating request by request (load beside the run hits them alike)."""
     from kvcrush_ov.demo import build_prompt
 
     prompt = build_prompt() if prompt is None else prompt
-    g = GenerationConfig(max_new_tokens=1, apply_chat_template=False)
+    g = GenerationConfig(max_new_tokens=2, ignore_eos=True, apply_chat_template=False)
     kv = KVCacheConfig(precision=precision)
     pipes = {"full": Pipeline(model, kv_cache=kv, eviction=None),
              "graph": Pipeline(model, kv_cache=kv,

@@ -370,7 +370,8 @@ def test_the_taper_turns_kvcrush_off_when_the_cache_keeps_an_eighth_or_less(tiny
         pipe = Pipeline(tiny_model, eviction=CacheEvictionConfig(
             max_cache_size=96, start_size=8, recent_size=16, mode="prefill", log=True,
             kvcrush=crush))
-        out = pipe.generate(prompt_of_length(pipe.tokenizer, 800), max_new_tokens=1,
+        # two tokens: the prompt's eviction runs after the first one (GenAI's order)
+        out = pipe.generate(prompt_of_length(pipe.tokenizer, 800), max_new_tokens=2,
                             apply_chat_template=False)
         (rec,) = out.metrics[0].eviction_log
         return [[sorted(p.tolist()) for p in row] for row in rec.kept]

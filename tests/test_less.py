@@ -166,7 +166,8 @@ def test_state_folds_exactly_the_evicted_tokens(tiny_model: Path, tmp_path: Path
     path = w.save(tmp_path / "w.npz")
     ids = _ids(120, seed=3)
     eng = _engine(tiny_model, precision, path)
-    seq = eng.add_request(ids, GenerationConfig(max_new_tokens=1, ignore_eos=True), set(),
+    # two tokens: the prompt's eviction runs after the first one is handed out (GenAI's order)
+    seq = eng.add_request(ids, GenerationConfig(max_new_tokens=2, ignore_eos=True), set(),
                           lambda x: "")
     # full K / V of the prompt: a run that never evicts, its cache parked when it finishes
     ref = _engine(tiny_model, precision, None, budget=10_000)
