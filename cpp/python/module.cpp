@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -1010,23 +1011,36 @@ std::string openvino_compiled_version() {
 
 /// parallel_for over [0, n) on its pool (tests/test_parallel.py): (sum of the indices, threads
 /// that ran items); fail_at >= 0 throws std::runtime_error("item <fail_at>") there; nested runs
-/// an inner loop of ``n`` items inside every item (sum then n * n(n-1)/2).
+/// an inner loop of ``n`` items inside every item (sum then n * n(n-1)/2); meet: item 0 waits
+/// (up to 10 s) until a second thread has run an item, so that a loop given two threads is
+/// seen using them however late a worker wakes.
 std::pair<int64_t, int64_t> parallel_check(int64_t n, int64_t work_per_item, int64_t fail_at,
-                                           bool nested) {
+                                           bool nested, bool meet) {
   std::atomic<int64_t> sum{0};
   std::mutex m;
   std::vector<std::thread::id> seen;
+  auto threads_seen = [&] {
+    std::lock_guard<std::mutex> lock(m);
+    return seen.size();
+  };
   kvcrush::parallel_for(n, work_per_item, [&](int64_t i) {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
+        seen.push_back(std::this_thread::get_id());
+    }
     if (i == fail_at) throw std::runtime_error("item " + std::to_string(i));
     if (nested)
       kvcrush::parallel_for(n, work_per_item, [&](int64_t j) { sum += j; });
     else
       sum += i;
-    std::lock_guard<std::mutex> lock(m);
-    if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
-      seen.push_back(std::this_thread::get_id());
+    if (meet && i == 0) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (threads_seen() < 2 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
   });
-  return {sum.load(), static_cast<int64_t>(seen.size())};
+  return {sum.load(), static_cast<int64_t>(threads_seen())};
 }
 
 }  // namespace
@@ -1036,7 +1050,7 @@ NB_MODULE(_core, m) {
   m.def("available_cores", &kvcrush::available_cores,
         "Cores the kernels may use (the process's CPU affinity).");
   m.def("parallel_check", &parallel_check, nb::arg("n"), nb::arg("work_per_item"),
-        nb::arg("fail_at") = -1, nb::arg("nested") = false,
+        nb::arg("fail_at") = -1, nb::arg("nested") = false, nb::arg("meet") = false,
         "(sum of the indices, threads used) of one parallel loop (tests only).");
   m.def("anchor_kinds", &kvcrush::anchor_kinds, "The anchor names KVCrush allows.");
   // One overload per dtype, tried without conversion first (the Python wrapper casts).

@@ -459,29 +459,32 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
     found.resize(idx.size());
     match_heads(c.positions, c.lengths, layers, heads, n, idx.data(), found.data());
   }
-  auto entry = [&](int64_t r, int64_t j) { return aligned ? j : idx[r * n + j]; };
-  auto held = [&](int64_t r, int64_t j) {
-    return aligned ? j < c.lengths[r] : found[r * n + j] != 0;
+  // By value (pointers): a loop copies them into locals, which its u8 stores cannot alias.
+  const int64_t* idx_p = idx.data();
+  const uint8_t* found_p = found.data();
+  const int64_t* len = c.lengths;
+  const auto entry = [=](int64_t r, int64_t j) { return aligned ? j : idx_p[r * n + j]; };
+  const auto held = [=](int64_t r, int64_t j) {
+    return aligned ? j < len[r] : found_p[r * n + j] != 0;
   };
   std::vector<uint8_t>& vectors = buf.vectors;  // every entry written below
   std::vector<uint8_t>& candidates = buf.candidates;
   vectors.resize(static_cast<size_t>(layers * n * heads));
   candidates.resize(static_cast<size_t>(layers * n));
   parallel_for(layers, n * heads, [&](int64_t l) {
-    // local pointers: the u8 stores cannot alias them, so nothing is reloaded per entry
+    // locals: the u8 stores cannot alias them, so nothing is reloaded per entry
     uint8_t* vec = vectors.data() + l * n * heads;
     uint8_t* cand = candidates.data() + l * n;
     const uint8_t* imp_p = imp.data();
     const uint8_t* bits_p = bits.data();
-    const int64_t* idx_p = idx.data();
-    const uint8_t* found_p = found.data();
-    const int64_t* len = c.lengths;
+    const auto entry_of = entry;
+    const auto held_at = held;
     for (int64_t j = 0; j < n; ++j) {
       bool held_all = true, kept_any = false;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        const int64_t at = r * n + (aligned ? j : idx_p[r * n + j]);
-        const bool f = aligned ? j < len[r] : found_p[r * n + j] != 0;
+        const int64_t at = r * n + entry_of(r, j);
+        const bool f = held_at(r, j);
         held_all = held_all && f;
         kept_any = kept_any || (f && imp_p[at]);
         vec[j * heads + h] = bits_p[at];
@@ -499,13 +502,15 @@ void kvcrush_select(const PolicyConfig& cfg, const Candidates& c, int64_t num_ke
   parallel_for(layers, n * heads, [&](int64_t l) {
     const uint8_t* chosen_l = chosen.data() + l * n;
     uint8_t* crush_p = crush.data();
+    const auto entry_of = entry;
+    const auto held_at = held;
     int64_t picked = 0;
     for (int64_t j = 0; j < n; ++j) {
       if (!chosen_l[j]) continue;
       ++picked;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t r = l * heads + h;
-        if (held(r, j)) crush_p[r * n + entry(r, j)] = 1;
+        if (held_at(r, j)) crush_p[r * n + entry_of(r, j)] = 1;
       }
     }
     shortfall[l] = unit * units[l] - picked;

@@ -332,10 +332,7 @@ class LLMEngine:
         """Stop ``seq`` now; with ``keep_cache`` (a session's turn cut short) its cache stays
         parked for the next turn."""
         if self.evictor is not None:
-            if keep_cache:
-                self.evictor.flush(seq)
-            else:
-                self.evictor.forget(seq)
+            self.evictor.settle(seq, keep_cache)
         if not seq.is_finished:
             self.scheduler.finish(seq, keep_cache)
         if self.fastkv is not None:
@@ -395,12 +392,10 @@ class LLMEngine:
                     seq.first_token_time = now
                 seq.last_token_time = now
                 if reason is not None:
-                    if self.evictor is not None:  # a parked cache is a compressed one
-                        if seq.extra.get("keep_cache", False):
-                            self.evictor.flush(seq)
-                        else:
-                            self.evictor.forget(seq)
-                    self.scheduler.finish(seq, seq.extra.get("keep_cache", False))
+                    keep = seq.extra.get("keep_cache", False)
+                    if self.evictor is not None:
+                        self.evictor.settle(seq, keep)
+                    self.scheduler.finish(seq, keep)
                     finished.append(seq)
                     if self.fastkv is not None:
                         self.fastkv.forget(seq)

@@ -218,9 +218,13 @@ class Evictor:
             if pending is not None and seq_id in self.kv.tables:
                 self.evict(pending)
 
-    def forget(self, seq: Sequence) -> None:
-        """Drop ``seq``'s deferred eviction (its cache is being freed)."""
-        self.pending.pop(seq.seq_id, None)
+    def settle(self, seq: Sequence, keep_cache: bool) -> None:
+        """``seq`` finishes: a cache parked for the next turn is compressed now (its deferred
+        eviction runs); a cache being freed has nothing to evict (the deferral is dropped)."""
+        if keep_cache:
+            self.flush(seq)
+        else:
+            self.pending.pop(seq.seq_id, None)
 
     def _upstream_step(self, chunks: list[ScheduledChunk], windows: list[int],
                        segs: list[list[list[np.ndarray]]]) -> None:

@@ -3,7 +3,7 @@
 // that thread ends: no process-wide state, and no spinning between loops (idle workers sleep on
 // a condition variable, so the inference runtime gets every core back as soon as a loop
 // returns). A pool saves starting and joining a thread per worker and loop, which costs tens of
-// microseconds each on a large VM (an eviction event runs about ten loops).
+// microseconds each on a large VM (an eviction event runs several loops).
 #pragma once
 
 #include <algorithm>
@@ -41,6 +41,13 @@ inline int available_cores() {
 }
 
 namespace detail {
+
+/// True on a pool's worker and on a thread inside its own parallel loop: a nested loop runs on
+/// the calling thread (no pool of pools).
+inline bool& in_parallel_loop() {
+  thread_local bool inside = false;
+  return inside;
+}
 
 /// Worker threads that run one job at a time for the thread that owns them.
 class WorkerPool {
@@ -82,6 +89,7 @@ class WorkerPool {
 
  private:
   void loop() {
+    in_parallel_loop() = true;  // a worker only ever runs items of a loop
     int64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
@@ -105,13 +113,6 @@ class WorkerPool {
   bool stop_ = false;
   std::vector<std::thread> threads_;
 };
-
-/// True on a pool's worker and on a thread inside its own parallel loop: a nested loop runs on
-/// the calling thread (no pool of pools).
-inline bool& in_parallel_loop() {
-  thread_local bool inside = false;
-  return inside;
-}
 
 /// The calling thread's pool, with at least ``workers`` workers (made or grown on demand).
 inline WorkerPool& local_pool(int64_t workers) {
@@ -146,8 +147,9 @@ constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
 /// Calls ``fn(i)`` for every ``i`` in ``[0, n)`` on up to available_cores() threads (fewer when
 /// ``n * work_per_item`` is small), the calling thread included. Items are handed out in small
 /// chunks from a shared counter, so a thread the OS delays (a busy machine) holds up at most
-/// one chunk. A loop inside another one runs on the calling thread. The first exception thrown by any ``fn`` is rethrown here after every thread has
-/// finished (the others stop taking new chunks).
+/// one chunk. A loop inside another one runs on the calling thread. The first exception thrown
+/// by any ``fn`` is rethrown here after every thread has finished (the others stop taking new
+/// chunks).
 template <class F>
 void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
   if (n <= 0) return;
@@ -176,15 +178,7 @@ void parallel_for(int64_t n, int64_t work_per_item, F&& fn) {
   };
   {
     detail::InsideLoop inside;
-    const std::function<void(int64_t)> job = [&work](int64_t t) {
-      if (t == 0) {
-        work(t);
-        return;
-      }
-      detail::InsideLoop worker_inside;
-      work(t);
-    };
-    detail::local_pool(available_cores() - 1).run(threads, job);
+    detail::local_pool(available_cores() - 1).run(threads, work);
   }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);

@@ -172,8 +172,8 @@ struct SelectionDetail {
 };
 
 /// The large [L, H, N] temporaries of select_keep, kept by a caller between events (a
-/// PlanWorkspace holds one): fresh buffers of that size page-fault on every event once glibc
-/// has trimmed the heap. Contents are scratch; only their capacity carries over.
+/// PlanWorkspace holds one), so that an event does not allocate them again. Contents are
+/// scratch; only their capacity carries over.
 struct SelectBuffers {
   std::vector<float> scores, pooled, rest, other;
   std::vector<uint8_t> imp, more, picks, bits, vectors, candidates, crush, both;
