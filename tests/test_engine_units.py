@@ -418,3 +418,47 @@ def test_a_request_the_whole_cache_cannot_hold_fails_instead_of_restarting_forev
         c.sampler.output_ids.append(1)
         out = s2.schedule()
     assert out.preempted == [c]
+
+
+class _Recorder:
+    """Stands in for an ov.InferRequest: records set_tensor calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.tensors: dict[str, object] = {}
+
+    def set_tensor(self, name: str, tensor: object) -> None:
+        self.calls.append(name)
+        self.tensors[name] = tensor
+
+
+def test_table_buffers_bind_once_and_rewrite_in_place():
+    from kvcrush_ov.engine.head_model_runner import TableBuffers
+
+    req = _Recorder()
+    bufs = TableBuffers(num_layers=3)
+    begins = np.array([[0, 2, 5], [0, 1, 3]])
+    bufs.write(req, range(1, 3), [[4, 5, 6, 7, 8], [9, 10, 11]], begins)
+    assert sorted(req.calls) == ["block_indices.1", "block_indices.2",
+                                 "block_indices_begins.1", "block_indices_begins.2"]
+    view = req.tensors["block_indices.1"].data
+    assert view[:5].tolist() == [4, 5, 6, 7, 8] and len(view) >= 5
+    req.calls.clear()
+    # shorter tables (an eviction): written into the bound buffers, no set_tensor call
+    bufs.write(req, range(1, 3), [[3, 2], [1]], np.array([[0, 1, 2], [0, 1, 1]]))
+    assert req.calls == []
+    assert req.tensors["block_indices.1"].data[:2].tolist() == [3, 2]
+    assert req.tensors["block_indices_begins.2"].data.tolist() == [0, 1, 1]
+    # a layer never bound before is bound; then tables beyond the capacity rebind every layer
+    bufs.write(req, range(0, 1), [[1]], np.array([[0, 1, 1]]))
+    assert sorted(req.calls) == ["block_indices.0", "block_indices_begins.0"]
+    req.calls.clear()
+    big = list(range(100))
+    bufs.write(req, range(0, 3), [big, big, big], np.array([[0, 50, 100]] * 3))
+    assert len(req.calls) == 6
+    assert req.tensors["block_indices.2"].data[:100].tolist() == big
+    # another number of subsequences rebinds the begins (and indices) of the written layers
+    req.calls.clear()
+    bufs.write(req, range(0, 1), [[7]], np.array([[0, 1]]))
+    assert sorted(req.calls) == ["block_indices.0", "block_indices_begins.0"]
+    assert req.tensors["block_indices_begins.0"].data.tolist() == [0, 1]

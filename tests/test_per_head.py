@@ -334,6 +334,30 @@ def test_tiny_matches_plain_same_memory(tiny_model: Path) -> None:
                                    tensor.data, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+class PaddedRunner(Runner):
+    """Runner whose ``block_indices.L`` carry trailing junk (valid block ids of other heads):
+    what kvcrush_ov's HeadModelRunner leaves after a table shrinks (TableBuffers)."""
+
+    calls = 0
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.calls += 1  # junk of another length and order every step
+        junk = np.roll(np.arange(self.calls + 3), self.calls)
+        padded = {name: (np.concatenate([value, junk]).astype(np.int32)
+                         if name.startswith("block_indices.") else value)
+                  for name, value in inputs.items()}
+        return super().infer(padded)
+
+
+def test_tiny_padded_block_indices_match_plain(tiny_model: Path) -> None:
+    """PagedAttention reads only block_indices[begins[j]:begins[j+1]]: padding changes
+    nothing (the runner binds longer buffers once and rewrites them in place)."""
+    plain, head, layout = make_runners(tiny_model, F32)
+    head.__class__ = PaddedRunner
+    mapping = scrambled(layout.num_kv_heads, layout.num_layers, seed=5)
+    compare(plain, head, layout, [mapping] * 3, 1e-5, 1e-5, 1e-7)
+
+
 def test_tiny_independent_head_tables(tiny_model: Path) -> None:
     """Random per-layer pool permutations; then head 0 of layer 1 moves to fresh blocks.
 
