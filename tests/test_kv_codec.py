@@ -537,6 +537,9 @@ def test_smollm2_compaction_figures(smollm2_fp16):
     full, sub = _smol_run(Runner(smollm2_fp16, "u8", nb), ids, list(range(SMOL_PROMPT)),
                           lossless=False)
     gap = float(np.abs(full - sub).max())
+    # two steps of bf16 logits at their largest magnitude (0.25 apart from 32 to 64): what an
+    # AMX Xeon's bf16 inference gave here (0.5 exactly); an f32 machine stays far below
+    step = 2.0 ** (np.floor(np.log2(float(np.abs(full).max()))) - 7)
     print(f"SmolLM2 u8: identity compaction with every key block re-quantized: max |diff| "
-          f"{gap:.4f}")
-    assert gap < 0.5
+          f"{gap:.4f} (bf16 step {step})")
+    assert gap <= max(0.5, 2 * step)

@@ -9,6 +9,15 @@
 
 #include "kvcrush/parallel.hpp"
 
+// The re-quantization's loops are vectorized for the CPU the process runs on (GCC / Clang on
+// x86-64 pick the clone at load time); every clone rounds the same (-ffp-contract=off, no
+// reassociation), so the results are bit for bit those of the portable build.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
+#define KVCRUSH_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KVCRUSH_CPU_CLONES
+#endif
+
 namespace kvcrush {
 
 namespace {
@@ -59,8 +68,7 @@ void check_moves(int64_t num_blocks, const BlockLayout& layout, const int64_t* d
 
 /// Builds destination ``i``'s new head-block into ``out`` (zeroed, head_block_bytes).
 void build_block(const uint8_t* cache, int64_t stride, const BlockLayout& layout,
-                 const int64_t* pairs, int64_t n, bool lossless_single_source, uint8_t* out,
-                 std::vector<float>& x) {
+                 const int64_t* pairs, int64_t n, bool lossless_single_source, uint8_t* out) {
   if (n == 0) return;
   const int64_t hb = layout.header_bytes, rb = layout.row_bytes;
   bool single = layout.by_channel && lossless_single_source;
@@ -73,6 +81,7 @@ void build_block(const uint8_t* cache, int64_t stride, const BlockLayout& layout
     return;
   }
   const int64_t d = layout.head_dim;
+  thread_local std::vector<float> x;  // the rows decoded, [n, d]; kept by each thread
   x.resize(static_cast<size_t>(n * d));
   for (int64_t r = 0; r < n; ++r)
     decode_by_channel(cache + pairs[2 * r] * stride, pairs[2 * r + 1], layout, x.data() + r * d);
@@ -95,56 +104,73 @@ void validate_layout(const BlockLayout& l) {
                                 std::to_string(l.row_bytes) + ")");
 }
 
-void decode_by_channel(const uint8_t* block, int64_t row, const BlockLayout& layout,
+KVCRUSH_CPU_CLONES void decode_by_channel(const uint8_t* block, int64_t row, const BlockLayout& layout,
                        float* out) {
   const int64_t d = layout.head_dim;
-  const bool u4 = layout.levels == 15;
   const uint8_t* codes = block + layout.header_bytes + row * layout.row_bytes;
-  for (int64_t c = 0; c < d; ++c) {
-    const float scale = load_f32(block + 4 * c), zp = load_f32(block + 4 * (d + c));
-    out[c] = (static_cast<float>(code_at(codes, c, u4)) - zp) * scale;
+  const uint8_t* scales = block;
+  const uint8_t* zps = block + 4 * d;
+  if (layout.levels != 15) {  // u8: one byte a channel (a loop that vectorizes)
+    for (int64_t c = 0; c < d; ++c)
+      out[c] = (static_cast<float>(codes[c]) - load_f32(zps + 4 * c)) * load_f32(scales + 4 * c);
+    return;
   }
+  for (int64_t c = 0; c < d; ++c)
+    out[c] = (static_cast<float>(code_at(codes, c, true)) - load_f32(zps + 4 * c)) *
+             load_f32(scales + 4 * c);
 }
 
-void encode_by_channel(const float* x, int64_t n, const BlockLayout& layout, uint8_t* out) {
+KVCRUSH_CPU_CLONES void encode_by_channel(const float* x, int64_t n, const BlockLayout& layout, uint8_t* out) {
   std::memset(out, 0, static_cast<size_t>(layout.head_block_bytes));
   if (n <= 0) return;
   const int64_t d = layout.head_dim;
   const bool u4 = layout.levels == 15;
   const auto levels = static_cast<float>(layout.levels);
   const auto inv_levels = static_cast<float>(1.0 / layout.levels);
-  std::vector<float> inv(d), zp(d);
-  for (int64_t c = 0; c < d; ++c) {
-    float lo = x[c], hi = x[c];
-    for (int64_t r = 1; r < n; ++r) {
-      lo = std::min(lo, x[r * d + c]);
-      hi = std::max(hi, x[r * d + c]);
+  thread_local std::vector<float> per_channel;  // lo, hi, inv, zp: [4, d]
+  per_channel.resize(static_cast<size_t>(4 * d));
+  float* lo = per_channel.data();
+  float* hi = lo + d;
+  float* inv = hi + d;
+  float* zp = inv + d;
+  std::memcpy(lo, x, static_cast<size_t>(d) * sizeof(float));
+  std::memcpy(hi, x, static_cast<size_t>(d) * sizeof(float));
+  for (int64_t r = 1; r < n; ++r) {  // row by row: the channel loop vectorizes
+    const float* xr = x + r * d;
+    for (int64_t c = 0; c < d; ++c) {
+      lo[c] = std::min(lo[c], xr[c]);
+      hi[c] = std::max(hi[c], xr[c]);
     }
-    float scale = (hi - lo) * inv_levels;
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    float scale = (hi[c] - lo[c]) * inv_levels;
     if (scale == 0.0f) scale = 0.0001f;
-    zp[c] = -lo / scale;
+    zp[c] = -lo[c] / scale;
     inv[c] = 1.0f / scale;
     store_f32(out + 4 * c, scale);
     store_f32(out + 4 * (d + c), zp[c]);
   }
+  // fma as the plugin's kernels: exact f64 product, sum rounded to f64 then to f32; rint
+  // (round half to even) without a libm call: for |f| < 2^22, f + 1.5 * 2^23 lands where the
+  // float spacing is 1; larger |f| are clamped below anyway; NaN -> 0
+  auto quantize = [levels](float xv, float iv, float z) {
+    const double t = static_cast<double>(xv) * static_cast<double>(iv) + static_cast<double>(z);
+    const auto f = static_cast<float>(t);
+    float q = (f + 12582912.0f) - 12582912.0f;
+    q = q > levels ? levels : q;
+    return q >= 0.0f ? q : 0.0f;
+  };
   uint8_t* codes = out + layout.header_bytes;
   for (int64_t r = 0; r < n; ++r) {
     uint8_t* row = codes + r * layout.row_bytes;
+    const float* xr = x + r * d;
+    if (!u4) {
+      for (int64_t c = 0; c < d; ++c) row[c] = static_cast<uint8_t>(quantize(xr[c], inv[c], zp[c]));
+      continue;
+    }
     for (int64_t c = 0; c < d; ++c) {
-      // fma as the plugin's kernels: exact f64 product, sum rounded to f64 then to f32
-      const double t = static_cast<double>(x[r * d + c]) * static_cast<double>(inv[c]) +
-                       static_cast<double>(zp[c]);
-      // rint (round half to even) without a libm call: for |f| < 2^22, f + 1.5 * 2^23 lands
-      // where the float spacing is 1; larger |f| are clamped below anyway
-      const auto f = static_cast<float>(t);
-      float q = (f + 12582912.0f) - 12582912.0f;
-      q = q > levels ? levels : q;
-      q = q >= 0.0f ? q : 0.0f;  // also NaN -> 0
-      const auto code = static_cast<uint8_t>(q);
-      if (u4)
-        row[c / 2] |= static_cast<uint8_t>(c % 2 == 0 ? code << 4 : code);
-      else
-        row[c] = code;
+      const auto code = static_cast<uint8_t>(quantize(xr[c], inv[c], zp[c]));
+      row[c / 2] |= static_cast<uint8_t>(c % 2 == 0 ? code << 4 : code);
     }
   }
 }
@@ -162,9 +188,8 @@ void compact_blocks(uint8_t* cache, int64_t num_blocks, int64_t block_stride,
   std::vector<uint8_t> fresh(static_cast<size_t>(num_dst * hbb), 0);
   const int64_t work = layout.block_size * layout.head_dim * (layout.by_channel ? 8 : 1);
   parallel_for(num_dst, work, [&](int64_t i) {
-    std::vector<float> x;
     build_block(cache, block_stride, layout, pairs + 2 * offsets[i], offsets[i + 1] - offsets[i],
-                lossless_single_source, fresh.data() + i * hbb, x);
+                lossless_single_source, fresh.data() + i * hbb);
   });
   parallel_for(num_dst, hbb, [&](int64_t i) {
     std::memcpy(cache + dst[i] * block_stride, fresh.data() + i * hbb, static_cast<size_t>(hbb));
@@ -209,9 +234,8 @@ void compact_many(const CacheMoves* jobs, int64_t num_jobs, bool lossless_single
     const int64_t hbb = m.layout->head_block_bytes;
     uint8_t* out = scratch.data() + at[j] + d * hbb;
     std::memset(out, 0, static_cast<size_t>(hbb));
-    std::vector<float> x;
     build_block(m.cache, m.block_stride, *m.layout, m.pairs + 2 * m.offsets[d],
-                m.offsets[d + 1] - m.offsets[d], lossless_single_source, out, x);
+                m.offsets[d + 1] - m.offsets[d], lossless_single_source, out);
   });
   parallel_for(total, 512, [&](int64_t i) {
     const auto [j, d] = locate(i);
