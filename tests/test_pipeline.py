@@ -369,8 +369,13 @@ def test_selection_benchmark_reports_the_median_and_the_worst_request(tiny_model
 def test_ttft_benchmark_alternates_full_and_eviction(tiny_model):
     from kvcrush_ov.bench_eviction import ttft
 
-    full, graph, evicting, graph_ratio, ratio = ttft(str(tiny_model), warmups=1, repeats=3,
-                                                     prompt=" ".join(["the river"] * 300))
+    figures = ttft(str(tiny_model), warmups=1, repeats=3, prompt=" ".join(["the river"] * 300))
+    full, graph, evicting, graph_ratio, ratio = figures[:5]
+    outside = figures[5:]
+    assert [f.what for f in outside] == [f"outside OpenVINO and eviction, {k}"
+                                         for k in ("full", "graph", "eviction")]
+    # bookkeeping is part of a request, never all of it
+    assert all(0 < f.value < 1e3 * evicting.value * 10 for f in outside)
     assert re.search(r"\d+-token prompt, u8; median of 3 \(", full.note)
     assert full.value > 0 and evicting.value > 0 and graph.value > 0
     assert graph_ratio.value == pytest.approx(graph.value / full.value)
