@@ -19,6 +19,7 @@ Cache tensors per layer: per-head pools ``[num_head_blocks, 1, rows, cols]`` (``
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -198,9 +199,10 @@ class HeadModelRunner(ModelRunner):
             put(req, state_h_name(layer), h_all[layer], np.float32)
             put(req, state_z_name(layer), z_all[layer], np.float32)
 
-    @property
+    @cached_property
     def head_block_bytes(self) -> int:
-        """Bytes of one head block (one KV head, ``block_size`` tokens) in one layer."""
+        """Bytes of one head block (one KV head, ``block_size`` tokens) in one layer (the
+        compiled model's cache types and shapes: computed once)."""
         k = ov.Tensor(self.key_type, [1, *self.key_shape]).get_byte_size()
         v = ov.Tensor(self.value_type, [1, *self.value_shape]).get_byte_size()
         return k + v
