@@ -1,9 +1,11 @@
 """What KVzip's replay costs: TTFT of the default eviction (SnapKV + KVCrush, which evicts right
 after the prompt) vs KVzip (which replays the prompt first), at the same budget:
 python samples/kvzip_ttft.py [--model NAME] [--tokens 2048 --tokens 4096] [--repeats 2]
-                             [--replay-chunk 16 --replay-chunk 256]
+                             [--replay-chunk 16 --replay-chunk 256] [--heads]
 ``--replay-chunk``: the replay's queries per step (KVzip.replay_chunk; a tuning knob, set here
-on the engine's default spec), one KVzip column each."""
+on the engine's default spec), one KVzip column each. ``--heads``: also KVzip's
+context-independent variant (``kvzip-heads``: heads chosen once per model, no replay; calibrated
+on first use, eviction/kvzip_heads.py)."""
 
 import argparse
 import dataclasses
@@ -12,6 +14,7 @@ import statistics
 import kvcrush_ov as kv
 from kvcrush_ov.bench_serve import prompts_of
 from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK, KVzip, with_replay_chunk
+from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, load_or_calibrate
 from kvcrush_ov.pipeline import resolve_model
 
 parser = argparse.ArgumentParser()
@@ -20,6 +23,7 @@ parser.add_argument("--tokens", type=int, action="append", help="prompt length (
 parser.add_argument("--repeats", type=int, default=2, help="prompts per length (median)")
 parser.add_argument("--replay-chunk", type=int, action="append",
                     help=f"KVzip's replay step in queries (repeat; default {REPLAY_CHUNK})")
+parser.add_argument("--heads", action="store_true", help="also the kvzip-heads column")
 args = parser.parse_args()
 
 folder = str(resolve_model(args.model))
@@ -49,6 +53,15 @@ for c in chunks:
     evictor.spec = dataclasses.replace(evictor.spec,
                                        policy=with_replay_chunk(evictor.spec.policy, c))
     ttft[f"kvzip, steps of {c}"] = measure(pipe)
+if args.heads:
+    del pipe
+    pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
+                                                               importance="streaming"))
+    evictor = pipe.backend.engine.evictor
+    evictor.spec = dataclasses.replace(
+        evictor.spec, policy=KVzipHeads.from_array(load_or_calibrate(folder)))
+    pipe.generate(prompts_of(folder, 1, 512)[0], one)
+    ttft["kvzip-heads"] = measure(pipe)
 names = [k for k in ttft if k != "default"]
 print("| prompt tokens | TTFT default (s) | " + " | ".join(
     f"TTFT {k} (s) | / default" for k in names) + " |")

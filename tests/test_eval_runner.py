@@ -415,7 +415,7 @@ def test_tuning_candidates_run_only_when_named():
 
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
                   "fastkv-max7", "fastkv+kvcrush-split7", "kvzip-head", "kvzip-ada",
-                  "kvzip-prefill", "kvzip-chunk64", "kvzip-chunk256",
+                  "kvzip-prefill", "kvzip-chunk64", "kvzip-chunk256", "kvzip-heads",
                   "snapkv+less", "snapkv+kvcrush+less", "default+less"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"
@@ -424,6 +424,8 @@ def test_tuning_candidates_run_only_when_named():
     assert method_spec(METHODS["kvzip"], 0.25).policy.scope == "model"
     assert method_spec(METHODS["kvzip-chunk256"], 0.25).policy.replay_chunk == 256
     assert method_spec(METHODS["kvzip-chunk64"], 0.25).policy.replay_chunk == 64
+    with pytest.raises(ConfigError, match="model_dir"):  # kvzip-heads is built from the model
+        method_spec(METHODS["kvzip-heads"], 0.25)
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
     assert make_policy(METHODS["snapkv+kvcrush-scaled"].make(0.25)).share == 0.125
     assert make_policy(METHODS["snapkv+kvcrush-taper"].make(0.25)).share == pytest.approx(0.25 / 3)

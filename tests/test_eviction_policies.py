@@ -25,6 +25,7 @@ from kvcrush_ov.eviction.base import (
 from kvcrush_ov.eviction.h2o import H2O
 from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.kvzip import KVzip
+from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, heads_path, load_or_calibrate
 from kvcrush_ov.eviction.pyramidkv import PyramidKV, pyramid_budgets
 from kvcrush_ov.eviction.registry import POLICIES
 from kvcrush_ov.eviction.snapkv import SnapKV, _window_sums, pool_scores
@@ -71,6 +72,7 @@ POLICY_MATRIX: list[tuple[str, Factory]] = [
     ("kvcrush[snapkv]-share1", lambda: KVCrush(SnapKV(), share=1.0)),
     ("kvcrush[h2o-norm_sum]-bits-sum",
      lambda: KVCrush(H2O(aggregation_mode="norm_sum"), aggregation_mode="sum")),
+    ("kvzip-heads", lambda: KVzipHeads.from_array(np.arange(12.0)[::-1].reshape(4, 3))),
 ]
 
 
@@ -355,3 +357,41 @@ def test_avg_pooling_equals_brute_force_dense_and_ragged() -> None:
                            for j in range(m)]
                     np.testing.assert_allclose(got[layer, h, :m], ref, rtol=1e-5)
                     assert np.all(got[layer, h, m:] == -np.inf)
+
+
+def test_kvzip_heads_keeps_whole_heads_in_score_order() -> None:
+    inputs = make_inputs("short", 4)  # head 1 of each layer much shorter
+    scores = np.zeros((4, 3))
+    scores[2, 1], scores[0, 2], scores[3, 0] = 3.0, 2.0, 1.0
+    policy = KVzipHeads.from_array(scores)
+    lengths = inputs.lengths
+    num_keep = (int(lengths[2, 1]) + int(lengths[0, 2]) + 5) // 12 + 1  # two heads, then part
+    keep = policy.select(inputs, num_keep, np.random.default_rng(0))
+    check_keep(keep, inputs, num_keep, policy.name)
+    total = 12 * num_keep
+    assert keep[2, 1, :lengths[2, 1]].all() and keep[0, 2, :lengths[0, 2]].all()
+    rest = total - int(lengths[2, 1]) - int(lengths[0, 2])
+    n = int(lengths[3, 0])
+    assert keep[3, 0].sum() == rest and keep[3, 0, n - rest:n].all()  # its newest candidates
+    others = np.ones((4, 3), bool)
+    others[2, 1] = others[0, 2] = others[3, 0] = False
+    assert not keep[others].any()
+    with pytest.raises(ValueError, match=r"head_scores: shape \(2, 3\)"):
+        KVzipHeads.from_array(np.zeros((2, 3))).select(inputs, 1, np.random.default_rng(0))
+
+
+def test_kvzip_heads_are_calibrated_once_and_kept_beside_the_model(tmp_path, monkeypatch):
+    from kvcrush_ov.eviction import kvzip_heads
+
+    calls = []
+
+    def fake(model_dir):
+        calls.append(model_dir)
+        return np.arange(6.0).reshape(2, 3)
+
+    monkeypatch.setattr(kvzip_heads, "calibrate", fake)
+    model_dir = tmp_path / "Model" / "ov-fp16"
+    first = load_or_calibrate(model_dir)
+    again = load_or_calibrate(model_dir)
+    assert len(calls) == 1 and heads_path(model_dir) == tmp_path / "Model" / "kvzip_heads.npy"
+    assert np.array_equal(first, again) and again.shape == (2, 3)

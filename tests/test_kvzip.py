@@ -333,3 +333,15 @@ def test_replay_steps_are_aligned_whatever_budget_is_left():
                       max_num_seqs=4)
     seq.num_computed = 37
     assert small._chunk(seq, 8) == 3  # capped by the step size: never waits forever
+
+
+def test_kvzip_heads_calibration_ranks_heads_by_their_replay_attention(tiny_model):
+    """One replay per text; a head's score is the mean replay score of its context tokens."""
+    from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, calibrate
+
+    scores = calibrate(tiny_model, num_docs=2, doc_words=150, start_size=4, recent_size=8)
+    info = Pipeline(tiny_model).info
+    assert scores.shape == (info.num_layers, info.num_kv_heads)
+    assert np.isfinite(scores).all() and (scores >= 0).all() and scores.max() > 0
+    assert len(np.unique(scores)) > 1  # heads differ
+    KVzipHeads.from_array(scores)  # a valid policy

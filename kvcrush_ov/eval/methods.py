@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvcrush_ov.config import (
     NATIVE_KERNEL_SIZE,
@@ -16,6 +17,7 @@ from kvcrush_ov.config import (
     LESSConfig,
 )
 from kvcrush_ov.eviction.kvzip import KVzip
+from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, load_or_calibrate
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,15 @@ class Method:
     make(budget) -> the eviction config for a total budget fraction. report: part of a run that
     names no ``--method`` (False: a tuning candidate, run only when named). policy: a tuning
     candidate's policy object, in place of the one its config names (a variant that has no
-    config field)."""
+    config field); model_policy: the same, built from the model's folder (e.g. calibrated once
+    per model)."""
 
     name: str
     backend: str
     make: Callable[[float], CacheEvictionConfig]
     report: bool = True
     policy: Callable[[], object] | None = None
+    model_policy: Callable[[Path], object] | None = None
 
 
 # The native columns score every decode step (as they did before the Pipeline's default became
@@ -77,6 +81,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(replay_chunk=64)),
     Method("kvzip-chunk256", "native", _native("kvzip"), report=False,
            policy=lambda: KVzip(replay_chunk=256)),
+    # KVzip's context-independent variant: heads ranked once per model by a calibration replay
+    # keep everything or only sinks + recent; no replay, no scores at run time
+    Method("kvzip-heads", "native", _native("streaming"), report=False,
+           model_policy=lambda d: KVzipHeads.from_array(load_or_calibrate(d))),
     # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
     Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
     # the same with KVzip's ranking: each chunk replayed, then evicted (engine/replay.py)

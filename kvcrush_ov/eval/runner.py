@@ -111,6 +111,11 @@ def method_spec(m: Method, budget: float, model_dir: str | Path | None = None):
     """The engine's spec of a method at a budget (a candidate's own policy in place;
     ``model_dir``: where a LESS column finds the model's default weights)."""
     spec = make_spec(m.make(budget), model_dir)
+    if m.model_policy is not None:
+        if model_dir is None:
+            raise ConfigError("model_dir", None, f"the model's folder (method {m.name} is "
+                              "built from it)")
+        return dataclasses.replace(spec, policy=m.model_policy(Path(model_dir)))
     return spec if m.policy is None else dataclasses.replace(spec, policy=m.policy())
 
 
