@@ -19,6 +19,7 @@ Python (the planner's policy callback), not in the C++ core.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -117,7 +118,7 @@ def load_or_calibrate(model_dir: str | Path) -> np.ndarray:
         return np.load(path)
     scores = calibrate(model_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial.npy")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")  # one per process
     np.save(tmp, scores)
-    tmp.replace(path)
+    tmp.replace(path)  # atomic: a reader sees the old file or the whole new one
     return scores
