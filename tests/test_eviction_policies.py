@@ -395,3 +395,13 @@ def test_kvzip_heads_are_calibrated_once_and_kept_beside_the_model(tmp_path, mon
     again = load_or_calibrate(model_dir)
     assert len(calls) == 1 and heads_path(model_dir) == tmp_path / "Model" / "kvzip_heads.npy"
     assert np.array_equal(first, again) and again.shape == (2, 3)
+
+
+@pytest.mark.parametrize(("field", "value"), [("num_docs", 0), ("doc_words", 2.5),
+                                              ("start_size", -1), ("recent_size", True)])
+def test_kvzip_heads_calibration_names_a_bad_argument_before_loading(field, value):
+    from kvcrush_ov.errors import ConfigError
+    from kvcrush_ov.eviction.kvzip_heads import calibrate
+
+    with pytest.raises(ConfigError, match=field):
+        calibrate("no-such-model-folder", **{field: value})

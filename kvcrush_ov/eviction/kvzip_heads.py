@@ -78,7 +78,14 @@ def heads_path(model_dir: str | Path) -> Path:
 def calibrate(model: str | Path, num_docs: int = 3, start_size: int = 32,
               recent_size: int = 128, doc_words: int = DOC_WORDS) -> np.ndarray:
     """float64 [L, H]: each head's mean KVzip replay score over ``num_docs`` essay excerpts (see
-    the module docstring). Runs its own native Pipeline on CPU."""
+    the module docstring). Runs its own native Pipeline on CPU. Bad arguments raise
+    ConfigError naming the field before any model is loaded."""
+    from kvcrush_ov.errors import ConfigError
+
+    for field, value, low in (("num_docs", num_docs, 1), ("start_size", start_size, 0),
+                              ("recent_size", recent_size, 0), ("doc_words", doc_words, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(field, value, f"an integer >= {low}")
     from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig
     from kvcrush_ov.data import essays
     from kvcrush_ov.pipeline import Pipeline
