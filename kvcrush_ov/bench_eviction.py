@@ -198,6 +198,7 @@ def _lockstep(rows: list[_Row], new_tokens: int) -> None:
             be.engine.step()
         evictor = be.engine.evictor
         if evictor is not None:
+            evictor.flush(seq)  # the prompt's eviction (deferred past the first token)
             evictor.stats.reset()
         seqs.append(seq)
     for turn in range(new_tokens - 1):

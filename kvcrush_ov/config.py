@@ -33,6 +33,9 @@ GRANULARITIES = ("token", "block")
 # cache holds NATIVE_TAPER[0] of the sequence's tokens to the full ``budget`` at NATIVE_TAPER[1]
 # (tuning seeds of both models, docs/results/ruler-tuning-share.md)
 NATIVE_TAPER = (0.125, 0.5)
+# CacheEvictionConfig.prefill_probe_size=None with prefill eviction (snapkv family): the
+# prompt's last 64 tokens rank each part (RULER tuning seed, docs/eviction.md)
+NATIVE_PREFILL_PROBE = 64
 BACKENDS = ("genai", "native")
 
 
@@ -164,6 +167,7 @@ class KVCrushConfig:
 
 
 FASTKV_IMPORTANCE = ("snapkv", "pyramidkv", "adakv")  # score the prompt's last queries
+PROBE_IMPORTANCE = FASTKV_IMPORTANCE  # prefill_probe_size: the window-scored policies
 
 
 @dataclass
@@ -284,6 +288,14 @@ class CacheEvictionConfig:
         replays each chunk and ranks by that). A request then holds at most about budget + one
         chunk (kvzip: + the chunk's replay), so a prompt longer than the whole cache can run.
         Native backend; not with ``importance="upstream"`` or ``fastkv``.
+    prefill_probe_size: with ``prefill_eviction``, the snapkv family (snapkv, pyramidkv,
+        adakv) ranks each part of the prompt by a *probe*: the prompt's last
+        ``prefill_probe_size`` tokens (where the question usually is) run after the part and
+        are forgotten again, and their last ``snapkv_window_size`` queries score every cached
+        token, as SnapKV's window does once the whole prompt is read. A request holds at most
+        this many tokens more. 0: each chunk's own last queries (which have not seen the
+        question). None is the backend's own: 64 with prefill eviction and a snapkv-family
+        importance (RULER tuning seed, docs/eviction.md), else 0.
     less: LESS on top of the eviction (:class:`LESSConfig`), or None. Native backend; not with
         ``importance="upstream"`` or ``fastkv``.
     """
@@ -305,6 +317,7 @@ class CacheEvictionConfig:
     log: bool = False
     fastkv: FastKVConfig | None = None
     prefill_eviction: bool = False
+    prefill_probe_size: int | None = None
     less: LESSConfig | None = None
 
     def __post_init__(self) -> None:
@@ -363,6 +376,16 @@ class CacheEvictionConfig:
                 raise ConfigError("eviction.prefill_eviction", True,
                                   "False with fastkv (FastKV's split prefill chooses the deeper "
                                   "layers' tokens itself)")
+        if self.prefill_probe_size is not None and _int_at_least(
+                "eviction.prefill_probe_size", self.prefill_probe_size, 0):
+            if not self.prefill_eviction:
+                raise ConfigError("eviction.prefill_probe_size", self.prefill_probe_size,
+                                  "0 without prefill_eviction (the probe ranks the parts of a "
+                                  "prompt read with prefill eviction)")
+            if self.importance not in PROBE_IMPORTANCE:
+                raise ConfigError("eviction.prefill_probe_size", self.prefill_probe_size,
+                                  f"0 with importance={self.importance!r} (a probe scores for "
+                                  f"{', '.join(PROBE_IMPORTANCE)})")
         if self.less is not None:
             if not isinstance(self.less, LESSConfig):
                 raise ConfigError("eviction.less", self.less, "a LESSConfig or None")
@@ -380,6 +403,14 @@ class CacheEvictionConfig:
                 "eviction.max_cache_size", m,
                 f"at least start_size + recent_size = {self.start_size + self.recent_size} tokens",
             )
+
+    def probe_tokens(self) -> int:
+        """prefill_probe_size with None resolved: the probe each part of the prompt gets
+        (0: none)."""
+        if self.prefill_probe_size is not None:
+            return self.prefill_probe_size
+        return (NATIVE_PREFILL_PROBE if self.prefill_eviction
+                and self.importance in PROBE_IMPORTANCE else 0)
 
     def total_tokens(self, prompt_tokens: int) -> int:
         """The requested total budget in tokens for a prompt of ``prompt_tokens`` tokens."""

@@ -1,6 +1,8 @@
 """A prompt longer than the whole KV cache, answered with eviction during prefill:
 python samples/prefill_eviction.py [--model NAME] [--tokens 16384] [--cache-tokens 4096]
-[--importance kvzip] (kvzip: each chunk is replayed and ranked by that, without the question)."""
+[--importance kvzip] [--probe N] (snapkv: each part is ranked by the prompt's last 64 tokens, the
+question, run after it; --probe N another count, 0 none; kvzip: each part is replayed and ranked by
+that, without the question)."""
 
 import argparse
 
@@ -14,6 +16,9 @@ parser.add_argument("--tokens", type=int, default=16384, help="about this many p
 parser.add_argument("--cache-tokens", type=int, default=4096, help="the whole KV cache")
 parser.add_argument("--budget", type=int, default=2048, help="tokens a request keeps")
 parser.add_argument("--importance", default="snapkv", choices=["snapkv", "h2o", "kvzip"])
+parser.add_argument("--probe", type=int, default=None,
+                    help="prefill_probe_size (snapkv): the prompt's last N tokens rank each part "
+                         "(default: the backend's own, 64)")
 args = parser.parse_args()
 
 # a long document (about 4 characters a token) with one fact in the middle, then the question
@@ -25,7 +30,7 @@ pipe = kv.Pipeline(
     args.model,
     kv_cache=kv.KVCacheConfig(num_kv_blocks=args.cache_tokens // 32),  # 32-token blocks on CPU
     eviction=kv.CacheEvictionConfig(max_cache_size=args.budget, prefill_eviction=True,
-                                    importance=args.importance),
+                                    importance=args.importance, prefill_probe_size=args.probe),
 )
 out = pipe.generate(prompt, max_new_tokens=24)
 m = out.metrics[0]

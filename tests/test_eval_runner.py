@@ -409,6 +409,7 @@ def test_every_method_builds_at_every_default_budget(tiny_model, tmp_path):
 
 
 def test_tuning_candidates_run_only_when_named():
+    from kvcrush_ov.config import CacheEvictionConfig
     from kvcrush_ov.eval.methods import METHODS, REPORT_METHODS
     from kvcrush_ov.eval.runner import method_spec
     from kvcrush_ov.eviction.factory import make_policy
@@ -416,8 +417,14 @@ def test_tuning_candidates_run_only_when_named():
     candidates = {"snapkv+kvcrush-share10", "snapkv+kvcrush-scaled", "snapkv+kvcrush-taper",
                   "fastkv-max7", "fastkv+kvcrush-split7", "kvzip-head", "kvzip-ada",
                   "kvzip-prefill", "kvzip-chunk64", "kvzip-chunk256", "kvzip-heads",
-                  "snapkv+less", "snapkv+kvcrush+less", "default+less"}
+                  "snapkv+less", "snapkv+kvcrush+less", "default+less",
+                  "snapkv+kvcrush-prefill", "snapkv+kvcrush-prefill-probe32",
+                  "snapkv+kvcrush-prefill-probe128"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
+    # the report's prefill-eviction column is the default probe; the candidates name theirs
+    assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \
+        CacheEvictionConfig(prefill_eviction=True).probe_tokens()
+    assert METHODS["snapkv+kvcrush-prefill"].make(0.25).probe_tokens() == 0
     assert method_spec(METHODS["kvzip-ada"], 0.25).policy.scope == "layer"
     assert METHODS["fastkv+kvcrush-split7"].make(0.25).fastkv.split_layer == 7
     assert method_spec(METHODS["kvzip-head"], 0.25).policy.alpha is None

@@ -219,6 +219,28 @@ def test_first_token_comes_before_the_prompt_end_eviction(tiny_model, tiny_tok):
     assert eager.evictor.stats.events == 1
 
 
+def test_pipeline_hands_out_the_first_token_before_the_prompt_end_eviction(tiny_model, tiny_tok):
+    """The same order through the Pipeline, whose engine can also replay (KVzip): when the
+    first token reaches the streamer, the prompt's eviction is pending and has not run; a
+    KVzip request evicts before its first token (its replay's last step evicts)."""
+    prompt = tiny_tok.decode(ids_of(tiny_tok, 500))
+    for importance, before_first in (("snapkv", False), ("kvzip", True)):
+        pipe = Pipeline(tiny_model, kv_cache=KVCacheConfig(precision="f32"),
+                        eviction=CacheEvictionConfig(max_cache_size=200, importance=importance))
+        eng = pipe.backend.engine
+        at_first = []
+
+        def streamer(text: str, eng=eng, at_first=at_first) -> bool:
+            if not at_first:
+                at_first.append((eng.evictor.stats.events, len(eng.evictor.pending)))
+            return False
+
+        out = pipe.generate(prompt, max_new_tokens=4, ignore_eos=True,
+                            apply_chat_template=False, streamer=streamer)
+        assert out.metrics[0].num_evictions == 1, importance
+        assert at_first == ([(1, 0)] if before_first else [(0, 1)]), importance
+
+
 def _no_defer(after_step):
     def call(chunks, windows, scores, defer=False):
         return after_step(chunks, windows, scores, defer=False)

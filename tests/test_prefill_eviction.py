@@ -56,18 +56,59 @@ def _run(eng: LLMEngine, prompts, on_step=None):
     return [list(s.output_ids) for s in seqs], seqs
 
 
-def test_a_budget_above_the_prompt_changes_nothing(tiny_model):
+@pytest.mark.parametrize("probe", [0, 40])
+def test_a_budget_above_the_prompt_changes_nothing(tiny_model, probe):
     prompts = [_ids(n, n) for n in (300, 150, 40)]
     full, _ = _run(_engine(tiny_model, None), prompts)
-    got, seqs = _run(_engine(tiny_model, _cfg(10**5)), prompts)
+    got, seqs = _run(_engine(tiny_model, _cfg(10**5, prefill_probe_size=probe)), prompts)
     assert got == full
-    assert all(s.extra.get("evictions", 0) == 0 for s in seqs)
+    assert all(s.extra.get("evictions", 0) == 0 and "replay" not in s.extra for s in seqs)
 
 
-@pytest.mark.parametrize("importance", ["snapkv", "h2o", "adakv"])
-def test_peak_stays_within_budget_plus_a_chunk(tiny_model, importance):
+def test_a_probe_of_the_prompts_end_ranks_each_part(tiny_model):
+    """prefill_probe_size: after each part that leaves the request above its budget, the
+    prompt's last 40 tokens run as a probe; the eviction that follows ranks by the probe's last
+    snapkv_window_size queries alone (fresh scores), with the probe already forgotten; the last
+    part is scored by its own last queries (the prompt's end). A shorter request beside it
+    (within the budget) is answered as with a full cache."""
+    budget, probe, window, n = 96, 40, 8, 400
+    prompt = _ids(n, 5)
+    cfg = _cfg(budget, prefill_probe_size=probe, snapkv_window_size=window)
+    eng = _engine(tiny_model, cfg)
+    seen, probed = [], []
+    evict = eng.evictor.evict
+
+    def recording(seq):
+        state, t = seq.extra.get("replay"), eng.kv.tables[seq.seq_id]
+        seen.append((state.end if state is not None and not state.done else n,
+                     list(seq.extra["scores"].query_positions),
+                     max(int(p.max()) for row in t.positions_all() for p in row)))
+        evict(seq)
+
+    def check(eng, seqs):
+        state = seqs[0].extra.get("replay")
+        if state is not None and state.replaying:
+            assert seqs[0].prompt_ids == prompt[:state.end] + prompt[-probe:]
+            probed.append(state.end)
+
+    eng.evictor.evict = recording
+    other = _ids(80, 6)
+    (got, alone), seqs = _run(eng, [prompt, other], on_step=check)
+    ends = [CHUNK * k for k in range(2, n // CHUNK + 1)]  # parts past the budget: probed
+    assert sorted(set(probed)) == ends
+    assert [s[0] for s in seen] == ends + [n]
+    for end, queries, last in seen[:-1]:  # the probe's last window queries, at end + 32..39
+        assert queries == list(range(end + probe - window, end + probe)) and last == end - 1
+    assert seen[-1][1] == list(range(n - window, n)) and seen[-1][2] == n - 1
+    assert seqs[0].extra["evictions"] == len(ends) + 1
+    assert alone == _run(_engine(tiny_model, None), [other])[0][0]
+
+
+@pytest.mark.parametrize("importance,probe", [("snapkv", 0), ("h2o", 0), ("adakv", 0),
+                                              ("snapkv", 40), ("adakv", 40)])
+def test_peak_stays_within_budget_plus_a_chunk(tiny_model, importance, probe):
     budget, p = 96, 700
-    bound_rows = budget + CHUNK + 32  # + a block of rounding
+    bound_rows = budget + CHUNK + probe + 32  # (+ the probe) + a block of rounding
 
     def per_head_bound(eng):
         return (math.ceil(bound_rows / eng.block_size) * eng.runner.head_block_bytes
@@ -75,7 +116,8 @@ def test_peak_stays_within_budget_plus_a_chunk(tiny_model, importance):
 
     peaks = {}
     for on in (True, False):
-        eng = _engine(tiny_model, _cfg(budget, prefill_eviction=on, importance=importance))
+        eng = _engine(tiny_model, _cfg(budget, prefill_eviction=on, importance=importance,
+                                       prefill_probe_size=probe if on else 0))
         worst = []
 
         def check(eng, seqs, worst=worst):
@@ -130,20 +172,34 @@ def test_bad_prefill_eviction_configs_are_named(tiny_model):
     with pytest.raises(ConfigError, match="eviction.prefill_eviction"):
         Pipeline(tiny_model, eviction=CacheEvictionConfig(prefill_eviction=True),
                  backend="genai")
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ConfigError, match="eviction.prefill_probe_size"):
+            CacheEvictionConfig(prefill_eviction=True, prefill_probe_size=bad)
+    with pytest.raises(ConfigError, match="prefill_probe_size=64 is invalid.*without prefill"):
+        CacheEvictionConfig(prefill_probe_size=64)
+    assert CacheEvictionConfig().probe_tokens() == 0  # None: the backend's own
+    assert CacheEvictionConfig(prefill_eviction=True).probe_tokens() == 64
+    assert CacheEvictionConfig(prefill_eviction=True, importance="h2o").probe_tokens() == 0
+    assert CacheEvictionConfig(prefill_eviction=True, prefill_probe_size=0).probe_tokens() == 0
+    for importance in ("h2o", "streaming", "kvzip"):
+        with pytest.raises(ConfigError, match=f"0 with importance='{importance}'"):
+            CacheEvictionConfig(prefill_eviction=True, prefill_probe_size=64,
+                                importance=importance)
 
 
 def test_pyramidkv_holds_its_fullest_layer_and_runs_on_a_cache_of_that_size(tiny_model):
     """PyramidKV's first layer keeps up to twice the average budget; each layer has its own KV
     pool, so the hold (admission, the cache it needs) counts that layer: a cache of exactly the
     hold runs a long prompt without preempting the request (which would read it again, and
-    again)."""
+    again). The hold counts the default probe of the prompt's end too."""
     from kvcrush_ov.cache_plan import prefill_eviction_hold
+    from kvcrush_ov.config import NATIVE_PREFILL_PROBE
 
     sched = SchedulerConfig(max_num_batched_tokens=CHUNK)
     plain = prefill_eviction_hold(64, sched, 32, "continuous", 32, 10)
     assert plain == 64 + CHUNK + 32
     assert prefill_eviction_hold(64, sched, 32, "continuous", 32, 10, "pyramidkv") == plain + 64
-    blocks = math.ceil((plain + 64) / 32)
+    blocks = math.ceil((plain + 64 + NATIVE_PREFILL_PROBE) / 32)
     eng = _engine(tiny_model, _cfg(64, importance="pyramidkv"), blocks)
     got, seqs = _run(eng, [_ids(1200, 4)])
     assert len(got[0]) == GREEDY.max_new_tokens and eng.scheduler.num_preemptions == 0

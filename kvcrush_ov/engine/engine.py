@@ -27,7 +27,7 @@ from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
 from kvcrush_ov.engine.layer_model_runner import LayerModelRunner
 from kvcrush_ov.engine.model_runner import ModelRunner
-from kvcrush_ov.engine.replay import ContextReplay, replays
+from kvcrush_ov.engine.replay import ContextReplay, probes, replays
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
@@ -108,9 +108,10 @@ class LLMEngine:
             self.kv = HeadKVCacheManager(pools, heads, self.block_size)
             self.evictor = Evictor(eviction, self.kv, self.runner)
             self.head_units = heads * self.runner.num_layers  # head blocks per full block
-        self.replay: ContextReplay | None = None  # KVzip (engine/replay.py)
-        if eviction is not None and replay_prompt:
-            self.replay = ContextReplay(replay_prompt, context_length, self.runner.num_layers,
+        self.replay: ContextReplay | None = None  # KVzip and probes (engine/replay.py)
+        if eviction is not None:
+            self.replay = ContextReplay(replay_prompt or [], context_length,
+                                        self.runner.num_layers,
                                         self.runner.num_kv_heads,
                                         scheduler.max_num_batched_tokens)
         self.fastkv: TokenPropagation | None = None
@@ -149,8 +150,8 @@ class LLMEngine:
         seq.extra["keep_cache"] = keep_cache
         if self.fastkv is not None:
             self.fastkv.plan(seq, self.evictor.spec_of(seq))
-        if replays(spec):  # its budget from the whole prompt, then maybe read in parts
-            self.evictor.set_spec(seq, spec)
+        if replays(spec) or probes(spec):  # its budget from the whole prompt, then maybe
+            self.evictor.set_spec(seq, spec)  # read in parts
             self.replay.begin(seq, spec)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -295,20 +296,22 @@ class LLMEngine:
         """Tokens a KVzip request holds at most: its replay, then budget + answer; with
         prefill eviction the budget, a part of the prompt and that part's replay, or the
         budget and decode growth (engine/replay.py)."""
-        if self.replay is None:
+        if self.replay is None or not self.replay.repeat:
             raise ValueError("importance 'kvzip' needs an engine built with replay_prompt")
         if spec.prefill_eviction:
             return self._prefill_hold(spec, prompt, max_new) + self.replay.part_replay_len
         return max(self.replay.max_held(prompt), prompt + max_new)
 
     def _prefill_hold(self, spec: EvictionSpec | None, prompt: int, max_new: int) -> int | None:
-        """Tokens a request holds at most with prefill eviction (None: without it)."""
+        """Tokens a request holds at most with prefill eviction (None: without it); a probed
+        request holds its probe too."""
         if spec is None or not spec.prefill_eviction:
             return None
         policy = importance_of(spec.policy)  # inside KVCrush
         return prefill_eviction_hold(spec.budget(prompt), self.scheduler_config,
                                      self.block_size, spec.mode, spec.evict_interval, max_new,
-                                     getattr(policy, "name", ""))
+                                     getattr(policy, "name", "")) + (
+            spec.prefill_probe if probes(spec) else 0)
 
     def set_spec(self, seq: Sequence, spec: EvictionSpec) -> None:
         """Give a queued ``seq`` its own policy and budget (and FastKV split, or none)."""
@@ -379,7 +382,8 @@ class LLMEngine:
             sampling = [c.seq for c in out.chunks if c.sample]
             if self.replay is not None:  # a KVzip phase ended: no token sampled, no logits
                 rows = [i for i, seq in enumerate(sampling) if not self.replay.intercept(
-                    seq, self.evictor.spec_of(seq), self._truncate, self.evictor.evict)]
+                    seq, self.evictor.spec_of(seq), self._truncate, self.evictor.evict,
+                    self.evictor.over_budget)]
                 if len(rows) < len(sampling):
                     sampling, logits = [sampling[i] for i in rows], logits[rows]
             tokens = sample_batch([s.sampler for s in sampling], logits)
@@ -443,10 +447,9 @@ class LLMEngine:
             logits, scores = self.fastkv.run(out.chunks, tables, windows, self.evictor.spec_of)
         else:
             logits, scores = self.runner.run_heads(out.chunks, tables, windows)
-        # the first token before the prompt-end eviction (evictor doc), unless a KVzip replay or
-        # FastKV's propagation acts on the prompt's end
-        self.evictor.after_step(out.chunks, windows, scores,
-                                defer=self.replay is None and self.fastkv is None)
+        # the first token before the prompt-end eviction (evictor doc), unless FastKV's
+        # propagation acts on the prompt's end (a KVzip replay's sequences: evictor.after_step)
+        self.evictor.after_step(out.chunks, windows, scores, defer=self.fastkv is None)
         return logits
 
     def check_invariants(self) -> None:

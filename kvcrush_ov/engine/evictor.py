@@ -132,9 +132,11 @@ class Evictor:
         if c.start == 0:  # first chunk (again after a preemption): a fresh prefill
             ex["prefill_end"] = c.seq.num_known
             ex["less"] = None  # nothing evicted yet
-            replay = ex.get("replay")  # recomputing a KVzip replay: its scores by max
+            # recomputing a KVzip replay: its scores by max
+            replay = ex.get("replay") is not None and self.spec_of(c.seq).policy.score_mode \
+                == "replay"
             ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads,
-                                          "max" if replay is not None else "sum")
+                                          "max" if replay else "sum")
             ex["upstream"] = self._upstream(c.seq)
         return ex
 
@@ -165,12 +167,16 @@ class Evictor:
         if mode == "none":
             return 0
         end, prefill_end = c.start + c.num_tokens, ex["prefill_end"]
-        if mode == "replay":  # KVzip (engine/replay.py): the prompt unscored, then the replay
-            replay = ex.get("replay")
-            if replay is None:
+        replay = ex.get("replay")
+        if mode == "replay" and replay is None:
+            return 0  # KVzip (engine/replay.py): the prompt unscored, then the replay
+        if replay is not None and not replay.done:  # a part: read unscored, then replayed or
+            if not replay.replaying:                # probed (engine/replay.py)
                 return 0
-            if not replay.done:  # a part's replay: its queries; the part itself unscored
-                return max(0, end - max(c.start, replay.end)) if replay.replaying else 0
+            first = max(c.start, replay.end)  # a replay: all its queries
+            if mode != "replay":  # a probe: its last window queries
+                first = max(first, len(c.seq.prompt_ids) - spec.window)
+            return max(0, end - first)
         if c.start < prefill_end:
             if spec.mode == "prefill" and prefill_end <= ex["budget"]:
                 return 0  # this prompt fits: nothing will ever be evicted
@@ -192,7 +198,8 @@ class Evictor:
                    scores: list[np.ndarray] | None, defer: bool = False) -> None:
         """Accumulate this step's scores, then evict every sequence that is due (called right
         after the step's inference, before sampling). ``defer``: a chunk that ends its prompt
-        and samples puts its eviction in :attr:`pending` instead (module doc)."""
+        and samples puts its eviction in :attr:`pending` instead (module doc), unless its
+        policy ranks by a replay (KVzip evicts in the step that ends its replay)."""
         if windows is not None and scores is not None:
             upstream = any(c.seq.extra.get("upstream") is not None for c in chunks)
             own = any(w and c.seq.extra.get("upstream") is None
@@ -205,7 +212,8 @@ class Evictor:
                     self._accumulate(chunks, windows, segs)
         for c in chunks:
             if self.spec_of(c.seq).genai is None and self._due(c):
-                if defer and c.sample and c.start + c.num_tokens == c.seq.extra["prefill_end"]:
+                if (defer and c.sample and c.start + c.num_tokens == c.seq.extra["prefill_end"]
+                        and self.spec_of(c.seq).policy.score_mode != "replay"):
                     self.pending[c.seq.seq_id] = c.seq
                 else:
                     self.evict(c.seq)
@@ -281,6 +289,10 @@ class Evictor:
                     state.add(layer, h, seg)
             state.add_queries(c.start + c.num_tokens - w, w)
 
+    def over_budget(self, seq: Sequence) -> bool:
+        """``seq`` holds more tokens per layer and head than its budget."""
+        return self._held(seq) > self._state(seq)["budget"]
+
     def _held(self, seq: Sequence) -> float:
         """Tokens the sequence holds per layer and head, on average (this step's included)."""
         return float(self.kv.tables[seq.seq_id].lens.mean())
@@ -294,10 +306,11 @@ class Evictor:
         ex = c.seq.extra
         if ex.get("frozen"):
             return False
-        if self.spec_of(c.seq).policy.score_mode == "replay":
-            replay = ex.get("replay")
-            if replay is None or not replay.done:
-                return False  # KVzip evicts once its replay is scored
+        replay = ex.get("replay")
+        if replay is not None and not replay.done:
+            return False  # a part's replay or probe evicts when it is scored (engine/replay.py)
+        if replay is None and self.spec_of(c.seq).policy.score_mode == "replay":
+            return False  # KVzip evicts once its replay is scored
         end = c.start + c.num_tokens
         held = self._held(c.seq)
         if end == ex["prefill_end"]:

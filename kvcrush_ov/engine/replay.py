@@ -20,6 +20,15 @@ the replay is forgotten, the cache is evicted down to the budget and the next pa
 last part ends with phase 3. A request then holds at most its budget, a part and the part's
 replay, so a prompt longer than the whole cache runs, ranked without its question in view. A
 request preempted before its last replay reads its prompt again from the first part.
+
+A *probe* (``prefill_probe`` with prefill eviction, window-scored policies: snapkv, pyramidkv,
+adakv) reads the prompt a part at a time too, but what runs after a part is the prompt's last
+``prefill_probe`` tokens (where the question usually is), scored by their last ``window``
+queries into fresh scores: the cached rows are ranked as SnapKV's window ranks them once the
+whole prompt is read. The probe is forgotten, the cache evicted to the budget, and the next
+part read; a part that leaves the request within its budget is not probed. The last part is
+read as without parts: its own last queries (the prompt's end) score, and the prompt's end
+evicts as usual. A request holds at most its budget, a part and the probe.
 """
 
 from __future__ import annotations
@@ -66,7 +75,14 @@ class ReplayState:
 
 
 def replays(spec: EvictionSpec | None) -> bool:
+    """KVzip: the policy ranks by a replay of the context."""
     return spec is not None and spec.policy.score_mode == "replay"
+
+
+def probes(spec: EvictionSpec | None) -> bool:
+    """The prompt is read part by part, each part ranked by a probe of the prompt's end."""
+    return (spec is not None and spec.prefill_eviction and spec.prefill_probe > 0
+            and spec.policy.score_mode == "window")
 
 
 def replay_ids(prompt: list[int], repeat: list[int], context_length: int,
@@ -78,13 +94,12 @@ def replay_ids(prompt: list[int], repeat: list[int], context_length: int,
 
 
 class ContextReplay:
-    """repeat: the repeat prompt's token ids. context_length: the model's. segment: tokens read
-    between replays with prefill eviction (the scheduler's ``max_num_batched_tokens``)."""
+    """repeat: the repeat prompt's token ids (empty: no KVzip replay, probes only).
+    context_length: the model's. segment: tokens read between replays or probes with prefill
+    eviction (the scheduler's ``max_num_batched_tokens``)."""
 
     def __init__(self, repeat: list[int], context_length: int, num_layers: int,
                  num_kv_heads: int, segment: int) -> None:
-        if not repeat:
-            raise ValueError("ContextReplay: the repeat prompt has no tokens")
         self.repeat = list(repeat)
         self.context_length = context_length
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
@@ -102,8 +117,12 @@ class ContextReplay:
     def begin(self, seq: Sequence, spec: EvictionSpec) -> None:
         """Before ``seq``'s first step (its budget already set from the whole prompt): with
         prefill eviction the prompt is read a part at a time (the sequence knows only the
-        first part until its replay is over)."""
-        if not (replays(spec) and spec.prefill_eviction):
+        first part until its replay is over); a probed prompt only when it has more than one
+        part and exceeds its budget."""
+        if probes(spec):
+            if len(seq.prompt_ids) <= max(self.segment, seq.extra["budget"]):
+                return
+        elif not (replays(spec) and spec.prefill_eviction):
             return
         state = ReplayState(list(seq.prompt_ids), segment=self.segment)
         seq.extra["replay"] = state
@@ -133,9 +152,12 @@ class ContextReplay:
 
     def intercept(self, seq: Sequence, spec: EvictionSpec,
                   truncate: Callable[[Sequence, int], None],
-                  evict: Callable[[Sequence], None]) -> bool:
+                  evict: Callable[[Sequence], None],
+                  over_budget: Callable[[Sequence], bool]) -> bool:
         """Called when ``seq`` is about to sample: True when the sample belongs to a replay
-        phase (the caller drops it), after moving the sequence to its next phase."""
+        or probe phase (the caller drops it), after moving the sequence to its next phase."""
+        if probes(spec):
+            return self._probe(seq, spec, truncate, evict, over_budget)
         if not replays(spec):
             return False
         ex = seq.extra
@@ -165,4 +187,29 @@ class ContextReplay:
         seq.prompt_ids = state.prompt_ids
         truncate(seq, state.prompt_len - 1)
         ex["prefill_end"] = state.prompt_len
+        return True
+
+    def _probe(self, seq: Sequence, spec: EvictionSpec,
+               truncate: Callable[[Sequence, int], None], evict: Callable[[Sequence], None],
+               over_budget: Callable[[Sequence], bool]) -> bool:
+        ex = seq.extra
+        state: ReplayState | None = ex.get("replay")
+        if state is None or state.done:
+            return False
+        if not state.replaying and over_budget(seq):  # the part is read: probe it
+            state.replaying = True
+            seq.prompt_ids = (state.prompt_ids[:state.end]
+                              + state.prompt_ids[-spec.prefill_probe:])
+            ex["scores"] = SequenceScores(self.num_layers, self.num_kv_heads)
+            return True
+        if state.replaying:  # the probe has scored: forget it, evict to the budget
+            state.replaying = False
+            truncate(seq, state.end)
+            evict(seq)
+        state.next_part()
+        seq.prompt_ids = state.prompt_ids[:state.end]
+        if state.end == state.prompt_len:  # the last part: scored by its own last queries
+            state.done = True
+            ex["prefill_end"] = state.prompt_len
+            ex["scores"] = SequenceScores(self.num_layers, self.num_kv_heads)
         return True

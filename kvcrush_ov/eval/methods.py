@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kvcrush_ov.config import (
     NATIVE_KERNEL_SIZE,
+    NATIVE_PREFILL_PROBE,
     NATIVE_TAPER,
     CacheEvictionConfig,
     FastKVConfig,
@@ -85,8 +86,16 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # keep everything or only sinks + recent; no replay, no scores at run time
     Method("kvzip-heads", "native", _native("streaming"), report=False,
            model_policy=lambda d: KVzipHeads.from_array(load_or_calibrate(d))),
-    # eviction during the prefill (each chunk past the budget), against snapkv+kvcrush's once
-    Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True)),
+    # eviction during the prefill (each chunk past the budget, ranked by its own last queries),
+    # against snapkv+kvcrush's once
+    Method("snapkv+kvcrush-prefill", "native", _native("snapkv", KVCRUSH, prefill_eviction=True,
+                                                       prefill_probe_size=0), report=False),
+    # the same, each part ranked by a probe: the prompt's last N tokens (the question) run
+    # after the part and are forgotten (CacheEvictionConfig.prefill_probe_size; 64, the
+    # default, is the report column)
+    *[Method(f"snapkv+kvcrush-prefill-probe{n}", "native",
+             _native("snapkv", KVCRUSH, prefill_eviction=True, prefill_probe_size=n),
+             report=n == NATIVE_PREFILL_PROBE) for n in (32, 64, 128)],
     # the same with KVzip's ranking: each chunk replayed, then evicted (engine/replay.py)
     Method("kvzip-prefill", "native", _native("kvzip", prefill_eviction=True), report=False),
     # FastKV's own ranking (max-pooling over 7) instead of the eviction's (avg over 31)

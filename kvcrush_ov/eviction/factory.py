@@ -65,6 +65,7 @@ def make_spec(cfg: CacheEvictionConfig, model_dir: str | Path | None = None) -> 
                         decode_window=decode_window, seed=seed, log=cfg.log,
                         genai=cfg if upstream else None, fastkv=cfg.fastkv,
                         prefill_eviction=cfg.prefill_eviction,
+                        prefill_probe=cfg.probe_tokens(),
                         less=load_less(cfg.less, model_dir) if cfg.less is not None else None)
 
 

@@ -28,6 +28,9 @@ class EvictionSpec:
     fastkv: FastKV's token-selective propagation during prefill (engine/fastkv.py), or None.
     prefill_eviction: evict after every prompt chunk that leaves the sequence above its budget
         (each chunk's last ``window`` queries scored), not only once the prompt is read.
+    prefill_probe: with ``prefill_eviction``, the prompt's last ``prefill_probe`` tokens run
+        after each part of the prompt (then forgotten) and their last ``window`` queries score
+        it instead (engine/replay.py); 0: each chunk's own last queries.
     less: trained LESS kernels (the engine folds evicted tokens into a per-sequence state and
         the graph mixes it into attention), or None.
     """
@@ -45,6 +48,7 @@ class EvictionSpec:
     genai: CacheEvictionConfig | None = None
     fastkv: FastKVConfig | None = None
     prefill_eviction: bool = False
+    prefill_probe: int = 0
     less: LESSWeights | None = None
 
     def budget(self, prompt_tokens: int) -> int:
