@@ -321,7 +321,8 @@ def _cmd_eval_explain(args: argparse.Namespace) -> int:
     from kvcrush_ov.eval.explain import explain, format_explanation
 
     print(format_explanation(explain(args.model, args.task, args.index, args.method, args.budget,
-                                     seed=args.seed, precision=args.precision)))
+                                     seed=args.seed, precision=args.precision,
+                                     protocol=args.protocol)))
     return 0
 
 
@@ -564,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--budget", type=float, default=0.25)
     ex.add_argument("--seed", type=int, default=42)
     ex.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
+    ex.add_argument("--protocol", default="query-aware", choices=["query-aware", "query-agnostic"],
+                    help="query-agnostic: the context is compressed before the question is "
+                         "read (as eval --protocol query-agnostic)")
     ex.set_defaults(func=_cmd_eval_explain)
 
     er = sub.add_parser("eval-report", help="publish eval runs: markdown, per-sample JSON, plot")

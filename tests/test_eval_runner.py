@@ -347,8 +347,35 @@ def test_explain_locates_the_references_and_reports_what_was_kept(tiny_model):
     assert reference_spans(len, "abcdef", ["cd", "zz"]) == [(2, 4)]
 
 
+@pytest.mark.parametrize("method", ["snapkv", "kvzip"])
+def test_explain_query_agnostic_reports_the_contexts_eviction(tiny_model, tmp_path, method):
+    """With protocol query-agnostic the context is compressed before the question is read:
+    the one eviction reported is the context's (its budget a share of the context alone), and
+    the answer is the one the eval records for that sample, method and budget."""
+    from kvcrush_ov.eval.explain import explain
+    from kvcrush_ov.eval.runner import build_samples, chat_wrap, context_and_question, run_eval
+    from kvcrush_ov.pipeline import Pipeline
+
+    e = explain(str(tiny_model), "niah_single_1", 0, method, 0.25, max_seq_length=1024,
+                protocol="query-agnostic")
+    assert len(e.kept) == 1 and len(e.spans) == 1
+    tok = Pipeline(str(tiny_model), eviction=None).tokenizer
+    sample = build_samples(Pipeline(str(tiny_model), eviction=None), ["niah_single_1"], 1, 42,
+                           1024)[0]
+    ctx, question = context_and_question(tok, sample, chat_wrap(tok))
+    # the context alone (KVzip's replay leaves one position more written), not its question
+    assert len(e.evicted_at) == 1 and 0 <= e.evicted_at[0] - len(ctx) <= 1 < len(question)
+    run_eval(str(tiny_model), tmp_path, tasks=["niah_single_1"], num_samples=1,
+             methods=[method], budgets=[0.25], max_seq_length=1024, fidelity=False,
+             protocol="query-agnostic", say=lambda _: None)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rec = next(r for r in rows if r["method"] == method)
+    assert e.prediction == rec["prediction"] and e.score == rec["score"]
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"task": "niah_single_9"}, "task"),
+    ({"protocol": "query-blind"}, "protocol"),
     ({"method": "genai-kvcrush"}, "method"),
     ({"index": -1}, "index"),
     ({"budget": 1.5}, "budget"),
@@ -419,7 +446,7 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzip-prefill", "kvzip-chunk64", "kvzip-chunk256", "kvzip-heads",
                   "snapkv+less", "snapkv+kvcrush+less", "default+less",
                   "snapkv+kvcrush-prefill", "snapkv+kvcrush-prefill-probe32",
-                  "snapkv+kvcrush-prefill-probe128"}
+                  "snapkv+kvcrush-prefill-probe128", "kvzip-recent8", "kvzip-recent32"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \

@@ -17,8 +17,17 @@ from kvcrush_ov.config import GenerationConfig, KVCacheConfig
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import METHODS
 from kvcrush_ov.eval.ruler import TASKS, score
-from kvcrush_ov.eval.runner import build_samples, chat_wrap, encode_text
+from kvcrush_ov.eval.runner import (
+    PROTOCOLS,
+    build_samples,
+    chat_wrap,
+    compress_then_ask,
+    context_and_question,
+    encode_text,
+    score_groups,
+)
 from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT
 from kvcrush_ov.pipeline import Pipeline
 
 
@@ -28,7 +37,9 @@ class Explanation:
     of each reference found in the prompt. kept: one array per eviction, float [L, H], the
     share of the spans' tokens each (layer, head) kept. by_token: one array per eviction,
     float [span tokens] (the spans' tokens in order), the share of (layer, head) pairs that kept
-    each token: whether a needle lost its start, its end or its middle."""
+    each token: whether a needle lost its start, its end or its middle. evicted_at: the
+    positions written when each eviction ran (the context's length for the query-agnostic
+    protocol's first)."""
 
     task: str
     index: int
@@ -40,6 +51,7 @@ class Explanation:
     spans: list[tuple[int, int]]
     kept: list[np.ndarray]
     by_token: list[np.ndarray]
+    evicted_at: list[int] = dataclasses.field(default_factory=list)
 
 
 def reference_spans(count_tokens, prompt: str, references: list[str]) -> list[tuple[int, int]]:
@@ -73,9 +85,14 @@ def token_share(kept: list[list[np.ndarray]], spans: list[tuple[int, int]]) -> n
 
 
 def explain(model: str, task: str, index: int, method: str, budget: float, seed: int = 42,
-            max_seq_length: int = 4096, precision: str = "u8") -> Explanation:
+            max_seq_length: int = 4096, precision: str = "u8",
+            protocol: str = "query-aware") -> Explanation:
     """Run sample ``index`` of ``task`` (the eval's samples for ``seed``) with one native
-    method at ``budget`` and report what it kept of the references."""
+    method at ``budget`` and report what it kept of the references. ``protocol``
+    "query-agnostic": as ``kvcrush-ov eval --protocol query-agnostic`` runs it, the context is
+    compressed before the question is read (the evictions reported are the context's)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError("protocol", protocol, f"one of {', '.join(PROTOCOLS)}")
     if task not in TASKS:
         raise ConfigError("task", task, f"one of {', '.join(TASKS)}")
     native = [m for m, v in METHODS.items() if v.backend == "native"]
@@ -91,20 +108,33 @@ def explain(model: str, task: str, index: int, method: str, budget: float, seed:
     sample = build_samples(pipe, [task], index + 1, seed, max_seq_length)[index]
     tok = pipe.tokenizer
     prompt = sample.prompt(chat_wrap(tok))
-    ids = encode_text(tok, prompt)
     eng = pipe.backend.engine
-    seq = eng.add_request(ids, GenerationConfig(max_new_tokens=sample.max_new_tokens),
-                          pipe.backend.eos_token_ids, lambda x: tok.decode(x) if x else "")
-    eng.evictor.set_spec(seq, make_spec(cfg))
-    while eng.has_unfinished():
-        eng.step()
+    g = GenerationConfig(max_new_tokens=sample.max_new_tokens)
+    eos = pipe.backend.eos_token_ids
+
+    def detok(x: list[int]) -> str:
+        return tok.decode(x) if x else ""
+
+    spec = make_spec(cfg, pipe.model_path)
+    if protocol == "query-agnostic":
+        ctx, question = context_and_question(tok, sample, chat_wrap(tok))
+        ((mode, _),) = score_groups({"m": spec}).items()
+        _, branches = compress_then_ask(eng, ctx, [question], g, mode, ["m"], {"m": spec}, eos,
+                                        detok, False, encode_text(tok, REPEAT_PROMPT))
+        seq = branches["m"][0]
+    else:
+        seq = eng.add_request(encode_text(tok, prompt), g, eos, detok)
+        eng.evictor.set_spec(seq, spec)
+        while eng.has_unfinished():
+            eng.step()
     text = seq.sampler.output_text()
     spans = reference_spans(lambda t: len(encode_text(tok, t)), prompt, list(sample.outputs))
     log = seq.extra.get("eviction_log") or []
     return Explanation(task, index, method, float(budget), text,
                        score(task, text, sample.outputs), list(sample.outputs), spans,
                        [kept_share(r.kept, spans) for r in log],
-                       [token_share(r.kept, spans) for r in log])
+                       [token_share(r.kept, spans) for r in log],
+                       [r.num_written for r in log])
 
 
 def format_explanation(e: Explanation) -> str:
@@ -114,7 +144,8 @@ def format_explanation(e: Explanation) -> str:
     if not e.kept:
         lines.append("no eviction happened")
     for i, share in enumerate(e.kept):
-        lines.append(f"eviction {i + 1}: share of reference tokens kept, per layer "
+        at = f" (after {e.evicted_at[i]} positions)" if i < len(e.evicted_at) else ""
+        lines.append(f"eviction {i + 1}{at}: share of reference tokens kept, per layer "
                      "(mean over KV heads; min..max over heads)")
         for layer, row in enumerate(share):
             lines.append(f"  layer {layer:2d}: {row.mean():.2f}  "

@@ -77,6 +77,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(alpha=None)),
     Method("kvzip-ada", "native", _native("kvzip"), report=False,
            policy=lambda: KVzip(alpha=0.2, scope="layer")),
+    # KVzip with a shorter recent window (of the context: the question comes later), so that
+    # more of a small budget goes to the replay's picks
+    *[Method(f"kvzip-recent{n}", "native", _native("kvzip", recent_size=n), report=False)
+      for n in (8, 32)],
     # KVzip's replay in steps of 64 / 256 queries instead of 16 (less TTFT; each its own replay)
     Method("kvzip-chunk64", "native", _native("kvzip"), report=False,
            policy=lambda: KVzip(replay_chunk=64)),

@@ -134,7 +134,7 @@ def _parent_config(score_mode: str, fastkv: FastKVConfig | None = None) -> Cache
                                kvcrush=None, mode="continuous", fastkv=fastkv)
 
 
-def _score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
+def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
     """(method, budget) keys by the parent they fork from: ``"all"``, ``"window"``, or
     ``"fastkv:<config>"`` for each FastKV configuration (see :func:`_parent_config`); ``"own"``
     for methods that evict during the prefill (each runs its own, see :func:`_run_alone`)."""
@@ -267,7 +267,7 @@ def context_and_question(tok, s: Sample, wrap: Callable[[str], str]) -> tuple[li
     return encode_text(tok, text[:cut]), encode_text(tok, text[cut:])
 
 
-def _compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationConfig,
+def compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationConfig,
                        mode: str, keys: list, specs: dict, eos: set[int], detok,
                        need_full: bool, repeat: list[int]):
     """Query-agnostic: the context alone is prefilled, once per score mode (a parent kept as
@@ -341,7 +341,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
                multi_question: bool = False) -> None:
     """Prefill once per sample and score mode, fork per (method, budget). ``protocol``
     "query-agnostic": the context is prefilled and compressed before the question is appended
-    (:func:`_compress_then_ask`); with ``multi_question`` a niah_multiquery sample's keys are
+    (:func:`compress_then_ask`); with ``multi_question`` a niah_multiquery sample's keys are
     also asked one per question on the same compressed context (records of task
     ``niah_multiquery-turns``)."""
     eng = pipe.backend.engine
@@ -353,7 +353,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
     eos = pipe.backend.eos_token_ids
     repeat = encode_text(tok, REPEAT_PROMPT)
     specs = {(m.name, b): method_spec(m, b, pipe.model_path) for m in methods for b in budgets}
-    groups = _score_groups(specs)
+    groups = score_groups(specs)
     groups.setdefault("window", [])  # its parent is the full cache (also with no method)
     for i, s in enumerate(samples):
         todo = {k for k in specs if (s.task, s.index, *k) not in results.done}
@@ -374,7 +374,7 @@ def run_native(pipe: Pipeline, samples: list[Sample], methods: list[Method],
             if not keys and not (mode == "window" and need_full):
                 continue
             if protocol == "query-agnostic":
-                full, branches = _compress_then_ask(eng, ctx, [question, *asks], g, mode, keys,
+                full, branches = compress_then_ask(eng, ctx, [question, *asks], g, mode, keys,
                                                     specs, eos, detok,
                                                     mode == "window" and need_full, repeat)
                 parent = None if full is None else full[0]
@@ -443,7 +443,7 @@ def run_fidelity(pipe: Pipeline, samples: list[Sample], methods: list[Method],
         forced = encode_text(tok, reference)[:max_forced] or [int(next(iter(eos)))]
         g = GenerationConfig(max_new_tokens=len(forced), ignore_eos=True)
         full = None
-        groups = _score_groups(specs)
+        groups = score_groups(specs)
         # "own" and "replay" last: they have no parent that continues with the full cache
         for mode in sorted(groups, key=lambda m: m == "own" or _replays(m)):
             keys = [k for k in groups[mode] if k in todo]
