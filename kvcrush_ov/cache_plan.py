@@ -115,8 +115,8 @@ def check_request_size(name: str, prompt_tokens: int, max_new_tokens: int, conte
             raise ConfigError(name, f"<{prompt_tokens} tokens>",
                               f"a request that holds at most {cache_tokens} tokens: with "
                               f"prefill eviction it holds up to {max_held} (its budget, one "
-                              "scheduler step and decode growth) and the KV cache holds "
-                              f"{cache_tokens}")
+                              "scheduler step, decode growth and any probe or replay) and the KV "
+                              f"cache holds {cache_tokens}")
         cache_tokens = None  # the cache holds what the request holds: only the context counts
     total = context_length if cache_tokens is None else min(context_length, cache_tokens)
     where = f"the model's context is {context_length} tokens" + (
