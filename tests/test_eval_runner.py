@@ -373,6 +373,17 @@ def test_explain_query_agnostic_reports_the_contexts_eviction(tiny_model, tmp_pa
     assert e.prediction == rec["prediction"] and e.score == rec["score"]
 
 
+def test_explain_a_prefill_eviction_method_keeps_its_budget(tiny_model):
+    """A method that evicts while reading (the probe reads the prompt part by part) is
+    explained with the budget of its whole prompt: its first eviction comes once the parts read
+    exceed half the prompt (budget 0.5), its last at the prompt's end."""
+    from kvcrush_ov.eval.explain import explain
+
+    e = explain(str(tiny_model), "niah_single_1", 0, "snapkv+kvcrush-prefill-probe64", 0.5,
+                max_seq_length=1024)
+    assert len(e.evicted_at) >= 2 and e.evicted_at[0] >= e.evicted_at[-1] / 2
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"task": "niah_single_9"}, "task"),
     ({"protocol": "query-blind"}, "protocol"),

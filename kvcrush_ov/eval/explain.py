@@ -124,7 +124,7 @@ def explain(model: str, task: str, index: int, method: str, budget: float, seed:
         seq = branches["m"][0]
     else:
         seq = eng.add_request(encode_text(tok, prompt), g, eos, detok)
-        eng.evictor.set_spec(seq, spec)
+        eng.set_spec(seq, spec)  # as the eval does (a part-wise read keeps its whole prompt)
         while eng.has_unfinished():
             eng.step()
     text = seq.sampler.output_text()
