@@ -380,7 +380,7 @@ class LLMEngine:
             for c in out.chunks:  # what each sequence holds now (after its eviction)
                 c.seq.extra["kv_bytes"] = self._held_bytes(c.seq)
             sampling = [c.seq for c in out.chunks if c.sample]
-            if self.replay is not None:  # a KVzip phase ended: no token sampled, no logits
+            if self.replay is not None:  # a replay or probe phase ended: no token, no logits
                 rows = [i for i, seq in enumerate(sampling) if not self.replay.intercept(
                     seq, self.evictor.spec_of(seq), self._truncate, self.evictor.evict,
                     self.evictor.over_budget)]
