@@ -3,7 +3,15 @@ which precision it computes in (CPU: bf16 with AVX512-BF16 / AMX, f32 on CPUs wi
 
 from __future__ import annotations
 
+import os
+
+from kvcrush_ov.config import kv_cache_properties
 from kvcrush_ov.errors import ConfigError
+
+#: Why a one-core process computes in f32 (an upstream defect, guarded against here and in the
+#: C++ core's kv_cache_properties, cpp/src/paged_runner.cpp)
+ONE_CORE_BF16 = ("OpenVINO 2026.4's CPU plugin dies with a floating-point exception compiling a "
+                 "model for bf16 inference in a process limited to one core")
 
 
 def _available_devices() -> list[str]:
@@ -64,6 +72,33 @@ def inference_settings(device: str, kv_precision: str) -> dict[str, str]:
             "inference_precision": "f32" if kv_precision == "f32" else precision}
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def one_core_bf16(device: str) -> bool:
+    """Whether OpenVINO would compile for bf16 inference on ``device`` in a process limited to
+    one core: a CPU with BF16 (AVX512-BF16 / AMX) and an affinity mask of one core, where
+    compile_model dies with SIGFPE (any LLM, paged or not; OpenVINO 2026.4, a Xeon with AMX,
+    ``taskset -c 0``)."""
+    return (device.upper().startswith("CPU") and available_cores() == 1
+            and "BF16" in device_capabilities(device))
+
+
+def compile_properties(device: str, precision: str) -> dict[str, str]:
+    """config.kv_cache_properties plus the one-core guard: f32 inference where bf16 would
+    crash the process (:func:`one_core_bf16`; a bf16 cache is refused there before, by
+    :func:`check_kv_precision`)."""
+    props = kv_cache_properties(precision)
+    if one_core_bf16(device):
+        props["INFERENCE_PRECISION_HINT"] = "f32"
+    return props
+
+
 def check_kv_precision(device: str, precision: str) -> None:
     """A bf16 KV cache needs BF16 support (on CPU: AVX512-BF16 or AMX). On a CPU without it
     (AVX2-only, or AVX-512 without BF16), OpenVINO's PagedAttention takes only f32 or quantized
@@ -71,6 +106,9 @@ def check_kv_precision(device: str, precision: str) -> None:
     field first."""
     if precision != "bf16" or not device.upper().startswith("CPU"):
         return
+    if one_core_bf16(device):
+        raise ConfigError("kv_cache.precision", precision,
+                          "u8, u4 or f32 in a process limited to one CPU core", ONE_CORE_BF16)
     caps = device_capabilities(device)
     if caps and "BF16" not in caps:
         raise ConfigError("kv_cache.precision", precision,

@@ -136,6 +136,23 @@ def test_kvzip_allocations_keep_the_total_budget():
     assert per_model[2].sum() > 20 and (per_model.sum(axis=2) >= 2).all()  # the 0.2 floor
 
 
+def test_kvzip_pooling_keeps_a_peaks_neighbours():
+    """Max-pooled replay scores (``KVzip(pooling="max")``): the tokens next to a strongly
+    attended one are kept with it; unpooled, only the peak beats the background."""
+    from kvcrush_ov.eviction.base import EvictionInputs
+
+    L, H, N = 1, 1, 64
+    scores = np.linspace(0.5, 0.4, N, dtype=np.float32).reshape(L, H, N)
+    scores[0, 0, 30] = 10.0  # a needle's first token
+    inputs = EvictionInputs(scores=scores, counts=np.ones((L, H, N), np.float32),
+                            positions=np.arange(N).reshape(L, H, N),
+                            lengths=np.full((L, H), N, np.int64), block_size=4)
+    plain = KVzip().select(inputs, 3, np.random.default_rng(0))[0, 0]
+    pooled = KVzip(pooling="max", kernel_size=3).select(inputs, 3, np.random.default_rng(0))[0, 0]
+    assert np.flatnonzero(plain).tolist() == [0, 1, 30]
+    assert np.flatnonzero(pooled).tolist() == [29, 30, 31]
+
+
 def test_kvzip_with_fastkv_is_refused_by_name():
     with pytest.raises(ConfigError, match="eviction.importance"):
         CacheEvictionConfig(importance="kvzip", fastkv=FastKVConfig())
@@ -261,6 +278,12 @@ def test_kvzip_selection_options():
     for bad in (0, 2.5, True, "16"):
         with pytest.raises(ValueError, match="KVzip.replay_chunk"):
             KVzip(replay_chunk=bad)
+    with pytest.raises(ValueError, match="KVzip.pooling"):
+        KVzip(pooling="median")
+    with pytest.raises(ValueError, match="KVzip.kernel_size"):
+        KVzip(pooling="max", kernel_size=4)
+    with pytest.raises(ValueError, match="KVzip.pooling='max': allowed only with alpha"):
+        KVzip(alpha=None, pooling="max")
 
 
 @pytest.mark.parametrize("chunk,crush", [(16, False), (64, False), (64, True)])

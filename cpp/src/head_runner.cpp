@@ -74,7 +74,7 @@ HeadRunner::HeadRunner(ov::Core& core, const std::filesystem::path& model_dir,
       }
   decode->validate_nodes_and_infer_types();
   to_per_head(scored, /*sequence_major=*/false);
-  const ov::AnyMap props = kv_cache_properties(precision);
+  const ov::AnyMap props = kv_cache_properties(core, device, precision);
   decode_ = core.compile_model(decode, device, props);
   scored_ = core.compile_model(scored, device, props);
   decode_req_.req = decode_.create_infer_request();

@@ -41,8 +41,8 @@ from kvcrush_ov.config import (
     GenerationConfig,
     KVCacheConfig,
     SchedulerConfig,
-    kv_cache_properties,
 )
+from kvcrush_ov.device import compile_properties
 from kvcrush_ov.errors import ConfigError, ModelError
 from kvcrush_ov.eviction.genai_compat import GenAISettings, check_genai_algorithm, translate
 from kvcrush_ov.model_info import ModelInfo, block_size_for
@@ -161,7 +161,7 @@ class GenAIBackend:
         try:
             pipe = ov_genai.ContinuousBatchingPipeline(
                 str(self.info.path), self._scheduler_config(ev), self.device,
-                kv_cache_properties(self.kv_cache.precision),
+                compile_properties(self.device, self.kv_cache.precision),
             )
         except RuntimeError as e:
             raise ModelError(f"model={str(self.info.path)!r} could not be loaded on "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from kvcrush_ov.config import kv_cache_properties
+from kvcrush_ov.device import compile_properties
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.transformations.paged import read_paged_model
 
@@ -55,7 +55,7 @@ class ModelRunner:
     def __init__(self, model_dir: str | Path, device: str, precision: str,
                  properties: dict | None = None) -> None:
         self.core = ov.Core()
-        props = kv_cache_properties(precision)
+        props = compile_properties(device, precision)
         props.update(properties or {})
         self.model_dir, self.device, self.props = Path(model_dir), device, props
         self.compiled = self._compile(Path(model_dir), device, props)

@@ -81,6 +81,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # more of a small budget goes to the replay's picks
     *[Method(f"kvzip-recent{n}", "native", _native("kvzip", recent_size=n), report=False)
       for n in (8, 32)],
+    # KVzip's replay scores max-pooled over 3 / 7 tokens (SnapKV's smoothing): a needle's
+    # neighbouring tokens share its score, so multi-token values stay whole
+    *[Method(f"kvzip-max{k}", "native", _native("kvzip"), report=False,
+             policy=lambda k=k: KVzip(pooling="max", kernel_size=k)) for k in (3, 7)],
     # KVzip's replay in steps of 64 / 256 queries instead of 16 (less TTFT; each its own replay)
     Method("kvzip-chunk64", "native", _native("kvzip"), report=False,
            policy=lambda: KVzip(replay_chunk=64)),

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from kvcrush_ov.eviction.base import importance_of
 from kvcrush_ov.eviction.h2o import H2O
+from kvcrush_ov.eviction.snapkv import check_pooling
 
 #: what the model is asked before the replayed context
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n\n"
@@ -44,9 +45,17 @@ class KVzip(H2O):
     scope: str = "model"
     #: queries per replay step (a row's score: the largest sum one step gave it)
     replay_chunk: int = REPLAY_CHUNK
+    #: the replay scores smoothed along the sequence before the allocation (as SnapKV's:
+    #: ``"max"``, ``"avg"`` or ``"none"``, KVzip's own; odd ``kernel_size``); needs ``alpha``
+    pooling: str = "none"
+    kernel_size: int = 7
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_pooling("KVzip", self.pooling, self.kernel_size)
+        if self.pooling != "none" and self.alpha is None:
+            raise ValueError(f"KVzip.pooling={self.pooling!r}: allowed only with alpha set "
+                             "(alpha=None is H2O's unpooled top-k)")
         if self.scope not in ("layer", "model"):
             raise ValueError(f"KVzip.scope={self.scope!r}: allowed layer, model")
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(
@@ -62,7 +71,8 @@ class KVzip(H2O):
         if self.alpha is None:
             return super().core_kwargs()
         return {"importance": "adakv", "aggregation_mode": self.aggregation_mode,
-                "pooling": "none", "alpha": float(self.alpha), "scope": self.scope}
+                "pooling": self.pooling, "kernel_size": self.kernel_size,
+                "alpha": float(self.alpha), "scope": self.scope}
 
 
 def replay_chunk(policy) -> int:

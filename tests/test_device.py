@@ -1,0 +1,65 @@
+"""kvcrush_ov.device's guard against an upstream defect: OpenVINO 2026.4's CPU plugin dies with
+SIGFPE compiling any LLM for bf16 inference in a process limited to one core (a Xeon with AMX,
+``taskset -c 0``). Such a process computes in f32, and a bf16 cache is refused by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kvcrush_ov.device as device
+from kvcrush_ov import ConfigError
+
+
+def _one_core() -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+@pytest.fixture
+def one_core_bf16_cpu(monkeypatch):
+    monkeypatch.setattr(device, "available_cores", lambda: 1)
+    monkeypatch.setattr(device, "device_capabilities", lambda d: ["FP32", "BF16", "INT8"])
+
+
+def test_one_core_with_bf16_computes_in_f32(one_core_bf16_cpu):
+    assert device.one_core_bf16("CPU")
+    assert not device.one_core_bf16("GPU")
+    assert device.compile_properties("CPU", "u8") == {"KV_CACHE_PRECISION": "u8",
+                                                      "INFERENCE_PRECISION_HINT": "f32"}
+    assert device.compile_properties("CPU", "u4")["INFERENCE_PRECISION_HINT"] == "f32"
+    with pytest.raises(ConfigError, match=r"kv_cache.precision='bf16'.*one CPU core"):
+        device.check_kv_precision("CPU", "bf16")
+
+
+def test_more_cores_or_no_bf16_keep_the_devices_precision(monkeypatch):
+    monkeypatch.setattr(device, "device_capabilities", lambda d: ["FP32", "BF16"])
+    monkeypatch.setattr(device, "available_cores", lambda: 2)
+    assert device.compile_properties("CPU", "u8") == {"KV_CACHE_PRECISION": "u8"}
+    device.check_kv_precision("CPU", "bf16")
+    monkeypatch.setattr(device, "available_cores", lambda: 1)
+    monkeypatch.setattr(device, "device_capabilities", lambda d: ["FP32", "INT8"])
+    assert device.compile_properties("CPU", "u8") == {"KV_CACHE_PRECISION": "u8"}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux affinity masks")
+def test_a_one_core_process_generates_with_both_backends(tiny_model):
+    """In a child limited to one core (where, on a CPU with BF16, compile_model would kill
+    the process without the guard), the native engine (plain and per-head graphs) and the
+    GenAI backend load and generate."""
+    code = (
+        "import sys\n"
+        "from kvcrush_ov import Pipeline, CacheEvictionConfig, GenerationConfig\n"
+        "g = GenerationConfig(max_new_tokens=3, apply_chat_template=False)\n"
+        "prompt = 'hello world ' * 200\n"
+        "for backend, ev in (('native', None), ('native', CacheEvictionConfig(max_cache_size=256)),"
+        " ('genai', None)):\n"
+        "    out = Pipeline(sys.argv[1], eviction=ev, backend=backend).generate(prompt, g)\n"
+        "    assert out.metrics[0].num_generated_tokens == 3, out\n"
+        "print('done')\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tiny_model)], preexec_fn=_one_core,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-3000:]}"
+    assert res.stdout.strip().endswith("done")
