@@ -397,6 +397,13 @@ def test_scores_compact_flat_matches_compact():
             np.testing.assert_array_equal(a.acc[layer][h], b.acc[layer][h])
     with pytest.raises(ValueError, match="offsets"):
         b.compact_flat(np.zeros(0, np.int64), np.zeros(3, np.int64))
+    from kvcrush_ov import _core  # the C++ gather behind it refuses what it cannot read
+
+    one = [np.ones(3, np.float32)]
+    with pytest.raises(ValueError, match="negative row"):
+        _core.gather_rows(one, np.array([-1], np.int64), np.array([0, 1], np.int64))
+    with pytest.raises(ValueError, match="offsets"):
+        _core.gather_rows(one + one, np.zeros(2, np.int64), np.array([0, 2, 1], np.int64))
 
 
 def test_a_request_the_whole_cache_cannot_hold_fails_instead_of_restarting_forever():

@@ -1113,6 +1113,32 @@ NB_MODULE(_core, m) {
            nb::arg("fill_holes"),
            "(order [K], positions [K], move_table [M], move_slot [M], move_offsets [M + 1], "
            "pairs [P, 2]): one sequence's compaction (kvcrush::plan_compaction).");
+  m.def("gather_rows", [](const std::vector<In<float, 1>>& tables, In<int64_t, 1> order,
+                          In<int64_t, 1> offsets) {
+    const auto r = static_cast<int64_t>(tables.size());
+    if (static_cast<int64_t>(offsets.shape(0)) != r + 1)
+      bad_shape("offsets", "len(tables) + 1 entries");
+    const int64_t* off = offsets.data();
+    if (off[0] != 0 || off[r] != static_cast<int64_t>(order.shape(0)))
+      bad_shape("offsets", "0 .. len(order)");
+    for (int64_t i = 0; i < r; ++i)
+      if (off[i + 1] < off[i]) bad_shape("offsets", "non-decreasing");
+    std::vector<const float*> src(static_cast<size_t>(r));
+    std::vector<int64_t> have(static_cast<size_t>(r));
+    for (int64_t i = 0; i < r; ++i) {
+      src[static_cast<size_t>(i)] = tables[static_cast<size_t>(i)].data();
+      have[static_cast<size_t>(i)] =
+          static_cast<int64_t>(tables[static_cast<size_t>(i)].shape(0));
+    }
+    auto out = new_array<float, 1>({order.shape(0)});
+    {
+      nb::gil_scoped_release unlocked;
+      kvcrush::gather_rows(src.data(), have.data(), order.data(), off, r, out.data());
+    }
+    return out;
+  }, nb::arg("tables"), nb::arg("order"), nb::arg("offsets"),
+        "f32 [K]: new row i of table r is tables[r][order[offsets[r] + i]], or 0 past its end "
+        "(kvcrush::gather_rows).");
   m.def("fill_holes", [](In<int64_t, 1> keep) {
     const auto k = static_cast<int64_t>(keep.shape(0));
     for (int64_t i = 1; i < k; ++i)

@@ -261,6 +261,19 @@ void fill_holes(const int64_t* keep, int64_t k, int64_t* out) {
     if (hole[static_cast<size_t>(i)]) out[i] = keep[next++];
 }
 
+void gather_rows(const float* const* tables, const int64_t* have, const int64_t* order,
+                 const int64_t* offsets, int64_t num_tables, float* out) {
+  const int64_t total = num_tables > 0 ? offsets[num_tables] : 0;
+  for (int64_t i = 0; i < total; ++i)
+    if (order[i] < 0) throw std::invalid_argument("gather_rows: order holds a negative row");
+  parallel_for(num_tables, num_tables > 0 ? total / num_tables * 2 : 0, [&](int64_t r) {
+    const float* src = tables[r];
+    const int64_t n = have[r];
+    for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i)
+      out[i] = order[i] < n ? src[order[i]] : 0.0f;
+  });
+}
+
 void plan_compaction(const TableRows& t, bool fill, CompactionPlan& plan) {
   if (t.num_tables < 0 || t.num_heads < 1 || t.num_tables % t.num_heads != 0)
     throw std::invalid_argument("num_heads: allowed >= 1, dividing the " +

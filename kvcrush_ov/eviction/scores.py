@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvcrush_ov import _core
+
 
 class SequenceScores:
     """acc[l][h]: float32 [rows]; query_positions: sorted positions of the scored queries."""
@@ -93,13 +95,12 @@ class SequenceScores:
         if len(offsets) != len(flat) + 1:
             raise ValueError(f"scores: offsets has {len(offsets)} entries, "
                              f"{len(flat) + 1} expected (L * H + 1)")
-        have = np.fromiter((len(a) for a in flat), np.int64, len(flat))
-        base = np.zeros(len(flat), np.int64)
-        np.cumsum(have[:-1], out=base[1:])
-        kept = np.diff(offsets)
-        seen = order < np.repeat(have, kept)
-        out = np.zeros(len(order), np.float32)
-        src = np.concatenate(flat) if flat else np.zeros(0, np.float32)
-        out[seen] = src[(order + np.repeat(base, kept))[seen]]
+        if not flat:
+            return
+        # one C++ pass (parallel over tables; numpy's concatenate / repeat / fancy indexing
+        # took about 1 ms an event for a 4K prompt's 90 tables on two cores)
+        out = _core.gather_rows([np.ascontiguousarray(a, np.float32) for a in flat],
+                                np.ascontiguousarray(order, np.int64),
+                                np.ascontiguousarray(offsets, np.int64))
         parts = np.split(out, offsets[1:-1])
         self.acc = [parts[i:i + heads] for i in range(0, len(parts), heads)]

@@ -117,6 +117,13 @@ struct CompactionPlan {
 /// ascending). Writes out[0 .. k).
 void fill_holes(const int64_t* keep, int64_t k, int64_t* out);
 
+/// Per-row values (e.g. accumulated attention scores) after a compaction: for table r, new row
+/// i is old row order[offsets[r] + i] of ``tables[r]`` (``have[r]`` values), or 0 where that
+/// row is at or past ``have[r]`` (a row the values do not cover yet). Writes out[0 ..
+/// offsets[num_tables]). Parallel over tables. Throws std::invalid_argument on a negative row.
+void gather_rows(const float* const* tables, const int64_t* have, const int64_t* order,
+                 const int64_t* offsets, int64_t num_tables, float* out);
+
 /// Plans the compaction of every table into ``plan`` (packed densely from each table's first
 /// block; a block is rewritten iff one of its new rows comes from elsewhere). Throws
 /// std::invalid_argument naming the table (``compact: rows of layer l head h must be unique,
