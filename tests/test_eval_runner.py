@@ -457,7 +457,8 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzip-prefill", "kvzip-chunk64", "kvzip-chunk256", "kvzip-heads",
                   "snapkv+less", "snapkv+kvcrush+less", "default+less",
                   "snapkv+kvcrush-prefill", "snapkv+kvcrush-prefill-probe32",
-                  "snapkv+kvcrush-prefill-probe128", "kvzip-recent8", "kvzip-recent32"}
+                  "snapkv+kvcrush-prefill-probe128", "kvzip-recent8", "kvzip-recent32",
+                  "kvzip-max3", "kvzip-max7"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \
@@ -469,6 +470,10 @@ def test_tuning_candidates_run_only_when_named():
     assert method_spec(METHODS["kvzip"], 0.25).policy.scope == "model"
     assert method_spec(METHODS["kvzip-chunk256"], 0.25).policy.replay_chunk == 256
     assert method_spec(METHODS["kvzip-chunk64"], 0.25).policy.replay_chunk == 64
+    for k in (3, 7):
+        pooled = method_spec(METHODS[f"kvzip-max{k}"], 0.25).policy
+        assert (pooled.pooling, pooled.kernel_size) == ("max", k)
+    assert method_spec(METHODS["kvzip"], 0.25).policy.pooling == "none"
     with pytest.raises(ConfigError, match="model_dir"):  # kvzip-heads is built from the model
         method_spec(METHODS["kvzip-heads"], 0.25)
     assert make_policy(METHODS["snapkv+kvcrush-share10"].make(0.25)).share == 0.1
