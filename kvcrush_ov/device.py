@@ -89,12 +89,19 @@ def one_core_bf16(device: str) -> bool:
             and "BF16" in device_capabilities(device))
 
 
-def compile_properties(device: str, precision: str) -> dict[str, str]:
-    """config.kv_cache_properties plus the one-core guard: f32 inference where bf16 would
-    crash the process (:func:`one_core_bf16`; a bf16 cache is refused there before, by
-    :func:`check_kv_precision`)."""
-    props = kv_cache_properties(precision)
-    if one_core_bf16(device):
+def compile_properties(device: str, precision: str,
+                       extra: dict | None = None) -> dict[str, object]:
+    """config.kv_cache_properties, then ``extra`` (OpenVINO properties a caller adds), plus
+    the one-core guard: f32 inference where bf16 would crash the process, in a process limited
+    to one core (:func:`one_core_bf16`; a bf16 cache is refused there before, by
+    :func:`check_kv_precision`) or with ``INFERENCE_NUM_THREADS`` 1 on a CPU with BF16 (the
+    same defect), unless ``extra`` names an inference precision itself."""
+    props: dict[str, object] = {**kv_cache_properties(precision), **(extra or {})}
+    if "INFERENCE_PRECISION_HINT" in (extra or {}):
+        return props
+    one_thread = str(props.get("INFERENCE_NUM_THREADS", "")) == "1" and (
+        device.upper().startswith("CPU") and "BF16" in device_capabilities(device))
+    if one_thread or one_core_bf16(device):
         props["INFERENCE_PRECISION_HINT"] = "f32"
     return props
 

@@ -34,6 +34,20 @@ def test_one_core_with_bf16_computes_in_f32(one_core_bf16_cpu):
         device.check_kv_precision("CPU", "bf16")
 
 
+def test_one_inference_thread_with_bf16_computes_in_f32(monkeypatch):
+    """INFERENCE_NUM_THREADS=1 hits the same defect on any number of cores."""
+    monkeypatch.setattr(device, "available_cores", lambda: 2)
+    monkeypatch.setattr(device, "device_capabilities", lambda d: ["FP32", "BF16"])
+    one = {"INFERENCE_NUM_THREADS": 1}
+    assert device.compile_properties("CPU", "u8", one)["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "INFERENCE_PRECISION_HINT" not in device.compile_properties(
+        "CPU", "u8", {"INFERENCE_NUM_THREADS": 2})
+    asked = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f16"}  # named: kept
+    assert device.compile_properties("CPU", "u8", asked)["INFERENCE_PRECISION_HINT"] == "f16"
+    monkeypatch.setattr(device, "device_capabilities", lambda d: ["FP32"])
+    assert "INFERENCE_PRECISION_HINT" not in device.compile_properties("CPU", "u8", one)
+
+
 def test_more_cores_or_no_bf16_keep_the_devices_precision(monkeypatch):
     monkeypatch.setattr(device, "device_capabilities", lambda d: ["FP32", "BF16"])
     monkeypatch.setattr(device, "available_cores", lambda: 2)
@@ -58,6 +72,8 @@ def test_a_one_core_process_generates_with_both_backends(tiny_model):
         " ('genai', None)):\n"
         "    out = Pipeline(sys.argv[1], eviction=ev, backend=backend).generate(prompt, g)\n"
         "    assert out.metrics[0].num_generated_tokens == 3, out\n"
+        "from kvcrush_ov.engine.head_model_runner import HeadModelRunner\n"
+        "HeadModelRunner(sys.argv[1], 'CPU', 'u8', {'INFERENCE_NUM_THREADS': 1})\n"
         "print('done')\n")
     res = subprocess.run([sys.executable, "-c", code, str(tiny_model)], preexec_fn=_one_core,
                          capture_output=True, text=True, timeout=600)

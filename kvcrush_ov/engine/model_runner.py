@@ -55,8 +55,7 @@ class ModelRunner:
     def __init__(self, model_dir: str | Path, device: str, precision: str,
                  properties: dict | None = None) -> None:
         self.core = ov.Core()
-        props = compile_properties(device, precision)
-        props.update(properties or {})
+        props = compile_properties(device, precision, properties)
         self.model_dir, self.device, self.props = Path(model_dir), device, props
         self.compiled = self._compile(Path(model_dir), device, props)
         self.request = self.compiled.create_infer_request()
