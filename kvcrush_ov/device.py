@@ -68,8 +68,8 @@ def inference_settings(device: str, kv_precision: str) -> dict[str, str]:
         precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     except RuntimeError:
         name, precision = base, "unknown"
-    return {"device_name": name,
-            "inference_precision": "f32" if kv_precision == "f32" else precision}
+    f32 = kv_precision == "f32" or one_core_bf16(device)  # see compile_properties
+    return {"device_name": name, "inference_precision": "f32" if f32 else precision}
 
 
 def available_cores() -> int:

@@ -32,6 +32,7 @@ def test_one_core_with_bf16_computes_in_f32(one_core_bf16_cpu):
     assert device.compile_properties("CPU", "u4")["INFERENCE_PRECISION_HINT"] == "f32"
     with pytest.raises(ConfigError, match=r"kv_cache.precision='bf16'.*one CPU core"):
         device.check_kv_precision("CPU", "bf16")
+    assert device.inference_settings("CPU", "u8")["inference_precision"] == "f32"  # as run
 
 
 def test_one_inference_thread_with_bf16_computes_in_f32(monkeypatch):
