@@ -87,16 +87,6 @@ class KVCacheConfig:
         _int_at_least("kv_cache.num_kv_blocks", self.num_kv_blocks, 0)
 
 
-def kv_cache_properties(precision: str) -> dict[str, str]:
-    """OpenVINO compile properties for a KV-cache precision (see KVCacheConfig)."""
-    if precision == "u4":
-        return {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u8"}
-    props = {"KV_CACHE_PRECISION": precision}
-    if precision == "f32":  # an f32 cache needs f32 inference
-        props["INFERENCE_PRECISION_HINT"] = "f32"
-    return props
-
-
 @dataclass
 class SchedulerConfig:
     """Continuous-batching scheduler knobs (same names as ``openvino_genai.SchedulerConfig``)."""

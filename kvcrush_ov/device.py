@@ -3,13 +3,11 @@ which precision it computes in (CPU: bf16 with AVX512-BF16 / AMX, f32 on CPUs wi
 
 from __future__ import annotations
 
-import os
-
-from kvcrush_ov.config import kv_cache_properties
+from kvcrush_ov import _core
 from kvcrush_ov.errors import ConfigError
 
-#: Why a one-core process computes in f32 (an upstream defect, guarded against here and in the
-#: C++ core's kv_cache_properties, cpp/src/paged_runner.cpp)
+#: Why a one-core process computes in f32 (an upstream defect, guarded against in the C++
+#: core's kv_cache_properties, cpp/src/properties.cpp, which the runners of both languages use)
 ONE_CORE_BF16 = ("OpenVINO 2026.4's CPU plugin dies with a floating-point exception compiling a "
                  "model for bf16 inference in a process limited to one core")
 
@@ -57,7 +55,7 @@ def device_capabilities(device: str) -> list[str]:
 
 def inference_settings(device: str, kv_precision: str) -> dict[str, str]:
     """What the device runs a model with here: its name and inference precision (an f32 cache
-    forces f32 inference; see config.kv_cache_properties). Results from machines whose
+    forces f32 inference; see compile_properties). Results from machines whose
     inference precision differs (bf16 on AVX512-BF16 / AMX CPUs, f32 on others) differ slightly."""
     import openvino as ov
 
@@ -72,36 +70,26 @@ def inference_settings(device: str, kv_precision: str) -> dict[str, str]:
     return {"device_name": name, "inference_precision": "f32" if f32 else precision}
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def one_core_bf16(device: str) -> bool:
     """Whether OpenVINO would compile for bf16 inference on ``device`` in a process limited to
     one core: a CPU with BF16 (AVX512-BF16 / AMX) and an affinity mask of one core, where
     compile_model dies with SIGFPE (any LLM, paged or not; OpenVINO 2026.4, a Xeon with AMX,
-    ``taskset -c 0``)."""
-    return (device.upper().startswith("CPU") and available_cores() == 1
-            and "BF16" in device_capabilities(device))
+    ``taskset -c 0``). ``kvcrush::one_core_bf16``."""
+    return bool(_core.one_core_bf16(device))
 
 
 def compile_properties(device: str, precision: str,
                        extra: dict | None = None) -> dict[str, object]:
-    """config.kv_cache_properties, then ``extra`` (OpenVINO properties a caller adds), plus
-    the one-core guard: f32 inference where bf16 would crash the process, in a process limited
-    to one core (:func:`one_core_bf16`; a bf16 cache is refused there before, by
-    :func:`check_kv_precision`) or with ``INFERENCE_NUM_THREADS`` 1 on a CPU with BF16 (the
-    same defect), unless ``extra`` names an inference precision itself."""
-    props: dict[str, object] = {**kv_cache_properties(precision), **(extra or {})}
+    """OpenVINO compile properties of a KV-cache precision on ``device``
+    (``kvcrush::kv_cache_properties``: f32 inference with an f32 cache, and in a process where
+    :func:`one_core_bf16`; a bf16 cache is refused there before, by :func:`check_kv_precision`),
+    then ``extra`` (properties a caller adds). ``INFERENCE_NUM_THREADS`` 1 on a CPU with BF16
+    is the same defect: f32 inference then too, unless ``extra`` names a precision itself."""
+    props: dict[str, object] = {**_core.kv_cache_properties(device, precision), **(extra or {})}
     if "INFERENCE_PRECISION_HINT" in (extra or {}):
         return props
-    one_thread = str(props.get("INFERENCE_NUM_THREADS", "")) == "1" and (
-        device.upper().startswith("CPU") and "BF16" in device_capabilities(device))
-    if one_thread or one_core_bf16(device):
+    if str(props.get("INFERENCE_NUM_THREADS", "")) == "1" and (
+            device.upper().startswith("CPU") and "BF16" in device_capabilities(device)):
         props["INFERENCE_PRECISION_HINT"] = "f32"
     return props
 

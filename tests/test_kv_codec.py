@@ -21,7 +21,7 @@ import openvino as ov
 import pytest
 
 from conftest import CPU_HAS_BF16
-from kvcrush_ov.config import kv_cache_properties
+from kvcrush_ov.device import compile_properties
 from kvcrush_ov.engine.kv_codec import CacheLayout, Move, compact_kv
 from kvcrush_ov.transformations.paged import read_paged_model
 
@@ -46,7 +46,7 @@ class Runner:
     def __init__(self, path: Path, precision: str, num_blocks: int = NUM_BLOCKS) -> None:
         core = ov.Core()
         model = read_paged_model(path, score_outputs=False, logits_indices=True)
-        self.compiled = core.compile_model(model, "CPU", kv_cache_properties(precision))
+        self.compiled = core.compile_model(model, "CPU", compile_properties("CPU", precision))
         self.request = self.compiled.create_infer_request()
         self.num_layers = sum(1 for i in self.compiled.inputs
                               if i.get_any_name().startswith("key_cache."))

@@ -16,8 +16,8 @@ from kvcrush_ov.config import (
     KVCacheConfig,
     LESSConfig,
     SchedulerConfig,
-    kv_cache_properties,
 )
+from kvcrush_ov.device import compile_properties
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.engine.kv_codec import KEY, VALUE, CacheLayout
 from kvcrush_ov.errors import ConfigError
@@ -217,7 +217,7 @@ class _Graph:
 
     def __init__(self, model: Path, w: LESSWeights, precision: str) -> None:
         core = ov.Core()
-        props = kv_cache_properties(precision)
+        props = compile_properties("CPU", precision)
         g = to_per_head(read_paged_model(model / "openvino_model.xml", score_outputs=True,
                                          logits_indices=True, score_aggregation=True))
         kt, kd, vt, vd = probe_cache_types(core, "CPU", props, w.head_dim, w.head_dim, w.group)

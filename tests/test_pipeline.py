@@ -425,9 +425,9 @@ def test_this_machine_either_runs_a_bf16_cache_or_refuses_it_by_name(tiny_model)
         assert len(make().generate("hi", max_new_tokens=2).token_ids[0]) == 2
         return
     # the guard is needed: without it the CPU plugin's PagedAttention rejects the cache itself
-    from kvcrush_ov.config import kv_cache_properties
+    from kvcrush_ov.device import compile_properties
     from kvcrush_ov.transformations.paged import read_paged_model
 
     model = read_paged_model(tiny_model, score_outputs=False, logits_indices=True)
     with pytest.raises(RuntimeError, match="kvcache type f32"):
-        ov.Core().compile_model(model, "CPU", kv_cache_properties("bf16"))
+        ov.Core().compile_model(model, "CPU", compile_properties("CPU", "bf16"))

@@ -4,6 +4,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/pair.h>
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -39,6 +41,7 @@
 #include "kvcrush/parallel.hpp"
 #include "kvcrush/passes.hpp"
 #include "kvcrush/policy.hpp"
+#include "kvcrush/properties.hpp"
 #include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
 #include "kvcrush/upstream.hpp"
@@ -1269,6 +1272,21 @@ NB_MODULE(_core, m) {
   nb::exception<kvcrush::LogitsPatternError>(m, "LogitsPatternError", PyExc_RuntimeError);
   nb::exception<kvcrush::FastKVPatternError>(m, "FastKVPatternError", PyExc_ValueError);
   nb::exception<kvcrush::LESSPatternError>(m, "LESSPatternError", PyExc_RuntimeError);
+  m.def("kv_cache_properties", [](const std::string& device, const std::string& precision) {
+    ov::Core core;
+    std::map<std::string, std::string> out;
+    for (const auto& [key, value] : kvcrush::kv_cache_properties(core, device, precision))
+      out[key] = value.as<std::string>();
+    return out;
+  }, nb::arg("device"), nb::arg("precision"),
+        "{name: value}: OpenVINO compile properties of a KV-cache precision on device, with "
+        "f32 inference where one_core_bf16 (kvcrush::kv_cache_properties).");
+  m.def("one_core_bf16", [](const std::string& device) {
+    ov::Core core;
+    return kvcrush::one_core_bf16(core, device);
+  }, nb::arg("device"),
+        "Whether OpenVINO 2026.4 would die compiling for bf16 inference on device here: a CPU "
+        "with BF16 in a process limited to one core (kvcrush::one_core_bf16).");
   m.def("openvino_build", &openvino_build,
         "Build number of the libopenvino this module runs on (openvino.get_version() format).");
   m.def("openvino_compiled_version", &openvino_compiled_version,

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "kvcrush/passes.hpp"
+#include "kvcrush/properties.hpp"
 #include "paged_runner.hpp"
 
 namespace kvcrush {

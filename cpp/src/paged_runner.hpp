@@ -15,17 +15,6 @@
 
 namespace kvcrush {
 
-/// Whether OpenVINO would compile for bf16 inference on ``device`` in a process limited to one
-/// core (a CPU with BF16, an affinity of one core), where OpenVINO 2026.4's compile_model dies
-/// with SIGFPE (Python: kvcrush_ov.device.one_core_bf16).
-bool one_core_bf16(ov::Core& core, const std::string& device);
-
-/// OpenVINO compile properties of a KV cache precision on ``device``, with f32 inference where
-/// one_core_bf16() (a bf16 cache there throws ConfigError) (Python:
-/// kvcrush_ov.device.compile_properties and check_kv_precision).
-ov::AnyMap kv_cache_properties(ov::Core& core, const std::string& device,
-                               const std::string& precision);
-
 class PagedRunner {
  public:
   PagedRunner(ov::Core& core, const std::filesystem::path& model_dir, const std::string& device,
