@@ -220,7 +220,7 @@ class Pipeline:
         ev = self.eviction
         if ev is None or not ev.prefill_eviction:
             return None
-        budget = max(ev.total_tokens(prompt_tokens), ev.start_size + ev.recent_size)
+        budget = max(ev.total_tokens(prompt_tokens), ev.start_size + ev.recent_tokens())
         return prefill_eviction_hold(budget, self.scheduler, block_size_for(self.device), ev.mode,
                                      ev.evict_interval, max_new_tokens, ev.importance)
 

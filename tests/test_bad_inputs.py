@@ -55,7 +55,7 @@ _FIELDS: list[tuple[type, str, list, str]] = [
     (CacheEvictionConfig, "max_cache_size", [0, -1, 1.5, 0.0, NAN, INF, "half", None, True, 100],
      "eviction.max_cache_size"),
     (CacheEvictionConfig, "start_size", [-32, 1.5, "32", NAN], "eviction.start_size"),
-    (CacheEvictionConfig, "recent_size", [-1, 2.5, None], "eviction.recent_size"),
+    (CacheEvictionConfig, "recent_size", [-1, 2.5, "32"], "eviction.recent_size"),
     (CacheEvictionConfig, "snapkv_window_size", [-1, 1.5], "eviction.snapkv_window_size"),
     (CacheEvictionConfig, "importance", ["magic", None, 3], "eviction.importance"),
     (CacheEvictionConfig, "aggregation_mode", ["max", None], "eviction.aggregation_mode"),

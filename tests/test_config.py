@@ -125,3 +125,21 @@ def test_default_eviction_is_snapkv_avg31_with_kvcrush_on_native():
     assert policy.share == 0.25 and policy.taper == (0.125, 0.5)
     assert policy.anchor == "alternating" and policy.granularity == "token"
     assert make_policy(CacheEvictionConfig(kvcrush=KVCrushConfig(taper=False))).taper is None
+
+
+def test_recent_window_defaults_to_32_for_kvzip_only():
+    """recent_size=None: GenAI's 128, 32 with kvzip (tuning seed 7 of both models, docs/chat.md);
+    an explicit value wins, and the checks and the engine's spec use the resolved one."""
+    from kvcrush_ov.eviction.factory import make_spec
+
+    assert CacheEvictionConfig().recent_tokens() == 128
+    assert CacheEvictionConfig(importance="h2o").recent_tokens() == 128
+    kvzip = CacheEvictionConfig(importance="kvzip")
+    assert kvzip.recent_size is None and kvzip.recent_tokens() == 32
+    assert CacheEvictionConfig(importance="kvzip", recent_size=128).recent_tokens() == 128
+    assert make_spec(kvzip).recent_size == 32
+    assert make_spec(CacheEvictionConfig()).recent_size == 128
+    # 64 tokens: too few for 32 sinks + 128 recent, enough for kvzip's 32 + 32
+    CacheEvictionConfig(max_cache_size=64, importance="kvzip")
+    with pytest.raises(ConfigError, match="start_size \\+ recent_size = 160"):
+        CacheEvictionConfig(max_cache_size=64)

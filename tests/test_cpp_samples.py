@@ -180,6 +180,8 @@ INVALID = [
     (kv.CacheEvictionConfig, {"pooling_offset": 16}),
     (kv.CacheEvictionConfig, {"decode_window_size": 33}),
     (kv.CacheEvictionConfig, {"pooling": "median"}),
+    (kv.CacheEvictionConfig, {"recent_size": -1}),
+    (kv.CacheEvictionConfig, {"importance": "kvzip", "max_cache_size": 40}),
     (kv.KVCrushConfig, {"budget": 1.25}),
     (kv.KVCrushConfig, {"budget": 1e-7 - 1}),
     (kv.KVCrushConfig, {"anchor_point_mode": "it's"}),

@@ -122,7 +122,7 @@ def _reference_evicted(q, k, p: int, budget: float, scale: float) -> list[list[i
     from kvcrush_ov.config import NATIVE_KERNEL_SIZE, CacheEvictionConfig
 
     cfg = CacheEvictionConfig()
-    sinks, recent, window = cfg.start_size, cfg.recent_size, cfg.snapkv_window_size
+    sinks, recent, window = cfg.start_size, cfg.recent_tokens(), cfg.snapkv_window_size
     assert (sinks, recent, window, NATIVE_KERNEL_SIZE) == (32, 128, 32, 31)
     assert cfg.pooling is None and cfg.pooling_offset == 0 and cfg.aggregation_mode == "norm_sum"
     hq, hkv = q.shape[0], k.shape[0]
@@ -152,7 +152,7 @@ def test_simulated_eviction_is_the_engines(tiny_hf):
     cfg = CacheEvictionConfig()
     got = (lt.SINKS, lt.RECENT, lt.WINDOW, lt.KERNEL_SIZE, lt.POOLING, lt.POOLING_OFFSET,
            lt.AGGREGATION)
-    assert got == (cfg.start_size, cfg.recent_size, cfg.snapkv_window_size, NATIVE_KERNEL_SIZE,
+    assert got == (cfg.start_size, cfg.recent_tokens(), cfg.snapkv_window_size, NATIVE_KERNEL_SIZE,
                    "avg", 0, cfg.aggregation_mode)
     ids = torch.randint(0, tiny_hf.config.vocab_size, (1, 500), generator=torch.Generator()
                         .manual_seed(1))

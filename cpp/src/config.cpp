@@ -150,7 +150,7 @@ void CacheEvictionConfig::validate() {
       throw ConfigError("eviction.max_cache_size", repr(f), size_allowed);
   }
   at_least("eviction.start_size", start_size, 0);
-  at_least("eviction.recent_size", recent_size, 0);
+  if (recent_size) at_least("eviction.recent_size", *recent_size, 0);
   at_least("eviction.snapkv_window_size", snapkv_window_size, 0);
   importance = choice("eviction.importance", importance, kImportance);
   aggregation_mode = choice("eviction.aggregation_mode", aggregation_mode, {"norm_sum", "sum"});
@@ -173,10 +173,15 @@ void CacheEvictionConfig::validate() {
                       "None or False with importance='upstream' (GenAI's algorithm keeps a "
                       "fixed share)");
   if (const auto* tokens = std::get_if<int64_t>(&max_cache_size);
-      tokens && *tokens < start_size + recent_size)
+      tokens && *tokens < start_size + recent_tokens())
     throw ConfigError("eviction.max_cache_size", repr(*tokens),
                       "at least start_size + recent_size = " +
-                          std::to_string(start_size + recent_size) + " tokens");
+                          std::to_string(start_size + recent_tokens()) + " tokens");
+}
+
+int64_t CacheEvictionConfig::recent_tokens() const {
+  // config.DEFAULT_RECENT / config.KVZIP_RECENT
+  return recent_size.value_or(importance == "kvzip" ? 32 : 128);
 }
 
 int64_t CacheEvictionConfig::total_tokens(int64_t prompt_tokens) const {

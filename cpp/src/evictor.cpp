@@ -67,7 +67,7 @@ void SequenceScores::compact(const Rows& rows) {
 EvictionPlan::EvictionPlan(const CacheEvictionConfig& cfg)
     : max_cache_size(cfg.max_cache_size),
       start_size(cfg.start_size),
-      recent_size(cfg.recent_size),
+      recent_size(cfg.recent_tokens()),
       evict_interval(cfg.evict_interval),
       window(cfg.snapkv_window_size),
       continuous(cfg.mode == "continuous"),

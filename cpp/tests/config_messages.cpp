@@ -42,6 +42,11 @@ int main(int argc, char* argv[]) {
       eviction([](auto& c) { c.pooling_offset = 16; }),
       eviction([](auto& c) { c.decode_window_size = 33; }),
       eviction([](auto& c) { c.pooling = std::string("median"); }),
+      eviction([](auto& c) { c.recent_size = -1; }),
+      eviction([](auto& c) {  // kvzip's own recent window (32) in the minimum
+        c.importance = "kvzip";
+        c.max_cache_size = int64_t{40};
+      }),
       crush([](auto& c) { c.budget = 1.25; }),
       crush([](auto& c) { c.budget = 1e-7 - 1; }),
       crush([](auto& c) { c.anchor_point_mode = "it's"; }),

@@ -60,7 +60,7 @@ def make_spec(cfg: CacheEvictionConfig, model_dir: str | Path | None = None) -> 
     window = cfg.decode_window_size or min(NATIVE_DECODE_WINDOW, cfg.evict_interval)
     decode_window = None if upstream or window >= cfg.evict_interval else window  # None: all
     return EvictionSpec(policy=make_policy(cfg), max_cache_size=cfg.max_cache_size,
-                        start_size=cfg.start_size, recent_size=cfg.recent_size, mode=cfg.mode,
+                        start_size=cfg.start_size, recent_size=cfg.recent_tokens(), mode=cfg.mode,
                         evict_interval=cfg.evict_interval, window=cfg.snapkv_window_size,
                         decode_window=decode_window, seed=seed, log=cfg.log,
                         genai=cfg if upstream else None, fastkv=cfg.fastkv,

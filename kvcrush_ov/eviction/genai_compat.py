@@ -37,12 +37,12 @@ def check_genai_algorithm(eviction: CacheEvictionConfig, block: int, where: str)
     which of the two in the messages (e.g. "with backend 'genai'"). Checked at construction, so
     nothing fails later at generate (GenAI itself asserts these only once a prompt needs
     eviction, and then blames the model)."""
-    for name in ("start_size", "recent_size"):
-        v = getattr(eviction, name)
+    for name, v in (("start_size", eviction.start_size),
+                    ("recent_size", eviction.recent_tokens())):
         if v < block or v % block:
             raise ConfigError(f"eviction.{name}", v,
                               f"a non-zero multiple of the KV block size {block} {where}")
-    minimum = eviction.start_size + eviction.recent_size + block
+    minimum = eviction.start_size + eviction.recent_tokens() + block
     if isinstance(eviction.max_cache_size, int) and eviction.max_cache_size < minimum:
         raise ConfigError("eviction.max_cache_size", eviction.max_cache_size,
                           f"at least start_size + recent_size + one block = {minimum} tokens "
@@ -83,7 +83,7 @@ def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens:
               block: int) -> GenAISettings | None:
     """GenAI settings that keep ``eviction``'s total budget for one prompt; None if no eviction
     can happen (the whole sequence fits the budget)."""
-    minimum = eviction.start_size + eviction.recent_size + block
+    minimum = eviction.start_size + eviction.recent_tokens() + block
     total = max(eviction.total_tokens(prompt_tokens), minimum)
     total = (total // block) * block
     if prompt_tokens + max_new_tokens <= total:
@@ -102,7 +102,7 @@ def translate(eviction: CacheEvictionConfig, prompt_tokens: int, max_new_tokens:
         total_tokens=total,
         max_cache_size=total - kvcrush_blocks * block,
         start_size=eviction.start_size,
-        recent_size=eviction.recent_size,
+        recent_size=eviction.recent_tokens(),
         snapkv_window_size=window,
         aggregation_mode=eviction.aggregation_mode,
         kvcrush_blocks=kvcrush_blocks,

@@ -90,7 +90,8 @@ struct CacheEvictionConfig {
   /// or a fraction of the prompt.
   CacheSize max_cache_size = 0.25;
   int64_t start_size = 32;   ///< attention-sink tokens always kept
-  int64_t recent_size = 128;  ///< most recent tokens always kept
+  /// Most recent tokens always kept; unset: 128 (GenAI's), 32 with importance kvzip.
+  std::optional<int64_t> recent_size;
   std::string importance = "snapkv";
   std::string aggregation_mode = "norm_sum";  ///< norm_sum or sum
   int64_t snapkv_window_size = 32;
@@ -106,6 +107,8 @@ struct CacheEvictionConfig {
   void validate();
   /// The budget in tokens for a prompt of ``prompt_tokens`` tokens.
   int64_t total_tokens(int64_t prompt_tokens) const;
+  /// recent_size, unset resolved (Python: CacheEvictionConfig.recent_tokens).
+  int64_t recent_tokens() const;
 };
 
 /// Per-call generation settings (names as in openvino_genai.GenerationConfig). The C++
