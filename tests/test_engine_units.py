@@ -55,6 +55,31 @@ def test_pool_allocate_share_free():
         pool.allocate(5)
 
 
+def test_pool_groups_are_taken_whole_and_single_blocks_skip_them():
+    pool = BlockPool(12, group=3)
+    assert pool.full_groups().tolist() == [True] * 4
+    assert pool.allocate(1) == [0]  # group 0 is no longer whole
+    assert pool.full_groups().tolist() == [False, True, True, True]
+    got = pool.take_groups(np.array([2, 1]))
+    assert got.tolist() == [[6, 7, 8], [3, 4, 5]] and pool.num_free == 5
+    assert pool.full_groups().tolist() == [False, False, False, True]
+    # single blocks come from the free list in order, past the blocks the groups took
+    assert pool.allocate(3) == [1, 2, 9]
+    pool.check_invariants([[0, 1, 2, 9], got.reshape(-1).tolist()])
+    with pytest.raises(AssertionError, match="not free"):
+        pool.take_groups(np.array([3]))  # block 9 is held
+    pool.free([0, 1, 2])
+    assert pool.full_groups().tolist() == [True, False, False, False]
+    pool.free(got.reshape(-1).tolist())
+    pool.free([9])
+    assert pool.num_free == 12 and pool.full_groups().all()
+    pool.check_invariants([])
+    # a block freed after take_groups took it is on the free list twice: allocated once
+    assert sorted(pool.allocate(12)) == list(range(12)) and pool.num_free == 0
+    with pytest.raises(ValueError, match="group=5"):
+        BlockPool(12, group=5)
+
+
 def test_invariant_check_catches_a_leak():
     pool = BlockPool(3)
     held = pool.allocate(2)
@@ -197,6 +222,42 @@ def head_manager(num_blocks: int = 40, layers: int = 2, heads: int = 2):
     from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
 
     return HeadKVCacheManager([BlockPool(num_blocks) for _ in range(layers)], heads, block_size=4)
+
+
+def test_head_tables_take_whole_groups_and_stay_plain_until_changed():
+    from kvcrush_ov.engine.head_cache_manager import HeadKVCacheManager
+
+    heads, layers = 2, 3
+    kv = HeadKVCacheManager(BlockPool.stacked(layers, 20 * heads, group=heads), heads,
+                            block_size=4)
+    kv.append_slots(0, 6)  # 2 blocks
+    kv.append_slots(1, 3)  # 1 block
+    kv.append_slots(0, 3)  # one more
+    t0, t1 = kv.tables[0], kv.tables[1]
+    assert t0.plain_table() == [0, 1, 3] and t1.plain_table() == [2]
+    for t in (t0, t1):  # head h of plain block g is head block g * H + h, in every layer
+        assert all(t.blocks[layer][h] == [g * heads + h for g in t.plain_table()]
+                   for layer in range(layers) for h in range(heads))
+    kv.append_slots(1, 1)  # no new block: still plain
+    assert t1.plain_table() == [2]
+    kv.compact(1, [[np.arange(3), np.arange(4)] for _ in range(layers)])
+    assert t1.plain_table() is None  # heads hold their own blocks now
+    kv.fork(0, 2)
+    assert kv.tables[2].plain_table() is None and t0.plain_table() == [0, 1, 3]
+    kv.check_invariants()
+    kv.free(2)
+    kv.free(1)
+    # a layer whose pool has no whole group free: blocks one by one, not plain
+    pool = kv.pools[1]
+    held = pool.allocate(pool.num_free)
+    spare = [b for b in held if b % heads == 0][:3]  # one block of three groups
+    pool.free(spare)
+    assert not pool.full_groups().any()
+    kv.append_slots(3, 4)
+    assert kv.tables[3].plain_table() is None
+    assert all(len(b) == 1 for row in kv.tables[3].blocks for b in row)
+    pool.free([b for b in held if b not in spare])
+    kv.check_invariants()
 
 
 def test_head_fork_copies_a_shared_tail_once_per_side():

@@ -370,10 +370,11 @@ def test_ttft_benchmark_alternates_full_and_eviction(tiny_model):
     from kvcrush_ov.bench_eviction import ttft
 
     figures = ttft(str(tiny_model), warmups=1, repeats=3, prompt=" ".join(["the river"] * 300))
-    full, graph, evicting, graph_ratio, ratio = figures[:5]
-    outside = figures[5:]
-    assert [f.what for f in outside] == [f"outside OpenVINO and eviction, {k}"
-                                         for k in ("full", "graph", "eviction")]
+    full, graph, evicting, graph_ratio, ratio, plain, plain_ratio = figures[:7]
+    outside = figures[7:]
+    assert [f.what for f in outside] == [f"outside OpenVINO and eviction, {k}" for k in (
+        "full", "graph", "eviction", "eviction, plain prefill")]
+    assert plain.value > 0 and plain_ratio.value == pytest.approx(plain.value / full.value)
     # bookkeeping is part of a request, never all of it
     assert all(0 < f.value < 1e3 * evicting.value * 10 for f in outside)
     assert re.search(r"\d+-token prompt, u8; median of 3 \(", full.note)

@@ -104,7 +104,7 @@ class LLMEngine:
                                                                           self.block_size)
         else:
             heads = self.runner.num_kv_heads
-            pools = [BlockPool(num_blocks * heads) for _ in range(self.runner.num_layers)]
+            pools = BlockPool.stacked(self.runner.num_layers, num_blocks * heads, group=heads)
             self.kv = HeadKVCacheManager(pools, heads, self.block_size)
             self.evictor = Evictor(eviction, self.kv, self.runner)
             self.head_units = heads * self.runner.num_layers  # head blocks per full block

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvcrush_ov import _core
-from kvcrush_ov.engine.block_pool import BlockPool
+from kvcrush_ov.engine.block_pool import BlockPool, PoolStack
 from kvcrush_ov.engine.kv_codec import FlatMoves
 
 # (layer, dst_block, sources [n, 2] int64 (src_block, src_row)): write these rows densely into
@@ -91,6 +91,17 @@ class HeadTable:
     positions: list[list[np.ndarray]] | None = None  # [l][h] positions; None = arange(lens)
     evictions: int = 0
     version: int = 0  # changes whenever a block list changes (the runner caches tables by it)
+    # whole groups (HeadKVCacheManager): head h of every layer holds block g * H + h for the
+    # plain block g = plain[j], so the plain paged graph can run this table (the same cache
+    # memory seen as [blocks, H, rows, cols]); valid while plain_version == version
+    plain: list[int] | None = None
+    plain_version: int = -1
+
+    def plain_table(self) -> list[int] | None:
+        """The plain block table of this sequence, or None (a head or a layer holds blocks of
+        its own: after an eviction, a fork's copy-on-write, FastKV, or blocks allocated one by
+        one when no whole groups were free)."""
+        return self.plain if self.plain_version == self.version else None
 
     def num_blocks(self) -> int:
         if self.uniform:  # every (layer, head) holds as many tokens, hence as many blocks
@@ -111,6 +122,8 @@ class HeadKVCacheManager:
     """pools[l]: layer ``l``'s head blocks (``num_blocks * num_kv_heads`` of them)."""
 
     def __init__(self, pools: list[BlockPool], num_kv_heads: int, block_size: int) -> None:
+        """``pools``: one per layer; a :class:`PoolStack` of groups of ``num_kv_heads`` lets
+        prompts take whole groups (:attr:`HeadTable.plain`)."""
         self.pools = pools
         self.num_layers = len(pools)
         self.num_kv_heads = num_kv_heads
@@ -137,8 +150,10 @@ class HeadKVCacheManager:
                 lens=np.zeros((self.num_layers, self.num_kv_heads), np.int64),
                 version=next(self._versions),
             )
+            t.plain, t.plain_version = [], t.version
             if seq_id in self.splits:
                 t.uniform = False
+                t.plain = None
                 t.positions = [[np.zeros(0, np.int64) for _ in range(self.num_kv_heads)]
                                for _ in range(self.num_layers)]
             self.tables[seq_id] = t
@@ -206,6 +221,14 @@ class HeadKVCacheManager:
             out[layer, h] = bool(blocks) and self.pools[layer].ref_count(blocks[-1]) > 1
         return out
 
+    def _free_groups(self, n: int) -> np.ndarray | None:
+        """int64 [n]: the first ``n`` groups free in every layer's pool, or None (also when
+        the pools are not a PoolStack of groups of this manager's heads)."""
+        if not isinstance(self.pools, PoolStack) or self.pools[0].group != self.num_kv_heads:
+            return None
+        found = np.flatnonzero(self.pools.full_groups())[:n]
+        return found if len(found) == n else None
+
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
         return self.fits(self.blocks_needed(seq_id, new_tokens))
 
@@ -232,11 +255,24 @@ class HeadKVCacheManager:
             n = int(t.lens[0, 0])
             need = self._blocks_for(n + new_tokens) - len(t.blocks[0][0])
             if need > 0:
-                for layer, pool in enumerate(self.pools):
-                    fresh = pool.allocate(need * self.num_kv_heads)
-                    for h in range(self.num_kv_heads):
-                        t.blocks[layer][h].extend(fresh[h * need:(h + 1) * need])
+                plain = t.plain_table()
+                groups = self._free_groups(need) if plain is not None else None
+                if groups is not None:  # the same whole groups in every layer
+                    got = (groups[:, None] * self.num_kv_heads
+                           + np.arange(self.num_kv_heads)).T.tolist()  # [H][need]
+                    self.pools.take_groups(groups)
+                    for row in t.blocks:
+                        for h, blocks in enumerate(row):
+                            blocks.extend(got[h])
+                else:
+                    for layer, pool in enumerate(self.pools):
+                        fresh = pool.allocate(need * self.num_kv_heads)
+                        for h in range(self.num_kv_heads):
+                            t.blocks[layer][h].extend(fresh[h * need:(h + 1) * need])
                 t.version = next(self._versions)
+                if groups is not None:
+                    plain.extend(groups.tolist())
+                    t.plain_version = t.version
         else:
             need = self._ragged_need(t, new_tokens)
             cow = self._shared_tails(t, new_tokens)
@@ -305,8 +341,10 @@ class HeadKVCacheManager:
         t = self.tables.pop(seq_id, None)
         if t is not None:
             for layer, pool in enumerate(self.pools):
-                for h in range(self.num_kv_heads):
-                    pool.free(t.blocks[layer][h])
+                # head by head within each block: a table of whole groups frees whole groups
+                # in order (the next request's allocation finds them together)
+                pool.free([b for blocks in itertools.zip_longest(*t.blocks[layer])
+                           for b in blocks if b is not None])
 
     # ------------------------------------------------------------------ eviction
     def compact(self, seq_id: int, rows: list[list[np.ndarray]]) -> list[Move]:

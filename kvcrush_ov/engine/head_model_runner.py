@@ -10,7 +10,14 @@ the cache tensors:
   cost a 256-token prefill chunk nothing, 0.99-1.00x);
 - the decode graph (sequence-major subsequences, no score outputs) runs decode-only steps that
   need no scores: score outputs cost decode time, and sequence-major subsequences need no
-  transposes (measured on Qwen2.5-0.5B at 1K context: 0.956x the head-major scoreless graph).
+  transposes (measured on Qwen2.5-0.5B at 1K context: 0.956x the head-major scoreless graph);
+- optionally (``plain_prefill``, off by default) the plain paged graph (no per-head rewrite,
+  no score outputs) runs the prompt chunks nobody scores while every sequence of the step
+  holds whole block groups (``HeadTable.plain_table``: head ``h`` of plain block ``g`` is
+  head block ``g * H + h`` in every layer, so ``[blocks * H, 1, rows, cols]`` and the plain
+  ``[blocks, H, rows, cols]`` are the same memory): the per-head graph's transposes and
+  per-head tables cost a prompt about 9-13% of its prefill on the 16-core Xeon
+  (docs/performance.md).
 
 Cache tensors per layer: per-head pools ``[num_head_blocks, 1, rows, cols]`` (``num_head_blocks``
 = blocks * KV heads); rows / cols / element type are read from the compiled model.
@@ -108,6 +115,12 @@ class HeadModelRunner(ModelRunner):
 
     #: The decode graph accepts only steps with one token per sequence (sequence-major).
     decode_graph_one_token = True
+    #: Unscored prompt chunks of whole-group tables run the plain paged graph: a third
+    #: compiled copy of the weights (+540 MiB peak RSS on SmolLM2-135M, +980 MiB on
+    #: Qwen2.5-0.5B) for the per-head graph's prefill overhead; off until the 16-core Xeon's
+    #: TTFT shows it pays (``kvcrush-ov bench-eviction --part ttft`` reports both,
+    #: docs/performance.md).
+    plain_prefill = False
 
     def _graphs(self, model_dir: Path) -> tuple[ov.Model, ov.Model]:
         """(scored graph for any step, scoreless decode graph); sets the layouts."""
@@ -126,6 +139,13 @@ class HeadModelRunner(ModelRunner):
             self._add_less(model, decode, device, props)
         self.decode_compiled = self.core.compile_model(decode, device, props)
         self.decode_request = self.decode_compiled.create_infer_request()
+        self.plain_request: ov.InferRequest | None = None
+        if self.plain_prefill and self.less is None:  # LESS mixes only in the per-head graphs
+            plain = read_paged_model(model_dir / "openvino_model.xml", score_outputs=False,
+                                     logits_indices=True)
+            self.plain_request = self.core.compile_model(plain, device,
+                                                         props).create_infer_request()
+        self.plain_steps = 0
         self.score_infer_s = 0.0
         self.warmup_s = 0.0
         self.scored_steps = 0
@@ -219,9 +239,16 @@ class HeadModelRunner(ModelRunner):
         """``num_blocks`` full blocks = ``num_blocks * num_kv_heads`` table blocks per layer."""
         super().allocate_cache(num_blocks * self.num_kv_heads)
         self._raw = {}
+        heads = self.num_kv_heads
         for layer, (kt, vt) in enumerate(self._caches):
             self.decode_request.set_tensor(f"key_cache.{layer}", kt)
             self.decode_request.set_tensor(f"value_cache.{layer}", vt)
+            if self.plain_request is not None:  # the same memory, [blocks, H, rows, cols]
+                for name, t in ((f"key_cache.{layer}", kt), (f"value_cache.{layer}", vt)):
+                    shape = list(t.get_shape())
+                    self.plain_request.set_tensor(name, ov.Tensor(
+                        t.data, ov.Shape([num_blocks, heads, *shape[2:]]),
+                        t.get_element_type()))
         self._warm_decode_graph()
 
     def _warm_decode_graph(self) -> None:
@@ -242,10 +269,22 @@ class HeadModelRunner(ModelRunner):
             self._put_less(req, [])
         t0 = time.perf_counter()
         req.infer()
+        if self.plain_request is not None:  # the plain graph's first inference too
+            req = self.plain_request
+            for name, value, dtype in (("past_lens", [0], _I32),
+                                       ("subsequence_begins", [0, 1], _I32),
+                                       ("block_indices", [0], _I32),
+                                       ("block_indices_begins", [0, 1], _I32)):
+                put(req, name, value, dtype)
+            put(req, "input_ids", [0], np.int64)
+            put(req, "position_ids", [0], np.int64)
+            put(req, "max_context_len", 1, _I32)
+            put(req, "logits_indices", [0], np.int64)
+            req.infer()
         self.warmup_s = time.perf_counter() - t0
         for kt, vt in self._caches:
             for t in (kt, vt):
-                t.data.reshape(self.num_blocks, -1)[0] = 0
+                t.data.reshape(self.num_blocks, -1)[:heads] = 0  # plain block 0: head blocks
 
     def copy_head_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy-on-write: ``(layer, src, dst)`` head blocks, keys and values."""
@@ -344,6 +383,35 @@ class HeadModelRunner(ModelRunner):
         for i, layer in enumerate(layers):
             req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[i], shared_memory=True))
 
+    def _run_plain(self, tables: list[HeadTable], plains: list[list[int]], ids: list[int],
+                   pos: list[int], counts: list[int], sample_at: list[int]) -> np.ndarray:
+        """A step of the plain paged graph over whole-group tables (``plains[i]``: sequence
+        i's plain block table); returns logits [sampling chunks, vocab]."""
+        past, begins, blocks, block_begins = [], [0], [], [0]
+        max_ctx = 0
+        for t, plain, n in zip(tables, plains, counts, strict=True):
+            held = int(t.lens[0, 0])  # this step's tokens included
+            past.append(held - n)
+            begins.append(begins[-1] + n)
+            blocks.extend(plain)
+            block_begins.append(len(blocks))
+            max_ctx = max(max_ctx, held)
+        req = self.plain_request
+        put = self.inputs.put
+        put(req, "input_ids", ids, np.int64)
+        put(req, "position_ids", pos, np.int64)
+        put(req, "past_lens", past, _I32)
+        put(req, "subsequence_begins", begins, _I32)
+        put(req, "block_indices", blocks, _I32)
+        put(req, "block_indices_begins", block_begins, _I32)
+        put(req, "max_context_len", max_ctx, _I32)
+        put(req, "logits_indices", sample_at, np.int64)
+        t0 = time.perf_counter()
+        req.infer()
+        self.infer_s += time.perf_counter() - t0
+        self.plain_steps += 1
+        return req.get_tensor("logits").data.reshape(len(sample_at), self.vocab_size)
+
     def run_heads(self, chunks: list[ScheduledChunk], tables: list[HeadTable],
                   windows: list[int] | None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """One step. ``windows[i]``: queries of chunk i whose scores are summed (>= 1), or None
@@ -366,6 +434,10 @@ class HeadModelRunner(ModelRunner):
             if c.sample:
                 sample_at.append(total - 1)
         decode = windows is None and (not self.decode_graph_one_token or total == len(chunks))
+        if windows is None and not decode and self.plain_request is not None:
+            plains = [t.plain_table() for t in tables]
+            if all(p is not None for p in plains):
+                return self._run_plain(tables, plains, ids, pos, counts, sample_at), None
         req = self.decode_request if decode else self.request
         max_ctx = self.set_layout(req, tables, counts, decode)
         put = self.inputs.put
