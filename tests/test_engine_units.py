@@ -80,6 +80,21 @@ def test_pool_groups_are_taken_whole_and_single_blocks_skip_them():
         BlockPool(12, group=5)
 
 
+def test_pool_stack_frees_every_layers_tables_in_one_pass():
+    stack = BlockPool.stacked(3, 8, group=2)
+    held = [pool.allocate(4) for pool in stack]  # blocks 0-3 of every layer
+    stack[1].share([2])  # a fork holds layer 1's block 2 too
+    stack.free_tables([[0, 3], [2, 1], []])
+    assert [p.num_free for p in stack] == [6, 5, 4]
+    assert stack.full_groups().tolist() == [False, False, True, True]
+    assert stack[0].full_groups().tolist() == [False, False, True, True]
+    for pool, h in zip(stack, [[1, 2], [0, 3], held[2]], strict=True):
+        pool.check_invariants([h, [2]] if pool is stack[1] else [h])
+    with pytest.raises(AssertionError, match="block 0 of layer 0 freed twice"):
+        stack.free_tables([[0], [], []])
+    assert sorted(stack[0].allocate(6)) == [0, 3, 4, 5, 6, 7]
+
+
 def test_invariant_check_catches_a_leak():
     pool = BlockPool(3)
     held = pool.allocate(2)

@@ -7,6 +7,7 @@ a block returns to the free list when its last holder frees it.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence
 
@@ -208,3 +209,30 @@ class PoolStack(list):
             if len(pool._free) > 2 * pool.num_blocks + 64:  # drop the stale entries
                 pool._free = deque(b for b in pool._free if pool._is_free[b])
         return blocks
+
+    def free_tables(self, blocks: list[list[int]]) -> None:
+        """:meth:`BlockPool.free` of ``blocks[l]`` in pool ``l`` for every layer in one numpy
+        pass; each list holds distinct blocks (a sequence's per-head tables never share one)."""
+        counts = [len(b) for b in blocks]
+        total = sum(counts)
+        if not total:
+            return
+        layer = np.repeat(np.arange(len(self)), counts)
+        flat = np.fromiter(itertools.chain.from_iterable(blocks), np.int64, total)
+        ref = self.ref[layer, flat]
+        if (ref <= 0).any():
+            i = int(np.argmax(ref <= 0))
+            raise AssertionError(f"block {int(flat[i])} of layer {int(layer[i])} freed twice")
+        self.ref[layer, flat] = ref - 1
+        released = ref == 1
+        rl, rb = layer[released], flat[released]
+        self.is_free[rl, rb] = True
+        np.add.at(self.group_free, (rl, rb // self[0].group), 1)
+        per = np.bincount(rl, minlength=len(self)).tolist()
+        ids = rb.tolist()
+        at = 0
+        for pool, n in zip(self, per, strict=True):
+            if n:
+                pool._free.extend(ids[at:at + n])
+                pool._num_free += n
+                at += n

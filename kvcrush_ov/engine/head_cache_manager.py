@@ -395,6 +395,7 @@ class HeadKVCacheManager:
             shared[a:b] = pool.ref_counts(dst[a:b]) > 1
         cow = np.flatnonzero(shared).tolist()
         keep_blocks = self._blocks_for(kept).tolist()
+        tails: list[list[int]] = []
         for layer, pool in enumerate(self.pools):  # a layer's copies, then its freed tails
             while cow and move_table[cow[0]] // heads == layer:
                 m = cow.pop(0)
@@ -403,13 +404,18 @@ class HeadKVCacheManager:
                 pool.free([table[move_slot[m]]])
                 table[move_slot[m]] = fresh
                 dst[m] = fresh
-            tails: list[int] = []
+            freed: list[int] = []
             for table, nb in zip(tables[layer * heads:(layer + 1) * heads],
                                  keep_blocks[layer * heads:(layer + 1) * heads], strict=True):
                 if len(table) > nb:
-                    tails.extend(table[nb:])
+                    freed.extend(table[nb:])
                     del table[nb:]
-            pool.free(tails)
+            tails.append(freed)
+        if isinstance(self.pools, PoolStack):  # every layer's tails in one pass
+            self.pools.free_tables(tails)
+        else:
+            for pool, freed in zip(self.pools, tails, strict=True):
+                pool.free(freed)
         moves = {}
         for layer in range(self.num_layers):
             a, b = int(firsts[layer]), int(firsts[layer + 1])
