@@ -92,6 +92,14 @@ def test_pool_stack_frees_every_layers_tables_in_one_pass():
         pool.check_invariants([h, [2]] if pool is stack[1] else [h])
     with pytest.raises(AssertionError, match="block 0 of layer 0 freed twice"):
         stack.free_tables([[0], [], []])
+    # the lowest groups free in every layer, found across the growing scan windows
+    wide = BlockPool.stacked(2, 2 * 400, group=2)
+    wide.take_groups(np.arange(400))
+    wide[0].free([140, 141, 600, 601, 700, 701])
+    wide[1].free([140, 141, 601, 600])
+    assert wide.first_full_groups(2).tolist() == [70, 300]
+    assert wide.first_full_groups(3) is None
+    assert wide.first_full_groups(2).tolist() == np.flatnonzero(wide.full_groups()).tolist()
     assert sorted(stack[0].allocate(6)) == [0, 3, 4, 5, 6, 7]
 
 

@@ -192,6 +192,21 @@ class PoolStack(list):
         """bool [num_blocks // group]: groups whose blocks are free in every pool."""
         return (self.group_free == self[0].group).all(axis=0)
 
+    def first_full_groups(self, n: int) -> np.ndarray | None:
+        """int64 [n]: the ``n`` lowest groups free in every pool, or None if fewer are. Scans
+        from group 0 in growing windows (freed groups come back low: a whole cache's
+        [layers, groups] is 0.3 ms a call on a large cache)."""
+        g, num_groups = self[0].group, self.group_free.shape[1]
+        found: list[int] = []
+        start, width = 0, max(64, 2 * n)
+        while start < num_groups and len(found) < n:
+            window = self.group_free[:, start:start + width]
+            free = np.flatnonzero((window == g).all(axis=0))[:n - len(found)]
+            found.extend((free + start).tolist())
+            start += width
+            width *= 4
+        return np.asarray(found, np.int64) if len(found) == n else None
+
     def take_groups(self, groups: np.ndarray) -> np.ndarray:
         """:meth:`BlockPool.take_groups` of ``groups`` in every pool (one numpy pass)."""
         groups = np.asarray(groups, dtype=np.int64)

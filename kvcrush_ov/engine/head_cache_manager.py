@@ -226,8 +226,7 @@ class HeadKVCacheManager:
         the pools are not a PoolStack of groups of this manager's heads)."""
         if not isinstance(self.pools, PoolStack) or self.pools[0].group != self.num_kv_heads:
             return None
-        found = np.flatnonzero(self.pools.full_groups())[:n]
-        return found if len(found) == n else None
+        return self.pools.first_full_groups(n)
 
     def can_append(self, seq_id: int, new_tokens: int) -> bool:
         return self.fits(self.blocks_needed(seq_id, new_tokens))

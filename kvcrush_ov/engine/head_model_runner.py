@@ -357,15 +357,22 @@ class HeadModelRunner(ModelRunner):
         heads = range(self.num_kv_heads)
         pairs = ([(t, h) for t in tables for h in heads] if layout.sequence_major
                  else [(t, h) for h in heads for t in tables])
-        flats: list[list[int]] = []
+        # tables of whole groups (HeadTable.plain_table) are the same in every layer: one
+        # layer's flat tables serve all (a prompt's chunks rebuilt 30 alike before)
+        same = all(t.plain_table() is not None for t in tables)
+        flats: list = []
         begins = np.zeros((len(layers), len(pairs) + 1), np.int64)
         for i, layer in enumerate(layers):
+            if same and i:
+                flats.append(flats[0])
+                begins[i] = begins[0]
+                continue
             flat: list[int] = []
             row = begins[i]
             for j, (t, h) in enumerate(pairs):
                 flat.extend(t.blocks[layer][h])
                 row[j + 1] = len(flat)
-            flats.append(flat)
+            flats.append(np.asarray(flat, np.int32) if same else flat)
         bufs = self._table_bufs.setdefault(id(req), TableBuffers(self.num_layers))
         bufs.write(req, layers, flats, begins)
         self._tables_key[id(req)] = key
