@@ -338,12 +338,17 @@ class HeadKVCacheManager:
 
     def free(self, seq_id: int) -> None:
         t = self.tables.pop(seq_id, None)
-        if t is not None:
-            for layer, pool in enumerate(self.pools):
-                # head by head within each block: a table of whole groups frees whole groups
-                # in order (the next request's allocation finds them together)
-                pool.free([b for blocks in itertools.zip_longest(*t.blocks[layer])
-                           for b in blocks if b is not None])
+        if t is None:
+            return
+        # head by head within each block: a table of whole groups frees whole groups in order
+        # (the next request's allocation finds them together)
+        freed = [[b for blocks in itertools.zip_longest(*row) for b in blocks if b is not None]
+                 for row in t.blocks]
+        if isinstance(self.pools, PoolStack):  # every layer in one pass
+            self.pools.free_tables(freed)
+        else:
+            for pool, blocks in zip(self.pools, freed, strict=True):
+                pool.free(blocks)
 
     # ------------------------------------------------------------------ eviction
     def compact(self, seq_id: int, rows: list[list[np.ndarray]]) -> list[Move]:
