@@ -116,7 +116,7 @@ class HeadModelRunner(ModelRunner):
     #: The decode graph accepts only steps with one token per sequence (sequence-major).
     decode_graph_one_token = True
     #: Unscored prompt chunks of whole-group tables run the plain paged graph: a third
-    #: compiled copy of the weights (+540 MiB peak RSS on SmolLM2-135M, +980 MiB on
+    #: compiled copy of the weights (+282 MiB peak RSS on SmolLM2-135M, +504 MiB on
     #: Qwen2.5-0.5B) for the per-head graph's prefill overhead; off until the 16-core Xeon's
     #: TTFT shows it pays (``kvcrush-ov bench-eviction --part ttft`` reports both,
     #: docs/performance.md).
@@ -126,6 +126,9 @@ class HeadModelRunner(ModelRunner):
         """(scored graph for any step, scoreless decode graph); sets the layouts."""
         paged = read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
                                  logits_indices=True, score_aggregation=True)
+        # clones share the read model's weights (a graph read again cost twice the memory)
+        self._plain_graph = (without_scores(paged.clone())
+                             if self.plain_prefill and self.less is None else None)
         decode = to_per_head(paged.clone(), sequence_major=True)
         model = to_per_head(paged)
         self.layout = PerHeadLayout.from_model(model)
@@ -140,11 +143,11 @@ class HeadModelRunner(ModelRunner):
         self.decode_compiled = self.core.compile_model(decode, device, props)
         self.decode_request = self.decode_compiled.create_infer_request()
         self.plain_request: ov.InferRequest | None = None
-        if self.plain_prefill and self.less is None:  # LESS mixes only in the per-head graphs
-            plain = read_paged_model(model_dir / "openvino_model.xml", score_outputs=False,
-                                     logits_indices=True)
+        plain = getattr(self, "_plain_graph", None)  # LESS mixes only in the per-head graphs
+        if plain is not None:
             self.plain_request = self.core.compile_model(plain, device,
                                                          props).create_infer_request()
+            self._plain_graph = None
         self.plain_steps = 0
         self.score_infer_s = 0.0
         self.warmup_s = 0.0
@@ -280,6 +283,7 @@ class HeadModelRunner(ModelRunner):
             put(req, "position_ids", [0], np.int64)
             put(req, "max_context_len", 1, _I32)
             put(req, "logits_indices", [0], np.int64)
+            put(req, WINDOW, [1], _I32)
             req.infer()
         self.warmup_s = time.perf_counter() - t0
         for kt, vt in self._caches:
@@ -413,6 +417,7 @@ class HeadModelRunner(ModelRunner):
         put(req, "block_indices_begins", block_begins, _I32)
         put(req, "max_context_len", max_ctx, _I32)
         put(req, "logits_indices", sample_at, np.int64)
+        put(req, WINDOW, [1] * len(tables), _I32)  # its scores are dropped (without_scores)
         t0 = time.perf_counter()
         req.infer()
         self.infer_s += time.perf_counter() - t0
