@@ -394,36 +394,6 @@ class HeadModelRunner(ModelRunner):
         for i, layer in enumerate(layers):
             req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[i], shared_memory=True))
 
-    def _run_plain(self, tables: list[HeadTable], plains: list[list[int]], ids: list[int],
-                   pos: list[int], counts: list[int], sample_at: list[int]) -> np.ndarray:
-        """A step of the plain paged graph over whole-group tables (``plains[i]``: sequence
-        i's plain block table); returns logits [sampling chunks, vocab]."""
-        past, begins, blocks, block_begins = [], [0], [], [0]
-        max_ctx = 0
-        for t, plain, n in zip(tables, plains, counts, strict=True):
-            held = int(t.lens[0, 0])  # this step's tokens included
-            past.append(held - n)
-            begins.append(begins[-1] + n)
-            blocks.extend(plain)
-            block_begins.append(len(blocks))
-            max_ctx = max(max_ctx, held)
-        req = self.plain_request
-        put = self.inputs.put
-        put(req, "input_ids", ids, np.int64)
-        put(req, "position_ids", pos, np.int64)
-        put(req, "past_lens", past, _I32)
-        put(req, "subsequence_begins", begins, _I32)
-        put(req, "block_indices", blocks, _I32)
-        put(req, "block_indices_begins", block_begins, _I32)
-        put(req, "max_context_len", max_ctx, _I32)
-        put(req, "logits_indices", sample_at, np.int64)
-        put(req, WINDOW, [1] * len(tables), _I32)  # its scores are dropped (without_scores)
-        t0 = time.perf_counter()
-        req.infer()
-        self.infer_s += time.perf_counter() - t0
-        self.plain_steps += 1
-        return req.get_tensor("logits").data.reshape(len(sample_at), self.vocab_size)
-
     def run_heads(self, chunks: list[ScheduledChunk], tables: list[HeadTable],
                   windows: list[int] | None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """One step. ``windows[i]``: queries of chunk i whose scores are summed (>= 1), or None
@@ -432,6 +402,15 @@ class HeadModelRunner(ModelRunner):
         Returns logits [sampling chunks, vocab] and, with windows, ``scores.L`` per layer (flat,
         segments ordered j = h*B + s, each ``lens[l, h] + num_tokens`` long: see per_head.py).
         """
+        if windows is None and self.plain_request is not None:
+            plains = [t.plain_table() for t in tables]
+            # a prompt chunk of whole-group tables (decode-only steps: the decode graph); such
+            # a table was only ever appended to, so its rows are positions 0..start+tokens
+            if (all(p is not None for p in plains)
+                    and sum(c.num_tokens for c in chunks) > len(chunks)):
+                self.plain_steps += 1  # its scores are dropped (without_scores)
+                return self._run_paged(self.plain_request, chunks, plains,
+                                       {WINDOW: ([1] * len(chunks), _I32)}), None
         ids: list[int] = []
         pos: list[int] = []
         counts: list[int] = []
@@ -446,10 +425,6 @@ class HeadModelRunner(ModelRunner):
             if c.sample:
                 sample_at.append(total - 1)
         decode = windows is None and (not self.decode_graph_one_token or total == len(chunks))
-        if windows is None and not decode and self.plain_request is not None:
-            plains = [t.plain_table() for t in tables]
-            if all(p is not None for p in plains):
-                return self._run_plain(tables, plains, ids, pos, counts, sample_at), None
         req = self.decode_request if decode else self.request
         max_ctx = self.set_layout(req, tables, counts, decode)
         put = self.inputs.put

@@ -118,6 +118,12 @@ class ModelRunner:
         chunks[i] writes ``num_tokens`` tokens at positions ``start..``; tables[i] is its block
         table covering ``start + num_tokens`` tokens.
         """
+        return self._run_paged(self.request, chunks, tables)
+
+    def _run_paged(self, r: ov.InferRequest, chunks: list[ScheduledChunk],
+                   tables: Seq[Seq[int]], extra: dict[str, tuple] | None = None) -> np.ndarray:
+        """:meth:`run` on request ``r`` of a plain paged graph; ``extra``: more inputs,
+        ``name -> (values, dtype)``."""
         ids: list[int] = []
         pos: list[int] = []
         past, begins, blocks, block_begins, sample_at = [], [0], [], [0], []
@@ -133,7 +139,6 @@ class ModelRunner:
             max_ctx = max(max_ctx, end)
             if c.sample:
                 sample_at.append(begins[-1] - 1)
-        r = self.request
         put = self.inputs.put
         put(r, "input_ids", ids, np.int64)
         put(r, "position_ids", pos, np.int64)
@@ -143,6 +148,8 @@ class ModelRunner:
         put(r, "block_indices_begins", block_begins, _I32)
         put(r, "max_context_len", max_ctx, _I32)
         put(r, "logits_indices", sample_at, np.int64)
+        for name, (values, dtype) in (extra or {}).items():
+            put(r, name, values, dtype)
         t0 = time.perf_counter()
         r.infer()
         self.infer_s += time.perf_counter() - t0
