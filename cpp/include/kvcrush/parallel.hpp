@@ -141,8 +141,11 @@ class InsideLoop {
 }  // namespace detail
 
 /// Work (in elements touched) below which a call runs on the calling thread only: waking a
-/// worker and handing out chunks costs microseconds.
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
+/// worker and handing out chunks costs microseconds. 1 << 14, from a sweep of the selection
+/// bench on the 16-core Xeon (per event: 1 << 18: 7.8 ms, 1 << 17: 5.7, 1 << 16: 4.3-5.3,
+/// 1 << 15: 2.9-3.8, 1 << 14: 2.5, 1 << 13: 2.5); on 2 cores 1 << 14 and 1 << 16 are equal
+/// (docs/performance.md).
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 14;
 
 /// Calls ``fn(i)`` for every ``i`` in ``[0, n)`` on up to available_cores() threads (fewer when
 /// ``n * work_per_item`` is small), the calling thread included. Items are handed out in small
