@@ -19,8 +19,6 @@ Prints figures (not pass / fail):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvcrush_ov.bench import exact_prompts
@@ -31,7 +29,6 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.engine.engine import LLMEngine
-from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.pipeline import Pipeline
 
 
@@ -85,18 +82,6 @@ def _inside_s(pipe: Pipeline) -> float:
     return engine.runner.infer_s + (ev.stats.select_s + ev.stats.compact_s if ev else 0.0)
 
 
-@contextmanager
-def _plain_prefill() -> Iterator[None]:
-    """Pipelines built inside run their unscored prompt chunks on the plain graph
-    (HeadModelRunner.plain_prefill, read when the runner compiles)."""
-    old = HeadModelRunner.plain_prefill
-    HeadModelRunner.plain_prefill = True
-    try:
-        yield
-    finally:
-        HeadModelRunner.plain_prefill = old
-
-
 def ttft(model: str, precision: str = "u8", warmups: int = 1, repeats: int = 5,
          prompt: str | None = None) -> list[Figure]:
     """Median TTFT of ``prompt`` (default: the demo's; no chat template, two new tokens, so
@@ -113,10 +98,9 @@ def ttft(model: str, precision: str = "u8", warmups: int = 1, repeats: int = 5,
     pipes = {"full": Pipeline(model, kv_cache=kv, eviction=None),
              "graph": Pipeline(model, kv_cache=kv,
                                eviction=CacheEvictionConfig(max_cache_size=1.0)),
-             "eviction": Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig())}
-    with _plain_prefill():
-        pipes["eviction, plain prefill"] = Pipeline(model, kv_cache=kv,
-                                                    eviction=CacheEvictionConfig())
+             "eviction": Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig()),
+             "eviction, plain prefill": Pipeline(
+                 model, kv_cache=kv, eviction=CacheEvictionConfig(plain_prefill=True))}
     times: dict[str, list[float]] = {k: [] for k in pipes}
     outside: dict[str, list[float]] = {k: [] for k in pipes}
     tokens = 0
@@ -145,7 +129,7 @@ def ttft(model: str, precision: str = "u8", warmups: int = 1, repeats: int = 5,
         Figure("TTFT ratio eviction / full", med["eviction"] / med["full"], "x",
                "target <= 1.03x"),
         Figure("TTFT, default eviction, plain prefill", med["eviction, plain prefill"], "s",
-               f"HeadModelRunner.plain_prefill, off by default "
+               f"CacheEvictionConfig(plain_prefill=True) "
                f"({spread['eviction, plain prefill']})"),
         Figure("TTFT ratio eviction with plain prefill / full",
                med["eviction, plain prefill"] / med["full"], "x", ""),

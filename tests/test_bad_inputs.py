@@ -25,9 +25,11 @@ from conftest import prompt_of_length
 from kvcrush_ov import (
     CacheEvictionConfig,
     ConfigError,
+    FastKVConfig,
     GenerationConfig,
     KVCacheConfig,
     KVCrushConfig,
+    LESSConfig,
     ModelError,
     Pipeline,
     SchedulerConfig,
@@ -68,6 +70,7 @@ _FIELDS: list[tuple[type, str, list, str]] = [
     (CacheEvictionConfig, "pooling_offset", [-1, 100, 1.5], "eviction.pooling_offset"),
     (CacheEvictionConfig, "decode_window_size", [0, 33, 1.5], "eviction.decode_window_size"),
     (CacheEvictionConfig, "log", ["yes", 1], "eviction.log"),
+    (CacheEvictionConfig, "plain_prefill", ["yes", 1, None], "eviction.plain_prefill"),
     (GenerationConfig, "max_new_tokens", [0, -1, 1.5, NAN, "8", True], "max_new_tokens"),
     (GenerationConfig, "do_sample", ["yes", 1], "do_sample"),
     (GenerationConfig, "temperature", [0, -1, NAN, INF, "1"], "temperature"),
@@ -87,6 +90,12 @@ CONFIG += [
     (CacheEvictionConfig, {"kernel_size": 7, "pooling_offset": 4}, "eviction.pooling_offset"),
     (CacheEvictionConfig, {"evict_interval": 4, "decode_window_size": 8},
      "eviction.decode_window_size"),
+    (CacheEvictionConfig, {"importance": "upstream", "plain_prefill": True},
+     "eviction.plain_prefill"),
+    (CacheEvictionConfig, {"fastkv": FastKVConfig(), "plain_prefill": True},
+     "eviction.plain_prefill"),
+    (CacheEvictionConfig, {"less": LESSConfig(), "plain_prefill": True},
+     "eviction.plain_prefill"),
 ]
 
 
@@ -176,6 +185,7 @@ PIPELINE += [(f"genai-{name}", {**_G, **kw}, field) for name, kw, field in [
     ("small-budget", {"eviction": _ev(max_cache_size=160)}, "eviction.max_cache_size"),
     ("interval", {"eviction": _ev(evict_interval=8)}, "eviction.evict_interval"),
     ("log", {"eviction": _ev(log=True)}, "eviction.log"),
+    ("plain-prefill", {"eviction": _ev(plain_prefill=True)}, "eviction.plain_prefill"),
     ("rotation", {"eviction": _ev(apply_rotation=True)}, "eviction.apply_rotation"),
     ("adakv", {"eviction": _ev(importance="adakv")}, "eviction.importance"),
     ("streaming", {"eviction": _ev(importance="streaming")}, "eviction.importance"),

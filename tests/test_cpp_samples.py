@@ -181,6 +181,7 @@ INVALID = [
     (kv.CacheEvictionConfig, {"decode_window_size": 33}),
     (kv.CacheEvictionConfig, {"pooling": "median"}),
     (kv.CacheEvictionConfig, {"recent_size": -1}),
+    (kv.CacheEvictionConfig, {"importance": "upstream", "plain_prefill": True}),
     (kv.CacheEvictionConfig, {"importance": "kvzip", "max_cache_size": 40}),
     (kv.KVCrushConfig, {"budget": 1.25}),
     (kv.KVCrushConfig, {"budget": 1e-7 - 1}),
@@ -231,12 +232,31 @@ def test_benchmark_generate_times_warm_runs_and_answers_as_python(samples, smoll
     out = kv.Pipeline(smollm2_fp16).generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS,
                                              apply_chat_template=False)
     assert answer == out.texts[0]
-    m = re.search(r"median of 2 after 1 warm-up: TTFT ([\d.]+) s, decode ([\d.]+) tokens/s",
-                  stats)
+    m = re.search(r"median of 2 after 1 warm-up: TTFT ([\d.]+) s, decode ([\d.]+) tokens/s; "
+                  r"0 prompt chunks on the plain graph", stats)
     assert m is not None and float(m.group(1)) > 0 and float(m.group(2)) > 0
-    for args, named in ((["4", "some"], "mode=some: allowed full, eviction"),
+    for args, named in ((["4", "some"], "mode=some: allowed full, eviction, plain"),
                         (["4", "full", "x"], "WARMUP=x: allowed an integer >= 0"),
                         (["4", "full", "1", "0"], "ITERS=0: allowed an integer >= 1")):
         bad = subprocess.run([str(samples / "benchmark_generate"), str(smollm2_fp16), "hi",
                               *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and named in bad.stderr
+
+
+def test_plain_prefill_answers_as_python_and_as_the_per_head_graph(samples, smollm2_fp16):
+    """benchmark_generate's ``plain`` mode (CacheEvictionConfig::plain_prefill): the prompt's
+    first chunk, which nobody scores, runs on the plain graph over the per-head pools; the
+    answer is the Python Pipeline's with plain_prefill and the per-head graph's alone."""
+    res = subprocess.run([str(samples / "benchmark_generate"), str(smollm2_fp16), PROMPT,
+                          str(MAX_NEW_TOKENS), "plain", "0", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    text, _, stats = res.stdout.rpartition("\n--\n")
+    assert "; 1 prompt chunks on the plain graph" in stats  # of the two
+    answer = text.split("\n", 1)[1]  # after the run line
+    g = kv.GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, apply_chat_template=False)
+    plain = kv.Pipeline(smollm2_fp16, eviction=kv.CacheEvictionConfig(plain_prefill=True))
+    out = plain.generate(PROMPT, g)
+    assert plain.backend.engine.runner.plain_steps == 1
+    assert answer == out.texts[0]
+    assert answer == kv.Pipeline(smollm2_fp16).generate(PROMPT, g).texts[0]

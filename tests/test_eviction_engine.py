@@ -85,17 +85,15 @@ def test_per_head_engine_matches_plain_engine_without_eviction(tiny_model, tiny_
 
 @pytest.mark.parametrize("precision", ["u8", "u4", "f32"])
 def test_unscored_prompt_chunks_run_the_plain_graph_on_the_same_memory(tiny_model, tiny_tok,
-                                                                       precision, monkeypatch):
-    """Prompt chunks nobody scores run the plain paged graph over whole block groups (a view of
-    the per-head pools): the same tokens as the per-head graph alone, and the same bytes in
-    layer 0's cache (whose K/V depend on no attention), so the views alias as they should."""
-    from kvcrush_ov.engine.head_model_runner import HeadModelRunner
-
+                                                                       precision):
+    """CacheEvictionConfig(plain_prefill=True): prompt chunks nobody scores run the plain paged
+    graph over whole block groups (a view of the per-head pools): the same tokens as the
+    per-head graph alone, and the same bytes in layer 0's cache (whose K/V depend on no
+    attention), so the views alias as they should."""
     prompts = [ids_of(tiny_tok, n, seed=n) for n in (700, 300)]
-    sp = spec("snapkv", 128, True, mode="continuous", evict_interval=8)
     got, caches = {}, {}
     for plain in (True, False):
-        monkeypatch.setattr(HeadModelRunner, "plain_prefill", plain)
+        sp = spec("snapkv", 128, True, mode="continuous", evict_interval=8, plain_prefill=plain)
         eng = build(tiny_model, sp, precision)
         got[plain] = run(eng, prompts)
         assert (eng.runner.plain_steps > 0) == plain

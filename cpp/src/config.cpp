@@ -168,6 +168,10 @@ void CacheEvictionConfig::validate() {
     throw ConfigError("eviction.decode_window_size", repr(*decode_window_size),
                       "None or an integer in [1, evict_interval = " +
                           std::to_string(evict_interval) + "]");
+  if (plain_prefill && importance == "upstream")
+    throw ConfigError("eviction.plain_prefill", repr(true),
+                      "False with importance='upstream' (it runs prompt chunks on graphs of its "
+                      "own)");
   if (importance == "upstream" && kvcrush && kvcrush->taper.value_or(false))
     throw ConfigError("kvcrush.taper", repr(true),
                       "None or False with importance='upstream' (GenAI's algorithm keeps a "

@@ -56,26 +56,38 @@ int64_t blocks_for(int64_t tokens, int64_t block_size) {
   return (tokens + block_size - 1) / block_size;
 }
 
+/// Removes the scores.L results (a graph for the steps nobody scores).
+void drop_scores(const std::shared_ptr<ov::Model>& model) {
+  const ov::ResultVector results = model->get_results();  // a copy: removal changes it
+  for (const auto& r : results)
+    for (const auto& name : r->output(0).get_names())
+      if (name.rfind("scores.", 0) == 0) {
+        model->remove_result(r);
+        break;
+      }
+  model->validate_nodes_and_infer_types();
+}
+
 }  // namespace
 
 HeadRunner::HeadRunner(ov::Core& core, const std::filesystem::path& model_dir,
-                       const std::string& device, const std::string& precision) {
+                       const std::string& device, const std::string& precision,
+                       bool plain_prefill) {
   PagedOptions options;
   options.score_outputs = true;
   options.score_aggregation = true;
   auto scored = read_paged_model(core, model_dir.string(), options, true);
+  const ov::AnyMap props = kv_cache_properties(core, device, precision);
+  if (plain_prefill) {  // a clone shares the read model's weights
+    auto plain = scored->clone();
+    drop_scores(plain);
+    plain_ = core.compile_model(plain, device, props);
+    plain_req_.req = plain_.create_infer_request();
+  }
   auto decode = scored->clone();
   to_per_head(decode, /*sequence_major=*/true);
-  const ov::ResultVector results = decode->get_results();  // a copy: removal changes it
-  for (const auto& r : results)
-    for (const auto& name : r->output(0).get_names())
-      if (name.rfind("scores.", 0) == 0) {
-        decode->remove_result(r);
-        break;
-      }
-  decode->validate_nodes_and_infer_types();
+  drop_scores(decode);
   to_per_head(scored, /*sequence_major=*/false);
-  const ov::AnyMap props = kv_cache_properties(core, device, precision);
   decode_ = core.compile_model(decode, device, props);
   scored_ = core.compile_model(scored, device, props);
   decode_req_.req = decode_.create_infer_request();
@@ -120,6 +132,16 @@ void HeadRunner::allocate(int64_t blocks_per_head) {
         r->req.set_tensor("key_cache." + std::to_string(l), keys_[i]);
         r->req.set_tensor("value_cache." + std::to_string(l), values_[i]);
       }
+      if (plain_) {  // the same memory seen as [blocks, H, rows, cols]
+        auto view = [&](const ov::Tensor& pool, const ov::Shape& block) {
+          ov::Shape shape{static_cast<size_t>(total / num_heads_), static_cast<size_t>(num_heads_)};
+          shape.insert(shape.end(), block.begin() + 1, block.end());
+          return ov::Tensor(pool.get_element_type(), shape, pool.data());
+        };
+        plain_req_.req.set_tensor("key_cache." + std::to_string(l), view(keys_[i], key_shape_));
+        plain_req_.req.set_tensor("value_cache." + std::to_string(l),
+                                  view(values_[i], value_shape_));
+      }
     }
     pool_blocks_ = total;
     warm_decode_graph();
@@ -154,21 +176,27 @@ void HeadRunner::append(HeadTable& t, int64_t count) {
     t.positions.assign(static_cast<size_t>(num_layers_),
                        std::vector<std::vector<int64_t>>(static_cast<size_t>(num_heads_)));
   }
-  for (size_t l = 0; l < t.blocks.size(); ++l)
-    for (size_t h = 0; h < t.blocks[l].size(); ++h) {
-      auto& blocks = t.blocks[l][h];
-      auto& pos = t.positions[l][h];
-      const int64_t need = blocks_for(static_cast<int64_t>(pos.size()) + count, block_size_);
-      while (static_cast<int64_t>(blocks.size()) < need) {
+  for (size_t l = 0; l < t.blocks.size(); ++l) {
+    // heads take blocks in turn, so a fresh table holds whole groups (head h of group g is
+    // block g * H + h: the plain graph's view)
+    for (bool more = true; more;) {
+      more = false;
+      for (size_t h = 0; h < t.blocks[l].size(); ++h) {
+        auto& blocks = t.blocks[l][h];
+        const auto rows = static_cast<int64_t>(t.positions[l][h].size()) + count;
+        if (static_cast<int64_t>(blocks.size()) >= blocks_for(rows, block_size_)) continue;
         t.version = versions_ + 1;
         if (free_[l].empty())
           throw std::runtime_error("the KV cache is full (" + std::to_string(pool_blocks_) +
                                    " head blocks per layer)");
         blocks.push_back(free_[l].back());
         free_[l].pop_back();
+        more = true;
       }
-      for (int64_t i = 0; i < count; ++i) pos.push_back(t.num_written + i);
     }
+    for (auto& pos : t.positions[l])
+      for (int64_t i = 0; i < count; ++i) pos.push_back(t.num_written + i);
+  }
   if (t.version > versions_) versions_ = t.version;  // a block list changed
   t.num_written += count;
 }
@@ -250,8 +278,56 @@ void HeadRunner::set_tables(Request& r, const HeadTable& t, int64_t count, bool 
   r.table_version = t.version;
 }
 
+std::vector<int32_t> HeadRunner::plain_table(const HeadTable& t) const {
+  const auto heads = static_cast<size_t>(num_heads_);
+  if (t.blocks.empty() || t.blocks[0].size() != heads) return {};
+  std::vector<int32_t> groups;
+  for (const int32_t b : t.blocks[0][0]) {
+    if (b % num_heads_ != 0) return {};
+    groups.push_back(b / static_cast<int32_t>(num_heads_));
+  }
+  for (size_t l = 0; l < t.blocks.size(); ++l)
+    for (size_t h = 0; h < heads; ++h) {
+      const auto& blocks = t.blocks[l][h];
+      // an eviction leaves fewer rows than positions written, for good
+      if (blocks.size() != groups.size() || t.len(l, h) != t.num_written) return {};
+      for (size_t g = 0; g < groups.size(); ++g)
+        if (blocks[g] != groups[g] * static_cast<int32_t>(num_heads_) + static_cast<int32_t>(h))
+          return {};
+    }
+  return groups;
+}
+
+const float* HeadRunner::run_plain(const int64_t* ids, int64_t count, const HeadTable& t,
+                                   const std::vector<int32_t>& blocks) {
+  Request& r = plain_req_;
+  const auto n = static_cast<size_t>(count);
+  const int64_t start = t.num_written - count;
+  std::vector<int64_t> pos(n);
+  for (size_t i = 0; i < n; ++i) pos[i] = start + static_cast<int64_t>(i);
+  const auto past = static_cast<int32_t>(start), total = static_cast<int32_t>(t.num_written);
+  const int32_t begins[2] = {0, static_cast<int32_t>(count)};
+  const int32_t block_begins[2] = {0, static_cast<int32_t>(blocks.size())};
+  const int32_t one = 1;  // scores nobody reads (the graph drops them)
+  const int64_t last = count - 1;
+  r.inputs.put(r.req, "input_ids", i64, {n}, ids);
+  r.inputs.put(r.req, "position_ids", i64, {n}, pos.data());
+  r.inputs.put(r.req, "past_lens", i32, {1}, &past);
+  r.inputs.put(r.req, "subsequence_begins", i32, {2}, begins);
+  r.inputs.put(r.req, "block_indices", i32, {blocks.size()}, blocks.data());
+  r.inputs.put(r.req, "block_indices_begins", i32, {2}, block_begins);
+  r.inputs.put(r.req, "max_context_len", i32, {}, &total);
+  r.inputs.put(r.req, "logits_indices", i64, {1}, &last);
+  r.inputs.put(r.req, "score_aggregation_window", i32, {1}, &one);
+  r.req.infer();
+  ++plain_steps_;
+  return r.req.get_tensor("logits").data<const float>();
+}
+
 const float* HeadRunner::run(const int64_t* ids, int64_t count, const HeadTable& t,
                              int64_t window, std::vector<std::vector<float>>* scores) {
+  if (plain_ && window == 0 && count > 1)
+    if (const auto blocks = plain_table(t); !blocks.empty()) return run_plain(ids, count, t, blocks);
   const bool decode = window == 0 && count == 1;
   Request& r = decode ? decode_req_ : scored_req_;
   ov::InferRequest& req = r.req;

@@ -5,7 +5,10 @@
 // Two compiled graphs share the cache tensors: the scored graph (head-major subsequences,
 // scores.L outputs summed over the last score_aggregation_window queries) runs every step that
 // needs scores and every multi-token step; the decode graph (sequence-major, no score outputs)
-// runs the decode steps that need none.
+// runs the decode steps that need none. With plain_prefill, a third one, the plain paged graph,
+// runs the unscored multi-token steps while the table holds whole block groups (head h of
+// plain block g is head block g * H + h in every layer, so the pools seen as
+// [blocks, H, rows, cols] are a plain paged cache; Python: HeadTable.plain_table).
 #pragma once
 
 #include <cstdint>
@@ -50,7 +53,7 @@ struct Move {
 class HeadRunner {
  public:
   HeadRunner(ov::Core& core, const std::filesystem::path& model_dir, const std::string& device,
-             const std::string& precision);
+             const std::string& precision, bool plain_prefill = false);
 
   /// Pools of ``blocks_per_head * num_kv_heads`` head blocks per layer, zeroed; frees every
   /// table (one request at a time).
@@ -65,7 +68,8 @@ class HeadRunner {
   /// One step: ``count`` tokens at positions ``t.num_written - count ..`` (rows appended).
   /// ``window`` > 0: the scored graph, scores summed over the last ``window`` queries, written
   /// to ``scores`` ([L] flat per layer, head segments of t.len(l, h) each, head-major);
-  /// 0: no scores (the decode graph when count == 1). Returns the last token's logits.
+  /// 0: no scores (the decode graph when count == 1, the plain graph for a chunk of a table
+  /// of whole groups when built with plain_prefill). Returns the last token's logits.
   const float* run(const int64_t* ids, int64_t count, const HeadTable& t, int64_t window,
                    std::vector<std::vector<float>>* scores);
 
@@ -77,6 +81,8 @@ class HeadRunner {
   int64_t head_block_bytes() const { return key_layout_.head_block_bytes + value_layout_.head_block_bytes; }
   /// Bytes of a full block (every layer and head), comparable with the plain runner's.
   int64_t block_bytes() const { return head_block_bytes() * num_heads_ * num_layers_; }
+  /// Steps run on the plain graph so far.
+  int64_t plain_steps() const { return plain_steps_; }
 
  private:
   /// One compiled graph's request, its input tensors and the table version they hold.
@@ -87,9 +93,15 @@ class HeadRunner {
   };
   void set_tables(Request& r, const HeadTable& t, int64_t count, bool decode);
   void warm_decode_graph();
+  /// The plain block table of ``t`` when every (layer, head) holds whole groups in the same
+  /// order and nothing was evicted; empty otherwise.
+  std::vector<int32_t> plain_table(const HeadTable& t) const;
+  const float* run_plain(const int64_t* ids, int64_t count, const HeadTable& t,
+                         const std::vector<int32_t>& blocks);
 
-  ov::CompiledModel scored_, decode_;
-  Request scored_req_, decode_req_;
+  ov::CompiledModel scored_, decode_, plain_;  // plain_: only with plain_prefill
+  Request scored_req_, decode_req_, plain_req_;
+  int64_t plain_steps_ = 0;
   int64_t versions_ = 0;  // the last version given to a table
   int64_t num_layers_ = 0, num_heads_ = 0, block_size_ = 0, vocab_ = 0, pool_blocks_ = 0;
   ov::element::Type key_type_, value_type_;

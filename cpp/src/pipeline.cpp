@@ -146,7 +146,8 @@ Pipeline::Pipeline(const std::filesystem::path& model_dir, const std::string& de
   m.context = context_length(model_dir);
   m.tokenizer = std::make_unique<Tokenizer>(m.core, model_dir);
   if (plan) {
-    m.heads = std::make_unique<HeadRunner>(m.core, model_dir, device, m.kv_cache.precision);
+    m.heads = std::make_unique<HeadRunner>(m.core, model_dir, device, m.kv_cache.precision,
+                                           eviction->plain_prefill);
     m.evictor = std::make_unique<Evictor>(std::move(*plan), *m.heads);
   } else {
     m.runner = std::make_unique<PagedRunner>(m.core, model_dir, device, m.kv_cache.precision);
@@ -192,6 +193,7 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
   std::vector<int32_t> blocks;  // eviction off: the block table (block i: positions i*bs..)
   HeadTable table;              // eviction on: per-layer, per-head tables
   std::vector<std::vector<float>> scores;
+  const int64_t plain_before = heads ? heads->plain_steps() : 0;
   if (heads) {
     heads->allocate(max_blocks);
     evictor->begin(num_prompt);
@@ -251,6 +253,7 @@ GenerationResult Pipeline::Impl::generate(const std::vector<int64_t>& prompt,
     r.num_evictions = evictor->num_evictions();
     r.kv_budget_tokens = r.num_evictions ? evictor->budget() : 0;
     r.kvcrush_tokens = evictor->kvcrush_tokens();
+    r.plain_prefill_chunks = heads->plain_steps() - plain_before;
     r.eviction_log = evictor->take_log();
   }
   r.text = tokenizer->decode(r.token_ids);

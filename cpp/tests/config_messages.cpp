@@ -43,6 +43,10 @@ int main(int argc, char* argv[]) {
       eviction([](auto& c) { c.decode_window_size = 33; }),
       eviction([](auto& c) { c.pooling = std::string("median"); }),
       eviction([](auto& c) { c.recent_size = -1; }),
+      eviction([](auto& c) {
+        c.importance = "upstream";
+        c.plain_prefill = true;
+      }),
       eviction([](auto& c) {  // kvzip's own recent window (32) in the minimum
         c.importance = "kvzip";
         c.max_cache_size = int64_t{40};

@@ -91,6 +91,9 @@ def check_eviction(eviction: CacheEvictionConfig, kv_cache: KVCacheConfig, block
     if eviction.less is not None:
         raise ConfigError("eviction.less", eviction.less,
                           f"None {native_only}: GenAI's attention has no LESS state")
+    if eviction.plain_prefill:
+        raise ConfigError("eviction.plain_prefill", True,
+                          f"False {native_only}: GenAI's prefill runs its own graph")
     if eviction.log:
         raise ConfigError("eviction.log", True,
                           f"False {native_only}: GenAI does not report the positions it keeps")

@@ -89,6 +89,11 @@ class LLMEngine:
                 raise ConfigError("eviction.less", "LESS", "None with importance='upstream'")
             self.runner = HeadModelRunner(model_dir, device, kv_cache.precision, properties,
                                           less=eviction.less)
+        elif runner_cls is HeadModelRunner and eviction is not None and eviction.plain_prefill:
+            if eviction.fastkv is not None:
+                raise ConfigError("eviction.plain_prefill", True, "False with fastkv")
+            self.runner = HeadModelRunner(model_dir, device, kv_cache.precision, properties,
+                                          plain_prefill=True)
         else:
             self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
         self.block_size = self.runner.block_size

@@ -11,13 +11,13 @@ the cache tensors:
 - the decode graph (sequence-major subsequences, no score outputs) runs decode-only steps that
   need no scores: score outputs cost decode time, and sequence-major subsequences need no
   transposes (measured on Qwen2.5-0.5B at 1K context: 0.956x the head-major scoreless graph);
-- optionally (``plain_prefill``, off by default) the plain paged graph (no per-head rewrite,
-  no score outputs) runs the prompt chunks nobody scores while every sequence of the step
+- optionally (``CacheEvictionConfig.plain_prefill``) the plain paged graph (no per-head
+  rewrite, no score outputs) runs the prompt chunks nobody scores while every sequence of the step
   holds whole block groups (``HeadTable.plain_table``: head ``h`` of plain block ``g`` is
   head block ``g * H + h`` in every layer, so ``[blocks * H, 1, rows, cols]`` and the plain
   ``[blocks, H, rows, cols]`` are the same memory): the per-head graph's transposes and
-  per-head tables cost a prompt about 9-13% of its prefill on the 16-core Xeon
-  (docs/performance.md).
+  per-head tables cost a prompt about 9-13% of its prefill on the 16-core Xeon, for a second
+  compiled copy of the weights (docs/performance.md).
 
 Cache tensors per layer: per-head pools ``[num_head_blocks, 1, rows, cols]`` (``num_head_blocks``
 = blocks * KV heads); rows / cols / element type are read from the compiled model.
@@ -115,20 +115,13 @@ class HeadModelRunner(ModelRunner):
 
     #: The decode graph accepts only steps with one token per sequence (sequence-major).
     decode_graph_one_token = True
-    #: Unscored prompt chunks of whole-group tables run the plain paged graph: a third
-    #: compiled copy of the weights (+282 MiB peak RSS on SmolLM2-135M, +504 MiB on
-    #: Qwen2.5-0.5B) for the per-head graph's prefill overhead; off until the 16-core Xeon's
-    #: TTFT shows it pays (``kvcrush-ov bench-eviction --part ttft`` reports both,
-    #: docs/performance.md).
-    plain_prefill = False
 
     def _graphs(self, model_dir: Path) -> tuple[ov.Model, ov.Model]:
         """(scored graph for any step, scoreless decode graph); sets the layouts."""
         paged = read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
                                  logits_indices=True, score_aggregation=True)
         # clones share the read model's weights (a graph read again cost twice the memory)
-        self._plain_graph = (without_scores(paged.clone())
-                             if self.plain_prefill and self.less is None else None)
+        self._plain_graph = without_scores(paged.clone()) if self.plain_prefill else None
         decode = to_per_head(paged.clone(), sequence_major=True)
         model = to_per_head(paged)
         self.layout = PerHeadLayout.from_model(model)
@@ -143,7 +136,7 @@ class HeadModelRunner(ModelRunner):
         self.decode_compiled = self.core.compile_model(decode, device, props)
         self.decode_request = self.decode_compiled.create_infer_request()
         self.plain_request: ov.InferRequest | None = None
-        plain = getattr(self, "_plain_graph", None)  # LESS mixes only in the per-head graphs
+        plain = getattr(self, "_plain_graph", None)
         if plain is not None:
             self.plain_request = self.core.compile_model(plain, device,
                                                          props).create_infer_request()
@@ -155,8 +148,14 @@ class HeadModelRunner(ModelRunner):
         return self.core.compile_model(model, device, props)
 
     def __init__(self, model_dir: str | Path, device: str, precision: str,
-                 properties: dict | None = None, less: LESSWeights | None = None) -> None:
+                 properties: dict | None = None, less: LESSWeights | None = None,
+                 plain_prefill: bool = False) -> None:
+        """``plain_prefill``: also compile the plain paged graph (a second compiled copy of
+        the weights: +28% peak RSS on SmolLM2-135M) for the prompt chunks nobody scores."""
+        if plain_prefill and less is not None:
+            raise ConfigError("eviction.plain_prefill", True, "False with less")
         self.less = less
+        self.plain_prefill = plain_prefill
         super().__init__(model_dir, device, precision, properties)
         self.cache_heads = self.num_kv_heads  # heads inside one cache block (1 here)
         self.num_kv_heads = self.table_heads  # block tables per (sequence, layer)

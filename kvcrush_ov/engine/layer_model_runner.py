@@ -28,8 +28,6 @@ class LayerModelRunner(HeadModelRunner):
 
     #: The scoreless copy is the same plain graph: it runs any step without scores.
     decode_graph_one_token = False
-    #: Its graph is the plain one already.
-    plain_prefill = False
 
     def _graphs(self, model_dir: Path) -> tuple[ov.Model, ov.Model]:
         self.table_heads = 1

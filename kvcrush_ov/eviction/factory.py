@@ -66,7 +66,8 @@ def make_spec(cfg: CacheEvictionConfig, model_dir: str | Path | None = None) -> 
                         genai=cfg if upstream else None, fastkv=cfg.fastkv,
                         prefill_eviction=cfg.prefill_eviction,
                         prefill_probe=cfg.probe_tokens(),
-                        less=load_less(cfg.less, model_dir) if cfg.less is not None else None)
+                        less=load_less(cfg.less, model_dir) if cfg.less is not None else None,
+                        plain_prefill=cfg.plain_prefill)
 
 
 def load_less(cfg: LESSConfig, model_dir: str | Path | None) -> LESSWeights:

@@ -33,6 +33,8 @@ class EvictionSpec:
         it instead (engine/replay.py); 0: each chunk's own last queries.
     less: trained LESS kernels (the engine folds evicted tokens into a per-sequence state and
         the graph mixes it into attention), or None.
+    plain_prefill: unscored prompt chunks of whole block groups run the plain paged graph
+        (engine/head_model_runner.py); read when the engine builds its runner.
     """
 
     policy: EvictionPolicy
@@ -50,6 +52,7 @@ class EvictionSpec:
     prefill_eviction: bool = False
     prefill_probe: int = 0
     less: LESSWeights | None = None
+    plain_prefill: bool = False
 
     def budget(self, prompt_tokens: int) -> int:
         """Tokens per layer and head after an eviction (never below sinks + recent)."""

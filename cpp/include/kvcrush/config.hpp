@@ -104,6 +104,9 @@ struct CacheEvictionConfig {
   int64_t pooling_offset = 0;
   std::optional<int64_t> decode_window_size;  ///< unset: min(8, evict_interval)
   bool log = false;  ///< keep GenerationResult::eviction_log (the positions each event kept)
+  /// Unscored prompt chunks run the plain paged graph on the same cache memory: a second
+  /// compiled copy of the weights for the per-head graph's prefill overhead.
+  bool plain_prefill = false;
   void validate();
   /// The budget in tokens for a prompt of ``prompt_tokens`` tokens.
   int64_t total_tokens(int64_t prompt_tokens) const;

@@ -51,6 +51,7 @@ struct GenerationResult {
   int64_t num_evictions = 0;
   int64_t kv_budget_tokens = 0;  ///< tokens per layer and head after an eviction (0: none)
   int64_t kvcrush_tokens = 0;    ///< of them KVCrush representatives, at the last eviction
+  int64_t plain_prefill_chunks = 0;  ///< prompt chunks run on the plain graph (plain_prefill)
   std::vector<EvictionRecord> eviction_log;  ///< with CacheEvictionConfig::log
   /// Decode speed: tokens per second after the first token (0 with one token).
   double decode_tokens_per_s() const { return tpot_s > 0 ? 1.0 / tpot_s : 0.0; }
