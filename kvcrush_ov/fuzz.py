@@ -9,7 +9,8 @@ invariants checked on every run:
   configuration itself is valid by construction);
 - ``pool``: after every engine step the cache manager's invariants hold (every block counted
   once, none leaked or freed twice), and with eviction no sequence holds more than its budget
-  plus the slack its mode allows (continuous: ``evict_interval``; prefill: what it generated);
+  plus the slack its mode allows (continuous: ``evict_interval``; prefill: what it generated;
+  a prompt-end eviction that waits for the step after the first token: one more chunk);
 - ``leftover``: after the call no sequence is left in the engine and every block is free
   (genai: no unfinished request and no cache in use);
 - ``stream``: with a streamer, what was streamed equals the returned text;
@@ -119,6 +120,7 @@ def random_eviction(rng: np.random.Generator, backend: str) -> dict | None:
                              taper=_pick(rng, [None, False, True]))
     else:
         ev["kvcrush"] = None
+    ev["plain_prefill"] = bool(rng.random() < 0.2)  # unscored prompt chunks on the plain graph
     return ev
 
 
@@ -194,10 +196,11 @@ def _batch_exact(g: Group) -> bool:
     """Whether batched output must equal one-by-one output here: on the native backend with an
     f32 cache. With u8 / u4 / bf16 caches the plugin's attention and bf16 inference depend on
     what else runs in a step, so outputs may differ now and then, on GenAI too
-    (docs/reliability.md). Not with importance="upstream": GenAI's algorithm evicts between
-    prefill chunks, so what it keeps depends on how a batch cuts a prompt."""
-    upstream = g.eviction is not None and g.eviction.get("importance") == "upstream"
-    return g.backend == "native" and g.kv_cache["precision"] == "f32" and not upstream
+    (docs/reliability.md). Not with importance="upstream" or prefill_eviction: both evict
+    between prefill chunks, so what they keep depends on how a batch cuts a prompt."""
+    ev = g.eviction or {}
+    chunked = ev.get("importance") == "upstream" or bool(ev.get("prefill_eviction"))
+    return g.backend == "native" and g.kv_cache["precision"] == "f32" and not chunked
 
 
 class _Checked:
@@ -226,6 +229,8 @@ class _Checked:
                 slack = (spec.evict_interval if spec.mode == "continuous"
                          else s.sampler.num_generated + 1)
                 slack = max(slack, eng.block_size) if spec.genai is not None else slack
+                if s.seq_id in eng.evictor.pending:  # its prompt-end eviction waits a step:
+                    slack = max(slack, eng.scheduler_config.max_num_batched_tokens)  # + last chunk
                 total = int(t.lens.sum())
                 if total > (max(budget, 1) + slack) * layers * heads and s.extra.get("evictions"):
                     self.violations.append(

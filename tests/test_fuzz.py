@@ -28,6 +28,23 @@ def test_random_groups_are_valid_and_reproducible():
         _configs(random_group(seed, 1, ("native", "genai"), ("u8", "u4", "f32")))
 
 
+def test_a_prompt_end_eviction_waiting_a_step_may_hold_one_chunk_more(tiny_model):
+    """Prefill eviction evicts during the prompt; the prompt-end eviction then waits for the
+    step after the first token, so the sequence holds its budget plus the last chunk for one
+    step (issue 20's bound). Fuzz seed 2 flagged this as a pool violation."""
+    from kvcrush_ov.fuzz import run_group
+
+    ev = dict(max_cache_size=0.125, start_size=32, recent_size=16, importance="streaming",
+              evict_interval=4, prefill_eviction=True, kvcrush=None)
+    g = Group(seed=0, backend="native", kv_cache={"precision": "u8"},
+              scheduler={"max_num_batched_tokens": 100}, eviction=ev,
+              runs=[Run(prompts=[190], prompt_seed=1, generation={"max_new_tokens": 4},
+                        stream=False)])
+    out: list[dict] = []
+    run_group(g, str(tiny_model), out.append)
+    assert [r["status"] for r in out] == ["ok"], out
+
+
 def _one_run() -> Group:
     return Group(seed=0, backend="native", kv_cache={"precision": "u8"},
                  scheduler={"max_num_batched_tokens": 64}, eviction=None,
