@@ -62,16 +62,20 @@ def _eviction_from_args(args: argparse.Namespace):
     fastkv = (FastKVConfig(split_layer=args.split_layer, tsp_rate=args.tsp_rate)
               if args.fastkv else None)
     return CacheEvictionConfig(max_cache_size=parse_budget(args.budget), kvcrush=kvcrush,
-                               importance=args.importance, mode=args.mode, fastkv=fastkv)
+                               importance=args.importance, mode=args.mode, fastkv=fastkv,
+                               plain_prefill=args.plain_prefill)
 
 
-def _fastkv_args(sp: argparse.ArgumentParser) -> None:
+def _prefill_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--fastkv", action="store_true",
                     help="FastKV's token-selective propagation: a faster long-prompt prefill")
     sp.add_argument("--tsp-rate", type=float, default=0.2,
                     help="with --fastkv: fraction of the prompt past the split layer")
     sp.add_argument("--split-layer", type=int, default=None,
                     help="with --fastkv: the last layer that sees every token (default middle)")
+    sp.add_argument("--plain-prefill", action="store_true",
+                    help="prompt chunks nobody scores on the plain graph: faster prefill on many "
+                         "cores for a second compiled copy of the weights (docs/engine.md)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -405,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eviction", action="store_true", help="keep the full cache")
     g.add_argument("--importance", default="snapkv", choices=IMPORTANCE_METHODS)
     g.add_argument("--mode", default="continuous", choices=EVICTION_MODES)
-    _fastkv_args(g)
+    _prefill_args(g)
     g.add_argument("--backend", default=None, choices=BACKENDS)
     g.add_argument("--precision", default="u8", choices=KV_CACHE_PRECISIONS)
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -478,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--anchor", default="alternating", choices=ANCHOR_POINT_MODES)
     sv.add_argument("--kvcrush-share", type=float, default=0.25)
     sv.add_argument("--mode", default="continuous", choices=EVICTION_MODES)
-    _fastkv_args(sv)
+    _prefill_args(sv)
     sv.add_argument("--served-model-name", help="the name clients use (default: the model's)")
     sv.add_argument("--api-key", help="require this key (or set KVCRUSH_OV_API_KEY)")
     sv.add_argument("--log-level", default="warning")

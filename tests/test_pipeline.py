@@ -336,6 +336,18 @@ def test_cli_generate_with_fastkv_reports_the_split(tiny_model):
     assert "[FastKV: layers 0-1 processed" in r.stderr, r.stderr
 
 
+def test_cli_generate_with_plain_prefill(tiny_model):
+    """--plain-prefill runs; with --fastkv it is refused by name before any work."""
+    base = [sys.executable, "-m", "kvcrush_ov.cli", "generate", "hello there " * 200,
+            "--model", str(tiny_model), "--max-new-tokens", "3", "--no-chat-template",
+            "--plain-prefill"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "TTFT" in r.stderr
+    r = subprocess.run(base + ["--fastkv"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "eviction.plain_prefill=True" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args,field", [
     (["bench", "--repeats", "0"], "--repeats=0"),
     (["bench", "--new-tokens", "1"], "--new-tokens=1"),
