@@ -103,6 +103,20 @@ def test_unscored_prompt_chunks_run_the_plain_graph_on_the_same_memory(tiny_mode
         assert a.any() and np.array_equal(a, b)
 
 
+def test_a_spec_the_plain_graph_cannot_serve_is_refused_before_loading(tiny_model):
+    """Specs built without CacheEvictionConfig's checks: plain_prefill with FastKV, upstream
+    mode or LESS is named by the engine before any model is read."""
+    from kvcrush_ov.config import FastKVConfig
+    from kvcrush_ov.less.kernels import LESSWeights
+
+    base = dataclasses.replace(spec(), plain_prefill=True)
+    for bad in (dataclasses.replace(base, fastkv=FastKVConfig()),
+                dataclasses.replace(base, genai=CacheEvictionConfig(importance="upstream")),
+                dataclasses.replace(base, less=object.__new__(LESSWeights))):
+        with pytest.raises(ConfigError, match="eviction.plain_prefill=True"):
+            build(tiny_model, bad)
+
+
 # -- every policy through the engine ----------------------------------------------------------
 
 ENGINE_MATRIX = [

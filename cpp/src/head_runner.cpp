@@ -301,23 +301,8 @@ std::vector<int32_t> HeadRunner::plain_table(const HeadTable& t) const {
 const float* HeadRunner::run_plain(const int64_t* ids, int64_t count, const HeadTable& t,
                                    const std::vector<int32_t>& blocks) {
   Request& r = plain_req_;
-  const auto n = static_cast<size_t>(count);
-  const int64_t start = t.num_written - count;
-  std::vector<int64_t> pos(n);
-  for (size_t i = 0; i < n; ++i) pos[i] = start + static_cast<int64_t>(i);
-  const auto past = static_cast<int32_t>(start), total = static_cast<int32_t>(t.num_written);
-  const int32_t begins[2] = {0, static_cast<int32_t>(count)};
-  const int32_t block_begins[2] = {0, static_cast<int32_t>(blocks.size())};
+  put_paged_step(r.inputs, r.req, ids, count, t.num_written - count, blocks);
   const int32_t one = 1;  // scores nobody reads (the graph drops them)
-  const int64_t last = count - 1;
-  r.inputs.put(r.req, "input_ids", i64, {n}, ids);
-  r.inputs.put(r.req, "position_ids", i64, {n}, pos.data());
-  r.inputs.put(r.req, "past_lens", i32, {1}, &past);
-  r.inputs.put(r.req, "subsequence_begins", i32, {2}, begins);
-  r.inputs.put(r.req, "block_indices", i32, {blocks.size()}, blocks.data());
-  r.inputs.put(r.req, "block_indices_begins", i32, {2}, block_begins);
-  r.inputs.put(r.req, "max_context_len", i32, {}, &total);
-  r.inputs.put(r.req, "logits_indices", i64, {1}, &last);
   r.inputs.put(r.req, "score_aggregation_window", i32, {1}, &one);
   r.req.infer();
   ++plain_steps_;

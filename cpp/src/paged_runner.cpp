@@ -65,8 +65,8 @@ void PagedRunner::reserve(int64_t num_blocks) {
   num_blocks_ = num_blocks;
 }
 
-const float* PagedRunner::run(const int64_t* ids, int64_t count, int64_t start,
-                              const std::vector<int32_t>& blocks) {
+void put_paged_step(InputTensors& inputs, ov::InferRequest& req, const int64_t* ids,
+                    int64_t count, int64_t start, const std::vector<int32_t>& blocks) {
   const auto n = static_cast<size_t>(count);
   std::vector<int64_t> pos(n);
   for (size_t i = 0; i < n; ++i) pos[i] = start + static_cast<int64_t>(i);
@@ -75,15 +75,19 @@ const float* PagedRunner::run(const int64_t* ids, int64_t count, int64_t start,
   const int32_t block_begins[2] = {0, static_cast<int32_t>(blocks.size())};
   const int64_t last = count - 1;
   using ov::element::i32, ov::element::i64;
-  auto& r = request_;
-  inputs_.put(r, "input_ids", i64, {n}, ids);
-  inputs_.put(r, "position_ids", i64, {n}, pos.data());
-  inputs_.put(r, "past_lens", i32, {1}, &past);
-  inputs_.put(r, "subsequence_begins", i32, {2}, begins);
-  inputs_.put(r, "block_indices", i32, {blocks.size()}, blocks.data());
-  inputs_.put(r, "block_indices_begins", i32, {2}, block_begins);
-  inputs_.put(r, "max_context_len", i32, {}, &total);
-  inputs_.put(r, "logits_indices", i64, {1}, &last);
+  inputs.put(req, "input_ids", i64, {n}, ids);
+  inputs.put(req, "position_ids", i64, {n}, pos.data());
+  inputs.put(req, "past_lens", i32, {1}, &past);
+  inputs.put(req, "subsequence_begins", i32, {2}, begins);
+  inputs.put(req, "block_indices", i32, {blocks.size()}, blocks.data());
+  inputs.put(req, "block_indices_begins", i32, {2}, block_begins);
+  inputs.put(req, "max_context_len", i32, {}, &total);
+  inputs.put(req, "logits_indices", i64, {1}, &last);
+}
+
+const float* PagedRunner::run(const int64_t* ids, int64_t count, int64_t start,
+                              const std::vector<int32_t>& blocks) {
+  put_paged_step(inputs_, request_, ids, count, start, blocks);
   const auto t0 = std::chrono::steady_clock::now();
   request_.infer();
   infer_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

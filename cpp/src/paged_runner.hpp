@@ -15,6 +15,12 @@
 
 namespace kvcrush {
 
+/// Writes one sequence's step into ``req`` of a plain paged graph: ``count`` tokens ``ids`` at
+/// positions ``start..`` over block table ``blocks``, the last token's logits gathered (shared by
+/// PagedRunner and HeadRunner's plain prefill).
+void put_paged_step(InputTensors& inputs, ov::InferRequest& req, const int64_t* ids,
+                    int64_t count, int64_t start, const std::vector<int32_t>& blocks);
+
 class PagedRunner {
  public:
   PagedRunner(ov::Core& core, const std::filesystem::path& model_dir, const std::string& device,

@@ -84,16 +84,16 @@ class LLMEngine:
         check_kv_precision(device, kv_cache.precision)
         runner_cls = (ModelRunner if eviction is None
                       else LayerModelRunner if eviction.genai is not None else HeadModelRunner)
-        if eviction is not None and eviction.less is not None:
-            if runner_cls is not HeadModelRunner:
-                raise ConfigError("eviction.less", "LESS", "None with importance='upstream'")
+        less = eviction.less if eviction is not None else None
+        plain = eviction is not None and eviction.plain_prefill
+        if runner_cls is not HeadModelRunner and less is not None:
+            raise ConfigError("eviction.less", "LESS", "None with importance='upstream'")
+        if plain and (runner_cls is not HeadModelRunner or eviction.fastkv is not None):
+            raise ConfigError("eviction.plain_prefill", True,
+                              "False with importance='upstream' or fastkv")
+        if runner_cls is HeadModelRunner:  # (LESS and the plain graph together: refused there)
             self.runner = HeadModelRunner(model_dir, device, kv_cache.precision, properties,
-                                          less=eviction.less)
-        elif runner_cls is HeadModelRunner and eviction is not None and eviction.plain_prefill:
-            if eviction.fastkv is not None:
-                raise ConfigError("eviction.plain_prefill", True, "False with fastkv")
-            self.runner = HeadModelRunner(model_dir, device, kv_cache.precision, properties,
-                                          plain_prefill=True)
+                                          less=less, plain_prefill=plain)
         else:
             self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
         self.block_size = self.runner.block_size
