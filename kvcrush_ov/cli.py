@@ -381,6 +381,18 @@ def _cmd_less_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kvzap_train(args: argparse.Namespace) -> int:
+    from kvcrush_ov.kvzap.train import train
+
+    path, r2 = train(args.model, num_texts=args.texts, num_test=args.test_texts,
+                     target=args.target, out=args.out, seed=args.seed,
+                     min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                     facts_per_doc=args.facts, hidden=args.hidden)
+    print(f"{path} (held-out R^2 per layer: mean {sum(r2) / len(r2):.3f}, "
+          f"min {min(r2):.3f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -627,6 +639,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep LESS in at most this many layers, the ones whose state helps "
                     "most (each layer with LESS costs decode time)")
     lt.set_defaults(func=_cmd_less_train)
+
+    kz = sub.add_parser("kvzap-train", help="train a model's KVzap surrogate for "
+                        "importance='kvzap' (torch, CPU; minutes)")
+    kz.add_argument("--model", default=DEFAULT_MODEL, help="registry name or HF checkpoint folder")
+    kz.add_argument("--texts", type=int, default=30, help="training texts (HotpotQA paragraphs)")
+    kz.add_argument("--test-texts", type=int, default=6, help="held-out texts for the R^2")
+    kz.add_argument("--min-tokens", type=int, default=700)
+    kz.add_argument("--max-tokens", type=int, default=1400)
+    kz.add_argument("--target", default="kvzip",
+                    help="kvzip (the replay's attention, the default: docs/chat.md) or kvzip+ "
+                    "(KVzap's paper: weighted by the value's output norm)")
+    kz.add_argument("--facts", type=float, default=0.0,
+                    help="share of paragraphs followed by a sentence holding an arbitrary value")
+    kz.add_argument("--hidden", type=int, default=None,
+                    help="MLP width (default: a linear surrogate)")
+    kz.add_argument("--seed", type=int, default=0)
+    kz.add_argument("--out", default=None,
+                    help="output file (default: <model cache folder>/kvzap.npz)")
+    kz.set_defaults(func=_cmd_kvzap_train)
     return p
 
 

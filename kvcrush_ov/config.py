@@ -19,7 +19,8 @@ from kvcrush_ov.errors import ConfigError
 KV_CACHE_PRECISIONS = ("u8", "u4", "bf16", "f32")
 ANCHOR_POINT_MODES = ("random", "zeros", "ones", "mean", "alternating")
 AGGREGATION_MODES = ("norm_sum", "sum")
-IMPORTANCE_METHODS = ("snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream", "kvzip")
+IMPORTANCE_METHODS = ("snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream", "kvzip",
+                      "kvzap")
 GENAI_IMPORTANCE = ("snapkv", "h2o")  # what backend "genai" can run
 EVICTION_MODES = ("continuous", "prefill")
 POOLINGS = ("max", "avg", "none")
@@ -242,15 +243,18 @@ class CacheEvictionConfig:
         the prompt's tokens. With the genai backend it is rounded down to whole KV blocks.
     start_size: attention-sink tokens at the start that are always kept.
     recent_size: most recent tokens that are always kept. None: 128 (GenAI's default), or 32
-        with ``importance="kvzip"`` (the end of a context compressed without its question is
-        not where the answer is; RULER tuning seed, docs/chat.md). See :meth:`recent_tokens`.
+        with ``importance="kvzip"`` or ``"kvzap"`` (the end of a context compressed without its
+        question is not where the answer is; RULER tuning seed, docs/chat.md). See
+        :meth:`recent_tokens`.
     importance: how the rest is ranked (docs/eviction.md): ``snapkv`` (attention of the
         prompt's last ``snapkv_window_size`` queries, pooled, per head; then accumulated while
         decoding), ``h2o`` (attention accumulated over every query), ``streaming`` (no scores:
         the most recent tokens, StreamingLLM), ``pyramidkv`` (SnapKV with per-layer budgets
         shrinking with depth), ``adakv`` (SnapKV with per-head budgets), ``kvzip`` (the
         attention of a replay of the prompt, query-agnostic; the prefill costs about 4.5x, see
-        docs/chat.md) or ``upstream`` (what GenAI's CacheEvictionConfig does: block-level,
+        docs/chat.md), ``kvzap`` (KVzip's scores predicted per token from its hidden state by
+        a linear surrogate trained once per model with ``kvcrush-ov kvzap-train``: no replay,
+        query-agnostic) or ``upstream`` (what GenAI's CacheEvictionConfig does: block-level,
         head-summed). Backend genai runs snapkv and h2o only.
     aggregation_mode: ``norm_sum`` (accumulated score divided by each token's lifetime) or ``sum``.
     apply_rotation: re-rotate keys after eviction (rejected by both backends for now).
@@ -423,7 +427,7 @@ class CacheEvictionConfig:
         """recent_size with None resolved: the newest tokens eviction always keeps."""
         if self.recent_size is not None:
             return self.recent_size
-        return KVZIP_RECENT if self.importance == "kvzip" else DEFAULT_RECENT
+        return KVZIP_RECENT if self.importance in ("kvzip", "kvzap") else DEFAULT_RECENT
 
     def probe_tokens(self) -> int:
         """prefill_probe_size with None resolved: the probe each part of the prompt gets

@@ -1,11 +1,14 @@
 """What KVzip's replay costs: TTFT of the default eviction (SnapKV + KVCrush, which evicts right
 after the prompt) vs KVzip (which replays the prompt first), at the same budget:
 python samples/kvzip_ttft.py [--model NAME] [--tokens 2048 --tokens 4096] [--repeats 2]
-                             [--replay-chunk 16 --replay-chunk 256] [--heads]
+                             [--replay-chunk 16 --replay-chunk 256] [--heads] [--kvzap]
+                             [--no-kvzip]
 ``--replay-chunk``: the replay's queries per step (KVzip.replay_chunk; a tuning knob, set here
 on the engine's default spec), one KVzip column each. ``--heads``: also KVzip's
 context-independent variant (``kvzip-heads``: heads chosen once per model, no replay; calibrated
-on first use, eviction/kvzip_heads.py)."""
+on first use, eviction/kvzip_heads.py). ``--kvzap``: also KVzap (KVzip's scores predicted by
+a trained surrogate, no replay; needs ``kvcrush-ov kvzap-train`` first) and the full cache (no
+eviction, the plain prefill). ``--no-kvzip``: leave KVzip's replay columns out."""
 
 import argparse
 import dataclasses
@@ -24,6 +27,8 @@ parser.add_argument("--repeats", type=int, default=2, help="prompts per length (
 parser.add_argument("--replay-chunk", type=int, action="append",
                     help=f"KVzip's replay step in queries (repeat; default {REPLAY_CHUNK})")
 parser.add_argument("--heads", action="store_true", help="also the kvzip-heads column")
+parser.add_argument("--kvzap", action="store_true", help="also the kvzap and full-cache columns")
+parser.add_argument("--no-kvzip", action="store_true", help="no KVzip replay column")
 args = parser.parse_args()
 
 folder = str(resolve_model(args.model))
@@ -45,16 +50,23 @@ pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25))
 pipe.generate(prompts_of(folder, 1, 512)[0], one)  # warm-up
 ttft["default"] = measure(pipe)
 del pipe
-pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
-                                                           importance="kvzip"))
-pipe.generate(prompts_of(folder, 1, 512)[0], one)
-evictor = pipe.backend.engine.evictor
-for c in chunks:
-    evictor.spec = dataclasses.replace(evictor.spec,
-                                       policy=with_replay_chunk(evictor.spec.policy, c))
-    ttft[f"kvzip, steps of {c}"] = measure(pipe)
+if args.kvzap:
+    for name, cfg in (("full cache", None),
+                      ("kvzap", kv.CacheEvictionConfig(max_cache_size=0.25, importance="kvzap"))):
+        pipe = kv.Pipeline(folder, eviction=cfg)
+        pipe.generate(prompts_of(folder, 1, 512)[0], one)
+        ttft[name] = measure(pipe)
+        del pipe
+if not args.no_kvzip:
+    pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
+                                                               importance="kvzip"))
+    pipe.generate(prompts_of(folder, 1, 512)[0], one)
+    evictor = pipe.backend.engine.evictor
+    for c in chunks:
+        evictor.spec = dataclasses.replace(evictor.spec,
+                                           policy=with_replay_chunk(evictor.spec.policy, c))
+        ttft[f"kvzip, steps of {c}"] = measure(pipe)
 if args.heads:
-    del pipe
     pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
                                                                importance="streaming"))
     evictor = pipe.backend.engine.evictor

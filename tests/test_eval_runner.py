@@ -419,6 +419,14 @@ def test_every_method_builds_at_every_default_budget(tiny_model, tmp_path):
     LESSWeights.initial(c["num_hidden_layers"], c["num_attention_heads"],
                         c["num_key_value_heads"], c["head_dim"]).save(
         default_weights_path(folder))
+    # the KVzap columns load the model's surrogate: a zero one stands in, beside the copy
+    from kvcrush_ov.kvzap.train import save as save_kvzap
+    from kvcrush_ov.kvzap.weights import default_path as kvzap_path
+
+    heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    save_kvzap(kvzap_path(folder), np.zeros((c["num_hidden_layers"], c["hidden_size"], heads),
+                                            np.float32),
+               np.zeros((c["num_hidden_layers"], heads), np.float32), "kvzip", {})
     with pytest.raises(ConfigError, match="less.weights"):  # no model folder, no default file
         make_spec(METHODS["snapkv+less"].make(0.25))
     for m in METHODS.values():

@@ -24,6 +24,7 @@ from kvcrush_ov.eviction.base import (
 )
 from kvcrush_ov.eviction.h2o import H2O
 from kvcrush_ov.eviction.kvcrush import KVCrush
+from kvcrush_ov.eviction.kvzap import KVzap
 from kvcrush_ov.eviction.kvzip import KVzip
 from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, heads_path, load_or_calibrate
 from kvcrush_ov.eviction.pyramidkv import PyramidKV, pyramid_budgets
@@ -46,6 +47,7 @@ IMPORTANCE: list[tuple[str, Factory]] = [
     ("adakv", AdaKV),
     ("adakv-alpha0", lambda: AdaKV(alpha=0.0)),
     ("kvzip", KVzip),
+    ("kvzap", KVzap),
 ]
 
 POLICY_MATRIX: list[tuple[str, Factory]] = [
@@ -159,7 +161,7 @@ def check_kvcrush_plan(policy: KVCrush, inputs: EvictionInputs, num_keep: int,
 
 def test_registry_names() -> None:
     assert set(POLICIES) == {"streaming", "h2o", "snapkv", "pyramidkv", "adakv", "upstream",
-                             "kvzip"}
+                             "kvzip", "kvzap"}
     for name, cls in POLICIES.items():
         assert cls.name == name and cls.score_mode in SCORE_MODES
         if name != "upstream":  # GenAI's algorithm is not wrapped by our KVCrush

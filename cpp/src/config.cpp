@@ -111,7 +111,7 @@ constexpr std::initializer_list<const char*> kPrecisions = {"u8", "u4", "bf16", 
 constexpr std::initializer_list<const char*> kAnchorModes = {"random", "zeros", "ones", "mean",
                                                              "alternating"};
 constexpr std::initializer_list<const char*> kImportance = {
-    "snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream", "kvzip"};
+    "snapkv", "h2o", "streaming", "pyramidkv", "adakv", "upstream", "kvzip", "kvzap"};
 constexpr int64_t kNativeKernelSize = 31;  // config.NATIVE_KERNEL_SIZE
 
 }  // namespace
@@ -185,7 +185,7 @@ void CacheEvictionConfig::validate() {
 
 int64_t CacheEvictionConfig::recent_tokens() const {
   // config.DEFAULT_RECENT / config.KVZIP_RECENT
-  return recent_size.value_or(importance == "kvzip" ? 32 : 128);
+  return recent_size.value_or(importance == "kvzip" || importance == "kvzap" ? 32 : 128);
 }
 
 int64_t CacheEvictionConfig::total_tokens(int64_t prompt_tokens) const {

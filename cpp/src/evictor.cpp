@@ -76,7 +76,7 @@ EvictionPlan::EvictionPlan(const CacheEvictionConfig& cfg)
     throw ConfigError("eviction.apply_rotation", repr(true),
                       "False with backend 'native' (key re-rotation is not implemented)");
   const std::string& imp = cfg.importance;
-  if (imp == "upstream" || imp == "kvzip")
+  if (imp == "upstream" || imp == "kvzip" || imp == "kvzap")
     throw ConfigError("eviction.importance", repr(imp),
                       "one of snapkv, h2o, streaming, pyramidkv, adakv with the C++ pipeline");
   policy.importance = parse_importance(imp);

@@ -93,7 +93,8 @@ class LLMEngine:
                               "False with importance='upstream' or fastkv")
         if runner_cls is HeadModelRunner:  # (LESS and the plain graph together: refused there)
             self.runner = HeadModelRunner(model_dir, device, kv_cache.precision, properties,
-                                          less=less, plain_prefill=plain)
+                                          less=less, plain_prefill=plain,
+                                          kvzap=eviction.kvzap)
         else:
             self.runner = runner_cls(model_dir, device, kv_cache.precision, properties)
         self.block_size = self.runner.block_size

@@ -86,6 +86,10 @@ class Evictor:
         if spec.less is not None and (less is None or spec.less.meta != less.meta):
             raise ConfigError("eviction.less", "LESS", "None, or the LESS weights the engine "
                               "was built with (its graph holds them)")
+        if spec.policy.score_mode == "surrogate" and self.runner.kvzap is None:
+            raise ConfigError("eviction.importance", "kvzap", "another importance: this engine "
+                              "was built without KVzap's surrogate (its graphs predict the "
+                              "scores)")
         ex = seq.extra
         ex["spec"] = spec
         ex["budget"] = spec.budget(len(seq.prompt_ids))
@@ -107,7 +111,7 @@ class Evictor:
         if not evict:
             return
         ex["budget"] = spec.budget(len(seq.prompt_ids))
-        if spec.policy.score_mode != "all" or ex.get("scores") is None:
+        if spec.policy.score_mode not in ("all", "surrogate") or ex.get("scores") is None:
             ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads)
         ex["evictions"] = 0
         ex.pop("kvcrush_tokens", None)
@@ -133,10 +137,11 @@ class Evictor:
             ex["prefill_end"] = c.seq.num_known
             ex["less"] = None  # nothing evicted yet
             # recomputing a KVzip replay: its scores by max
-            replay = ex.get("replay") is not None and self.spec_of(c.seq).policy.score_mode \
-                == "replay"
+            mode = self.spec_of(c.seq).policy.score_mode
+            replay = ex.get("replay") is not None and mode == "replay"
+            # KVzap: one predicted score per row, never summed
             ex["scores"] = SequenceScores(self.runner.num_layers, self.runner.num_kv_heads,
-                                          "max" if replay else "sum")
+                                          "max" if replay or mode == "surrogate" else "sum")
             ex["upstream"] = self._upstream(c.seq)
         return ex
 
@@ -164,7 +169,7 @@ class Evictor:
         if spec.genai is not None or ex.get("frozen"):
             return 0  # upstream mode but no eviction needed, or a turn that evicts nothing
         mode = spec.policy.score_mode
-        if mode == "none":
+        if mode in ("none", "surrogate"):  # KVzap's scores come from every graph (after_step)
             return 0
         end, prefill_end = c.start + c.num_tokens, ex["prefill_end"]
         replay = ex.get("replay")
@@ -210,6 +215,8 @@ class Evictor:
                     self._upstream_step(chunks, windows, segs)
                 if own:
                     self._accumulate(chunks, windows, segs)
+        if self.runner.kvzap is not None:
+            self._accumulate_kvzap(chunks)
         for c in chunks:
             if self.spec_of(c.seq).genai is None and self._due(c):
                 if (defer and c.sample and c.start + c.num_tokens == c.seq.extra["prefill_end"]
@@ -288,6 +295,19 @@ class Evictor:
                 for h, seg in enumerate(per_seq[s]):
                     state.add(layer, h, seg)
             state.add_queries(c.start + c.num_tokens - w, w)
+
+    def _accumulate_kvzap(self, chunks: list[ScheduledChunk]) -> None:
+        """KVzap: every token a sequence computes gets its predicted score (the exponent of
+        the surrogate's log score; rows not yet computed hold 0), whatever the step."""
+        pred = self.runner.last_kvzap  # [L, T, Hkv]
+        off = 0
+        for c in chunks:
+            n = c.num_tokens
+            state = c.seq.extra.get("scores")
+            if state is not None and self.spec_of(c.seq).policy.score_mode == "surrogate":
+                lens = self.kv.tables[c.seq.seq_id].lens  # [L, H], this step's rows included
+                state.put_tails(np.exp(pred[:, off:off + n, :]), lens.copy())  # [L, n, Hkv]
+            off += n
 
     def over_budget(self, seq: Sequence) -> bool:
         """``seq`` holds more tokens per layer and head than its budget."""

@@ -38,7 +38,10 @@ from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, FlatMoves, flatten_move
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.kvzap.weights import KVzapWeights
 from kvcrush_ov.less.kernels import LESSWeights
+from kvcrush_ov.transformations.kvzap import OUTPUT as KVZAP_OUTPUT
+from kvcrush_ov.transformations.kvzap import add_kvzap
 from kvcrush_ov.transformations.less import (
     LESS_TOKEN_INDEX,
     LESS_TOKEN_OFFSET,
@@ -120,6 +123,9 @@ class HeadModelRunner(ModelRunner):
         """(scored graph for any step, scoreless decode graph); sets the layouts."""
         paged = read_paged_model(model_dir / "openvino_model.xml", score_outputs=True,
                                  logits_indices=True, score_aggregation=True)
+        if self.kvzap is not None:  # every graph below predicts its tokens' KVzap scores
+            k = self.kvzap
+            add_kvzap(paged, k.weight, k.bias, k.weight2, k.bias2)
         # clones share the read model's weights (a graph read again cost twice the memory)
         self._plain_graph = without_scores(paged.clone()) if self.plain_prefill else None
         decode = to_per_head(paged.clone(), sequence_major=True)
@@ -149,12 +155,17 @@ class HeadModelRunner(ModelRunner):
 
     def __init__(self, model_dir: str | Path, device: str, precision: str,
                  properties: dict | None = None, less: LESSWeights | None = None,
-                 plain_prefill: bool = False) -> None:
+                 plain_prefill: bool = False, kvzap: KVzapWeights | None = None) -> None:
         """``plain_prefill``: also compile the plain paged graph (a second compiled copy of
-        the weights: +28% peak RSS on SmolLM2-135M) for the prompt chunks nobody scores."""
+        the weights: +28% peak RSS on SmolLM2-135M) for the prompt chunks nobody scores.
+        ``kvzap``: every graph also outputs KVzap's predicted scores of its tokens
+        (transformations/kvzap.py), :attr:`last_kvzap` after each step."""
         if plain_prefill and less is not None:
             raise ConfigError("eviction.plain_prefill", True, "False with less")
         self.less = less
+        self.kvzap = kvzap
+        #: f32 [L, T, Hkv]: the last step's predicted log scores, tokens in step order
+        self.last_kvzap: np.ndarray | None = None
         self.plain_prefill = plain_prefill
         super().__init__(model_dir, device, precision, properties)
         self.cache_heads = self.num_kv_heads  # heads inside one cache block (1 here)
@@ -393,6 +404,13 @@ class HeadModelRunner(ModelRunner):
         for i, layer in enumerate(layers):
             req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[i], shared_memory=True))
 
+    def _read_kvzap(self, req: ov.InferRequest) -> None:
+        """:attr:`last_kvzap` from ``req``'s ``kvzap`` output (nothing without KVzap)."""
+        if self.kvzap is None:
+            return
+        out = req.get_tensor(KVZAP_OUTPUT).data
+        self.last_kvzap = np.array(out.reshape(out.shape[0], -1, out.shape[-1]))
+
     def run_heads(self, chunks: list[ScheduledChunk], tables: list[HeadTable],
                   windows: list[int] | None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """One step. ``windows[i]``: queries of chunk i whose scores are summed (>= 1), or None
@@ -408,8 +426,10 @@ class HeadModelRunner(ModelRunner):
             if (all(p is not None for p in plains)
                     and sum(c.num_tokens for c in chunks) > len(chunks)):
                 self.plain_steps += 1  # its scores are dropped (without_scores)
-                return self._run_paged(self.plain_request, chunks, plains,
-                                       {WINDOW: ([1] * len(chunks), _I32)}), None
+                logits = self._run_paged(self.plain_request, chunks, plains,
+                                         {WINDOW: ([1] * len(chunks), _I32)})
+                self._read_kvzap(self.plain_request)
+                return logits, None
         ids: list[int] = []
         pos: list[int] = []
         counts: list[int] = []
@@ -440,6 +460,7 @@ class HeadModelRunner(ModelRunner):
         dt = time.perf_counter() - t0
         self.infer_s += dt
         logits = req.get_tensor("logits").data.reshape(len(sample_at), self.vocab_size)
+        self._read_kvzap(req)
         if windows is None:
             return logits, None
         self.score_infer_s += dt

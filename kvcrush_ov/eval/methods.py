@@ -102,6 +102,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(replay_chunk=64)),
     Method("kvzip-chunk256", "native", _kvzip(), report=False,
            policy=lambda: KVzip(replay_chunk=256)),
+    # KVzap: KVzip's ranking predicted per token from its hidden state by a linear surrogate
+    # trained once per model (kvcrush-ov train-kvzap); no replay (recent 32, kvzip's default)
+    Method("kvzap", "native", _native("kvzap")),
+    Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH)),
     # KVzip's context-independent variant: heads ranked once per model by a calibration replay
     # keep everything or only sinks + recent; no replay, no scores at run time
     Method("kvzip-heads", "native", _native("streaming"), report=False,

@@ -144,12 +144,15 @@ def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
         mode = ("own" if spec.prefill_eviction  # evicts while reading: no shared prefill
                 else f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
                 else f"replay:{replay_chunk(spec.policy)}" if score_mode == "replay"
-                else score_mode if score_mode == "all" else "window")
+                else score_mode if score_mode in ("all", "surrogate") else "window")
         groups.setdefault(mode, []).append(key)
     return groups
 
 
 def _parent_spec(mode: str, keys: list, specs: dict):
+    if mode == "surrogate":  # KVzap's scores: the parent predicts them as its columns do
+        return dataclasses.replace(specs[keys[0]], max_cache_size=_PARENT_BUDGET,
+                                   mode="continuous", log=False)
     if mode.startswith("fastkv:"):
         return make_spec(_parent_config("window", specs[keys[0]].fastkv))
     return make_spec(_parent_config("all" if _replays(mode) else mode))
@@ -651,9 +654,14 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
     check_same_inference(out / "run.json", hw)
     check_same_protocol(out / "run.json", protocol)
     out.mkdir(parents=True, exist_ok=True)
+    # KVzap columns need the engine's graphs to predict their scores
+    kvzap = any(m.backend == "native" and m.make(0.5).importance == "kvzap" for m in chosen)
+    if split and kvzap:
+        raise ConfigError("methods", names, "KVzap columns and FastKV columns in separate runs "
+                          "(the engine cannot build both graphs at once)")
     pipe = Pipeline(model, kv_cache=kv, eviction=CacheEvictionConfig(
-        fastkv=FastKVConfig(split_layer=next(iter(splits))) if split else None, less=less),
-        backend="native", scheduler=sched)
+        fastkv=FastKVConfig(split_layer=next(iter(splits))) if split else None, less=less,
+        importance="kvzap" if kvzap else "snapkv"), backend="native", scheduler=sched)
     samples = build_samples(pipe, tasks, num_samples, seed, max_seq_length)
     wrap = chat_wrap(pipe.tokenizer)
     results = Results(out / "results.jsonl")

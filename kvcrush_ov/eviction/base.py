@@ -41,7 +41,7 @@ import numpy as np
 
 from kvcrush_ov import _core
 
-SCORE_MODES = ("none", "window", "all", "replay")
+SCORE_MODES = ("none", "window", "all", "replay", "surrogate")
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,9 @@ class EvictionPolicy(Protocol):
     score_mode: which queries' attention the engine accumulates for this policy:
         ``"none"`` (no scores needed: no score outputs are computed), ``"window"`` (the prompt's
         last ``window`` queries, then every decode query), ``"all"`` (every query, H2O) or
-        ``"replay"`` (every query of a replay of the context after it, KVzip).
+        ``"replay"`` (every query of a replay of the context after it, KVzip) or
+        ``"surrogate"`` (no attention: every token's score predicted from its hidden state by
+        the graph, KVzap).
     """
 
     name: ClassVar[str]

@@ -19,6 +19,8 @@ from kvcrush_ov.eviction.kvcrush import KVCrush
 from kvcrush_ov.eviction.registry import POLICIES
 from kvcrush_ov.eviction.spec import EvictionSpec
 from kvcrush_ov.eviction.upstream import UpstreamEviction
+from kvcrush_ov.kvzap.weights import KVzapWeights
+from kvcrush_ov.kvzap.weights import default_path as default_kvzap_path
 from kvcrush_ov.less.kernels import LESSWeights, default_weights_path
 
 _POOLED = ("snapkv", "pyramidkv", "adakv")
@@ -37,9 +39,9 @@ def make_policy(cfg: CacheEvictionConfig) -> EvictionPolicy:
                   "pooling": cfg.pooling or NATIVE_POOLING,
                   "kernel_size": cfg.kernel_size or NATIVE_KERNEL_SIZE,
                   "offset": cfg.pooling_offset}
-    elif cfg.importance in ("h2o", "kvzip"):
+    elif cfg.importance in ("h2o", "kvzip", "kvzap"):
         kwargs = {"aggregation_mode": cfg.aggregation_mode}
-    if cfg.importance == "kvzip" and cfg.prefill_eviction:
+    if cfg.importance in ("kvzip", "kvzap") and cfg.prefill_eviction:
         # each layer keeps its share: the model-wide allocation could give one layer more than
         # its KV pool holds while further parts of the prompt are read
         kwargs["scope"] = "layer"
@@ -67,7 +69,24 @@ def make_spec(cfg: CacheEvictionConfig, model_dir: str | Path | None = None) -> 
                         prefill_eviction=cfg.prefill_eviction,
                         prefill_probe=cfg.probe_tokens(),
                         less=load_less(cfg.less, model_dir) if cfg.less is not None else None,
-                        plain_prefill=cfg.plain_prefill)
+                        plain_prefill=cfg.plain_prefill,
+                        kvzap=load_kvzap(model_dir) if cfg.importance == "kvzap" else None)
+
+
+def load_kvzap(model_dir: str | Path | None) -> KVzapWeights:
+    """The model's trained KVzap surrogate (``<model cache folder>/kvzap.npz``), checked against
+    its config.json: ConfigError ``kvzap.weights`` when missing, malformed or another model's."""
+    if model_dir is None:
+        raise ConfigError("kvzap.weights", None, "a model folder (importance='kvzap' reads the "
+                          "surrogate trained for the model)")
+    weights = KVzapWeights.load(default_kvzap_path(model_dir))
+    config = Path(model_dir) / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        heads = int(c["num_attention_heads"])
+        weights.check_model(int(c["num_hidden_layers"]), int(c["hidden_size"]),
+                            int(c.get("num_key_value_heads") or heads))
+    return weights
 
 
 def load_less(cfg: LESSConfig, model_dir: str | Path | None) -> LESSWeights:

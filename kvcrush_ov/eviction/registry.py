@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kvcrush_ov.eviction.adakv import AdaKV
 from kvcrush_ov.eviction.h2o import H2O
+from kvcrush_ov.eviction.kvzap import KVzap
 from kvcrush_ov.eviction.kvzip import KVzip
 from kvcrush_ov.eviction.pyramidkv import PyramidKV
 from kvcrush_ov.eviction.snapkv import SnapKV
@@ -21,4 +22,5 @@ POLICIES: dict[str, type] = {
     AdaKV.name: AdaKV,
     UpstreamEviction.name: UpstreamEviction,
     KVzip.name: KVzip,
+    KVzap.name: KVzap,
 }

@@ -24,10 +24,51 @@ class SequenceScores:
         if reduce not in ("sum", "max"):
             raise ValueError(f"SequenceScores.reduce={reduce!r}: allowed sum, max")
         self.reduce = reduce
+        # put_tails' steps not yet written into acc: [(values [L, n, H], rows [L, H])]
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.acc = [[np.zeros(0, np.float32) for _ in range(num_kv_heads)]
                     for _ in range(num_layers)]
         self.query_positions: list[int] = []
         self._q: np.ndarray | None = None  # query_positions as an array, rebuilt when it grew
+
+    @property
+    def acc(self) -> list[list[np.ndarray]]:
+        """[L][H] float32 [rows]: the scores (put_tails' pending steps written in first)."""
+        if self._pending:
+            self._flush()
+        return self._acc
+
+    @acc.setter
+    def acc(self, value: list[list[np.ndarray]]) -> None:
+        self._pending = []
+        self._acc = value
+
+    #: put_tails buffers this many tokens before writing them (decode steps bring one each)
+    PENDING_TOKENS = 64
+
+    def put_tails(self, values: np.ndarray, rows: np.ndarray) -> None:
+        """:meth:`put_tail` for every (layer, head) at once: ``values`` f32 [L, n, H], ``rows``
+        int [L, H] (after the step). Buffered while the steps follow each other (each step's
+        rows start where the last one's ended), written in one go when :attr:`acc` is read or
+        :data:`PENDING_TOKENS` tokens wait: a decode step then costs an append, not L * H
+        array copies."""
+        rows = np.asarray(rows)
+        if self._pending:
+            last_values, last_rows = self._pending[-1]
+            if not np.array_equal(rows - values.shape[1], last_rows):
+                self._flush()
+        self._pending.append((values, rows))
+        if sum(v.shape[1] for v, _ in self._pending) >= self.PENDING_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        values = np.concatenate([v for v, _ in pending], axis=1) if len(pending) > 1 \
+            else pending[0][0]
+        rows = pending[-1][1]
+        for layer in range(values.shape[0]):
+            for h in range(values.shape[2]):
+                self.put_tail(layer, h, values[layer, :, h], int(rows[layer, h]))
 
     def add(self, layer: int, head: int, segment: np.ndarray) -> None:
         """Add one step's scores ``segment`` [rows after the step] of (layer, head)."""
@@ -41,6 +82,21 @@ class SequenceScores:
         else:
             out[:len(acc)] += acc
         self.acc[layer][head] = out
+
+    def put_tail(self, layer: int, head: int, values: np.ndarray, rows: int) -> None:
+        """Rows ``rows - len(values) .. rows - 1`` of (layer, head) get ``values`` (rows between
+        the accumulated ones and these stay 0; accumulated rows at or past the first are
+        replaced: a recomputed token). For scores given once per row (KVzap's predictions)."""
+        acc = self.acc[layer][head]
+        first = rows - len(values)
+        if first < 0:
+            raise ValueError(f"scores of layer {layer} head {head}: {len(values)} values for "
+                             f"{rows} rows")
+        if len(acc) > first:
+            acc = acc[:first]
+        parts = (acc, np.zeros(first - len(acc), np.float32), values) if len(acc) < first \
+            else (acc, values)
+        self.acc[layer][head] = np.concatenate(parts).astype(np.float32, copy=False)
 
     def add_queries(self, first: int, count: int) -> None:
         """The scored queries of a step were positions ``first .. first + count - 1``. Not

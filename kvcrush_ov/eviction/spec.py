@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvcrush_ov.config import CacheEvictionConfig, FastKVConfig, budget_tokens
 from kvcrush_ov.eviction.base import EvictionPolicy
+from kvcrush_ov.kvzap.weights import KVzapWeights
 from kvcrush_ov.less.kernels import LESSWeights
 
 EVICTION_MODES = ("prefill", "continuous")
@@ -35,6 +36,8 @@ class EvictionSpec:
         the graph mixes it into attention), or None.
     plain_prefill: unscored prompt chunks of whole block groups run the plain paged graph
         (engine/head_model_runner.py); read when the engine builds its runner.
+    kvzap: KVzap's trained surrogate (``importance="kvzap"``): the engine's graphs predict
+        every token's score from its hidden state (transformations/kvzap.py), or None.
     """
 
     policy: EvictionPolicy
@@ -53,6 +56,7 @@ class EvictionSpec:
     prefill_probe: int = 0
     less: LESSWeights | None = None
     plain_prefill: bool = False
+    kvzap: KVzapWeights | None = None
 
     def budget(self, prompt_tokens: int) -> int:
         """Tokens per layer and head after an eviction (never below sinks + recent)."""

@@ -99,11 +99,15 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None) -> S
                     or pipe.eviction.importance == "upstream":
                 raise ConfigError("kv_cache_eviction.importance", req["eviction"].importance,
                                   "a native policy, per request on a server that runs one")
+            if req["eviction"].importance == "kvzap" and pipe.eviction.importance != "kvzap":
+                raise ConfigError("kv_cache_eviction.importance", "kvzap",
+                                  "another importance on a server started without KVzap "
+                                  "(kvcrush-ov serve --importance kvzap)")
             try:
                 check_eviction(req["eviction"], block_size_for(pipe.device))
             except ConfigError as e:
                 raise api.renamed(e) from None
-            spec = make_spec(req["eviction"])
+            spec = make_spec(req["eviction"], pipe.model_path)
         return req, ServerRequest(config=req["config"], prompt=req.get("prompt"),
                                   messages=req.get("messages"), eviction=spec)
 

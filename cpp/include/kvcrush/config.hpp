@@ -7,7 +7,7 @@
 // Values are printed as Python's repr() prints them (1.5, 0.25, 'u9', True), so one message
 // reads the same from both languages. Fields Python has and the C++ pipeline cannot run yet
 // (sampling, chat templates, fastkv, LESS, prefill eviction, several KVCrush anchors) are left
-// out here; Pipeline rejects values it cannot run (importance upstream / kvzip, the random
+// out here; Pipeline rejects values it cannot run (importance upstream / kvzip / kvzap, the random
 // anchor) with a ConfigError too.
 #pragma once
 
@@ -90,7 +90,7 @@ struct CacheEvictionConfig {
   /// or a fraction of the prompt.
   CacheSize max_cache_size = 0.25;
   int64_t start_size = 32;   ///< attention-sink tokens always kept
-  /// Most recent tokens always kept; unset: 128 (GenAI's), 32 with importance kvzip.
+  /// Most recent tokens always kept; unset: 128 (GenAI's), 32 with importance kvzip / kvzap.
   std::optional<int64_t> recent_size;
   std::string importance = "snapkv";
   std::string aggregation_mode = "norm_sum";  ///< norm_sum or sum

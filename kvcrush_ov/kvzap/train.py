@@ -1,0 +1,314 @@
+"""Train KVzap's surrogate: KVzip's replay scores predicted from a layer's input, per KV head.
+
+KVzap (Jegou et al., 2026, arXiv 2601.07891) fits, per decoder layer ``l``, a linear map from
+the normalised hidden state a token enters the attention with (``x_l``, the input of
+``k_proj``) to the log of the importance KVzip's replay gives that token's key in each KV head.
+At run time the map costs one [D, Hkv] matrix product per layer and token: no replay.
+
+Collection (torch, eager attention, on CPU): a text of ``tokens`` tokens is followed by
+KVzip's repeat prompt and the text again (teacher-forced, as engine/replay.py replays it); for
+each layer the attention weights ``A[h, t, i]`` of the replay's queries ``t`` on the text's keys
+``i`` give the target, per KV head ``k`` (its query group ``G``):
+
+- ``"kvzip"``: ``log max_{t, h in G} A[h, t, i]`` (KVzip's own score);
+- ``"kvzip+"``: ``log max_{t, h in G} A[h, t, i] * |W_o,h v_i| / |x_t|`` (KVzap's target:
+  the attention weighted by what the value adds to the output, per unit of the query's input).
+
+Fit: ridge regression per layer with a bias, from the normal equations accumulated over the
+texts (no feature matrix is kept), ``lam`` times the mean diagonal as the ridge.
+
+Output (:func:`save`): ``kvzap.npz`` with ``weight`` f32 [L, D, Hkv], ``bias`` f32 [L, Hkv],
+``target`` (str), ``meta`` (json: texts, tokens, r2 on held-out texts per layer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: where a model's surrogate is kept, beside its exported folders (as kvzip_heads.npy)
+KVZAP_FILE = "kvzap.npz"
+TARGETS = ("kvzip", "kvzip+")
+
+
+@dataclass
+class Normal:
+    """Normal equations of one layer: ``xx`` [D+1, D+1], ``xy`` [D+1, Hkv] (bias column last)."""
+
+    xx: np.ndarray
+    xy: np.ndarray
+    n: int = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        xb = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        self.xx += xb.T @ xb
+        self.xy += xb.T @ y
+        self.n += len(x)
+
+    def solve(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        d = self.xx.shape[0] - 1
+        reg = lam * float(np.mean(np.diag(self.xx)[:d]))
+        a = self.xx + np.diag(np.r_[np.full(d, reg), 0.0])
+        w = np.linalg.solve(a, self.xy)
+        return w[:d], w[d]
+
+
+_FACT_FRAMES = ("Note: the {key} reference is {value}.", "Record for {key}: {value}.",
+                "The {key} entry reads {value}.", "({key}: {value})",
+                "Remember that {key} maps to {value}.")
+
+
+def _fact(rng: np.random.Generator, words: list[str]) -> str:
+    """A sentence holding one arbitrary value (a number, a hex string or two rare words):
+    text a reader could only reproduce by copying it."""
+    key = " ".join(words[int(i)] for i in rng.integers(len(words), size=int(rng.integers(1, 3))))
+    kind = int(rng.integers(3))
+    if kind == 0:
+        value = str(int(rng.integers(10 ** 4, 10 ** 8)))
+    elif kind == 1:
+        value = "-".join("".join(f"{int(x):x}" for x in rng.integers(16, size=n))
+                         for n in (8, 4, 4))
+    else:
+        value = " ".join(words[int(i)] for i in rng.integers(len(words), size=2))
+    return _FACT_FRAMES[int(rng.integers(len(_FACT_FRAMES)))].format(key=key, value=value)
+
+
+def texts(num: int, tokens_of, min_tokens: int, max_tokens: int, seed: int,
+          facts_per_doc: float = 0.0) -> list[str]:
+    """``num`` texts of HotpotQA's Wikipedia paragraphs (RULER's qa data, not the niah
+    haystack), each joined from random paragraphs up to a random length in
+    ``[min_tokens, max_tokens]`` (``tokens_of(text)`` counts); after each paragraph, with
+    probability ``facts_per_doc``, a sentence holding an arbitrary value (:func:`_fact`)."""
+    from kvcrush_ov.eval.ruler_data import hotpotqa
+
+    docs = hotpotqa()[1]
+    rng = np.random.default_rng(seed)
+    words = sorted({w.strip(".,;:()\"'").lower() for d in docs[:2000] for w in d.split()
+                    if w.isalpha() and len(w) > 6})
+    out = []
+    for _ in range(num):
+        goal = int(rng.integers(min_tokens, max_tokens + 1))
+        parts: list[str] = []
+        have = 0
+        while have < goal:
+            doc = docs[int(rng.integers(len(docs)))]
+            if facts_per_doc > 0 and rng.random() < facts_per_doc:  # (no draw without facts)
+                doc = doc + " " + _fact(rng, words)
+            parts.append(doc)
+            have += tokens_of(doc)
+        out.append("\n\n".join(parts))
+    return out
+
+
+def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
+            min_tokens: int = 800, max_tokens: int = 2000, seed: int = 0,
+            facts_per_doc: float = 0.0, keep_per_text: int = 0, log=print) -> dict:
+    """Normal equations for both targets plus held-out (x, y) for the R^2 (module doc)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT
+
+    torch.set_grad_enabled(False)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    cfg = model.config
+    num_layers, hq, hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    group, d = hq // hkv, cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or d // hq
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    normal = {t: [Normal(np.zeros((d + 1, d + 1)), np.zeros((d + 1, hkv)))
+                  for _ in range(num_layers)] for t in TARGETS}
+    test = {t: [[] for _ in range(num_layers)] for t in TARGETS}
+    test_x: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+    seen: dict[int, tuple] = {}
+    span: dict[str, int] = {}
+    # rows kept for a non-linear fit (fit_mlp): keep_per_text random rows of each text
+    kept = {t: [[] for _ in range(num_layers)] for t in TARGETS}
+    kept_x: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+    sample_rng = np.random.default_rng(seed + 1)
+
+    def hook(module, args, kwargs, output):
+        layer = module.layer_idx
+        x = kwargs["hidden_states"][0]  # [T, D], the normalised input
+        attn = output[1][0]  # [Hq, T, T]
+        c0, c1, r0, r1 = span["c0"], span["c1"], span["r0"], span["r1"]
+        a = attn[:, r0:r1, c0:c1]  # replay queries on the text's keys
+        plain = a.amax(dim=1).view(hkv, group, -1).amax(dim=1)  # [Hkv, N]
+        # value contribution |W_o,h v_i| per query head; v from the layer's v_proj
+        v = module.v_proj(x[c0:c1]).view(-1, hkv, head_dim)  # [N, Hkv, Dh]
+        wo = module.o_proj.weight.view(d, hq, head_dim)  # [D, Hq, Dh]
+        vrep = v.repeat_interleave(group, dim=1)  # [N, Hq, Dh]
+        wov = torch.einsum("dhk,nhk->nhd", wo, vrep).norm(dim=-1)  # [N, Hq]
+        xn = x[r0:r1].norm(dim=-1)  # [R]
+        plus = (a / xn[None, :, None]).amax(dim=1) * wov.T  # [Hq, N]
+        plus = plus.view(hkv, group, -1).amax(dim=1)
+        seen[layer] = (x[c0:c1].double().numpy(),
+                       torch.log(plain.clamp_min(1e-30)).T.double().numpy(),
+                       torch.log(plus.clamp_min(1e-30)).T.double().numpy())
+        return output
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True)
+               for layer in model.model.layers]
+    try:
+        all_texts = texts(num_texts + num_test, lambda s: len(enc(s)), min_tokens, max_tokens,
+                          seed, facts_per_doc)
+        repeat = enc(REPEAT_PROMPT)
+        total = 0
+        for i, text in enumerate(all_texts):
+            ids = enc(text)[:max_tokens]
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            full = bos + ids + repeat + ids
+            span.update(c0=len(bos), c1=len(bos) + len(ids), r0=len(bos) + len(ids) + len(repeat),
+                        r1=len(full))
+            seen.clear()
+            model.model(torch.tensor([full]))
+            held_out = i >= num_texts
+            pick = np.sort(sample_rng.permutation(len(ids))[:keep_per_text])
+            for layer in range(num_layers):
+                x, yk, yp = seen[layer]
+                if not held_out and keep_per_text:
+                    kept_x[layer].append(x[pick].astype(np.float32))
+                    kept["kvzip"][layer].append(yk[pick].astype(np.float32))
+                    kept["kvzip+"][layer].append(yp[pick].astype(np.float32))
+                if held_out:
+                    test_x[layer].append(x)
+                    test["kvzip"][layer].append(yk)
+                    test["kvzip+"][layer].append(yp)
+                else:
+                    normal["kvzip"][layer].add(x, yk)
+                    normal["kvzip+"][layer].add(x, yp)
+            total += len(ids)
+            log(f"text {i + 1}/{len(all_texts)}: {len(ids)} tokens"
+                f"{' (held out)' if held_out else ''}")
+    finally:
+        for h in handles:
+            h.remove()
+    return {"normal": normal, "test_x": test_x, "test": test, "kept_x": kept_x, "kept": kept,
+            "num_layers": num_layers,
+            "num_kv_heads": hkv, "hidden": d, "texts": num_texts, "tokens": total}
+
+
+def fit(data: dict, target: str, lam: float = 1e-3) -> tuple[np.ndarray, np.ndarray, list]:
+    """(weight [L, D, Hkv], bias [L, Hkv], held-out R^2 per layer) for ``target``."""
+    ws, bs, r2 = [], [], []
+    for layer, ne in enumerate(data["normal"][target]):
+        w, b = ne.solve(lam)
+        ws.append(w)
+        bs.append(b)
+        x = np.concatenate(data["test_x"][layer])
+        y = np.concatenate(data["test"][target][layer])
+        pred = x @ w + b
+        r2.append(float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()))
+    return (np.asarray(ws, np.float32), np.asarray(bs, np.float32), r2)
+
+
+def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 300, lr: float = 3e-3,
+            seed: int = 0) -> tuple[dict, list[float]]:
+    """A one-hidden-layer GELU MLP per layer on the kept rows (``keep_per_text``), full-batch
+    Adam on the mean squared error of the log score. Returns ({w1 [L, D, Y], b1 [L, Y], w2
+    [L, Y, Hkv], b2 [L, Hkv]}, held-out R^2 per layer)."""
+    import torch
+
+    torch.manual_seed(seed)
+    out: dict[str, list[np.ndarray]] = {"w1": [], "b1": [], "w2": [], "b2": []}
+    r2 = []
+    for layer in range(data["num_layers"]):
+        x = torch.from_numpy(np.concatenate(data["kept_x"][layer]))
+        y = torch.from_numpy(np.concatenate(data["kept"][target][layer]))
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        ym = y.mean(0)
+        with torch.enable_grad():
+            l1 = torch.nn.Linear(x.shape[1], hidden)
+            l2 = torch.nn.Linear(hidden, y.shape[1])
+            opt = torch.optim.Adam([*l1.parameters(), *l2.parameters()], lr=lr,
+                                   weight_decay=1e-5)
+            xs = (x - mu) / sd
+            for _ in range(epochs):
+                opt.zero_grad()
+                loss = ((l2(torch.nn.functional.gelu(l1(xs))) + ym - y) ** 2).mean()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():  # fold the input scaling and the mean into the weights
+            w1 = (l1.weight / sd[None, :]).T  # [D, Y]
+            b1 = l1.bias - (l1.weight * (mu / sd)[None, :]).sum(1)
+            w2, b2 = l2.weight.T, l2.bias + ym
+            tx = torch.from_numpy(np.concatenate(data["test_x"][layer])).float()
+            ty = np.concatenate(data["test"][target][layer])
+            pred = (torch.nn.functional.gelu(tx @ w1 + b1) @ w2 + b2).double().numpy()
+        r2.append(float(1 - ((ty - pred) ** 2).sum() / ((ty - ty.mean(0)) ** 2).sum()))
+        for k, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            out[k].append(v.detach().numpy().astype(np.float32))
+    return {k: np.stack(v) for k, v in out.items()}, r2
+
+
+def save(path: str | Path, weight: np.ndarray, bias: np.ndarray, target: str,
+         meta: dict, weight2: np.ndarray | None = None, bias2: np.ndarray | None = None) -> Path:
+    """Write a surrogate (weights.KVzapWeights: linear, or an MLP with ``weight2`` /
+    ``bias2``) atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.npz")
+    two = {} if weight2 is None else {"weight2": weight2.astype(np.float32),
+                                      "bias2": bias2.astype(np.float32)}
+    np.savez(tmp, weight=weight.astype(np.float32), bias=bias.astype(np.float32),
+             target=np.array(target), meta=np.array(json.dumps(meta)), **two)
+    tmp.replace(path)
+    return path
+
+
+def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str = "kvzip",
+          lam: float = 1e-3, out: str | Path | None = None, seed: int = 0,
+          min_tokens: int = 700, max_tokens: int = 1400, facts_per_doc: float = 0.0,
+          hidden: int | None = None, keep_per_text: int = 256,
+          log=print) -> tuple[Path, list[float]]:
+    """Collect, fit and save a model's surrogate (``model``: registry name or Hugging Face
+    checkpoint folder; ``out``: default ``<model cache folder>/kvzap.npz``, where
+    ``importance="kvzap"`` reads it). Returns (path, held-out R^2 per layer). Bad arguments
+    raise ConfigError naming the field before any work."""
+    from kvcrush_ov.errors import ConfigError
+    from kvcrush_ov.less.train import resolve_model
+
+    for name, value, low in (("texts", num_texts, 1), ("test_texts", num_test, 1),
+                             ("min_tokens", min_tokens, 16), ("max_tokens", max_tokens, 16)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(name, value, f"an integer >= {low}")
+    if max_tokens < min_tokens:
+        raise ConfigError("max_tokens", max_tokens, f"an integer >= min_tokens = {min_tokens}")
+    if target not in TARGETS:
+        raise ConfigError("target", target, f"one of {', '.join(TARGETS)}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+        raise ConfigError("lam", lam, "a number > 0")
+    if isinstance(facts_per_doc, bool) or not isinstance(facts_per_doc, (int, float)) \
+            or not 0 <= facts_per_doc <= 1:
+        raise ConfigError("facts_per_doc", facts_per_doc, "a number in [0, 1]")
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int)
+                               or hidden < 1):
+        raise ConfigError("hidden", hidden, "None (linear) or an integer >= 1 (MLP width)")
+    if hidden is not None and (isinstance(keep_per_text, bool)
+                               or not isinstance(keep_per_text, int) or keep_per_text < 1):
+        raise ConfigError("keep_per_text", keep_per_text, "an integer >= 1 with an MLP")
+    _, hf = resolve_model(model)
+    path = Path(out) if out is not None else hf.parent / KVZAP_FILE
+    data = collect(hf, num_texts=num_texts, num_test=num_test, min_tokens=min_tokens,
+                   max_tokens=max_tokens, seed=seed, facts_per_doc=facts_per_doc,
+                   keep_per_text=keep_per_text if hidden is not None else 0, log=log)
+    meta = {"texts": data["texts"], "test_texts": num_test, "tokens": data["tokens"],
+            "lam": lam, "seed": seed, "min_tokens": min_tokens, "max_tokens": max_tokens,
+            "facts_per_doc": facts_per_doc, "hidden": hidden,
+            "source": "HotpotQA paragraphs (RULER 26.3 data)"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hidden is None:
+        w, b, r2 = fit(data, target, lam)
+        save(path, w, b, target, {**meta, "r2": r2})
+    else:
+        mlp, r2 = fit_mlp(data, target, hidden, seed=seed)
+        save(path, mlp["w1"], mlp["b1"], target, {**meta, "r2": r2}, mlp["w2"], mlp["b2"])
+    return path, r2

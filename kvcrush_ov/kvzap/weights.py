@@ -1,0 +1,96 @@
+"""KVzap's trained surrogate (kvcrush_ov/kvzap/train.py): one linear map per decoder layer from
+the normalised input of the attention to the log importance of the token's key, per KV head."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kvcrush_ov.errors import ConfigError
+
+#: a model's surrogate, beside its exported folders (as kvzip_heads.npy and LESS's weights)
+KVZAP_FILE = "kvzap.npz"
+
+
+def default_path(model_dir: str | Path) -> Path:
+    """``<model cache folder>/kvzap.npz`` for an exported model folder ``model_dir``."""
+    return Path(model_dir).parent / KVZAP_FILE
+
+
+@dataclass(frozen=True, eq=False)
+class KVzapWeights:
+    """Linear: ``weight`` f32 [L, D, Hkv], ``bias`` [L, Hkv]. MLP (``hidden`` set):
+    ``weight`` is the first layer [L, D, Y], ``bias`` [L, Y], then GELU (erf) and ``weight2``
+    [L, Y, Hkv], ``bias2`` [L, Hkv]. ``meta``: how it was trained."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    target: str = "kvzip"
+    path: str = ""
+    meta: dict = field(default_factory=dict)
+    weight2: np.ndarray | None = None
+    bias2: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        w, b = self.weight, self.bias
+        arrays = [w, b]
+        ok = w.ndim == 3 and b.shape == (w.shape[0], w.shape[2])
+        if self.weight2 is not None or self.bias2 is not None:
+            w2, b2 = self.weight2, self.bias2
+            ok = ok and w2 is not None and b2 is not None and w2.ndim == 3 and \
+                w2.shape[:2] == (w.shape[0], w.shape[2]) and b2.shape == (w.shape[0], w2.shape[2])
+            arrays += [x for x in (w2, b2) if x is not None]
+        if not ok:
+            raise ConfigError("kvzap.weights", self.path or "arrays",
+                              "weight [L, D, Hkv] and bias [L, Hkv], or an MLP's weight [L, D, Y],"
+                              " bias [L, Y], weight2 [L, Y, Hkv], bias2 [L, Hkv] (got "
+                              f"{[tuple(x.shape) for x in arrays]})")
+        if not all(np.isfinite(x).all() for x in arrays):
+            raise ConfigError("kvzap.weights", self.path or "arrays", "finite numbers")
+
+    @property
+    def hidden(self) -> int | None:
+        """The MLP's hidden width, None for a linear surrogate."""
+        return None if self.weight2 is None else int(self.weight.shape[2])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def num_kv_heads(self) -> int:
+        last = self.weight if self.weight2 is None else self.weight2
+        return int(last.shape[2])
+
+    @classmethod
+    def load(cls, path: str | Path) -> KVzapWeights:
+        """From a ``kvzap.npz`` (train.save); ConfigError ``kvzap.weights`` when it is missing
+        or malformed, naming how to make one."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("kvzap.weights", str(path),
+                              "a trained surrogate: run `kvcrush-ov kvzap-train --model MODEL`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                two = {k: np.asarray(z[k], np.float32) for k in ("weight2", "bias2") if k in z}
+                return cls(np.asarray(z["weight"], np.float32), np.asarray(z["bias"], np.float32),
+                           str(z["target"]), str(path), json.loads(str(z["meta"])), **two)
+        except (KeyError, ValueError, OSError) as err:
+            raise ConfigError("kvzap.weights", str(path),
+                              f"a kvzap.npz written by kvcrush-ov kvzap-train ({err})") from None
+
+    def check_model(self, num_layers: int, hidden_size: int, num_kv_heads: int) -> None:
+        """ConfigError when trained for another geometry."""
+        want = (num_layers, hidden_size, num_kv_heads)
+        have = (self.num_layers, self.hidden_size, self.num_kv_heads)
+        if have != want:
+            raise ConfigError("kvzap.weights", self.path or "arrays",
+                              f"a surrogate of shape (layers, hidden, KV heads) = {want}; this "
+                              f"one is {have} (trained for another model)")

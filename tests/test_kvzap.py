@@ -1,0 +1,256 @@
+"""KVzap: the surrogate's scores come out of the engine's graphs, one per computed token, as a
+torch reference computes them; training writes a loadable surrogate; bad input is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConfig, SchedulerConfig
+from kvcrush_ov.engine.engine import LLMEngine
+from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.eviction.factory import make_spec
+from kvcrush_ov.kvzap.train import save, train
+from kvcrush_ov.kvzap.weights import KVzapWeights
+from kvcrush_ov.transformations.kvzap import add_kvzap
+
+
+def _surrogate(tmp_path: Path, tiny_model: Path, seed: int = 0,
+               shape: tuple[int, int, int] = (4, 256, 2), mlp: int | None = None) -> Path:
+    """A model folder (the tiny model linked in) with a random surrogate beside it (linear, or
+    an MLP of width ``mlp``)."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / tiny_model.name).symlink_to(tiny_model)
+    rng = np.random.default_rng(seed)
+    layers, dim, heads = shape
+    first = mlp or heads
+    two = {} if mlp is None else {
+        "weight2": (rng.normal(size=(layers, mlp, heads)) * 0.2).astype(np.float32),
+        "bias2": rng.normal(size=(layers, heads)).astype(np.float32)}
+    save(folder / "kvzap.npz", (rng.normal(size=(layers, dim, first)) * 0.05).astype(np.float32),
+         rng.normal(size=(layers, first)).astype(np.float32), "kvzip+", {}, **two)
+    return folder / tiny_model.name
+
+
+def _cfg(**kw) -> CacheEvictionConfig:
+    return CacheEvictionConfig(**{"max_cache_size": 0.25, "importance": "kvzap",
+                                  "start_size": 4, "recent_size": 8, **kw})
+
+
+def _engine(model_dir: Path, cfg: CacheEvictionConfig) -> LLMEngine:
+    return LLMEngine(model_dir, "CPU", KVCacheConfig(precision="f32"),
+                     SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
+                     eviction=make_spec(cfg, model_dir))
+
+
+def _watch(eng) -> list:
+    """The scores every eviction sees, copied just before it uses them."""
+    caught: list = []
+    evict = eng.evictor.evict
+
+    def watch(seq) -> None:
+        caught.append([[a.copy() for a in row] for row in seq.extra["scores"].acc])
+        evict(seq)
+
+    eng.evictor.evict = watch
+    return caught
+
+
+def _reference(hf_dir: Path, ids: list[int], weights: KVzapWeights) -> list[np.ndarray]:
+    """Per layer [T, Hkv]: x_l @ W + b from transformers (x_l: the attention's input)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    xs: dict[int, np.ndarray] = {}
+
+    def hook(module, args, kwargs):
+        xs[module.layer_idx] = kwargs["hidden_states"][0].double().numpy()
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+               for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for layer in range(weights.num_layers):
+        y = xs[layer] @ weights.weight[layer] + weights.bias[layer]
+        if weights.hidden is not None:
+            y = torch.nn.functional.gelu(torch.from_numpy(y)).numpy()
+            y = y @ weights.weight2[layer] + weights.bias2[layer]
+        out.append(y)
+    return out
+
+
+@pytest.mark.parametrize("mlp", [None, 16])
+def test_every_prompt_token_is_scored_by_the_graph_as_the_torch_reference(tiny_model, tmp_path,
+                                                                          mlp):
+    model_dir = _surrogate(tmp_path, tiny_model, mlp=mlp)
+    eng = _engine(model_dir, _cfg())
+    caught = _watch(eng)
+    ids = np.random.default_rng(1).integers(11, 500, 200).tolist()  # 4 steps of 64
+    eng.add_request(ids, GenerationConfig(max_new_tokens=2), set(), lambda t: "")
+    while eng.has_unfinished():
+        eng.step()
+    assert len(caught) == 1 and eng.evictor.stats.events == 1
+    weights = KVzapWeights.load(model_dir.parent / "kvzap.npz")
+    ref = _reference(tiny_model.parent / "hf", ids, weights)
+    for layer, row in enumerate(caught[0]):
+        for h, acc in enumerate(row):
+            assert len(acc) == len(ids)
+            np.testing.assert_allclose(np.log(acc), ref[layer][:, h], atol=0.03, rtol=0.02)
+
+
+def test_a_second_chat_turn_ranks_the_first_turns_answer_too(tiny_model, tmp_path):
+    """Decode tokens are scored by the decode graph and kept across turns: every row of the
+    second turn's eviction has a score."""
+    import kvcrush_ov
+
+    pipe = kvcrush_ov.Pipeline(_surrogate(tmp_path, tiny_model), backend="native",
+                               eviction=_cfg())
+    caught = _watch(pipe.backend.engine)
+    g = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    pipe.start_chat()
+    pipe.generate(" ".join(f"w{i}" for i in range(120)), g)
+    pipe.generate(" ".join(f"v{i}" for i in range(120)), g)
+    pipe.finish_chat()
+    assert len(caught) == 2
+    for row in caught[1]:
+        for acc in row:
+            assert len(acc) > 200 and (acc > 0).all()
+
+
+def test_the_surrogate_graph_changes_nothing_else(tiny_model, tmp_path):
+    """Same tokens as the engine without it, on a prompt that fits (no eviction)."""
+    ids = np.random.default_rng(2).integers(11, 500, 40).tolist()
+    out = []
+    for cfg, model_dir in ((_cfg(max_cache_size=4096), _surrogate(tmp_path, tiny_model)),
+                           (CacheEvictionConfig(max_cache_size=4096), tiny_model)):
+        eng = _engine(model_dir, cfg)
+        seq = eng.add_request(ids, GenerationConfig(max_new_tokens=8, ignore_eos=True), set(),
+                              lambda t: "")
+        while eng.has_unfinished():
+            eng.step()
+        out.append(list(seq.output_ids))
+    assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidden):
+    out = tmp_path / "kvzap.npz"
+    path, r2 = train(tiny_model.parent / "hf", num_texts=2, num_test=1, min_tokens=60,
+                     max_tokens=120, out=out, facts_per_doc=0.5, hidden=hidden,
+                     keep_per_text=32, log=lambda *_: None)
+    w = KVzapWeights.load(path)
+    assert w.hidden == hidden and w.num_kv_heads == 2 and w.num_layers == 4
+    assert w.weight.shape == (4, 256, hidden or 2)
+    assert len(r2) == 4 and all(np.isfinite(r2))
+    assert w.meta["texts"] == 2 and w.target == "kvzip" and w.meta["hidden"] == hidden
+    w.check_model(4, 256, 2)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"num_texts": 0}, "texts"), ({"target": "snapkv"}, "target"),
+    ({"min_tokens": 300, "max_tokens": 200}, "max_tokens"), ({"lam": 0}, "lam"),
+    ({"facts_per_doc": 2}, "facts_per_doc"), ({"hidden": 0}, "hidden"),
+    ({"hidden": 8, "keep_per_text": 0}, "keep_per_text")])
+def test_training_refuses_bad_arguments_by_name(tiny_model, kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        train(tiny_model.parent / "hf", **kwargs)
+    assert err.value.field == field
+
+
+def test_a_missing_or_foreign_surrogate_is_named(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="kvzap-train") as err:
+        make_spec(_cfg(), tiny_model)  # nothing trained beside the cached tiny model
+    assert err.value.field == "kvzap.weights"
+    other = _surrogate(tmp_path, tiny_model, shape=(4, 128, 2))
+    with pytest.raises(ConfigError, match="another model") as err:
+        make_spec(_cfg(), other)
+    assert err.value.field == "kvzap.weights"
+    with pytest.raises(ConfigError) as err:
+        make_spec(_cfg())  # no model folder to find it in
+    assert err.value.field == "kvzap.weights"
+
+
+def test_an_engine_without_the_surrogate_refuses_a_kvzap_request(tiny_model, tmp_path):
+    spec = make_spec(_cfg(), _surrogate(tmp_path, tiny_model))
+    eng = _engine(tiny_model, CacheEvictionConfig(max_cache_size=0.25))
+    seq = eng.add_request(list(range(11, 60)), GenerationConfig(max_new_tokens=2), set(),
+                          lambda t: "")
+    with pytest.raises(ConfigError, match="without KVzap") as err:
+        eng.evictor.set_spec(seq, spec)
+    assert err.value.field == "eviction.importance"
+
+
+def test_kvzap_with_fastkv_is_refused_by_name():
+    from kvcrush_ov.config import FastKVConfig
+
+    with pytest.raises(ConfigError) as err:
+        _cfg(fastkv=FastKVConfig())
+    assert err.value.field == "eviction.importance"
+
+
+def test_the_graph_rewrite_checks_the_weights_fit(tiny_model):
+    from kvcrush_ov.transformations.paged import read_paged_model
+
+    model = read_paged_model(tiny_model / "openvino_model.xml")
+    with pytest.raises(ValueError, match="3 layers of weights"):
+        add_kvzap(model, np.zeros((3, 256, 2), np.float32), np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="width 256"):
+        add_kvzap(model, np.zeros((4, 100, 2), np.float32), np.zeros((4, 2), np.float32))
+
+
+def test_buffered_tails_read_as_written_one_by_one():
+    """put_tails buffers decode steps and writes them when acc is read, a step that does not
+    follow the last one arrives, or PENDING_TOKENS wait: the same rows as put_tail each."""
+    from kvcrush_ov.eviction.scores import SequenceScores
+
+    rng = np.random.default_rng(0)
+    lazy, eager = SequenceScores(2, 3, "max"), SequenceScores(2, 3, "max")
+    rows = np.array([[10, 12, 11], [11, 10, 10]])
+    steps = [(rows, 10)] + [(None, 1)] * 70 + [("gap", 1)] + [(None, 1)] * 5
+    for kind, n in steps:
+        if isinstance(kind, str):  # rows jump (a token the table skipped): not contiguous
+            rows = rows + 2
+        elif kind is None:
+            rows = rows + 1
+        values = rng.random((2, n, 3)).astype(np.float32)
+        lazy.put_tails(values, rows)
+        for layer in range(2):
+            for h in range(3):
+                eager.put_tail(layer, h, values[layer, :, h], int(rows[layer, h]))
+    for a_row, b_row in zip(lazy.acc, eager.acc, strict=True):
+        for a, b in zip(a_row, b_row, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert lazy._pending == []  # read: written
+
+
+def test_kvzap_columns_run_in_the_query_agnostic_eval(tiny_model, tmp_path):
+    """The eval's surrogate group: one parent predicts, every KVzap column branches from it;
+    FastKV columns beside them are refused by name (one engine cannot hold both graphs)."""
+    import json
+
+    from kvcrush_ov.eval.runner import FULL, run_eval
+
+    model_dir = _surrogate(tmp_path, tiny_model)
+    out = tmp_path / "run"
+    run_eval(str(model_dir), out, tasks=["vt"], num_samples=1,
+             methods=["kvzap", "kvzap+kvcrush", "snapkv"], budgets=[0.25, 0.125],
+             max_seq_length=1024, max_num_batched_tokens=128, protocol="query-agnostic",
+             say=lambda _: None)
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["budget"]) for r in recs} == {
+        (FULL, None), *((m, b) for m in ("kvzap", "kvzap+kvcrush", "snapkv")
+                        for b in (0.25, 0.125))}
+    by = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs}
+    assert by[("kvzap", 0.125)] < by[("kvzap", 0.25)] < by[(FULL, None)]
+    with pytest.raises(ConfigError, match="KVzap columns and FastKV columns"):
+        run_eval(str(model_dir), tmp_path / "x", tasks=["vt"], methods=["kvzap", "fastkv"],
+                 say=lambda _: None)
