@@ -254,3 +254,24 @@ def test_kvzap_columns_run_in_the_query_agnostic_eval(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="KVzap columns and FastKV columns"):
         run_eval(str(model_dir), tmp_path / "x", tasks=["vt"], methods=["kvzap", "fastkv"],
                  say=lambda _: None)
+
+
+def test_kvzap_selects_as_kvzip_and_training_leaves_autograd_on(tiny_model, tmp_path):
+    """KVzap ranks predicted scores exactly as KVzip ranks replay scores; training (which runs
+    torch without gradients) leaves the caller's autograd as it was."""
+    import torch
+    from test_eviction_policies import CASES, budgets, make_inputs
+
+    from kvcrush_ov.eviction.kvzap import KVzap
+    from kvcrush_ov.eviction.kvzip import KVzip
+
+    for kind, seed in CASES:
+        inputs = make_inputs(kind, seed)
+        for k in budgets(inputs):
+            np.testing.assert_array_equal(
+                KVzap().select(inputs, k, np.random.default_rng(0)),
+                KVzip().select(inputs, k, np.random.default_rng(0)))
+    assert torch.is_grad_enabled()
+    train(tiny_model.parent / "hf", num_texts=1, num_test=1, min_tokens=40, max_tokens=60,
+          out=tmp_path / "kvzap.npz", log=lambda *_: None)
+    assert torch.is_grad_enabled()

@@ -102,6 +102,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(replay_chunk=64)),
     Method("kvzip-chunk256", "native", _kvzip(), report=False,
            policy=lambda: KVzip(replay_chunk=256)),
+    # KVzip's replay in lanes of 256 / 128 context tokens, all lanes in the same steps (eval
+    # only: runner._replay_lanes; KVzip's chunked scoring, each lane blind to the others)
+    *[Method(f"kvzip-lanes{n}", "native", _native("kvzip"), report=False) for n in (256, 128)],
     # KVzap: KVzip's ranking predicted per token from its hidden state by a linear surrogate
     # trained once per model (kvcrush-ov train-kvzap); no replay (recent 32, kvzip's default)
     Method("kvzap", "native", _native("kvzap")),

@@ -143,7 +143,9 @@ def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
         score_mode = spec.policy.score_mode
         mode = ("own" if spec.prefill_eviction  # evicts while reading: no shared prefill
                 else f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
-                else f"replay:{replay_chunk(spec.policy)}" if score_mode == "replay"
+                else f"replay:{replay_chunk(spec.policy)}"
+                + (f":lanes{REPLAY_LANES[key[0]]}" if key[0] in REPLAY_LANES else "")
+                if score_mode == "replay"
                 else score_mode if score_mode in ("all", "surrogate") else "window")
         groups.setdefault(mode, []).append(key)
     return groups
@@ -164,8 +166,29 @@ def _replays(mode: str) -> bool:
 
 
 def _chunk(mode: str) -> int:
-    """The replay step (queries) of a ``replay:<n>`` group."""
-    return int(mode.split(":", 1)[1])
+    """The replay step (queries) of a ``replay:<n>[:lanes<m>]`` group."""
+    return int(mode.split(":")[1])
+
+
+def _lanes(mode: str) -> int | None:
+    """The lane length of a ``replay:<n>:lanes<m>`` group (None: one replay of the whole
+    context)."""
+    parts = mode.split(":")
+    return int(parts[2][len("lanes"):]) if len(parts) > 2 else None
+
+
+#: tuning candidates whose replay runs in lanes of this many context tokens (_replay_lanes)
+REPLAY_LANES = {"kvzip-lanes256": 256, "kvzip-lanes128": 128}
+
+
+def _replay_mode(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
+                 mode: str) -> None:
+    """The replay a ``replay:...`` score group runs on its parked ``parent``."""
+    lane = _lanes(mode)
+    if lane is None:
+        _replay(eng, parent, ids, repeat, eos, detok, _chunk(mode))
+    else:
+        _replay_lanes(eng, parent, ids, repeat, eos, detok, _chunk(mode), lane)
 
 
 def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
@@ -185,6 +208,39 @@ def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok
                          GenerationConfig(max_new_tokens=1), eos, detok)
     _drain(eng)
     parent.extra.pop("max_chunk")
+
+
+def _replay_lanes(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
+                  chunk: int, lane: int) -> None:
+    """KVzip's replay in lanes (a tuning candidate): the context is cut into pieces of
+    ``lane`` tokens, and each piece is replayed on its own branch of the parked ``parent``
+    (the repeat prompt, then the piece), all branches in the same engine steps, each in steps
+    of ``chunk`` queries; a row's score is the largest any lane's step gave it. As KVzip's
+    chunked scoring for long contexts: a lane sees the whole context but not the other lanes'
+    replays. One step then holds ``lanes x chunk`` queries (the cost of a large replay step)
+    while each query's attention is summed over ``chunk`` queries only."""
+    heads, layers = eng.runner.num_kv_heads, eng.runner.num_layers
+    eng.set_spec(parent, make_spec(_parent_config("all")))
+    room = max(0, eng.context_length - len(ids) - len(repeat) - 1)
+    branches = []
+    for start in range(0, len(ids), lane):
+        piece = ids[start:start + min(lane, room)]
+        b = eng.continue_request(parent, ids + list(repeat) + piece,
+                                 GenerationConfig(max_new_tokens=1), eos, detok, branch=True,
+                                 keep_cache=False)
+        b.extra["scores"] = SequenceScores(layers, heads, reduce="max")
+        b.extra["max_chunk"] = chunk
+        branches.append(b)
+    _drain(eng)
+    rows = len(ids)
+    best = SequenceScores(layers, heads, reduce="max")
+    for layer in range(layers):
+        for h in range(heads):
+            acc = [b.extra["scores"].aligned(layer, h, rows)[:rows] for b in branches]
+            best.acc[layer][h] = np.max(acc, axis=0).astype(np.float32)
+    parent.extra["scores"] = best
+    for b in branches:
+        eng.sequences.pop(b.seq_id, None)
 
 
 def _drain(eng) -> None:
@@ -219,7 +275,7 @@ def _replay_then_branch(eng, ids: list[int], g: GenerationConfig, keys: list, sp
                              keep_cache=True)
     eng.set_spec(parent, _parent_spec(mode, keys, specs))
     _drain(eng)
-    _replay(eng, parent, ids, repeat, eos, detok, _chunk(mode))
+    _replay_mode(eng, parent, ids, repeat, eos, detok, mode)
     children = {}
     for k in keys:
         child = eng.continue_request(parent, ids, g, eos, detok, branch=True, keep_cache=False)
@@ -300,7 +356,7 @@ def compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationC
         _drain(eng)
         parents.append(parent)
         if _replays(mode):
-            _replay(eng, parent, ctx, repeat, eos, detok, _chunk(mode))
+            _replay_mode(eng, parent, ctx, repeat, eos, detok, mode)
         if need_full:
             full = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
                                          keep_cache=False) for q in asks]

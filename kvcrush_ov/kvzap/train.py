@@ -112,7 +112,6 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
 
     from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT
 
-    torch.set_grad_enabled(False)
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
                                                  attn_implementation="eager")
@@ -170,7 +169,8 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             span.update(c0=len(bos), c1=len(bos) + len(ids), r0=len(bos) + len(ids) + len(repeat),
                         r1=len(full))
             seen.clear()
-            model.model(torch.tensor([full]))
+            with torch.no_grad():  # (scoped: a process-wide switch would leak to the caller)
+                model.model(torch.tensor([full]))
             held_out = i >= num_texts
             pick = np.sort(sample_rng.permutation(len(ids))[:keep_per_text])
             for layer in range(num_layers):
