@@ -368,3 +368,28 @@ def test_kvzip_heads_calibration_ranks_heads_by_their_replay_attention(tiny_mode
     assert np.isfinite(scores).all() and (scores >= 0).all() and scores.max() > 0
     assert len(np.unique(scores)) > 1  # heads differ
     KVzipHeads.from_array(scores)  # a valid policy
+
+
+def test_a_replay_in_one_lane_is_the_replay_and_lanes_score_every_row(tiny_model):
+    """The eval's lane replay (a tuning candidate): one lane as long as the context scores
+    exactly as the sequential replay; shorter lanes run together and score every context row."""
+    from kvcrush_ov.eval.runner import _parent_config, _replay, _replay_lanes
+
+    ids = _ids(300, 5)
+    got = []
+    for lane in (None, 300, 64):
+        eng = _engine(tiny_model, _kvzip())
+        parent = eng.add_request(ids, GenerationConfig(max_new_tokens=1), set(), lambda t: "",
+                                 keep_cache=True)
+        eng.set_spec(parent, make_spec(_parent_config("all")))
+        while eng.has_unfinished():
+            eng.step()
+        if lane is None:
+            _replay(eng, parent, ids, REPEAT, set(), lambda t: "", 16)
+        else:
+            _replay_lanes(eng, parent, ids, REPEAT, set(), lambda t: "", 16, lane)
+        acc = parent.extra["scores"].acc
+        got.append(np.array([[acc[layer][h][:300] for h in range(len(acc[0]))]
+                             for layer in range(len(acc))]))
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-5, atol=1e-6)
+    assert (got[2] > 0).all() and not np.allclose(got[2], got[0])
