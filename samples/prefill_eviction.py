@@ -1,8 +1,9 @@
 """A prompt longer than the whole KV cache, answered with eviction during prefill:
 python samples/prefill_eviction.py [--model NAME] [--tokens 16384] [--cache-tokens 4096]
-[--importance kvzip] [--probe N] (snapkv: each part is ranked by the prompt's last 64 tokens, the
-question, run after it; --probe N another count, 0 none; kvzip: each part is replayed and ranked by
-that, without the question)."""
+[--importance kvzip|kvzap] [--probe N] (snapkv: each part is ranked by the prompt's last 64
+tokens, the question, run after it; --probe N another count, 0 none; kvzip: each part is replayed
+and ranked by that, without the question; kvzap: every token ranked by the surrogate's prediction,
+no replay, after `kvcrush-ov kvzap-train --model NAME`)."""
 
 import argparse
 
@@ -15,7 +16,8 @@ parser.add_argument("--model", default="Qwen2.5-Coder-0.5B-Instruct", help="name
 parser.add_argument("--tokens", type=int, default=16384, help="about this many prompt tokens")
 parser.add_argument("--cache-tokens", type=int, default=4096, help="the whole KV cache")
 parser.add_argument("--budget", type=int, default=2048, help="tokens a request keeps")
-parser.add_argument("--importance", default="snapkv", choices=["snapkv", "h2o", "kvzip"])
+parser.add_argument("--importance", default="snapkv",
+                    choices=["snapkv", "h2o", "kvzip", "kvzap"])
 parser.add_argument("--probe", type=int, default=None,
                     help="prefill_probe_size (snapkv): the prompt's last N tokens rank each part "
                          "(default: the backend's own, 64)")
