@@ -466,7 +466,8 @@ def test_tuning_candidates_run_only_when_named():
                   "snapkv+less", "snapkv+kvcrush+less", "default+less",
                   "snapkv+kvcrush-prefill", "snapkv+kvcrush-prefill-probe32",
                   "snapkv+kvcrush-prefill-probe128", "kvzip-recent8", "kvzip-recent32",
-                  "kvzip-max3", "kvzip-max7"}
+                  "kvzip-max3", "kvzip-max7", "kvzip-lanes256", "kvzip-lanes128", "kvzap",
+                  "kvzap+kvcrush"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \

@@ -106,9 +106,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # only: runner._replay_lanes; KVzip's chunked scoring, each lane blind to the others)
     *[Method(f"kvzip-lanes{n}", "native", _native("kvzip"), report=False) for n in (256, 128)],
     # KVzap: KVzip's ranking predicted per token from its hidden state by a linear surrogate
-    # trained once per model (kvcrush-ov train-kvzap); no replay (recent 32, kvzip's default)
-    Method("kvzap", "native", _native("kvzap")),
-    Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH)),
+    # trained once per model (kvcrush-ov kvzap-train); no replay (recent 32, kvzip's default).
+    # Not default columns: they need the trained surrogate (--method kvzap)
+    Method("kvzap", "native", _native("kvzap"), report=False),
+    Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
     # KVzip's context-independent variant: heads ranked once per model by a calibration replay
     # keep everything or only sinks + recent; no replay, no scores at run time
     Method("kvzip-heads", "native", _native("streaming"), report=False,
