@@ -443,11 +443,12 @@ def test_every_method_builds_at_every_default_budget(tiny_model, tmp_path):
     assert trailing.importance.offset == 15 and trailing.importance.pooling == "avg"
     assert make_policy(METHODS["snapkv+kvcrush"].make(0.25)).importance.offset == 0
     assert make_spec(METHODS["snapkv+kvcrush-decode8"].make(0.25)).decode_window == 8
-    # the stored KVCrush columns keep a fixed share; only the default column tapers it
+    # the stored KVCrush columns keep a fixed share; only the default column (and the
+    # candidate that measures the default's taper on KVzap) tapers it
     for name, m in METHODS.items():
         policy = make_spec(m.make(0.25), folder).policy if m.backend == "native" else None
-        if name not in ("snapkv+kvcrush-taper-decode8", "default+less") and hasattr(
-                policy, "taper"):
+        if name not in ("snapkv+kvcrush-taper-decode8", "default+less",
+                        "kvzap+kvcrush-taper") and hasattr(policy, "taper"):
             assert policy.taper is None, name
     assert make_policy(METHODS["snapkv+kvcrush-taper-decode8"].make(0.25)).taper == (0.125, 0.5)
     assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None  # every step
@@ -467,7 +468,7 @@ def test_tuning_candidates_run_only_when_named():
                   "snapkv+kvcrush-prefill", "snapkv+kvcrush-prefill-probe32",
                   "snapkv+kvcrush-prefill-probe128", "kvzip-recent8", "kvzip-recent32",
                   "kvzip-max3", "kvzip-max7", "kvzip-lanes256", "kvzip-lanes128", "kvzap",
-                  "kvzap+kvcrush"}
+                  "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \

@@ -110,6 +110,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # Not default columns: they need the trained surrogate (--method kvzap)
     Method("kvzap", "native", _native("kvzap"), report=False),
     Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
+    # KVCrush's share on top of KVzap: the default config's taper, and half the budget
+    Method("kvzap+kvcrush-taper", "native", _native("kvzap", KVCrushConfig()), report=False),
+    Method("kvzap+kvcrush-share50", "native",
+           _native("kvzap", KVCrushConfig(budget=0.5, taper=False)), report=False),
     # KVzip's context-independent variant: heads ranked once per model by a calibration replay
     # keep everything or only sinks + recent; no replay, no scores at run time
     Method("kvzip-heads", "native", _native("streaming"), report=False,
