@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: where a model's surrogate is kept, beside its exported folders (as kvzip_heads.npy)
-KVZAP_FILE = "kvzap.npz"
+from kvcrush_ov.kvzap.weights import KVZAP_FILE
+
 TARGETS = ("kvzip", "kvzip+")
 
 
