@@ -80,13 +80,18 @@ def load_kvzap(model_dir: str | Path | None) -> KVzapWeights:
         raise ConfigError("kvzap.weights", None, "a model folder (importance='kvzap' reads the "
                           "surrogate trained for the model)")
     weights = KVzapWeights.load(default_kvzap_path(model_dir))
-    config = Path(model_dir) / "config.json"
-    if config.is_file():
-        c = json.loads(config.read_text())
+    c = _model_config(model_dir)
+    if c is not None:
         heads = int(c["num_attention_heads"])
         weights.check_model(int(c["num_hidden_layers"]), int(c["hidden_size"]),
                             int(c.get("num_key_value_heads") or heads))
     return weights
+
+
+def _model_config(model_dir: str | Path | None) -> dict | None:
+    """The exported model's config.json (None: no folder, or no file in it)."""
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    return json.loads(config.read_text()) if config is not None and config.is_file() else None
 
 
 def load_less(cfg: LESSConfig, model_dir: str | Path | None) -> LESSWeights:
@@ -97,9 +102,8 @@ def load_less(cfg: LESSConfig, model_dir: str | Path | None) -> LESSWeights:
         raise ConfigError("less.weights", None, "a path (no model folder to find the default in)")
     path = cfg.weights if cfg.weights is not None else default_weights_path(model_dir)
     weights = LESSWeights.load(path)
-    config = Path(model_dir) / "config.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        c = json.loads(config.read_text())
+    c = _model_config(model_dir)
+    if c is not None:
         heads = int(c["num_attention_heads"])
         weights.check_model(int(c["num_hidden_layers"]), heads,
                             int(c.get("num_key_value_heads") or heads),
