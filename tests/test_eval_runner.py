@@ -468,8 +468,13 @@ def test_tuning_candidates_run_only_when_named():
                   "snapkv+kvcrush-prefill", "snapkv+kvcrush-prefill-probe32",
                   "snapkv+kvcrush-prefill-probe128", "kvzip-recent8", "kvzip-recent32",
                   "kvzip-max3", "kvzip-max7", "kvzip-lanes256", "kvzip-lanes128", "kvzap",
-                  "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50"}
+                  "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50",
+                  "kvzip-qw16", "kvzip-qw32", "kvzap-replay12", "kvzap-replay25",
+                  "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
+    for n in (16, 32):
+        assert method_spec(METHODS[f"kvzip-qw{n}"], 0.25).policy.question_window == n
+    assert method_spec(METHODS["kvzip"], 0.25).policy.question_window == 1
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \
         CacheEvictionConfig(prefill_eviction=True).probe_tokens()

@@ -275,3 +275,70 @@ def test_kvzap_selects_as_kvzip_and_training_leaves_autograd_on(tiny_model, tmp_
     train(tiny_model.parent / "hf", num_texts=1, num_test=1, min_tokens=40, max_tokens=60,
           out=tmp_path / "kvzap.npz", log=lambda *_: None)
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("calib", ["none", "quantile"])
+def test_a_partial_replay_scores_its_spans_by_the_replay_and_the_rest_by_the_surrogate(
+        tiny_model, tmp_path, monkeypatch, calib):
+    """The eval's partial replay (a tuning candidate, eval.runner._replay_partial): the spans
+    the surrogate scores highest are replayed as lanes; their rows take the replay's scores,
+    every other row keeps its prediction (``quantile``: mapped onto the replay's scores,
+    keeping its order)."""
+    import dataclasses
+
+    from kvcrush_ov.eval import runner
+
+    model_dir = _surrogate(tmp_path, tiny_model)
+    monkeypatch.setitem(runner.PARTIAL_REPLAY, "test", (0.25, 64, 8, calib))
+    ids = np.random.default_rng(4).integers(11, 500, 256).tolist()
+    eng = _engine(model_dir, _cfg())
+    spec = dataclasses.replace(make_spec(_cfg(), model_dir), max_cache_size=10**9,
+                               mode="continuous", log=False)
+    parent = eng.add_request(ids, GenerationConfig(max_new_tokens=1), set(), lambda t: "",
+                             keep_cache=True)
+    eng.set_spec(parent, spec)
+    while eng.has_unfinished():
+        eng.step()
+    pred = np.array([[a[:256].copy() for a in row] for row in parent.extra["scores"].acc])
+    runner._replay_partial(eng, parent, ids, [7, 8, 9, 10], set(), lambda t: "", "test")
+    got = np.array([[a[:256] for a in row] for row in parent.extra["scores"].acc])
+    spans = parent.extra["partial_spans"]
+    logp = np.log(pred)
+    dens = ((logp - logp.mean(-1, keepdims=True)) / (logp.std(-1, keepdims=True) + 1e-6)).mean(
+        (0, 1))
+    # 25% of 256 tokens: the one span of 64 whose mean z-scored prediction is the highest
+    assert spans == [64 * int(np.argmax(dens.reshape(4, 64).mean(1)))]
+    mask = np.zeros(256, bool)
+    mask[spans[0]:spans[0] + 64] = True
+    assert not np.allclose(got[..., mask], pred[..., mask]) and (got[..., mask] > 0).all()
+    if calib == "none":
+        np.testing.assert_array_equal(got[..., ~mask], pred[..., ~mask])
+        return
+    fit = mask.copy()
+    fit[:4] = False
+    for layer in range(got.shape[0]):
+        for h in range(got.shape[1]):
+            out, rep = got[layer, h, ~mask], got[layer, h, fit]
+            assert rep.min() - 1e-6 <= out.min() and out.max() <= rep.max() + 1e-6
+            order = np.argsort(pred[layer, h, ~mask], kind="stable")
+            assert (np.diff(out[order]) >= -1e-6).all()  # the predictions' order kept
+    assert not any(s.seq_id != parent.seq_id for s in eng.sequences.values())
+
+
+def test_partial_replay_columns_share_a_parent_by_their_replay_and_need_the_agnostic_protocol(
+        tiny_model, tmp_path):
+    import dataclasses
+
+    from kvcrush_ov.eval import runner
+    from kvcrush_ov.eviction.kvzap import KVzap
+
+    spec = dataclasses.replace(make_spec(CacheEvictionConfig()), policy=KVzap())
+    names = ("kvzap", "kvzap-replay25", "kvzap-replay50", "kvzap-replay50+kvcrush")
+    groups = runner.score_groups({(n, b): spec for n in names for b in (0.25, 0.125)})
+    assert sorted(sorted({k[0] for k in keys}) for keys in groups.values()) == [
+        ["kvzap"], ["kvzap-replay25"], ["kvzap-replay50", "kvzap-replay50+kvcrush"]]
+    with pytest.raises(ConfigError, match="query-agnostic") as err:
+        runner.run_eval(str(tiny_model), tmp_path, tasks=["vt"], num_samples=1,
+                        methods=["kvzap-replay50"], budgets=[0.25], say=lambda _: None)
+    assert err.value.field == "methods"
+    assert not (tmp_path / "results.jsonl").exists()

@@ -393,3 +393,56 @@ def test_a_replay_in_one_lane_is_the_replay_and_lanes_score_every_row(tiny_model
                              for layer in range(len(acc))]))
     np.testing.assert_allclose(got[1], got[0], rtol=1e-5, atol=1e-6)
     assert (got[2] > 0).all() and not np.allclose(got[2], got[0])
+
+
+@pytest.mark.parametrize("window", [1, 8])
+def test_question_window_scores_the_prompts_end_after_the_replay(tiny_model, window):
+    """KVzip(question_window=N): after the replay the prompt's last N tokens run again, scored
+    in one step and max-combined with the replay's scores; the engine's own replay and the
+    eval harness's branch (continue_request(recompute=N)) keep the same positions. (On the
+    random model no window attention outweighs the replay's: which rows it keeps on a real
+    model is the eval's tuning candidate kvzip-qw<N>.)"""
+    import dataclasses
+
+    from kvcrush_ov.engine.replay import recompute_len
+    from kvcrush_ov.eval.runner import _replay
+
+    prompt = _ids(300, 3)
+    spec = dataclasses.replace(make_spec(_kvzip(0.125)), policy=KVzip(question_window=window))
+    assert recompute_len(spec, len(prompt)) == window
+    eng = _engine(tiny_model, _kvzip())
+    seq = eng.add_request(prompt, GREEDY, set(), lambda x: "")
+    eng.set_spec(seq, spec)
+    before = eng.stats.tokens
+    kept = None
+    while eng.has_unfinished():
+        eng.step()
+        if kept is None and seq.extra.get("evictions"):
+            kept = _kept(eng, seq)
+    assert eng.stats.tokens - before == 300 + 4 + 300 + window + 5
+    parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
+                             keep_cache=True)
+    eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
+    while eng.has_unfinished():
+        eng.step()
+    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "")
+    branch = eng.continue_request(parent, prompt, GREEDY, set(), lambda x: "", branch=True,
+                                  keep_cache=False, recompute=window)
+    eng.set_spec(branch, spec)
+    branch.extra["replay"] = ReplayState(list(prompt), done=True)
+    assert branch.num_computed == 300 - window
+    scored = []
+    windows = eng.evictor.windows
+    eng.evictor.windows = lambda chunks: scored.append(windows(chunks)) or scored[-1]
+    eng.step()  # the prompt's last tokens again, all scored, then the eviction
+    assert scored == [[window]] and branch.extra["evictions"] == 1
+    got = _kept(eng, branch)
+    assert all(np.array_equal(a, b) for ra, rb in zip(kept, got, strict=True)
+               for a, b in zip(ra, rb, strict=True))
+
+
+def test_question_window_is_checked():
+    with pytest.raises(ValueError, match="question_window"):
+        KVzip(question_window=0)
+    with pytest.raises(ValueError, match="question_window"):
+        KVzip(question_window=True)

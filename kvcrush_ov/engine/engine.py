@@ -167,7 +167,7 @@ class LLMEngine:
                          config: GenerationConfig, eos_token_ids: Collection[int],
                          detokenize: Callable[[list[int]], str], branch: bool = False,
                          keep_cache: bool = True, eviction: EvictionSpec | None = None,
-                         evict_turn: bool = True) -> Sequence:
+                         evict_turn: bool = True, recompute: int = 1) -> Sequence:
         """The next turn of a parked ``session`` (finished with ``keep_cache``): ``prompt_ids``
         is the whole conversation so far (earlier turns, answers included, then the new
         message). The cache keeps what it holds (compressed, as evicted); only the tokens after
@@ -182,6 +182,8 @@ class LLMEngine:
         session's blocks intact), its budget taken from the cached tokens.
         evict_turn: False keeps every token of this turn and evicts nothing more (the
         query-agnostic protocol: the context was compressed before the question was seen).
+        recompute: at least this many of the prompt's last tokens run even when cached (1: the
+        last, whose logits give the first token; more: a KVzip branch's ``question_window``).
         """
         if self.evictor is not None:
             self.evictor.flush(session)
@@ -211,7 +213,8 @@ class LLMEngine:
             if a != b:
                 break
             same += 1
-        same = min(same, len(prompt_ids) - 1)  # the last prompt token runs: it gives logits
+        # the last prompt token runs (it gives logits), or the last ``recompute`` ones
+        same = min(same, len(prompt_ids) - max(1, min(recompute, len(prompt_ids))))
         if same < seq.num_computed:
             self._truncate(seq, same)
         if eviction is not None or not evict_turn:

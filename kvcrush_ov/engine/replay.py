@@ -8,7 +8,9 @@ A request whose policy ranks by replay goes through three phases (``seq.extra["r
    query scored, a row's score the largest one step gave it (``SequenceScores(reduce="max")``);
 3. the replay is forgotten (the cache truncated to the prompt minus its last token) and the
    prompt restored; the last prompt token runs again, the eviction at the prompt's end keeps the
-   budget by the replay's scores, and the first token is sampled as usual.
+   budget by the replay's scores, and the first token is sampled as usual. With KVzip's
+   ``question_window`` N > 1 the prompt's last N tokens run again, their queries scored in one
+   step and max-combined with the replay's (SnapKV's window on a question ending the prompt).
 
 The request holds up to twice its prompt (plus the repeat prompt) during the replay, and its
 TTFT includes it.
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcrush_ov.engine.sequence import Sequence
-from kvcrush_ov.eviction.kvzip import replay_chunk
+from kvcrush_ov.eviction.kvzip import question_window, replay_chunk
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 
@@ -83,6 +85,13 @@ def probes(spec: EvictionSpec | None) -> bool:
     """The prompt is read part by part, each part ranked by a probe of the prompt's end."""
     return (spec is not None and spec.prefill_eviction and spec.prefill_probe > 0
             and spec.policy.score_mode == "window")
+
+
+def recompute_len(spec: EvictionSpec, prompt_len: int) -> int:
+    """Prompt tokens a replaying request computes again after its replay (phase 3): the
+    policy's ``question_window`` (at least the last token; at most the prompt and the spec's
+    scored ``window``)."""
+    return max(1, min(question_window(spec.policy), spec.window, prompt_len))
 
 
 def replay_ids(prompt: list[int], repeat: list[int], context_length: int,
@@ -183,9 +192,9 @@ class ContextReplay:
             state.next_part()
             seq.prompt_ids = state.prompt_ids[:state.end]
             return True
-        state.done = True  # 2 -> 3: recompute the prompt's last token, evict, then sample
+        state.done = True  # 2 -> 3: recompute the prompt's last token(s), evict, then sample
         seq.prompt_ids = state.prompt_ids
-        truncate(seq, state.prompt_len - 1)
+        truncate(seq, state.prompt_len - recompute_len(spec, state.prompt_len))
         ex["prefill_end"] = state.prompt_len
         return True
 

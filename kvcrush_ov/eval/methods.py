@@ -102,6 +102,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(replay_chunk=64)),
     Method("kvzip-chunk256", "native", _kvzip(), report=False,
            policy=lambda: KVzip(replay_chunk=256)),
+    # KVzip with the prompt's last 16 / 32 queries (a question ending the prompt) scored after
+    # the replay, max-combined with it (KVzip.question_window; the query-aware protocol)
+    *[Method(f"kvzip-qw{n}", "native", _native("kvzip"), report=False,
+             policy=lambda n=n: KVzip(question_window=n)) for n in (16, 32)],
     # KVzip's replay in lanes of 256 / 128 context tokens, all lanes in the same steps (eval
     # only: runner._replay_lanes; KVzip's chunked scoring, each lane blind to the others)
     *[Method(f"kvzip-lanes{n}", "native", _native("kvzip"), report=False) for n in (256, 128)],
@@ -110,6 +114,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # Not default columns: they need the trained surrogate (--method kvzap)
     Method("kvzap", "native", _native("kvzap"), report=False),
     Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
+    # KVzap with part of the context replayed (the spans it scores highest; runner.
+    # PARTIAL_REPLAY, eval only, query-agnostic protocol)
+    *[Method(n, "native", _native("kvzap"), report=False)
+      for n in ("kvzap-replay25", "kvzap-replay12", "kvzap-replay50", "kvzap-replay50q")],
+    Method("kvzap-replay50+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
     # KVCrush's share on top of KVzap: the default config's taper, and half the budget
     Method("kvzap+kvcrush-taper", "native", _native("kvzap", KVCrushConfig()), report=False),
     Method("kvzap+kvcrush-share50", "native",

@@ -35,7 +35,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.device import check_device, check_kv_precision, inference_settings
-from kvcrush_ov.engine.replay import ReplayState, replay_ids
+from kvcrush_ov.engine.replay import ReplayState, recompute_len, replay_ids
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.methods import DEFAULT_BUDGETS, METHODS, REPORT_METHODS, Method
 from kvcrush_ov.eval.plot import write_svg
@@ -146,13 +146,15 @@ def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
                 else f"replay:{replay_chunk(spec.policy)}"
                 + (f":lanes{REPLAY_LANES[key[0]]}" if key[0] in REPLAY_LANES else "")
                 if score_mode == "replay"
-                else score_mode if score_mode in ("all", "surrogate") else "window")
+                else score_mode + (_partial_mode(key[0]) if key[0] in PARTIAL_REPLAY else "")
+                if score_mode == "surrogate"
+                else score_mode if score_mode == "all" else "window")
         groups.setdefault(mode, []).append(key)
     return groups
 
 
 def _parent_spec(mode: str, keys: list, specs: dict):
-    if mode == "surrogate":  # KVzap's scores: the parent predicts them as its columns do
+    if mode.startswith("surrogate"):  # KVzap's scores: the parent predicts them as its columns do
         return dataclasses.replace(specs[keys[0]], max_cache_size=_PARENT_BUDGET,
                                    mode="continuous", log=False)
     if mode.startswith("fastkv:"):
@@ -179,6 +181,77 @@ def _lanes(mode: str) -> int | None:
 
 #: tuning candidates whose replay runs in lanes of this many context tokens (_replay_lanes)
 REPLAY_LANES = {"kvzip-lanes256": 256, "kvzip-lanes128": 128}
+
+
+#: tuning candidates (KVzap's predictions, part of the context replayed as KVzip's lanes):
+#: (share of the context replayed, span length, warm-up tokens replayed before each span[,
+#: "quantile": the predictions outside the spans mapped onto the replay's scale, see
+#: _replay_partial])
+PARTIAL_REPLAY = {"kvzap-replay25": (0.25, 128, 32), "kvzap-replay12": (0.125, 128, 32),
+                  "kvzap-replay50": (0.5, 128, 32), "kvzap-replay50+kvcrush": (0.5, 128, 32),
+                  "kvzap-replay50q": (0.5, 128, 32, "quantile")}
+
+
+def _partial_mode(name: str) -> str:
+    """The score-group suffix of a partial-replay column: columns with the same replay share
+    one parent."""
+    return ":partial:" + ",".join(str(x) for x in PARTIAL_REPLAY[name])
+
+
+def _replay_partial(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
+                    key: str | tuple, chunk: int = REPLAY_CHUNK) -> None:
+    """A partial replay guided by KVzap (a tuning candidate): the parked ``parent`` holds the
+    surrogate's predicted scores of ``ids``; the context is cut into spans, the spans whose
+    predicted scores are highest (z-scored log per (layer, head), averaged) are replayed as
+    KVzip's lanes (the repeat prompt, ``warm`` tokens before the span, then the span), and a
+    replayed span's rows take the replay's score, the others keep the prediction (``calib``
+    "quantile": mapped per (layer, head) onto the replay's scale, a prediction's quantile
+    among the replayed rows' predictions giving the replay score at that quantile, the
+    first 4 rows left out). ``key``: a :data:`PARTIAL_REPLAY` name, or its tuple."""
+    share, span, warm, *rest = PARTIAL_REPLAY[key] if isinstance(key, str) else key
+    calib = rest[0] if rest else "none"
+    layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
+    rows = len(ids)
+    pred = np.stack([np.stack([parent.extra["scores"].aligned(layer, h, rows)[:rows]
+                               for h in range(heads)]) for layer in range(layers)])  # [L, H, N]
+    logp = np.log(np.maximum(pred, 1e-30))
+    z = (logp - logp.mean(-1, keepdims=True)) / (logp.std(-1, keepdims=True) + 1e-6)
+    dens = z.mean((0, 1))  # [N]
+    starts = list(range(0, rows, span))
+    score = [float(dens[a:a + span].mean()) for a in starts]
+    n = max(1, int(round(share * rows / span)))
+    chosen = sorted(starts[i] for i in np.argsort(score)[::-1][:n])
+    eng.set_spec(parent, make_spec(_parent_config("all")))
+    branches = []
+    for a in chosen:
+        w = max(0, a - warm)
+        b = eng.continue_request(parent, ids + list(repeat) + ids[w:a + span],
+                                 GenerationConfig(max_new_tokens=1), eos, detok, branch=True,
+                                 keep_cache=False)
+        b.extra["scores"] = SequenceScores(layers, heads, reduce="max")
+        b.extra["max_chunk"] = chunk
+        branches.append(b)
+    _drain(eng)
+    merged = SequenceScores(layers, heads, reduce="max")
+    mask = np.zeros(rows, bool)
+    for a in chosen:
+        mask[a:a + span] = True
+    for layer in range(layers):
+        for h in range(heads):
+            rep = np.max([b.extra["scores"].aligned(layer, h, rows)[:rows] for b in branches],
+                         axis=0)
+            other = pred[layer, h]
+            if calib == "quantile":
+                fit = mask.copy()
+                fit[:4] = False
+                ref = np.sort(pred[layer, h][fit])
+                q = np.searchsorted(ref, other, side="right") / max(1, len(ref))
+                other = np.quantile(rep[fit], np.clip(q, 0.0, 1.0))
+            merged.acc[layer][h] = np.where(mask, rep, other).astype(np.float32)
+    parent.extra["scores"] = merged
+    parent.extra["partial_spans"] = chosen
+    for b in branches:
+        eng.sequences.pop(b.seq_id, None)
 
 
 def _replay_mode(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
@@ -278,7 +351,8 @@ def _replay_then_branch(eng, ids: list[int], g: GenerationConfig, keys: list, sp
     _replay_mode(eng, parent, ids, repeat, eos, detok, mode)
     children = {}
     for k in keys:
-        child = eng.continue_request(parent, ids, g, eos, detok, branch=True, keep_cache=False)
+        child = eng.continue_request(parent, ids, g, eos, detok, branch=True, keep_cache=False,
+                                     recompute=recompute_len(specs[k], len(ids)))
         eng.set_spec(child, specs[k])
         child.extra["replay"] = ReplayState(list(ids), done=True)
         if forced is not None:
@@ -357,6 +431,10 @@ def compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationC
         parents.append(parent)
         if _replays(mode):
             _replay_mode(eng, parent, ctx, repeat, eos, detok, mode)
+        if mode.startswith("surrogate:partial:"):
+            cfg = mode.split(":")[2].split(",")
+            _replay_partial(eng, parent, ctx, repeat, eos, detok,
+                            (float(cfg[0]), int(cfg[1]), int(cfg[2]), *cfg[3:]))
         if need_full:
             full = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
                                          keep_cache=False) for q in asks]
@@ -696,6 +774,10 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         raise ConfigError("methods", names, "FastKV columns with one split layer per run (the "
                           "engine's graphs are cut at one layer)")
     split = bool(splits)
+    partial = [m.name for m in chosen if m.name in PARTIAL_REPLAY]
+    if partial and protocol != "query-agnostic":
+        raise ConfigError("methods", partial, "with protocol='query-agnostic' (the partial "
+                          "replay runs on the parked context)")
     # LESS columns need the engine's LESS graph (the other columns run it with no state)
     less = next((m.make(0.5).less for m in chosen
                  if m.backend == "native" and m.make(0.5).less is not None), None)

@@ -49,6 +49,11 @@ class KVzip(H2O):
     #: ``"max"``, ``"avg"`` or ``"none"``, KVzip's own; odd ``kernel_size``); needs ``alpha``
     pooling: str = "none"
     kernel_size: int = 7
+    #: the prompt's last this many queries run again once the replay is forgotten, scored in
+    #: one step, a row keeping the larger of its replay score and their attention (SnapKV's
+    #: observation window: when a question ends the prompt, what it reads stays); 1: only the
+    #: last token, which runs again anyway to give the first token's logits
+    question_window: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +69,10 @@ class KVzip(H2O):
         if (isinstance(self.replay_chunk, bool) or not isinstance(self.replay_chunk, int)
                 or self.replay_chunk < 1):
             raise ValueError(f"KVzip.replay_chunk={self.replay_chunk!r}: allowed an integer >= 1")
+        if (isinstance(self.question_window, bool) or not isinstance(self.question_window, int)
+                or self.question_window < 1):
+            raise ValueError(f"KVzip.question_window={self.question_window!r}: allowed an "
+                             "integer >= 1")
 
     def core_kwargs(self) -> dict:
         """See :meth:`CorePolicy.core_kwargs`: H2O's top-k for ``alpha=None``, else Ada-KV's
@@ -79,6 +88,12 @@ def replay_chunk(policy) -> int:
     """Queries per replay step of a replaying ``policy`` (KVzip's, or the KVzip that a KVCrush
     wraps)."""
     return int(getattr(importance_of(policy), "replay_chunk", REPLAY_CHUNK))
+
+
+def question_window(policy) -> int:
+    """Prompt queries a replaying ``policy`` scores after its replay (KVzip's
+    ``question_window``, or that of the KVzip a KVCrush wraps)."""
+    return int(getattr(importance_of(policy), "question_window", 1))
 
 
 def with_replay_chunk(policy, chunk: int):
