@@ -470,7 +470,8 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzip-max3", "kvzip-max7", "kvzip-lanes256", "kvzip-lanes128", "kvzap",
                   "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50",
                   "kvzip-qw16", "kvzip-qw32", "kvzap-replay12", "kvzap-replay25",
-                  "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q"}
+                  "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q",
+                  "kvzap-replay50w128"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     for n in (16, 32):
         assert method_spec(METHODS[f"kvzip-qw{n}"], 0.25).policy.question_window == n

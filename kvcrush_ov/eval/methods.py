@@ -117,7 +117,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # KVzap with part of the context replayed (the spans it scores highest; runner.
     # PARTIAL_REPLAY, eval only, query-agnostic protocol)
     *[Method(n, "native", _native("kvzap"), report=False)
-      for n in ("kvzap-replay25", "kvzap-replay12", "kvzap-replay50", "kvzap-replay50q")],
+      for n in ("kvzap-replay25", "kvzap-replay12", "kvzap-replay50", "kvzap-replay50q",
+                "kvzap-replay50w128")],
     Method("kvzap-replay50+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
     # KVCrush's share on top of KVzap: the default config's taper, and half the budget
     Method("kvzap+kvcrush-taper", "native", _native("kvzap", KVCrushConfig()), report=False),

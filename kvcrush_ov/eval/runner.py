@@ -189,7 +189,8 @@ REPLAY_LANES = {"kvzip-lanes256": 256, "kvzip-lanes128": 128}
 #: _replay_partial])
 PARTIAL_REPLAY = {"kvzap-replay25": (0.25, 128, 32), "kvzap-replay12": (0.125, 128, 32),
                   "kvzap-replay50": (0.5, 128, 32), "kvzap-replay50+kvcrush": (0.5, 128, 32),
-                  "kvzap-replay50q": (0.5, 128, 32, "quantile")}
+                  "kvzap-replay50q": (0.5, 128, 32, "quantile"),
+                  "kvzap-replay50w128": (0.5, 128, 128)}
 
 
 def _partial_mode(name: str) -> str:
