@@ -30,6 +30,9 @@ parser.add_argument("--repeats", type=int, default=3, help="contexts (median)")
 parser.add_argument("--method", action="append", choices=CHOICES,
                     help="a column (repeat; default: all, full first)")
 args = parser.parse_args()
+for name, value, low in (("--tokens", args.tokens, 16), ("--repeats", args.repeats, 1)):
+    if value < low:
+        parser.error(f"{name}={value}: allowed an integer >= {low}")
 methods = ["full", *[m for m in (args.method or CHOICES) if m != "full"]]
 surrogate = any(m != "full" and m != "kvzip" for m in methods)
 pipe = Pipeline(args.model, kv_cache=KVCacheConfig(precision="u8"), backend="native",

@@ -44,10 +44,22 @@ def _kept(eng, seq) -> list[list[np.ndarray]]:
     return [[np.sort(p) for p in row] for row in eng.kv.tables[seq.seq_id].positions_all()]
 
 
+def _replayed_parent(eng, prompt: list[int]):
+    """The eval harness's way: a parked parent that keeps all, replayed once (eval.runner)."""
+    from kvcrush_ov.eval.runner import _replay
+
+    parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
+                             keep_cache=True)
+    eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
+    while eng.has_unfinished():
+        eng.step()
+    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "")
+    return parent
+
+
 def test_the_engine_replays_then_evicts_like_the_eval_harness(tiny_model):
     """The engine's own replay keeps the same positions as the eval harness's shared-parent
     replay (eval.runner._replay + a branch evicting with the kvzip spec)."""
-    from kvcrush_ov.eval.runner import _replay
 
     prompt = _ids(300, 1)
     eng = _engine(tiny_model, _kvzip())
@@ -67,12 +79,7 @@ def test_the_engine_replays_then_evicts_like_the_eval_harness(tiny_model):
     assert seq.extra["evictions"] == 1 and seq.sampler.num_generated == 6
     assert seq.prompt_ids == prompt and seq.first_token_time > 0
     # the harness's way: a parent that keeps all, replayed once, a branch evicting by it
-    parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
-                             keep_cache=True)
-    eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
-    while eng.has_unfinished():
-        eng.step()
-    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "")
+    parent = _replayed_parent(eng, prompt)
     branch = eng.continue_request(parent, prompt, GREEDY, set(), lambda x: "", branch=True,
                                   keep_cache=False)
     eng.set_spec(branch, make_spec(_kvzip()))
@@ -405,7 +412,6 @@ def test_question_window_scores_the_prompts_end_after_the_replay(tiny_model, win
     import dataclasses
 
     from kvcrush_ov.engine.replay import recompute_len
-    from kvcrush_ov.eval.runner import _replay
 
     prompt = _ids(300, 3)
     spec = dataclasses.replace(make_spec(_kvzip(0.125)), policy=KVzip(question_window=window))
@@ -420,12 +426,7 @@ def test_question_window_scores_the_prompts_end_after_the_replay(tiny_model, win
         if kept is None and seq.extra.get("evictions"):
             kept = _kept(eng, seq)
     assert eng.stats.tokens - before == 300 + 4 + 300 + window + 5
-    parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
-                             keep_cache=True)
-    eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
-    while eng.has_unfinished():
-        eng.step()
-    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "")
+    parent = _replayed_parent(eng, prompt)
     branch = eng.continue_request(parent, prompt, GREEDY, set(), lambda x: "", branch=True,
                                   keep_cache=False, recompute=window)
     eng.set_spec(branch, spec)
@@ -441,8 +442,18 @@ def test_question_window_scores_the_prompts_end_after_the_replay(tiny_model, win
                for a, b in zip(ra, rb, strict=True))
 
 
-def test_question_window_is_checked():
+def test_question_window_and_recompute_are_checked(tiny_model):
     with pytest.raises(ValueError, match="question_window"):
         KVzip(question_window=0)
     with pytest.raises(ValueError, match="question_window"):
         KVzip(question_window=True)
+    eng = _engine(tiny_model, _kvzip())
+    parent = eng.add_request(_ids(40, 1), GenerationConfig(max_new_tokens=1), set(),
+                             lambda x: "", keep_cache=True)
+    while eng.has_unfinished():
+        eng.step()
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="recompute"):
+            eng.continue_request(parent, _ids(40, 1), GREEDY, set(), lambda x: "",
+                                 branch=True, recompute=bad)
+    assert set(eng.sequences) == {parent.seq_id}  # nothing was started

@@ -194,6 +194,9 @@ class LLMEngine:
                              "and not released")
         if not prompt_ids:
             raise ValueError("continue_request: prompt_ids is empty")
+        if isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 1:
+            raise ValueError(f"continue_request: recompute={recompute!r}: allowed an integer "
+                             ">= 1")
         computed = session.all_ids[:session.num_computed]
         hold = self._prefill_hold(self.evictor.spec_of(session) if self.evictor else None,
                                   len(prompt_ids), config.max_new_tokens)

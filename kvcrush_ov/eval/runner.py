@@ -222,25 +222,15 @@ def _replay_partial(eng, parent, ids: list[int], repeat: list[int], eos: set[int
     score = [float(dens[a:a + span].mean()) for a in starts]
     n = max(1, int(round(share * rows / span)))
     chosen = sorted(starts[i] for i in np.argsort(score)[::-1][:n])
-    eng.set_spec(parent, make_spec(_parent_config("all")))
-    branches = []
-    for a in chosen:
-        w = max(0, a - warm)
-        b = eng.continue_request(parent, ids + list(repeat) + ids[w:a + span],
-                                 GenerationConfig(max_new_tokens=1), eos, detok, branch=True,
-                                 keep_cache=False)
-        b.extra["scores"] = SequenceScores(layers, heads, reduce="max")
-        b.extra["max_chunk"] = chunk
-        branches.append(b)
-    _drain(eng)
+    lanes = _run_lanes(eng, parent, ids, repeat, [ids[max(0, a - warm):a + span] for a in chosen],
+                       eos, detok, chunk)
     merged = SequenceScores(layers, heads, reduce="max")
     mask = np.zeros(rows, bool)
     for a in chosen:
         mask[a:a + span] = True
     for layer in range(layers):
         for h in range(heads):
-            rep = np.max([b.extra["scores"].aligned(layer, h, rows)[:rows] for b in branches],
-                         axis=0)
+            rep = lanes[layer, h]
             other = pred[layer, h]
             if calib == "quantile":
                 fit = mask.copy()
@@ -251,8 +241,6 @@ def _replay_partial(eng, parent, ids: list[int], repeat: list[int], eos: set[int
             merged.acc[layer][h] = np.where(mask, rep, other).astype(np.float32)
     parent.extra["scores"] = merged
     parent.extra["partial_spans"] = chosen
-    for b in branches:
-        eng.sequences.pop(b.seq_id, None)
 
 
 def _replay_mode(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
@@ -294,12 +282,26 @@ def _replay_lanes(eng, parent, ids: list[int], repeat: list[int], eos: set[int],
     replays. One step then holds ``lanes x chunk`` queries (the cost of a large replay step)
     while each query's attention is summed over ``chunk`` queries only."""
     heads, layers = eng.runner.num_kv_heads, eng.runner.num_layers
+    pieces = [ids[start:start + lane] for start in range(0, len(ids), lane)]
+    scores = _run_lanes(eng, parent, ids, repeat, pieces, eos, detok, chunk)
+    best = SequenceScores(layers, heads, reduce="max")
+    best.acc = [[scores[layer, h] for h in range(heads)] for layer in range(layers)]
+    parent.extra["scores"] = best
+
+
+def _run_lanes(eng, parent, ids: list[int], repeat: list[int], pieces: list[list[int]],
+               eos: set[int], detok, chunk: int) -> np.ndarray:
+    """KVzip's lanes: each of ``pieces`` is replayed on its own branch of the parked
+    ``parent`` (which holds ``ids``): the repeat prompt, then the piece (cut to the model's
+    context), every query scored in steps of ``chunk``, all branches in the same engine
+    steps. Returns f32 [L, H, len(ids)]: per row the largest score any lane gave it (the
+    branches are gone afterwards; the parent is left with the all-queries spec)."""
+    heads, layers = eng.runner.num_kv_heads, eng.runner.num_layers
     eng.set_spec(parent, make_spec(_parent_config("all")))
     room = max(0, eng.context_length - len(ids) - len(repeat) - 1)
     branches = []
-    for start in range(0, len(ids), lane):
-        piece = ids[start:start + min(lane, room)]
-        b = eng.continue_request(parent, ids + list(repeat) + piece,
+    for piece in pieces:
+        b = eng.continue_request(parent, ids + list(repeat) + piece[:room],
                                  GenerationConfig(max_new_tokens=1), eos, detok, branch=True,
                                  keep_cache=False)
         b.extra["scores"] = SequenceScores(layers, heads, reduce="max")
@@ -307,14 +309,12 @@ def _replay_lanes(eng, parent, ids: list[int], repeat: list[int], eos: set[int],
         branches.append(b)
     _drain(eng)
     rows = len(ids)
-    best = SequenceScores(layers, heads, reduce="max")
-    for layer in range(layers):
-        for h in range(heads):
-            acc = [b.extra["scores"].aligned(layer, h, rows)[:rows] for b in branches]
-            best.acc[layer][h] = np.max(acc, axis=0).astype(np.float32)
-    parent.extra["scores"] = best
+    out = np.stack([np.stack([np.max([b.extra["scores"].aligned(layer, h, rows)[:rows]
+                                      for b in branches], axis=0) for h in range(heads)])
+                    for layer in range(layers)]).astype(np.float32)
     for b in branches:
         eng.sequences.pop(b.seq_id, None)
+    return out
 
 
 def _drain(eng) -> None:
