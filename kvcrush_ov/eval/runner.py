@@ -228,13 +228,13 @@ def _replay_partial(eng, parent, ids: list[int], repeat: list[int], eos: set[int
     mask = np.zeros(rows, bool)
     for a in chosen:
         mask[a:a + span] = True
+    fit = mask.copy()  # the rows the quantile map is fitted on: replayed, not the sinks
+    fit[:4] = False
     for layer in range(layers):
         for h in range(heads):
             rep = lanes[layer, h]
             other = pred[layer, h]
             if calib == "quantile":
-                fit = mask.copy()
-                fit[:4] = False
                 ref = np.sort(pred[layer, h][fit])
                 q = np.searchsorted(ref, other, side="right") / max(1, len(ref))
                 other = np.quantile(rep[fit], np.clip(q, 0.0, 1.0))
