@@ -99,13 +99,14 @@ def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_mode
 
 def test_multi_question_mode_asks_each_key_on_one_compressed_context(tiny_model, tmp_path):
     run_eval(str(tiny_model), tmp_path, tasks=["niah_multiquery"], num_samples=1,
-             methods=["snapkv", "kvzip", "kvzip-chunk256"], budgets=[0.5],
+             methods=["snapkv", "kvzip", "kvzip-chunk256", "kvzip-query256"], budgets=[0.5],
              max_seq_length=2048, max_num_batched_tokens=256, protocol="query-agnostic",
              multi_question=True,
              say=lambda _: None)
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     turns = {r["method"]: r for r in recs if r["task"] == "niah_multiquery-turns"}
-    assert set(turns) == {FULL, "snapkv", "kvzip", "kvzip-chunk256"}  # two replays
+    # three replays: steps of 16 and 256 summed, 256 per query
+    assert set(turns) == {FULL, "snapkv", "kvzip", "kvzip-chunk256", "kvzip-query256"}
     for r in turns.values():
         assert len(r["prediction"].split(" | ")) == len(r["outputs"]) == 4
         assert r["score"] in (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -471,8 +472,11 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50",
                   "kvzip-qw16", "kvzip-qw32", "kvzap-replay12", "kvzap-replay25",
                   "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q",
-                  "kvzap-replay50w128"}
+                  "kvzap-replay50w128", "kvzip-query256"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
+    policy = method_spec(METHODS["kvzip-query256"], 0.25).policy
+    assert (policy.replay_scores, policy.replay_chunk) == ("query", 256)
+    assert method_spec(METHODS["kvzip"], 0.25).policy.replay_scores == "step"
     for n in (16, 32):
         assert method_spec(METHODS[f"kvzip-qw{n}"], 0.25).policy.question_window == n
     assert method_spec(METHODS["kvzip"], 0.25).policy.question_window == 1
@@ -552,3 +556,19 @@ def test_fastkv_columns_with_two_split_layers_are_refused_before_work(tmp_path):
         run_eval(str(tmp_path / "never-read"), tmp_path / "out", tasks=("niah_single_1",),
                  num_samples=1, methods=("fastkv", "fastkv+kvcrush-split7"), budgets=(0.25,))
     assert not (tmp_path / "out").exists()
+
+
+def test_per_query_replays_are_a_score_group_of_their_own():
+    """kvzip-query256 replays in steps of 256 as kvzip-chunk256 does, but scores each query on
+    its own: two parents, each replayed its way (runner._per_query)."""
+    from kvcrush_ov.eval import runner
+    from kvcrush_ov.eval.methods import METHODS
+    from kvcrush_ov.eval.runner import method_spec
+
+    names = ("kvzip-chunk256", "kvzip-query256", "kvzip-lanes128")
+    specs = {(n, b): method_spec(METHODS[n], b) for n in names for b in (0.25, 0.125)}
+    groups = runner.score_groups(specs)
+    assert sorted(groups) == ["replay:16:lanes128", "replay:256", "replay:256:query"]
+    assert [runner._per_query(m) for m in sorted(groups)] == [False, False, True]
+    assert [runner._lanes(m) for m in sorted(groups)] == [128, None, None]
+    assert {k[0] for k in groups["replay:256:query"]} == {"kvzip-query256"}

@@ -291,6 +291,8 @@ def test_kvzip_selection_options():
         KVzip(pooling="max", kernel_size=4)
     with pytest.raises(ValueError, match="KVzip.pooling='max': allowed only with alpha"):
         KVzip(alpha=None, pooling="max")
+    with pytest.raises(ValueError, match="KVzip.replay_scores='sum': allowed step, query"):
+        KVzip(replay_scores="sum")
 
 
 @pytest.mark.parametrize("chunk,crush", [(16, False), (64, False), (64, True)])
@@ -457,3 +459,65 @@ def test_question_window_and_recompute_are_checked(tiny_model):
             eng.continue_request(parent, _ids(40, 1), GREEDY, set(), lambda x: "",
                                  branch=True, recompute=bad)
     assert set(eng.sequences) == {parent.seq_id}  # nothing was started
+
+
+def _replay_scores(eng, prompt, chunk, per_query):
+    from kvcrush_ov.eval.runner import _replay
+
+    parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
+                             keep_cache=True)
+    eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
+    while eng.has_unfinished():
+        eng.step()
+    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "", chunk=chunk, per_query=per_query)
+    acc = parent.extra["scores"]
+    return np.stack([[acc.aligned(layer, h, len(prompt))[:len(prompt)]
+                      for h in range(eng.runner.num_kv_heads)]
+                     for layer in range(eng.runner.num_layers)])
+
+
+def test_per_query_replay_scores_are_each_querys_maximum_in_large_steps(tiny_model):
+    """replay_scores="query": steps of 64 queries score every row by the largest attention a
+    single query gave it, as a replay in steps of one query does (f32); summed steps of 64 do
+    not. The context's keys are read from the cache once per replay."""
+    prompt = _ids(200, 3)
+    eng = _engine(tiny_model, _kvzip())
+    one = _replay_scores(eng, prompt, 1, False)
+    summed = _replay_scores(eng, prompt, 64, False)
+    exact = _replay_scores(eng, prompt, 64, True)
+    np.testing.assert_allclose(exact, one, rtol=1e-5, atol=1e-7)
+    assert np.abs(summed - one).max() > 0.1
+    layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
+    assert eng.runner.query_scorer.decoded_rows == 200 * layers * heads
+
+
+def test_the_engine_replays_per_query_in_large_steps_as_in_steps_of_one(tiny_model):
+    """The engine's own replay (importance="kvzip") with replay_scores="query" in steps of 64
+    keeps the positions and greedy tokens of the replay in steps of one query (f32), in fewer
+    steps; KVCrush around KVzip passes the option on."""
+    import dataclasses
+
+    from kvcrush_ov.eviction.kvcrush import KVCrush
+    from kvcrush_ov.eviction.kvzip import per_query, with_replay_chunk, with_replay_scores
+
+    spec = make_spec(_kvzip())
+    runs = []
+    for chunk, scoring in ((1, "step"), (64, "query")):
+        policy = with_replay_scores(with_replay_chunk(spec.policy, chunk), scoring)
+        eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(precision="f32"),
+                        SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
+                        eviction=dataclasses.replace(spec, policy=policy), replay_prompt=REPEAT)
+        seq = eng.add_request(_ids(150, 4), GREEDY, set(), lambda x: "")
+        steps, kept = 0, None
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+            eng.check_invariants()
+            if kept is None and seq.extra.get("evictions"):
+                kept = _kept(eng, seq)
+        runs.append((kept, list(seq.output_ids), steps))
+    (kept1, out1, steps1), (kept64, out64, steps64) = runs
+    assert all(np.array_equal(a, b) for ra, rb in zip(kept1, kept64, strict=True)
+               for a, b in zip(ra, rb, strict=True))
+    assert out64 == out1 and steps64 < steps1 / 10
+    assert per_query(with_replay_scores(KVCrush(importance=spec.policy), "query"))

@@ -27,12 +27,14 @@ from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
 from kvcrush_ov.engine.layer_model_runner import LayerModelRunner
 from kvcrush_ov.engine.model_runner import ModelRunner
+from kvcrush_ov.engine.query_scores import QueryMaxScorer, rescore_step
 from kvcrush_ov.engine.replay import ContextReplay, probes, replays
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.base import importance_of
+from kvcrush_ov.eviction.kvzip import per_query
 from kvcrush_ov.eviction.spec import EvictionSpec
 
 
@@ -124,6 +126,8 @@ class LLMEngine:
         if eviction is not None and eviction.fastkv is not None:
             self.fastkv = TokenPropagation(self.runner, self.kv,
                                            eviction.fastkv.layer_for(self.runner.num_layers))
+        if replays(eviction) and per_query(eviction.policy):
+            self._query_scores()  # compiled now, not in the first request's TTFT
         self.scheduler_config = scheduler
         self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
                                    scheduler.max_num_seqs, scheduler.dynamic_split_fuse,
@@ -310,9 +314,19 @@ class LLMEngine:
         budget and decode growth (engine/replay.py)."""
         if self.replay is None or not self.replay.repeat:
             raise ValueError("importance 'kvzip' needs an engine built with replay_prompt")
+        if per_query(spec.policy):
+            self._query_scores()
         if spec.prefill_eviction:
             return self._prefill_hold(spec, prompt, max_new) + self.replay.part_replay_len
         return max(self.replay.max_held(prompt), prompt + max_new)
+
+    def _query_scores(self) -> QueryMaxScorer:
+        """The runner's scorer of per-query maximum attention (engine/query_scores.py; its
+        graph compiled on first use). FastKV's split steps give no queries: refused."""
+        if self.fastkv is not None:
+            raise ConfigError("eviction.policy", "KVzip(replay_scores='query')",
+                              "replay_scores='step' with fastkv")
+        return self.runner.enable_query_keys()
 
     def _prefill_hold(self, spec: EvictionSpec | None, prompt: int, max_new: int) -> int | None:
         """Tokens a request holds at most with prefill eviction (None: without it); a probed
@@ -458,7 +472,16 @@ class LLMEngine:
         if self.fastkv is not None and any(self.fastkv.splits(c) for c in out.chunks):
             logits, scores = self.fastkv.run(out.chunks, tables, windows, self.evictor.spec_of)
         else:
-            logits, scores = self.runner.run_heads(out.chunks, tables, windows)
+            exact = [i for i, c in enumerate(out.chunks)
+                     if windows is not None and windows[i] and c.seq.extra.get("query_max")]
+            scorer = self._query_scores() if exact else None
+            logits, scores = self.runner.run_heads(out.chunks, tables, windows,
+                                                   query_keys=bool(exact))
+            if scorer is not None:  # KVzip's per-query maximum replaces these chunks' sums
+                queries, keys = self.runner.last_query_keys
+                rescore_step(scorer, out.chunks, windows, tables, queries, keys, scores, exact)
+            elif self.runner.query_key_request is not None:
+                self.runner.query_scorer.retain(set())  # no replay now: its keys go
         # the first token before the prompt-end eviction (evictor doc), unless FastKV's
         # propagation acts on the prompt's end (a KVzip replay's sequences: evictor.after_step)
         self.evictor.after_step(out.chunks, windows, scores, defer=self.fastkv is None)

@@ -36,6 +36,7 @@ from kvcrush_ov import _core
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
 from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, FlatMoves, flatten_moves
 from kvcrush_ov.engine.model_runner import ModelRunner
+from kvcrush_ov.engine.query_scores import QueryMaxScorer
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.kvzap.weights import KVzapWeights
@@ -60,6 +61,12 @@ from kvcrush_ov.transformations.per_head import (
     block_indices_name,
     head_past_lens_name,
     to_per_head,
+)
+from kvcrush_ov.transformations.query_key import (
+    add_query_key,
+    attention_scale,
+    key_name,
+    query_name,
 )
 
 _I32 = np.int32
@@ -139,6 +146,8 @@ class HeadModelRunner(ModelRunner):
         model, decode = self._graphs(model_dir)
         if self.less is not None:
             self._add_less(model, decode, device, props)
+        self._scored_graph = model  # cloned by enable_query_keys (shares the weights)
+        self.query_key_request: ov.InferRequest | None = None
         self.decode_compiled = self.core.compile_model(decode, device, props)
         self.decode_request = self.decode_compiled.create_infer_request()
         self.plain_request: ov.InferRequest | None = None
@@ -254,8 +263,10 @@ class HeadModelRunner(ModelRunner):
         self._raw = {}
         heads = self.num_kv_heads
         for layer, (kt, vt) in enumerate(self._caches):
-            self.decode_request.set_tensor(f"key_cache.{layer}", kt)
-            self.decode_request.set_tensor(f"value_cache.{layer}", vt)
+            for req in (self.decode_request, self.query_key_request):
+                if req is not None:
+                    req.set_tensor(f"key_cache.{layer}", kt)
+                    req.set_tensor(f"value_cache.{layer}", vt)
             if self.plain_request is not None:  # the same memory, [blocks, H, rows, cols]
                 for name, t in ((f"key_cache.{layer}", kt), (f"value_cache.{layer}", vt)):
                     shape = list(t.get_shape())
@@ -404,6 +415,32 @@ class HeadModelRunner(ModelRunner):
         for i, layer in enumerate(layers):
             req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[i], shared_memory=True))
 
+    def enable_query_keys(self) -> QueryMaxScorer:
+        """Compile (once) the scored graph with its queries and keys as outputs
+        (transformations/query_key.py) and return the scorer of per-query maximum attention
+        (engine/query_scores.py) that :meth:`run_heads` with ``query_keys=True`` feeds: a third
+        compiled copy of the graph, made only when a policy asks for per-query scores."""
+        if self.query_key_request is None:
+            graph = add_query_key(self._scored_graph.clone())
+            compiled = self.core.compile_model(graph, self.device, self.props)
+            self.query_key_request = compiled.create_infer_request()
+            for layer, (kt, vt) in enumerate(self._caches):
+                self.query_key_request.set_tensor(f"key_cache.{layer}", kt)
+                self.query_key_request.set_tensor(f"value_cache.{layer}", vt)
+            width = compiled.output(query_name(0)).get_partial_shape()[-1].get_length()
+            head = compiled.output(key_name(0)).get_partial_shape()[-1].get_length()
+            self.query_scorer = QueryMaxScorer(
+                self.core, self.device, self.props, self.num_layers, self.num_kv_heads,
+                width // head, head, attention_scale(graph), self.read_keys)
+        return self.query_scorer
+
+    def read_keys(self, table: HeadTable, layer: int, head: int, count: int) -> np.ndarray:
+        """f32 [count, D]: the first ``count`` cached keys of ``table``'s (layer, head) in row
+        order, as PagedAttention reads them (dequantized)."""
+        layout = self.key_layout
+        blocks = layout.head_blocks(self._caches[layer][0])
+        return layout.table_rows(blocks, table.blocks[layer][head], count)
+
     def _read_kvzap(self, req: ov.InferRequest) -> None:
         """:attr:`last_kvzap` from ``req``'s ``kvzap`` output (nothing without KVzap)."""
         if self.kvzap is None:
@@ -412,13 +449,19 @@ class HeadModelRunner(ModelRunner):
         self.last_kvzap = np.array(out.reshape(out.shape[0], -1, out.shape[-1]))
 
     def run_heads(self, chunks: list[ScheduledChunk], tables: list[HeadTable],
-                  windows: list[int] | None) -> tuple[np.ndarray, list[np.ndarray] | None]:
+                  windows: list[int] | None, query_keys: bool = False,
+                  ) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """One step. ``windows[i]``: queries of chunk i whose scores are summed (>= 1), or None
         when no sequence needs scores (then the decode graph runs if it accepts the step).
+        ``query_keys`` (with windows, after :meth:`enable_query_keys`): the step also gives its
+        queries and keys, :attr:`last_query_keys` ([L] f32 [Hkv*T, G*D], [L] f32 [Hkv*T, D],
+        views valid until the next step).
 
         Returns logits [sampling chunks, vocab] and, with windows, ``scores.L`` per layer (flat,
         segments ordered j = h*B + s, each ``lens[l, h] + num_tokens`` long: see per_head.py).
         """
+        if query_keys and (windows is None or self.query_key_request is None):
+            raise ValueError("run_heads(query_keys=True) needs windows and enable_query_keys()")
         if windows is None and self.plain_request is not None:
             plains = [t.plain_table() for t in tables]
             # a prompt chunk of whole-group tables (decode-only steps: the decode graph); such
@@ -444,7 +487,8 @@ class HeadModelRunner(ModelRunner):
             if c.sample:
                 sample_at.append(total - 1)
         decode = windows is None and (not self.decode_graph_one_token or total == len(chunks))
-        req = self.decode_request if decode else self.request
+        req = (self.decode_request if decode else
+               self.query_key_request if query_keys else self.request)
         max_ctx = self.set_layout(req, tables, counts, decode)
         put = self.inputs.put
         put(req, "input_ids", ids, np.int64)
@@ -467,4 +511,8 @@ class HeadModelRunner(ModelRunner):
         self.scored_steps += 1
         scores = [np.array(req.get_tensor(f"scores.{layer}").data)
                   for layer in range(self.num_layers)]
+        if query_keys:
+            self.last_query_keys = (
+                [req.get_tensor(query_name(layer)).data for layer in range(self.num_layers)],
+                [req.get_tensor(key_name(layer)).data for layer in range(self.num_layers)])
         return logits, scores

@@ -102,6 +102,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(replay_chunk=64)),
     Method("kvzip-chunk256", "native", _kvzip(), report=False,
            policy=lambda: KVzip(replay_chunk=256)),
+    # KVzip's own maximum over single replay queries (KVzip.replay_scores="query", computed
+    # beside the step from its queries and keys), in steps of 256 queries (the eval's step)
+    Method("kvzip-query256", "native", _native("kvzip"), report=False,
+           policy=lambda: KVzip(replay_scores="query", replay_chunk=256)),
     # KVzip with the prompt's last 16 / 32 queries (a question ending the prompt) scored after
     # the replay, max-combined with it (KVzip.question_window; the query-aware protocol)
     *[Method(f"kvzip-qw{n}", "native", _native("kvzip"), report=False,

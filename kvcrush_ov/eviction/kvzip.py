@@ -8,8 +8,11 @@ replay from the cache), so what the model needs to reproduce the context stays, 
 question will be. Kept per (layer, head), top-k.
 
 KVzip takes the maximum over the replay queries; OpenVINO's PagedAttention returns sums over a
-step's scored queries, so the replay runs in steps of ``REPLAY_CHUNK`` queries and a token's
-importance is the largest sum one step gave it (``SequenceScores(reduce="max")``).
+step's scored queries, so by default the replay runs in steps of ``REPLAY_CHUNK`` queries and a
+token's importance is the largest sum one step gave it (``SequenceScores(reduce="max")``).
+``replay_scores="query"`` computes each query's own attention beside the step instead (the
+step's queries and keys as graph outputs: engine/query_scores.py), so a replay step can be
+large without summing.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class KVzip(H2O):
     scope: str = "model"
     #: queries per replay step (a row's score: the largest sum one step gave it)
     replay_chunk: int = REPLAY_CHUNK
+    #: how a replay step scores a row: ``"step"``, the attention of the step's queries summed
+    #: (PagedAttention's scores); ``"query"``, the largest attention a single query gave it
+    #: (KVzip's own maximum, computed beside the step from its queries and keys,
+    #: engine/query_scores.py), so that large replay steps lose nothing
+    replay_scores: str = "step"
     #: the replay scores smoothed along the sequence before the allocation (as SnapKV's:
     #: ``"max"``, ``"avg"`` or ``"none"``, KVzip's own; odd ``kernel_size``); needs ``alpha``
     pooling: str = "none"
@@ -69,6 +77,8 @@ class KVzip(H2O):
         if (isinstance(self.replay_chunk, bool) or not isinstance(self.replay_chunk, int)
                 or self.replay_chunk < 1):
             raise ValueError(f"KVzip.replay_chunk={self.replay_chunk!r}: allowed an integer >= 1")
+        if self.replay_scores not in ("step", "query"):
+            raise ValueError(f"KVzip.replay_scores={self.replay_scores!r}: allowed step, query")
         if (isinstance(self.question_window, bool) or not isinstance(self.question_window, int)
                 or self.question_window < 1):
             raise ValueError(f"KVzip.question_window={self.question_window!r}: allowed an "
@@ -90,6 +100,12 @@ def replay_chunk(policy) -> int:
     return int(getattr(importance_of(policy), "replay_chunk", REPLAY_CHUNK))
 
 
+def per_query(policy) -> bool:
+    """A replaying ``policy`` (KVzip, or the KVzip a KVCrush wraps) scores each replay query on
+    its own (``replay_scores="query"``)."""
+    return getattr(importance_of(policy), "replay_scores", "step") == "query"
+
+
 def question_window(policy) -> int:
     """Prompt queries a replaying ``policy`` scores after its replay (KVzip's
     ``question_window``, or that of the KVzip a KVCrush wraps)."""
@@ -102,3 +118,11 @@ def with_replay_chunk(policy, chunk: int):
     if inner is not policy:
         return replace(policy, importance=replace(inner, replay_chunk=chunk))
     return replace(policy, replay_chunk=chunk)
+
+
+def with_replay_scores(policy, scores: str):
+    """``policy`` (KVzip, or a KVCrush around it) with ``replay_scores=scores``."""
+    inner = importance_of(policy)
+    if inner is not policy:
+        return replace(policy, importance=replace(inner, replay_scores=scores))
+    return replace(policy, replay_scores=scores)

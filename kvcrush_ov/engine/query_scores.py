@@ -1,0 +1,184 @@
+"""Per-query attention scores of a step: each cached row's largest attention over the queries.
+
+PagedAttention's ``scores.L`` sum a step's scored queries; KVzip wants, per cached row, the
+largest attention any single replay query gives it. With the step's queries and keys as outputs
+(``transformations/query_key.py``), :class:`QueryMaxScorer` computes that beside the step, per
+layer and KV head::
+
+    p[t, g, j] = softmax_j(scale * q[t, g] . k[j])   over the keys j <= first + t
+    score[j]   = max_t  sum_g  p[t, g, j]
+
+``t`` runs over the step's scored queries (the last ``w`` of the chunk, ``first`` the cache row
+of the first one), ``g`` over the ``G`` query heads of the KV head (summed, as the per-head
+``scores.L`` sum them), ``j`` over the rows the sequence holds after the step. The keys of rows
+cached before the step are decoded from the cache once (the dequantized values PagedAttention
+reads) and kept per sequence; each step's own keys are appended as the model computed them.
+
+The softmax runs in a small OpenVINO graph (one call per layer, ``[Hkv, w*G, K]`` logits), on the
+engine's device with its inference precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+_F32 = np.float32
+
+
+def build_scorer(num_kv_heads: int, group: int, head_size: int, scale: float) -> ov.Model:
+    """The per-layer scoring graph. Inputs: ``query`` f32 [Hkv, w, G*D], ``keys`` f32 [K, Hkv, D]
+    (row order of the cache), ``first`` i32 [Hkv] (cache row of each head's first query).
+    Output ``scores`` f32 [Hkv, K] (rows a head does not hold come out 0)."""
+    h, g, d = num_kv_heads, group, head_size
+    q = ops.parameter([h, -1, g * d], ov.Type.f32, name="query")
+    k = ops.parameter([-1, h, d], ov.Type.f32, name="keys")
+    first = ops.parameter([h], ov.Type.i32, name="first")
+    i64 = np.int64
+    q3 = ops.reshape(q, ops.constant(np.array([h, -1, d], i64)), False)  # [H, w*G, D]
+    kt = ops.transpose(k, ops.constant(np.array([1, 0, 2], i64)))       # [H, K, D]
+    logits = ops.multiply(ops.matmul(q3, kt, False, True), ops.constant(np.float32(scale)))
+    w = ops.gather(ops.shape_of(q, ov.Type.i32), ops.constant(np.int32(1)),
+                   ops.constant(np.int32(0)))
+    n = ops.gather(ops.shape_of(k, ov.Type.i32), ops.constant(np.int32(0)),
+                   ops.constant(np.int32(0)))
+    zero, one = ops.constant(np.int32(0)), ops.constant(np.int32(1))
+    t = ops.range(zero, w, one, ov.Type.i32)                              # [w]
+    j = ops.range(zero, n, one, ov.Type.i32)                              # [K]
+    last = ops.add(ops.unsqueeze(first, ops.constant(np.array([1], i64))),
+                   ops.unsqueeze(t, ops.constant(np.array([0], i64))))    # [H, w]
+    hidden = ops.greater(ops.reshape(j, ops.constant(np.array([1, 1, 1, -1], i64)), False),
+                         ops.unsqueeze(last, ops.constant(np.array([2, 3], i64))))  # [H,w,1,K]
+    shape4 = ops.concat([ops.constant(np.array([h], np.int32)), ops.unsqueeze(w, zero),
+                         ops.constant(np.array([g], np.int32)), ops.unsqueeze(n, zero)], 0)
+    l4 = ops.reshape(logits, shape4, False)                               # [H, w, G, K]
+    masked = ops.select(hidden, ops.constant(np.float32(-np.inf)), l4)
+    probs = ops.softmax(masked, 3)
+    per_query = ops.reduce_sum(probs, ops.constant(np.array([2], i64)), False)  # [H, w, K]
+    out = ops.reduce_max(per_query, ops.constant(np.array([1], i64)), False)    # [H, K]
+    res = ops.result(out)
+    res.output(0).get_tensor().set_names({"scores"})
+    return ov.Model([res], [q, k, first], "query_max_scores")
+
+
+@dataclass
+class _Keys:
+    """One sequence's keys per layer: buf[l] f32 [cap, Hkv, D]; rows[l, h]: rows filled."""
+
+    buf: list[np.ndarray]
+    rows: np.ndarray
+    version: int = -1
+    steps: int = field(default=0)
+
+
+class QueryMaxScorer:
+    """Per-query maximum scores for the chunks of a step (module doc).
+
+    ``read_keys(table, layer, head, n)``: f32 [n, D], the first ``n`` cached keys of a
+    sequence's (layer, head) in row order, ``table`` its block table (dequantized from the
+    cache)."""
+
+    def __init__(self, core: ov.Core, device: str, props: dict, num_layers: int,
+                 num_kv_heads: int, group: int, head_size: int, scale: float,
+                 read_keys: Callable[[object, int, int, int], np.ndarray]) -> None:
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.group, self.head_size = group, head_size
+        self.read_keys = read_keys
+        model = build_scorer(num_kv_heads, group, head_size, scale)
+        keep = {k: v for k, v in props.items() if k in ("INFERENCE_PRECISION_HINT",
+                                                         "INFERENCE_NUM_THREADS")}
+        self.request = core.compile_model(model, device, keep).create_infer_request()
+        self._keys: dict[int, _Keys] = {}
+        self.decoded_rows = 0  # rows read back from the cache (tests: once per replay)
+
+    def forget(self, seq_id: int) -> None:
+        """Drop the keys kept for ``seq_id`` (its replay is over)."""
+        self._keys.pop(seq_id, None)
+
+    def retain(self, seq_ids: set[int]) -> None:
+        """Keep the keys of ``seq_ids`` only."""
+        for sid in list(self._keys):
+            if sid not in seq_ids:
+                del self._keys[sid]
+
+    def _keys_for(self, seq_id: int, table: object, layer: int, past: np.ndarray,
+                  need: int) -> np.ndarray:
+        """Layer ``layer``'s key buffer of ``seq_id`` holding its ``past[h]`` cached rows per
+        head (read from the cache where the kept rows differ), at least ``need`` rows long."""
+        h, d = self.num_kv_heads, self.head_size
+        st = self._keys.get(seq_id)
+        if st is None:
+            st = _Keys([np.zeros((0, h, d), _F32) for _ in range(self.num_layers)],
+                       np.full((self.num_layers, h), -1, np.int64))
+            self._keys[seq_id] = st
+        buf = st.buf[layer]
+        if len(buf) < need:
+            grown = np.zeros((max(need, 2 * len(buf)), h, d), _F32)
+            grown[:len(buf)] = buf
+            st.buf[layer] = buf = grown
+        for head in range(h):
+            n = int(past[head])
+            if st.rows[layer, head] != n:
+                buf[:n, head] = self.read_keys(table, layer, head, n)
+                self.decoded_rows += n
+        return buf
+
+    def score(self, seq_id: int, table: object, layer: int, past: np.ndarray,
+              query: np.ndarray, keys: np.ndarray) -> list[np.ndarray]:
+        """One layer of one chunk of sequence ``seq_id`` (block table ``table``). ``past``
+        [Hkv]: rows cached before the step; ``query`` f32 [Hkv, w, G*D]: the chunk's last ``w``
+        queries; ``keys`` f32 [Hkv, T, D]: the chunk's keys (``T >= w``). Returns per head f32
+        [past[h] + T]: each row's largest attention over the ``w`` queries (summed over the
+        head's query heads)."""
+        t = keys.shape[1]
+        w = query.shape[1]
+        past = np.asarray(past, np.int64)
+        total = int(past.max()) + t
+        buf = self._keys_for(seq_id, table, layer, past, total)
+        for head in range(self.num_kv_heads):
+            buf[past[head]:past[head] + t, head] = keys[head]
+        first = (past + t - w).astype(np.int32)
+        req = self.request
+        req.set_tensor("query", ov.Tensor(np.ascontiguousarray(query, _F32)))
+        req.set_tensor("keys", ov.Tensor(buf[:total], shared_memory=True))
+        req.set_tensor("first", ov.Tensor(first))
+        req.infer()
+        out = req.get_tensor("scores").data
+        st = self._keys[seq_id]
+        st.rows[layer] = past + t
+        return [np.array(out[head, :past[head] + t]) for head in range(self.num_kv_heads)]
+
+
+def rescore_step(scorer: QueryMaxScorer, chunks: list, windows: list[int],
+                 tables: list, queries: list[np.ndarray], keys: list[np.ndarray],
+                 scores: list[np.ndarray], exact: list[int]) -> None:
+    """Replace, in the step's flat ``scores.L`` (head-major segments ``j = h*B + s``, each as
+    long as the sequence's rows after the step: per_head.py), the segments of the chunks
+    ``exact`` (indices into ``chunks``, each with ``windows[i] >= 1``) by their per-query
+    maximum. ``tables[i].lens`` [L, Hkv]: rows after the step; ``queries`` / ``keys``: the
+    step's ``attn_query.L`` / ``attn_key.L`` (rows ``h*T + t``). The scorer keeps the keys of
+    these chunks' sequences only."""
+    counts = np.array([c.num_tokens for c in chunks], np.int64)
+    begins = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    total = int(counts.sum())
+    batch, heads = len(chunks), scorer.num_kv_heads
+    lens = np.stack([t.lens for t in tables])  # [B, L, H]
+    scorer.retain({chunks[i].seq.seq_id for i in exact})
+    for layer in range(scorer.num_layers):
+        seg = lens[:, layer, :].T.reshape(-1)  # j = h*B + s
+        offsets = np.concatenate([[0], np.cumsum(seg)])
+        q_all, k_all = queries[layer], keys[layer]
+        for i in exact:
+            n, w = int(counts[i]), int(windows[i])
+            rows = [h * total + int(begins[i]) for h in range(heads)]
+            query = np.stack([q_all[r + n - w:r + n] for r in rows])
+            key = np.stack([k_all[r:r + n] for r in rows])
+            past = lens[i, layer] - n
+            got = scorer.score(chunks[i].seq.seq_id, tables[i], layer, past, query, key)
+            for h in range(heads):
+                j = h * batch + i
+                scores[layer][offsets[j]:offsets[j + 1]] = got[h]
