@@ -2,15 +2,16 @@
 after the prompt) vs KVzip (which replays the prompt first), at the same budget:
 python samples/kvzip_ttft.py [--model NAME] [--tokens 2048 --tokens 4096] [--repeats 2]
                              [--replay-chunk 16 --replay-chunk 256] [--heads] [--kvzap]
-                             [--no-kvzip] [--per-query]
+                             [--no-kvzip] [--replay-group 16]
 ``--replay-chunk``: the replay's queries per step (KVzip.replay_chunk; a tuning knob, set here
 on the engine's default spec), one KVzip column each. ``--heads``: also KVzip's
 context-independent variant (``kvzip-heads``: heads chosen once per model, no replay; calibrated
 on first use, eviction/kvzip_heads.py). ``--kvzap``: also KVzap (KVzip's scores predicted by
 a trained surrogate, no replay; needs ``kvcrush-ov kvzap-train`` first) and the full cache (no
 eviction, the plain prefill). ``--no-kvzip``: leave KVzip's replay columns out.
-``--per-query``: the KVzip columns score each replay query on its own (KVzip's
-``replay_scores="query"``) instead of summing a step's queries."""
+``--replay-group N``: the KVzip columns score the replay by aligned groups of N queries beside
+the step (KVzip's ``replay_group``; each ``--replay-chunk`` a multiple of N) instead of by the
+step's own sums."""
 
 import argparse
 import dataclasses
@@ -18,12 +19,7 @@ import statistics
 
 import kvcrush_ov as kv
 from kvcrush_ov.bench_serve import prompts_of
-from kvcrush_ov.eviction.kvzip import (
-    REPLAY_CHUNK,
-    KVzip,
-    with_replay_chunk,
-    with_replay_scores,
-)
+from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK, KVzip, with_replay_group
 from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, load_or_calibrate
 from kvcrush_ov.pipeline import resolve_model
 
@@ -36,16 +32,18 @@ parser.add_argument("--replay-chunk", type=int, action="append",
 parser.add_argument("--heads", action="store_true", help="also the kvzip-heads column")
 parser.add_argument("--kvzap", action="store_true", help="also the kvzap and full-cache columns")
 parser.add_argument("--no-kvzip", action="store_true", help="no KVzip replay column")
-parser.add_argument("--per-query", action="store_true",
-                    help="KVzip columns with replay_scores='query'")
+parser.add_argument("--replay-group", type=int, default=None,
+                    help="KVzip columns scored by groups of this many queries beside the step")
 args = parser.parse_args()
 
 folder = str(resolve_model(args.model))
 lengths = args.tokens or [2048, 4096]
 chunks = args.replay_chunk or [REPLAY_CHUNK]
-scoring = "query" if args.per_query else "step"
-for c in chunks:  # a bad --replay-chunk is named before any work
-    KVzip(replay_chunk=c, replay_scores=scoring)
+for c in chunks:  # a bad --replay-chunk / --replay-group is named before any work
+    try:
+        KVzip(replay_chunk=c, replay_group=args.replay_group)
+    except ValueError as err:
+        parser.error(str(err))
 one = kv.GenerationConfig(max_new_tokens=1)
 
 
@@ -71,14 +69,13 @@ if not args.no_kvzip:
     pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
                                                                importance="kvzip"))
     evictor = pipe.backend.engine.evictor
-    if args.per_query:
-        evictor.spec = dataclasses.replace(
-            evictor.spec, policy=with_replay_scores(evictor.spec.policy, "query"))
-    pipe.generate(prompts_of(folder, 1, 512)[0], one)  # warm-up (per query: its graph too)
+    group = args.replay_group
     for c in chunks:
-        evictor.spec = dataclasses.replace(evictor.spec,
-                                           policy=with_replay_chunk(evictor.spec.policy, c))
-        ttft[f"kvzip{' per query' if args.per_query else ''}, steps of {c}"] = measure(pipe)
+        evictor.spec = dataclasses.replace(
+            evictor.spec, policy=with_replay_group(evictor.spec.policy, group, c))
+        pipe.generate(prompts_of(folder, 1, 512)[0], one)  # warm-up (a group: its graphs)
+        name = f"kvzip, steps of {c}" + (f" by groups of {group}" if group else "")
+        ttft[name] = measure(pipe)
 if args.heads:
     pipe = kv.Pipeline(folder, eviction=kv.CacheEvictionConfig(max_cache_size=0.25,
                                                                importance="streaming"))

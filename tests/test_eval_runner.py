@@ -99,14 +99,14 @@ def test_query_agnostic_protocol_runs_every_group_and_keeps_its_folder(tiny_mode
 
 def test_multi_question_mode_asks_each_key_on_one_compressed_context(tiny_model, tmp_path):
     run_eval(str(tiny_model), tmp_path, tasks=["niah_multiquery"], num_samples=1,
-             methods=["snapkv", "kvzip", "kvzip-chunk256", "kvzip-query256"], budgets=[0.5],
+             methods=["snapkv", "kvzip", "kvzip-chunk256", "kvzip-group16"], budgets=[0.5],
              max_seq_length=2048, max_num_batched_tokens=256, protocol="query-agnostic",
              multi_question=True,
              say=lambda _: None)
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     turns = {r["method"]: r for r in recs if r["task"] == "niah_multiquery-turns"}
-    # three replays: steps of 16 and 256 summed, 256 per query
-    assert set(turns) == {FULL, "snapkv", "kvzip", "kvzip-chunk256", "kvzip-query256"}
+    # three replays: steps of 16 and 256 summed, 256 by groups of 16
+    assert set(turns) == {FULL, "snapkv", "kvzip", "kvzip-chunk256", "kvzip-group16"}
     for r in turns.values():
         assert len(r["prediction"].split(" | ")) == len(r["outputs"]) == 4
         assert r["score"] in (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -472,11 +472,12 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50",
                   "kvzip-qw16", "kvzip-qw32", "kvzap-replay12", "kvzap-replay25",
                   "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q",
-                  "kvzap-replay50w128", "kvzip-query256"}
+                  "kvzap-replay50w128", "kvzip-query256", "kvzip-group16"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
-    policy = method_spec(METHODS["kvzip-query256"], 0.25).policy
-    assert (policy.replay_scores, policy.replay_chunk) == ("query", 256)
-    assert method_spec(METHODS["kvzip"], 0.25).policy.replay_scores == "step"
+    for name, group in (("kvzip-query256", 1), ("kvzip-group16", 16)):
+        policy = method_spec(METHODS[name], 0.25).policy
+        assert (policy.replay_group, policy.replay_chunk) == (group, 256)
+    assert method_spec(METHODS["kvzip"], 0.25).policy.replay_group is None
     for n in (16, 32):
         assert method_spec(METHODS[f"kvzip-qw{n}"], 0.25).policy.question_window == n
     assert method_spec(METHODS["kvzip"], 0.25).policy.question_window == 1
@@ -558,17 +559,19 @@ def test_fastkv_columns_with_two_split_layers_are_refused_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_per_query_replays_are_a_score_group_of_their_own():
-    """kvzip-query256 replays in steps of 256 as kvzip-chunk256 does, but scores each query on
-    its own: two parents, each replayed its way (runner._per_query)."""
+def test_grouped_replays_are_a_score_group_of_their_own():
+    """kvzip-query256 / kvzip-group16 replay in steps of 256 as kvzip-chunk256 does, but score
+    by groups of 1 / 16 queries beside the step: three parents, each replayed its way
+    (runner._group)."""
     from kvcrush_ov.eval import runner
     from kvcrush_ov.eval.methods import METHODS
     from kvcrush_ov.eval.runner import method_spec
 
-    names = ("kvzip-chunk256", "kvzip-query256", "kvzip-lanes128")
+    names = ("kvzip-chunk256", "kvzip-query256", "kvzip-group16", "kvzip-lanes128")
     specs = {(n, b): method_spec(METHODS[n], b) for n in names for b in (0.25, 0.125)}
     groups = runner.score_groups(specs)
-    assert sorted(groups) == ["replay:16:lanes128", "replay:256", "replay:256:query"]
-    assert [runner._per_query(m) for m in sorted(groups)] == [False, False, True]
-    assert [runner._lanes(m) for m in sorted(groups)] == [128, None, None]
-    assert {k[0] for k in groups["replay:256:query"]} == {"kvzip-query256"}
+    assert sorted(groups) == ["replay:16:lanes128", "replay:256", "replay:256:g1",
+                              "replay:256:g16"]
+    assert [runner._group(m) for m in sorted(groups)] == [None, None, 1, 16]
+    assert [runner._lanes(m) for m in sorted(groups)] == [128, None, None, None]
+    assert {k[0] for k in groups["replay:256:g1"]} == {"kvzip-query256"}

@@ -291,8 +291,9 @@ def test_kvzip_selection_options():
         KVzip(pooling="max", kernel_size=4)
     with pytest.raises(ValueError, match="KVzip.pooling='max': allowed only with alpha"):
         KVzip(alpha=None, pooling="max")
-    with pytest.raises(ValueError, match="KVzip.replay_scores='sum': allowed step, query"):
-        KVzip(replay_scores="sum")
+    for bad in (0, 3, True, "1"):
+        with pytest.raises(ValueError, match="KVzip.replay_group=.*divides replay_chunk=16"):
+            KVzip(replay_group=bad)
 
 
 @pytest.mark.parametrize("chunk,crush", [(16, False), (64, False), (64, True)])
@@ -461,7 +462,7 @@ def test_question_window_and_recompute_are_checked(tiny_model):
     assert set(eng.sequences) == {parent.seq_id}  # nothing was started
 
 
-def _replay_scores(eng, prompt, chunk, per_query):
+def _replay_scores(eng, prompt, chunk, group=None):
     from kvcrush_ov.eval.runner import _replay
 
     parent = eng.add_request(prompt, GenerationConfig(max_new_tokens=1), set(), lambda x: "",
@@ -469,41 +470,45 @@ def _replay_scores(eng, prompt, chunk, per_query):
     eng.set_spec(parent, make_spec(CacheEvictionConfig(max_cache_size=10**9, kvcrush=None)))
     while eng.has_unfinished():
         eng.step()
-    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "", chunk=chunk, per_query=per_query)
+    _replay(eng, parent, prompt, REPEAT, set(), lambda x: "", chunk=chunk, group=group)
     acc = parent.extra["scores"]
-    return np.stack([[acc.aligned(layer, h, len(prompt))[:len(prompt)]
-                      for h in range(eng.runner.num_kv_heads)]
-                     for layer in range(eng.runner.num_layers)])
+    scores = np.stack([[acc.aligned(layer, h, len(prompt))[:len(prompt)]
+                        for h in range(eng.runner.num_kv_heads)]
+                       for layer in range(eng.runner.num_layers)])
+    eng.release(parent)
+    return scores
 
 
-def test_per_query_replay_scores_are_each_querys_maximum_in_large_steps(tiny_model):
-    """replay_scores="query": steps of 64 queries score every row by the largest attention a
-    single query gave it, as a replay in steps of one query does (f32); summed steps of 64 do
-    not. The context's keys are read from the cache once per replay."""
-    prompt = _ids(200, 3)
+@pytest.mark.parametrize("group", [1, 16])
+def test_grouped_replay_scores_in_large_steps_equal_steps_of_the_group(tiny_model, group):
+    """replay_group=N: a replay in steps of 64 queries scores every row as a replay in steps of
+    N does (each row the largest sum over N aligned queries; N = 1: KVzip's maximum over single
+    queries; f32), where the step's own sums over 64 do not. The context's keys are read from
+    the cache once per replay."""
+    prompt = _ids(201, 3)  # the replay starts off a multiple of 16: a partial first group
     eng = _engine(tiny_model, _kvzip())
-    one = _replay_scores(eng, prompt, 1, False)
-    summed = _replay_scores(eng, prompt, 64, False)
-    exact = _replay_scores(eng, prompt, 64, True)
-    np.testing.assert_allclose(exact, one, rtol=1e-5, atol=1e-7)
-    assert np.abs(summed - one).max() > 0.1
+    steps = _replay_scores(eng, prompt, group)
+    summed = _replay_scores(eng, prompt, 64)
+    grouped = _replay_scores(eng, prompt, 64, group)
+    np.testing.assert_allclose(grouped, steps, rtol=1e-5, atol=1e-7)
+    assert np.abs(summed - steps).max() > 0.1
     layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
-    assert eng.runner.query_scorer.decoded_rows == 200 * layers * heads
+    assert eng.runner.query_scorer.decoded_rows == 201 * layers * heads
 
 
-def test_the_engine_replays_per_query_in_large_steps_as_in_steps_of_one(tiny_model):
-    """The engine's own replay (importance="kvzip") with replay_scores="query" in steps of 64
-    keeps the positions and greedy tokens of the replay in steps of one query (f32), in fewer
-    steps; KVCrush around KVzip passes the option on."""
+def test_the_engine_replays_in_large_steps_as_in_steps_of_its_group(tiny_model):
+    """The engine's own replay (importance="kvzip") with replay_group=16 in steps of 64 keeps
+    the positions and greedy tokens of the replay in steps of 16 (f32), in fewer steps;
+    KVCrush around KVzip passes the option on."""
     import dataclasses
 
     from kvcrush_ov.eviction.kvcrush import KVCrush
-    from kvcrush_ov.eviction.kvzip import per_query, with_replay_chunk, with_replay_scores
+    from kvcrush_ov.eviction.kvzip import replay_group, with_replay_group
 
     spec = make_spec(_kvzip())
     runs = []
-    for chunk, scoring in ((1, "step"), (64, "query")):
-        policy = with_replay_scores(with_replay_chunk(spec.policy, chunk), scoring)
+    for chunk, group in ((16, None), (64, 16)):
+        policy = with_replay_group(spec.policy, group, chunk)
         eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(precision="f32"),
                         SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
                         eviction=dataclasses.replace(spec, policy=policy), replay_prompt=REPEAT)
@@ -516,8 +521,9 @@ def test_the_engine_replays_per_query_in_large_steps_as_in_steps_of_one(tiny_mod
             if kept is None and seq.extra.get("evictions"):
                 kept = _kept(eng, seq)
         runs.append((kept, list(seq.output_ids), steps))
-    (kept1, out1, steps1), (kept64, out64, steps64) = runs
-    assert all(np.array_equal(a, b) for ra, rb in zip(kept1, kept64, strict=True)
+    (kept16, out16, steps16), (kept64, out64, steps64) = runs
+    assert all(np.array_equal(a, b) for ra, rb in zip(kept16, kept64, strict=True)
                for a, b in zip(ra, rb, strict=True))
-    assert out64 == out1 and steps64 < steps1 / 10
-    assert per_query(with_replay_scores(KVCrush(importance=spec.policy), "query"))
+    # the replay (positions 150 to 304) in 10 steps of 16 or 3 of 64, the rest alike
+    assert out64 == out16 and steps16 - steps64 == 10 - 3
+    assert replay_group(with_replay_group(KVCrush(importance=spec.policy), 16, 64)) == 16

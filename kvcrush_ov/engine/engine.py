@@ -34,7 +34,7 @@ from kvcrush_ov.engine.scheduler import Scheduler
 from kvcrush_ov.engine.sequence import Sequence, Status
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.base import importance_of
-from kvcrush_ov.eviction.kvzip import per_query
+from kvcrush_ov.eviction.kvzip import replay_group
 from kvcrush_ov.eviction.spec import EvictionSpec
 
 
@@ -126,7 +126,7 @@ class LLMEngine:
         if eviction is not None and eviction.fastkv is not None:
             self.fastkv = TokenPropagation(self.runner, self.kv,
                                            eviction.fastkv.layer_for(self.runner.num_layers))
-        if replays(eviction) and per_query(eviction.policy):
+        if replays(eviction) and replay_group(eviction.policy) is not None:
             self._query_scores()  # compiled now, not in the first request's TTFT
         self.scheduler_config = scheduler
         self.scheduler = Scheduler(self.kv, scheduler.max_num_batched_tokens,
@@ -314,7 +314,7 @@ class LLMEngine:
         budget and decode growth (engine/replay.py)."""
         if self.replay is None or not self.replay.repeat:
             raise ValueError("importance 'kvzip' needs an engine built with replay_prompt")
-        if per_query(spec.policy):
+        if replay_group(spec.policy) is not None:
             self._query_scores()
         if spec.prefill_eviction:
             return self._prefill_hold(spec, prompt, max_new) + self.replay.part_replay_len
@@ -324,8 +324,8 @@ class LLMEngine:
         """The runner's scorer of per-query maximum attention (engine/query_scores.py; its
         graph compiled on first use). FastKV's split steps give no queries: refused."""
         if self.fastkv is not None:
-            raise ConfigError("eviction.policy", "KVzip(replay_scores='query')",
-                              "replay_scores='step' with fastkv")
+            raise ConfigError("eviction.policy", "KVzip(replay_group=N)",
+                              "replay_group=None with fastkv")
         return self.runner.enable_query_keys()
 
     def _prefill_hold(self, spec: EvictionSpec | None, prompt: int, max_new: int) -> int | None:
@@ -473,13 +473,14 @@ class LLMEngine:
             logits, scores = self.fastkv.run(out.chunks, tables, windows, self.evictor.spec_of)
         else:
             exact = [i for i, c in enumerate(out.chunks)
-                     if windows is not None and windows[i] and c.seq.extra.get("query_max")]
+                     if windows is not None and windows[i] and c.seq.extra.get("query_group")]
             scorer = self._query_scores() if exact else None
             logits, scores = self.runner.run_heads(out.chunks, tables, windows,
                                                    query_keys=bool(exact))
             if scorer is not None:  # KVzip's per-query maximum replaces these chunks' sums
                 queries, keys = self.runner.last_query_keys
-                rescore_step(scorer, out.chunks, windows, tables, queries, keys, scores, exact)
+                rescore_step(scorer, out.chunks, windows, tables, queries, keys, scores, exact,
+                             [out.chunks[i].seq.extra["query_group"] for i in exact])
             elif self.runner.query_key_request is not None:
                 self.runner.query_scorer.retain(set())  # no replay now: its keys go
         # the first token before the prompt-end eviction (evictor doc), unless FastKV's

@@ -1,18 +1,22 @@
-"""Per-query attention scores of a step: each cached row's largest attention over the queries.
+"""Replay scores of a step by groups of queries: each cached row's largest grouped attention.
 
-PagedAttention's ``scores.L`` sum a step's scored queries; KVzip wants, per cached row, the
-largest attention any single replay query gives it. With the step's queries and keys as outputs
-(``transformations/query_key.py``), :class:`QueryMaxScorer` computes that beside the step, per
-layer and KV head::
+PagedAttention's ``scores.L`` sum a step's scored queries, so KVzip's replay ran in steps of a
+few queries (a row keeping the largest sum one step gave it). With the step's queries and keys
+as outputs (``transformations/query_key.py``), :class:`QueryMaxScorer` computes the same beside
+a step of any size, per layer and KV head::
 
     p[t, g, j] = softmax_j(scale * q[t, g] . k[j])   over the keys j <= first + t
-    score[j]   = max_t  sum_g  p[t, g, j]
+    score[j]   = max over groups  sum_{t in group} sum_g  p[t, g, j]
 
 ``t`` runs over the step's scored queries (the last ``w`` of the chunk, ``first`` the cache row
-of the first one), ``g`` over the ``G`` query heads of the KV head (summed, as the per-head
-``scores.L`` sum them), ``j`` over the rows the sequence holds after the step. The keys of rows
-cached before the step are decoded from the cache once (the dequantized values PagedAttention
-reads) and kept per sequence; each step's own keys are appended as the model computed them.
+of the first one), grouped by position into aligned groups of ``group`` queries (positions
+``[k * group, (k + 1) * group)``: the steps of a replay in steps of ``group``; ``group = 1`` is
+KVzip's own maximum over single queries), ``g`` over the ``G`` query heads of the KV head
+(summed, as the per-head ``scores.L`` sum them), ``j`` over the rows the sequence holds after
+the step. A group must not span two steps (the replay's steps are aligned to a multiple of
+it). The keys of rows cached before the step are decoded from the cache once (the dequantized
+values PagedAttention reads) and kept per sequence; each step's own keys are appended as the
+model computed them.
 
 The softmax runs in a small OpenVINO graph (one call per layer, ``[Hkv, w*G, K]`` logits), on the
 engine's device with its inference precision.
@@ -30,14 +34,18 @@ import openvino.opset13 as ops
 _F32 = np.float32
 
 
-def build_scorer(num_kv_heads: int, group: int, head_size: int, scale: float) -> ov.Model:
-    """The per-layer scoring graph. Inputs: ``query`` f32 [Hkv, w, G*D], ``keys`` f32 [K, Hkv, D]
-    (row order of the cache), ``first`` i32 [Hkv] (cache row of each head's first query).
-    Output ``scores`` f32 [Hkv, K] (rows a head does not hold come out 0)."""
+def build_scorer(num_kv_heads: int, group: int, head_size: int, scale: float,
+                 query_group: int = 1) -> ov.Model:
+    """The per-layer scoring graph. Inputs: ``query`` f32 [Hkv, w, G*D] (``w`` a multiple of
+    ``query_group``), ``keys`` f32 [K, Hkv, D] (row order of the cache), ``first`` i32 [Hkv]
+    (the last key row the first query sees, per head; may be negative for padding queries),
+    ``weight`` f32 [w] (1 for a real query, 0 for padding). Output ``scores`` f32 [Hkv, K]
+    (rows a head does not hold come out 0)."""
     h, g, d = num_kv_heads, group, head_size
     q = ops.parameter([h, -1, g * d], ov.Type.f32, name="query")
     k = ops.parameter([-1, h, d], ov.Type.f32, name="keys")
     first = ops.parameter([h], ov.Type.i32, name="first")
+    weight = ops.parameter([-1], ov.Type.f32, name="weight")
     i64 = np.int64
     q3 = ops.reshape(q, ops.constant(np.array([h, -1, d], i64)), False)  # [H, w*G, D]
     kt = ops.transpose(k, ops.constant(np.array([1, 0, 2], i64)))       # [H, K, D]
@@ -49,8 +57,9 @@ def build_scorer(num_kv_heads: int, group: int, head_size: int, scale: float) ->
     zero, one = ops.constant(np.int32(0)), ops.constant(np.int32(1))
     t = ops.range(zero, w, one, ov.Type.i32)                              # [w]
     j = ops.range(zero, n, one, ov.Type.i32)                              # [K]
-    last = ops.add(ops.unsqueeze(first, ops.constant(np.array([1], i64))),
-                   ops.unsqueeze(t, ops.constant(np.array([0], i64))))    # [H, w]
+    last = ops.maximum(ops.add(ops.unsqueeze(first, ops.constant(np.array([1], i64))),
+                               ops.unsqueeze(t, ops.constant(np.array([0], i64)))),
+                       zero)                                              # [H, w]
     hidden = ops.greater(ops.reshape(j, ops.constant(np.array([1, 1, 1, -1], i64)), False),
                          ops.unsqueeze(last, ops.constant(np.array([2, 3], i64))))  # [H,w,1,K]
     shape4 = ops.concat([ops.constant(np.array([h], np.int32)), ops.unsqueeze(w, zero),
@@ -59,10 +68,17 @@ def build_scorer(num_kv_heads: int, group: int, head_size: int, scale: float) ->
     masked = ops.select(hidden, ops.constant(np.float32(-np.inf)), l4)
     probs = ops.softmax(masked, 3)
     per_query = ops.reduce_sum(probs, ops.constant(np.array([2], i64)), False)  # [H, w, K]
+    if query_group > 1:  # padding queries weigh nothing; aligned groups summed
+        per_query = ops.multiply(per_query, ops.reshape(
+            weight, ops.constant(np.array([1, -1, 1], i64)), False))
+        grouped = ops.reshape(per_query, ops.concat([
+            ops.constant(np.array([h, -1, query_group], np.int32)), ops.unsqueeze(n, zero)], 0),
+            False)                                                        # [H, w/q, q, K]
+        per_query = ops.reduce_sum(grouped, ops.constant(np.array([2], i64)), False)
     out = ops.reduce_max(per_query, ops.constant(np.array([1], i64)), False)    # [H, K]
     res = ops.result(out)
     res.output(0).get_tensor().set_names({"scores"})
-    return ov.Model([res], [q, k, first], "query_max_scores")
+    return ov.Model([res], [q, k, first, weight], "grouped_max_scores")
 
 
 @dataclass
@@ -76,7 +92,8 @@ class _Keys:
 
 
 class QueryMaxScorer:
-    """Per-query maximum scores for the chunks of a step (module doc).
+    """Grouped maximum scores for the chunks of a step (module doc; one compiled graph per
+    query group).
 
     ``read_keys(table, layer, head, n)``: f32 [n, D], the first ``n`` cached keys of a
     sequence's (layer, head) in row order, ``table`` its block table (dequantized from the
@@ -88,10 +105,11 @@ class QueryMaxScorer:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.group, self.head_size = group, head_size
         self.read_keys = read_keys
-        model = build_scorer(num_kv_heads, group, head_size, scale)
-        keep = {k: v for k, v in props.items() if k in ("INFERENCE_PRECISION_HINT",
-                                                         "INFERENCE_NUM_THREADS")}
-        self.request = core.compile_model(model, device, keep).create_infer_request()
+        self._compile = lambda query_group: core.compile_model(
+            build_scorer(num_kv_heads, group, head_size, scale, query_group), device,
+            {k: v for k, v in props.items() if k in ("INFERENCE_PRECISION_HINT",
+                                                      "INFERENCE_NUM_THREADS")})
+        self._requests: dict[int, ov.InferRequest] = {}  # per query group
         self._keys: dict[int, _Keys] = {}
         self.decoded_rows = 0  # rows read back from the cache (tests: once per replay)
 
@@ -127,13 +145,22 @@ class QueryMaxScorer:
                 self.decoded_rows += n
         return buf
 
+    def _request(self, query_group: int) -> ov.InferRequest:
+        req = self._requests.get(query_group)
+        if req is None:
+            req = self._compile(query_group).create_infer_request()
+            self._requests[query_group] = req
+        return req
+
     def score(self, seq_id: int, table: object, layer: int, past: np.ndarray,
-              query: np.ndarray, keys: np.ndarray) -> list[np.ndarray]:
+              query: np.ndarray, keys: np.ndarray, query_group: int = 1,
+              lead: int = 0) -> list[np.ndarray]:
         """One layer of one chunk of sequence ``seq_id`` (block table ``table``). ``past``
         [Hkv]: rows cached before the step; ``query`` f32 [Hkv, w, G*D]: the chunk's last ``w``
-        queries; ``keys`` f32 [Hkv, T, D]: the chunk's keys (``T >= w``). Returns per head f32
-        [past[h] + T]: each row's largest attention over the ``w`` queries (summed over the
-        head's query heads)."""
+        queries; ``keys`` f32 [Hkv, T, D]: the chunk's keys (``T >= w``); ``lead``: queries of
+        the first one's group before it (its position modulo ``query_group``). Returns per
+        head f32 [past[h] + T]: each row's largest attention summed over a group of queries
+        (and over the head's query heads)."""
         t = keys.shape[1]
         w = query.shape[1]
         past = np.asarray(past, np.int64)
@@ -141,11 +168,21 @@ class QueryMaxScorer:
         buf = self._keys_for(seq_id, table, layer, past, total)
         for head in range(self.num_kv_heads):
             buf[past[head]:past[head] + t, head] = keys[head]
-        first = (past + t - w).astype(np.int32)
-        req = self.request
+        if not 0 <= lead < query_group:
+            raise ValueError(f"QueryMaxScorer.score: lead={lead}, allowed 0..{query_group - 1}")
+        padded = -(-(lead + w) // query_group) * query_group
+        weight = np.zeros(padded, _F32)
+        weight[lead:lead + w] = 1.0
+        if padded != w:
+            q = np.zeros((self.num_kv_heads, padded, query.shape[2]), _F32)
+            q[:, lead:lead + w] = query
+            query = q
+        first = (past + t - w - lead).astype(np.int32)
+        req = self._request(query_group)
         req.set_tensor("query", ov.Tensor(np.ascontiguousarray(query, _F32)))
         req.set_tensor("keys", ov.Tensor(buf[:total], shared_memory=True))
         req.set_tensor("first", ov.Tensor(first))
+        req.set_tensor("weight", ov.Tensor(weight))
         req.infer()
         out = req.get_tensor("scores").data
         st = self._keys[seq_id]
@@ -155,13 +192,14 @@ class QueryMaxScorer:
 
 def rescore_step(scorer: QueryMaxScorer, chunks: list, windows: list[int],
                  tables: list, queries: list[np.ndarray], keys: list[np.ndarray],
-                 scores: list[np.ndarray], exact: list[int]) -> None:
+                 scores: list[np.ndarray], exact: list[int], groups: list[int]) -> None:
     """Replace, in the step's flat ``scores.L`` (head-major segments ``j = h*B + s``, each as
     long as the sequence's rows after the step: per_head.py), the segments of the chunks
-    ``exact`` (indices into ``chunks``, each with ``windows[i] >= 1``) by their per-query
-    maximum. ``tables[i].lens`` [L, Hkv]: rows after the step; ``queries`` / ``keys``: the
-    step's ``attn_query.L`` / ``attn_key.L`` (rows ``h*T + t``). The scorer keeps the keys of
-    these chunks' sequences only."""
+    ``exact`` (indices into ``chunks``, each with ``windows[i] >= 1``) by their grouped maximum
+    (``groups[k]``: the query group of chunk ``exact[k]``, its groups aligned to positions).
+    ``tables[i].lens`` [L, Hkv]: rows after the step; ``queries`` / ``keys``: the step's
+    ``attn_query.L`` / ``attn_key.L`` (rows ``h*T + t``). The scorer keeps the keys of these
+    chunks' sequences only."""
     counts = np.array([c.num_tokens for c in chunks], np.int64)
     begins = np.concatenate([[0], np.cumsum(counts)[:-1]])
     total = int(counts.sum())
@@ -172,13 +210,15 @@ def rescore_step(scorer: QueryMaxScorer, chunks: list, windows: list[int],
         seg = lens[:, layer, :].T.reshape(-1)  # j = h*B + s
         offsets = np.concatenate([[0], np.cumsum(seg)])
         q_all, k_all = queries[layer], keys[layer]
-        for i in exact:
+        for i, group in zip(exact, groups, strict=True):
             n, w = int(counts[i]), int(windows[i])
             rows = [h * total + int(begins[i]) for h in range(heads)]
             query = np.stack([q_all[r + n - w:r + n] for r in rows])
             key = np.stack([k_all[r:r + n] for r in rows])
             past = lens[i, layer] - n
-            got = scorer.score(chunks[i].seq.seq_id, tables[i], layer, past, query, key)
+            lead = (chunks[i].start + n - w) % group
+            got = scorer.score(chunks[i].seq.seq_id, tables[i], layer, past, query, key, group,
+                               lead)
             for h in range(heads):
                 j = h * batch + i
                 scores[layer][offsets[j]:offsets[j + 1]] = got[h]

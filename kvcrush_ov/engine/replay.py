@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcrush_ov.engine.sequence import Sequence
-from kvcrush_ov.eviction.kvzip import per_query, question_window, replay_chunk
+from kvcrush_ov.eviction.kvzip import question_window, replay_chunk, replay_group
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
 
@@ -146,7 +146,7 @@ class ContextReplay:
             seq.prompt_ids = state.prompt_ids
             seq.extra.pop("replay")
             seq.extra.pop("max_chunk", None)
-            seq.extra.pop("query_max", None)
+            seq.extra.pop("query_group", None)
 
     def restart(self, seq: Sequence) -> None:
         """``seq`` was preempted (its cache is gone): a part-wise replay that had not finished
@@ -158,7 +158,7 @@ class ContextReplay:
         fresh = ReplayState(state.prompt_ids, segment=state.segment)
         seq.extra["replay"] = fresh
         seq.extra.pop("max_chunk", None)
-        seq.extra.pop("query_max", None)
+        seq.extra.pop("query_group", None)
         seq.prompt_ids = fresh.prompt_ids[:fresh.end]
 
     def intercept(self, seq: Sequence, spec: EvictionSpec,
@@ -185,12 +185,12 @@ class ContextReplay:
             seq.prompt_ids = read + replay_ids(read, self.repeat, self.context_length,
                                                state.start)
             ex["max_chunk"] = replay_chunk(spec.policy)
-            if per_query(spec.policy):  # each replay query scored on its own
-                ex["query_max"] = True
+            if replay_group(spec.policy) is not None:  # scored by groups beside the step
+                ex["query_group"] = replay_group(spec.policy)
             return True
         state.replaying = False  # the part's replay is scored: forget it
         ex.pop("max_chunk", None)
-        ex.pop("query_max", None)
+        ex.pop("query_group", None)
         if state.end < state.prompt_len:  # evict down to the budget, then read the next part
             truncate(seq, state.end)
             evict(seq)

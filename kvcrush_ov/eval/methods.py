@@ -102,10 +102,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            policy=lambda: KVzip(replay_chunk=64)),
     Method("kvzip-chunk256", "native", _kvzip(), report=False,
            policy=lambda: KVzip(replay_chunk=256)),
-    # KVzip's own maximum over single replay queries (KVzip.replay_scores="query", computed
-    # beside the step from its queries and keys), in steps of 256 queries (the eval's step)
+    # KVzip's replay in steps of 256 queries scored beside the step (KVzip.replay_group): each
+    # query's own attention (KVzip's maximum over queries, query256), or sums over aligned
+    # groups of 16 queries (group16: the default's steps of 16, in fewer, larger steps)
     Method("kvzip-query256", "native", _native("kvzip"), report=False,
-           policy=lambda: KVzip(replay_scores="query", replay_chunk=256)),
+           policy=lambda: KVzip(replay_chunk=256, replay_group=1)),
+    Method("kvzip-group16", "native", _native("kvzip"), report=False,
+           policy=lambda: KVzip(replay_chunk=256, replay_group=16)),
     # KVzip with the prompt's last 16 / 32 queries (a question ending the prompt) scored after
     # the replay, max-combined with it (KVzip.question_window; the query-aware protocol)
     *[Method(f"kvzip-qw{n}", "native", _native("kvzip"), report=False,

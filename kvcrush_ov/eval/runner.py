@@ -50,7 +50,7 @@ from kvcrush_ov.eval.ruler import (
     score,
 )
 from kvcrush_ov.eviction.factory import make_spec
-from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK, per_query, replay_chunk
+from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK, replay_chunk, replay_group
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.pipeline import Pipeline
 
@@ -144,7 +144,7 @@ def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
         mode = ("own" if spec.prefill_eviction  # evicts while reading: no shared prefill
                 else f"fastkv:{spec.fastkv!r}" if spec.fastkv is not None
                 else f"replay:{replay_chunk(spec.policy)}"
-                + (":query" if per_query(spec.policy) else "")
+                + (f":g{replay_group(spec.policy)}" if replay_group(spec.policy) else "")
                 + (f":lanes{REPLAY_LANES[key[0]]}" if key[0] in REPLAY_LANES else "")
                 if score_mode == "replay"
                 else score_mode + (_partial_mode(key[0]) if key[0] in PARTIAL_REPLAY else "")
@@ -169,18 +169,19 @@ def _replays(mode: str) -> bool:
 
 
 def _chunk(mode: str) -> int:
-    """The replay step (queries) of a ``replay:<n>[:query][:lanes<m>]`` group."""
+    """The replay step (queries) of a ``replay:<n>[:g<q>][:lanes<m>]`` group."""
     return int(mode.split(":")[1])
 
 
-def _per_query(mode: str) -> bool:
-    """Whether a ``replay:<n>[:query][:lanes<m>]`` group scores each replay query on its own
-    (KVzip's ``replay_scores="query"``)."""
-    return "query" in mode.split(":")[2:]
+def _group(mode: str) -> int | None:
+    """The query group a ``replay:<n>[:g<q>][:lanes<m>]`` group scores by beside the step
+    (KVzip's ``replay_group``; None: the step's own sums)."""
+    groups = [p for p in mode.split(":")[2:] if p.startswith("g")]
+    return int(groups[0][1:]) if groups else None
 
 
 def _lanes(mode: str) -> int | None:
-    """The lane length of a ``replay:<n>[:query]:lanes<m>`` group (None: one replay of the
+    """The lane length of a ``replay:<n>[:g<q>]:lanes<m>`` group (None: one replay of the
     whole context)."""
     lanes = [p for p in mode.split(":")[2:] if p.startswith("lanes")]
     return int(lanes[0][len("lanes"):]) if lanes else None
@@ -255,32 +256,33 @@ def _replay_mode(eng, parent, ids: list[int], repeat: list[int], eos: set[int], 
     """The replay a ``replay:...`` score group runs on its parked ``parent``."""
     lane = _lanes(mode)
     if lane is None:
-        _replay(eng, parent, ids, repeat, eos, detok, _chunk(mode), _per_query(mode))
+        _replay(eng, parent, ids, repeat, eos, detok, _chunk(mode), _group(mode))
     else:
         _replay_lanes(eng, parent, ids, repeat, eos, detok, _chunk(mode), lane)
 
 
 def _replay(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,
-            chunk: int = REPLAY_CHUNK, per_query: bool = False) -> None:
+            chunk: int = REPLAY_CHUNK, group: int | None = None) -> None:
     """KVzip's replay on a parked ``parent`` that holds ``ids``: the repeat prompt and ``ids``
     again are read with every query scored (the parent's spec accumulates all queries); its
     scores then hold, per cached row, the attention of the replay. The branches that continue
     with ``ids`` forget the replay's positions (continue_request truncates) and evict by those
     scores. A replay that would pass the model's context is cut to its start; it runs in
-    steps of ``chunk`` queries (the policy's ``replay_chunk``); ``per_query``: a row's score is
-    the largest attention a single query gave it (KVzip's ``replay_scores="query"``)."""
+    steps of ``chunk`` queries (the policy's ``replay_chunk``); ``group``: a row's score is the
+    largest sum over an aligned group of that many queries, computed beside the step (KVzip's
+    ``replay_group``; None: the step's own sums)."""
     eng.set_spec(parent, make_spec(_parent_config("all")))  # every replay query scored
     # only the replay's queries count, each step's at most (KVzip: the max over the queries)
     parent.extra["scores"] = SequenceScores(eng.runner.num_layers, eng.runner.num_kv_heads,
                                             reduce="max")
     parent.extra["max_chunk"] = chunk
-    if per_query:
-        parent.extra["query_max"] = True
+    if group is not None:
+        parent.extra["query_group"] = group
     eng.continue_request(parent, ids + replay_ids(ids, repeat, eng.context_length),
                          GenerationConfig(max_new_tokens=1), eos, detok)
     _drain(eng)
     parent.extra.pop("max_chunk")
-    parent.extra.pop("query_max", None)
+    parent.extra.pop("query_group", None)
 
 
 def _replay_lanes(eng, parent, ids: list[int], repeat: list[int], eos: set[int], detok,

@@ -10,9 +10,9 @@ question will be. Kept per (layer, head), top-k.
 KVzip takes the maximum over the replay queries; OpenVINO's PagedAttention returns sums over a
 step's scored queries, so by default the replay runs in steps of ``REPLAY_CHUNK`` queries and a
 token's importance is the largest sum one step gave it (``SequenceScores(reduce="max")``).
-``replay_scores="query"`` computes each query's own attention beside the step instead (the
+``replay_group=N`` computes the sums of aligned groups of N queries beside the step instead (the
 step's queries and keys as graph outputs: engine/query_scores.py), so a replay step can be
-large without summing.
+large while the scores stay those of steps of N (N = 1: KVzip's own maximum over queries).
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ class KVzip(H2O):
     scope: str = "model"
     #: queries per replay step (a row's score: the largest sum one step gave it)
     replay_chunk: int = REPLAY_CHUNK
-    #: how a replay step scores a row: ``"step"``, the attention of the step's queries summed
-    #: (PagedAttention's scores); ``"query"``, the largest attention a single query gave it
-    #: (KVzip's own maximum, computed beside the step from its queries and keys,
-    #: engine/query_scores.py), so that large replay steps lose nothing
-    replay_scores: str = "step"
+    #: None: a row's replay score is the largest sum of one step's queries (PagedAttention's
+    #: scores, steps of ``replay_chunk``); N: the largest sum over an aligned group of N
+    #: replay queries, computed beside the step from its queries and keys
+    #: (engine/query_scores.py), so a step of ``replay_chunk`` (a multiple of N) scores as
+    #: steps of N would (N = 1: KVzip's own maximum over single queries)
+    replay_group: int | None = None
     #: the replay scores smoothed along the sequence before the allocation (as SnapKV's:
     #: ``"max"``, ``"avg"`` or ``"none"``, KVzip's own; odd ``kernel_size``); needs ``alpha``
     pooling: str = "none"
@@ -77,8 +78,11 @@ class KVzip(H2O):
         if (isinstance(self.replay_chunk, bool) or not isinstance(self.replay_chunk, int)
                 or self.replay_chunk < 1):
             raise ValueError(f"KVzip.replay_chunk={self.replay_chunk!r}: allowed an integer >= 1")
-        if self.replay_scores not in ("step", "query"):
-            raise ValueError(f"KVzip.replay_scores={self.replay_scores!r}: allowed step, query")
+        g = self.replay_group
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1
+                              or self.replay_chunk % g):
+            raise ValueError(f"KVzip.replay_group={g!r}: allowed None or an integer >= 1 that "
+                             f"divides replay_chunk={self.replay_chunk}")
         if (isinstance(self.question_window, bool) or not isinstance(self.question_window, int)
                 or self.question_window < 1):
             raise ValueError(f"KVzip.question_window={self.question_window!r}: allowed an "
@@ -100,10 +104,10 @@ def replay_chunk(policy) -> int:
     return int(getattr(importance_of(policy), "replay_chunk", REPLAY_CHUNK))
 
 
-def per_query(policy) -> bool:
-    """A replaying ``policy`` (KVzip, or the KVzip a KVCrush wraps) scores each replay query on
-    its own (``replay_scores="query"``)."""
-    return getattr(importance_of(policy), "replay_scores", "step") == "query"
+def replay_group(policy) -> int | None:
+    """The query group a replaying ``policy`` (KVzip, or the KVzip a KVCrush wraps) scores by
+    beside the step (``replay_group``; None: the step's own sums)."""
+    return getattr(importance_of(policy), "replay_group", None)
 
 
 def question_window(policy) -> int:
@@ -120,9 +124,11 @@ def with_replay_chunk(policy, chunk: int):
     return replace(policy, replay_chunk=chunk)
 
 
-def with_replay_scores(policy, scores: str):
-    """``policy`` (KVzip, or a KVCrush around it) with ``replay_scores=scores``."""
+def with_replay_group(policy, group: int | None, chunk: int | None = None):
+    """``policy`` (KVzip, or a KVCrush around it) with ``replay_group=group`` (and
+    ``replay_chunk=chunk`` when given)."""
     inner = importance_of(policy)
+    changes = {"replay_group": group} | ({} if chunk is None else {"replay_chunk": chunk})
     if inner is not policy:
-        return replace(policy, importance=replace(inner, replay_scores=scores))
-    return replace(policy, replay_scores=scores)
+        return replace(policy, importance=replace(inner, **changes))
+    return replace(policy, **changes)
