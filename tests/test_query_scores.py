@@ -18,9 +18,10 @@ from kvcrush_ov.transformations.query_key import (
 )
 
 
-def _reference(query, keys, past, scale):
+def _reference(query, keys, past, scale, group=1, lead=0):
     """query [H, w, G*D], keys [H][n_h, D] (past rows then the step's), past [H] ->
-    [H][n_h]: max over queries of the softmax summed over the G query heads."""
+    [H][n_h]: max over groups of queries (query t in group (lead + t) // group) of the
+    softmax summed over the group's queries and the G query heads."""
     h, w, gd = query.shape
     d = keys[0].shape[1]
     out = []
@@ -28,14 +29,15 @@ def _reference(query, keys, past, scale):
         k = keys[head]
         t_all = len(k) - past[head]
         q = query[head].reshape(w, gd // d, d)
-        best = np.zeros(len(k))
+        sums: dict[int, np.ndarray] = {}
         for t in range(w):
             visible = past[head] + (t_all - w) + t + 1
             logits = scale * q[t] @ k[:visible].T  # [G, visible]
             p = np.exp(logits - logits.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
-            best[:visible] = np.maximum(best[:visible], p.sum(0))
-        out.append(best)
+            acc = sums.setdefault((lead + t) // group, np.zeros(len(k)))
+            acc[:visible] += p.sum(0)
+        out.append(np.max(list(sums.values()), axis=0))
     return out
 
 
@@ -69,12 +71,23 @@ def test_the_scorer_is_each_querys_largest_attention_and_keeps_the_keys():
                 np.testing.assert_allclose(got[h], want[h], rtol=1e-5, atol=1e-6)
         past = past + t
     assert reads == [("table", layer, h, n) for layer in range(2) for h, n in enumerate((11, 7))]
+    # groups of 3 queries, the first one third in its group: sums over (lead + t) // 3
+    new = rng.normal(size=(heads, 5, dim)).astype(np.float32)
+    query = rng.normal(size=(heads, 5, group * dim)).astype(np.float32)
+    keys = [np.concatenate([keys[h], new[h]]) for h in range(heads)]
+    got = scorer.score(9, "table", 0, past, query, new, 3, 2)
+    want = _reference(query, keys, past, scale, 3, 2)
+    for h in range(heads):
+        np.testing.assert_allclose(got[h], want[h], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="lead: allowed 0..2"):
+        scorer.score(9, "table", 0, past + 5, query, new, 3, 3)
+    past = past + 5
     assert scorer.decoded_rows == 2 * (11 + 7)
     scorer.retain(set())
     new = rng.normal(size=(heads, 1, dim)).astype(np.float32)
     keys = [np.concatenate([keys[h], new[h]]) for h in range(heads)]
     got = scorer.score(9, "table", 0, past, query[:, -1:], new)  # forgotten: read again
-    assert reads[4:] == [("table", 0, 0, 20), ("table", 0, 1, 16)]
+    assert reads[4:] == [("table", 0, 0, 25), ("table", 0, 1, 21)]
     want = _reference(query[:, -1:], keys, past, scale)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
 

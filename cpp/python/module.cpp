@@ -42,6 +42,7 @@
 #include "kvcrush/passes.hpp"
 #include "kvcrush/policy.hpp"
 #include "kvcrush/properties.hpp"
+#include "kvcrush/replay_scores.hpp"
 #include "kvcrush/pooling.hpp"
 #include "kvcrush/selection.hpp"
 #include "kvcrush/upstream.hpp"
@@ -684,6 +685,22 @@ Out<float> decode_by_channel(In<uint8_t, 2> blocks, In<int64_t, 1> which, In<int
   return out;
 }
 
+Out<float> grouped_max_scores(In<float, 4> logits, In<int32_t, 1> first, int64_t group,
+                              int64_t lead) {
+  const size_t h = logits.shape(0), w = logits.shape(1), g = logits.shape(2),
+               k = logits.shape(3);
+  if (first.shape(0) != h) bad_shape("first", "[H], one entry per head of logits [H, W, G, K]");
+  if (g == 0) bad_shape("logits", "[H, W, G >= 1, K]");
+  auto out = new_array<float, 2>({h, k});
+  {
+    nb::gil_scoped_release release;
+    kvcrush::grouped_max_scores(logits.data(), static_cast<int64_t>(h),
+                                static_cast<int64_t>(w), static_cast<int64_t>(g),
+                                static_cast<int64_t>(k), first.data(), group, lead, out.data());
+  }
+  return out;
+}
+
 // ---- graph passes (kvcrush/passes.hpp) on models owned by the openvino Python package
 
 /// The ov::Model behind a Python ``openvino.Model``: ``address`` is its
@@ -1155,6 +1172,10 @@ NB_MODULE(_core, m) {
         nb::arg("layout"), "u8 [N, HB]: f32 rows [N, bs, D] as by-channel key head-blocks.");
   m.def("decode_by_channel", &decode_by_channel, nb::arg("blocks"), nb::arg("which"),
         nb::arg("rows"), nb::arg("layout"), "f32 [M, D]: rows of by-channel key head-blocks.");
+  m.def("grouped_max_scores", &grouped_max_scores, nb::arg("logits"), nb::arg("first"),
+        nb::arg("group"), nb::arg("lead"),
+        "f32 [H, K]: each row's largest softmax sum over an aligned group of queries "
+        "(kvcrush/replay_scores.hpp).");
   nb::class_<kvcrush::PolicyConfig>(m, "PolicyConfig",
                                     "An eviction policy (policy.hpp, kvcrush::PolicyConfig), "
                                     "validated at construction.")

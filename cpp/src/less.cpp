@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "kvcrush/fast_exp.hpp"
 #include "kvcrush/parallel.hpp"
 
 namespace kvcrush {
@@ -76,30 +77,6 @@ void decode_key(const uint8_t* block, int64_t row, const BlockLayout& layout, Ke
 #else
 #define KVCRUSH_HOT
 #endif
-
-/// e^x for |x| <= 87, relative error below 2e-7. Branch-free, so that loops over it vectorize:
-/// x = n ln2 + r, e^r by a degree-6 polynomial on |r| <= ln2 / 2, 2^n from the exponent bits.
-inline float exp_core(float x) {
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-
-/// e^x for x <= 0 (a log-sum-exp's shifted logits): exp_core, exactly 0 below -87.
-inline float exp_nonpositive(float x) {
-  const float under = x < -87.0f ? 0.0f : 1.0f;
-  return exp_core(x < -87.0f ? -87.0f : x) * under;
-}
 
 /// Four rows' dot products with one query (four independent accumulators: the loop is
 /// bound by throughput, not by the latency of one chain of additions).

@@ -18,8 +18,9 @@ it). The keys of rows cached before the step are decoded from the cache once (th
 values PagedAttention reads) and kept per sequence; each step's own keys are appended as the
 model computed them.
 
-The softmax runs in a small OpenVINO graph (one call per layer, ``[Hkv, w*G, K]`` logits), on the
-engine's device with its inference precision.
+The logits come from a small OpenVINO graph (one call per layer, ``[Hkv, w*G, K]``), the
+softmax, the sums and the maximum from one pass of the C++ core over them
+(``_core.grouped_max_scores``).
 """
 
 from __future__ import annotations
@@ -31,54 +32,25 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from kvcrush_ov import _core
+
 _F32 = np.float32
 
 
-def build_scorer(num_kv_heads: int, group: int, head_size: int, scale: float,
-                 query_group: int = 1) -> ov.Model:
-    """The per-layer scoring graph. Inputs: ``query`` f32 [Hkv, w, G*D] (``w`` a multiple of
-    ``query_group``), ``keys`` f32 [K, Hkv, D] (row order of the cache), ``first`` i32 [Hkv]
-    (the last key row the first query sees, per head; may be negative for padding queries),
-    ``weight`` f32 [w] (1 for a real query, 0 for padding). Output ``scores`` f32 [Hkv, K]
-    (rows a head does not hold come out 0)."""
-    h, g, d = num_kv_heads, group, head_size
-    q = ops.parameter([h, -1, g * d], ov.Type.f32, name="query")
+def build_logits(num_kv_heads: int, group: int, head_size: int, scale: float) -> ov.Model:
+    """The per-layer logits graph. Inputs: ``query`` f32 [Hkv, w, G*D], ``keys`` f32
+    [K, Hkv, D] (row order of the cache). Output ``logits`` f32 [Hkv, w*G, K]:
+    ``scale * q . k`` (query ``t``'s head ``g`` at row ``t*G + g``)."""
+    h, d = num_kv_heads, head_size
+    q = ops.parameter([h, -1, group * d], ov.Type.f32, name="query")
     k = ops.parameter([-1, h, d], ov.Type.f32, name="keys")
-    first = ops.parameter([h], ov.Type.i32, name="first")
-    weight = ops.parameter([-1], ov.Type.f32, name="weight")
     i64 = np.int64
     q3 = ops.reshape(q, ops.constant(np.array([h, -1, d], i64)), False)  # [H, w*G, D]
     kt = ops.transpose(k, ops.constant(np.array([1, 0, 2], i64)))       # [H, K, D]
     logits = ops.multiply(ops.matmul(q3, kt, False, True), ops.constant(np.float32(scale)))
-    w = ops.gather(ops.shape_of(q, ov.Type.i32), ops.constant(np.int32(1)),
-                   ops.constant(np.int32(0)))
-    n = ops.gather(ops.shape_of(k, ov.Type.i32), ops.constant(np.int32(0)),
-                   ops.constant(np.int32(0)))
-    zero, one = ops.constant(np.int32(0)), ops.constant(np.int32(1))
-    t = ops.range(zero, w, one, ov.Type.i32)                              # [w]
-    j = ops.range(zero, n, one, ov.Type.i32)                              # [K]
-    last = ops.maximum(ops.add(ops.unsqueeze(first, ops.constant(np.array([1], i64))),
-                               ops.unsqueeze(t, ops.constant(np.array([0], i64)))),
-                       zero)                                              # [H, w]
-    hidden = ops.greater(ops.reshape(j, ops.constant(np.array([1, 1, 1, -1], i64)), False),
-                         ops.unsqueeze(last, ops.constant(np.array([2, 3], i64))))  # [H,w,1,K]
-    shape4 = ops.concat([ops.constant(np.array([h], np.int32)), ops.unsqueeze(w, zero),
-                         ops.constant(np.array([g], np.int32)), ops.unsqueeze(n, zero)], 0)
-    l4 = ops.reshape(logits, shape4, False)                               # [H, w, G, K]
-    masked = ops.select(hidden, ops.constant(np.float32(-np.inf)), l4)
-    probs = ops.softmax(masked, 3)
-    per_query = ops.reduce_sum(probs, ops.constant(np.array([2], i64)), False)  # [H, w, K]
-    if query_group > 1:  # padding queries weigh nothing; aligned groups summed
-        per_query = ops.multiply(per_query, ops.reshape(
-            weight, ops.constant(np.array([1, -1, 1], i64)), False))
-        grouped = ops.reshape(per_query, ops.concat([
-            ops.constant(np.array([h, -1, query_group], np.int32)), ops.unsqueeze(n, zero)], 0),
-            False)                                                        # [H, w/q, q, K]
-        per_query = ops.reduce_sum(grouped, ops.constant(np.array([2], i64)), False)
-    out = ops.reduce_max(per_query, ops.constant(np.array([1], i64)), False)    # [H, K]
-    res = ops.result(out)
-    res.output(0).get_tensor().set_names({"scores"})
-    return ov.Model([res], [q, k, first, weight], "grouped_max_scores")
+    res = ops.result(logits)
+    res.output(0).get_tensor().set_names({"logits"})
+    return ov.Model([res], [q, k], "replay_logits")
 
 
 @dataclass
@@ -92,8 +64,9 @@ class _Keys:
 
 
 class QueryMaxScorer:
-    """Grouped maximum scores for the chunks of a step (module doc; one compiled graph per
-    query group).
+    """Grouped maximum scores for the chunks of a step (module doc): the logits from a small
+    OpenVINO graph (a batched matmul, on the engine's device and inference precision), the
+    softmax and the grouped maximum in the C++ core (``kvcrush/replay_scores.hpp``).
 
     ``read_keys(table, layer, head, n)``: f32 [n, D], the first ``n`` cached keys of a
     sequence's (layer, head) in row order, ``table`` its block table (dequantized from the
@@ -105,11 +78,10 @@ class QueryMaxScorer:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.group, self.head_size = group, head_size
         self.read_keys = read_keys
-        self._compile = lambda query_group: core.compile_model(
-            build_scorer(num_kv_heads, group, head_size, scale, query_group), device,
-            {k: v for k, v in props.items() if k in ("INFERENCE_PRECISION_HINT",
-                                                      "INFERENCE_NUM_THREADS")})
-        self._requests: dict[int, ov.InferRequest] = {}  # per query group
+        keep = {k: v for k, v in props.items() if k in ("INFERENCE_PRECISION_HINT",
+                                                         "INFERENCE_NUM_THREADS")}
+        self.request = core.compile_model(build_logits(num_kv_heads, group, head_size, scale),
+                                          device, keep).create_infer_request()
         self._keys: dict[int, _Keys] = {}
         self.decoded_rows = 0  # rows read back from the cache (tests: once per replay)
 
@@ -145,13 +117,6 @@ class QueryMaxScorer:
                 self.decoded_rows += n
         return buf
 
-    def _request(self, query_group: int) -> ov.InferRequest:
-        req = self._requests.get(query_group)
-        if req is None:
-            req = self._compile(query_group).create_infer_request()
-            self._requests[query_group] = req
-        return req
-
     def score(self, seq_id: int, table: object, layer: int, past: np.ndarray,
               query: np.ndarray, keys: np.ndarray, query_group: int = 1,
               lead: int = 0) -> list[np.ndarray]:
@@ -168,23 +133,13 @@ class QueryMaxScorer:
         buf = self._keys_for(seq_id, table, layer, past, total)
         for head in range(self.num_kv_heads):
             buf[past[head]:past[head] + t, head] = keys[head]
-        if not 0 <= lead < query_group:
-            raise ValueError(f"QueryMaxScorer.score: lead={lead}, allowed 0..{query_group - 1}")
-        padded = -(-(lead + w) // query_group) * query_group
-        weight = np.zeros(padded, _F32)
-        weight[lead:lead + w] = 1.0
-        if padded != w:
-            q = np.zeros((self.num_kv_heads, padded, query.shape[2]), _F32)
-            q[:, lead:lead + w] = query
-            query = q
-        first = (past + t - w - lead).astype(np.int32)
-        req = self._request(query_group)
+        req = self.request
         req.set_tensor("query", ov.Tensor(np.ascontiguousarray(query, _F32)))
         req.set_tensor("keys", ov.Tensor(buf[:total], shared_memory=True))
-        req.set_tensor("first", ov.Tensor(first))
-        req.set_tensor("weight", ov.Tensor(weight))
         req.infer()
-        out = req.get_tensor("scores").data
+        logits = req.get_tensor("logits").data.reshape(self.num_kv_heads, w, self.group, total)
+        first = (past + t - w).astype(np.int32)
+        out = _core.grouped_max_scores(logits, first, query_group, lead)
         st = self._keys[seq_id]
         st.rows[layer] = past + t
         return [np.array(out[head, :past[head] + t]) for head in range(self.num_kv_heads)]
