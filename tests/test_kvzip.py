@@ -496,23 +496,25 @@ def test_grouped_replay_scores_in_large_steps_equal_steps_of_the_group(tiny_mode
     assert eng.runner.query_scorer.decoded_rows == 201 * layers * heads
 
 
-def test_the_engine_replays_in_large_steps_as_in_steps_of_its_group(tiny_model):
+@pytest.mark.parametrize("parts", [False, True])
+def test_the_engine_replays_in_large_steps_as_in_steps_of_its_group(tiny_model, parts):
     """The engine's own replay (importance="kvzip") with replay_group=16 in steps of 64 keeps
-    the positions and greedy tokens of the replay in steps of 16 (f32), in fewer steps;
-    KVCrush around KVzip passes the option on."""
+    the positions and greedy tokens of the replay in steps of 16 (f32), in fewer steps, also
+    part by part with prefill eviction (heads then hold different rows before each part's
+    replay); KVCrush around KVzip passes the option on."""
     import dataclasses
 
     from kvcrush_ov.eviction.kvcrush import KVCrush
     from kvcrush_ov.eviction.kvzip import replay_group, with_replay_group
 
-    spec = make_spec(_kvzip())
+    spec = make_spec(_kvzip(prefill_eviction=parts))
     runs = []
     for chunk, group in ((16, None), (64, 16)):
         policy = with_replay_group(spec.policy, group, chunk)
         eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(precision="f32"),
                         SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
                         eviction=dataclasses.replace(spec, policy=policy), replay_prompt=REPEAT)
-        seq = eng.add_request(_ids(150, 4), GREEDY, set(), lambda x: "")
+        seq = eng.add_request(_ids(300 if parts else 150, 4), GREEDY, set(), lambda x: "")
         steps, kept = 0, None
         while eng.has_unfinished():
             eng.step()
@@ -524,6 +526,30 @@ def test_the_engine_replays_in_large_steps_as_in_steps_of_its_group(tiny_model):
     (kept16, out16, steps16), (kept64, out64, steps64) = runs
     assert all(np.array_equal(a, b) for ra, rb in zip(kept16, kept64, strict=True)
                for a, b in zip(ra, rb, strict=True))
-    # the replay (positions 150 to 304) in 10 steps of 16 or 3 of 64, the rest alike
-    assert out64 == out16 and steps16 - steps64 == 10 - 3
+    assert out64 == out16
+    if parts:  # 5 parts, each replayed (68 tokens) in 5-6 steps of 16 or 2-3 of 64
+        assert kept64[0][0].size < 300 and steps16 - steps64 >= 10
+    else:  # the replay (positions 150 to 304) in 10 steps of 16 or 3 of 64, the rest alike
+        assert steps16 - steps64 == 10 - 3
     assert replay_group(with_replay_group(KVCrush(importance=spec.policy), 16, 64)) == 16
+
+
+def test_grouped_replay_scores_on_a_fastkv_engine_are_refused_by_name(tiny_model):
+    """FastKV's split steps give no queries and keys: a request given a grouped KVzip spec on
+    an engine built with FastKV is refused before any work, naming the field."""
+    import dataclasses
+
+    from kvcrush_ov.eviction.kvzip import with_replay_group
+
+    eng = LLMEngine(tiny_model, "CPU", KVCacheConfig(precision="f32"),
+                    SchedulerConfig(max_num_batched_tokens=64), context_length=2048,
+                    eviction=make_spec(CacheEvictionConfig(importance="snapkv",
+                                                           fastkv=FastKVConfig())),
+                    replay_prompt=REPEAT)
+    seq = eng.add_request(_ids(100, 5), GREEDY, set(), lambda x: "")
+    spec = make_spec(_kvzip())
+    grouped = dataclasses.replace(spec, policy=with_replay_group(spec.policy, 16, 64))
+    with pytest.raises(ConfigError, match="eviction.policy") as err:
+        eng.set_spec(seq, grouped)
+    assert "replay_group=None with fastkv" in str(err.value)
+    assert eng.runner.query_key_request is None and seq.num_computed == 0
