@@ -7,7 +7,7 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from kvcrush_ov.engine.query_scores import QueryMaxScorer
+from kvcrush_ov.engine.query_scores import ReplayScorer
 from kvcrush_ov.transformations.paged import read_paged_model
 from kvcrush_ov.transformations.per_head import to_per_head
 from kvcrush_ov.transformations.query_key import (
@@ -56,7 +56,7 @@ def test_the_scorer_is_each_querys_largest_attention_and_keeps_the_keys():
         reads.append((table, layer, head, n))
         return keys[head][:n]
 
-    scorer = QueryMaxScorer(ov.Core(), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}, 2, heads,
+    scorer = ReplayScorer(ov.Core(), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}, 2, heads,
                             group, dim, scale, read_keys)
     past = np.array([11, 7])
     for t, w in ((5, 5), (4, 2)):

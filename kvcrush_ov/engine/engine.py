@@ -27,7 +27,7 @@ from kvcrush_ov.engine.head_model_runner import HeadModelRunner
 from kvcrush_ov.engine.kv_cache_manager import KVCacheManager
 from kvcrush_ov.engine.layer_model_runner import LayerModelRunner
 from kvcrush_ov.engine.model_runner import ModelRunner
-from kvcrush_ov.engine.query_scores import QueryMaxScorer, rescore_step
+from kvcrush_ov.engine.query_scores import ReplayScorer, rescore_step
 from kvcrush_ov.engine.replay import ContextReplay, probes, replays
 from kvcrush_ov.engine.sampler import SequenceSampler, sample_batch
 from kvcrush_ov.engine.scheduler import Scheduler
@@ -320,7 +320,7 @@ class LLMEngine:
             return self._prefill_hold(spec, prompt, max_new) + self.replay.part_replay_len
         return max(self.replay.max_held(prompt), prompt + max_new)
 
-    def _query_scores(self) -> QueryMaxScorer:
+    def _query_scores(self) -> ReplayScorer:
         """The runner's scorer of per-query maximum attention (engine/query_scores.py; its
         graph compiled on first use). FastKV's split steps give no queries: refused."""
         if self.fastkv is not None:

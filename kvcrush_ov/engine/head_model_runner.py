@@ -36,7 +36,7 @@ from kvcrush_ov import _core
 from kvcrush_ov.engine.head_cache_manager import HeadTable, Move
 from kvcrush_ov.engine.kv_codec import KEY, CacheLayout, FlatMoves, flatten_moves
 from kvcrush_ov.engine.model_runner import ModelRunner
-from kvcrush_ov.engine.query_scores import QueryMaxScorer
+from kvcrush_ov.engine.query_scores import ReplayScorer
 from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.kvzap.weights import KVzapWeights
@@ -415,7 +415,7 @@ class HeadModelRunner(ModelRunner):
         for i, layer in enumerate(layers):
             req.set_tensor(head_past_lens_name(layer), ov.Tensor(buf[i], shared_memory=True))
 
-    def enable_query_keys(self) -> QueryMaxScorer:
+    def enable_query_keys(self) -> ReplayScorer:
         """Compile (once) the scored graph with its queries and keys as outputs
         (transformations/query_key.py) and return the scorer of per-query maximum attention
         (engine/query_scores.py) that :meth:`run_heads` with ``query_keys=True`` feeds: a third
@@ -429,7 +429,7 @@ class HeadModelRunner(ModelRunner):
                 self.query_key_request.set_tensor(f"value_cache.{layer}", vt)
             width = compiled.output(query_name(0)).get_partial_shape()[-1].get_length()
             head = compiled.output(key_name(0)).get_partial_shape()[-1].get_length()
-            self.query_scorer = QueryMaxScorer(
+            self.query_scorer = ReplayScorer(
                 self.core, self.device, self.props, self.num_layers, self.num_kv_heads,
                 width // head, head, attention_scale(graph), self.read_keys)
         return self.query_scorer

@@ -2,7 +2,7 @@
 
 PagedAttention's ``scores.L`` sum a step's scored queries, so KVzip's replay ran in steps of a
 few queries (a row keeping the largest sum one step gave it). With the step's queries and keys
-as outputs (``transformations/query_key.py``), :class:`QueryMaxScorer` computes the same beside
+as outputs (``transformations/query_key.py``), :class:`ReplayScorer` computes the same beside
 a step of any size, per layer and KV head::
 
     p[t, g, j] = softmax_j(scale * q[t, g] . k[j])   over the keys j <= first + t
@@ -26,7 +26,7 @@ softmax, the sums and the maximum from one pass of the C++ core over them
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import openvino as ov
@@ -37,12 +37,12 @@ from kvcrush_ov import _core
 _F32 = np.float32
 
 
-def build_logits(num_kv_heads: int, group: int, head_size: int, scale: float) -> ov.Model:
+def build_logits(num_kv_heads: int, query_heads: int, head_size: int, scale: float) -> ov.Model:
     """The per-layer logits graph. Inputs: ``query`` f32 [Hkv, w, G*D], ``keys`` f32
     [K, Hkv, D] (row order of the cache). Output ``logits`` f32 [Hkv, w*G, K]:
     ``scale * q . k`` (query ``t``'s head ``g`` at row ``t*G + g``)."""
     h, d = num_kv_heads, head_size
-    q = ops.parameter([h, -1, group * d], ov.Type.f32, name="query")
+    q = ops.parameter([h, -1, query_heads * d], ov.Type.f32, name="query")
     k = ops.parameter([-1, h, d], ov.Type.f32, name="keys")
     i64 = np.int64
     q3 = ops.reshape(q, ops.constant(np.array([h, -1, d], i64)), False)  # [H, w*G, D]
@@ -59,11 +59,9 @@ class _Keys:
 
     buf: list[np.ndarray]
     rows: np.ndarray
-    version: int = -1
-    steps: int = field(default=0)
 
 
-class QueryMaxScorer:
+class ReplayScorer:
     """Grouped maximum scores for the chunks of a step (module doc): the logits from a small
     OpenVINO graph (a batched matmul, on the engine's device and inference precision), the
     softmax and the grouped maximum in the C++ core (``kvcrush/replay_scores.hpp``).
@@ -73,21 +71,18 @@ class QueryMaxScorer:
     cache)."""
 
     def __init__(self, core: ov.Core, device: str, props: dict, num_layers: int,
-                 num_kv_heads: int, group: int, head_size: int, scale: float,
+                 num_kv_heads: int, query_heads: int, head_size: int, scale: float,
                  read_keys: Callable[[object, int, int, int], np.ndarray]) -> None:
+        """``query_heads``: G, the query heads per KV head; ``scale``: the softmax scale."""
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
-        self.group, self.head_size = group, head_size
+        self.query_heads, self.head_size = query_heads, head_size
         self.read_keys = read_keys
         keep = {k: v for k, v in props.items() if k in ("INFERENCE_PRECISION_HINT",
                                                          "INFERENCE_NUM_THREADS")}
-        self.request = core.compile_model(build_logits(num_kv_heads, group, head_size, scale),
-                                          device, keep).create_infer_request()
+        self.request = core.compile_model(build_logits(num_kv_heads, query_heads, head_size,
+                                                       scale), device, keep).create_infer_request()
         self._keys: dict[int, _Keys] = {}
         self.decoded_rows = 0  # rows read back from the cache (tests: once per replay)
-
-    def forget(self, seq_id: int) -> None:
-        """Drop the keys kept for ``seq_id`` (its replay is over)."""
-        self._keys.pop(seq_id, None)
 
     def retain(self, seq_ids: set[int]) -> None:
         """Keep the keys of ``seq_ids`` only."""
@@ -137,7 +132,8 @@ class QueryMaxScorer:
         req.set_tensor("query", ov.Tensor(np.ascontiguousarray(query, _F32)))
         req.set_tensor("keys", ov.Tensor(buf[:total], shared_memory=True))
         req.infer()
-        logits = req.get_tensor("logits").data.reshape(self.num_kv_heads, w, self.group, total)
+        logits = req.get_tensor("logits").data.reshape(self.num_kv_heads, w, self.query_heads,
+                                                        total)
         first = (past + t - w).astype(np.int32)
         out = _core.grouped_max_scores(logits, first, query_group, lead)
         st = self._keys[seq_id]
@@ -145,7 +141,7 @@ class QueryMaxScorer:
         return [np.array(out[head, :past[head] + t]) for head in range(self.num_kv_heads)]
 
 
-def rescore_step(scorer: QueryMaxScorer, chunks: list, windows: list[int],
+def rescore_step(scorer: ReplayScorer, chunks: list, windows: list[int],
                  tables: list, queries: list[np.ndarray], keys: list[np.ndarray],
                  scores: list[np.ndarray], exact: list[int], groups: list[int]) -> None:
     """Replace, in the step's flat ``scores.L`` (head-major segments ``j = h*B + s``, each as
