@@ -321,7 +321,7 @@ class LLMEngine:
         return max(self.replay.max_held(prompt), prompt + max_new)
 
     def _query_scores(self) -> ReplayScorer:
-        """The runner's scorer of per-query maximum attention (engine/query_scores.py; its
+        """The runner's scorer of KVzip's grouped replay scores (engine/query_scores.py; its
         graph compiled on first use). FastKV's split steps give no queries: refused."""
         if self.fastkv is not None:
             raise ConfigError("eviction.policy", "KVzip(replay_group=N)",
@@ -477,7 +477,7 @@ class LLMEngine:
             scorer = self._query_scores() if exact else None
             logits, scores = self.runner.run_heads(out.chunks, tables, windows,
                                                    query_keys=bool(exact))
-            if scorer is not None:  # KVzip's per-query maximum replaces these chunks' sums
+            if scorer is not None:  # KVzip's grouped scores replace these chunks' step sums
                 queries, keys = self.runner.last_query_keys
                 rescore_step(scorer, out.chunks, windows, tables, queries, keys, scores, exact,
                              [out.chunks[i].seq.extra["query_group"] for i in exact])

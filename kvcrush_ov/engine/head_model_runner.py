@@ -417,9 +417,9 @@ class HeadModelRunner(ModelRunner):
 
     def enable_query_keys(self) -> ReplayScorer:
         """Compile (once) the scored graph with its queries and keys as outputs
-        (transformations/query_key.py) and return the scorer of per-query maximum attention
+        (transformations/query_key.py) and return the scorer of KVzip's grouped replay scores
         (engine/query_scores.py) that :meth:`run_heads` with ``query_keys=True`` feeds: a third
-        compiled copy of the graph, made only when a policy asks for per-query scores."""
+        compiled copy of the graph, made only when a policy asks for them (``replay_group``)."""
         if self.query_key_request is None:
             graph = add_query_key(self._scored_graph.clone())
             compiled = self.core.compile_model(graph, self.device, self.props)
