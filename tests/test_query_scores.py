@@ -79,7 +79,7 @@ def test_the_scorer_is_each_querys_largest_attention_and_keeps_the_keys():
     want = _reference(query, keys, past, scale, 3, 2)
     for h in range(heads):
         np.testing.assert_allclose(got[h], want[h], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="lead: allowed 0..2"):
+    with pytest.raises(ValueError, match="lead=3, allowed 0..2"):
         scorer.score(9, "table", 0, past + 5, query, new, 3, 3)
     past = past + 5
     assert scorer.decoded_rows == 2 * (11 + 7)
@@ -108,3 +108,24 @@ def test_query_and_key_outputs_of_the_per_head_graph(tiny_model):
         add_query_key(decode)
     with pytest.raises(Exception, match="to_per_head"):
         add_query_key(read_paged_model(tiny_model / "openvino_model.xml", score_outputs=True))
+
+
+def test_the_kernel_names_bad_arguments():
+    """_core.grouped_max_scores refuses a bad group, lead or first before any work."""
+    from kvcrush_ov import _core
+
+    logits = np.zeros((2, 4, 3, 5), np.float32)
+    first = np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="group: allowed an integer >= 1"):
+        _core.grouped_max_scores(logits, first, 0, 0)
+    with pytest.raises(ValueError, match="lead: allowed 0..3"):
+        _core.grouped_max_scores(logits, first, 4, 4)
+    with pytest.raises(ValueError, match="first: allowed \\[H\\]"):
+        _core.grouped_max_scores(logits, np.zeros(3, np.int32), 1, 0)
+    out = _core.grouped_max_scores(logits, first, 2, 1)
+    # query t sees rows 0..t, each 1 / (t + 1) per query head (3 of them); groups summed
+    groups = [[0], [1, 2], [3]]  # lead 1: query 0 alone, then 1-2, then 3
+    want = np.max([[3 * sum(1 / (t + 1) for t in g if j <= t) for j in range(5)]
+                   for g in groups], axis=0)
+    np.testing.assert_allclose(out[0], want, rtol=1e-5)
+    np.testing.assert_allclose(out[1], want, rtol=1e-5)

@@ -121,6 +121,8 @@ class ReplayScorer:
         the first one's group before it (its position modulo ``query_group``). Returns per
         head f32 [past[h] + T]: each row's largest attention summed over a group of queries
         (and over the head's query heads)."""
+        if not 0 <= lead < query_group:
+            raise ValueError(f"ReplayScorer.score: lead={lead}, allowed 0..{query_group - 1}")
         t = keys.shape[1]
         w = query.shape[1]
         past = np.asarray(past, np.int64)

@@ -116,19 +116,21 @@ def question_window(policy) -> int:
     return int(getattr(importance_of(policy), "question_window", 1))
 
 
-def with_replay_chunk(policy, chunk: int):
-    """``policy`` (KVzip, or a KVCrush around it) with the replay run in steps of ``chunk``."""
+def with_kvzip(policy, **changes):
+    """``policy`` (KVzip, or a KVCrush around it) with KVzip's fields ``changes`` replaced."""
     inner = importance_of(policy)
     if inner is not policy:
-        return replace(policy, importance=replace(inner, replay_chunk=chunk))
-    return replace(policy, replay_chunk=chunk)
+        return replace(policy, importance=replace(inner, **changes))
+    return replace(policy, **changes)
+
+
+def with_replay_chunk(policy, chunk: int):
+    """``policy`` (KVzip, or a KVCrush around it) with the replay run in steps of ``chunk``."""
+    return with_kvzip(policy, replay_chunk=chunk)
 
 
 def with_replay_group(policy, group: int | None, chunk: int | None = None):
     """``policy`` (KVzip, or a KVCrush around it) with ``replay_group=group`` (and
     ``replay_chunk=chunk`` when given)."""
-    inner = importance_of(policy)
-    changes = {"replay_group": group} | ({} if chunk is None else {"replay_chunk": chunk})
-    if inner is not policy:
-        return replace(policy, importance=replace(inner, **changes))
-    return replace(policy, **changes)
+    return with_kvzip(policy, replay_group=group,
+                      **({} if chunk is None else {"replay_chunk": chunk}))
