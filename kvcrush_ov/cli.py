@@ -653,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     kz.add_argument("--facts", type=float, default=0.0,
                     help="share of paragraphs followed by a sentence holding an arbitrary value")
     kz.add_argument("--hidden", type=int, default=None,
-                    help="MLP width (default: a linear surrogate)")
+                    help="width of a residual MLP on the linear map (default: the linear map "
+                    "alone; many texts want a GPU: scripts/kvzap_gpu.py)")
     kz.add_argument("--seed", type=int, default=0)
     kz.add_argument("--out", default=None,
                     help="output file (default: <model cache folder>/kvzap.npz)")

@@ -12,15 +12,16 @@ from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConf
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.factory import make_spec
-from kvcrush_ov.kvzap.train import save, train
+from kvcrush_ov.kvzap.train import Normal, fit, fit_mlp, save, train
 from kvcrush_ov.kvzap.weights import KVzapWeights
 from kvcrush_ov.transformations.kvzap import add_kvzap
 
 
 def _surrogate(tmp_path: Path, tiny_model: Path, seed: int = 0,
-               shape: tuple[int, int, int] = (4, 256, 2), mlp: int | None = None) -> Path:
+               shape: tuple[int, int, int] = (4, 256, 2), mlp: int | None = None,
+               skip: bool = False) -> Path:
     """A model folder (the tiny model linked in) with a random surrogate beside it (linear, or
-    an MLP of width ``mlp``)."""
+    an MLP of width ``mlp``, with a linear skip if ``skip``)."""
     folder = tmp_path / "tiny"
     folder.mkdir()
     (folder / tiny_model.name).symlink_to(tiny_model)
@@ -30,6 +31,8 @@ def _surrogate(tmp_path: Path, tiny_model: Path, seed: int = 0,
     two = {} if mlp is None else {
         "weight2": (rng.normal(size=(layers, mlp, heads)) * 0.2).astype(np.float32),
         "bias2": rng.normal(size=(layers, heads)).astype(np.float32)}
+    if skip:
+        two["skip"] = (rng.normal(size=(layers, dim, heads)) * 0.05).astype(np.float32)
     save(folder / "kvzap.npz", (rng.normal(size=(layers, dim, first)) * 0.05).astype(np.float32),
          rng.normal(size=(layers, first)).astype(np.float32), "kvzip+", {}, **two)
     return folder / tiny_model.name
@@ -84,14 +87,16 @@ def _reference(hf_dir: Path, ids: list[int], weights: KVzapWeights) -> list[np.n
         if weights.hidden is not None:
             y = torch.nn.functional.gelu(torch.from_numpy(y)).numpy()
             y = y @ weights.weight2[layer] + weights.bias2[layer]
+            if weights.skip is not None:
+                y = y + xs[layer] @ weights.skip[layer]
         out.append(y)
     return out
 
 
-@pytest.mark.parametrize("mlp", [None, 16])
+@pytest.mark.parametrize(("mlp", "skip"), [(None, False), (16, False), (16, True)])
 def test_every_prompt_token_is_scored_by_the_graph_as_the_torch_reference(tiny_model, tmp_path,
-                                                                          mlp):
-    model_dir = _surrogate(tmp_path, tiny_model, mlp=mlp)
+                                                                          mlp, skip):
+    model_dir = _surrogate(tmp_path, tiny_model, mlp=mlp, skip=skip)
     eng = _engine(model_dir, _cfg())
     caught = _watch(eng)
     ids = np.random.default_rng(1).integers(11, 500, 200).tolist()  # 4 steps of 64
@@ -150,9 +155,57 @@ def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidd
     w = KVzapWeights.load(path)
     assert w.hidden == hidden and w.num_kv_heads == 2 and w.num_layers == 4
     assert w.weight.shape == (4, 256, hidden or 2)
+    assert (w.skip is None) == (hidden is None)  # the MLP is residual on a linear map
+    if hidden is not None:
+        assert w.skip.shape == (4, 256, 2)
     assert len(r2) == 4 and all(np.isfinite(r2))
     assert w.meta["texts"] == 2 and w.target == "kvzip" and w.meta["hidden"] == hidden
     w.check_model(4, 256, 2)
+
+
+def _synthetic(rng: np.random.Generator, texts: int, rows: int = 200) -> dict:
+    """One layer's collected data (collect()'s layout) where the target is partly non-linear:
+    y = x @ a + 2 |x_0| (two heads), plus noise."""
+    a = rng.normal(size=(6, 2))
+
+    def text() -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(rows, 6))
+        y = x @ a + 2 * np.abs(x[:, :1]) + 0.05 * rng.normal(size=(rows, 2))
+        return x, y
+
+    train_, test_ = [text() for _ in range(texts)], [text() for _ in range(2)]
+    ne = Normal(np.zeros((7, 7)), np.zeros((7, 2)))
+    for x, y in train_:
+        ne.add(x, y)
+    return {"num_layers": 1, "normal": {"kvzip": [ne]},
+            "kept_x": [[x.astype(np.float32) for x, _ in train_]],
+            "kept": {"kvzip": [[y.astype(np.float32) for _, y in train_]]},
+            "test_x": [[x for x, _ in test_]], "test": {"kvzip": [[y for _, y in test_]]}}
+
+
+def test_the_residual_mlp_starts_as_the_ridge_map_and_learns_what_it_misses():
+    data = _synthetic(np.random.default_rng(0), texts=10)
+    w, b, r2_lin = fit(data, "kvzip")
+    untrained, r2_0 = fit_mlp(data, "kvzip", hidden=16, epochs=0, log=lambda *_: None)
+    # no epoch: the skip is the ridge map of the training texts but the last (validation) one
+    assert untrained["skip"].shape == (1, 6, 2) and not untrained["w2"].any()
+    assert abs(r2_0[0] - r2_lin[0]) < 0.02
+    mlp, r2 = fit_mlp(data, "kvzip", hidden=16, epochs=40, lr=3e-3, log=lambda *_: None)
+    assert r2_lin[0] < 0.9 and r2[0] > r2_lin[0] + 0.05
+    # the folded arrays predict what the trained model predicted (held-out R^2 recomputed)
+    x, y = np.concatenate(data["test_x"][0]), np.concatenate(data["test"]["kvzip"][0])
+    import torch
+    h = torch.nn.functional.gelu(torch.from_numpy(x @ mlp["w1"][0] + mlp["b1"][0])).numpy()
+    pred = h @ mlp["w2"][0] + mlp["b2"][0] + x @ mlp["skip"][0]
+    assert 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum() == pytest.approx(r2[0],
+                                                                                      abs=1e-4)
+
+
+def test_a_skip_without_an_mlp_is_refused_by_name():
+    with pytest.raises(ConfigError, match="skip") as err:
+        KVzapWeights(np.zeros((2, 8, 3), np.float32), np.zeros((2, 3), np.float32),
+                     skip=np.zeros((2, 8, 3), np.float32))
+    assert err.value.field == "kvzap.weights"
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -342,3 +395,26 @@ def test_partial_replay_columns_share_a_parent_by_their_replay_and_need_the_agno
                         methods=["kvzap-replay50"], budgets=[0.25], say=lambda _: None)
     assert err.value.field == "methods"
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path):
+    """scripts/kvzap_gpu.py: token ids here, then targets and the residual MLP (here on the
+    CPU) through train.py loaded from its file; the result loads and fits the model."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kvzap_gpu.py"
+    spec = importlib.util.spec_from_file_location("kvzap_gpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    hf = tiny_model.parent / "hf"
+    texts_file, out = tmp_path / "t.npz", tmp_path / "kvzap.npz"
+    assert script.main(["texts", "--model", str(hf), "--texts", "5", "--min-tokens", "60",
+                        "--max-tokens", "120", "--out", str(texts_file)]) == 0
+    assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
+                        str(out), "--hidden", "8", "--keep", "40", "--test", "3:5",
+                        "--device", "cpu"]) == 0
+    w = KVzapWeights.load(out)
+    w.check_model(4, 256, 2)
+    assert w.hidden == 8 and w.skip.shape == (4, 256, 2)
+    assert w.meta["texts"] == 3 and w.meta["test_texts"] == 2 and w.meta["rows_per_text"] == 40
+    assert len(w.meta["r2"]) == 4 and all(np.isfinite(w.meta["r2"] + w.meta["r2_ridge"]))

@@ -4,13 +4,15 @@
 
     kvzap[l] = x_l @ weight[l] + bias[l]                                  (linear), or
     kvzap[l] = gelu(x_l @ weight[l] + bias[l]) @ weight2[l] + bias2[l]    (MLP, erf GELU)
+             [+ x_l @ skip[l]]                                            (residual MLP)
 
 where ``x_l`` [T, 1, D] is the normalised hidden state the layer's attention reads (the input
 of its value projection: the MatMul found by walking up from PagedAttention's value input
 through Reshape / Transpose / Add / Convert). ``T`` is the step's tokens, in input order. The
 outputs are the log importance the surrogate predicts for each token's key (kvzap/train.py).
 The linear map costs ``D * Hkv`` multiply-adds per layer and token (SmolLM2: 0.07% of a
-token's forward), an MLP of width ``Y`` about ``D * Y`` (Y = 128: 1.6%).
+token's forward), an MLP of width ``Y`` about ``D * Y`` (Y = 128: 1.6%; its skip
+``D * Hkv`` more).
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ def _attention_input(pa: ov.Node) -> ov.Output:
 
 
 def add_kvzap(model: ov.Model, weight: np.ndarray, bias: np.ndarray,
-              weight2: np.ndarray | None = None, bias2: np.ndarray | None = None) -> ov.Model:
+              weight2: np.ndarray | None = None, bias2: np.ndarray | None = None,
+              skip: np.ndarray | None = None) -> ov.Model:
     """Add the ``kvzap`` output (module doc) in place; returns ``model``. ``weight`` f32
     [L, D, Hkv], ``bias`` [L, Hkv]; with ``weight2`` [L, Y, Hkv] and ``bias2`` [L, Hkv] an MLP:
-    ``gelu(x @ weight + bias) @ weight2 + bias2`` (``weight`` [L, D, Y], ``bias`` [L, Y]).
-    ValueError when they do not fit the model's layers."""
+    ``gelu(x @ weight + bias) @ weight2 + bias2`` (``weight`` [L, D, Y], ``bias`` [L, Y]),
+    plus ``x @ skip`` with ``skip`` [L, D, Hkv]. ValueError when they do not fit the model's
+    layers."""
     pas = [n for n in model.get_ordered_ops() if n.get_type_name() == "PagedAttentionExtension"]
     if len(pas) != weight.shape[0]:
         raise ValueError(f"add_kvzap: {weight.shape[0]} layers of weights, the model has "
@@ -75,6 +79,9 @@ def add_kvzap(model: ov.Model, weight: np.ndarray, bias: np.ndarray,
             w2 = ops.constant(np.ascontiguousarray(weight2[layer], np.float32))
             b2 = ops.constant(np.ascontiguousarray(bias2[layer], np.float32))
             y = ops.add(ops.matmul(y, w2, False, False), b2)
+            if skip is not None:
+                ws = ops.constant(np.ascontiguousarray(skip[layer], np.float32))
+                y = ops.add(y, ops.matmul(x, ws, False, False))
         per_layer[layer] = ops.unsqueeze(y, ops.constant(np.array([0], np.int64))).output(0)
     if sorted(per_layer) != list(range(len(pas))):
         raise ValueError(f"add_kvzap: key_cache layers {sorted(per_layer)}, expected "

@@ -132,7 +132,7 @@ class HeadModelRunner(ModelRunner):
                                  logits_indices=True, score_aggregation=True)
         if self.kvzap is not None:  # every graph below predicts its tokens' KVzap scores
             k = self.kvzap
-            add_kvzap(paged, k.weight, k.bias, k.weight2, k.bias2)
+            add_kvzap(paged, k.weight, k.bias, k.weight2, k.bias2, k.skip)
         # clones share the read model's weights (a graph read again cost twice the memory)
         self._plain_graph = without_scores(paged.clone()) if self.plain_prefill else None
         decode = to_per_head(paged.clone(), sequence_major=True)

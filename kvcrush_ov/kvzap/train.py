@@ -15,10 +15,14 @@ each layer the attention weights ``A[h, t, i]`` of the replay's queries ``t`` on
   the attention weighted by what the value adds to the output, per unit of the query's input).
 
 Fit: ridge regression per layer with a bias, from the normal equations accumulated over the
-texts (no feature matrix is kept), ``lam`` times the mean diagonal as the ridge.
+texts (no feature matrix is kept), ``lam`` times the mean diagonal as the ridge. With
+``hidden``: a residual MLP per layer (:func:`fit_mlp`: the ridge map plus a one-hidden-layer
+GELU MLP trained from zero on every row of the training texts, stopped on held-back texts).
 
-Output (:func:`save`): ``kvzap.npz`` with ``weight`` f32 [L, D, Hkv], ``bias`` f32 [L, Hkv],
-``target`` (str), ``meta`` (json: texts, tokens, r2 on held-out texts per layer).
+Output (:func:`save`): ``kvzap.npz`` with ``weight`` f32 [L, D, Hkv], ``bias`` f32 [L, Hkv]
+(an MLP: ``weight`` [L, D, Y], ``bias`` [L, Y], ``weight2`` [L, Y, Hkv], ``bias2`` [L, Hkv],
+``skip`` [L, D, Hkv]), ``target`` (str), ``meta`` (json: texts, tokens, r2 on held-out texts
+per layer).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvcrush_ov.kvzap.weights import KVZAP_FILE
+# (nothing from kvcrush_ov at module level: scripts/kvzap_gpu.py loads this file on a GPU
+# machine without OpenVINO)
 
 TARGETS = ("kvzip", "kvzip+")
 
@@ -105,7 +110,7 @@ def texts(num: int, tokens_of, min_tokens: int, max_tokens: int, seed: int,
 
 def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             min_tokens: int = 800, max_tokens: int = 2000, seed: int = 0,
-            facts_per_doc: float = 0.0, keep_per_text: int = 0, log=print) -> dict:
+            facts_per_doc: float = 0.0, keep_per_text: int | None = 0, log=print) -> dict:
     """Normal equations for both targets plus held-out (x, y) for the R^2 (module doc)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,6 +136,7 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
     seen: dict[int, tuple] = {}
     span: dict[str, int] = {}
     # rows kept for a non-linear fit (fit_mlp): keep_per_text random rows of each text
+    # (None: every row; 0: none)
     kept = {t: [[] for _ in range(num_layers)] for t in TARGETS}
     kept_x: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
     sample_rng = np.random.default_rng(seed + 1)
@@ -173,9 +179,10 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
                 model.model(torch.tensor([full]))
             held_out = i >= num_texts
             pick = np.sort(sample_rng.permutation(len(ids))[:keep_per_text])
+            keep = keep_per_text is None or keep_per_text > 0
             for layer in range(num_layers):
                 x, yk, yp = seen[layer]
-                if not held_out and keep_per_text:
+                if not held_out and keep:
                     kept_x[layer].append(x[pick].astype(np.float32))
                     kept["kvzip"][layer].append(yk[pick].astype(np.float32))
                     kept["kvzip+"][layer].append(yp[pick].astype(np.float32))
@@ -211,53 +218,108 @@ def fit(data: dict, target: str, lam: float = 1e-3) -> tuple[np.ndarray, np.ndar
     return (np.asarray(ws, np.float32), np.asarray(bs, np.float32), r2)
 
 
-def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 300, lr: float = 3e-3,
-            seed: int = 0) -> tuple[dict, list[float]]:
-    """A one-hidden-layer GELU MLP per layer on the kept rows (``keep_per_text``), full-batch
-    Adam on the mean squared error of the log score. Returns ({w1 [L, D, Y], b1 [L, Y], w2
-    [L, Y, Hkv], b2 [L, Hkv]}, held-out R^2 per layer)."""
+def _residual_mlp(x, y, cut: int, w0, b0, hidden: int, epochs: int, lr: float, batch: int):
+    """Train ``x @ skip + l2(gelu(l1((x - mu) / sd)))`` on rows ``[:cut]``, early-stopped on
+    rows ``[cut:]`` (fit_mlp's doc); returns the folded (w1, b1, w2, b2, skip) tensors."""
+    import torch
+
+    gelu = torch.nn.functional.gelu
+    mu, sd = x[:cut].mean(0), x[:cut].std(0) + 1e-6
+    skip = torch.nn.Linear(x.shape[1], y.shape[1]).to(x.device)
+    l1 = torch.nn.Linear(x.shape[1], hidden).to(x.device)
+    l2 = torch.nn.Linear(hidden, y.shape[1]).to(x.device)
+    params = [*skip.parameters(), *l1.parameters(), *l2.parameters()]
+    with torch.no_grad():
+        skip.weight.copy_(w0.T)
+        skip.bias.copy_(b0)
+        l2.weight.zero_()
+        l2.bias.zero_()
+
+    def f(xb):
+        return skip(xb) + l2(gelu(l1((xb - mu) / sd)))
+
+    best = [p.detach().clone() for p in params]
+    if cut < len(x):
+        with torch.enable_grad():
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+            best_loss, bad = float("inf"), 0
+            for _ in range(epochs):
+                order = torch.randperm(cut, device=x.device)
+                for i in range(0, cut, batch):
+                    idx = order[i:i + batch]
+                    opt.zero_grad()
+                    ((f(x[idx]) - y[idx]) ** 2).mean().backward()
+                    opt.step()
+                with torch.no_grad():
+                    loss = float(((f(x[cut:]) - y[cut:]) ** 2).mean())
+                if loss < best_loss - 1e-5:
+                    best_loss, bad = loss, 0
+                    best = [p.detach().clone() for p in params]
+                else:
+                    bad += 1
+                    if bad >= 3:
+                        break
+    with torch.no_grad():
+        for p, kept in zip(params, best, strict=True):
+            p.copy_(kept)
+        w1 = (l1.weight / sd[None, :]).T  # [D, Y]: the input scaling folded in
+        b1 = l1.bias - (l1.weight * (mu / sd)[None, :]).sum(1)
+        return w1, b1, l2.weight.T, l2.bias + skip.bias, skip.weight.T
+
+
+def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 40, lr: float = 2e-3,
+            batch: int = 2048, lam: float = 1e-3, seed: int = 0, device: str = "cpu",
+            log=print) -> tuple[dict, list[float]]:
+    """A residual MLP per layer: ``x @ skip + gelu(x @ w1 + b1) @ w2 + b2``. ``skip`` and the
+    bias start as the ridge solution of the kept rows (:func:`fit`'s map) and the MLP's output
+    layer at zero, so training starts from the linear surrogate; then mini-batch AdamW on the
+    mean squared error of the log score, stopped when the loss on the last twentieth of the
+    training texts (at least one text, never the held-out ones) has not improved for 3 epochs,
+    and the best epoch is kept. ``device``: a torch device ("cuda" on a GPU machine). Returns
+    ({w1 [L, D, Y], b1 [L, Y], w2 [L, Y, Hkv], b2 [L, Hkv], skip [L, D, Hkv]}, held-out R^2
+    per layer)."""
     import torch
 
     torch.manual_seed(seed)
-    out: dict[str, list[np.ndarray]] = {"w1": [], "b1": [], "w2": [], "b2": []}
+    out: dict[str, list[np.ndarray]] = {"w1": [], "b1": [], "w2": [], "b2": [], "skip": []}
     r2 = []
     for layer in range(data["num_layers"]):
-        x = torch.from_numpy(np.concatenate(data["kept_x"][layer]))
-        y = torch.from_numpy(np.concatenate(data["kept"][target][layer]))
-        mu, sd = x.mean(0), x.std(0) + 1e-6
-        ym = y.mean(0)
-        with torch.enable_grad():
-            l1 = torch.nn.Linear(x.shape[1], hidden)
-            l2 = torch.nn.Linear(hidden, y.shape[1])
-            opt = torch.optim.Adam([*l1.parameters(), *l2.parameters()], lr=lr,
-                                   weight_decay=1e-5)
-            xs = (x - mu) / sd
-            for _ in range(epochs):
-                opt.zero_grad()
-                loss = ((l2(torch.nn.functional.gelu(l1(xs))) + ym - y) ** 2).mean()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():  # fold the input scaling and the mean into the weights
-            w1 = (l1.weight / sd[None, :]).T  # [D, Y]
-            b1 = l1.bias - (l1.weight * (mu / sd)[None, :]).sum(1)
-            w2, b2 = l2.weight.T, l2.bias + ym
-            tx = torch.from_numpy(np.concatenate(data["test_x"][layer])).float()
+        parts = data["kept_x"][layer]
+        n_val = max(1, len(parts) // 20) if len(parts) > 1 else 0
+        cut = sum(len(p) for p in parts[:len(parts) - n_val])
+        x_np = np.concatenate(parts)
+        y_np = np.concatenate(data["kept"][target][layer])
+        ne = Normal(np.zeros((x_np.shape[1] + 1,) * 2),
+                    np.zeros((x_np.shape[1] + 1, y_np.shape[1])))
+        ne.add(x_np[:cut].astype(np.float64), y_np[:cut].astype(np.float64))
+        w0, b0 = (torch.from_numpy(a).to(device, torch.float32) for a in ne.solve(lam))
+        x = torch.from_numpy(x_np).to(device, torch.float32)
+        y = torch.from_numpy(y_np).to(device, torch.float32)
+        w1, b1, w2, b2, ws = _residual_mlp(x, y, cut, w0, b0, hidden, epochs, lr, batch)
+        with torch.no_grad():
+            tx = torch.from_numpy(np.concatenate(data["test_x"][layer])).to(device,
+                                                                            torch.float32)
             ty = np.concatenate(data["test"][target][layer])
-            pred = (torch.nn.functional.gelu(tx @ w1 + b1) @ w2 + b2).double().numpy()
+            h = torch.nn.functional.gelu(tx @ w1 + b1)
+            pred = (h @ w2 + b2 + tx @ ws).double().cpu().numpy()
         r2.append(float(1 - ((ty - pred) ** 2).sum() / ((ty - ty.mean(0)) ** 2).sum()))
-        for k, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-            out[k].append(v.detach().numpy().astype(np.float32))
+        log(f"layer {layer}: held-out R^2 {r2[-1]:.3f}")
+        for k, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("skip", ws)):
+            out[k].append(v.detach().cpu().numpy().astype(np.float32))
     return {k: np.stack(v) for k, v in out.items()}, r2
 
 
 def save(path: str | Path, weight: np.ndarray, bias: np.ndarray, target: str,
-         meta: dict, weight2: np.ndarray | None = None, bias2: np.ndarray | None = None) -> Path:
+         meta: dict, weight2: np.ndarray | None = None, bias2: np.ndarray | None = None,
+         skip: np.ndarray | None = None) -> Path:
     """Write a surrogate (weights.KVzapWeights: linear, or an MLP with ``weight2`` /
-    ``bias2``) atomically."""
+    ``bias2`` and optionally ``skip``) atomically."""
     path = Path(path)
     tmp = path.with_suffix(".tmp.npz")
     two = {} if weight2 is None else {"weight2": weight2.astype(np.float32),
                                       "bias2": bias2.astype(np.float32)}
+    if skip is not None:
+        two["skip"] = skip.astype(np.float32)
     np.savez(tmp, weight=weight.astype(np.float32), bias=bias.astype(np.float32),
              target=np.array(target), meta=np.array(json.dumps(meta)), **two)
     tmp.replace(path)
@@ -267,7 +329,7 @@ def save(path: str | Path, weight: np.ndarray, bias: np.ndarray, target: str,
 def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str = "kvzip",
           lam: float = 1e-3, out: str | Path | None = None, seed: int = 0,
           min_tokens: int = 700, max_tokens: int = 1400, facts_per_doc: float = 0.0,
-          hidden: int | None = None, keep_per_text: int = 256,
+          hidden: int | None = None, keep_per_text: int | None = None,
           log=print) -> tuple[Path, list[float]]:
     """Collect, fit and save a model's surrogate (``model``: registry name or Hugging Face
     checkpoint folder; ``out``: default ``<model cache folder>/kvzap.npz``, where
@@ -292,10 +354,14 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
     if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int)
                                or hidden < 1):
         raise ConfigError("hidden", hidden, "None (linear) or an integer >= 1 (MLP width)")
-    if hidden is not None and (isinstance(keep_per_text, bool)
-                               or not isinstance(keep_per_text, int) or keep_per_text < 1):
-        raise ConfigError("keep_per_text", keep_per_text, "an integer >= 1 with an MLP")
+    if hidden is not None and keep_per_text is not None and (
+            isinstance(keep_per_text, bool) or not isinstance(keep_per_text, int)
+            or keep_per_text < 1):
+        raise ConfigError("keep_per_text", keep_per_text,
+                          "None (every row) or an integer >= 1 with an MLP")
     _, hf = resolve_model(model)
+    from kvcrush_ov.kvzap.weights import KVZAP_FILE
+
     path = Path(out) if out is not None else hf.parent / KVZAP_FILE
     data = collect(hf, num_texts=num_texts, num_test=num_test, min_tokens=min_tokens,
                    max_tokens=max_tokens, seed=seed, facts_per_doc=facts_per_doc,
@@ -309,6 +375,7 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
         w, b, r2 = fit(data, target, lam)
         save(path, w, b, target, {**meta, "r2": r2})
     else:
-        mlp, r2 = fit_mlp(data, target, hidden, seed=seed)
-        save(path, mlp["w1"], mlp["b1"], target, {**meta, "r2": r2}, mlp["w2"], mlp["b2"])
+        mlp, r2 = fit_mlp(data, target, hidden, lam=lam, seed=seed, log=log)
+        save(path, mlp["w1"], mlp["b1"], target, {**meta, "r2": r2}, mlp["w2"], mlp["b2"],
+             mlp["skip"])
     return path, r2

@@ -1,5 +1,6 @@
-"""KVzap's trained surrogate (kvcrush_ov/kvzap/train.py): one linear map per decoder layer from
-the normalised input of the attention to the log importance of the token's key, per KV head."""
+"""KVzap's trained surrogate (kvcrush_ov/kvzap/train.py): one small model per decoder layer (a
+linear map, or an MLP with an optional linear skip) from the normalised input of the attention
+to the log importance of the token's key, per KV head."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def default_path(model_dir: str | Path) -> Path:
 class KVzapWeights:
     """Linear: ``weight`` f32 [L, D, Hkv], ``bias`` [L, Hkv]. MLP (``hidden`` set):
     ``weight`` is the first layer [L, D, Y], ``bias`` [L, Y], then GELU (erf) and ``weight2``
-    [L, Y, Hkv], ``bias2`` [L, Hkv]. ``meta``: how it was trained."""
+    [L, Y, Hkv], ``bias2`` [L, Hkv]; with ``skip`` [L, D, Hkv] the MLP's output is added to
+    ``x @ skip`` (a residual MLP on a linear map). ``meta``: how it was trained."""
 
     weight: np.ndarray
     bias: np.ndarray
@@ -33,6 +35,7 @@ class KVzapWeights:
     meta: dict = field(default_factory=dict)
     weight2: np.ndarray | None = None
     bias2: np.ndarray | None = None
+    skip: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         w, b = self.weight, self.bias
@@ -43,10 +46,15 @@ class KVzapWeights:
             ok = ok and w2 is not None and b2 is not None and w2.ndim == 3 and \
                 w2.shape[:2] == (w.shape[0], w.shape[2]) and b2.shape == (w.shape[0], w2.shape[2])
             arrays += [x for x in (w2, b2) if x is not None]
+        if self.skip is not None:
+            ok = ok and self.weight2 is not None and \
+                self.skip.shape == (w.shape[0], w.shape[1], self.weight2.shape[2])
+            arrays.append(self.skip)
         if not ok:
             raise ConfigError("kvzap.weights", self.path or "arrays",
-                              "weight [L, D, Hkv] and bias [L, Hkv], or an MLP's weight [L, D, Y],"
-                              " bias [L, Y], weight2 [L, Y, Hkv], bias2 [L, Hkv] (got "
+                              "weight [L, D, Hkv] and bias [L, Hkv], or an MLP's weight "
+                              "[L, D, Y], bias [L, Y], weight2 [L, Y, Hkv], bias2 [L, Hkv] "
+                              "and optionally skip [L, D, Hkv] (got "
                               f"{[tuple(x.shape) for x in arrays]})")
         if not all(np.isfinite(x).all() for x in arrays):
             raise ConfigError("kvzap.weights", self.path or "arrays", "finite numbers")
@@ -79,7 +87,8 @@ class KVzapWeights:
                               "a trained surrogate: run `kvcrush-ov kvzap-train --model MODEL`")
         try:
             with np.load(path, allow_pickle=False) as z:
-                two = {k: np.asarray(z[k], np.float32) for k in ("weight2", "bias2") if k in z}
+                two = {k: np.asarray(z[k], np.float32) for k in ("weight2", "bias2", "skip")
+                       if k in z}
                 return cls(np.asarray(z["weight"], np.float32), np.asarray(z["bias"], np.float32),
                            str(z["target"]), str(path), json.loads(str(z["meta"])), **two)
         except (KeyError, ValueError, OSError) as err:

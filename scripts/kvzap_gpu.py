@@ -1,0 +1,184 @@
+"""Train KVzap's surrogate (kvcrush_ov/kvzap/train.py) on many texts on a GPU machine.
+
+``kvcrush-ov kvzap-train`` collects KVzip's replay scores with torch on the CPU: 30 texts take
+minutes, the 1,200 a residual MLP wants take hours. This script splits the work in two:
+
+1. here, with the project installed: the training texts as token ids (HotpotQA paragraphs,
+   train.texts, the same draw as kvzap-train's)::
+
+       python scripts/kvzap_gpu.py texts --model SmolLM2-135M-Instruct --texts 1210 --out T.npz
+
+2. on a machine with a GPU, torch and transformers (no OpenVINO needed): KVzip's targets for
+   every text, then the ridge map and the residual MLP of train.py (``fit``, ``fit_mlp``,
+   ``save``: this file loads train.py from the checkout, not the package)::
+
+       python scripts/kvzap_gpu.py train --hf HF_DIR --texts-file T.npz --out kvzap.npz \\
+           --hidden 128 --keep 600 --test 100:110 --device cuda
+
+``kvzap.npz`` then goes beside the exported model (``<model cache folder>/kvzap.npz``), where
+``CacheEvictionConfig(importance="kvzap")`` reads it. Texts ``--test`` are held out for the
+R^2; of each training text ``--keep`` random rows are kept (KVzap's paper keeps 500).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _train_module():
+    """kvcrush_ov/kvzap/train.py loaded from this checkout (no package import: no OpenVINO)."""
+    path = Path(__file__).resolve().parents[1] / "kvcrush_ov" / "kvzap" / "train.py"
+    spec = importlib.util.spec_from_file_location("kvzap_train", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kvzap_train"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_texts(model: str, num: int, out: str, min_tokens: int, max_tokens: int,
+               seed: int) -> None:
+    from transformers import AutoTokenizer
+
+    from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT
+    from kvcrush_ov.kvzap.train import texts
+    from kvcrush_ov.less.train import resolve_model
+
+    _, hf = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(str(hf))
+
+    def enc(s: str) -> list[int]:
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    ids = [np.array(enc(t)[:max_tokens], np.int32)
+           for t in texts(num, lambda s: len(enc(s)), min_tokens, max_tokens, seed)]
+    np.savez(out, lengths=np.array([len(i) for i in ids]), ids=np.concatenate(ids),
+             repeat=np.array(enc(REPEAT_PROMPT), np.int32),
+             bos=np.array([tok.bos_token_id] if tok.bos_token_id is not None else [], np.int32),
+             meta=np.array(json.dumps({"model": model, "texts": num, "min_tokens": min_tokens,
+                                       "max_tokens": max_tokens, "seed": seed})))
+    print(f"{out}: {len(ids)} texts, {sum(len(i) for i in ids)} tokens")
+
+
+def collect(hf: str, texts_file: str, keep: int, test: range, device: str, log) -> dict:
+    """train.collect's layout (kept rows per training text, every row of the test texts)
+    from KVzip's targets computed on ``device`` (f32, eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                 attn_implementation="eager").to(device).eval()
+    cfg = model.config
+    layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    group = cfg.num_attention_heads // hkv
+    z = np.load(texts_file)
+    starts = np.r_[0, np.cumsum(z["lengths"])]
+    repeat, bos = z["repeat"].tolist(), z["bos"].tolist()
+    data = {"num_layers": layers, "kept_x": [[] for _ in range(layers)],
+            "kept": {"kvzip": [[] for _ in range(layers)]},
+            "test_x": [[] for _ in range(layers)], "test": {"kvzip": [[] for _ in range(layers)]}}
+    span: dict = {}
+    rng = np.random.default_rng(1)
+
+    def hook(module, args, kwargs, output):
+        c0, c1, r0, r1 = span["c0"], span["c1"], span["r0"], span["r1"]
+        a = output[1][0][:, r0:r1, c0:c1]  # the replay's queries on the text's keys
+        y = torch.log(a.amax(dim=1).view(hkv, group, -1).amax(dim=1).clamp_min(1e-30)).T
+        x = kwargs["hidden_states"][0][c0:c1]
+        if span["test"]:
+            data["test_x"][module.layer_idx].append(x.half().cpu().numpy())
+            data["test"]["kvzip"][module.layer_idx].append(y.double().cpu().numpy())
+        else:
+            pick = span["pick"]
+            data["kept_x"][module.layer_idx].append(x[pick].half().cpu().numpy())
+            data["kept"]["kvzip"][module.layer_idx].append(y[pick].float().cpu().numpy())
+        return output
+
+    handles = [m.self_attn.register_forward_hook(hook, with_kwargs=True)
+               for m in model.model.layers]
+    try:
+        with torch.no_grad():
+            for i in range(len(z["lengths"])):
+                ids = z["ids"][starts[i]:starts[i + 1]].tolist()
+                full = bos + ids + repeat + ids
+                span.update(c0=len(bos), c1=len(bos) + len(ids), test=i in test,
+                            r0=len(bos) + len(ids) + len(repeat), r1=len(full),
+                            pick=torch.from_numpy(np.sort(rng.permutation(len(ids))[:keep]))
+                            .to(device))
+                model.model(torch.tensor([full], device=device))
+                if i % 200 == 0:
+                    log(f"text {i}")
+    finally:
+        for h in handles:
+            h.remove()
+    data["texts"] = len(z["lengths"]) - len([i for i in test if i < len(z["lengths"])])
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    t = sub.add_parser("texts", help="training texts as token ids (needs the project)")
+    t.add_argument("--model", required=True)
+    t.add_argument("--texts", type=int, default=1210)
+    t.add_argument("--min-tokens", type=int, default=700)
+    t.add_argument("--max-tokens", type=int, default=1400)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    r = sub.add_parser("train", help="targets and fit (needs torch and transformers)")
+    r.add_argument("--hf", required=True, help="the model's Hugging Face checkpoint folder")
+    r.add_argument("--texts-file", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--hidden", type=int, default=128, help="MLP width (0: the ridge map only)")
+    r.add_argument("--keep", type=int, default=600, help="rows kept of each training text")
+    r.add_argument("--test", default="100:110", help="held-out texts, first:last (exclusive)")
+    r.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"{time.time() - t0:7.1f}s {msg}", flush=True)
+
+    if args.step == "texts":
+        make_texts(args.model, args.texts, args.out, args.min_tokens, args.max_tokens,
+                   args.seed)
+        return 0
+    lo, hi = (int(v) for v in args.test.split(":"))
+    kt = _train_module()
+    data = collect(args.hf, args.texts_file, args.keep, range(lo, hi), args.device, log)
+    log(f"collected {data['texts']} training texts")
+    layers = data["num_layers"]
+    data["normal"] = {"kvzip": []}
+    for layer in range(layers):
+        x = np.concatenate(data["kept_x"][layer]).astype(np.float64)
+        ne = kt.Normal(np.zeros((x.shape[1] + 1,) * 2),
+                       np.zeros((x.shape[1] + 1, data["kept"]["kvzip"][layer][0].shape[1])))
+        ne.add(x, np.concatenate(data["kept"]["kvzip"][layer]).astype(np.float64))
+        data["normal"]["kvzip"].append(ne)
+    for layer in range(layers):  # the held-out rows in f32 (fit and fit_mlp read them)
+        data["test_x"][layer] = [a.astype(np.float32) for a in data["test_x"][layer]]
+    w, b, r2_lin = kt.fit(data, "kvzip")
+    log(f"ridge: held-out R^2 {np.mean(r2_lin):.3f}")
+    meta = {"texts": data["texts"], "test_texts": hi - lo, "rows_per_text": args.keep,
+            "source": "HotpotQA paragraphs (RULER 26.3 data)", "trained_by": "kvzap_gpu.py",
+            "texts_file": json.loads(str(np.load(args.texts_file)["meta"])),
+            "r2_ridge": r2_lin}
+    if not args.hidden:
+        kt.save(args.out, w, b, "kvzip", {**meta, "hidden": None, "r2": r2_lin})
+        return 0
+    mlp, r2 = kt.fit_mlp(data, "kvzip", args.hidden, device=args.device, log=log)
+    log(f"residual MLP {args.hidden}: held-out R^2 {np.mean(r2):.3f} (ridge {np.mean(r2_lin):.3f})")
+    kt.save(args.out, mlp["w1"], mlp["b1"], "kvzip", {**meta, "hidden": args.hidden, "r2": r2},
+            mlp["w2"], mlp["b2"], mlp["skip"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
