@@ -66,9 +66,10 @@ def make_texts(model: str, num: int, out: str, min_tokens: int, max_tokens: int,
     print(f"{out}: {len(ids)} texts, {sum(len(i) for i in ids)} tokens")
 
 
-def collect(hf: str, texts_file: str, keep: int, test: range, device: str, log) -> dict:
+def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, log) -> dict:
     """train.collect's layout (kept rows per training text, every row of the test texts)
-    from KVzip's targets computed on ``device`` (f32, eager attention)."""
+    from KVzip's targets (``kt.kvzip_target``: ``kt`` is train.py) computed on ``device`` (f32,
+    eager attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +78,6 @@ def collect(hf: str, texts_file: str, keep: int, test: range, device: str, log) 
                                                  attn_implementation="eager").to(device).eval()
     cfg = model.config
     layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    group = cfg.num_attention_heads // hkv
     z = np.load(texts_file)
     starts = np.r_[0, np.cumsum(z["lengths"])]
     repeat, bos = z["repeat"].tolist(), z["bos"].tolist()
@@ -88,9 +88,8 @@ def collect(hf: str, texts_file: str, keep: int, test: range, device: str, log) 
     rng = np.random.default_rng(1)
 
     def hook(module, args, kwargs, output):
-        c0, c1, r0, r1 = span["c0"], span["c1"], span["r0"], span["r1"]
-        a = output[1][0][:, r0:r1, c0:c1]  # the replay's queries on the text's keys
-        y = torch.log(a.amax(dim=1).view(hkv, group, -1).amax(dim=1).clamp_min(1e-30)).T
+        c0, c1 = span["c0"], span["c1"]
+        y = kt.kvzip_target(output[1][0], (c0, c1, span["r0"], span["r1"]), hkv)  # [N, Hkv]
         x = kwargs["hidden_states"][0][c0:c1]
         if span["test"]:
             data["test_x"][module.layer_idx].append(x.half().cpu().numpy())
@@ -122,6 +121,26 @@ def collect(hf: str, texts_file: str, keep: int, test: range, device: str, log) 
     return data
 
 
+def _check_train_args(parser: argparse.ArgumentParser, args) -> tuple[int, int]:
+    """(first, last) held-out texts; a bad --test, --keep, --hidden or --texts-file ends the
+    run with a message naming the field, before the model is loaded."""
+    try:
+        lo, hi = (int(v) for v in args.test.split(":"))
+    except ValueError:
+        parser.error(f"--test {args.test!r}: first:last held-out texts, e.g. 100:110")
+    if not Path(args.texts_file).is_file():
+        parser.error(f"--texts-file {args.texts_file!r}: a file written by the texts step")
+    num = len(np.load(args.texts_file)["lengths"])
+    if not 0 <= lo < hi <= num or hi - lo >= num:
+        parser.error(f"--test {args.test!r}: 0 <= first < last <= {num} (the file's texts), "
+                     "leaving training texts")
+    if args.keep < 1:
+        parser.error(f"--keep {args.keep}: an integer >= 1 (rows kept of each training text)")
+    if args.hidden < 0:
+        parser.error(f"--hidden {args.hidden}: 0 (the ridge map only) or an MLP width >= 1")
+    return lo, hi
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="step", required=True)
@@ -150,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         make_texts(args.model, args.texts, args.out, args.min_tokens, args.max_tokens,
                    args.seed)
         return 0
-    lo, hi = (int(v) for v in args.test.split(":"))
+    lo, hi = _check_train_args(p, args)
     kt = _train_module()
-    data = collect(args.hf, args.texts_file, args.keep, range(lo, hi), args.device, log)
+    data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, log)
     log(f"collected {data['texts']} training texts")
     layers = data["num_layers"]
     data["normal"] = {"kvzip": []}

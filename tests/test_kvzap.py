@@ -397,15 +397,20 @@ def test_partial_replay_columns_share_a_parent_by_their_replay_and_need_the_agno
     assert not (tmp_path / "results.jsonl").exists()
 
 
-def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path):
-    """scripts/kvzap_gpu.py: token ids here, then targets and the residual MLP (here on the
-    CPU) through train.py loaded from its file; the result loads and fits the model."""
+def _gpu_script():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "kvzap_gpu.py"
     spec = importlib.util.spec_from_file_location("kvzap_gpu", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path):
+    """scripts/kvzap_gpu.py: token ids here, then targets and the residual MLP (here on the
+    CPU) through train.py loaded from its file; the result loads and fits the model."""
+    script = _gpu_script()
     hf = tiny_model.parent / "hf"
     texts_file, out = tmp_path / "t.npz", tmp_path / "kvzap.npz"
     assert script.main(["texts", "--model", str(hf), "--texts", "5", "--min-tokens", "60",
@@ -418,3 +423,19 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     assert w.hidden == 8 and w.skip.shape == (4, 256, 2)
     assert w.meta["texts"] == 3 and w.meta["test_texts"] == 2 and w.meta["rows_per_text"] == 40
     assert len(w.meta["r2"]) == 4 and all(np.isfinite(w.meta["r2"] + w.meta["r2_ridge"]))
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--test", "3-5"], "--test"), (["--test", "0:5"], "--test"), (["--test", "4:9"], "--test"),
+    (["--keep", "0"], "--keep"), (["--hidden", "-1"], "--hidden"),
+    (["--texts-file", "missing.npz"], "--texts-file")])
+def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
+                                                                        field):
+    texts_file = tmp_path / "t.npz"
+    np.savez(texts_file, lengths=np.array([3] * 5), ids=np.zeros(15, np.int32))
+    argv = ["train", "--hf", str(tmp_path / "no-model"), "--texts-file", str(texts_file),
+            "--out", str(tmp_path / "o.npz"), "--test", "3:5", "--device", "cpu", *args]
+    with pytest.raises(SystemExit) as err:
+        _gpu_script().main(argv)
+    assert err.value.code == 2 and field in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()

@@ -108,6 +108,19 @@ def texts(num: int, tokens_of, min_tokens: int, max_tokens: int, seed: int,
     return out
 
 
+def kvzip_target(attn, spans: tuple[int, int, int, int], num_kv_heads: int):
+    """KVzip's score of each text row per KV head, as a log: ``attn`` [Hq, T, T] (one layer's
+    attention weights), ``spans`` = (c0, c1, r0, r1): the text's keys ``[c0, c1)`` and the
+    replay's queries ``[r0, r1)``. Returns [N, Hkv] = ``log max`` over the replay's queries
+    and each KV head's query group."""
+    import torch
+
+    c0, c1, r0, r1 = spans
+    a = attn[:, r0:r1, c0:c1].amax(dim=1)  # [Hq, N]
+    best = a.view(num_kv_heads, a.shape[0] // num_kv_heads, -1).amax(dim=1)  # [Hkv, N]
+    return torch.log(best.clamp_min(1e-30)).T
+
+
 def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             min_tokens: int = 800, max_tokens: int = 2000, seed: int = 0,
             facts_per_doc: float = 0.0, keep_per_text: int | None = 0, log=print) -> dict:
@@ -147,7 +160,6 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
         attn = output[1][0]  # [Hq, T, T]
         c0, c1, r0, r1 = span["c0"], span["c1"], span["r0"], span["r1"]
         a = attn[:, r0:r1, c0:c1]  # replay queries on the text's keys
-        plain = a.amax(dim=1).view(hkv, group, -1).amax(dim=1)  # [Hkv, N]
         # value contribution |W_o,h v_i| per query head; v from the layer's v_proj
         v = module.v_proj(x[c0:c1]).view(-1, hkv, head_dim)  # [N, Hkv, Dh]
         wo = module.o_proj.weight.view(d, hq, head_dim)  # [D, Hq, Dh]
@@ -157,7 +169,7 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
         plus = (a / xn[None, :, None]).amax(dim=1) * wov.T  # [Hq, N]
         plus = plus.view(hkv, group, -1).amax(dim=1)
         seen[layer] = (x[c0:c1].double().numpy(),
-                       torch.log(plain.clamp_min(1e-30)).T.double().numpy(),
+                       kvzip_target(attn, (c0, c1, r0, r1), hkv).double().numpy(),
                        torch.log(plus.clamp_min(1e-30)).T.double().numpy())
         return output
 
