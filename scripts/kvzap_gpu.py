@@ -173,14 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     kt = _train_module()
     data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, log)
     log(f"collected {data['texts']} training texts")
+    import torch
+
     layers = data["num_layers"]
-    data["normal"] = {"kvzip": []}
-    for layer in range(layers):
-        x = np.concatenate(data["kept_x"][layer]).astype(np.float64)
-        ne = kt.Normal(np.zeros((x.shape[1] + 1,) * 2),
-                       np.zeros((x.shape[1] + 1, data["kept"]["kvzip"][layer][0].shape[1])))
-        ne.add(x, np.concatenate(data["kept"]["kvzip"][layer]).astype(np.float64))
-        data["normal"]["kvzip"].append(ne)
+    data["normal"] = {"kvzip": [kt.normal_of(
+        torch.from_numpy(np.concatenate(data["kept_x"][layer])).to(args.device),
+        torch.from_numpy(np.concatenate(data["kept"]["kvzip"][layer])).to(args.device))
+        for layer in range(layers)]}
     for layer in range(layers):  # the held-out rows in f32 (fit and fit_mlp read them)
         data["test_x"][layer] = [a.astype(np.float32) for a in data["test_x"][layer]]
     w, b, r2_lin = kt.fit(data, "kvzip")

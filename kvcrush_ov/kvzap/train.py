@@ -61,6 +61,15 @@ class Normal:
         return w[:d], w[d]
 
 
+def normal_of(x, y) -> Normal:
+    """The normal equations of torch rows ``x`` [N, D] and targets ``y`` [N, Hkv], summed in
+    float64 on their device (a GPU's when there), returned as a :class:`Normal`."""
+    import torch
+
+    xb = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
+    return Normal((xb.T @ xb).cpu().numpy(), (xb.T @ y.double()).cpu().numpy(), len(x))
+
+
 _FACT_FRAMES = ("Note: the {key} reference is {value}.", "Record for {key}: {value}.",
                 "The {key} entry reads {value}.", "({key}: {value})",
                 "Remember that {key} maps to {value}.")
@@ -299,14 +308,11 @@ def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 40, lr: fl
         parts = data["kept_x"][layer]
         n_val = max(1, len(parts) // 20) if len(parts) > 1 else 0
         cut = sum(len(p) for p in parts[:len(parts) - n_val])
-        x_np = np.concatenate(parts)
-        y_np = np.concatenate(data["kept"][target][layer])
-        ne = Normal(np.zeros((x_np.shape[1] + 1,) * 2),
-                    np.zeros((x_np.shape[1] + 1, y_np.shape[1])))
-        ne.add(x_np[:cut].astype(np.float64), y_np[:cut].astype(np.float64))
+        x = torch.from_numpy(np.concatenate(parts)).to(device, torch.float32)
+        y = torch.from_numpy(np.concatenate(data["kept"][target][layer])).to(device,
+                                                                             torch.float32)
+        ne = normal_of(x[:cut], y[:cut])
         w0, b0 = (torch.from_numpy(a).to(device, torch.float32) for a in ne.solve(lam))
-        x = torch.from_numpy(x_np).to(device, torch.float32)
-        y = torch.from_numpy(y_np).to(device, torch.float32)
         w1, b1, w2, b2, ws = _residual_mlp(x, y, cut, w0, b0, hidden, epochs, lr, batch)
         with torch.no_grad():
             tx = torch.from_numpy(np.concatenate(data["test_x"][layer])).to(device,
