@@ -387,7 +387,7 @@ def _cmd_kvzap_train(args: argparse.Namespace) -> int:
     path, r2 = train(args.model, num_texts=args.texts, num_test=args.test_texts,
                      target=args.target, out=args.out, seed=args.seed,
                      min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-                     facts_per_doc=args.facts, hidden=args.hidden)
+                     facts_per_doc=args.facts, hidden=args.hidden, censor=args.censor)
     print(f"{path} (held-out R^2 per layer: mean {sum(r2) / len(r2):.3f}, "
           f"min {min(r2):.3f})")
     return 0
@@ -648,13 +648,17 @@ def build_parser() -> argparse.ArgumentParser:
     kz.add_argument("--min-tokens", type=int, default=700)
     kz.add_argument("--max-tokens", type=int, default=1400)
     kz.add_argument("--target", default="kvzip",
-                    help="kvzip (the replay's attention, the default: docs/chat.md) or kvzip+ "
+                    help="kvzip (the replay's attention, the default: docs/chat.md), "
+                    "kvzip-step (summed over the engine's replay steps of 16 queries) or kvzip+ "
                     "(KVzap's paper: weighted by the value's output norm)")
     kz.add_argument("--facts", type=float, default=0.0,
                     help="share of paragraphs followed by a sentence holding an arbitrary value")
     kz.add_argument("--hidden", type=int, default=None,
                     help="width of a residual MLP on the linear map (default: the linear map "
                     "alone; many texts want a GPU: scripts/kvzap_gpu.py)")
+    kz.add_argument("--censor", action="store_true",
+                    help="with --hidden: raise each text's scores below its median to the "
+                    "median before the fit (only the order of the kept top counts)")
     kz.add_argument("--seed", type=int, default=0)
     kz.add_argument("--out", default=None,
                     help="output file (default: <model cache folder>/kvzap.npz)")

@@ -66,10 +66,12 @@ def make_texts(model: str, num: int, out: str, min_tokens: int, max_tokens: int,
     print(f"{out}: {len(ids)} texts, {sum(len(i) for i in ids)} tokens")
 
 
-def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, log) -> dict:
-    """train.collect's layout (kept rows per training text, every row of the test texts)
-    from KVzip's targets (``kt.kvzip_target``: ``kt`` is train.py) computed on ``device`` (f32,
-    eager attention)."""
+def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, target: str,
+            log) -> dict:
+    """train.collect's layout (kept rows per training text, every row of the test texts, one
+    censoring floor per text) for ``target`` ("kvzip": ``kt.kvzip_target``, "kvzip-step":
+    ``kt.kvzip_step_target``; ``kt`` is train.py) computed on ``device`` (f32, eager
+    attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,22 +84,19 @@ def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, l
     starts = np.r_[0, np.cumsum(z["lengths"])]
     repeat, bos = z["repeat"].tolist(), z["bos"].tolist()
     data = {"num_layers": layers, "kept_x": [[] for _ in range(layers)],
-            "kept": {"kvzip": [[] for _ in range(layers)]},
-            "test_x": [[] for _ in range(layers)], "test": {"kvzip": [[] for _ in range(layers)]}}
+            "kept": {target: [[] for _ in range(layers)]}, "kept_floor": {target: []},
+            "test_x": [[] for _ in range(layers)], "test": {target: [[] for _ in range(layers)]},
+            "test_floor": {target: []}}
     span: dict = {}
+    seen: dict = {}
     rng = np.random.default_rng(1)
 
     def hook(module, args, kwargs, output):
-        c0, c1 = span["c0"], span["c1"]
-        y = kt.kvzip_target(output[1][0], (c0, c1, span["r0"], span["r1"]), hkv)  # [N, Hkv]
-        x = kwargs["hidden_states"][0][c0:c1]
-        if span["test"]:
-            data["test_x"][module.layer_idx].append(x.half().cpu().numpy())
-            data["test"]["kvzip"][module.layer_idx].append(y.double().cpu().numpy())
-        else:
-            pick = span["pick"]
-            data["kept_x"][module.layer_idx].append(x[pick].half().cpu().numpy())
-            data["kept"]["kvzip"][module.layer_idx].append(y[pick].float().cpu().numpy())
+        c0, c1, r0, r1 = span["c0"], span["c1"], span["r0"], span["r1"]
+        attn = output[1][0]
+        y = (kt.kvzip_target(attn, (c0, c1, r0, r1), hkv) if target == "kvzip" else
+             kt.kvzip_step_target(attn, (c0, c1, c1, r1), hkv))  # [N, Hkv]
+        seen[module.layer_idx] = (kwargs["hidden_states"][0][c0:c1], y)
         return output
 
     handles = [m.self_attn.register_forward_hook(hook, with_kwargs=True)
@@ -107,11 +106,22 @@ def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, l
             for i in range(len(z["lengths"])):
                 ids = z["ids"][starts[i]:starts[i + 1]].tolist()
                 full = bos + ids + repeat + ids
-                span.update(c0=len(bos), c1=len(bos) + len(ids), test=i in test,
-                            r0=len(bos) + len(ids) + len(repeat), r1=len(full),
-                            pick=torch.from_numpy(np.sort(rng.permutation(len(ids))[:keep]))
-                            .to(device))
+                span.update(c0=len(bos), c1=len(bos) + len(ids),
+                            r0=len(bos) + len(ids) + len(repeat), r1=len(full))
+                pick = torch.from_numpy(np.sort(rng.permutation(len(ids))[:keep])).to(device)
                 model.model(torch.tensor([full], device=device))
+                ys = [seen[layer][1] for layer in range(layers)]
+                floor = float(torch.quantile(torch.cat([y.flatten() for y in ys]).double(),
+                                             0.5))  # train.text_floor's median
+                for layer in range(layers):
+                    x, y = seen[layer]
+                    if i in test:
+                        data["test_x"][layer].append(x.half().cpu().numpy())
+                        data["test"][target][layer].append(y.double().cpu().numpy())
+                    else:
+                        data["kept_x"][layer].append(x[pick].half().cpu().numpy())
+                        data["kept"][target][layer].append(y[pick].float().cpu().numpy())
+                data["test_floor" if i in test else "kept_floor"][target].append(floor)
                 if i % 200 == 0:
                     log(f"text {i}")
     finally:
@@ -138,6 +148,8 @@ def _check_train_args(parser: argparse.ArgumentParser, args) -> tuple[int, int]:
         parser.error(f"--keep {args.keep}: an integer >= 1 (rows kept of each training text)")
     if args.hidden < 0:
         parser.error(f"--hidden {args.hidden}: 0 (the ridge map only) or an MLP width >= 1")
+    if args.censor and not args.hidden:
+        parser.error("--censor: only with an MLP (--hidden >= 1)")
     return lo, hi
 
 
@@ -159,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--keep", type=int, default=600, help="rows kept of each training text")
     r.add_argument("--test", default="100:110", help="held-out texts, first:last (exclusive)")
     r.add_argument("--device", default="cuda")
+    r.add_argument("--target", default="kvzip", choices=("kvzip", "kvzip-step"),
+                   help="KVzip's maximum over single replay queries, or the engine's sums over "
+                   "replay steps of 16 queries (train.py's doc)")
+    r.add_argument("--censor", action="store_true",
+                   help="with --hidden: each text's scores below its median raised to it")
     args = p.parse_args(argv)
     t0 = time.time()
 
@@ -171,29 +188,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lo, hi = _check_train_args(p, args)
     kt = _train_module()
-    data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, log)
+    target = args.target
+    data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, target,
+                   log)
     log(f"collected {data['texts']} training texts")
     import torch
 
     layers = data["num_layers"]
-    data["normal"] = {"kvzip": [kt.normal_of(
+    data["normal"] = {target: [kt.normal_of(
         torch.from_numpy(np.concatenate(data["kept_x"][layer])).to(args.device),
-        torch.from_numpy(np.concatenate(data["kept"]["kvzip"][layer])).to(args.device))
+        torch.from_numpy(np.concatenate(data["kept"][target][layer])).to(args.device))
         for layer in range(layers)]}
     for layer in range(layers):  # the held-out rows in f32 (fit and fit_mlp read them)
         data["test_x"][layer] = [a.astype(np.float32) for a in data["test_x"][layer]]
-    w, b, r2_lin = kt.fit(data, "kvzip")
+    w, b, r2_lin = kt.fit(data, target)
     log(f"ridge: held-out R^2 {np.mean(r2_lin):.3f}")
     meta = {"texts": data["texts"], "test_texts": hi - lo, "rows_per_text": args.keep,
             "source": "HotpotQA paragraphs (RULER 26.3 data)", "trained_by": "kvzap_gpu.py",
             "texts_file": json.loads(str(np.load(args.texts_file)["meta"])),
-            "r2_ridge": r2_lin}
+            "r2_ridge": r2_lin, "censor": args.censor}
     if not args.hidden:
-        kt.save(args.out, w, b, "kvzip", {**meta, "hidden": None, "r2": r2_lin})
+        kt.save(args.out, w, b, target, {**meta, "hidden": None, "r2": r2_lin})
         return 0
-    mlp, r2 = kt.fit_mlp(data, "kvzip", args.hidden, device=args.device, log=log)
+    mlp, r2 = kt.fit_mlp(data, target, args.hidden, device=args.device, censor=args.censor,
+                         log=log)
     log(f"residual MLP {args.hidden}: held-out R^2 {np.mean(r2):.3f} (ridge {np.mean(r2_lin):.3f})")
-    kt.save(args.out, mlp["w1"], mlp["b1"], "kvzip", {**meta, "hidden": args.hidden, "r2": r2},
+    kt.save(args.out, mlp["w1"], mlp["b1"], target, {**meta, "hidden": args.hidden, "r2": r2},
             mlp["w2"], mlp["b2"], mlp["skip"])
     return 0
 

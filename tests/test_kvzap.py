@@ -12,7 +12,16 @@ from kvcrush_ov.config import CacheEvictionConfig, GenerationConfig, KVCacheConf
 from kvcrush_ov.engine.engine import LLMEngine
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.factory import make_spec
-from kvcrush_ov.kvzap.train import Normal, fit, fit_mlp, save, train
+from kvcrush_ov.kvzap.train import (
+    STEP,
+    Normal,
+    fit,
+    fit_mlp,
+    kvzip_step_target,
+    save,
+    text_floor,
+    train,
+)
 from kvcrush_ov.kvzap.weights import KVzapWeights
 from kvcrush_ov.transformations.kvzap import add_kvzap
 
@@ -146,12 +155,14 @@ def test_the_surrogate_graph_changes_nothing_else(tiny_model, tmp_path):
     assert out[0] == out[1]
 
 
-@pytest.mark.parametrize("hidden", [None, 8])
-def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidden):
+@pytest.mark.parametrize(("hidden", "target", "censor"), [
+    (None, "kvzip", False), (8, "kvzip", False), (8, "kvzip-step", True)])
+def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidden, target,
+                                                      censor):
     out = tmp_path / "kvzap.npz"
     path, r2 = train(tiny_model.parent / "hf", num_texts=2, num_test=1, min_tokens=60,
                      max_tokens=120, out=out, facts_per_doc=0.5, hidden=hidden,
-                     keep_per_text=32, log=lambda *_: None)
+                     keep_per_text=32, target=target, censor=censor, log=lambda *_: None)
     w = KVzapWeights.load(path)
     assert w.hidden == hidden and w.num_kv_heads == 2 and w.num_layers == 4
     assert w.weight.shape == (4, 256, hidden or 2)
@@ -159,8 +170,34 @@ def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidd
     if hidden is not None:
         assert w.skip.shape == (4, 256, 2)
     assert len(r2) == 4 and all(np.isfinite(r2))
-    assert w.meta["texts"] == 2 and w.target == "kvzip" and w.meta["hidden"] == hidden
+    assert w.meta["texts"] == 2 and w.target == target and w.meta["hidden"] == hidden
+    assert w.meta["censor"] == censor
     w.check_model(4, 256, 2)
+
+
+def test_the_step_target_is_the_engines_replay_score():
+    """kvzip_step_target: per KV head, the largest sum over an aligned step of STEP replay
+    queries (from the repeat prompt) and the head's query group, as the engine's KVzip ranks;
+    a loop over the steps is the reference. STEP is the engine's replay step."""
+    import torch
+
+    from kvcrush_ov.eviction.kvzip import REPLAY_CHUNK
+
+    assert STEP == REPLAY_CHUNK
+    rng = np.random.default_rng(0)
+    hq, hkv, t = 4, 2, 60
+    attn = torch.from_numpy(rng.random((hq, t, t)))
+    c0, c1, q0, q1 = 1, 20, 20, 60  # 40 queries: two full steps of 16 and one of 8
+    got = kvzip_step_target(attn, (c0, c1, q0, q1), hkv).numpy()
+    a = attn.numpy()
+    ref = np.zeros((c1 - c0, hkv))
+    for k in range(hkv):
+        heads = a[2 * k:2 * k + 2, :, c0:c1].sum(0)  # [T, N]
+        ref[:, k] = np.max([heads[s:min(s + STEP, q1)].sum(0) for s in range(q0, q1, STEP)],
+                           axis=0)
+    assert got.shape == (c1 - c0, hkv)
+    np.testing.assert_allclose(got, np.log(ref), rtol=1e-10)
+    assert text_floor([np.array([[1.0, 5.0]]), np.array([[2.0, 3.0]])]) == 2.5
 
 
 def _synthetic(rng: np.random.Generator, texts: int, rows: int = 200) -> dict:
@@ -201,6 +238,33 @@ def test_the_residual_mlp_starts_as_the_ridge_map_and_learns_what_it_misses():
                                                                                       abs=1e-4)
 
 
+def test_a_censored_fit_is_the_fit_of_the_raised_scores():
+    """censor=True trains on each text's targets raised to its floor (the ridge start too) and
+    scores the held-out texts with truth and prediction raised alike: the same arrays as a
+    plain fit on pre-raised targets, and an R^2 recomputed from them."""
+    import torch
+
+    data = _synthetic(np.random.default_rng(1), texts=6)
+    floors = [float(np.median(y)) for y in data["kept"]["kvzip"][0]]
+    tfloors = [float(np.median(y)) for y in data["test"]["kvzip"][0]]
+    data["kept_floor"], data["test_floor"] = {"kvzip": floors}, {"kvzip": tfloors}
+    raised = {**data, "kept": {"kvzip": [[np.maximum(y, f) for y, f in
+                                          zip(data["kept"]["kvzip"][0], floors, strict=True)]]}}
+    quiet = {"hidden": 8, "epochs": 5, "log": lambda *_: None}
+    cens, r2 = fit_mlp(data, "kvzip", censor=True, **quiet)
+    plain, r2_plain = fit_mlp(raised, "kvzip", **quiet)
+    for k in cens:
+        np.testing.assert_allclose(cens[k], plain[k], rtol=1e-5, atol=1e-6)
+    x = np.concatenate(data["test_x"][0])
+    floor = np.repeat(tfloors, [len(y) for y in data["test"]["kvzip"][0]])[:, None]
+    y = np.maximum(np.concatenate(data["test"]["kvzip"][0]), floor)
+    h = torch.nn.functional.gelu(torch.from_numpy(x @ cens["w1"][0] + cens["b1"][0])).numpy()
+    pred = np.maximum(h @ cens["w2"][0] + cens["b2"][0] + x @ cens["skip"][0], floor)
+    assert 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum() == pytest.approx(r2[0],
+                                                                                      abs=1e-4)
+    assert r2[0] != pytest.approx(r2_plain[0], abs=1e-6)  # the plain fit scores the raw rows
+
+
 def test_a_skip_without_an_mlp_is_refused_by_name():
     with pytest.raises(ConfigError, match="skip") as err:
         KVzapWeights(np.zeros((2, 8, 3), np.float32), np.zeros((2, 3), np.float32),
@@ -212,7 +276,8 @@ def test_a_skip_without_an_mlp_is_refused_by_name():
     ({"num_texts": 0}, "texts"), ({"target": "snapkv"}, "target"),
     ({"min_tokens": 300, "max_tokens": 200}, "max_tokens"), ({"lam": 0}, "lam"),
     ({"facts_per_doc": 2}, "facts_per_doc"), ({"hidden": 0}, "hidden"),
-    ({"hidden": 8, "keep_per_text": 0}, "keep_per_text")])
+    ({"hidden": 8, "keep_per_text": 0}, "keep_per_text"), ({"censor": True}, "censor"),
+    ({"hidden": 8, "censor": "yes"}, "censor")])
 def test_training_refuses_bad_arguments_by_name(tiny_model, kwargs, field):
     with pytest.raises(ConfigError) as err:
         train(tiny_model.parent / "hf", **kwargs)
@@ -417,8 +482,9 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
                         "--max-tokens", "120", "--out", str(texts_file)]) == 0
     assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
                         str(out), "--hidden", "8", "--keep", "40", "--test", "3:5",
-                        "--device", "cpu"]) == 0
+                        "--device", "cpu", "--target", "kvzip-step", "--censor"]) == 0
     w = KVzapWeights.load(out)
+    assert w.target == "kvzip-step" and w.meta["censor"] is True
     w.check_model(4, 256, 2)
     assert w.hidden == 8 and w.skip.shape == (4, 256, 2)
     assert w.meta["texts"] == 3 and w.meta["test_texts"] == 2 and w.meta["rows_per_text"] == 40
@@ -428,7 +494,8 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
 @pytest.mark.parametrize(("args", "field"), [
     (["--test", "3-5"], "--test"), (["--test", "0:5"], "--test"), (["--test", "4:9"], "--test"),
     (["--keep", "0"], "--keep"), (["--hidden", "-1"], "--hidden"),
-    (["--texts-file", "missing.npz"], "--texts-file")])
+    (["--texts-file", "missing.npz"], "--texts-file"), (["--censor", "--hidden", "0"], "--censor"),
+    (["--target", "kvzip+"], "--target")])
 def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
                                                                         field):
     texts_file = tmp_path / "t.npz"

@@ -13,11 +13,17 @@ each layer the attention weights ``A[h, t, i]`` of the replay's queries ``t`` on
 - ``"kvzip"``: ``log max_{t, h in G} A[h, t, i]`` (KVzip's own score);
 - ``"kvzip+"``: ``log max_{t, h in G} A[h, t, i] * |W_o,h v_i| / |x_t|`` (KVzap's target:
   the attention weighted by what the value adds to the output, per unit of the query's input).
+- ``"kvzip-step"``: ``log max_s sum_{t in s, h in G} A[h, t, i]`` over aligned steps ``s`` of
+  :data:`STEP` replay queries (from the repeat prompt's first token): the score the engine's
+  KVzip ranks by (eviction/kvzip.py replays in steps of that many queries, each step's scores
+  summed over its queries and the KV head's query group).
 
 Fit: ridge regression per layer with a bias, from the normal equations accumulated over the
 texts (no feature matrix is kept), ``lam`` times the mean diagonal as the ridge. With
 ``hidden``: a residual MLP per layer (:func:`fit_mlp`: the ridge map plus a one-hidden-layer
-GELU MLP trained from zero on every row of the training texts, stopped on held-back texts).
+GELU MLP trained from zero on every row of the training texts, stopped on held-back texts;
+``censor``: each text's targets below its median over all layers and heads are raised to that
+median, so the fit spends nothing on the order of tokens no budget keeps).
 
 Output (:func:`save`): ``kvzap.npz`` with ``weight`` f32 [L, D, Hkv], ``bias`` f32 [L, Hkv]
 (an MLP: ``weight`` [L, D, Y], ``bias`` [L, Y], ``weight2`` [L, Y, Hkv], ``bias2`` [L, Hkv],
@@ -36,7 +42,11 @@ import numpy as np
 # (nothing from kvcrush_ov at module level: scripts/kvzap_gpu.py loads this file on a GPU
 # machine without OpenVINO)
 
-TARGETS = ("kvzip", "kvzip+")
+TARGETS = ("kvzip", "kvzip+", "kvzip-step")
+
+#: replay queries per step of the "kvzip-step" target (eviction/kvzip.py's REPLAY_CHUNK; not
+#: imported: see above)
+STEP = 16
 
 
 @dataclass
@@ -130,6 +140,31 @@ def kvzip_target(attn, spans: tuple[int, int, int, int], num_kv_heads: int):
     return torch.log(best.clamp_min(1e-30)).T
 
 
+def kvzip_step_target(attn, spans: tuple[int, int, int, int], num_kv_heads: int,
+                      step: int = STEP):
+    """The engine's KVzip score of each text row per KV head, as a log: ``attn`` [Hq, T, T],
+    ``spans`` = (c0, c1, q0, q1): the text's keys ``[c0, c1)`` and the replay's queries
+    ``[q0, q1)`` (the repeat prompt and the text again), cut into steps of ``step`` queries
+    from ``q0``. Returns [N, Hkv] = ``log max`` over the steps of the sum over the step's
+    queries and each KV head's query group."""
+    import torch
+
+    c0, c1, q0, q1 = spans
+    a = attn[:, q0:q1, c0:c1]  # [Hq, R, N]
+    hq, r, n = a.shape
+    a = a.reshape(num_kv_heads, hq // num_kv_heads, r, n).sum(1)  # [Hkv, R, N]
+    pad = (-r) % step
+    if pad:
+        a = torch.cat([a, a.new_zeros(num_kv_heads, pad, n)], 1)
+    best = a.reshape(num_kv_heads, -1, step, n).sum(2).amax(1)  # [Hkv, N]
+    return torch.log(best.clamp_min(1e-30)).T
+
+
+def text_floor(ys: list[np.ndarray]) -> float:
+    """One text's censoring floor: the median of its targets over every layer and head."""
+    return float(np.median(np.concatenate([y.ravel() for y in ys])))
+
+
 def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             min_tokens: int = 800, max_tokens: int = 2000, seed: int = 0,
             facts_per_doc: float = 0.0, keep_per_text: int | None = 0, log=print) -> dict:
@@ -161,6 +196,8 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
     # (None: every row; 0: none)
     kept = {t: [[] for _ in range(num_layers)] for t in TARGETS}
     kept_x: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+    kept_floor: dict[str, list[float]] = {t: [] for t in TARGETS}  # per training text
+    test_floor: dict[str, list[float]] = {t: [] for t in TARGETS}  # per held-out text
     sample_rng = np.random.default_rng(seed + 1)
 
     def hook(module, args, kwargs, output):
@@ -177,9 +214,10 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
         xn = x[r0:r1].norm(dim=-1)  # [R]
         plus = (a / xn[None, :, None]).amax(dim=1) * wov.T  # [Hq, N]
         plus = plus.view(hkv, group, -1).amax(dim=1)
-        seen[layer] = (x[c0:c1].double().numpy(),
-                       kvzip_target(attn, (c0, c1, r0, r1), hkv).double().numpy(),
-                       torch.log(plus.clamp_min(1e-30)).T.double().numpy())
+        seen[layer] = (x[c0:c1].double().numpy(), {
+            "kvzip": kvzip_target(attn, (c0, c1, r0, r1), hkv).double().numpy(),
+            "kvzip+": torch.log(plus.clamp_min(1e-30)).T.double().numpy(),
+            "kvzip-step": kvzip_step_target(attn, (c0, c1, c1, r1), hkv).double().numpy()})
         return output
 
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True)
@@ -201,19 +239,22 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             held_out = i >= num_texts
             pick = np.sort(sample_rng.permutation(len(ids))[:keep_per_text])
             keep = keep_per_text is None or keep_per_text > 0
+            for t in TARGETS:  # one censoring floor per text and target
+                (test_floor if held_out else kept_floor)[t].append(
+                    text_floor([seen[layer][1][t] for layer in range(num_layers)]))
             for layer in range(num_layers):
-                x, yk, yp = seen[layer]
+                x, ys = seen[layer]
                 if not held_out and keep:
                     kept_x[layer].append(x[pick].astype(np.float32))
-                    kept["kvzip"][layer].append(yk[pick].astype(np.float32))
-                    kept["kvzip+"][layer].append(yp[pick].astype(np.float32))
+                for t in TARGETS:
+                    if held_out:
+                        test[t][layer].append(ys[t])
+                    else:
+                        normal[t][layer].add(x, ys[t])
+                        if keep:
+                            kept[t][layer].append(ys[t][pick].astype(np.float32))
                 if held_out:
                     test_x[layer].append(x)
-                    test["kvzip"][layer].append(yk)
-                    test["kvzip+"][layer].append(yp)
-                else:
-                    normal["kvzip"][layer].add(x, yk)
-                    normal["kvzip+"][layer].add(x, yp)
             total += len(ids)
             log(f"text {i + 1}/{len(all_texts)}: {len(ids)} tokens"
                 f"{' (held out)' if held_out else ''}")
@@ -221,7 +262,7 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
         for h in handles:
             h.remove()
     return {"normal": normal, "test_x": test_x, "test": test, "kept_x": kept_x, "kept": kept,
-            "num_layers": num_layers,
+            "kept_floor": kept_floor, "test_floor": test_floor, "num_layers": num_layers,
             "num_kv_heads": hkv, "hidden": d, "texts": num_texts, "tokens": total}
 
 
@@ -288,17 +329,28 @@ def _residual_mlp(x, y, cut: int, w0, b0, hidden: int, epochs: int, lr: float, b
         return w1, b1, l2.weight.T, l2.bias + skip.bias, skip.weight.T
 
 
+def _floors(floors: list[float], parts: list[np.ndarray], device):
+    """Each text's floor repeated over its rows: [sum of rows, 1] (f32 on ``device``)."""
+    import torch
+
+    rows = np.repeat(np.asarray(floors, np.float32), [len(p) for p in parts])
+    return torch.from_numpy(rows[:, None]).to(device)
+
+
 def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 40, lr: float = 2e-3,
             batch: int = 2048, lam: float = 1e-3, seed: int = 0, device: str = "cpu",
-            log=print) -> tuple[dict, list[float]]:
+            censor: bool = False, log=print) -> tuple[dict, list[float]]:
     """A residual MLP per layer: ``x @ skip + gelu(x @ w1 + b1) @ w2 + b2``. ``skip`` and the
     bias start as the ridge solution of the kept rows (:func:`fit`'s map) and the MLP's output
     layer at zero, so training starts from the linear surrogate; then mini-batch AdamW on the
     mean squared error of the log score, stopped when the loss on the last twentieth of the
     training texts (at least one text, never the held-out ones) has not improved for 3 epochs,
-    and the best epoch is kept. ``device``: a torch device ("cuda" on a GPU machine). Returns
-    ({w1 [L, D, Y], b1 [L, Y], w2 [L, Y, Hkv], b2 [L, Hkv], skip [L, D, Hkv]}, held-out R^2
-    per layer)."""
+    and the best epoch is kept. ``device``: a torch device ("cuda" on a GPU machine).
+    ``censor``: every row's target is raised to its text's floor (``data["kept_floor"]``,
+    ``data["test_floor"]``: the median of the text's targets, :func:`text_floor`), the ridge
+    start included, and the held-out R^2 is that of the raised scores (predictions raised
+    alike). Returns ({w1 [L, D, Y], b1 [L, Y], w2 [L, Y, Hkv], b2 [L, Hkv], skip [L, D, Hkv]},
+    held-out R^2 per layer)."""
     import torch
 
     torch.manual_seed(seed)
@@ -309,17 +361,23 @@ def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 40, lr: fl
         n_val = max(1, len(parts) // 20) if len(parts) > 1 else 0
         cut = sum(len(p) for p in parts[:len(parts) - n_val])
         x = torch.from_numpy(np.concatenate(parts)).to(device, torch.float32)
-        y = torch.from_numpy(np.concatenate(data["kept"][target][layer])).to(device,
-                                                                             torch.float32)
+        ys = data["kept"][target][layer]
+        y = torch.from_numpy(np.concatenate(ys)).to(device, torch.float32)
+        if censor:
+            y = torch.maximum(y, _floors(data["kept_floor"][target], ys, device))
         ne = normal_of(x[:cut], y[:cut])
         w0, b0 = (torch.from_numpy(a).to(device, torch.float32) for a in ne.solve(lam))
         w1, b1, w2, b2, ws = _residual_mlp(x, y, cut, w0, b0, hidden, epochs, lr, batch)
         with torch.no_grad():
             tx = torch.from_numpy(np.concatenate(data["test_x"][layer])).to(device,
                                                                             torch.float32)
-            ty = np.concatenate(data["test"][target][layer])
+            tys = data["test"][target][layer]
+            ty = np.concatenate(tys)
             h = torch.nn.functional.gelu(tx @ w1 + b1)
             pred = (h @ w2 + b2 + tx @ ws).double().cpu().numpy()
+            if censor:
+                floor = _floors(data["test_floor"][target], tys, "cpu").double().numpy()
+                ty, pred = np.maximum(ty, floor), np.maximum(pred, floor)
         r2.append(float(1 - ((ty - pred) ** 2).sum() / ((ty - ty.mean(0)) ** 2).sum()))
         log(f"layer {layer}: held-out R^2 {r2[-1]:.3f}")
         for k, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("skip", ws)):
@@ -348,11 +406,12 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
           lam: float = 1e-3, out: str | Path | None = None, seed: int = 0,
           min_tokens: int = 700, max_tokens: int = 1400, facts_per_doc: float = 0.0,
           hidden: int | None = None, keep_per_text: int | None = None,
-          log=print) -> tuple[Path, list[float]]:
+          censor: bool = False, log=print) -> tuple[Path, list[float]]:
     """Collect, fit and save a model's surrogate (``model``: registry name or Hugging Face
     checkpoint folder; ``out``: default ``<model cache folder>/kvzap.npz``, where
     ``importance="kvzap"`` reads it). Returns (path, held-out R^2 per layer). Bad arguments
-    raise ConfigError naming the field before any work."""
+    raise ConfigError naming the field before any work. ``censor`` (an MLP only): see
+    :func:`fit_mlp`."""
     from kvcrush_ov.errors import ConfigError
     from kvcrush_ov.less.train import resolve_model
 
@@ -377,6 +436,8 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
             or keep_per_text < 1):
         raise ConfigError("keep_per_text", keep_per_text,
                           "None (every row) or an integer >= 1 with an MLP")
+    if not isinstance(censor, bool) or (censor and hidden is None):
+        raise ConfigError("censor", censor, "a bool, True only with an MLP (hidden)")
     _, hf = resolve_model(model)
     from kvcrush_ov.kvzap.weights import KVZAP_FILE
 
@@ -386,14 +447,14 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
                    keep_per_text=keep_per_text if hidden is not None else 0, log=log)
     meta = {"texts": data["texts"], "test_texts": num_test, "tokens": data["tokens"],
             "lam": lam, "seed": seed, "min_tokens": min_tokens, "max_tokens": max_tokens,
-            "facts_per_doc": facts_per_doc, "hidden": hidden,
+            "facts_per_doc": facts_per_doc, "hidden": hidden, "censor": censor,
             "source": "HotpotQA paragraphs (RULER 26.3 data)"}
     path.parent.mkdir(parents=True, exist_ok=True)
     if hidden is None:
         w, b, r2 = fit(data, target, lam)
         save(path, w, b, target, {**meta, "r2": r2})
     else:
-        mlp, r2 = fit_mlp(data, target, hidden, lam=lam, seed=seed, log=log)
+        mlp, r2 = fit_mlp(data, target, hidden, lam=lam, seed=seed, censor=censor, log=log)
         save(path, mlp["w1"], mlp["b1"], target, {**meta, "r2": r2}, mlp["w2"], mlp["b2"],
              mlp["skip"])
     return path, r2
