@@ -462,14 +462,19 @@ def test_partial_replay_columns_share_a_parent_by_their_replay_and_need_the_agno
     assert not (tmp_path / "results.jsonl").exists()
 
 
-def _gpu_script():
+def _script(name: str):
+    """scripts/<name>.py loaded as a module."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kvzap_gpu.py"
-    spec = importlib.util.spec_from_file_location("kvzap_gpu", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
+
+
+def _gpu_script():
+    return _script("kvzap_gpu")
 
 
 def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path):
@@ -506,3 +511,47 @@ def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, 
         _gpu_script().main(argv)
     assert err.value.code == 2 and field in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
+
+
+def _proxy_script():
+    return _script("kvzap_proxy")
+
+
+def test_the_proxy_ranks_query_agnostic_contexts_against_kvzip(tiny_model, tmp_path):
+    """scripts/kvzap_proxy.py: RULER contexts as ids with their answers' positions, then each
+    ranking's kept rows at a budget against KVzip's (the reference keeps itself: overlap 1)."""
+    import json
+
+    import torch
+
+    script = _proxy_script()
+    ctx, out = tmp_path / "c.npz", tmp_path / "r.json"
+    assert script.main(["contexts", "--model", str(tiny_model.parent / "hf"), "--samples", "2",
+                        "--task", "niah_single_1", "--max-seq-length", "1024", "--out",
+                        str(ctx)]) == 0
+    z = np.load(ctx)
+    assert len(z["lengths"]) == 2 and (z["needle_lengths"] > 0).all()
+    surrogate = _surrogate(tmp_path, tiny_model, mlp=8, skip=True).parent / "kvzap.npz"
+    assert script.main(["score", "--hf", str(tiny_model.parent / "hf"), "--contexts", str(ctx),
+                        "--surrogate", f"mine={surrogate}", "--budget", "0.5", "--device",
+                        "cpu", "--out", str(out)]) == 0
+    records = {r["ranking"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"kvzip", "kvzip-max", "mine"}
+    assert records["kvzip"]["overlap"] == 1.0 and records["mine"]["samples"] == 2
+    assert all(0 <= r["coverage"] <= 1 and 0 <= r["overlap"] <= 1 for r in records.values())
+    scores = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 400, 2)))
+    keep = script.keep_mask(scores, 0.25)  # 100 per head, 64 of them sinks and recent rows
+    assert keep.shape == (6, 400 - 64) and int(keep.sum()) == 6 * (100 - 64)
+    assert keep.sum(1).min() >= int(0.2 * 36)  # every head keeps its own share
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--surrogate", "nopath"], "--surrogate"), (["--surrogate", "kvzip=x.npz"], "--surrogate"),
+    (["--budget", "1.5"], "--budget"), (["--contexts", "missing.npz"], "--contexts")])
+def test_the_proxy_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args, field):
+    ctx = tmp_path / "c.npz"
+    np.savez(ctx, lengths=np.array([3]))
+    argv = ["score", "--hf", str(tmp_path / "no-model"), "--contexts", str(ctx), *args]
+    with pytest.raises(SystemExit) as err:
+        _proxy_script().main(argv)
+    assert err.value.code == 2 and field in capsys.readouterr().err
