@@ -148,6 +148,11 @@ def _check_train_args(parser: argparse.ArgumentParser, args) -> tuple[int, int]:
         parser.error(f"--keep {args.keep}: an integer >= 1 (rows kept of each training text)")
     if args.hidden < 0:
         parser.error(f"--hidden {args.hidden}: 0 (the ridge map only) or an MLP width >= 1")
+    for name, value in (("--epochs", args.epochs), ("--batch", args.batch)):
+        if value < 1:
+            parser.error(f"{name} {value}: an integer >= 1")
+    if not args.lr > 0:
+        parser.error(f"--lr {args.lr}: a number > 0")
     if args.censor and not args.hidden:
         parser.error("--censor: only with an MLP (--hidden >= 1)")
     return lo, hi
@@ -174,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--target", default="kvzip", choices=("kvzip", "kvzip-step"),
                    help="KVzip's maximum over single replay queries, or the engine's sums over "
                    "replay steps of 16 queries (train.py's doc)")
+    r.add_argument("--epochs", type=int, default=40, help="the MLP's most epochs")
+    r.add_argument("--batch", type=int, default=2048, help="the MLP's rows per step")
+    r.add_argument("--lr", type=float, default=2e-3, help="the MLP's AdamW learning rate")
     r.add_argument("--censor", action="store_true",
                    help="with --hidden: each text's scores below its median raised to it")
     args = p.parse_args(argv)
@@ -206,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"texts": data["texts"], "test_texts": hi - lo, "rows_per_text": args.keep,
             "source": "HotpotQA paragraphs (RULER 26.3 data)", "trained_by": "kvzap_gpu.py",
             "texts_file": json.loads(str(np.load(args.texts_file)["meta"])),
-            "r2_ridge": r2_lin, "censor": args.censor}
+            "r2_ridge": r2_lin, "censor": args.censor, "epochs": args.epochs,
+            "batch": args.batch, "lr": args.lr}
     if not args.hidden:
         kt.save(args.out, w, b, target, {**meta, "hidden": None, "r2": r2_lin})
         return 0
-    mlp, r2 = kt.fit_mlp(data, target, args.hidden, device=args.device, censor=args.censor,
-                         log=log)
+    mlp, r2 = kt.fit_mlp(data, target, args.hidden, epochs=args.epochs, lr=args.lr,
+                         batch=args.batch, device=args.device, censor=args.censor, log=log)
     log(f"residual MLP {args.hidden}: held-out R^2 {np.mean(r2):.3f} (ridge {np.mean(r2_lin):.3f})")
     kt.save(args.out, mlp["w1"], mlp["b1"], target, {**meta, "hidden": args.hidden, "r2": r2},
             mlp["w2"], mlp["b2"], mlp["skip"])

@@ -487,7 +487,8 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
                         "--max-tokens", "120", "--out", str(texts_file)]) == 0
     assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
                         str(out), "--hidden", "8", "--keep", "40", "--test", "3:5",
-                        "--device", "cpu", "--target", "kvzip-step", "--censor"]) == 0
+                        "--device", "cpu", "--target", "kvzip-step", "--censor",
+                        "--epochs", "3", "--batch", "512"]) == 0
     w = KVzapWeights.load(out)
     assert w.target == "kvzip-step" and w.meta["censor"] is True
     w.check_model(4, 256, 2)
@@ -500,7 +501,8 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     (["--test", "3-5"], "--test"), (["--test", "0:5"], "--test"), (["--test", "4:9"], "--test"),
     (["--keep", "0"], "--keep"), (["--hidden", "-1"], "--hidden"),
     (["--texts-file", "missing.npz"], "--texts-file"), (["--censor", "--hidden", "0"], "--censor"),
-    (["--target", "kvzip+"], "--target")])
+    (["--target", "kvzip+"], "--target"), (["--epochs", "0"], "--epochs"),
+    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr")])
 def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
                                                                         field):
     texts_file = tmp_path / "t.npz"
