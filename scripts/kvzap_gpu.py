@@ -67,11 +67,12 @@ def make_texts(model: str, num: int, out: str, min_tokens: int, max_tokens: int,
 
 
 def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, target: str,
-            log) -> dict:
+            log, grid: str = "repeat", seed: int = 0) -> dict:
     """train.collect's layout (kept rows per training text, every row of the test texts, one
     censoring floor per text) for ``target`` ("kvzip": ``kt.kvzip_target``, "kvzip-step":
-    ``kt.kvzip_step_target``; ``kt`` is train.py) computed on ``device`` (f32, eager
-    attention)."""
+    ``kt.kvzip_step_target``, its steps from the repeat prompt's first token, ``grid``
+    "repeat", as the engine's, or from the replayed text's, "text"; ``kt`` is train.py)
+    computed on ``device`` (f32, eager attention); ``seed`` draws the kept rows."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,13 +90,14 @@ def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, t
             "test_floor": {target: []}}
     span: dict = {}
     seen: dict = {}
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1 + seed)
 
     def hook(module, args, kwargs, output):
         c0, c1, r0, r1 = span["c0"], span["c1"], span["r0"], span["r1"]
         attn = output[1][0]
         y = (kt.kvzip_target(attn, (c0, c1, r0, r1), hkv) if target == "kvzip" else
-             kt.kvzip_step_target(attn, (c0, c1, c1, r1), hkv))  # [N, Hkv]
+             kt.kvzip_step_target(attn, (c0, c1, c1 if grid == "repeat" else r0, r1),
+                                  hkv))  # [N, Hkv]
         seen[module.layer_idx] = (kwargs["hidden_states"][0][c0:c1], y)
         return output
 
@@ -153,6 +155,8 @@ def _check_train_args(parser: argparse.ArgumentParser, args) -> tuple[int, int]:
             parser.error(f"{name} {value}: an integer >= 1")
     if not args.lr > 0:
         parser.error(f"--lr {args.lr}: a number > 0")
+    if args.grid != "repeat" and args.target != "kvzip-step":
+        parser.error(f"--grid {args.grid}: only with --target kvzip-step")
     if args.censor and not args.hidden:
         parser.error("--censor: only with an MLP (--hidden >= 1)")
     return lo, hi
@@ -179,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--target", default="kvzip", choices=("kvzip", "kvzip-step"),
                    help="KVzip's maximum over single replay queries, or the engine's sums over "
                    "replay steps of 16 queries (train.py's doc)")
+    r.add_argument("--grid", default="repeat", choices=("repeat", "text"),
+                   help="kvzip-step: steps from the repeat prompt (the engine's) or from the "
+                   "replayed text (session 28's first experiment, docs/chat.md)")
+    r.add_argument("--seed", type=int, default=0, help="the kept rows' and the MLP's draws")
     r.add_argument("--epochs", type=int, default=40, help="the MLP's most epochs")
     r.add_argument("--batch", type=int, default=2048, help="the MLP's rows per step")
     r.add_argument("--lr", type=float, default=2e-3, help="the MLP's AdamW learning rate")
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     kt = _train_module()
     target = args.target
     data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, target,
-                   log)
+                   log, args.grid, args.seed)
     log(f"collected {data['texts']} training texts")
     import torch
 
@@ -214,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"texts": data["texts"], "test_texts": hi - lo, "rows_per_text": args.keep,
             "source": "HotpotQA paragraphs (RULER 26.3 data)", "trained_by": "kvzap_gpu.py",
             "texts_file": json.loads(str(np.load(args.texts_file)["meta"])),
-            "r2_ridge": r2_lin, "censor": args.censor, "epochs": args.epochs,
+            "r2_ridge": r2_lin, "censor": args.censor, "grid": args.grid, "seed": args.seed,
+            "epochs": args.epochs,
             "batch": args.batch, "lr": args.lr}
     if not args.hidden:
         kt.save(args.out, w, b, target, {**meta, "hidden": None, "r2": r2_lin})
         return 0
     mlp, r2 = kt.fit_mlp(data, target, args.hidden, epochs=args.epochs, lr=args.lr,
-                         batch=args.batch, device=args.device, censor=args.censor, log=log)
+                         batch=args.batch, seed=args.seed, device=args.device,
+                         censor=args.censor, log=log)
     log(f"residual MLP {args.hidden}: held-out R^2 {np.mean(r2):.3f} (ridge {np.mean(r2_lin):.3f})")
     kt.save(args.out, mlp["w1"], mlp["b1"], target, {**meta, "hidden": args.hidden, "r2": r2},
             mlp["w2"], mlp["b2"], mlp["skip"])

@@ -490,7 +490,15 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
                         "--device", "cpu", "--target", "kvzip-step", "--censor",
                         "--epochs", "3", "--batch", "512"]) == 0
     w = KVzapWeights.load(out)
-    assert w.target == "kvzip-step" and w.meta["censor"] is True
+    assert w.target == "kvzip-step" and w.meta["censor"] is True and w.meta["grid"] == "repeat"
+    other = tmp_path / "text.npz"  # the experiment's step grid, another draw: another fit
+    assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
+                        str(other), "--keep", "40", "--test", "3:5", "--device", "cpu",
+                        "--target", "kvzip-step", "--hidden", "0", "--grid", "text",
+                        "--seed", "1"]) == 0
+    lin = KVzapWeights.load(other)
+    assert lin.meta["grid"] == "text" and lin.meta["seed"] == 1 and lin.hidden is None
+    assert not np.allclose(lin.meta["r2"], w.meta["r2_ridge"])
     w.check_model(4, 256, 2)
     assert w.hidden == 8 and w.skip.shape == (4, 256, 2)
     assert w.meta["texts"] == 3 and w.meta["test_texts"] == 2 and w.meta["rows_per_text"] == 40
@@ -502,7 +510,7 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     (["--keep", "0"], "--keep"), (["--hidden", "-1"], "--hidden"),
     (["--texts-file", "missing.npz"], "--texts-file"), (["--censor", "--hidden", "0"], "--censor"),
     (["--target", "kvzip+"], "--target"), (["--epochs", "0"], "--epochs"),
-    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr")])
+    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr"), (["--grid", "text"], "--grid")])
 def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
                                                                         field):
     texts_file = tmp_path / "t.npz"
