@@ -32,26 +32,18 @@ A proxy, not an accuracy: it says which surrogate to spend a RULER run on (docs/
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kvzap_gpu import _train_module  # noqa: E402  (train.py loaded without the package)
+
 NIAH = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue",
         "niah_multiquery")
 SINKS, RECENT, ALPHA = 32, 32, 0.2  # config.py's start_size, KVZIP_RECENT; KVzip.alpha
-
-
-def _train_module():
-    """kvcrush_ov/kvzap/train.py loaded from this checkout (no package import: no OpenVINO)."""
-    path = Path(__file__).resolve().parents[1] / "kvcrush_ov" / "kvzap" / "train.py"
-    spec = importlib.util.spec_from_file_location("kvzap_train", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvzap_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def make_contexts(model: str, tasks: list[str], samples: int, seed: int, max_seq_length: int,

@@ -57,9 +57,17 @@ class Normal:
     xy: np.ndarray
     n: int = 0
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+    @staticmethod
+    def gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows with the bias column [N, D+1], their Gram matrix [D+1, D+1]): what
+        :meth:`add` needs of ``x``, computed once for several targets of the same rows."""
         xb = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-        self.xx += xb.T @ xb
+        return xb, xb.T @ xb
+
+    def add(self, x: np.ndarray, y: np.ndarray,
+            gram: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        xb, xx = Normal.gram(x) if gram is None else gram
+        self.xx += xx
         self.xy += xb.T @ y
         self.n += len(x)
 
@@ -244,13 +252,14 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
                     text_floor([seen[layer][1][t] for layer in range(num_layers)]))
             for layer in range(num_layers):
                 x, ys = seen[layer]
+                gram = None if held_out else Normal.gram(x)  # shared by the targets
                 if not held_out and keep:
                     kept_x[layer].append(x[pick].astype(np.float32))
                 for t in TARGETS:
                     if held_out:
                         test[t][layer].append(ys[t])
                     else:
-                        normal[t][layer].add(x, ys[t])
+                        normal[t][layer].add(x, ys[t], gram)
                         if keep:
                             kept[t][layer].append(ys[t][pick].astype(np.float32))
                 if held_out:
