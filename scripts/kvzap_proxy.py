@@ -221,8 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", default=None, help="also write the records as JSON here")
     args = p.parse_args(argv)
     if args.step == "contexts":
+        from kvcrush_ov.eval.ruler import EXTRA_TASKS, TASKS
+
         if args.samples < 1:
             p.error(f"--samples {args.samples}: an integer >= 1")
+        if args.max_seq_length < 1:
+            p.error(f"--max-seq-length {args.max_seq_length}: an integer >= 1")
+        bad = [t for t in args.task or [] if t not in TASKS + EXTRA_TASKS]
+        if bad:
+            p.error(f"--task {bad[0]!r}: one of {', '.join(TASKS + EXTRA_TASKS)}")
         make_contexts(args.model, args.task or list(NIAH), args.samples, args.seed,
                       args.max_seq_length, args.out)
         return 0

@@ -565,3 +565,15 @@ def test_the_proxy_names_a_bad_argument_before_loading_the_model(tmp_path, capsy
     with pytest.raises(SystemExit) as err:
         _proxy_script().main(argv)
     assert err.value.code == 2 and field in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--samples", "0"], "--samples"), (["--task", "niah_single_9"], "--task"),
+    (["--max-seq-length", "0"], "--max-seq-length")])
+def test_the_proxy_contexts_step_names_a_bad_argument_before_any_work(tmp_path, capsys, args,
+                                                                       field):
+    out = tmp_path / "c.npz"
+    with pytest.raises(SystemExit) as err:
+        _proxy_script().main(["contexts", "--model", "no-such-model", "--out", str(out), *args])
+    assert err.value.code == 2 and field in capsys.readouterr().err
+    assert not out.exists()
