@@ -387,7 +387,8 @@ def _cmd_kvzap_train(args: argparse.Namespace) -> int:
     path, r2 = train(args.model, num_texts=args.texts, num_test=args.test_texts,
                      target=args.target, out=args.out, seed=args.seed,
                      min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-                     facts_per_doc=args.facts, hidden=args.hidden, censor=args.censor)
+                     facts_per_doc=args.facts, hidden=args.hidden, censor=args.censor,
+                     censor_quantile=args.censor_quantile)
     print(f"{path} (held-out R^2 per layer: mean {sum(r2) / len(r2):.3f}, "
           f"min {min(r2):.3f})")
     return 0
@@ -659,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     kz.add_argument("--censor", action="store_true",
                     help="with --hidden: raise each text's scores below its median to the "
                     "median before the fit (only the order of the kept top counts)")
+    kz.add_argument("--censor-quantile", type=float, default=0.5,
+                    help="with --censor: each text's floor is this quantile of its scores "
+                    "instead of the median (0.75 for small budgets: docs/chat.md)")
     kz.add_argument("--seed", type=int, default=0)
     kz.add_argument("--out", default=None,
                     help="output file (default: <model cache folder>/kvzap.npz)")

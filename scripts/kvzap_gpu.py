@@ -67,12 +67,13 @@ def make_texts(model: str, num: int, out: str, min_tokens: int, max_tokens: int,
 
 
 def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, target: str,
-            log, grid: str = "repeat", seed: int = 0) -> dict:
+            log, grid: str = "repeat", seed: int = 0, censor_quantile: float = 0.5) -> dict:
     """train.collect's layout (kept rows per training text, every row of the test texts, one
     censoring floor per text) for ``target`` ("kvzip": ``kt.kvzip_target``, "kvzip-step":
     ``kt.kvzip_step_target``, its steps from the repeat prompt's first token, ``grid``
     "repeat", as the engine's, or from the replayed text's, "text"; ``kt`` is train.py)
-    computed on ``device`` (f32, eager attention); ``seed`` draws the kept rows."""
+    computed on ``device`` (f32, eager attention); ``seed`` draws the kept rows; each text's
+    floor is its ``censor_quantile`` (train.text_floor)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -114,7 +115,7 @@ def collect(kt, hf: str, texts_file: str, keep: int, test: range, device: str, t
                 model.model(torch.tensor([full], device=device))
                 ys = [seen[layer][1] for layer in range(layers)]
                 floor = float(torch.quantile(torch.cat([y.flatten() for y in ys]).double(),
-                                             0.5))  # train.text_floor's median
+                                             censor_quantile))  # train.text_floor
                 for layer in range(layers):
                     x, y = seen[layer]
                     if i in test:
@@ -159,6 +160,8 @@ def _check_train_args(parser: argparse.ArgumentParser, args) -> tuple[int, int]:
         parser.error(f"--grid {args.grid}: only with --target kvzip-step")
     if args.censor and not args.hidden:
         parser.error("--censor: only with an MLP (--hidden >= 1)")
+    if not 0 < args.censor_quantile < 1:
+        parser.error(f"--censor-quantile {args.censor_quantile}: a number in (0, 1)")
     return lo, hi
 
 
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--lr", type=float, default=2e-3, help="the MLP's AdamW learning rate")
     r.add_argument("--censor", action="store_true",
                    help="with --hidden: each text's scores below its median raised to it")
+    r.add_argument("--censor-quantile", type=float, default=0.5,
+                   help="with --censor: the floor is this quantile of each text's scores")
     args = p.parse_args(argv)
     t0 = time.time()
 
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     kt = _train_module()
     target = args.target
     data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, target,
-                   log, args.grid, args.seed)
+                   log, args.grid, args.seed, args.censor_quantile)
     log(f"collected {data['texts']} training texts")
     import torch
 
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "source": "HotpotQA paragraphs (RULER 26.3 data)", "trained_by": "kvzap_gpu.py",
             "texts_file": json.loads(str(np.load(args.texts_file)["meta"])),
             "r2_ridge": r2_lin, "censor": args.censor, "grid": args.grid, "seed": args.seed,
+            "censor_quantile": args.censor_quantile if args.censor else None,
             "epochs": args.epochs,
             "batch": args.batch, "lr": args.lr}
     if not args.hidden:

@@ -454,6 +454,11 @@ def test_every_method_builds_at_every_default_budget(tiny_model, tmp_path):
     assert make_policy(METHODS["snapkv+kvcrush-taper-decode8"].make(0.25)).taper == (0.125, 0.5)
     assert make_spec(METHODS["snapkv+kvcrush"].make(0.25)).decode_window is None  # every step
     assert make_spec(METHODS["h2o"].make(0.25)).policy.score_mode == "all"
+    # KVzap's tuning candidates keep the surrogate's scores (a KVzap policy, not KVzip's)
+    for name, field, value in (("kvzap-max3", "pooling", "max"), ("kvzap-avg3", "pooling", "avg"),
+                               ("kvzap-alpha05", "alpha", 0.5)):
+        policy = METHODS[name].policy()
+        assert policy.score_mode == "surrogate" and getattr(policy, field) == value, name
 
 
 def test_tuning_candidates_run_only_when_named():

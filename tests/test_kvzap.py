@@ -162,7 +162,8 @@ def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidd
     out = tmp_path / "kvzap.npz"
     path, r2 = train(tiny_model.parent / "hf", num_texts=2, num_test=1, min_tokens=60,
                      max_tokens=120, out=out, facts_per_doc=0.5, hidden=hidden,
-                     keep_per_text=32, target=target, censor=censor, log=lambda *_: None)
+                     keep_per_text=32, target=target, censor=censor,
+                     censor_quantile=0.75 if censor else 0.5, log=lambda *_: None)
     w = KVzapWeights.load(path)
     assert w.hidden == hidden and w.num_kv_heads == 2 and w.num_layers == 4
     assert w.weight.shape == (4, 256, hidden or 2)
@@ -172,6 +173,7 @@ def test_training_writes_a_surrogate_the_engine_loads(tiny_model, tmp_path, hidd
     assert len(r2) == 4 and all(np.isfinite(r2))
     assert w.meta["texts"] == 2 and w.target == target and w.meta["hidden"] == hidden
     assert w.meta["censor"] == censor
+    assert w.meta["censor_quantile"] == (0.75 if censor else None)
     w.check_model(4, 256, 2)
 
 
@@ -197,7 +199,8 @@ def test_the_step_target_is_the_engines_replay_score():
                            axis=0)
     assert got.shape == (c1 - c0, hkv)
     np.testing.assert_allclose(got, np.log(ref), rtol=1e-10)
-    assert text_floor([np.array([[1.0, 5.0]]), np.array([[2.0, 3.0]])]) == 2.5
+    ys = [np.array([[1.0, 5.0]]), np.array([[2.0, 3.0]])]
+    assert text_floor(ys) == 2.5 and text_floor(ys, 0.75) == 3.5  # over all layers and heads
 
 
 def _synthetic(rng: np.random.Generator, texts: int, rows: int = 200) -> dict:
@@ -277,7 +280,8 @@ def test_a_skip_without_an_mlp_is_refused_by_name():
     ({"min_tokens": 300, "max_tokens": 200}, "max_tokens"), ({"lam": 0}, "lam"),
     ({"facts_per_doc": 2}, "facts_per_doc"), ({"hidden": 0}, "hidden"),
     ({"hidden": 8, "keep_per_text": 0}, "keep_per_text"), ({"censor": True}, "censor"),
-    ({"hidden": 8, "censor": "yes"}, "censor")])
+    ({"hidden": 8, "censor": "yes"}, "censor"),
+    ({"hidden": 8, "censor": True, "censor_quantile": 1.0}, "censor_quantile")])
 def test_training_refuses_bad_arguments_by_name(tiny_model, kwargs, field):
     with pytest.raises(ConfigError) as err:
         train(tiny_model.parent / "hf", **kwargs)
@@ -496,6 +500,14 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
                         str(other), "--keep", "40", "--test", "3:5", "--device", "cpu",
                         "--target", "kvzip-step", "--hidden", "0", "--grid", "text",
                         "--seed", "1"]) == 0
+    high = tmp_path / "q75.npz"  # a higher floor: other raised targets, another R^2
+    assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
+                        str(high), "--hidden", "8", "--keep", "40", "--test", "3:5",
+                        "--device", "cpu", "--target", "kvzip-step", "--censor",
+                        "--censor-quantile", "0.75", "--epochs", "3", "--batch", "512"]) == 0
+    q75 = KVzapWeights.load(high)
+    assert w.meta["censor_quantile"] == 0.5 and q75.meta["censor_quantile"] == 0.75
+    assert not np.allclose(q75.meta["r2"], w.meta["r2"])
     lin = KVzapWeights.load(other)
     assert lin.meta["grid"] == "text" and lin.meta["seed"] == 1 and lin.hidden is None
     assert not np.allclose(lin.meta["r2"], w.meta["r2_ridge"])
@@ -510,7 +522,8 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     (["--keep", "0"], "--keep"), (["--hidden", "-1"], "--hidden"),
     (["--texts-file", "missing.npz"], "--texts-file"), (["--censor", "--hidden", "0"], "--censor"),
     (["--target", "kvzip+"], "--target"), (["--epochs", "0"], "--epochs"),
-    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr"), (["--grid", "text"], "--grid")])
+    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr"), (["--grid", "text"], "--grid"),
+    (["--censor", "--censor-quantile", "1"], "--censor-quantile")])
 def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
                                                                         field):
     texts_file = tmp_path / "t.npz"

@@ -18,6 +18,7 @@ from kvcrush_ov.config import (
     KVCrushConfig,
     LESSConfig,
 )
+from kvcrush_ov.eviction.kvzap import KVzap
 from kvcrush_ov.eviction.kvzip import KVzip
 from kvcrush_ov.eviction.kvzip_heads import KVzipHeads, load_or_calibrate
 
@@ -121,6 +122,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # Not default columns: they need the trained surrogate (--method kvzap)
     Method("kvzap", "native", _native("kvzap"), report=False),
     Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
+    # KVzap's predictions max- / mean-pooled over 3 tokens (a needle's neighbours share its
+    # score), and Ada-KV's per-head share raised to a half (alpha 0.5: heads the surrogate
+    # underrates keep more)
+    *[Method(f"kvzap-{p}3", "native", _native("kvzap"), report=False,
+             policy=lambda p=p: KVzap(pooling=p, kernel_size=3)) for p in ("max", "avg")],
+    Method("kvzap-alpha05", "native", _native("kvzap"), report=False,
+           policy=lambda: KVzap(alpha=0.5)),
     # KVzap with part of the context replayed (the spans it scores highest; runner.
     # PARTIAL_REPLAY, eval only, query-agnostic protocol)
     *[Method(n, "native", _native("kvzap"), report=False)

@@ -22,8 +22,9 @@ Fit: ridge regression per layer with a bias, from the normal equations accumulat
 texts (no feature matrix is kept), ``lam`` times the mean diagonal as the ridge. With
 ``hidden``: a residual MLP per layer (:func:`fit_mlp`: the ridge map plus a one-hidden-layer
 GELU MLP trained from zero on every row of the training texts, stopped on held-back texts;
-``censor``: each text's targets below its median over all layers and heads are raised to that
-median, so the fit spends nothing on the order of tokens no budget keeps).
+``censor``: each text's targets below a quantile (``censor_quantile``, the median by default) of
+them over all layers and heads are raised to it, so the fit spends nothing on the order of
+tokens no budget keeps).
 
 Output (:func:`save`): ``kvzap.npz`` with ``weight`` f32 [L, D, Hkv], ``bias`` f32 [L, Hkv]
 (an MLP: ``weight`` [L, D, Y], ``bias`` [L, Y], ``weight2`` [L, Y, Hkv], ``bias2`` [L, Hkv],
@@ -168,15 +169,18 @@ def kvzip_step_target(attn, spans: tuple[int, int, int, int], num_kv_heads: int,
     return torch.log(best.clamp_min(1e-30)).T
 
 
-def text_floor(ys: list[np.ndarray]) -> float:
-    """One text's censoring floor: the median of its targets over every layer and head."""
-    return float(np.median(np.concatenate([y.ravel() for y in ys])))
+def text_floor(ys: list[np.ndarray], quantile: float = 0.5) -> float:
+    """One text's censoring floor: the ``quantile`` of its targets over every layer and head
+    (0.5: their median)."""
+    return float(np.quantile(np.concatenate([y.ravel() for y in ys]), quantile))
 
 
 def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             min_tokens: int = 800, max_tokens: int = 2000, seed: int = 0,
-            facts_per_doc: float = 0.0, keep_per_text: int | None = 0, log=print) -> dict:
-    """Normal equations for both targets plus held-out (x, y) for the R^2 (module doc)."""
+            facts_per_doc: float = 0.0, keep_per_text: int | None = 0,
+            censor_quantile: float = 0.5, log=print) -> dict:
+    """Normal equations for every target plus held-out (x, y) for the R^2 (module doc); each
+    text's censoring floor per target at ``censor_quantile`` (:func:`text_floor`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,7 +253,8 @@ def collect(hf_dir: str | Path, num_texts: int = 160, num_test: int = 8,
             keep = keep_per_text is None or keep_per_text > 0
             for t in TARGETS:  # one censoring floor per text and target
                 (test_floor if held_out else kept_floor)[t].append(
-                    text_floor([seen[layer][1][t] for layer in range(num_layers)]))
+                    text_floor([seen[layer][1][t] for layer in range(num_layers)],
+                               censor_quantile))
             for layer in range(num_layers):
                 x, ys = seen[layer]
                 gram = None if held_out else Normal.gram(x)  # shared by the targets
@@ -356,7 +361,7 @@ def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 40, lr: fl
     training texts (at least one text, never the held-out ones) has not improved for 3 epochs,
     and the best epoch is kept. ``device``: a torch device ("cuda" on a GPU machine).
     ``censor``: every row's target is raised to its text's floor (``data["kept_floor"]``,
-    ``data["test_floor"]``: the median of the text's targets, :func:`text_floor`), the ridge
+    ``data["test_floor"]``: a quantile of the text's targets, :func:`text_floor`), the ridge
     start included, and the held-out R^2 is that of the raised scores (predictions raised
     alike). Returns ({w1 [L, D, Y], b1 [L, Y], w2 [L, Y, Hkv], b2 [L, Hkv], skip [L, D, Hkv]},
     held-out R^2 per layer)."""
@@ -415,12 +420,13 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
           lam: float = 1e-3, out: str | Path | None = None, seed: int = 0,
           min_tokens: int = 700, max_tokens: int = 1400, facts_per_doc: float = 0.0,
           hidden: int | None = None, keep_per_text: int | None = None,
-          censor: bool = False, log=print) -> tuple[Path, list[float]]:
+          censor: bool = False, censor_quantile: float = 0.5,
+          log=print) -> tuple[Path, list[float]]:
     """Collect, fit and save a model's surrogate (``model``: registry name or Hugging Face
     checkpoint folder; ``out``: default ``<model cache folder>/kvzap.npz``, where
     ``importance="kvzap"`` reads it). Returns (path, held-out R^2 per layer). Bad arguments
     raise ConfigError naming the field before any work. ``censor`` (an MLP only): see
-    :func:`fit_mlp`."""
+    :func:`fit_mlp`; its floor is each text's ``censor_quantile`` (:func:`text_floor`)."""
     from kvcrush_ov.errors import ConfigError
     from kvcrush_ov.less.train import resolve_model
 
@@ -447,16 +453,21 @@ def train(model: str | Path, num_texts: int = 30, num_test: int = 6, target: str
                           "None (every row) or an integer >= 1 with an MLP")
     if not isinstance(censor, bool) or (censor and hidden is None):
         raise ConfigError("censor", censor, "a bool, True only with an MLP (hidden)")
+    if isinstance(censor_quantile, bool) or not isinstance(censor_quantile, (int, float)) \
+            or not 0 < censor_quantile < 1:
+        raise ConfigError("censor_quantile", censor_quantile, "a number in (0, 1)")
     _, hf = resolve_model(model)
     from kvcrush_ov.kvzap.weights import KVZAP_FILE
 
     path = Path(out) if out is not None else hf.parent / KVZAP_FILE
     data = collect(hf, num_texts=num_texts, num_test=num_test, min_tokens=min_tokens,
                    max_tokens=max_tokens, seed=seed, facts_per_doc=facts_per_doc,
-                   keep_per_text=keep_per_text if hidden is not None else 0, log=log)
+                   keep_per_text=keep_per_text if hidden is not None else 0,
+                   censor_quantile=censor_quantile, log=log)
     meta = {"texts": data["texts"], "test_texts": num_test, "tokens": data["tokens"],
             "lam": lam, "seed": seed, "min_tokens": min_tokens, "max_tokens": max_tokens,
             "facts_per_doc": facts_per_doc, "hidden": hidden, "censor": censor,
+            "censor_quantile": censor_quantile if censor else None,
             "source": "HotpotQA paragraphs (RULER 26.3 data)"}
     path.parent.mkdir(parents=True, exist_ok=True)
     if hidden is None:
