@@ -477,7 +477,8 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzap+kvcrush", "kvzap+kvcrush-taper", "kvzap+kvcrush-share50",
                   "kvzip-qw16", "kvzip-qw32", "kvzap-replay12", "kvzap-replay25",
                   "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q",
-                  "kvzap-replay50w128", "kvzip-query256", "kvzip-group16"}
+                  "kvzap-replay50w128", "kvzip-query256", "kvzip-group16", "kvzap-max3",
+                  "kvzap-avg3", "kvzap-alpha05"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     for name, group in (("kvzip-query256", 1), ("kvzip-group16", 16)):
         policy = method_spec(METHODS[name], 0.25).policy
