@@ -288,6 +288,15 @@ def test_training_refuses_bad_arguments_by_name(tiny_model, kwargs, field):
     assert err.value.field == field
 
 
+def test_the_cli_names_a_bad_censor_quantile(tiny_model, tmp_path, capsys):
+    from kvcrush_ov.cli import main
+
+    assert main(["kvzap-train", "--model", "tiny-random-llama", "--hidden", "8", "--censor",
+                 "--censor-quantile", "1.5", "--out", str(tmp_path / "k.npz")]) == 2
+    assert "censor_quantile" in capsys.readouterr().err
+    assert not (tmp_path / "k.npz").exists()
+
+
 def test_a_missing_or_foreign_surrogate_is_named(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="kvzap-train") as err:
         make_spec(_cfg(), tiny_model)  # nothing trained beside the cached tiny model
