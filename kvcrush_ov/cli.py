@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "median before the fit (only the order of the kept top counts)")
     kz.add_argument("--censor-quantile", type=float, default=0.5,
                     help="with --censor: each text's floor is this quantile of its scores "
-                    "instead of the median (0.75 for small budgets: docs/chat.md)")
+                    "instead of the median (Qwen2.5-0.5B: 0.75, SmolLM2: 0.5; docs/chat.md)")
     kz.add_argument("--seed", type=int, default=0)
     kz.add_argument("--out", default=None,
                     help="output file (default: <model cache folder>/kvzap.npz)")
