@@ -96,17 +96,24 @@ def make_contexts(model: str, tasks: list[str], samples: int, seed: int, max_seq
 
 def predict(weights: dict, x):
     """A surrogate's log scores: ``x`` [L, N, D] -> [L, N, Hkv] (weights.KVzapWeights's
-    arithmetic: linear, or an MLP with an optional skip)."""
+    arithmetic: linear, or an MLP with an optional skip; plus its distance term, the rows'
+    distance counted from the context's last token, as the engine ranks right after it)."""
     import torch
 
     def t(key):
         return torch.from_numpy(np.asarray(weights[key], np.float32)).to(x.device)
 
-    first = x @ t("weight") + t("bias")[:, None]
-    if "weight2" not in weights:
-        return first
-    out = torch.nn.functional.gelu(first) @ t("weight2") + t("bias2")[:, None]
-    return out + x @ t("skip") if "skip" in weights else out
+    out = x @ t("weight") + t("bias")[:, None]
+    if "weight2" in weights:
+        out = torch.nn.functional.gelu(out) @ t("weight2") + t("bias2")[:, None]
+        if "skip" in weights:
+            out = out + x @ t("skip")
+    if "position" in weights:
+        n = x.shape[1]
+        logd = torch.log(torch.arange(n, 0, -1, device=x.device, dtype=torch.float32))
+        for k, coef in enumerate(t("position").unbind(1)):  # coef [L, Hkv]
+            out = out + coef[:, None, :] * logd[None, :, None] ** (k + 1)
+    return out
 
 
 def keep_mask(scores, fraction: float):

@@ -297,6 +297,66 @@ def test_the_cli_names_a_bad_censor_quantile(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "k.npz").exists()
 
 
+def test_the_distance_term_is_each_rows_polynomial_in_its_log_distance():
+    rng = np.random.default_rng(3)
+    layers, dim, heads = 3, 8, 2
+    w = KVzapWeights(rng.normal(size=(layers, dim, heads)).astype(np.float32),
+                     rng.normal(size=(layers, heads)).astype(np.float32),
+                     position=rng.normal(size=(layers, 2, heads)).astype(np.float32))
+    lens = rng.integers(1, 9, size=layers * heads)
+    offsets = np.r_[0, np.cumsum(lens)]
+    positions = np.concatenate([np.sort(rng.choice(40, n, replace=False)) for n in lens])
+    got = w.log_offset(positions, offsets, written=40)
+    for r in range(layers * heads):
+        layer, h = divmod(r, heads)
+        for i in range(offsets[r], offsets[r + 1]):
+            ld = np.log(40 - positions[i])
+            want = w.position[layer, 0, h] * ld + w.position[layer, 1, h] * ld ** 2
+            assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    plain = KVzapWeights(w.weight, w.bias)
+    assert not plain.log_offset(positions, offsets, 40).any()
+    with pytest.raises(ConfigError, match="position") as err:
+        KVzapWeights(w.weight, w.bias, position=np.zeros((layers, 1, heads + 1), np.float32))
+    assert err.value.field == "kvzap.weights"
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_distance_term_ranks_the_rows_when_the_predictions_tie(tiny_model, tmp_path, sign):
+    """Every prediction equal (zero weights): the distance term alone decides, so a positive
+    coefficient keeps the rows farthest from the prompt's end, a negative one the nearest."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / tiny_model.name).symlink_to(tiny_model)
+    save(folder / "kvzap.npz", np.zeros((4, 256, 2), np.float32), np.zeros((4, 2), np.float32),
+         "kvzip", {}, position=np.full((4, 1, 2), sign, np.float32))
+    model_dir = folder / tiny_model.name
+    assert KVzapWeights.load(folder / "kvzap.npz").position is not None
+    eng = _engine(model_dir, _cfg(kvcrush=None))  # the importance's own choice only
+    kept: list[list[np.ndarray]] = []
+    evict = eng.evictor.evict
+
+    def watch(seq) -> None:
+        evict(seq)
+        t = eng.kv.tables[seq.seq_id]
+        kept.append([t.positions_of(layer, h) for layer in range(4) for h in range(2)])
+
+    eng.evictor.evict = watch
+    prompt = list(range(11, 131))
+    eng.add_request(prompt, GenerationConfig(max_new_tokens=3), set(), lambda t: "")
+    while eng.has_unfinished():
+        eng.step()
+    assert kept
+    middle = set(range(4, len(prompt) - 8))  # neither sink nor recent
+    for rows in kept[0]:
+        mid = sorted(middle & set(rows.tolist()))
+        gone = sorted(middle - set(mid))
+        assert mid and gone
+        if sign > 0:
+            assert mid[-1] < gone[0]  # the farthest from the end stay
+        else:
+            assert mid[0] > gone[-1]  # the nearest stay
+
+
 def test_a_missing_or_foreign_surrogate_is_named(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="kvzap-train") as err:
         make_spec(_cfg(), tiny_model)  # nothing trained beside the cached tiny model
@@ -500,10 +560,9 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
                         "--max-tokens", "120", "--out", str(texts_file)]) == 0
     assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
                         str(out), "--hidden", "8", "--keep", "40", "--test", "3:5",
-                        "--device", "cpu", "--target", "kvzip-step", "--censor",
-                        "--epochs", "3", "--batch", "512"]) == 0
-    w = KVzapWeights.load(out)
-    assert w.target == "kvzip-step" and w.meta["censor"] is True and w.meta["grid"] == "repeat"
+                        "--device", "cpu", "--epochs", "3", "--batch", "512"]) == 0
+    w = KVzapWeights.load(out)  # the defaults: the recipe of docs/chat.md
+    assert w.target == "kvzip-step" and w.meta["censor"] is True and w.meta["grid"] == "text"
     other = tmp_path / "text.npz"  # the experiment's step grid, another draw: another fit
     assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
                         str(other), "--keep", "40", "--test", "3:5", "--device", "cpu",
@@ -519,11 +578,35 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     assert not np.allclose(q75.meta["r2"], w.meta["r2"])
     lin = KVzapWeights.load(other)
     assert lin.meta["grid"] == "text" and lin.meta["seed"] == 1 and lin.hidden is None
+    assert lin.meta["censor"] is False  # no floor without an MLP
     assert not np.allclose(lin.meta["r2"], w.meta["r2_ridge"])
     w.check_model(4, 256, 2)
-    assert w.hidden == 8 and w.skip.shape == (4, 256, 2)
+    assert w.hidden == 8 and w.skip.shape == (4, 256, 2) and w.position is None
     assert w.meta["texts"] == 3 and w.meta["test_texts"] == 2 and w.meta["rows_per_text"] == 40
     assert len(w.meta["r2"]) == 4 and all(np.isfinite(w.meta["r2"] + w.meta["r2_ridge"]))
+    dist = tmp_path / "dist.npz"  # the same map, then a distance term on joined texts
+    assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
+                        str(dist), "--hidden", "8", "--keep", "40", "--test", "3:5",
+                        "--device", "cpu", "--target", "kvzip-step", "--censor",
+                        "--epochs", "3", "--batch", "512", "--position", "2",
+                        "--position-join", "2", "--position-texts", "2"]) == 0
+    d = KVzapWeights.load(dist)
+    assert d.position.shape == (4, 2, 2)
+    np.testing.assert_array_equal(d.weight, w.weight)  # the map is untouched ...
+    assert not np.allclose(d.bias2, w.bias2)  # ... but for the term's intercept
+    info = d.meta["position"]
+    assert info["degree"] == 2 and info["join"] == 2 and info["texts"] == 2
+    assert info["r2_after"] >= info["r2_before"]  # least squares with an intercept
+    onto = tmp_path / "onto.npz"  # the term alone, onto the surrogate trained first
+    assert script.main(["position", "--hf", str(hf), "--texts-file", str(texts_file),
+                        "--surrogate", str(out), "--out", str(onto), "--degree", "1",
+                        "--join", "2", "--texts", "2", "--end", "5", "--keep", "40",
+                        "--device", "cpu", "--censor-quantile", "0.5"]) == 0
+    o = KVzapWeights.load(onto)
+    assert o.position.shape == (4, 1, 2) and o.target == w.target
+    np.testing.assert_array_equal(o.skip, w.skip)
+    assert o.meta["position"]["surrogate"] == "kvzap.npz" and o.meta["position"]["end"] == 5
+    assert o.meta["censor"] is True  # the surrogate's own meta kept
 
 
 @pytest.mark.parametrize(("args", "field"), [
@@ -531,14 +614,35 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     (["--keep", "0"], "--keep"), (["--hidden", "-1"], "--hidden"),
     (["--texts-file", "missing.npz"], "--texts-file"), (["--censor", "--hidden", "0"], "--censor"),
     (["--target", "kvzip+"], "--target"), (["--epochs", "0"], "--epochs"),
-    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr"), (["--grid", "text"], "--grid"),
-    (["--censor", "--censor-quantile", "1"], "--censor-quantile")])
+    (["--batch", "0"], "--batch"), (["--lr", "0"], "--lr"),
+    (["--target", "kvzip", "--grid", "text"], "--grid"),
+    (["--censor", "--censor-quantile", "1"], "--censor-quantile"),
+    (["--position", "-1"], "--position"), (["--position", "1", "--position-join", "0"],
+                                           "--position-join"),
+    (["--position", "1", "--position-texts", "0"], "--position-texts")])
 def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
                                                                         field):
     texts_file = tmp_path / "t.npz"
     np.savez(texts_file, lengths=np.array([3] * 5), ids=np.zeros(15, np.int32))
     argv = ["train", "--hf", str(tmp_path / "no-model"), "--texts-file", str(texts_file),
             "--out", str(tmp_path / "o.npz"), "--test", "3:5", "--device", "cpu", *args]
+    with pytest.raises(SystemExit) as err:
+        _gpu_script().main(argv)
+    assert err.value.code == 2 and field in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--surrogate", "missing.npz"], "--surrogate"), (["--degree", "0"], "--degree"),
+    (["--end", "9"], "--end"), (["--join", "0"], "--join"),
+    (["--censor-quantile", "0"], "--censor-quantile")])
+def test_the_gpu_scripts_position_step_names_a_bad_argument(tmp_path, capsys, args, field):
+    texts_file, sur = tmp_path / "t.npz", tmp_path / "s.npz"
+    np.savez(texts_file, lengths=np.array([3] * 5), ids=np.zeros(15, np.int32))
+    save(sur, np.zeros((4, 256, 2), np.float32), np.zeros((4, 2), np.float32), "kvzip", {})
+    argv = ["position", "--hf", str(tmp_path / "no-model"), "--texts-file", str(texts_file),
+            "--surrogate", str(sur), "--out", str(tmp_path / "o.npz"), "--device", "cpu", *args]
+    argv = [a if a != "missing.npz" else str(tmp_path / a) for a in argv]
     with pytest.raises(SystemExit) as err:
         _gpu_script().main(argv)
     assert err.value.code == 2 and field in capsys.readouterr().err

@@ -384,9 +384,14 @@ class Evictor:
             positions = np.concatenate([base[:n] for n in t.lens.reshape(-1).tolist()])
         # one C++ call in buffers kept between events: the core's selection, or the policy's
         # own select called back (planner.plan_event)
+        kvzap = self.runner.kvzap
+        row_scale = None  # KVzap's distance term (kvzap/weights.py), for this event only
+        if kvzap is not None and kvzap.position is not None and \
+                spec.policy.score_mode == "surrogate":
+            row_scale = np.exp(kvzap.log_offset(positions, offsets, t.num_written))
         decision = plan_event(self._planner, positions, offsets, heads, ex.get("scores"),
                               spec.policy, ex["budget"], spec.start_size, spec.recent_size,
-                              t.num_written, self.kv.block_size, ex["rng"])
+                              t.num_written, self.kv.block_size, ex["rng"], row_scale)
         rows, row_offsets = decision.rows, decision.offsets
         if spec.less is not None:
             self._fold_less(seq, spec.less, decision.keep_rows(heads))

@@ -110,7 +110,8 @@ def runs_in_core(policy: EvictionPolicy) -> bool:
 def plan_event(planner: _core.EventPlanner, positions: np.ndarray, offsets: np.ndarray,
                num_heads: int, scores: SequenceScores | None, policy: EvictionPolicy,
                budget: int, start_size: int, recent_size: int, num_written: int,
-               block_size: int, rng: np.random.Generator) -> EventRows:
+               block_size: int, rng: np.random.Generator,
+               row_scale: np.ndarray | None = None) -> EventRows:
     """:func:`plan_eviction` in one C++ call on the flat rows a cache manager holds, in the
     buffers ``planner`` keeps between events: the core's selection for a policy that
     :func:`runs_in_core` (no Python during the event), else ``policy.select`` called back.
@@ -118,13 +119,15 @@ def plan_event(planner: _core.EventPlanner, positions: np.ndarray, offsets: np.n
     positions: int64 [R] the rows' positions, table after table (table ``r`` = layer * H +
     head holds ``positions[offsets[r]:offsets[r + 1]]``, offsets int64 [L * H + 1], H =
     ``num_heads``); the other arguments as in :func:`plan_eviction` (the same draws from
-    ``rng``, the same kept rows).
+    ``rng``, the same kept rows). ``row_scale`` f32 [R]: each row's score multiplied by it for
+    this event only (KVzap's distance term, kvzap/weights.py).
     """
     if not runs_in_core(policy):
         return _plan_with_select(planner, positions, offsets, num_heads, scores, policy,
-                                 budget, start_size, recent_size, num_written, block_size, rng)
+                                 budget, start_size, recent_size, num_written, block_size, rng,
+                                 row_scale=row_scale)
     num_layers = (len(offsets) - 1) // num_heads
-    acc, queries = _flat_scores(scores, offsets, num_heads)
+    acc, queries = _flat_scores(scores, offsets, num_heads, row_scale)
     bits = (policy.random_bits_for(num_layers, num_heads, block_size, rng)
             if isinstance(policy, KVCrush) else None)
     rows, rows_offsets, sinks, recent, keep = planner.plan(
@@ -133,14 +136,19 @@ def plan_event(planner: _core.EventPlanner, positions: np.ndarray, offsets: np.n
     return EventRows(rows, rows_offsets, sinks, recent, keep)
 
 
-def _flat_scores(scores: SequenceScores | None, offsets: np.ndarray,
-                 num_heads: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """(acc f32 [R] aligned with the flat rows, or None; the scored queries' positions)."""
+def _flat_scores(scores: SequenceScores | None, offsets: np.ndarray, num_heads: int,
+                 row_scale: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(acc f32 [R] aligned with the flat rows, times ``row_scale`` [R] if given, or None;
+    the scored queries' positions)."""
     if scores is None:
         return None, np.zeros(0, np.int64)
     lens = np.diff(offsets).tolist()
     acc = np.concatenate([scores.aligned(r // num_heads, r % num_heads, n)[:n]
                           for r, n in enumerate(lens)]) if lens else np.zeros(0, np.float32)
+    if row_scale is not None:
+        if len(row_scale) != len(acc):
+            raise ValueError(f"row_scale: {len(row_scale)} values for {len(acc)} rows")
+        acc = (acc * row_scale).astype(np.float32, copy=False)
     return acc, scores.queries()
 
 
@@ -148,11 +156,12 @@ def _plan_with_select(planner: _core.EventPlanner, positions: np.ndarray, offset
                       num_heads: int, scores: SequenceScores | None, policy: EvictionPolicy,
                       budget: int, start_size: int, recent_size: int, num_written: int,
                       block_size: int, rng: np.random.Generator,
-                      seen: dict | None = None) -> EventRows:
+                      seen: dict | None = None,
+                      row_scale: np.ndarray | None = None) -> EventRows:
     """plan_event with ``policy.select`` as the selection (``_core.EventPlanner.plan_with``);
     ``seen`` (if given) receives the policy's ``keep`` and its inputs' ``positions``."""
     num_layers = (len(offsets) - 1) // num_heads
-    acc, queries = _flat_scores(scores, offsets, num_heads)
+    acc, queries = _flat_scores(scores, offsets, num_heads, row_scale)
     who = getattr(policy, "name", type(policy).__name__)
 
     def select(cand_scores: np.ndarray, counts: np.ndarray, cand_positions: np.ndarray,

@@ -399,17 +399,60 @@ def fit_mlp(data: dict, target: str, hidden: int = 128, epochs: int = 40, lr: fl
     return {k: np.stack(v) for k, v in out.items()}, r2
 
 
+def predict(weights: dict, x, device: str = "cpu") -> np.ndarray:
+    """The surrogate's log scores f32 [L, N, Hkv] of hidden states ``x`` [L, N, D] (numpy or
+    torch): ``weights`` as :func:`save` takes them (``weight``, ``bias``; an MLP's
+    ``weight2``, ``bias2`` and ``skip``), computed as the graph does (transformations/kvzap.py,
+    erf GELU) with torch on ``device``; the distance term is not included."""
+    import torch
+
+    def t(a):
+        return torch.as_tensor(np.asarray(a, np.float32), device=device)
+
+    with torch.no_grad():
+        x = torch.as_tensor(x, device=device).float()
+        y = x @ t(weights["weight"]) + t(weights["bias"])[:, None]
+        if weights.get("weight2") is not None:
+            y = torch.nn.functional.gelu(y) @ t(weights["weight2"]) + \
+                t(weights["bias2"])[:, None]
+            if weights.get("skip") is not None:
+                y = y + x @ t(weights["skip"])
+        return y.cpu().numpy()
+
+
+def fit_position(residual: np.ndarray, logd: np.ndarray, degree: int,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """KVzap's distance term (weights.KVzapWeights.position): per (layer, KV head) the least
+    squares fit of ``residual`` f32 [L, N, Hkv] (a target minus the surrogate's prediction) by
+    ``c0 + sum_k c_k * logd ** k`` (k = 1..degree), ``logd`` [N] the log distance of each row
+    to its text's end (0 for the last token). Returns (intercept [L, Hkv], to add to the
+    surrogate's output bias; position [L, degree, Hkv])."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"fit_position: degree={degree!r}, allowed an integer >= 1")
+    logd = np.asarray(logd, np.float64)
+    if residual.ndim != 3 or residual.shape[1] != len(logd) or len(logd) <= degree:
+        raise ValueError(f"fit_position: residual {residual.shape} and {len(logd)} distances "
+                         f"(more than {degree} rows needed)")
+    basis = np.stack([logd ** k for k in range(degree + 1)], 1)  # [N, degree + 1]
+    coef = np.stack([np.linalg.lstsq(basis, r.astype(np.float64), rcond=None)[0]
+                     for r in residual])  # [L, degree + 1, Hkv]
+    return coef[:, 0].astype(np.float32), coef[:, 1:].astype(np.float32)
+
+
 def save(path: str | Path, weight: np.ndarray, bias: np.ndarray, target: str,
          meta: dict, weight2: np.ndarray | None = None, bias2: np.ndarray | None = None,
-         skip: np.ndarray | None = None) -> Path:
+         skip: np.ndarray | None = None, position: np.ndarray | None = None) -> Path:
     """Write a surrogate (weights.KVzapWeights: linear, or an MLP with ``weight2`` /
-    ``bias2`` and optionally ``skip``) atomically."""
+    ``bias2`` and optionally ``skip``; ``position`` [L, K, Hkv]: its distance term)
+    atomically."""
     path = Path(path)
     tmp = path.with_suffix(".tmp.npz")
     two = {} if weight2 is None else {"weight2": weight2.astype(np.float32),
                                       "bias2": bias2.astype(np.float32)}
     if skip is not None:
         two["skip"] = skip.astype(np.float32)
+    if position is not None:
+        two["position"] = position.astype(np.float32)
     np.savez(tmp, weight=weight.astype(np.float32), bias=bias.astype(np.float32),
              target=np.array(target), meta=np.array(json.dumps(meta)), **two)
     tmp.replace(path)
