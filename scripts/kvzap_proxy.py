@@ -94,24 +94,18 @@ def make_contexts(model: str, tasks: list[str], samples: int, seed: int, max_seq
     print(f"{out}: {len(ids)} contexts, {sum(len(i) for i in ids)} tokens")
 
 
-def predict(weights: dict, x):
-    """A surrogate's log scores: ``x`` [L, N, D] -> [L, N, Hkv] (weights.KVzapWeights's
-    arithmetic: linear, or an MLP with an optional skip; plus its distance term, the rows'
-    distance counted from the context's last token, as the engine ranks right after it)."""
+def predict(kt, weights: dict, x):
+    """A surrogate's log scores: ``x`` [L, N, D] -> [L, N, Hkv], the map as train.predict
+    computes it (``kt`` is train.py) plus its distance term, the rows' distance counted from
+    the context's last token, as the engine ranks right after it."""
     import torch
 
-    def t(key):
-        return torch.from_numpy(np.asarray(weights[key], np.float32)).to(x.device)
-
-    out = x @ t("weight") + t("bias")[:, None]
-    if "weight2" in weights:
-        out = torch.nn.functional.gelu(out) @ t("weight2") + t("bias2")[:, None]
-        if "skip" in weights:
-            out = out + x @ t("skip")
+    out = torch.from_numpy(kt.predict(weights, x, str(x.device))).to(x.device)
     if "position" in weights:
         n = x.shape[1]
         logd = torch.log(torch.arange(n, 0, -1, device=x.device, dtype=torch.float32))
-        for k, coef in enumerate(t("position").unbind(1)):  # coef [L, Hkv]
+        coefs = torch.from_numpy(np.asarray(weights["position"], np.float32)).to(x.device)
+        for k, coef in enumerate(coefs.unbind(1)):  # coef [L, Hkv]
             out = out + coef[:, None, :] * logd[None, :, None] ** (k + 1)
     return out
 
@@ -173,7 +167,7 @@ def score(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[floa
                 truth = torch.stack([seen[k][1] for k in range(layers)])
                 ranks = {"kvzip": truth, "kvzip-max": torch.stack([seen[k][2]
                                                                     for k in range(layers)])}
-                ranks.update({name: predict(w, x) for name, w in weights.items()})
+                ranks.update({name: predict(kt, w, x) for name, w in weights.items()})
                 need = torch.from_numpy(z["needles"][nstarts[i]:nstarts[i + 1]]
                                         .astype(np.int64)).to(device) - SINKS
                 for b in budgets:
