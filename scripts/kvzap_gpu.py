@@ -172,9 +172,12 @@ def _check_train_args(parser: argparse.ArgumentParser, args) -> tuple[int, int]:
         parser.error(f"--test {args.test!r}: first:last held-out texts, e.g. 100:110")
     if not Path(args.texts_file).is_file():
         parser.error(f"--texts-file {args.texts_file!r}: a file written by the texts step")
-    num = len(np.load(args.texts_file)["lengths"])
+    if args.join < 1:
+        parser.error(f"--join {args.join}: an integer >= 1 (the file's texts per training text)")
+    num = len(np.load(args.texts_file)["lengths"]) // args.join
     if not 0 <= lo < hi <= num or hi - lo >= num:
-        parser.error(f"--test {args.test!r}: 0 <= first < last <= {num} (the file's texts), "
+        parser.error(f"--test {args.test!r}: 0 <= first < last <= {num} (the file's texts"
+                     f"{'' if args.join == 1 else f' joined {args.join} each'}), "
                      "leaving training texts")
     if args.keep < 1:
         parser.error(f"--keep {args.keep}: an integer >= 1 (rows kept of each training text)")
@@ -219,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--hidden", type=int, default=128, help="MLP width (0: the ridge map only)")
     r.add_argument("--keep", type=int, default=400, help="rows kept of each training text")
+    r.add_argument("--join", type=int, default=1,
+                   help="the file's texts joined into one training text (3: RULER-4K-like "
+                   "lengths; --test then counts joined texts)")
     r.add_argument("--test", default="100:110", help="held-out texts, first:last (exclusive)")
     r.add_argument("--device", default="cuda")
     r.add_argument("--target", default="kvzip-step", choices=("kvzip", "kvzip-step"),
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     kt = _train_module()
     target = args.target
     data = collect(kt, args.hf, args.texts_file, args.keep, range(lo, hi), args.device, target,
-                   log, args.grid, args.seed, args.censor_quantile)
+                   log, args.grid, args.seed, args.censor_quantile, join=args.join)
     log(f"collected {data['texts']} training texts")
     import torch
 
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     w, b, r2_lin = kt.fit(data, target)
     log(f"ridge: held-out R^2 {np.mean(r2_lin):.3f}")
     meta = {"texts": data["texts"], "test_texts": hi - lo, "rows_per_text": args.keep,
+            "join": args.join,
             "source": "HotpotQA paragraphs (RULER 26.3 data)", "trained_by": "kvzap_gpu.py",
             "texts_file": _texts_meta(args.texts_file),
             "r2_ridge": r2_lin, "censor": args.censor, "grid": args.grid, "seed": args.seed,

@@ -584,6 +584,13 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     assert w.hidden == 8 and w.skip.shape == (4, 256, 2) and w.position is None
     assert w.meta["texts"] == 3 and w.meta["test_texts"] == 2 and w.meta["rows_per_text"] == 40
     assert len(w.meta["r2"]) == 4 and all(np.isfinite(w.meta["r2"] + w.meta["r2_ridge"]))
+    joined = tmp_path / "joined.npz"  # trained on long texts: two of the file's texts each
+    assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
+                        str(joined), "--hidden", "0", "--keep", "40", "--test", "1:2",
+                        "--device", "cpu", "--join", "2"]) == 0
+    j = KVzapWeights.load(joined)
+    assert j.meta["join"] == 2 and j.meta["texts"] == 1 and w.meta["join"] == 1
+    assert not np.allclose(j.weight, lin.weight)
     dist = tmp_path / "dist.npz"  # the same map, then a distance term on joined texts
     assert script.main(["train", "--hf", str(hf), "--texts-file", str(texts_file), "--out",
                         str(dist), "--hidden", "8", "--keep", "40", "--test", "3:5",
@@ -619,7 +626,8 @@ def test_the_gpu_script_trains_a_surrogate_the_engine_loads(tiny_model, tmp_path
     (["--censor", "--censor-quantile", "1"], "--censor-quantile"),
     (["--position", "-1"], "--position"), (["--position", "1", "--position-join", "0"],
                                            "--position-join"),
-    (["--position", "1", "--position-texts", "0"], "--position-texts")])
+    (["--position", "1", "--position-texts", "0"], "--position-texts"),
+    (["--join", "0"], "--join"), (["--join", "2"], "--test")])
 def test_the_gpu_script_names_a_bad_argument_before_loading_the_model(tmp_path, capsys, args,
                                                                         field):
     texts_file = tmp_path / "t.npz"
