@@ -18,7 +18,9 @@ minutes, the 1,200 a residual MLP wants take hours. This script splits the work 
    The defaults are the recipe measured in docs/chat.md (sessions 28-30): a residual MLP of
    width 128 on 400 rows of each text, the engine's replay-step score on the replayed text's
    grid as the target, each text's scores below its quantile ``Q`` raised to it (0.5 for
-   SmolLM2, 0.75 for Qwen2.5-0.5B), 15 epochs of 8,192 rows at lr 4e-3.
+   SmolLM2, 0.75 for Qwen2.5-0.5B), 15 epochs of 8,192 rows at lr 4e-3. ``--join N`` trains
+   on texts of N of the file's texts each (3: RULER-4K's lengths; measured on Qwen2.5-0.5B in
+   docs/chat.md, session 31: below the short texts).
 
 3. optionally, KVzap's distance term (weights.KVzapWeights.position): on texts as long as
    RULER-4K's (``--join`` training texts each) the map's residuals are fitted by a
