@@ -384,7 +384,23 @@ def _cmd_less_train(args: argparse.Namespace) -> int:
 def _cmd_kvzap_train(args: argparse.Namespace) -> int:
     from kvcrush_ov.kvzap.train import train
 
-    path, r2 = train(args.model, num_texts=args.texts, num_test=args.test_texts,
+    if args.recipe:
+        from kvcrush_ov.kvzap.gpu import recipe
+
+        quick = {"test_texts": 6, "min_tokens": 700, "max_tokens": 1400, "target": "kvzip",
+                 "facts": 0.0, "hidden": None, "censor": False, "censor_quantile": 0.5,
+                 "seed": 0}
+        for field, default in quick.items():  # the recipe fixes these
+            if getattr(args, field) != default:
+                raise ConfigError(f"--{field.replace('_', '-')}", getattr(args, field),
+                                  f"left out with --recipe (the recipe's value: {default})")
+        path = recipe(args.model, out=args.out, device=args.device, texts=args.texts)
+        print(path)
+        return 0
+    if args.device != "cpu":
+        raise ConfigError("--device", args.device, "cpu without --recipe")
+    path, r2 = train(args.model, num_texts=30 if args.texts is None else args.texts,
+                     num_test=args.test_texts,
                      target=args.target, out=args.out, seed=args.seed,
                      min_tokens=args.min_tokens, max_tokens=args.max_tokens,
                      facts_per_doc=args.facts, hidden=args.hidden, censor=args.censor,
@@ -642,9 +658,16 @@ def build_parser() -> argparse.ArgumentParser:
     lt.set_defaults(func=_cmd_less_train)
 
     kz = sub.add_parser("kvzap-train", help="train a model's KVzap surrogate for "
-                        "importance='kvzap' (torch, CPU; minutes)")
+                        "importance='kvzap' (torch; a quick linear map by default, "
+                        "--recipe: the measured one)")
     kz.add_argument("--model", default=DEFAULT_MODEL, help="registry name or HF checkpoint folder")
-    kz.add_argument("--texts", type=int, default=30, help="training texts (HotpotQA paragraphs)")
+    kz.add_argument("--recipe", action="store_true",
+                    help="the measured recipe of docs/chat.md for this model (1,210 texts, a "
+                    "residual MLP, its floor and distance term; minutes on a GPU, hours on "
+                    "two cores; kvcrush_ov/kvzap/gpu.py)")
+    kz.add_argument("--device", default="cpu", help="with --recipe: cpu or cuda (torch)")
+    kz.add_argument("--texts", type=int, default=None,
+                    help="training texts (HotpotQA paragraphs; default 30, or the recipe's)")
     kz.add_argument("--test-texts", type=int, default=6, help="held-out texts for the R^2")
     kz.add_argument("--min-tokens", type=int, default=700)
     kz.add_argument("--max-tokens", type=int, default=1400)

@@ -297,6 +297,43 @@ def test_the_cli_names_a_bad_censor_quantile(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "k.npz").exists()
 
 
+def test_the_recipe_makes_the_measured_kind_of_surrogate(tiny_model, tmp_path, monkeypatch):
+    """``kvcrush-ov kvzap-train --recipe``: texts, the residual MLP on the replay-step target
+    with each text's floor, then (where the model's recipe has one) the distance term, all
+    through kvzap/gpu.py's steps; the result loads and fits the model."""
+    from kvcrush_ov.cli import main
+    from kvcrush_ov.kvzap import gpu
+
+    out = tmp_path / "kvzap.npz"
+    monkeypatch.setitem(gpu.RECIPES, "tiny-random-llama", gpu.Recipe(9, 0.75, 1))
+    assert main(["kvzap-train", "--model", "tiny-random-llama", "--recipe", "--out",
+                 str(out)]) == 0
+    w = KVzapWeights.load(out)
+    w.check_model(4, 256, 2)
+    assert w.target == "kvzip-step" and w.hidden == 128 and w.meta["grid"] == "text"
+    assert w.meta["censor_quantile"] == 0.75 and w.meta["texts"] == 7  # 2 of 9 held out
+    assert w.position.shape == (4, 1, 2) and w.meta["position"]["texts"] == 3
+    plain = tmp_path / "plain.npz"  # a model without a recipe: SmolLM2's, no distance term
+    monkeypatch.delitem(gpu.RECIPES, "tiny-random-llama")
+    assert gpu.recipe("tiny-random-llama", out=plain, texts=6) == plain
+    p = KVzapWeights.load(plain)
+    assert p.position is None and p.meta["censor_quantile"] == 0.5 and p.meta["texts"] == 4
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--recipe", "--hidden", "8"], "--hidden"), (["--recipe", "--censor"], "--censor"),
+    (["--recipe", "--texts", "3"], "texts"), (["--recipe", "--device", "tpu"], "device"),
+    (["--device", "cuda"], "--device")])
+def test_the_cli_recipe_names_a_bad_option_before_any_work(tiny_model, tmp_path, capsys, args,
+                                                           field):
+    from kvcrush_ov.cli import main
+
+    out = tmp_path / "k.npz"
+    assert main(["kvzap-train", "--model", "tiny-random-llama", "--out", str(out), *args]) == 2
+    assert field in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_distance_term_is_each_rows_polynomial_in_its_log_distance():
     rng = np.random.default_rng(3)
     layers, dim, heads = 3, 8, 2

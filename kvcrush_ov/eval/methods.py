@@ -122,6 +122,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # Not default columns: they need the trained surrogate (--method kvzap)
     Method("kvzap", "native", _native("kvzap"), report=False),
     Method("kvzap+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
+    # KVzap with a longer recent window (query-aware: the question's tokens kept whole)
+    *[Method(f"kvzap-recent{n}", "native", _native("kvzap", recent_size=n), report=False)
+      for n in (64, 128)],
     # KVzap's predictions max- / mean-pooled over 3 tokens (a needle's neighbours share its
     # score), and Ada-KV's per-head share raised to a half (alpha 0.5: heads the surrogate
     # underrates keep more)
@@ -139,6 +142,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("kvzap+kvcrush-taper", "native", _native("kvzap", KVCrushConfig()), report=False),
     Method("kvzap+kvcrush-share50", "native",
            _native("kvzap", KVCrushConfig(budget=0.5, taper=False)), report=False),
+    Method("kvzap+kvcrush-share10", "native",
+           _native("kvzap", KVCrushConfig(budget=0.1, taper=False)), report=False),
     # KVzip's context-independent variant: heads ranked once per model by a calibration replay
     # keep everything or only sinks + recent; no replay, no scores at run time
     Method("kvzip-heads", "native", _native("streaming"), report=False,

@@ -96,7 +96,9 @@ class KVzapWeights:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("kvzap.weights", str(path),
-                              "a trained surrogate: run `kvcrush-ov kvzap-train --model MODEL`")
+                              "a trained surrogate: run `kvcrush-ov kvzap-train --model MODEL "
+                              "--recipe` (the measured one; --device cuda on a GPU) or, in "
+                              "minutes on a CPU, `kvcrush-ov kvzap-train --model MODEL`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 two = {k: np.asarray(z[k], np.float32)
