@@ -459,6 +459,12 @@ def test_every_method_builds_at_every_default_budget(tiny_model, tmp_path):
                                ("kvzap-alpha05", "alpha", 0.5)):
         policy = METHODS[name].policy()
         assert policy.score_mode == "surrogate" and getattr(policy, field) == value, name
+    for n in (64, 128):  # KVzap's recent window, the rest KVzap's defaults
+        cfg = METHODS[f"kvzap-recent{n}"].make(0.25)
+        assert (cfg.importance, cfg.recent_size, cfg.kvcrush) == ("kvzap", n, None)
+    cfg = METHODS["kvzap+kvcrush-share10"].make(0.25)
+    assert cfg.importance == "kvzap" and cfg.max_cache_size == 0.25
+    assert (cfg.kvcrush.budget, cfg.kvcrush.taper) == (0.1, False)
 
 
 def test_tuning_candidates_run_only_when_named():
@@ -478,7 +484,8 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzip-qw16", "kvzip-qw32", "kvzap-replay12", "kvzap-replay25",
                   "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q",
                   "kvzap-replay50w128", "kvzip-query256", "kvzip-group16", "kvzap-max3",
-                  "kvzap-avg3", "kvzap-alpha05"}
+                  "kvzap-avg3", "kvzap-alpha05", "kvzap-recent64", "kvzap-recent128",
+                  "kvzap+kvcrush-share10"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     for name, group in (("kvzip-query256", 1), ("kvzip-group16", 16)):
         policy = method_spec(METHODS[name], 0.25).policy
