@@ -305,19 +305,19 @@ def test_the_recipe_makes_the_measured_kind_of_surrogate(tiny_model, tmp_path, m
     from kvcrush_ov.kvzap import gpu
 
     out = tmp_path / "kvzap.npz"
-    monkeypatch.setitem(gpu.RECIPES, "tiny-random-llama", gpu.Recipe(9, 0.75, 1))
-    assert main(["kvzap-train", "--model", "tiny-random-llama", "--recipe", "--out",
-                 str(out)]) == 0
+    monkeypatch.setitem(gpu.RECIPES, "tiny-random-llama", gpu.Recipe(6, 0.75, 1))
+    assert gpu.recipe("tiny-random-llama", out=out, tokens=(100, 200)) == out  # short texts
     w = KVzapWeights.load(out)
     w.check_model(4, 256, 2)
     assert w.target == "kvzip-step" and w.hidden == 128 and w.meta["grid"] == "text"
-    assert w.meta["censor_quantile"] == 0.75 and w.meta["texts"] == 7  # 2 of 9 held out
-    assert w.position.shape == (4, 1, 2) and w.meta["position"]["texts"] == 3
+    assert w.meta["censor_quantile"] == 0.75 and w.meta["texts"] == 4  # 2 of 6 held out
+    assert w.position.shape == (4, 1, 2) and w.meta["position"]["texts"] == 2
     plain = tmp_path / "plain.npz"  # a model without a recipe: SmolLM2's, no distance term
     monkeypatch.delitem(gpu.RECIPES, "tiny-random-llama")
-    assert gpu.recipe("tiny-random-llama", out=plain, texts=6) == plain
+    assert main(["kvzap-train", "--model", "tiny-random-llama", "--recipe", "--texts", "5",
+                 "--out", str(plain)]) == 0
     p = KVzapWeights.load(plain)
-    assert p.position is None and p.meta["censor_quantile"] == 0.5 and p.meta["texts"] == 4
+    assert p.position is None and p.meta["censor_quantile"] == 0.5 and p.meta["texts"] == 3
 
 
 @pytest.mark.parametrize(("args", "field"), [

@@ -234,11 +234,12 @@ RECIPES = {"SmolLM2-135M-Instruct": Recipe(1210, 0.5, 1),
 
 
 def recipe(model: str, out: str | Path | None = None, device: str = "cpu",
-           texts: int | None = None, log=print) -> Path:
+           texts: int | None = None, tokens: tuple[int, int] = (700, 1400), log=print) -> Path:
     """The model's :data:`RECIPES` surrogate (``model``: registry name or Hugging Face
     checkpoint folder), written to ``out`` (default ``<model cache folder>/kvzap.npz``) through
     the texts, train and position steps of :func:`main`; ``texts`` overrides the recipe's
-    count (>= 5; fewer than 120 hold out the last two, else texts 100-109)."""
+    count (>= 5; fewer than 120 hold out the last two, else texts 100-109), ``tokens`` the
+    texts' (min, max) length (the recipe's 700-1,400; shorter only for plumbing tests)."""
     import tempfile
 
     from kvcrush_ov.errors import ConfigError
@@ -259,7 +260,7 @@ def recipe(model: str, out: str | Path | None = None, device: str = "cpu",
         f"{r.position} ({device})")
     with tempfile.TemporaryDirectory(prefix="kvzap-") as tmp:
         t, base = str(Path(tmp) / "texts.npz"), str(Path(tmp) / "base.npz")
-        make_texts(str(model), num, t, 700, 1400, 0)
+        make_texts(str(model), num, t, tokens[0], tokens[1], 0)
         q = str(r.censor_quantile)
         if main(["train", "--hf", str(hf), "--texts-file", t, "--test", test, "--device",
                  device, "--censor-quantile", q,
