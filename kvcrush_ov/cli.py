@@ -387,10 +387,7 @@ def _cmd_kvzap_train(args: argparse.Namespace) -> int:
     if args.recipe:
         from kvcrush_ov.kvzap.gpu import recipe
 
-        quick = {"test_texts": 6, "min_tokens": 700, "max_tokens": 1400, "target": "kvzip",
-                 "facts": 0.0, "hidden": None, "censor": False, "censor_quantile": 0.5,
-                 "seed": 0}
-        for field, default in quick.items():  # the recipe fixes these
+        for field, default in args.recipe_fixed.items():  # the recipe sets these itself
             if getattr(args, field) != default:
                 raise ConfigError(f"--{field.replace('_', '-')}", getattr(args, field),
                                   f"left out with --recipe (the recipe's value: {default})")
@@ -662,9 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--recipe: the measured one)")
     kz.add_argument("--model", default=DEFAULT_MODEL, help="registry name or HF checkpoint folder")
     kz.add_argument("--recipe", action="store_true",
-                    help="the measured recipe of docs/chat.md for this model (1,210 texts, a "
-                    "residual MLP, its floor and distance term; minutes on a GPU, hours on "
-                    "two cores; kvcrush_ov/kvzap/gpu.py)")
+                    help="the measured recipe of docs/chat.md for this model "
+                    "(kvcrush_ov/kvzap/gpu.py's RECIPES: its texts, a residual MLP, its floor "
+                    "and distance term; minutes on a GPU, hours on two cores)")
     kz.add_argument("--device", default="cpu", help="with --recipe: cpu or cuda (torch)")
     kz.add_argument("--texts", type=int, default=None,
                     help="training texts (HotpotQA paragraphs; default 30, or the recipe's)")
@@ -689,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     kz.add_argument("--seed", type=int, default=0)
     kz.add_argument("--out", default=None,
                     help="output file (default: <model cache folder>/kvzap.npz)")
-    kz.set_defaults(func=_cmd_kvzap_train)
+    kz.set_defaults(func=_cmd_kvzap_train, recipe_fixed={
+        d: kz.get_default(d) for d in ("test_texts", "min_tokens", "max_tokens", "target",
+                                       "facts", "hidden", "censor", "censor_quantile", "seed")})
     return p
 
 

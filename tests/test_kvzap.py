@@ -318,11 +318,16 @@ def test_the_recipe_makes_the_measured_kind_of_surrogate(tiny_model, tmp_path, m
                  "--out", str(plain)]) == 0
     p = KVzapWeights.load(plain)
     assert p.position is None and p.meta["censor_quantile"] == 0.5 and p.meta["texts"] == 3
+    for tokens in ((8, 100), (200, 100), (100.0, 200), (100,)):  # named before any work
+        with pytest.raises(ConfigError, match="tokens"):
+            gpu.recipe("tiny-random-llama", out=tmp_path / "bad.npz", tokens=tokens)
+    assert not (tmp_path / "bad.npz").exists()
 
 
 @pytest.mark.parametrize(("args", "field"), [
     (["--recipe", "--hidden", "8"], "--hidden"), (["--recipe", "--censor"], "--censor"),
     (["--recipe", "--texts", "3"], "texts"), (["--recipe", "--device", "tpu"], "device"),
+    (["--recipe", "--min-tokens", "100"], "--min-tokens"), (["--recipe", "--seed", "1"], "--seed"),
     (["--device", "cuda"], "--device")])
 def test_the_cli_recipe_names_a_bad_option_before_any_work(tiny_model, tmp_path, capsys, args,
                                                            field):

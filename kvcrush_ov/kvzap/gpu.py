@@ -253,6 +253,10 @@ def recipe(model: str, out: str | Path | None = None, device: str = "cpu",
     num = r.texts if texts is None else texts
     if isinstance(num, bool) or not isinstance(num, int) or num < 5:
         raise ConfigError("texts", num, "an integer >= 5")
+    if (not isinstance(tokens, tuple) or len(tokens) != 2
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in tokens)
+            or not 16 <= tokens[0] <= tokens[1]):
+        raise ConfigError("tokens", tokens, "(min, max) integers with 16 <= min <= max")
     path = Path(out) if out is not None else hf.parent / KVZAP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     test = "100:110" if num >= 120 else f"{num - 2}:{num}"
