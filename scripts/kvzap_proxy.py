@@ -5,7 +5,9 @@ script scores what the surrogate would keep without generating anything. Two ste
 
 1. here, with the project installed: the query-agnostic contexts of RULER samples (the
    templated prompt up to the question, as ``kvcrush-ov eval --protocol query-agnostic``
-   prefills it) as token ids, with the positions of the tokens that hold the answers::
+   prefills it) as token ids, with the positions of the tokens that hold the answers, and what
+   the protocol appends (the question, the template's end and the answer prefix; with each
+   sample's references and generation length, for scripts/kvzap_ruler_gpu.py)::
 
        python scripts/kvzap_proxy.py contexts --model SmolLM2-135M-Instruct --seed 7 \\
            --samples 8 --out C.npz
@@ -65,11 +67,11 @@ def make_contexts(model: str, tasks: list[str], samples: int, seed: int, max_seq
     tok = ov_genai.Tokenizer(str(ov_dir))
     fast = AutoTokenizer.from_pretrained(str(hf))
     wrap = chat_wrap(tok)
-    ids, needles, meta = [], [], []
+    ids, needles, asks, meta = [], [], [], []
     for task in tasks:
         for s in build_task(task, samples, lambda text: len(encode_text(tok, text)),
                             max_seq_length=max_seq_length, seed=seed, wrap=wrap):
-            ctx, _ = context_and_question(tok, s, wrap)
+            ctx, ask = context_and_question(tok, s, wrap)
             prompt = s.prompt(wrap)  # context_and_question's cut, as text for the offsets
             text = prompt[:prompt.index(s.input) + question_start(s.task, s.input)]
             enc = fast(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -85,10 +87,13 @@ def make_contexts(model: str, tasks: list[str], samples: int, seed: int, max_seq
                     at = text.find(value, at + 1)
             ids.append(np.asarray(ctx, np.int32))
             needles.append(np.asarray(sorted(pos), np.int32))
-            meta.append({"task": task, "index": s.index, "tokens": len(ctx)})
+            asks.append(np.asarray(ask, np.int32))
+            meta.append({"task": task, "index": s.index, "tokens": len(ctx),
+                         "outputs": list(s.outputs), "max_new_tokens": s.max_new_tokens})
     np.savez(out, lengths=np.array([len(i) for i in ids]), ids=np.concatenate(ids),
              needle_lengths=np.array([len(n) for n in needles]),
              needles=np.concatenate(needles) if needles else np.zeros(0, np.int32),
+             ask_lengths=np.array([len(a) for a in asks]), asks=np.concatenate(asks),
              repeat=np.asarray(encode_text(tok, REPEAT_PROMPT), np.int32),
              meta=np.array(json.dumps({"model": model, "seed": seed, "samples": meta})))
     print(f"{out}: {len(ids)} contexts, {sum(len(i) for i in ids)} tokens")

@@ -753,3 +753,69 @@ def test_the_proxy_contexts_step_names_a_bad_argument_before_any_work(tmp_path, 
         _proxy_script().main(["contexts", "--model", "no-such-model", "--out", str(out), *args])
     assert err.value.code == 2 and field in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_gpu_ruler_emulation_answers_as_the_model_and_masks_what_is_evicted(tiny_model,
+                                                                                 tmp_path):
+    """scripts/kvzap_ruler_gpu.py: the full cache's answers are Hugging Face's greedy ones; a
+    budget's rows are masked per (layer, KV head) (a masked key gets no attention); every
+    (sample, ranking, budget) is answered and scored by RULER's metric."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gpu = _script("kvzap_ruler_gpu")
+    hf = tiny_model.parent / "hf"
+    ctx, out = tmp_path / "c.npz", tmp_path / "a.json"
+    assert _proxy_script().main(["contexts", "--model", str(hf), "--samples", "2", "--task",
+                                 "niah_single_1", "--max-seq-length", "512", "--out",
+                                 str(ctx)]) == 0
+    surrogate = _surrogate(tmp_path, tiny_model, mlp=8, skip=True).parent / "kvzap.npz"
+    assert gpu.main(["answer", "--hf", str(hf), "--contexts", str(ctx), "--surrogate",
+                     f"mine={surrogate}", "--budget", "0.25", "--kvzip", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["ranking"], r["budget"]) for r in records) == sorted(
+        [("full", 1.0), ("kvzip", 0.25), ("mine", 0.25)] * 2)
+    z = np.load(ctx)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    n, a = int(z["lengths"][0]), int(z["ask_lengths"][0])
+    ids = z["ids"][:n].tolist() + z["asks"][:a].tolist()
+    meta = json.loads(str(z["meta"]))["samples"][0]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=meta["max_new_tokens"],
+                             do_sample=False, attention_mask=torch.ones(1, len(ids)))
+    full = next(r for r in records if r["ranking"] == "full" and r["index"] == meta["index"])
+    assert ref[0, len(ids):len(ids) + len(full["ids"])].tolist() == full["ids"]
+    # the attention itself: all kept = eager attention; a masked key gets no weight
+    q, k, v = (torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8))
+    layer = type("L", (), {"layer_idx": 0})()
+    keep = torch.ones(2, 2, 4, dtype=torch.bool)
+    keep[1, 0, 2] = False
+    gpu.KEEP[0] = keep
+    try:
+        _, p = gpu.masked_attention(layer, q, k, v, None, scaling=0.5)
+    finally:
+        gpu.KEEP.clear()
+    _, p0 = gpu.masked_attention(layer, q, k, v, None, scaling=0.5)
+    assert (p[1, :2, :, 2] == 0).all() and (p[1, :2, 3:, :2] > 0).all()
+    torch.testing.assert_close(p[0], p0[0])
+    assert (p0[:, :, 0, 1:] == 0).all()  # causal
+    text = gpu.table(records, str(hf))
+    assert "| full | 1.0 |" in text and "| mine | 0.25 |" in text
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--surrogate", "full=x.npz"], "--surrogate"), (["--budget", "0"], "--budget"),
+    (["--contexts", "missing.npz"], "--contexts"), ([], "--contexts")])
+def test_the_gpu_ruler_emulation_names_a_bad_argument_before_loading_the_model(tmp_path, capsys,
+                                                                                args, field):
+    ctx = tmp_path / "c.npz"
+    np.savez(ctx, lengths=np.array([3]))  # no questions: written by an older contexts step
+    argv = ["answer", "--hf", str(tmp_path / "no-model"), "--contexts", str(ctx),
+            "--out", str(tmp_path / "a.json"), *args]
+    with pytest.raises(SystemExit) as err:
+        _script("kvzap_ruler_gpu").main(argv)
+    assert err.value.code == 2 and field in capsys.readouterr().err
