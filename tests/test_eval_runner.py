@@ -485,7 +485,7 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzap-replay50", "kvzap-replay50+kvcrush", "kvzap-replay50q",
                   "kvzap-replay50w128", "kvzip-query256", "kvzip-group16", "kvzap-max3",
                   "kvzap-avg3", "kvzap-alpha05", "kvzap-recent64", "kvzap-recent128",
-                  "kvzap+kvcrush-share10"}
+                  "kvzap+kvcrush-share10", "kvzap-qw16", "kvzap-qw32"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     for name, group in (("kvzip-query256", 1), ("kvzip-group16", 16)):
         policy = method_spec(METHODS[name], 0.25).policy
@@ -493,6 +493,7 @@ def test_tuning_candidates_run_only_when_named():
     assert method_spec(METHODS["kvzip"], 0.25).policy.replay_group is None
     for n in (16, 32):
         assert method_spec(METHODS[f"kvzip-qw{n}"], 0.25).policy.question_window == n
+        assert METHODS[f"kvzap-qw{n}"].policy().question_window == n
     assert method_spec(METHODS["kvzip"], 0.25).policy.question_window == 1
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \
@@ -588,3 +589,21 @@ def test_grouped_replays_are_a_score_group_of_their_own():
     assert [runner._group(m) for m in sorted(groups)] == [None, None, 1, 16]
     assert [runner._lanes(m) for m in sorted(groups)] == [128, None, None, None]
     assert {k[0] for k in groups["replay:256:g1"]} == {"kvzip-query256"}
+
+
+def test_kvzap_columns_with_a_question_window_have_their_own_parent():
+    """A parent scores the window its columns ask for: KVzap columns group by question window."""
+    import dataclasses
+
+    from kvcrush_ov.config import CacheEvictionConfig
+    from kvcrush_ov.eval.runner import score_groups
+    from kvcrush_ov.eviction.factory import make_spec
+    from kvcrush_ov.eviction.kvzap import KVzap
+
+    base = make_spec(CacheEvictionConfig(max_cache_size=0.25))
+    specs = {(name, 0.25): dataclasses.replace(base, policy=policy) for name, policy in (
+        ("kvzap", KVzap()), ("kvzap-qw16", KVzap(question_window=16)),
+        ("kvzap-qw32", KVzap(question_window=32)))}
+    assert score_groups(specs) == {"surrogate": [("kvzap", 0.25)],
+                                   "surrogate:qw16": [("kvzap-qw16", 0.25)],
+                                   "surrogate:qw32": [("kvzap-qw32", 0.25)]}

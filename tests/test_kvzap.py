@@ -466,8 +466,9 @@ def test_buffered_tails_read_as_written_one_by_one():
 
 
 def test_kvzap_columns_run_in_the_query_agnostic_eval(tiny_model, tmp_path):
-    """The eval's surrogate group: one parent predicts, every KVzap column branches from it;
-    FastKV columns beside them are refused by name (one engine cannot hold both graphs)."""
+    """The eval's surrogate groups: one parent predicts per question window, every KVzap column
+    branches from its own; FastKV columns beside them are refused by name (one engine cannot
+    hold both graphs)."""
     import json
 
     from kvcrush_ov.eval.runner import FULL, run_eval
@@ -475,12 +476,12 @@ def test_kvzap_columns_run_in_the_query_agnostic_eval(tiny_model, tmp_path):
     model_dir = _surrogate(tmp_path, tiny_model)
     out = tmp_path / "run"
     run_eval(str(model_dir), out, tasks=["vt"], num_samples=1,
-             methods=["kvzap", "kvzap+kvcrush", "snapkv"], budgets=[0.25, 0.125],
+             methods=["kvzap", "kvzap+kvcrush", "kvzap-qw16", "snapkv"], budgets=[0.25, 0.125],
              max_seq_length=1024, max_num_batched_tokens=128, protocol="query-agnostic",
              say=lambda _: None)
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {(r["method"], r["budget"]) for r in recs} == {
-        (FULL, None), *((m, b) for m in ("kvzap", "kvzap+kvcrush", "snapkv")
+        (FULL, None), *((m, b) for m in ("kvzap", "kvzap+kvcrush", "kvzap-qw16", "snapkv")
                         for b in (0.25, 0.125))}
     by = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs}
     assert by[("kvzap", 0.125)] < by[("kvzap", 0.25)] < by[(FULL, None)]
@@ -819,3 +820,41 @@ def test_the_gpu_ruler_emulation_names_a_bad_argument_before_loading_the_model(t
     with pytest.raises(SystemExit) as err:
         _script("kvzap_ruler_gpu").main(argv)
     assert err.value.code == 2 and field in capsys.readouterr().err
+
+
+def test_a_question_window_max_combines_the_prompts_last_queries_with_the_predictions(
+        tiny_model, tmp_path):
+    """KVzap(question_window=N): the steps that compute the prompt's last N tokens score their
+    queries, and every earlier row keeps the larger of its prediction and that attention (the
+    predictions made tiny here, so the attention shows); the last step's own rows keep their
+    predictions. N = 1 scores no query."""
+    import dataclasses
+
+    from kvcrush_ov.eviction.kvzap import KVzap
+
+    model_dir = _surrogate(tmp_path, tiny_model)
+    path = model_dir.parent / "kvzap.npz"
+    z = dict(np.load(path))
+    z["bias"] = z["bias"] - 8.0
+    np.savez(path, **z)
+    ids = np.random.default_rng(3).integers(11, 500, 200).tolist()  # steps of 64, 64, 64, 8
+    runs = {}
+    for n in (1, 12):
+        eng = _engine(model_dir, _cfg())
+        caught = _watch(eng)
+        scored: list = []
+        windows = eng.evictor.windows
+        eng.evictor.windows = lambda chunks, w=windows, s=scored: s.append(w(chunks)) or s[-1]
+        seq = eng.add_request(ids, GenerationConfig(max_new_tokens=2), set(), lambda t: "")
+        eng.set_spec(seq, dataclasses.replace(eng.evictor.spec, policy=KVzap(question_window=n)))
+        while eng.has_unfinished():
+            eng.step()
+        assert len(caught) == 1
+        runs[n] = (caught[0], scored)
+    assert all(w is None for w in runs[1][1])
+    assert runs[12][1][:4] == [None, None, [4], [8]]  # the window's 12 queries: 4 + 8
+    for one, twelve in zip(runs[1][0], runs[12][0], strict=True):
+        for a, b in zip(one, twelve, strict=True):
+            assert len(a) == len(b) == 200
+            assert (b[:192] >= a[:192]).all() and (b[:192] > 10 * a[:192]).mean() > 0.9
+            np.testing.assert_allclose(b[192:], a[192:], rtol=1e-5)

@@ -26,6 +26,7 @@ from kvcrush_ov.engine.scheduler import ScheduledChunk
 from kvcrush_ov.engine.sequence import Sequence
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eviction.genai_compat import translate
+from kvcrush_ov.eviction.kvzip import question_window
 from kvcrush_ov.eviction.planner import plan_event
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.eviction.spec import EvictionSpec
@@ -169,7 +170,9 @@ class Evictor:
         if spec.genai is not None or ex.get("frozen"):
             return 0  # upstream mode but no eviction needed, or a turn that evicts nothing
         mode = spec.policy.score_mode
-        if mode in ("none", "surrogate"):  # KVzap's scores come from every graph (after_step)
+        if mode == "surrogate":  # KVzap's scores come from every graph (after_step)
+            return self._question_queries(c, ex, spec)
+        if mode == "none":
             return 0
         end, prefill_end = c.start + c.num_tokens, ex["prefill_end"]
         replay = ex.get("replay")
@@ -198,6 +201,21 @@ class Evictor:
         # _decode_limit evicts (_due): score it and the decode_window - 1 before it
         held = self._held(c.seq)
         return c.num_tokens if held + spec.decode_window > self._decode_limit(ex, spec) else 0
+
+    @staticmethod
+    def _question_queries(c: ScheduledChunk, ex: dict, spec: EvictionSpec) -> int:
+        """KVzap with ``question_window`` N > 1: the prompt's last N queries (at most the
+        spec's ``window``) are scored in the steps that compute them, and a row keeps the
+        larger of its prediction and their attention (``reduce="max"``; SnapKV's window on a
+        question that ends the prompt, as KVzip's). None scored while the prompt fits its
+        budget, or for a part read with prefill eviction (its end is not the question)."""
+        n = min(question_window(spec.policy), spec.window)
+        prefill_end = ex["prefill_end"]
+        if n <= 1 or ex.get("replay") is not None or (spec.mode == "prefill"
+                                                      and prefill_end <= ex["budget"]):
+            return 0
+        end = c.start + c.num_tokens
+        return max(0, min(end, prefill_end) - max(c.start, prefill_end - n))
 
     def after_step(self, chunks: list[ScheduledChunk], windows: list[int] | None,
                    scores: list[np.ndarray] | None, defer: bool = False) -> None:

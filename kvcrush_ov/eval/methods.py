@@ -125,6 +125,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # KVzap with a longer recent window (query-aware: the question's tokens kept whole)
     *[Method(f"kvzap-recent{n}", "native", _native("kvzap", recent_size=n), report=False)
       for n in (64, 128)],
+    # KVzap with the prompt's last 16 / 32 queries (a question ending the prompt) scored, a row
+    # keeping the larger of its prediction and their attention (KVzap.question_window; in the
+    # query-agnostic protocol the window is the context's end)
+    *[Method(f"kvzap-qw{n}", "native", _native("kvzap"), report=False,
+             policy=lambda n=n: KVzap(question_window=n)) for n in (16, 32)],
     # KVzap's predictions max- / mean-pooled over 3 tokens (a needle's neighbours share its
     # score), and Ada-KV's per-head share raised to a half (alpha 0.5: heads the surrogate
     # underrates keep more)

@@ -50,7 +50,13 @@ from kvcrush_ov.eval.ruler import (
     score,
 )
 from kvcrush_ov.eviction.factory import make_spec
-from kvcrush_ov.eviction.kvzip import REPEAT_PROMPT, REPLAY_CHUNK, replay_chunk, replay_group
+from kvcrush_ov.eviction.kvzip import (
+    REPEAT_PROMPT,
+    REPLAY_CHUNK,
+    question_window,
+    replay_chunk,
+    replay_group,
+)
 from kvcrush_ov.eviction.scores import SequenceScores
 from kvcrush_ov.pipeline import Pipeline
 
@@ -148,6 +154,8 @@ def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
                 + (f":lanes{REPLAY_LANES[key[0]]}" if key[0] in REPLAY_LANES else "")
                 if score_mode == "replay"
                 else score_mode + (_partial_mode(key[0]) if key[0] in PARTIAL_REPLAY else "")
+                + (f":qw{question_window(spec.policy)}" if question_window(spec.policy) > 1
+                   else "")
                 if score_mode == "surrogate"
                 else score_mode if score_mode == "all" else "window")
         groups.setdefault(mode, []).append(key)

@@ -19,7 +19,10 @@ from kvcrush_ov.eviction.kvzip import KVzip
 
 @dataclass(frozen=True)
 class KVzap(KVzip):
-    """KVzip's allocation of the surrogate's scores (``alpha``, ``scope``: see KVzip)."""
+    """KVzip's allocation of the surrogate's scores (``alpha``, ``scope``: see KVzip).
+    ``question_window`` N > 1: the prompt's last N queries are scored as they are computed
+    and a row keeps the larger of its prediction and their attention (engine/evictor.py;
+    SnapKV's window on a question that ends the prompt; no replay, so nothing runs again)."""
 
     name: ClassVar[str] = "kvzap"
     score_mode: ClassVar[str] = "surrogate"
