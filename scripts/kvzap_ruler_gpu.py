@@ -46,22 +46,29 @@ from kvzap_proxy import RECENT, SINKS, keep_mask, predict  # noqa: E402
 
 #: per layer: bool [B, Hkv, K0], the first K0 keys each batch row and KV head may attend to
 KEEP: dict[int, object] = {}
+#: whether the attention weights are returned (KVzip's replay reads them); without them and
+#: without KEEP a prompt read from an empty cache runs torch's fused attention
+WEIGHTS = {"need": False}
 
 
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      **kwargs):
     """Eager attention with the causal mask and, where ``KEEP`` has the layer, each (row, KV
     head)'s evicted keys masked out. query [B, Hq, Q, D], key / value [B, Hkv, K, D] ->
-    (output [B, Q, Hq, D], weights [B, Hq, Q, K])."""
+    (output [B, Q, Hq, D], weights [B, Hq, Q, K]; None from the fused path, :data:`WEIGHTS`)."""
     import torch
 
     b, hq, q, d = query.shape
     hkv, k = key.shape[1], key.shape[2]
     group = hq // hkv
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    keep = KEEP.get(module.layer_idx)
+    if keep is None and not WEIGHTS["need"] and q == k:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling or d ** -0.5)
+        return out.transpose(1, 2).contiguous(), None
     w = torch.matmul(query.float(), key.float().transpose(-1, -2)) * (scaling or d ** -0.5)
     allowed = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
-    keep = KEEP.get(module.layer_idx)
     if keep is not None:
         cols = torch.ones(b, hq, 1, k, dtype=torch.bool, device=query.device)
         cols[..., :keep.shape[-1]] = keep.repeat_interleave(group, 1)[:, :, None, :]
@@ -130,7 +137,11 @@ def answer(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[flo
                 ranks = {name: predict(kt, w, x) for name, w in weights.items()}
                 if kvzip:
                     seen.update(span=(0, n, 2 * n + len(repeat)), replay=True)
-                    model.model(torch.tensor([ctx + repeat + ctx], device=device))
+                    WEIGHTS["need"] = True
+                    try:
+                        model.model(torch.tensor([ctx + repeat + ctx], device=device))
+                    finally:
+                        WEIGHTS["need"] = False
                     ranks = {"kvzip": torch.stack([seen[k] for k in range(layers)]), **ranks}
                 seen["collect"] = False
                 rows = [("full", 1.0, None)] + [(name, b, full_keep(keep_mask(r, b), n, layers,

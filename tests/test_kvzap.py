@@ -800,7 +800,14 @@ def test_the_gpu_ruler_emulation_answers_as_the_model_and_masks_what_is_evicted(
         _, p = gpu.masked_attention(layer, q, k, v, None, scaling=0.5)
     finally:
         gpu.KEEP.clear()
-    _, p0 = gpu.masked_attention(layer, q, k, v, None, scaling=0.5)
+    gpu.WEIGHTS["need"] = True
+    try:
+        o0, p0 = gpu.masked_attention(layer, q, k, v, None, scaling=0.5)
+    finally:
+        gpu.WEIGHTS["need"] = False
+    fused, none = gpu.masked_attention(layer, q[:, :, :6], k, v, None, scaling=0.5)
+    assert none is None
+    torch.testing.assert_close(fused, o0, rtol=1e-4, atol=1e-5)  # the fused path: the same
     assert (p[1, :2, :, 2] == 0).all() and (p[1, :2, 3:, :2] > 0).all()
     torch.testing.assert_close(p[0], p0[0])
     assert (p0[:, :, 0, 1:] == 0).all()  # causal
