@@ -99,6 +99,23 @@ def make_contexts(model: str, tasks: list[str], samples: int, seed: int, max_seq
     print(f"{out}: {len(ids)} contexts, {sum(len(i) for i in ids)} tokens")
 
 
+def read_contexts(path: str) -> tuple[list[dict], list[int]]:
+    """The contexts step's file: one dict per sample (its meta, ``ids`` and ``needles`` int32
+    arrays, and ``ask``: the ids appended after the context, None in files written before the
+    questions were kept) and the repeat prompt's ids."""
+    with np.load(path) as z:
+        def split(values: str, lengths: str) -> list[np.ndarray]:
+            at = np.r_[0, np.cumsum(z[lengths])]
+            return [z[values][a:b] for a, b in zip(at[:-1], at[1:], strict=True)]
+
+        samples = json.loads(str(z["meta"]))["samples"]
+        asks = split("asks", "ask_lengths") if "asks" in z else [None] * len(samples)
+        out = [{**m, "ids": i, "needles": n, "ask": a} for m, i, n, a in
+               zip(samples, split("ids", "lengths"), split("needles", "needle_lengths"), asks,
+                   strict=True)]
+        return out, z["repeat"].tolist()
+
+
 def predict(kt, weights: dict, x):
     """A surrogate's log scores: ``x`` [L, N, D] -> [L, N, Hkv], the map as train.predict
     computes it (``kt`` is train.py) plus its distance term, the rows' distance counted from
@@ -144,11 +161,7 @@ def score(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[floa
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
                                                  attn_implementation="eager").to(device).eval()
     layers, hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    z = np.load(contexts)
-    starts = np.r_[0, np.cumsum(z["lengths"])]
-    nstarts = np.r_[0, np.cumsum(z["needle_lengths"])]
-    samples = json.loads(str(z["meta"]))["samples"]
-    repeat = z["repeat"].tolist()
+    samples, repeat = read_contexts(contexts)
     seen: dict = {}
 
     def hook(module, args, kwargs, output):
@@ -164,8 +177,8 @@ def score(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[floa
     per: dict[tuple, list] = {}
     try:
         with torch.no_grad():
-            for i, s in enumerate(samples):
-                ctx = z["ids"][starts[i]:starts[i + 1]].tolist()
+            for s in samples:
+                ctx = s["ids"].tolist()
                 seen["span"] = (0, len(ctx), 2 * len(ctx) + len(repeat))
                 model.model(torch.tensor([ctx + repeat + ctx], device=device))
                 x = torch.stack([seen[k][0] for k in range(layers)])
@@ -173,8 +186,7 @@ def score(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[floa
                 ranks = {"kvzip": truth, "kvzip-max": torch.stack([seen[k][2]
                                                                     for k in range(layers)])}
                 ranks.update({name: predict(kt, w, x) for name, w in weights.items()})
-                need = torch.from_numpy(z["needles"][nstarts[i]:nstarts[i + 1]]
-                                        .astype(np.int64)).to(device) - SINKS
+                need = torch.from_numpy(s["needles"].astype(np.int64)).to(device) - SINKS
                 for b in budgets:
                     ref = keep_mask(truth, b)
                     need_b = need[(need >= 0) & (need < ref.shape[1])]

@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kvzap_gpu import _train_module  # noqa: E402
-from kvzap_proxy import RECENT, SINKS, keep_mask, predict  # noqa: E402
+from kvzap_proxy import RECENT, SINKS, keep_mask, predict, read_contexts  # noqa: E402
 
 #: per layer: bool [B, Hkv, K0], the first K0 keys each batch row and KV head may attend to
 KEEP: dict[int, object] = {}
@@ -102,11 +102,7 @@ def answer(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[flo
     layers, hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    z = np.load(contexts)
-    starts = np.r_[0, np.cumsum(z["lengths"])]
-    astarts = np.r_[0, np.cumsum(z["ask_lengths"])]
-    samples = json.loads(str(z["meta"]))["samples"]
-    repeat = z["repeat"].tolist()
+    samples, repeat = read_contexts(contexts)
     seen: dict = {}
 
     def hook(module, args, kwargs, output):
@@ -126,8 +122,7 @@ def answer(hf: str, contexts: str, surrogates: dict[str, str], budgets: list[flo
     try:
         with torch.no_grad():
             for i, s in enumerate(samples):
-                ctx = z["ids"][starts[i]:starts[i + 1]].tolist()
-                ask = z["asks"][astarts[i]:astarts[i + 1]].tolist()
+                ctx, ask = s["ids"].tolist(), s["ask"].tolist()
                 n = len(ctx)
                 KEEP.clear()
                 seen.update(span=(0, n, n), replay=False, collect=True)

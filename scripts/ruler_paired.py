@@ -31,7 +31,10 @@ import numpy as np
 def load(spec: str) -> tuple[dict, dict, str]:
     """``RESULTS:METHOD:BUDGET`` -> ({(task, index): score} of the column, of its file's full
     cache, a label); the per-sample seeds are checked by :func:`paired`."""
-    path, method, budget = spec.rsplit(":", 2)
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3:
+        raise SystemExit(f"{spec!r}: RESULTS:METHOD:BUDGET, e.g. run/results.jsonl:kvzap:0.25")
+    path, method, budget = parts
     if not Path(path).is_file():
         raise SystemExit(f"{spec!r}: RESULTS:METHOD:BUDGET with RESULTS a results.jsonl file "
                          f"(no file {path!r})")

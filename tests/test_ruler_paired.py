@@ -52,5 +52,7 @@ def test_other_samples_or_a_missing_column_are_named(tmp_path):
         script.main([f"{a}:x:0.5", f"{b}:x:0.5"])
     with pytest.raises(SystemExit, match="no records of method 'z'"):
         script.main([f"{a}:z:0.5", f"{a}:x:0.5"])
+    with pytest.raises(SystemExit, match="RESULTS:METHOD:BUDGET"):
+        script.main([f"{a}:x", f"{a}:x:0.5"])
     with pytest.raises(SystemExit, match="no file"):
         script.main([f"{tmp_path / 'none.jsonl'}:x:0.5", f"{a}:x:0.5"])
