@@ -571,8 +571,9 @@ def test_upstream_mode_matches_genai(smollm2_fp16, essay_prompts, anchor):
         return CacheEvictionConfig(max_cache_size=256, start_size=32, recent_size=64,
                                    importance=importance, kvcrush=crush)
 
-    genai = Pipeline(smollm2_fp16, eviction=cfg("snapkv"), backend="genai")
-    native = Pipeline(smollm2_fp16, eviction=cfg("upstream"), backend="native")
+    kv = KVCacheConfig(num_kv_blocks=48)  # a fixed pool: GenAI never grows its cache here
+    genai = Pipeline(smollm2_fp16, kv_cache=kv, eviction=cfg("snapkv"), backend="genai")
+    native = Pipeline(smollm2_fp16, kv_cache=kv, eviction=cfg("upstream"), backend="native")
     g = GenerationConfig(max_new_tokens=32, ignore_eos=True)
     prompt = essay_prompts[ANCHORS.index(anchor)]
     a = genai.generate(prompt, g)  # one at a time: eviction depends on how prompts are chunked

@@ -104,3 +104,36 @@ def test_a_batch_with_one_bad_prompt_queues_nothing(tiny_model):
         pipe.generate(["fine", long], max_new_tokens=4)
     assert info.value.field == "prompts[1]"
     assert pipe.backend.engine.sequences == {} and not pipe.backend.engine.has_unfinished()
+
+
+def test_a_stalled_genai_pipeline_fails_instead_of_spinning():
+    """GenAI's loop: a pipeline that keeps a request waiting and schedules nothing (its cache
+    cannot take it) ends the call with CacheFullError after _STALL_STEPS idle steps, and a step
+    that schedules a request resets the count."""
+    from types import SimpleNamespace
+
+    from kvcrush_ov.backends import genai as gb
+    from kvcrush_ov.errors import CacheFullError
+    from kvcrush_ov.results import CacheMetrics
+
+    class Stalled:
+        def __init__(self, busy: int) -> None:
+            self.steps, self.busy = 0, busy  # the first `busy` steps schedule the request
+
+        def has_non_finished_requests(self) -> bool:
+            assert self.steps < 10 * gb._STALL_STEPS, "the loop never gave up"
+            return True
+
+        def step(self) -> None:
+            self.steps += 1
+
+        def get_metrics(self):
+            return SimpleNamespace(requests=1, scheduled_requests=int(self.steps <= self.busy),
+                                   cache_usage=0.0, kv_cache_size_in_bytes=0)
+
+    for busy in (0, 30):
+        pipe = Stalled(busy)
+        with pytest.raises(CacheFullError, match="scheduled none of its 1 waiting"):
+            gb.GenAIBackend._drain(pipe, {}, [[]], ["cancelled"], [0.0], [0.0],
+                                   CacheMetrics(kv_block_bytes=1), None, 0.0)
+        assert pipe.steps == busy + gb._STALL_STEPS

@@ -43,7 +43,7 @@ from kvcrush_ov.config import (
     SchedulerConfig,
 )
 from kvcrush_ov.device import compile_properties
-from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.errors import CacheFullError, ConfigError, ModelError
 from kvcrush_ov.eviction.genai_compat import GenAISettings, check_genai_algorithm, translate
 from kvcrush_ov.model_info import ModelInfo, block_size_for
 from kvcrush_ov.results import CacheMetrics, DecodedResults, RequestMetrics
@@ -58,6 +58,9 @@ _ANCHOR = {
 }
 _FINISH = {"STOP": "stop", "LENGTH": "length", "NONE": "cancelled"}
 _MAX_PIPELINES = 3
+# GenAI steps in a row that schedule nothing while requests wait: the pipeline is stalled (no
+# running request will ever free memory for them), so the call fails instead of spinning
+_STALL_STEPS = 100
 
 
 def to_genai(ev: GenAISettings) -> ov_genai.CacheEvictionConfig:
@@ -205,10 +208,17 @@ class GenAIBackend:
         """Step ``pipe`` until its requests finish, collecting their tokens; True if the
         streamer asked to stop."""
         user_stop = False
+        idle = 0
         while pipe.has_non_finished_requests():
             pipe.step()
             now = time.perf_counter()
             m = pipe.get_metrics()
+            idle = idle + 1 if m.scheduled_requests == 0 else 0
+            if idle >= _STALL_STEPS:
+                raise CacheFullError(
+                    f"GenAI's pipeline scheduled none of its {m.requests} waiting request(s) in "
+                    f"{_STALL_STEPS} steps in a row: its KV cache cannot take them (set "
+                    "kv_cache.num_kv_blocks or kv_cache.cache_size, or send fewer at once)")
             used = int(round(m.cache_usage / 100.0 * m.kv_cache_size_in_bytes))
             cache.peak_kv_bytes = max(cache.peak_kv_bytes, used)
             cache.final_kv_bytes = used
