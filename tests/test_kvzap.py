@@ -865,3 +865,45 @@ def test_a_question_window_max_combines_the_prompts_last_queries_with_the_predic
             assert len(a) == len(b) == 200
             assert (b[:192] >= a[:192]).all() and (b[:192] > 10 * a[:192]).mean() > 0.9
             np.testing.assert_allclose(b[192:], a[192:], rtol=1e-5)
+
+
+def test_early_replay_columns_rank_their_first_layers_by_the_replay(tiny_model, tmp_path,
+                                                                     monkeypatch):
+    """The eval's layer candidates (runner.LAYER_REPLAY): one parent predicts and replays for
+    all of them; a column ranking every layer by the replay keeps what KVzip keeps, one
+    ranking only the first layer keeps something else; they need the agnostic protocol."""
+    import dataclasses
+    import json
+
+    from kvcrush_ov.eval import runner
+    from kvcrush_ov.eviction.kvzap import KVzap
+
+    spec = dataclasses.replace(make_spec(CacheEvictionConfig()), policy=KVzap())
+    groups = runner.score_groups({(n, 0.125): spec
+                                  for n in ("kvzap", "kvzap-early25", "kvzap-late50")})
+    assert sorted(sorted(k[0] for k in keys) for keys in groups.values()) == [
+        ["kvzap"], ["kvzap-early25", "kvzap-late50"]]
+    layers = {n: runner.replay_layers(s, 24) for n, s in runner.LAYER_REPLAY.items()}
+    assert layers == {"kvzap-early25": range(6), "kvzap-early33": range(8),
+                      "kvzap-early50": range(12), "kvzap-late25": range(18, 24),
+                      "kvzap-late50": range(12, 24)}
+    assert runner.replay_layers((0.0, 0.01), 4) == range(1)
+    assert runner.replay_layers((0.99, 1.0), 4) == range(3, 4)
+    model_dir = _surrogate(tmp_path, tiny_model)
+    with pytest.raises(ConfigError, match="query-agnostic") as err:
+        runner.run_eval(str(model_dir), tmp_path / "x", tasks=["vt"], num_samples=1,
+                        methods=["kvzap-early25"], budgets=[0.25], say=lambda _: None)
+    assert err.value.field == "methods"
+    monkeypatch.setitem(runner.LAYER_REPLAY, "kvzap-early50", (0.0, 1.0))  # every layer
+    out = tmp_path / "run"
+    runner.run_eval(str(model_dir), out, tasks=["vt"], num_samples=2,
+                    methods=["kvzip-recent32", "kvzap", "kvzap-early25", "kvzap-early50"],
+                    budgets=[0.125], max_seq_length=1024, max_num_batched_tokens=128,
+                    protocol="query-agnostic", say=lambda _: None)
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    by = {}
+    for r in recs:
+        by.setdefault(r["method"], []).append((r["index"], r["prediction"], r["kv_bytes"]))
+    assert sorted(by["kvzap-early50"]) == sorted(by["kvzip-recent32"])
+    assert sorted(by["kvzap-early25"]) != sorted(by["kvzip-recent32"])
+    assert sorted(by["kvzap-early25"]) != sorted(by["kvzap"])

@@ -143,6 +143,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
       for n in ("kvzap-replay25", "kvzap-replay12", "kvzap-replay50", "kvzap-replay50q",
                 "kvzap-replay50w128")],
     Method("kvzap-replay50+kvcrush", "native", _native("kvzap", KVCRUSH), report=False),
+    # KVzap with the model's first quarter / third / half, or last quarter / half, of the layers
+    # ranked by KVzip's whole replay (runner.LAYER_REPLAY; eval only, query-agnostic protocol)
+    *[Method(n, "native", _native("kvzap"), report=False)
+      for n in ("kvzap-early25", "kvzap-early33", "kvzap-early50", "kvzap-late25",
+                "kvzap-late50")],
     # KVCrush's share on top of KVzap: the default config's taper, and half the budget
     Method("kvzap+kvcrush-taper", "native", _native("kvzap", KVCrushConfig()), report=False),
     Method("kvzap+kvcrush-share50", "native",

@@ -153,7 +153,8 @@ def score_groups(specs: dict) -> dict[str, list[tuple[str, float]]]:
                 + (f":g{replay_group(spec.policy)}" if replay_group(spec.policy) else "")
                 + (f":lanes{REPLAY_LANES[key[0]]}" if key[0] in REPLAY_LANES else "")
                 if score_mode == "replay"
-                else score_mode + (_partial_mode(key[0]) if key[0] in PARTIAL_REPLAY else "")
+                else score_mode + (_partial_mode(key[0]) if key[0] in PARTIAL_REPLAY
+                                   else ":layers" if key[0] in LAYER_REPLAY else "")
                 + (f":qw{question_window(spec.policy)}" if question_window(spec.policy) > 1
                    else "")
                 if score_mode == "surrogate"
@@ -209,6 +210,42 @@ PARTIAL_REPLAY = {"kvzap-replay25": (0.25, 128, 32), "kvzap-replay12": (0.125, 1
                   "kvzap-replay50w128": (0.5, 128, 128)}
 
 
+#: tuning candidates (KVzap's predictions, KVzip's replay in some layers): the layers ranked by
+#: KVzip's whole replay as shares of the model's layers (first, last), the others by KVzap's
+#: predictions. A replay through the first layers only costs that share of the replay (the
+#: ``early`` columns); the ``late`` ones tell where the predictions lose most. Here the whole
+#: replay runs once for all these columns (a layer's replay scores do not depend on the later
+#: layers, so an early column ranks as a replay through those layers alone would).
+LAYER_REPLAY = {"kvzap-early25": (0.0, 0.25), "kvzap-early33": (0.0, 1 / 3),
+                "kvzap-early50": (0.0, 0.5), "kvzap-late25": (0.75, 1.0),
+                "kvzap-late50": (0.5, 1.0)}
+
+
+def replay_layers(shares: tuple[float, float], num_layers: int) -> range:
+    """The layers a :data:`LAYER_REPLAY` entry ranks by the replay: its shares of
+    ``num_layers`` rounded outwards (at least one layer)."""
+    first = min(num_layers - 1, int(np.floor(shares[0] * num_layers + 1e-9)))
+    last = int(np.ceil(shares[1] * num_layers - 1e-9))
+    return range(first, min(num_layers, max(last, first + 1)))
+
+
+def _score_array(eng, seq, rows: int) -> np.ndarray:
+    """``seq``'s accumulated scores of its first ``rows`` rows, f32 [L, H, rows]."""
+    layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
+    return np.stack([np.stack([seq.extra["scores"].aligned(layer, h, rows)[:rows]
+                               for h in range(heads)])
+                     for layer in range(layers)]).astype(np.float32)
+
+
+def _mixed_scores(replay: np.ndarray, pred: np.ndarray, layers: range) -> SequenceScores:
+    """Scores [L, H, N] taken from ``replay`` in ``layers``, from ``pred`` in the others."""
+    num_layers, heads, _ = replay.shape
+    out = SequenceScores(num_layers, heads, reduce="max")
+    out.acc = [[(replay if layer in layers else pred)[layer, h].copy() for h in range(heads)]
+               for layer in range(num_layers)]
+    return out
+
+
 def _partial_mode(name: str) -> str:
     """The score-group suffix of a partial-replay column: columns with the same replay share
     one parent."""
@@ -229,8 +266,7 @@ def _replay_partial(eng, parent, ids: list[int], repeat: list[int], eos: set[int
     calib = rest[0] if rest else "none"
     layers, heads = eng.runner.num_layers, eng.runner.num_kv_heads
     rows = len(ids)
-    pred = np.stack([np.stack([parent.extra["scores"].aligned(layer, h, rows)[:rows]
-                               for h in range(heads)]) for layer in range(layers)])  # [L, H, N]
+    pred = _score_array(eng, parent, rows)  # [L, H, N]
     logp = np.log(np.maximum(pred, 1e-30))
     z = (logp - logp.mean(-1, keepdims=True)) / (logp.std(-1, keepdims=True) + 1e-6)
     dens = z.mean((0, 1))  # [N]
@@ -453,6 +489,11 @@ def compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationC
         parents.append(parent)
         if _replays(mode):
             _replay_mode(eng, parent, ctx, repeat, eos, detok, mode)
+        mixed = None  # (replay, predictions) [L, H, N] of a LAYER_REPLAY group
+        if mode.startswith("surrogate:layers"):
+            pred = _score_array(eng, parent, len(ctx))
+            _replay(eng, parent, ctx, repeat, eos, detok)
+            mixed = (_score_array(eng, parent, len(ctx)), pred)
         if mode.startswith("surrogate:partial:"):
             cfg = mode.split(":")[2].split(",")
             _replay_partial(eng, parent, ctx, repeat, eos, detok,
@@ -461,6 +502,9 @@ def compress_then_ask(eng, ctx: list[int], asks: list[list[int]], g: GenerationC
             full = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
                                          keep_cache=False) for q in asks]
         for k in keys:
+            if mixed is not None:  # each branch copies its parent's scores
+                parent.extra["scores"] = _mixed_scores(
+                    *mixed, replay_layers(LAYER_REPLAY[k[0]], eng.runner.num_layers))
             out[k] = [eng.continue_request(parent, ctx + q, g, eos, detok, branch=True,
                                            keep_cache=False, eviction=specs[k],
                                            evict_turn=False) for q in asks]
@@ -796,7 +840,7 @@ def run_eval(model: str, out_dir: str | Path, tasks: Iterable[str] = TASKS,
         raise ConfigError("methods", names, "FastKV columns with one split layer per run (the "
                           "engine's graphs are cut at one layer)")
     split = bool(splits)
-    partial = [m.name for m in chosen if m.name in PARTIAL_REPLAY]
+    partial = [m.name for m in chosen if m.name in PARTIAL_REPLAY or m.name in LAYER_REPLAY]
     if partial and protocol != "query-agnostic":
         raise ConfigError("methods", partial, "with protocol='query-agnostic' (the partial "
                           "replay runs on the parked context)")
