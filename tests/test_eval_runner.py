@@ -486,7 +486,7 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzap-replay50w128", "kvzip-query256", "kvzip-group16", "kvzap-max3",
                   "kvzap-avg3", "kvzap-alpha05", "kvzap-recent64", "kvzap-recent128",
                   "kvzap+kvcrush-share10", "kvzap-qw16", "kvzap-qw32", "kvzap-early25",
-                  "kvzap-early33", "kvzap-early50", "kvzap-late25", "kvzap-late50"}
+                  "kvzap-early33", "kvzap-early50", "kvzap-late25", "kvzap-late50", "kvzap-layer"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     for name, group in (("kvzip-query256", 1), ("kvzip-group16", 16)):
         policy = method_spec(METHODS[name], 0.25).policy
@@ -496,6 +496,7 @@ def test_tuning_candidates_run_only_when_named():
         assert method_spec(METHODS[f"kvzip-qw{n}"], 0.25).policy.question_window == n
         assert METHODS[f"kvzap-qw{n}"].policy().question_window == n
     assert method_spec(METHODS["kvzip"], 0.25).policy.question_window == 1
+    assert METHODS["kvzap-layer"].policy().scope == "layer"
     # the report's prefill-eviction column is the default probe; the candidates name theirs
     assert METHODS["snapkv+kvcrush-prefill-probe64"].make(0.25).probe_tokens() == \
         CacheEvictionConfig(prefill_eviction=True).probe_tokens()

@@ -137,6 +137,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
              policy=lambda p=p: KVzap(pooling=p, kernel_size=3)) for p in ("max", "avg")],
     Method("kvzap-alpha05", "native", _native("kvzap"), report=False,
            policy=lambda: KVzap(alpha=0.5)),
+    # KVzap's predictions allocated per layer (each layer its even share; KVzip's own scores
+    # rank best model-wide, but the surrogate's levels may differ from layer to layer)
+    Method("kvzap-layer", "native", _native("kvzap"), report=False,
+           policy=lambda: KVzap(scope="layer")),
     # KVzap with part of the context replayed (the spans it scores highest; runner.
     # PARTIAL_REPLAY, eval only, query-agnostic protocol)
     *[Method(n, "native", _native("kvzap"), report=False)
