@@ -137,6 +137,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
              policy=lambda p=p: KVzap(pooling=p, kernel_size=3)) for p in ("max", "avg")],
     Method("kvzap-alpha05", "native", _native("kvzap"), report=False,
            policy=lambda: KVzap(alpha=0.5)),
+    Method("kvzap-alpha0", "native", _native("kvzap"), report=False,
+           policy=lambda: KVzap(alpha=0.0)),
     # KVzap's predictions allocated per layer (each layer its even share; KVzip's own scores
     # rank best model-wide, but the surrogate's levels may differ from layer to layer)
     Method("kvzap-layer", "native", _native("kvzap"), report=False,
