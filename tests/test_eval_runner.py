@@ -486,7 +486,8 @@ def test_tuning_candidates_run_only_when_named():
                   "kvzap-replay50w128", "kvzip-query256", "kvzip-group16", "kvzap-max3",
                   "kvzap-avg3", "kvzap-alpha05", "kvzap-recent64", "kvzap-recent128",
                   "kvzap+kvcrush-share10", "kvzap-qw16", "kvzap-qw32", "kvzap-early25",
-                  "kvzap-early33", "kvzap-early50", "kvzap-late25", "kvzap-late50", "kvzap-layer", "kvzap-alpha0"}
+                  "kvzap-early33", "kvzap-early50", "kvzap-late25", "kvzap-late50",
+                  "kvzap-layer", "kvzap-alpha0"}
     assert set(METHODS) - set(REPORT_METHODS) == candidates
     for name, group in (("kvzip-query256", 1), ("kvzip-group16", 16)):
         policy = method_spec(METHODS[name], 0.25).policy
