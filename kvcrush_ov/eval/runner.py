@@ -212,10 +212,9 @@ PARTIAL_REPLAY = {"kvzap-replay25": (0.25, 128, 32), "kvzap-replay12": (0.125, 1
 
 #: tuning candidates (KVzap's predictions, KVzip's replay in some layers): the layers ranked by
 #: KVzip's whole replay as shares of the model's layers (first, last), the others by KVzap's
-#: predictions. A replay through the first layers only costs that share of the replay (the
-#: ``early`` columns); the ``late`` ones tell where the predictions lose most. Here the whole
-#: replay runs once for all these columns (a layer's replay scores do not depend on the later
-#: layers, so an early column ranks as a replay through those layers alone would).
+#: predictions; they tell where the predictions lose most. Here the whole replay runs once for
+#: all these columns (a layer's replay scores do not depend on the later layers, so an ``early``
+#: column ranks as a replay through those layers alone would; its cost is not measured).
 LAYER_REPLAY = {"kvzap-early25": (0.0, 0.25), "kvzap-early33": (0.0, 1 / 3),
                 "kvzap-early50": (0.0, 0.5), "kvzap-late25": (0.75, 1.0),
                 "kvzap-late50": (0.5, 1.0)}
@@ -237,13 +236,18 @@ def _score_array(eng, seq, rows: int) -> np.ndarray:
                      for layer in range(layers)]).astype(np.float32)
 
 
+def _scores_of(scores: np.ndarray) -> SequenceScores:
+    """A sequence's largest-attention scores from an array f32 [L, H, N] (copied)."""
+    num_layers, heads, _ = scores.shape
+    out = SequenceScores(num_layers, heads, reduce="max")
+    out.acc = [[scores[layer, h].copy() for h in range(heads)] for layer in range(num_layers)]
+    return out
+
+
 def _mixed_scores(replay: np.ndarray, pred: np.ndarray, layers: range) -> SequenceScores:
     """Scores [L, H, N] taken from ``replay`` in ``layers``, from ``pred`` in the others."""
-    num_layers, heads, _ = replay.shape
-    out = SequenceScores(num_layers, heads, reduce="max")
-    out.acc = [[(replay if layer in layers else pred)[layer, h].copy() for h in range(heads)]
-               for layer in range(num_layers)]
-    return out
+    return _scores_of(np.stack([(replay if layer in layers else pred)[layer]
+                                for layer in range(len(replay))]))
 
 
 def _partial_mode(name: str) -> str:
@@ -338,12 +342,9 @@ def _replay_lanes(eng, parent, ids: list[int], repeat: list[int], eos: set[int],
     chunked scoring for long contexts: a lane sees the whole context but not the other lanes'
     replays. One step then holds ``lanes x chunk`` queries (the cost of a large replay step)
     while each query's attention is summed over ``chunk`` queries only."""
-    heads, layers = eng.runner.num_kv_heads, eng.runner.num_layers
     pieces = [ids[start:start + lane] for start in range(0, len(ids), lane)]
     scores = _run_lanes(eng, parent, ids, repeat, pieces, eos, detok, chunk)
-    best = SequenceScores(layers, heads, reduce="max")
-    best.acc = [[scores[layer, h] for h in range(heads)] for layer in range(layers)]
-    parent.extra["scores"] = best
+    parent.extra["scores"] = _scores_of(scores)
 
 
 def _run_lanes(eng, parent, ids: list[int], repeat: list[int], pieces: list[list[int]],
